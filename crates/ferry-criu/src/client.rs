@@ -1,0 +1,315 @@
+//! The RPC client: one `criu swrk` process per call, talking protobuf over a `SOCK_SEQPACKET`
+//! pair, answering CRIU's notify messages on the way.
+
+use std::env;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom};
+use std::os::fd::{AsFd, AsRawFd};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use ferry_sys::SeqPacket;
+use prost::Message;
+
+use crate::classify::{classify_log, Cause};
+use crate::error::{CriuError, Operation};
+use crate::notify::{Notify, NotifyHandler, RecordingNotify};
+use crate::options::{DumpOptions, LogTarget, RestoreOptions};
+use crate::rpc::{self, ReqType, Request, Response};
+use crate::version::{Version, MIN_VERSION};
+
+/// CRIU's answers are small; anything larger is a broken peer.
+const MAX_RESPONSE: usize = 1 << 20;
+/// Classification reads at most this much of a log (the end, where the errors are).
+const MAX_LOG_READ: u64 = 16 << 20;
+/// Where CRIU is looked for after `$PATH`: the setup script installs into /usr/local/sbin,
+/// which a non-login root shell's PATH may lack.
+const FALLBACK_DIRS: &[&str] = &["/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin"];
+
+/// A CRIU installation.
+#[derive(Debug, Clone)]
+pub struct Criu {
+    path: PathBuf,
+}
+
+/// Result of a successful dump.
+#[derive(Debug, Clone)]
+pub struct DumpOutcome {
+    pub events: Vec<Notify>,
+}
+
+/// Result of a successful restore.
+#[derive(Debug, Clone)]
+pub struct RestoreOutcome {
+    /// Host PID of the restored tree's root.
+    pub pid: i32,
+}
+
+/// What CRIU and this kernel support, from a feature check.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FeatureSet {
+    pub mem_track: bool,
+    pub lazy_pages: bool,
+    pub pidfd_store: bool,
+}
+
+impl Criu {
+    /// A CRIU binary at a known path.
+    pub fn at(path: impl Into<PathBuf>) -> Criu {
+        Criu { path: path.into() }
+    }
+
+    /// `explicit` if given, else `criu` from `$PATH` or the usual sbin directories.
+    pub fn locate(explicit: Option<&Path>) -> Result<Criu, CriuError> {
+        if let Some(p) = explicit {
+            return if p.is_file() {
+                Ok(Criu::at(p))
+            } else {
+                Err(CriuError::NotFound { searched: p.display().to_string() })
+            };
+        }
+        let path_var = env::var_os("PATH").unwrap_or_default();
+        let mut dirs: Vec<PathBuf> = env::split_paths(&path_var).collect();
+        dirs.extend(FALLBACK_DIRS.iter().map(PathBuf::from));
+        dirs.iter()
+            .map(|d| d.join("criu"))
+            .find(|p| p.is_file())
+            .map(Criu::at)
+            .ok_or_else(|| CriuError::NotFound { searched: "$PATH, /usr/local/sbin, /usr/sbin".into() })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The version, through RPC.
+    pub fn version(&self) -> Result<Version, CriuError> {
+        let req = Request { r#type: ReqType::Version as i32, ..Default::default() };
+        let resp = self.call(Operation::Version, req, None, &mut RecordingNotify::default())?;
+        let v = resp.version.ok_or_else(|| CriuError::Protocol {
+            op: Operation::Version,
+            detail: "no version in the answer".into(),
+            log: None,
+        })?;
+        Ok(Version {
+            major: v.major_number.max(0) as u32,
+            minor: v.minor_number.max(0) as u32,
+            sublevel: v.sublevel.unwrap_or(0).max(0) as u32,
+        })
+    }
+
+    /// Fails with [`CriuError::TooOld`] below [`MIN_VERSION`].
+    pub fn require_supported(&self) -> Result<Version, CriuError> {
+        let found = self.version()?;
+        if found < MIN_VERSION {
+            return Err(CriuError::TooOld { found, need: MIN_VERSION, path: self.path.clone() });
+        }
+        Ok(found)
+    }
+
+    /// CRIU's own check of the kernel (`criu check`).
+    pub fn check(&self, log: &LogTarget) -> Result<(), CriuError> {
+        let (opts, _work_dir) = opts_with_log(log)?;
+        let req = Request { r#type: ReqType::Check as i32, opts: Some(opts), ..Default::default() };
+        self.call(Operation::Check, req, Some(log), &mut RecordingNotify::default()).map(drop)
+    }
+
+    /// Which optional features this CRIU and kernel support.
+    pub fn features(&self) -> Result<FeatureSet, CriuError> {
+        let ask = rpc::Features { mem_track: Some(true), lazy_pages: Some(true), pidfd_store: Some(true) };
+        let req = Request { r#type: ReqType::FeatureCheck as i32, features: Some(ask), ..Default::default() };
+        let resp = self.call(Operation::FeatureCheck, req, None, &mut RecordingNotify::default())?;
+        let f = resp.features.unwrap_or_default();
+        Ok(FeatureSet {
+            mem_track: f.mem_track.unwrap_or(false),
+            lazy_pages: f.lazy_pages.unwrap_or(false),
+            pidfd_store: f.pidfd_store.unwrap_or(false),
+        })
+    }
+
+    /// Dumps the tree described by `opts`.
+    pub fn dump(&self, opts: &DumpOptions, notify: &mut dyn NotifyHandler) -> Result<DumpOutcome, CriuError> {
+        let images = open_dir("images directory", &opts.images_dir)?;
+        let (mut o, _work_dir) = opts_with_log(&opts.log)?;
+        o.images_dir_fd = images.as_raw_fd();
+        o.pid = Some(opts.pid);
+        o.leave_running = Some(opts.leave_running);
+        o.tcp_established = Some(opts.tcp_established);
+        o.shell_job = Some(opts.shell_job);
+        o.ext_unix_sk = Some(opts.ext_unix_sk);
+        o.file_locks = Some(opts.file_locks);
+        o.external = opts.external.clone();
+        o.notify_scripts = Some(true);
+        let req = Request { r#type: ReqType::Dump as i32, opts: Some(o), ..Default::default() };
+        let mut recorder = Forwarding { inner: notify, events: Vec::new() };
+        self.call(Operation::Dump, req, Some(&opts.log), &mut recorder)?;
+        drop(images);
+        Ok(DumpOutcome { events: recorder.events })
+    }
+
+    /// Restores the tree in `opts.images_dir`.
+    pub fn restore(
+        &self,
+        opts: &RestoreOptions,
+        notify: &mut dyn NotifyHandler,
+    ) -> Result<RestoreOutcome, CriuError> {
+        let images = open_dir("images directory", &opts.images_dir)?;
+        let (mut o, _work_dir) = opts_with_log(&opts.log)?;
+        o.images_dir_fd = images.as_raw_fd();
+        o.tcp_established = Some(opts.tcp_established);
+        o.shell_job = Some(opts.shell_job);
+        o.ext_unix_sk = Some(opts.ext_unix_sk);
+        o.file_locks = Some(opts.file_locks);
+        o.rst_sibling = Some(opts.restore_sibling);
+        o.external = opts.external.clone();
+        o.notify_scripts = Some(true);
+        let req = Request { r#type: ReqType::Restore as i32, opts: Some(o), ..Default::default() };
+        let resp = self.call(Operation::Restore, req, Some(&opts.log), notify)?;
+        drop(images);
+        let pid = resp.restore.map(|r| r.pid).ok_or_else(|| CriuError::Protocol {
+            op: Operation::Restore,
+            detail: "restore succeeded but CRIU sent no PID".into(),
+            log: Some(opts.log.path()),
+        })?;
+        Ok(RestoreOutcome { pid })
+    }
+
+    /// One request/response exchange with a fresh `criu swrk`, answering notifications.
+    fn call(
+        &self,
+        op: Operation,
+        req: Request,
+        log: Option<&LogTarget>,
+        notify: &mut dyn NotifyHandler,
+    ) -> Result<Response, CriuError> {
+        let (ours, theirs) = SeqPacket::pair().map_err(|e| spawn_err(&self.path, e))?;
+        let mut cmd = Command::new(&self.path);
+        cmd.arg("swrk").arg(theirs.as_fd().as_raw_fd().to_string());
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(stderr_target(log));
+        ferry_sys::inherit_fd_in_child(&mut cmd, theirs.as_fd());
+        tracing::debug!(criu = %self.path.display(), %op, "starting criu swrk");
+        let mut child = cmd.spawn().map_err(|e| spawn_err(&self.path, e))?;
+        drop(theirs);
+
+        let result = exchange(&ours, op, &req, notify, log);
+        drop(ours);
+        let status = child.wait();
+        tracing::debug!(?status, %op, "criu swrk exited");
+        let resp = result?;
+        if resp.success {
+            return Ok(resp);
+        }
+        Err(failure(op, log, resp.cr_errno, resp.cr_errmsg))
+    }
+}
+
+/// Forwards notifications and keeps their order, for the dump outcome.
+struct Forwarding<'a> {
+    inner: &'a mut dyn NotifyHandler,
+    events: Vec<Notify>,
+}
+
+impl NotifyHandler for Forwarding<'_> {
+    fn notify(&mut self, event: &Notify, pid: Option<i32>) -> Result<(), String> {
+        self.events.push(event.clone());
+        self.inner.notify(event, pid)
+    }
+}
+
+fn exchange(
+    sock: &SeqPacket,
+    op: Operation,
+    req: &Request,
+    notify: &mut dyn NotifyHandler,
+    log: Option<&LogTarget>,
+) -> Result<Response, CriuError> {
+    let proto = |detail: String| CriuError::Protocol { op, detail, log: log.map(LogTarget::path) };
+    sock.send(&req.encode_to_vec()).map_err(|e| proto(format!("send: {e}")))?;
+    loop {
+        let packet = match sock.recv(MAX_RESPONSE).map_err(|e| proto(format!("receive: {e}")))? {
+            Some(p) => p,
+            // CRIU died without answering: its log is the only account of why.
+            None => return Err(failure(op, log, None, Some("CRIU exited without answering".into()))),
+        };
+        let resp = Response::decode(packet.as_slice()).map_err(|e| proto(format!("bad answer: {e}")))?;
+        if resp.r#type() != ReqType::Notify {
+            return Ok(resp);
+        }
+        let msg = resp.notify.unwrap_or_default();
+        let event = Notify::from_script(msg.script.as_deref().unwrap_or(""));
+        let answer = notify.notify(&event, msg.pid);
+        if let Err(why) = &answer {
+            tracing::warn!(?event, %why, "notify handler refused; CRIU will abort");
+        }
+        let reply =
+            Request { r#type: ReqType::Notify as i32, notify_success: Some(answer.is_ok()), ..Default::default() };
+        sock.send(&reply.encode_to_vec()).map_err(|e| proto(format!("send notify answer: {e}")))?;
+    }
+}
+
+fn failure(op: Operation, log: Option<&LogTarget>, errno: Option<i32>, errmsg: Option<String>) -> CriuError {
+    let Some(log) = log else {
+        return CriuError::Protocol {
+            op,
+            detail: errmsg.unwrap_or_else(|| format!("CRIU refused (errno {})", errno.unwrap_or(0))),
+            log: None,
+        };
+    };
+    let path = log.path();
+    let mut text = read_tail(&path);
+    text.push_str(&read_tail(&stderr_path(log)));
+    let cause = if text.trim().is_empty() {
+        Cause::Unknown { first_error: errmsg.clone() }
+    } else {
+        classify_log(&text)
+    };
+    tracing::debug!(?cause, log = %path.display(), "classified CRIU failure");
+    CriuError::Failed { op, cause, log: path, errno: errno.filter(|e| *e != 0), detail: errmsg }
+}
+
+/// The last `MAX_LOG_READ` bytes of a file, lossily decoded; empty if it cannot be read.
+fn read_tail(path: &Path) -> String {
+    let Ok(mut f) = File::open(path) else { return String::new() };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    if len > MAX_LOG_READ {
+        let _ = f.seek(SeekFrom::Start(len - MAX_LOG_READ));
+    }
+    let mut buf = Vec::new();
+    let _ = f.take(MAX_LOG_READ).read_to_end(&mut buf);
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+fn stderr_path(log: &LogTarget) -> PathBuf {
+    log.dir.join(format!("{}.stderr", log.file_name))
+}
+
+/// CRIU's stderr goes beside its log: it holds what CRIU says before the log is open.
+fn stderr_target(log: Option<&LogTarget>) -> Stdio {
+    log.and_then(|l| OpenOptions::new().create(true).append(true).open(stderr_path(l)).ok())
+        .map(Stdio::from)
+        .unwrap_or_else(Stdio::null)
+}
+
+/// Options naming the log; the returned directory must stay open until CRIU has answered,
+/// because CRIU opens it through /proc/<our pid>/fd.
+fn opts_with_log(log: &LogTarget) -> Result<(rpc::Opts, File), CriuError> {
+    fs::create_dir_all(&log.dir)
+        .map_err(|source| CriuError::Open { what: "log directory", path: log.dir.clone(), source })?;
+    let work = open_dir("log directory", &log.dir)?;
+    let opts = rpc::Opts {
+        images_dir_fd: -1,
+        work_dir_fd: Some(work.as_raw_fd()),
+        log_file: Some(log.file_name.clone()),
+        log_level: Some(log.level as i32),
+        ..Default::default()
+    };
+    Ok((opts, work))
+}
+
+fn open_dir(what: &'static str, path: &Path) -> Result<File, CriuError> {
+    File::open(path).map_err(|source| CriuError::Open { what, path: path.to_path_buf(), source })
+}
+
+fn spawn_err(path: &Path, source: std::io::Error) -> CriuError {
+    CriuError::Spawn { path: path.to_path_buf(), source }
+}

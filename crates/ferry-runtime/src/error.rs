@@ -1,0 +1,37 @@
+use ferry_criu::CriuError;
+use ferry_store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("ferry must run as root to checkpoint or restore (effective uid is {uid})")]
+    NotRoot { uid: u32 },
+    #[error("invalid workload '{input}': {why}")]
+    InvalidWorkload { input: String, why: String },
+    #[error("no process with PID {pid}")]
+    ProcessNotFound { pid: i32 },
+    #[error("{kind} workloads are not supported yet")]
+    UnsupportedKind { kind: String },
+    #[error(transparent)]
+    Criu(#[from] CriuError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl Error {
+    /// What the user can do about it.
+    pub fn hint(&self) -> Option<String> {
+        match self {
+            Error::NotRoot { .. } => Some("run it with sudo, or as root".into()),
+            Error::InvalidWorkload { .. } => Some("name a workload as KIND:ID, e.g. pid:1234".into()),
+            Error::ProcessNotFound { .. } => Some("check the PID with `ps`; the process may have exited".into()),
+            Error::UnsupportedKind { .. } => Some("use pid:PID with the PID of the tree's root".into()),
+            Error::Criu(e) => e.hint(),
+            Error::Store(StoreError::NotFound(_)) => Some("`ferry list` shows the checkpoints".into()),
+            Error::Store(StoreError::Exists(_)) => Some("choose another --name, or `ferry rm` the old one".into()),
+            Error::Store(StoreError::Damaged { .. }) => {
+                Some("the checkpoint cannot be restored safely; take a new one".into())
+            }
+            Error::Store(_) => None,
+        }
+    }
+}

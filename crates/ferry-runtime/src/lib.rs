@@ -1,0 +1,21 @@
+//! Workloads ferry can move, and the verbs that move them: one file per verb
+//! (`checkpoint.rs`, `restore.rs`), one module per kind of workload (`process.rs`; container
+//! runtimes follow), and `doctor.rs`, which says whether this host can do any of it.
+#![forbid(unsafe_code)]
+
+mod checkpoint;
+mod context;
+pub mod doctor;
+mod error;
+mod host;
+mod process;
+mod restore;
+mod workload;
+
+pub use checkpoint::{checkpoint, CheckpointReport, CheckpointRequest};
+pub use context::{require_root, Context};
+pub use error::Error;
+pub use host::host_facts;
+pub use process::ProcessRuntime;
+pub use restore::{restore, RestoreReport, RestoreRequest};
+pub use workload::{Runtime, TreeRoot, WorkloadId};

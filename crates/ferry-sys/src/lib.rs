@@ -1,0 +1,13 @@
+//! The only crate of ferry allowed to use `unsafe`: small wrappers over the Linux calls the
+//! rest of the workspace needs, each returning owned file descriptors and `io::Result`.
+//! Every other crate carries `#![forbid(unsafe_code)]`.
+#![allow(unsafe_code)]
+
+mod process;
+mod seqpacket;
+
+pub use process::{
+    effective_uid, inherit_fd_in_child, is_root, kill, process_exists, process_state, wait_child,
+    ChildExit, Signal,
+};
+pub use seqpacket::SeqPacket;

@@ -1,0 +1,69 @@
+//! Command-line syntax.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+/// Checkpoint, restore and migrate running Linux workloads.
+#[derive(Debug, Parser)]
+#[command(name = "ferry", version, about, max_term_width = 100)]
+pub struct Cli {
+    /// Checkpoint store directory.
+    #[arg(long, global = true, env = "FERRY_STORE", default_value = "/var/lib/ferry")]
+    pub store: PathBuf,
+    /// CRIU binary to use instead of the one on $PATH.
+    #[arg(long, global = true, env = "FERRY_CRIU")]
+    pub criu: Option<PathBuf>,
+    /// More log output (-v info, -vv debug).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Check that this host can checkpoint and restore.
+    Doctor {
+        /// Print the findings as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Checkpoint a running workload into the store.
+    Checkpoint {
+        /// The workload: pid:PID (the root of a process tree).
+        workload: String,
+        /// Name of the checkpoint (default: KIND-ID-UNIXTIME).
+        #[arg(long)]
+        name: Option<String>,
+        /// Keep the workload running after the checkpoint (default: it is stopped).
+        #[arg(long)]
+        leave_running: bool,
+        /// Checkpoint established TCP connections too; until the restore, their traffic is held.
+        #[arg(long)]
+        tcp_established: bool,
+    },
+    /// Restore a checkpoint; without --detach, wait for the workload and exit with its status.
+    Restore {
+        /// Name of the checkpoint.
+        name: String,
+        /// Return once the workload runs.
+        #[arg(long, short)]
+        detach: bool,
+        /// Write the restored root's host PID to this file.
+        #[arg(long)]
+        pidfile: Option<PathBuf>,
+    },
+    /// List checkpoints.
+    List {
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove checkpoints.
+    Rm {
+        /// Names of the checkpoints.
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+}

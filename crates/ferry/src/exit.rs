@@ -1,0 +1,80 @@
+//! Typed exit codes and the error report printed at the edge.
+
+use std::process::ExitCode;
+
+use ferry_criu::{Cause, CriuError};
+use ferry_runtime::Error;
+use ferry_store::StoreError;
+
+/// Exit codes scripts can rely on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Exit {
+    Ok = 0,
+    Failure = 1,
+    Usage = 2,
+    NotFound = 3,
+    NotPermitted = 4,
+    Environment = 5,
+    Damaged = 6,
+    CriuFailed = 7,
+    Conflict = 8,
+}
+
+impl From<Exit> for ExitCode {
+    fn from(e: Exit) -> ExitCode {
+        ExitCode::from(e as u8)
+    }
+}
+
+/// The exit code for an error of the libraries.
+pub fn classify(err: &Error) -> Exit {
+    match err {
+        Error::NotRoot { .. } => Exit::NotPermitted,
+        Error::InvalidWorkload { .. } | Error::UnsupportedKind { .. } => Exit::Usage,
+        Error::ProcessNotFound { .. } => Exit::NotFound,
+        Error::Store(s) => match s {
+            StoreError::NotFound(_) => Exit::NotFound,
+            StoreError::Exists(_) => Exit::Conflict,
+            StoreError::InvalidName { .. } => Exit::Usage,
+            StoreError::Damaged { .. } | StoreError::BadMeta { .. } | StoreError::UnsupportedFormat { .. } => {
+                Exit::Damaged
+            }
+            StoreError::Io { .. } => Exit::Failure,
+        },
+        Error::Criu(c) => match c {
+            CriuError::NotFound { .. } | CriuError::TooOld { .. } | CriuError::Spawn { .. } => Exit::Environment,
+            CriuError::Failed { cause, .. } => match cause {
+                Cause::PidInUse { .. } => Exit::Conflict,
+                Cause::ProcessNotFound { .. } => Exit::NotFound,
+                Cause::NotPermitted => Exit::NotPermitted,
+                Cause::DamagedImage { .. } => Exit::Damaged,
+                _ => Exit::CriuFailed,
+            },
+            CriuError::Open { .. } | CriuError::Protocol { .. } => Exit::CriuFailed,
+        },
+    }
+}
+
+/// Prints `error: WHAT`, then each cause once, then the hint and CRIU's log.
+pub fn report(what: &str, err: &Error) {
+    eprintln!("error: {what}");
+    let mut source: Option<&dyn std::error::Error> = Some(err);
+    let mut last = String::new();
+    while let Some(e) = source {
+        let line = e.to_string();
+        if !line.is_empty() && !last.contains(&line) {
+            eprintln!("  cause: {line}");
+        }
+        last = line;
+        source = e.source();
+    }
+    if let Some(hint) = err.hint() {
+        eprintln!("  hint: {hint}");
+    }
+    if let Error::Criu(c) = err {
+        if let Some(log) = c.log_path() {
+            eprintln!("  log: {}", log.display());
+        }
+    }
+}

@@ -1,0 +1,52 @@
+//! `ferry`: parses the command line, calls the libraries, prints results and typed exit codes.
+#![forbid(unsafe_code)]
+
+mod cli;
+mod cmd;
+mod exit;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+use crate::cli::{Cli, Command};
+use crate::exit::Exit;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    let outcome = match &cli.command {
+        Command::Doctor { json } => cmd::doctor::run(&cli, *json),
+        Command::Checkpoint { workload, name, leave_running, tcp_established } => {
+            cmd::checkpoint::run(&cli, workload, name.clone(), *leave_running, *tcp_established)
+        }
+        Command::Restore { name, detach, pidfile } => cmd::restore::run(&cli, name, *detach, pidfile.as_deref()),
+        Command::List { json } => cmd::list::run(&cli, *json),
+        Command::Rm { names } => cmd::rm::run(&cli, names),
+    };
+    match outcome {
+        Ok(code) => code,
+        Err((what, err)) => {
+            exit::report(&what, &err);
+            exit::classify(&err).into()
+        }
+    }
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = EnvFilter::try_from_env("FERRY_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+}
+
+/// What a command returns: an exit code, or what failed and why.
+pub type Outcome = Result<ExitCode, (String, ferry_runtime::Error)>;
+
+pub fn ok() -> Outcome {
+    Ok(Exit::Ok.into())
+}
