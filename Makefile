@@ -1,0 +1,31 @@
+# The two commands of the README: `make demo` and `make test`. Both install what they need first.
+SHELL := /bin/bash
+CARGO ?= cargo
+
+.PHONY: all setup build demo test lint bench clean
+
+all: build
+
+setup:
+	bash scripts/setup
+
+build: setup
+	$(CARGO) build --release -p ferry
+
+demo: build
+	bash scripts/demo
+
+lint: setup
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+# Every test, privileged ones included (they need root and CRIU; under CI=true a missing
+# prerequisite fails them instead of skipping).
+test: setup
+	$(CARGO) test --workspace --no-fail-fast
+
+bench: build
+	bench/run
+
+clean:
+	$(CARGO) clean
