@@ -14,7 +14,7 @@ use prost::Message;
 use crate::classify::{classify_log, Cause};
 use crate::error::{CriuError, Operation};
 use crate::notify::{Notify, NotifyHandler, RecordingNotify};
-use crate::options::{DumpOptions, LogTarget, RestoreOptions};
+use crate::options::{DumpOptions, LogTarget, NetworkLock, RestoreOptions};
 use crate::rpc::{self, ReqType, Request, Response};
 use crate::version::{Version, MIN_VERSION};
 
@@ -24,7 +24,13 @@ const MAX_RESPONSE: usize = 1 << 20;
 const MAX_LOG_READ: u64 = 16 << 20;
 /// Where CRIU is looked for after `$PATH`: the setup script installs into /usr/local/sbin,
 /// which a non-login root shell's PATH may lack.
-const FALLBACK_DIRS: &[&str] = &["/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin"];
+const FALLBACK_DIRS: &[&str] = &[
+    "/usr/local/sbin",
+    "/usr/local/bin",
+    "/usr/sbin",
+    "/usr/bin",
+    "/sbin",
+];
 
 /// A CRIU installation.
 #[derive(Debug, Clone)]
@@ -65,7 +71,9 @@ impl Criu {
             return if p.is_file() {
                 Ok(Criu::at(p))
             } else {
-                Err(CriuError::NotFound { searched: p.display().to_string() })
+                Err(CriuError::NotFound {
+                    searched: p.display().to_string(),
+                })
             };
         }
         let path_var = env::var_os("PATH").unwrap_or_default();
@@ -75,7 +83,9 @@ impl Criu {
             .map(|d| d.join("criu"))
             .find(|p| p.is_file())
             .map(Criu::at)
-            .ok_or_else(|| CriuError::NotFound { searched: "$PATH, /usr/local/sbin, /usr/sbin".into() })
+            .ok_or_else(|| CriuError::NotFound {
+                searched: "$PATH, /usr/local/sbin, /usr/sbin".into(),
+            })
     }
 
     pub fn path(&self) -> &Path {
@@ -84,7 +94,10 @@ impl Criu {
 
     /// The version, through RPC.
     pub fn version(&self) -> Result<Version, CriuError> {
-        let req = Request { r#type: ReqType::Version as i32, ..Default::default() };
+        let req = Request {
+            r#type: ReqType::Version as i32,
+            ..Default::default()
+        };
         let resp = self.call(Operation::Version, req, None, &mut RecordingNotify::default())?;
         let v = resp.version.ok_or_else(|| CriuError::Protocol {
             op: Operation::Version,
@@ -102,7 +115,11 @@ impl Criu {
     pub fn require_supported(&self) -> Result<Version, CriuError> {
         let found = self.version()?;
         if found < MIN_VERSION {
-            return Err(CriuError::TooOld { found, need: MIN_VERSION, path: self.path.clone() });
+            return Err(CriuError::TooOld {
+                found,
+                need: MIN_VERSION,
+                path: self.path.clone(),
+            });
         }
         Ok(found)
     }
@@ -110,15 +127,33 @@ impl Criu {
     /// CRIU's own check of the kernel (`criu check`).
     pub fn check(&self, log: &LogTarget) -> Result<(), CriuError> {
         let (opts, _work_dir) = opts_with_log(log)?;
-        let req = Request { r#type: ReqType::Check as i32, opts: Some(opts), ..Default::default() };
-        self.call(Operation::Check, req, Some(log), &mut RecordingNotify::default()).map(drop)
+        let req = Request {
+            r#type: ReqType::Check as i32,
+            opts: Some(opts),
+            ..Default::default()
+        };
+        self.call(Operation::Check, req, Some(log), &mut RecordingNotify::default())
+            .map(drop)
     }
 
     /// Which optional features this CRIU and kernel support.
     pub fn features(&self) -> Result<FeatureSet, CriuError> {
-        let ask = rpc::Features { mem_track: Some(true), lazy_pages: Some(true), pidfd_store: Some(true) };
-        let req = Request { r#type: ReqType::FeatureCheck as i32, features: Some(ask), ..Default::default() };
-        let resp = self.call(Operation::FeatureCheck, req, None, &mut RecordingNotify::default())?;
+        let ask = rpc::Features {
+            mem_track: Some(true),
+            lazy_pages: Some(true),
+            pidfd_store: Some(true),
+        };
+        let req = Request {
+            r#type: ReqType::FeatureCheck as i32,
+            features: Some(ask),
+            ..Default::default()
+        };
+        let resp = self.call(
+            Operation::FeatureCheck,
+            req,
+            None,
+            &mut RecordingNotify::default(),
+        )?;
         let f = resp.features.unwrap_or_default();
         Ok(FeatureSet {
             mem_track: f.mem_track.unwrap_or(false),
@@ -139,12 +174,22 @@ impl Criu {
         o.ext_unix_sk = Some(opts.ext_unix_sk);
         o.file_locks = Some(opts.file_locks);
         o.external = opts.external.clone();
+        o.network_lock = Some(lock_method(opts.network_lock) as i32);
         o.notify_scripts = Some(true);
-        let req = Request { r#type: ReqType::Dump as i32, opts: Some(o), ..Default::default() };
-        let mut recorder = Forwarding { inner: notify, events: Vec::new() };
+        let req = Request {
+            r#type: ReqType::Dump as i32,
+            opts: Some(o),
+            ..Default::default()
+        };
+        let mut recorder = Forwarding {
+            inner: notify,
+            events: Vec::new(),
+        };
         self.call(Operation::Dump, req, Some(&opts.log), &mut recorder)?;
         drop(images);
-        Ok(DumpOutcome { events: recorder.events })
+        Ok(DumpOutcome {
+            events: recorder.events,
+        })
     }
 
     /// Restores the tree in `opts.images_dir`.
@@ -162,8 +207,13 @@ impl Criu {
         o.file_locks = Some(opts.file_locks);
         o.rst_sibling = Some(opts.restore_sibling);
         o.external = opts.external.clone();
+        o.network_lock = Some(lock_method(opts.network_lock) as i32);
         o.notify_scripts = Some(true);
-        let req = Request { r#type: ReqType::Restore as i32, opts: Some(o), ..Default::default() };
+        let req = Request {
+            r#type: ReqType::Restore as i32,
+            opts: Some(o),
+            ..Default::default()
+        };
         let resp = self.call(Operation::Restore, req, Some(&opts.log), notify)?;
         drop(images);
         let pid = resp.restore.map(|r| r.pid).ok_or_else(|| CriuError::Protocol {
@@ -185,7 +235,9 @@ impl Criu {
         let (ours, theirs) = SeqPacket::pair().map_err(|e| spawn_err(&self.path, e))?;
         let mut cmd = Command::new(&self.path);
         cmd.arg("swrk").arg(theirs.as_fd().as_raw_fd().to_string());
-        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(stderr_target(log));
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr_target(log));
         ferry_sys::inherit_fd_in_child(&mut cmd, theirs.as_fd());
         tracing::debug!(criu = %self.path.display(), %op, "starting criu swrk");
         let mut child = cmd.spawn().map_err(|e| spawn_err(&self.path, e))?;
@@ -223,13 +275,28 @@ fn exchange(
     notify: &mut dyn NotifyHandler,
     log: Option<&LogTarget>,
 ) -> Result<Response, CriuError> {
-    let proto = |detail: String| CriuError::Protocol { op, detail, log: log.map(LogTarget::path) };
-    sock.send(&req.encode_to_vec()).map_err(|e| proto(format!("send: {e}")))?;
+    let proto = |detail: String| CriuError::Protocol {
+        op,
+        detail,
+        log: log.map(LogTarget::path),
+    };
+    sock.send(&req.encode_to_vec())
+        .map_err(|e| proto(format!("send: {e}")))?;
     loop {
-        let packet = match sock.recv(MAX_RESPONSE).map_err(|e| proto(format!("receive: {e}")))? {
+        let packet = match sock
+            .recv(MAX_RESPONSE)
+            .map_err(|e| proto(format!("receive: {e}")))?
+        {
             Some(p) => p,
             // CRIU died without answering: its log is the only account of why.
-            None => return Err(failure(op, log, None, Some("CRIU exited without answering".into()))),
+            None => {
+                return Err(failure(
+                    op,
+                    log,
+                    None,
+                    Some("CRIU exited without answering".into()),
+                ))
+            }
         };
         let resp = Response::decode(packet.as_slice()).map_err(|e| proto(format!("bad answer: {e}")))?;
         if resp.r#type() != ReqType::Notify {
@@ -241,9 +308,13 @@ fn exchange(
         if let Err(why) = &answer {
             tracing::warn!(?event, %why, "notify handler refused; CRIU will abort");
         }
-        let reply =
-            Request { r#type: ReqType::Notify as i32, notify_success: Some(answer.is_ok()), ..Default::default() };
-        sock.send(&reply.encode_to_vec()).map_err(|e| proto(format!("send notify answer: {e}")))?;
+        let reply = Request {
+            r#type: ReqType::Notify as i32,
+            notify_success: Some(answer.is_ok()),
+            ..Default::default()
+        };
+        sock.send(&reply.encode_to_vec())
+            .map_err(|e| proto(format!("send notify answer: {e}")))?;
     }
 }
 
@@ -259,17 +330,27 @@ fn failure(op: Operation, log: Option<&LogTarget>, errno: Option<i32>, errmsg: O
     let mut text = read_tail(&path);
     text.push_str(&read_tail(&stderr_path(log)));
     let cause = if text.trim().is_empty() {
-        Cause::Unknown { first_error: errmsg.clone() }
+        Cause::Unknown {
+            first_error: errmsg.clone(),
+        }
     } else {
         classify_log(&text)
     };
     tracing::debug!(?cause, log = %path.display(), "classified CRIU failure");
-    CriuError::Failed { op, cause, log: path, errno: errno.filter(|e| *e != 0), detail: errmsg }
+    CriuError::Failed {
+        op,
+        cause,
+        log: path,
+        errno: errno.filter(|e| *e != 0),
+        detail: errmsg,
+    }
 }
 
 /// The last `MAX_LOG_READ` bytes of a file, lossily decoded; empty if it cannot be read.
 fn read_tail(path: &Path) -> String {
-    let Ok(mut f) = File::open(path) else { return String::new() };
+    let Ok(mut f) = File::open(path) else {
+        return String::new();
+    };
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);
     if len > MAX_LOG_READ {
         let _ = f.seek(SeekFrom::Start(len - MAX_LOG_READ));
@@ -285,16 +366,25 @@ fn stderr_path(log: &LogTarget) -> PathBuf {
 
 /// CRIU's stderr goes beside its log: it holds what CRIU says before the log is open.
 fn stderr_target(log: Option<&LogTarget>) -> Stdio {
-    log.and_then(|l| OpenOptions::new().create(true).append(true).open(stderr_path(l)).ok())
-        .map(Stdio::from)
-        .unwrap_or_else(Stdio::null)
+    log.and_then(|l| {
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(stderr_path(l))
+            .ok()
+    })
+    .map(Stdio::from)
+    .unwrap_or_else(Stdio::null)
 }
 
 /// Options naming the log; the returned directory must stay open until CRIU has answered,
 /// because CRIU opens it through /proc/<our pid>/fd.
 fn opts_with_log(log: &LogTarget) -> Result<(rpc::Opts, File), CriuError> {
-    fs::create_dir_all(&log.dir)
-        .map_err(|source| CriuError::Open { what: "log directory", path: log.dir.clone(), source })?;
+    fs::create_dir_all(&log.dir).map_err(|source| CriuError::Open {
+        what: "log directory",
+        path: log.dir.clone(),
+        source,
+    })?;
     let work = open_dir("log directory", &log.dir)?;
     let opts = rpc::Opts {
         images_dir_fd: -1,
@@ -306,10 +396,25 @@ fn opts_with_log(log: &LogTarget) -> Result<(rpc::Opts, File), CriuError> {
     Ok((opts, work))
 }
 
+fn lock_method(lock: NetworkLock) -> rpc::NetworkLockMethod {
+    match lock {
+        NetworkLock::Nftables => rpc::NetworkLockMethod::Nftables,
+        NetworkLock::Iptables => rpc::NetworkLockMethod::Iptables,
+        NetworkLock::Skip => rpc::NetworkLockMethod::Skip,
+    }
+}
+
 fn open_dir(what: &'static str, path: &Path) -> Result<File, CriuError> {
-    File::open(path).map_err(|source| CriuError::Open { what, path: path.to_path_buf(), source })
+    File::open(path).map_err(|source| CriuError::Open {
+        what,
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 fn spawn_err(path: &Path, source: std::io::Error) -> CriuError {
-    CriuError::Spawn { path: path.to_path_buf(), source }
+    CriuError::Spawn {
+        path: path.to_path_buf(),
+        source,
+    }
 }

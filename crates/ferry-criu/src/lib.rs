@@ -15,5 +15,5 @@ pub use classify::{classify_log, Cause};
 pub use client::{Criu, DumpOutcome, FeatureSet, RestoreOutcome};
 pub use error::{CriuError, Operation};
 pub use notify::{Notify, NotifyHandler, RecordingNotify};
-pub use options::{DumpOptions, LogLevel, LogTarget, RestoreOptions};
+pub use options::{DumpOptions, LogLevel, LogTarget, NetworkLock, RestoreOptions};
 pub use version::{Version, MIN_VERSION};

@@ -13,6 +13,18 @@ pub enum LogLevel {
     Debug = 4,
 }
 
+/// How CRIU blocks traffic of established TCP connections while they are checkpointed. A dump
+/// and its restore must use the same method.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NetworkLock {
+    /// One `inet CRIU-<run id>` table per dump: easy to find and remove as a whole.
+    #[default]
+    Nftables,
+    Iptables,
+    /// No lock: for trees in their own network namespace that is dumped with them.
+    Skip,
+}
+
 /// Where CRIU writes its log for one call.
 #[derive(Debug, Clone)]
 pub struct LogTarget {
@@ -23,7 +35,11 @@ pub struct LogTarget {
 
 impl LogTarget {
     pub fn new(dir: impl Into<PathBuf>, file_name: impl Into<String>) -> Self {
-        LogTarget { dir: dir.into(), file_name: file_name.into(), level: LogLevel::Debug }
+        LogTarget {
+            dir: dir.into(),
+            file_name: file_name.into(),
+            level: LogLevel::Debug,
+        }
     }
 
     pub fn path(&self) -> PathBuf {
@@ -43,6 +59,7 @@ pub struct DumpOptions {
     pub(crate) ext_unix_sk: bool,
     pub(crate) file_locks: bool,
     pub(crate) external: Vec<String>,
+    pub(crate) network_lock: NetworkLock,
 }
 
 impl DumpOptions {
@@ -57,6 +74,7 @@ impl DumpOptions {
             ext_unix_sk: false,
             file_locks: false,
             external: Vec::new(),
+            network_lock: NetworkLock::default(),
         }
     }
 
@@ -100,6 +118,12 @@ impl DumpOptions {
         self.pid
     }
 
+    /// How established connections are held while they are away.
+    pub fn network_lock(mut self, method: NetworkLock) -> Self {
+        self.network_lock = method;
+        self
+    }
+
     pub fn images_dir(&self) -> &Path {
         &self.images_dir
     }
@@ -120,6 +144,7 @@ pub struct RestoreOptions {
     pub(crate) file_locks: bool,
     pub(crate) restore_sibling: bool,
     pub(crate) external: Vec<String>,
+    pub(crate) network_lock: NetworkLock,
 }
 
 impl RestoreOptions {
@@ -133,6 +158,7 @@ impl RestoreOptions {
             file_locks: false,
             restore_sibling: true,
             external: Vec::new(),
+            network_lock: NetworkLock::default(),
         }
     }
 
@@ -165,6 +191,12 @@ impl RestoreOptions {
 
     pub fn external(mut self, spec: impl Into<String>) -> Self {
         self.external.push(spec.into());
+        self
+    }
+
+    /// How established connections are held while they are away.
+    pub fn network_lock(mut self, method: NetworkLock) -> Self {
+        self.network_lock = method;
         self
     }
 

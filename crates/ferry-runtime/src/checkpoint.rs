@@ -7,7 +7,7 @@ use ferry_criu::{DumpOptions, LogTarget, RecordingNotify};
 use ferry_store::{CheckpointMeta, FORMAT_VERSION};
 
 use crate::workload::{runtime_for, WorkloadId};
-use crate::{host_facts, Context, Error};
+use crate::{host_facts, netlock, Context, Error};
 
 /// What to checkpoint and how.
 #[derive(Debug, Clone)]
@@ -31,13 +31,23 @@ pub struct CheckpointReport {
 pub fn checkpoint(ctx: &Context, req: &CheckpointRequest) -> Result<CheckpointReport, Error> {
     let root = runtime_for(&req.workload)?.resolve(&req.workload)?;
     let created = unix_now();
-    let name = req.name.clone().unwrap_or_else(|| format!("{}-{created}", req.workload.to_string().replace(':', "-")));
+    let name = req
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("{}-{created}", req.workload.to_string().replace(':', "-")));
     let pending = ctx.store.begin(&name)?;
     let log = LogTarget::new(ctx.store.logs_dir(), format!("checkpoint-{name}-{created}.log"));
     let opts = DumpOptions::new(root.pid, pending.images_dir(), log.clone())
         .leave_running(req.leave_running)
         .tcp_established(req.tcp_established);
 
+    // The connections of a stopped tree stay locked until restored: remember which lock is ours.
+    let holds_lock = req.tcp_established && !req.leave_running;
+    let locks_before = if holds_lock {
+        netlock::lock_tables()
+    } else {
+        Default::default()
+    };
     let was_stopped = is_stopped(root.pid);
     tracing::info!(pid = root.pid, %name, "checkpointing");
     let started = Instant::now();
@@ -49,6 +59,14 @@ pub fn checkpoint(ctx: &Context, req: &CheckpointRequest) -> Result<CheckpointRe
         return Err(e.into());
     }
 
+    let network_lock_tables = if holds_lock {
+        netlock::lock_tables()
+            .difference(&locks_before)
+            .cloned()
+            .collect()
+    } else {
+        Vec::new()
+    };
     let meta = CheckpointMeta {
         format: FORMAT_VERSION,
         name: name.clone(),
@@ -58,11 +76,18 @@ pub fn checkpoint(ctx: &Context, req: &CheckpointRequest) -> Result<CheckpointRe
         host: host_facts(&ctx.criu_version.to_string()),
         tcp_established: req.tcp_established,
         leave_running: req.leave_running,
+        network_lock_tables,
         dump_seconds: seconds,
         files: Vec::new(),
     };
     let committed = pending.commit(meta)?;
-    Ok(CheckpointReport { name, pid: root.pid, size_bytes: committed.meta.size_bytes(), seconds, log: log.path() })
+    Ok(CheckpointReport {
+        name,
+        pid: root.pid,
+        size_bytes: committed.meta.size_bytes(),
+        seconds,
+        log: log.path(),
+    })
 }
 
 fn is_stopped(pid: i32) -> bool {
@@ -79,5 +104,8 @@ fn resume_if_left_stopped(pid: i32, was_stopped: bool) {
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }

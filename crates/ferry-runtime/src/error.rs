@@ -23,11 +23,15 @@ impl Error {
         match self {
             Error::NotRoot { .. } => Some("run it with sudo, or as root".into()),
             Error::InvalidWorkload { .. } => Some("name a workload as KIND:ID, e.g. pid:1234".into()),
-            Error::ProcessNotFound { .. } => Some("check the PID with `ps`; the process may have exited".into()),
+            Error::ProcessNotFound { .. } => {
+                Some("check the PID with `ps`; the process may have exited".into())
+            }
             Error::UnsupportedKind { .. } => Some("use pid:PID with the PID of the tree's root".into()),
             Error::Criu(e) => e.hint(),
             Error::Store(StoreError::NotFound(_)) => Some("`ferry list` shows the checkpoints".into()),
-            Error::Store(StoreError::Exists(_)) => Some("choose another --name, or `ferry rm` the old one".into()),
+            Error::Store(StoreError::Exists(_)) => {
+                Some("choose another --name, or `ferry rm` the old one".into())
+            }
             Error::Store(StoreError::Damaged { .. }) => {
                 Some("the checkpoint cannot be restored safely; take a new one".into())
             }

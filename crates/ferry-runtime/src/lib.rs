@@ -8,7 +8,9 @@ mod context;
 pub mod doctor;
 mod error;
 mod host;
+mod netlock;
 mod process;
+mod remove;
 mod restore;
 mod workload;
 
@@ -17,5 +19,6 @@ pub use context::{require_root, Context};
 pub use error::Error;
 pub use host::host_facts;
 pub use process::ProcessRuntime;
+pub use remove::{remove, RemoveReport};
 pub use restore::{restore, RestoreReport, RestoreRequest};
 pub use workload::{Runtime, TreeRoot, WorkloadId};

@@ -24,7 +24,10 @@ pub fn restore(ctx: &Context, req: &RestoreRequest) -> Result<RestoreReport, Err
     let checkpoint = ctx.store.get(&req.name)?;
     // Nothing reaches CRIU from a checkpoint that is not whole.
     checkpoint.verify()?;
-    let stamp = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+    let stamp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
     let log = LogTarget::new(ctx.store.logs_dir(), format!("restore-{}-{stamp}.log", req.name));
     let opts = RestoreOptions::new(checkpoint.images_dir(), log.clone())
         .tcp_established(checkpoint.meta.tcp_established)
@@ -32,5 +35,9 @@ pub fn restore(ctx: &Context, req: &RestoreRequest) -> Result<RestoreReport, Err
     tracing::info!(name = %req.name, "restoring");
     let started = Instant::now();
     let outcome = ctx.criu.restore(&opts, &mut RecordingNotify::default())?;
-    Ok(RestoreReport { pid: outcome.pid, seconds: started.elapsed().as_secs_f64(), log: log.path() })
+    Ok(RestoreReport {
+        pid: outcome.pid,
+        seconds: started.elapsed().as_secs_f64(),
+        log: log.path(),
+    })
 }

@@ -10,7 +10,11 @@ pub enum StoreError {
     #[error("invalid checkpoint name '{name}': {why}")]
     InvalidName { name: String, why: &'static str },
     #[error("checkpoint '{name}' is damaged: {file}: {detail}")]
-    Damaged { name: String, file: String, detail: String },
+    Damaged {
+        name: String,
+        file: String,
+        detail: String,
+    },
     #[error("checkpoint metadata {} is unreadable: {detail}", path.display())]
     BadMeta { path: PathBuf, detail: String },
     #[error("checkpoint format {found} is not supported (this ferry reads format {supported})")]

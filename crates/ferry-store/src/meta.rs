@@ -41,6 +41,10 @@ pub struct CheckpointMeta {
     pub host: HostFacts,
     pub tcp_established: bool,
     pub leave_running: bool,
+    /// nftables tables (`inet CRIU-...`) holding the checkpointed connections' traffic until
+    /// the restore; released by `ferry rm` if the checkpoint is never restored.
+    #[serde(default)]
+    pub network_lock_tables: Vec<String>,
     /// Seconds the dump took.
     pub dump_seconds: f64,
     pub files: Vec<FileEntry>,
@@ -58,7 +62,10 @@ impl CheckpointMeta {
 
     /// Parses and checks a meta file's bytes; every name in it is treated as hostile.
     pub fn parse(bytes: &[u8], path: &Path) -> Result<CheckpointMeta, StoreError> {
-        let bad = |detail: String| StoreError::BadMeta { path: path.to_path_buf(), detail };
+        let bad = |detail: String| StoreError::BadMeta {
+            path: path.to_path_buf(),
+            detail,
+        };
         if bytes.len() as u64 > MAX_META_BYTES {
             return Err(bad(format!("larger than {MAX_META_BYTES} bytes")));
         }
@@ -68,7 +75,10 @@ impl CheckpointMeta {
         }
         let probe: Probe = serde_json::from_slice(bytes).map_err(|e| bad(e.to_string()))?;
         if probe.format != FORMAT_VERSION {
-            return Err(StoreError::UnsupportedFormat { found: probe.format, supported: FORMAT_VERSION });
+            return Err(StoreError::UnsupportedFormat {
+                found: probe.format,
+                supported: FORMAT_VERSION,
+            });
         }
         let meta: CheckpointMeta = serde_json::from_slice(bytes).map_err(|e| bad(e.to_string()))?;
         crate::validate_name(&meta.name).map_err(|e| bad(e.to_string()))?;
@@ -108,8 +118,12 @@ mod tests {
             host: HostFacts::default(),
             tcp_established: false,
             leave_running: false,
+            network_lock_tables: vec![],
             dump_seconds: 0.5,
-            files: vec![FileEntry { name: "pages-1.img".into(), size: 4096 }],
+            files: vec![FileEntry {
+                name: "pages-1.img".into(),
+                size: 4096,
+            }],
         }
     }
 

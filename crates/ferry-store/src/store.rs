@@ -41,7 +41,12 @@ impl Store {
     /// whose writer died.
     pub fn open(root: impl Into<PathBuf>) -> Result<Store, StoreError> {
         let store = Store { root: root.into() };
-        for dir in [store.root.clone(), store.checkpoints_dir(), store.logs_dir(), store.tmp_dir()] {
+        for dir in [
+            store.root.clone(),
+            store.checkpoints_dir(),
+            store.logs_dir(),
+            store.tmp_dir(),
+        ] {
             private_dir(&dir)?;
         }
         store.sweep_tmp();
@@ -72,10 +77,20 @@ impl Store {
         if final_dir.exists() {
             return Err(StoreError::Exists(name.to_owned()));
         }
-        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
-        let dir = self.tmp_dir().join(format!("{name}.{}.{nanos}", std::process::id()));
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        let dir = self
+            .tmp_dir()
+            .join(format!("{name}.{}.{nanos}", std::process::id()));
         private_dir(&dir)?;
-        let pending = Pending { name: name.to_owned(), dir, final_dir, committed: false };
+        let pending = Pending {
+            name: name.to_owned(),
+            dir,
+            final_dir,
+            committed: false,
+        };
         private_dir(&pending.images_dir())?;
         Ok(pending)
     }
@@ -122,18 +137,23 @@ impl Store {
             return Err(StoreError::NotFound(name.to_owned()));
         }
         // Rename first so a half-removed checkpoint is never listed.
-        let doomed = self.tmp_dir().join(format!("{name}.removing.{}", std::process::id()));
+        let doomed = self
+            .tmp_dir()
+            .join(format!("{name}.removing.{}", std::process::id()));
         fs::rename(&dir, &doomed).map_err(io_err("cannot move aside", &dir))?;
         fs::remove_dir_all(&doomed).map_err(io_err("cannot remove", &doomed))
     }
 
     /// Removes directories in tmp/ left by writers that no longer run.
     fn sweep_tmp(&self) {
-        let Ok(entries) = fs::read_dir(self.tmp_dir()) else { return };
+        let Ok(entries) = fs::read_dir(self.tmp_dir()) else {
+            return;
+        };
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             let writer = name.split('.').rev().nth(1).and_then(|p| p.parse::<i32>().ok());
-            let alive = writer.is_some_and(|pid| pid as u32 != std::process::id() && ferry_sys::process_exists(pid));
+            let alive =
+                writer.is_some_and(|pid| pid as u32 != std::process::id() && ferry_sys::process_exists(pid));
             if !alive {
                 tracing::info!(leftover = %name, "removing an interrupted checkpoint");
                 let _ = fs::remove_dir_all(entry.path());
@@ -168,7 +188,9 @@ impl Pending {
             .mode(0o600)
             .open(&meta_path)
             .map_err(io_err("cannot create", &meta_path))?;
-        file.write_all(&meta.to_json()).and_then(|_| file.sync_all()).map_err(io_err("cannot write", &meta_path))?;
+        file.write_all(&meta.to_json())
+            .and_then(|_| file.sync_all())
+            .map_err(io_err("cannot write", &meta_path))?;
         sync_dir(&self.dir)?;
         if self.final_dir.exists() {
             return Err(StoreError::Exists(self.name.clone()));
@@ -178,7 +200,10 @@ impl Pending {
             sync_dir(parent)?;
         }
         self.committed = true;
-        Ok(Checkpoint { dir: self.final_dir.clone(), meta })
+        Ok(Checkpoint {
+            dir: self.final_dir.clone(),
+            meta,
+        })
     }
 }
 
@@ -219,11 +244,17 @@ impl Checkpoint {
                 return Err(damaged(&f.name, "not a regular file".into()));
             }
             if md.len() != f.size {
-                return Err(damaged(&f.name, format!("{} bytes, expected {}", md.len(), f.size)));
+                return Err(damaged(
+                    &f.name,
+                    format!("{} bytes, expected {}", md.len(), f.size),
+                ));
             }
         }
         let now = list_images(&images)?;
-        if let Some(extra) = now.iter().find(|n| !self.meta.files.iter().any(|f| f.name == n.name)) {
+        if let Some(extra) = now
+            .iter()
+            .find(|n| !self.meta.files.iter().any(|f| f.name == n.name))
+        {
             return Err(damaged(&extra.name, "not part of the checkpoint".into()));
         }
         Ok(())
@@ -266,7 +297,11 @@ fn list_images(dir: &Path) -> Result<Vec<FileEntry>, StoreError> {
 }
 
 fn private_dir(path: &Path) -> Result<(), StoreError> {
-    fs::DirBuilder::new().recursive(true).mode(0o700).create(path).map_err(io_err("cannot create", path))?;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+        .map_err(io_err("cannot create", path))?;
     let md = fs::metadata(path).map_err(io_err("cannot stat", path))?;
     if md.permissions().mode() & 0o077 != 0 {
         fs::set_permissions(path, fs::Permissions::from_mode(0o700)).map_err(io_err("cannot chmod", path))?;
@@ -275,7 +310,9 @@ fn private_dir(path: &Path) -> Result<(), StoreError> {
 }
 
 fn sync_dir(path: &Path) -> Result<(), StoreError> {
-    File::open(path).and_then(|d| d.sync_all()).map_err(io_err("cannot sync", path))
+    File::open(path)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("cannot sync", path))
 }
 
 #[cfg(test)]
@@ -293,6 +330,7 @@ mod tests {
             host: HostFacts::default(),
             tcp_established: false,
             leave_running: false,
+            network_lock_tables: vec![],
             dump_seconds: 0.0,
             files: vec![],
         }
@@ -351,7 +389,10 @@ mod tests {
         let tmp = tempfile::tempdir().expect("tempdir");
         let root = tmp.path().join("s");
         let store = Store::open(&root).expect("open");
-        assert_eq!(fs::metadata(&root).expect("stat").permissions().mode() & 0o777, 0o700);
+        assert_eq!(
+            fs::metadata(&root).expect("stat").permissions().mode() & 0o777,
+            0o700
+        );
         // A writer PID that cannot exist marks the leftover of a crashed checkpoint.
         fs::create_dir_all(store.tmp_dir().join(format!("dead.{}.1", i32::MAX))).expect("mkdir");
         Store::open(&root).expect("reopen");
@@ -363,7 +404,10 @@ mod tests {
         let tmp = tempfile::tempdir().expect("tempdir");
         let store = Store::open(tmp.path()).expect("open");
         assert!(matches!(store.begin("../x"), Err(StoreError::InvalidName { .. })));
-        assert!(matches!(store.get("../../etc"), Err(StoreError::InvalidName { .. })));
+        assert!(matches!(
+            store.get("../../etc"),
+            Err(StoreError::InvalidName { .. })
+        ));
         assert!(matches!(store.remove("/"), Err(StoreError::InvalidName { .. })));
     }
 }

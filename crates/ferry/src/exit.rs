@@ -37,13 +37,15 @@ pub fn classify(err: &Error) -> Exit {
             StoreError::NotFound(_) => Exit::NotFound,
             StoreError::Exists(_) => Exit::Conflict,
             StoreError::InvalidName { .. } => Exit::Usage,
-            StoreError::Damaged { .. } | StoreError::BadMeta { .. } | StoreError::UnsupportedFormat { .. } => {
-                Exit::Damaged
-            }
+            StoreError::Damaged { .. }
+            | StoreError::BadMeta { .. }
+            | StoreError::UnsupportedFormat { .. } => Exit::Damaged,
             StoreError::Io { .. } => Exit::Failure,
         },
         Error::Criu(c) => match c {
-            CriuError::NotFound { .. } | CriuError::TooOld { .. } | CriuError::Spawn { .. } => Exit::Environment,
+            CriuError::NotFound { .. } | CriuError::TooOld { .. } | CriuError::Spawn { .. } => {
+                Exit::Environment
+            }
             CriuError::Failed { cause, .. } => match cause {
                 Cause::PidInUse { .. } => Exit::Conflict,
                 Cause::ProcessNotFound { .. } => Exit::NotFound,

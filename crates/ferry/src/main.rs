@@ -18,10 +18,17 @@ fn main() -> ExitCode {
     init_logging(cli.verbose);
     let outcome = match &cli.command {
         Command::Doctor { json } => cmd::doctor::run(&cli, *json),
-        Command::Checkpoint { workload, name, leave_running, tcp_established } => {
-            cmd::checkpoint::run(&cli, workload, name.clone(), *leave_running, *tcp_established)
-        }
-        Command::Restore { name, detach, pidfile } => cmd::restore::run(&cli, name, *detach, pidfile.as_deref()),
+        Command::Checkpoint {
+            workload,
+            name,
+            leave_running,
+            tcp_established,
+        } => cmd::checkpoint::run(&cli, workload, name.clone(), *leave_running, *tcp_established),
+        Command::Restore {
+            name,
+            detach,
+            pidfile,
+        } => cmd::restore::run(&cli, name, *detach, pidfile.as_deref()),
         Command::List { json } => cmd::list::run(&cli, *json),
         Command::Rm { names } => cmd::rm::run(&cli, names),
     };
@@ -41,7 +48,11 @@ fn init_logging(verbose: u8) {
         _ => "debug",
     };
     let filter = EnvFilter::try_from_env("FERRY_LOG").unwrap_or_else(|_| EnvFilter::new(default));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
 }
 
 /// What a command returns: an exit code, or what failed and why.
