@@ -418,3 +418,144 @@ fn spawn_err(path: &Path, source: std::io::Error) -> CriuError {
         source,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::thread;
+
+    use super::*;
+
+    /// Plays CRIU's side of one exchange: reads the request, sends `notifies` one by one
+    /// (checking each answer), then the final response.
+    fn fake_criu(
+        sock: SeqPacket,
+        notifies: Vec<&'static str>,
+        final_ok: bool,
+    ) -> thread::JoinHandle<Vec<bool>> {
+        thread::spawn(move || {
+            let req = sock.recv(MAX_RESPONSE).expect("recv").expect("request");
+            let req = Request::decode(req.as_slice()).expect("decode request");
+            assert_eq!(req.r#type(), ReqType::Dump);
+            let mut answers = Vec::new();
+            for script in notifies {
+                let n = Response {
+                    r#type: ReqType::Notify as i32,
+                    success: true,
+                    notify: Some(rpc::NotifyMsg {
+                        script: Some(script.into()),
+                        pid: Some(7),
+                    }),
+                    ..Default::default()
+                };
+                sock.send(&n.encode_to_vec()).expect("send notify");
+                let a = sock.recv(MAX_RESPONSE).expect("recv").expect("answer");
+                let a = Request::decode(a.as_slice()).expect("decode answer");
+                assert_eq!(a.r#type(), ReqType::Notify);
+                answers.push(a.notify_success.unwrap_or(false));
+            }
+            let done = Response {
+                r#type: ReqType::Dump as i32,
+                success: final_ok,
+                ..Default::default()
+            };
+            sock.send(&done.encode_to_vec()).expect("send final");
+            answers
+        })
+    }
+
+    struct RefuseUnlock(Vec<Notify>);
+
+    impl NotifyHandler for RefuseUnlock {
+        fn notify(&mut self, event: &Notify, _pid: Option<i32>) -> Result<(), String> {
+            self.0.push(event.clone());
+            if *event == Notify::NetworkUnlock {
+                Err("not now".into())
+            } else {
+                Ok(())
+            }
+        }
+    }
+
+    fn dump_request() -> Request {
+        Request {
+            r#type: ReqType::Dump as i32,
+            opts: Some(rpc::Opts::default()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn notifications_are_answered_in_order() {
+        let (ours, theirs) = SeqPacket::pair().expect("pair");
+        let peer = fake_criu(
+            theirs,
+            vec!["pre-dump", "network-lock", "network-unlock", "post-dump"],
+            true,
+        );
+        let mut handler = RefuseUnlock(Vec::new());
+        let resp = exchange(&ours, Operation::Dump, &dump_request(), &mut handler, None).expect("exchange");
+        assert!(resp.success);
+        assert_eq!(
+            handler.0,
+            vec![
+                Notify::PreDump,
+                Notify::NetworkLock,
+                Notify::NetworkUnlock,
+                Notify::PostDump
+            ]
+        );
+        assert_eq!(peer.join().expect("peer"), vec![true, true, false, true]);
+    }
+
+    #[test]
+    fn criu_dying_mid_call_is_classified_from_its_log() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let log = LogTarget::new(tmp.path(), "dump.log");
+        fs::write(
+            log.path(),
+            "(00.1) Error (criu/sk-inet.c:1): inet: Connected TCP socket, consider using --tcp-established option.\n",
+        )
+        .expect("write log");
+        let (ours, theirs) = SeqPacket::pair().expect("pair");
+        drop(theirs);
+        let err = exchange(
+            &ours,
+            Operation::Dump,
+            &dump_request(),
+            &mut RecordingNotify::default(),
+            Some(&log),
+        )
+        .expect_err("peer gone");
+        match err {
+            CriuError::Failed { log: path, .. } => assert_eq!(path, log.path()),
+            CriuError::Protocol { .. } => {} // send may fail first on a closed peer
+            other => panic!("unexpected error: {other}"),
+        }
+    }
+
+    #[test]
+    fn garbage_answers_are_protocol_errors() {
+        let (ours, theirs) = SeqPacket::pair().expect("pair");
+        let peer = thread::spawn(move || {
+            let _ = theirs.recv(MAX_RESPONSE);
+            theirs.send(b"\xff\xff\xff\xff").expect("send garbage");
+        });
+        let err = exchange(
+            &ours,
+            Operation::Dump,
+            &dump_request(),
+            &mut RecordingNotify::default(),
+            None,
+        )
+        .expect_err("garbage");
+        assert!(matches!(err, CriuError::Protocol { .. }), "{err}");
+        peer.join().expect("peer");
+    }
+
+    #[test]
+    fn missing_binary_is_not_found() {
+        let err = Criu::locate(Some(Path::new("/nonexistent/criu"))).expect_err("missing");
+        assert!(matches!(err, CriuError::NotFound { .. }));
+        assert!(err.hint().unwrap_or_default().contains("scripts/setup"));
+    }
+}
