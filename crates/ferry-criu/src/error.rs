@@ -35,7 +35,11 @@ pub enum CriuError {
     #[error("CRIU is not installed (no `criu` in {searched})")]
     NotFound { searched: String },
     #[error("CRIU {found} at {} is too old: ferry needs {need} or newer", path.display())]
-    TooOld { found: Version, need: Version, path: PathBuf },
+    TooOld {
+        found: Version,
+        need: Version,
+        path: PathBuf,
+    },
     #[error("could not start CRIU ({})", path.display())]
     Spawn {
         path: PathBuf,
@@ -50,9 +54,19 @@ pub enum CriuError {
         source: io::Error,
     },
     #[error("talking to CRIU failed during {op}: {detail}")]
-    Protocol { op: Operation, detail: String, log: Option<PathBuf> },
+    Protocol {
+        op: Operation,
+        detail: String,
+        log: Option<PathBuf>,
+    },
     #[error("{op} failed: {}", cause.summary())]
-    Failed { op: Operation, cause: Cause, log: PathBuf, errno: Option<i32>, detail: Option<String> },
+    Failed {
+        op: Operation,
+        cause: Cause,
+        log: PathBuf,
+        errno: Option<i32>,
+        detail: Option<String>,
+    },
 }
 
 impl CriuError {
@@ -63,7 +77,9 @@ impl CriuError {
                 "run scripts/setup (builds CRIU >= 4.2 from Debian's source package), or pass --criu PATH"
                     .into(),
             ),
-            CriuError::Spawn { .. } => Some("check that the criu binary is executable, or pass --criu PATH".into()),
+            CriuError::Spawn { .. } => {
+                Some("check that the criu binary is executable, or pass --criu PATH".into())
+            }
             CriuError::Protocol { .. } => Some("read CRIU's log; this may be a CRIU crash".into()),
             CriuError::Failed { cause, .. } => Some(cause.hint()),
             CriuError::Open { .. } => None,

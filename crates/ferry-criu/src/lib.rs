@@ -6,6 +6,7 @@
 pub mod classify;
 mod client;
 mod error;
+pub mod image;
 mod notify;
 mod options;
 pub mod rpc;

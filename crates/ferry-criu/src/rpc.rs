@@ -205,7 +205,12 @@ mod tests {
     fn request_round_trips() {
         let req = Request {
             r#type: ReqType::Dump as i32,
-            opts: Some(Opts { images_dir_fd: 5, pid: Some(42), tcp_established: Some(true), ..Default::default() }),
+            opts: Some(Opts {
+                images_dir_fd: 5,
+                pid: Some(42),
+                tcp_established: Some(true),
+                ..Default::default()
+            }),
             ..Default::default()
         };
         let bytes = req.encode_to_vec();

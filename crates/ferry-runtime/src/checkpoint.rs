@@ -41,13 +41,6 @@ pub fn checkpoint(ctx: &Context, req: &CheckpointRequest) -> Result<CheckpointRe
         .leave_running(req.leave_running)
         .tcp_established(req.tcp_established);
 
-    // The connections of a stopped tree stay locked until restored: remember which lock is ours.
-    let holds_lock = req.tcp_established && !req.leave_running;
-    let locks_before = if holds_lock {
-        netlock::lock_tables()
-    } else {
-        Default::default()
-    };
     let was_stopped = is_stopped(root.pid);
     tracing::info!(pid = root.pid, %name, "checkpointing");
     let started = Instant::now();
@@ -59,13 +52,12 @@ pub fn checkpoint(ctx: &Context, req: &CheckpointRequest) -> Result<CheckpointRe
         return Err(e.into());
     }
 
-    let network_lock_tables = if holds_lock {
-        netlock::lock_tables()
-            .difference(&locks_before)
-            .cloned()
-            .collect()
-    } else {
+    // A dump that stops the tree leaves CRIU's lock table in place until the restore (empty
+    // without --tcp-established): record it so `ferry rm` can release it if that never comes.
+    let network_lock_tables = if req.leave_running {
         Vec::new()
+    } else {
+        netlock::tables_of_dump(&pending.images_dir())
     };
     let meta = CheckpointMeta {
         format: FORMAT_VERSION,

@@ -1,11 +1,13 @@
 //! The nftables tables in which CRIU holds the traffic of checkpointed TCP connections.
 //!
-//! A dump with `--tcp-established` that stops the workload leaves its connections locked, so the
-//! peers' packets are dropped rather than answered with resets until the restore, which removes
-//! the lock. A checkpoint that is never restored would hold it forever: ferry records the tables
-//! a dump created and `ferry rm` releases them.
+//! A dump that stops the workload leaves its connections locked (an empty table without
+//! `--tcp-established`), so the peers' packets are dropped rather than answered with resets until
+//! the restore, which removes the lock. A checkpoint that is never restored would hold it
+//! forever: ferry records the table of each dump (named after the run id in `inventory.img`) and
+//! `ferry rm` releases it.
 
 use std::collections::BTreeSet;
+use std::path::Path;
 use std::process::Command;
 
 const PREFIX: &str = "CRIU-";
@@ -32,6 +34,21 @@ fn is_lock_table(name: &str) -> bool {
     name.strip_prefix(PREFIX).is_some_and(|id| {
         !id.is_empty() && id.len() <= 64 && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
     })
+}
+
+/// The lock tables present now that the dump whose images are in `images_dir` created.
+pub fn tables_of_dump(images_dir: &Path) -> Vec<String> {
+    let run_id = match ferry_criu::image::read_inventory(images_dir) {
+        Ok(inv) => inv.dump_criu_run_id.unwrap_or_default(),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the dump's run id; its network lock is not tracked");
+            return Vec::new();
+        }
+    };
+    lock_tables()
+        .into_iter()
+        .filter(|t| ferry_criu::image::is_lock_table_of(t, &run_id))
+        .collect()
 }
 
 /// Deletes the lock tables among `tables` that still exist; returns how many it released.
