@@ -7,7 +7,7 @@ mod process;
 mod seqpacket;
 
 pub use process::{
-    effective_uid, inherit_fd_in_child, is_root, kill, process_exists, process_state, wait_child,
-    ChildExit, Signal,
+    effective_uid, inherit_fd_in_child, is_root, kill, process_exists, process_state, wait_child, ChildExit,
+    Signal,
 };
 pub use seqpacket::SeqPacket;
