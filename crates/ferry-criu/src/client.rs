@@ -7,6 +7,9 @@ use std::io::{Read, Seek, SeekFrom};
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::Duration;
 
 use ferry_sys::SeqPacket;
 use prost::Message;
@@ -36,7 +39,11 @@ const FALLBACK_DIRS: &[&str] = &[
 #[derive(Debug, Clone)]
 pub struct Criu {
     path: PathBuf,
+    timeout: Duration,
 }
+
+/// A CRIU call that takes longer is killed: CRIU can spin forever on some damaged images.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
 
 /// Result of a successful dump.
 #[derive(Debug, Clone)]
@@ -62,7 +69,16 @@ pub struct FeatureSet {
 impl Criu {
     /// A CRIU binary at a known path.
     pub fn at(path: impl Into<PathBuf>) -> Criu {
-        Criu { path: path.into() }
+        Criu {
+            path: path.into(),
+            timeout: DEFAULT_TIMEOUT,
+        }
+    }
+
+    /// Kills CRIU calls that run longer than `timeout`.
+    pub fn with_timeout(mut self, timeout: Duration) -> Criu {
+        self.timeout = timeout;
+        self
     }
 
     /// `explicit` if given, else `criu` from `$PATH` or the usual sbin directories.
@@ -243,15 +259,51 @@ impl Criu {
         let mut child = cmd.spawn().map_err(|e| spawn_err(&self.path, e))?;
         drop(theirs);
 
+        let watchdog = Watchdog::arm(child.id() as i32, self.timeout);
         let result = exchange(&ours, op, &req, notify, log);
         drop(ours);
         let status = child.wait();
+        let timed_out = watchdog.disarm();
         tracing::debug!(?status, %op, "criu swrk exited");
+        if timed_out {
+            return Err(CriuError::TimedOut {
+                op,
+                after: self.timeout,
+                log: log.map(LogTarget::path),
+            });
+        }
         let resp = result?;
         if resp.success {
             return Ok(resp);
         }
         Err(failure(op, log, resp.cr_errno, resp.cr_errmsg))
+    }
+}
+
+/// Kills a CRIU process that outlives its deadline.
+struct Watchdog {
+    cancel: mpsc::Sender<()>,
+    fired: thread::JoinHandle<bool>,
+}
+
+impl Watchdog {
+    fn arm(pid: i32, timeout: Duration) -> Watchdog {
+        let (cancel, cancelled) = mpsc::channel::<()>();
+        let fired = thread::spawn(move || match cancelled.recv_timeout(timeout) {
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                tracing::warn!(pid, ?timeout, "CRIU did not finish in time: killing it");
+                let _ = ferry_sys::kill(pid, ferry_sys::Signal::Kill);
+                true
+            }
+            _ => false,
+        });
+        Watchdog { cancel, fired }
+    }
+
+    /// Stops the watchdog; true if it had already killed CRIU.
+    fn disarm(self) -> bool {
+        let _ = self.cancel.send(());
+        self.fired.join().unwrap_or(false)
     }
 }
 
@@ -306,7 +358,7 @@ fn exchange(
         let event = Notify::from_script(msg.script.as_deref().unwrap_or(""));
         let answer = notify.notify(&event, msg.pid);
         if let Err(why) = &answer {
-            tracing::warn!(?event, %why, "notify handler refused; CRIU will abort");
+            tracing::debug!(?event, %why, "notify handler refused; CRIU will abort");
         }
         let reply = Request {
             r#type: ReqType::Notify as i32,
@@ -550,6 +602,18 @@ mod tests {
         .expect_err("garbage");
         assert!(matches!(err, CriuError::Protocol { .. }), "{err}");
         peer.join().expect("peer");
+    }
+
+    #[test]
+    fn a_hung_criu_is_killed_at_the_deadline() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let fake = tmp.path().join("criu");
+        fs::write(&fake, "#!/bin/sh\nexec sleep 30\n").expect("write fake");
+        fs::set_permissions(&fake, fs::Permissions::from_mode(0o755)).expect("chmod");
+        let criu = Criu::at(&fake).with_timeout(Duration::from_millis(200));
+        let err = criu.version().expect_err("must time out");
+        assert!(matches!(err, CriuError::TimedOut { op: Operation::Version, .. }), "{err}");
     }
 
     #[test]

@@ -44,10 +44,12 @@ pub fn checkpoint(ctx: &Context, req: &CheckpointRequest) -> Result<CheckpointRe
     let was_stopped = is_stopped(root.pid);
     tracing::info!(pid = root.pid, %name, "checkpointing");
     let started = Instant::now();
+    // Hashing follows CRIU's writes on the other core.
+    let ingest = pending.start_ingest();
     let dumped = ctx.criu.dump(&opts, &mut RecordingNotify::default());
-    let seconds = started.elapsed().as_secs_f64();
+    let dump_seconds = started.elapsed().as_secs_f64();
     if let Err(e) = dumped {
-        // `pending` is dropped here: the partial images go with it.
+        // `ingest` and `pending` are dropped here: the partial images go with them.
         resume_if_left_stopped(root.pid, was_stopped);
         return Err(e.into());
     }
@@ -69,10 +71,11 @@ pub fn checkpoint(ctx: &Context, req: &CheckpointRequest) -> Result<CheckpointRe
         tcp_established: req.tcp_established,
         leave_running: req.leave_running,
         network_lock_tables,
-        dump_seconds: seconds,
+        dump_seconds,
         files: Vec::new(),
     };
-    let committed = pending.commit(meta)?;
+    let committed = pending.commit(meta, ingest)?;
+    let seconds = started.elapsed().as_secs_f64();
     Ok(CheckpointReport {
         name,
         pid: root.pid,

@@ -11,11 +11,13 @@
 #![forbid(unsafe_code)]
 
 mod error;
+mod ingest;
 mod meta;
 mod name;
 mod store;
 
 pub use error::StoreError;
+pub use ingest::Ingest;
 pub use meta::{CheckpointMeta, FileEntry, HostFacts, FORMAT_VERSION, MAX_META_BYTES};
 pub use name::validate_name;
 pub use store::{Checkpoint, Pending, Store};

@@ -26,6 +26,8 @@ pub struct HostFacts {
 pub struct FileEntry {
     pub name: String,
     pub size: u64,
+    /// BLAKE3 of the content, hex.
+    pub blake3: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -89,6 +91,9 @@ impl CheckpointMeta {
             if !is_plain_file_name(&f.name) {
                 return Err(bad(format!("file name {:?} is not a plain name", f.name)));
             }
+            if f.blake3.len() != 64 || !f.blake3.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(bad(format!("the hash of {:?} is not 64 hex digits", f.name)));
+            }
         }
         Ok(meta)
     }
@@ -123,6 +128,7 @@ mod tests {
             files: vec![FileEntry {
                 name: "pages-1.img".into(),
                 size: 4096,
+                blake3: "ab".repeat(32),
             }],
         }
     }

@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::error::io_err;
-use crate::meta::{CheckpointMeta, FileEntry, MAX_META_BYTES};
+use crate::ingest::{hash_file, Ingest};
+use crate::meta::{CheckpointMeta, MAX_META_BYTES};
 use crate::{validate_name, StoreError};
 
 const META_FILE: &str = "meta.json";
@@ -172,15 +173,15 @@ impl Pending {
         self.dir.join(IMAGES_DIR)
     }
 
-    /// Lists the images, writes `meta.json` durably and moves the checkpoint into place.
-    pub fn commit(mut self, mut meta: CheckpointMeta) -> Result<Checkpoint, StoreError> {
+    /// Starts hashing the images as they are written; pass the result to [`Pending::commit`].
+    pub fn start_ingest(&self) -> Ingest {
+        Ingest::start(self.images_dir())
+    }
+
+    /// Completes the hashes, writes `meta.json` durably and moves the checkpoint into place.
+    pub fn commit(mut self, mut meta: CheckpointMeta, ingest: Ingest) -> Result<Checkpoint, StoreError> {
         meta.name = self.name.clone();
-        meta.files = list_images(&self.images_dir())?;
-        for f in &meta.files {
-            File::open(self.images_dir().join(&f.name))
-                .and_then(|f| f.sync_all())
-                .map_err(io_err("cannot sync", self.images_dir().join(&f.name)))?;
-        }
+        meta.files = ingest.finish(&self.images_dir())?;
         let meta_path = self.dir.join(META_FILE);
         let mut file = OpenOptions::new()
             .write(true)
@@ -253,9 +254,27 @@ impl Checkpoint {
         let now = list_images(&images)?;
         if let Some(extra) = now
             .iter()
-            .find(|n| !self.meta.files.iter().any(|f| f.name == n.name))
+            .find(|n| !self.meta.files.iter().any(|f| f.name == **n))
         {
-            return Err(damaged(&extra.name, "not part of the checkpoint".into()));
+            return Err(damaged(extra, "not part of the checkpoint".into()));
+        }
+        Ok(())
+    }
+
+    /// Hashes every image and compares with the metadata: the content check that
+    /// [`Checkpoint::verify`] leaves out. Reads every byte, so restore runs it beside CRIU.
+    pub fn verify_content(&self) -> Result<(), StoreError> {
+        let images = self.images_dir();
+        for f in &self.meta.files {
+            let path = images.join(&f.name);
+            let actual = hash_file(&path).map_err(io_err("cannot read", &path))?;
+            if actual != f.blake3 {
+                return Err(StoreError::Damaged {
+                    name: self.meta.name.clone(),
+                    file: format!("images/{}", f.name),
+                    detail: "content differs from what was checkpointed (hash mismatch)".into(),
+                });
+            }
         }
         Ok(())
     }
@@ -276,24 +295,24 @@ fn read_meta(path: &Path) -> Result<CheckpointMeta, StoreError> {
     CheckpointMeta::parse(&bytes, path)
 }
 
-/// Regular files of an images directory, sorted by name. Anything else is refused.
-fn list_images(dir: &Path) -> Result<Vec<FileEntry>, StoreError> {
-    let mut files = Vec::new();
+/// Names in an images directory, sorted. Anything but a regular file is refused.
+fn list_images(dir: &Path) -> Result<Vec<String>, StoreError> {
+    let mut names = Vec::new();
     for entry in fs::read_dir(dir).map_err(io_err("cannot read", dir))? {
         let entry = entry.map_err(io_err("cannot read", dir))?;
-        let md = entry.metadata().map_err(io_err("cannot stat", entry.path()))?;
+        let ft = entry.file_type().map_err(io_err("cannot stat", entry.path()))?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        if !md.file_type().is_file() {
+        if !ft.is_file() {
             return Err(StoreError::Damaged {
                 name: String::new(),
                 file: name,
                 detail: "the images directory holds something other than a regular file".into(),
             });
         }
-        files.push(FileEntry { name, size: md.len() });
+        names.push(name);
     }
-    files.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(files)
+    names.sort();
+    Ok(names)
 }
 
 fn private_dir(path: &Path) -> Result<(), StoreError> {
@@ -340,7 +359,8 @@ mod tests {
         let p = store.begin(name).expect("begin");
         fs::write(p.images_dir().join("core-1.img"), b"core").expect("write");
         fs::write(p.images_dir().join("pages-1.img"), vec![1u8; 8192]).expect("write");
-        p.commit(meta()).expect("commit")
+        let ingest = p.start_ingest();
+        p.commit(meta(), ingest).expect("commit")
     }
 
     #[test]
@@ -382,6 +402,20 @@ mod tests {
         c.verify().expect("verify again");
         fs::write(c.images_dir().join("evil.img"), b"x").expect("extra");
         assert!(c.verify().is_err());
+    }
+
+    #[test]
+    fn verify_content_finds_a_flipped_byte() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(tmp.path()).expect("open");
+        let c = write_checkpoint(&store, "c");
+        c.verify_content().expect("intact");
+        let mut pages = vec![1u8; 8192];
+        pages[4100] ^= 0x01;
+        fs::write(c.images_dir().join("pages-1.img"), pages).expect("flip");
+        c.verify().expect("same size: the structural check passes");
+        let err = c.verify_content().expect_err("flipped");
+        assert!(err.to_string().contains("pages-1.img"), "{err}");
     }
 
     #[test]
