@@ -4,6 +4,7 @@
 use std::fmt;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use crate::classify::Cause;
 use crate::version::Version;
@@ -59,6 +60,12 @@ pub enum CriuError {
         detail: String,
         log: Option<PathBuf>,
     },
+    #[error("{op} did not finish within {}s: CRIU was stopped", after.as_secs())]
+    TimedOut {
+        op: Operation,
+        after: Duration,
+        log: Option<PathBuf>,
+    },
     #[error("{op} failed: {}", cause.summary())]
     Failed {
         op: Operation,
@@ -82,6 +89,9 @@ impl CriuError {
             }
             CriuError::Protocol { .. } => Some("read CRIU's log; this may be a CRIU crash".into()),
             CriuError::Failed { cause, .. } => Some(cause.hint()),
+            CriuError::TimedOut { .. } => {
+                Some("read CRIU's log for where it stopped; raise the limit with --criu-timeout".into())
+            }
             CriuError::Open { .. } => None,
         }
     }
@@ -90,7 +100,7 @@ impl CriuError {
     pub fn log_path(&self) -> Option<&Path> {
         match self {
             CriuError::Failed { log, .. } => Some(log),
-            CriuError::Protocol { log, .. } => log.as_deref(),
+            CriuError::Protocol { log, .. } | CriuError::TimedOut { log, .. } => log.as_deref(),
             _ => None,
         }
     }

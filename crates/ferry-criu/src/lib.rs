@@ -13,7 +13,7 @@ pub mod rpc;
 mod version;
 
 pub use classify::{classify_log, Cause};
-pub use client::{Criu, DumpOutcome, FeatureSet, RestoreOutcome};
+pub use client::{Criu, DumpOutcome, FeatureSet, RestoreOutcome, DEFAULT_TIMEOUT};
 pub use error::{CriuError, Operation};
 pub use notify::{Notify, NotifyHandler, RecordingNotify};
 pub use options::{DumpOptions, LogLevel, LogTarget, NetworkLock, RestoreOptions};

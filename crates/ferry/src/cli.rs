@@ -14,6 +14,9 @@ pub struct Cli {
     /// CRIU binary to use instead of the one on $PATH.
     #[arg(long, global = true, env = "FERRY_CRIU")]
     pub criu: Option<PathBuf>,
+    /// Seconds after which a CRIU call is stopped.
+    #[arg(long, global = true, env = "FERRY_CRIU_TIMEOUT", default_value_t = 600)]
+    pub criu_timeout: u64,
     /// More log output (-v info, -vv debug).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,

@@ -53,7 +53,9 @@ pub fn classify(err: &Error) -> Exit {
                 Cause::DamagedImage { .. } => Exit::Damaged,
                 _ => Exit::CriuFailed,
             },
-            CriuError::Open { .. } | CriuError::Protocol { .. } => Exit::CriuFailed,
+            CriuError::Open { .. } | CriuError::Protocol { .. } | CriuError::TimedOut { .. } => {
+                Exit::CriuFailed
+            }
         },
     }
 }

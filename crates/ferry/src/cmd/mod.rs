@@ -6,6 +6,8 @@ pub mod list;
 pub mod restore;
 pub mod rm;
 
+use std::time::Duration;
+
 use ferry_criu::Criu;
 use ferry_runtime::{Context, Error};
 use ferry_store::Store;
@@ -19,7 +21,7 @@ pub fn open_store(cli: &Cli) -> Result<Store, Error> {
 /// Root, CRIU of a supported version, and the store: what checkpoint and restore need.
 pub fn context(cli: &Cli) -> Result<Context, Error> {
     ferry_runtime::require_root()?;
-    let criu = Criu::locate(cli.criu.as_deref())?;
+    let criu = Criu::locate(cli.criu.as_deref())?.with_timeout(Duration::from_secs(cli.criu_timeout.max(1)));
     Context::new(criu, open_store(cli)?)
 }
 
