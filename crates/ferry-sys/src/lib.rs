@@ -3,9 +3,11 @@
 //! Every other crate carries `#![forbid(unsafe_code)]`.
 #![allow(unsafe_code)]
 
+mod mount;
 mod process;
 mod seqpacket;
 
+pub use mount::{unmount, PrivateTmpfs};
 pub use process::{
     effective_uid, inherit_fd_in_child, is_root, kill, process_exists, process_state, wait_child, ChildExit,
     Signal,
