@@ -14,6 +14,7 @@ mod error;
 mod ingest;
 mod meta;
 mod name;
+pub mod packs;
 mod store;
 
 pub use error::StoreError;

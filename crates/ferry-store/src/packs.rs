@@ -1,0 +1,479 @@
+//! Pack files: sealed chunk frames appended to large files, each with an index written after
+//! the pack is durable. A 4 KiB page must not cost a file of its own.
+//!
+//! ```text
+//! PACKID.pack   frame frame frame ...                     (append-only, fsynced, then closed)
+//! PACKID.idx    "FRYX" ver:u16 0:u16 count:u32  { id[32] offset:u64 len:u32 } * count
+//! ```
+//! A pack without an index is the leftover of an interrupted writer; `gc` removes it.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::error::io_err;
+use crate::StoreError;
+
+pub type PackId = [u8; 16];
+type Id = [u8; 32];
+
+const IDX_MAGIC: &[u8; 4] = b"FRYX";
+const IDX_VERSION: u16 = 1;
+const IDX_HEADER: usize = 12;
+const IDX_ENTRY: usize = 44;
+/// An index may list at most this many chunks (a full pack of 4 KiB chunks is 65536).
+const MAX_IDX_ENTRIES: usize = 1 << 24;
+/// A pack is closed once it reaches this size.
+pub const PACK_TARGET: u64 = 256 << 20;
+/// No frame is larger than this (4 MiB chunk + compression slack + header).
+pub const MAX_FRAME: u32 = (4 << 20) + (64 << 10) + 128;
+
+/// Where a chunk's frame lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Location {
+    pub pack: PackId,
+    pub offset: u64,
+    pub len: u32,
+}
+
+/// All indexed packs of a store, and where each chunk is.
+#[derive(Debug)]
+pub struct PackSet {
+    dir: PathBuf,
+    index: HashMap<Id, Location>,
+    packs: HashMap<PackId, Vec<Id>>,
+}
+
+impl PackSet {
+    /// Loads every index under `dir`.
+    pub fn open(dir: &Path) -> Result<PackSet, StoreError> {
+        let mut set = PackSet {
+            dir: dir.to_path_buf(),
+            index: HashMap::new(),
+            packs: HashMap::new(),
+        };
+        for entry in fs::read_dir(dir).map_err(io_err("cannot read", dir))? {
+            let entry = entry.map_err(io_err("cannot read", dir))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(pack) = name.strip_suffix(".idx").and_then(parse_pack_id) else {
+                continue;
+            };
+            let bytes = read_capped(&entry.path(), (IDX_HEADER + MAX_IDX_ENTRIES * IDX_ENTRY) as u64)?;
+            let entries = decode_idx(&bytes).map_err(|detail| StoreError::Damaged {
+                name: String::new(),
+                file: format!("packs/{name}"),
+                detail,
+            })?;
+            set.add(pack, entries);
+        }
+        Ok(set)
+    }
+
+    fn add(&mut self, pack: PackId, entries: Vec<(Id, u64, u32)>) {
+        let ids = self.packs.entry(pack).or_default();
+        for (id, offset, len) in entries {
+            self.index.entry(id).or_insert(Location { pack, offset, len });
+            ids.push(id);
+        }
+    }
+
+    pub fn contains(&self, id: &Id) -> bool {
+        self.index.contains_key(id)
+    }
+
+    pub fn location(&self, id: &Id) -> Option<Location> {
+        self.index.get(id).copied()
+    }
+
+    /// Number of distinct chunks indexed.
+    pub fn chunk_count(&self) -> usize {
+        self.index.len()
+    }
+
+    /// Pack ids and the chunks each holds.
+    pub fn packs(&self) -> impl Iterator<Item = (&PackId, &Vec<Id>)> {
+        self.packs.iter()
+    }
+
+    /// Starts a new pack.
+    pub fn writer(&self) -> Result<PackWriter, StoreError> {
+        PackWriter::create(&self.dir)
+    }
+
+    /// Makes the chunks of a finished pack visible.
+    pub fn absorb(&mut self, finished: FinishedPack) {
+        self.add(finished.pack, finished.entries);
+    }
+
+    /// A reader with its own open files (one per thread).
+    pub fn reader(&self) -> PackReader<'_> {
+        PackReader {
+            set: self,
+            files: HashMap::new(),
+        }
+    }
+
+    pub fn pack_path(&self, pack: &PackId, ext: &str) -> PathBuf {
+        self.dir.join(format!("{}.{ext}", hex(pack)))
+    }
+
+    /// Deletes a pack and its index (index first: a pack without index is ignored).
+    pub fn delete(&mut self, pack: &PackId) -> Result<(), StoreError> {
+        let idx = self.pack_path(pack, "idx");
+        fs::remove_file(&idx)
+            .or_else(ignore_missing)
+            .map_err(io_err("cannot remove", &idx))?;
+        let data = self.pack_path(pack, "pack");
+        fs::remove_file(&data)
+            .or_else(ignore_missing)
+            .map_err(io_err("cannot remove", &data))?;
+        if let Some(ids) = self.packs.remove(pack) {
+            for id in ids {
+                if self.index.get(&id).is_some_and(|l| l.pack == *pack) {
+                    self.index.remove(&id);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Pack files without an index: leftovers of writers that died.
+    pub fn orphans(&self) -> Result<Vec<PathBuf>, StoreError> {
+        let mut out = Vec::new();
+        for entry in fs::read_dir(&self.dir).map_err(io_err("cannot read", &self.dir))? {
+            let entry = entry.map_err(io_err("cannot read", &self.dir))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(pack) = name.strip_suffix(".pack").and_then(parse_pack_id) {
+                if !self.packs.contains_key(&pack) {
+                    out.push(entry.path());
+                }
+            } else if name.ends_with(".idx.tmp") {
+                out.push(entry.path());
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn ignore_missing(e: io::Error) -> io::Result<()> {
+    if e.kind() == io::ErrorKind::NotFound {
+        Ok(())
+    } else {
+        Err(e)
+    }
+}
+
+/// Reads frames by location.
+#[derive(Debug)]
+pub struct PackReader<'a> {
+    set: &'a PackSet,
+    files: HashMap<PackId, File>,
+}
+
+impl PackReader<'_> {
+    /// The frame stored for `id`, or `None` if no pack holds it.
+    pub fn read(&mut self, id: &Id, buf: &mut Vec<u8>) -> Result<Option<Location>, StoreError> {
+        let Some(loc) = self.set.location(id) else {
+            return Ok(None);
+        };
+        self.read_at(loc, buf)?;
+        Ok(Some(loc))
+    }
+
+    pub fn read_at(&mut self, loc: Location, buf: &mut Vec<u8>) -> Result<(), StoreError> {
+        let path = self.set.pack_path(&loc.pack, "pack");
+        if loc.len > MAX_FRAME {
+            return Err(StoreError::Damaged {
+                name: String::new(),
+                file: format!("packs/{}.idx", hex(&loc.pack)),
+                detail: format!("frame of {} bytes exceeds the cap", loc.len),
+            });
+        }
+        let file = match self.files.entry(loc.pack) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(File::open(&path).map_err(io_err("cannot open", &path))?)
+            }
+        };
+        buf.resize(loc.len as usize, 0);
+        file.read_exact_at(buf, loc.offset)
+            .map_err(|e| StoreError::Damaged {
+                name: String::new(),
+                file: format!("packs/{}.pack", hex(&loc.pack)),
+                detail: format!("cannot read {} bytes at offset {}: {e}", loc.len, loc.offset),
+            })
+    }
+}
+
+/// A pack being written.
+#[derive(Debug)]
+pub struct PackWriter {
+    dir: PathBuf,
+    pack: PackId,
+    file: File,
+    offset: u64,
+    entries: Vec<(Id, u64, u32)>,
+    finished: bool,
+}
+
+/// A durable pack and its entries.
+#[derive(Debug)]
+pub struct FinishedPack {
+    pub pack: PackId,
+    pub entries: Vec<(Id, u64, u32)>,
+}
+
+impl PackWriter {
+    fn create(dir: &Path) -> Result<PackWriter, StoreError> {
+        let pack = random_pack_id()?;
+        let path = dir.join(format!("{}.pack", hex(&pack)));
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io_err("cannot create", &path))?;
+        Ok(PackWriter {
+            dir: dir.to_path_buf(),
+            pack,
+            file,
+            offset: 0,
+            entries: Vec::new(),
+            finished: false,
+        })
+    }
+
+    pub fn id(&self) -> PackId {
+        self.pack
+    }
+
+    /// Appends one frame.
+    pub fn append(&mut self, id: &Id, frame: &[u8]) -> Result<Location, StoreError> {
+        let len = u32::try_from(frame.len())
+            .ok()
+            .filter(|l| *l <= MAX_FRAME)
+            .ok_or_else(|| StoreError::Io {
+                action: "frame too large for",
+                path: self.path("pack"),
+                source: io::Error::other(format!("{} bytes", frame.len())),
+            })?;
+        self.file
+            .write_all(frame)
+            .map_err(io_err("cannot write", self.path("pack")))?;
+        let loc = Location {
+            pack: self.pack,
+            offset: self.offset,
+            len,
+        };
+        self.entries.push((*id, self.offset, len));
+        self.offset += u64::from(len);
+        Ok(loc)
+    }
+
+    pub fn size(&self) -> u64 {
+        self.offset
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Syncs the pack, then writes its index durably. An empty pack is removed instead.
+    pub fn finish(mut self) -> Result<FinishedPack, StoreError> {
+        self.finished = true;
+        let pack_path = self.path("pack");
+        if self.entries.is_empty() {
+            let _ = fs::remove_file(&pack_path);
+            return Ok(FinishedPack {
+                pack: self.pack,
+                entries: Vec::new(),
+            });
+        }
+        self.file.sync_all().map_err(io_err("cannot sync", &pack_path))?;
+        let idx = encode_idx(&self.entries);
+        let tmp = self.dir.join(format!("{}.idx.tmp", hex(&self.pack)));
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io_err("cannot create", &tmp))?;
+        f.write_all(&idx)
+            .and_then(|_| f.sync_all())
+            .map_err(io_err("cannot write", &tmp))?;
+        let final_path = self.path("idx");
+        fs::rename(&tmp, &final_path).map_err(io_err("cannot rename", &final_path))?;
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err("cannot sync", &self.dir))?;
+        Ok(FinishedPack {
+            pack: self.pack,
+            entries: std::mem::take(&mut self.entries),
+        })
+    }
+
+    fn path(&self, ext: &str) -> PathBuf {
+        self.dir.join(format!("{}.{ext}", hex(&self.pack)))
+    }
+}
+
+impl Drop for PackWriter {
+    fn drop(&mut self) {
+        if !self.finished {
+            let _ = fs::remove_file(self.path("pack"));
+        }
+    }
+}
+
+fn encode_idx(entries: &[(Id, u64, u32)]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(IDX_HEADER + entries.len() * IDX_ENTRY);
+    out.extend_from_slice(IDX_MAGIC);
+    out.extend_from_slice(&IDX_VERSION.to_le_bytes());
+    out.extend_from_slice(&0u16.to_le_bytes());
+    out.extend_from_slice(&(entries.len() as u32).to_le_bytes());
+    for (id, offset, len) in entries {
+        out.extend_from_slice(id);
+        out.extend_from_slice(&offset.to_le_bytes());
+        out.extend_from_slice(&len.to_le_bytes());
+    }
+    out
+}
+
+/// Parses an index; hostile input gives an error, never a panic.
+pub fn decode_idx(b: &[u8]) -> Result<Vec<(Id, u64, u32)>, String> {
+    if b.len() < IDX_HEADER || &b[..4] != IDX_MAGIC {
+        return Err("not a pack index (bad magic)".into());
+    }
+    let version = u16::from_le_bytes([b[4], b[5]]);
+    if version != IDX_VERSION {
+        return Err(format!("pack index version {version} is not supported"));
+    }
+    let count = u32::from_le_bytes([b[8], b[9], b[10], b[11]]) as usize;
+    if count > MAX_IDX_ENTRIES || b.len() != IDX_HEADER + count * IDX_ENTRY {
+        return Err(format!("index claims {count} entries in {} bytes", b.len()));
+    }
+    let mut out = Vec::with_capacity(count);
+    for e in b[IDX_HEADER..].chunks_exact(IDX_ENTRY) {
+        let mut id = [0u8; 32];
+        id.copy_from_slice(&e[..32]);
+        let offset = u64::from_le_bytes(e[32..40].try_into().unwrap_or_default());
+        let len = u32::from_le_bytes(e[40..44].try_into().unwrap_or_default());
+        if len == 0 || len > MAX_FRAME {
+            return Err(format!("entry with frame length {len}"));
+        }
+        out.push((id, offset, len));
+    }
+    Ok(out)
+}
+
+fn read_capped(path: &Path, cap: u64) -> Result<Vec<u8>, StoreError> {
+    let md = fs::symlink_metadata(path).map_err(io_err("cannot stat", path))?;
+    if !md.is_file() || md.len() > cap {
+        return Err(StoreError::Damaged {
+            name: String::new(),
+            file: path.display().to_string(),
+            detail: "not a regular file of acceptable size".into(),
+        });
+    }
+    fs::read(path).map_err(io_err("cannot read", path))
+}
+
+fn random_pack_id() -> Result<PackId, StoreError> {
+    let mut id = [0u8; 16];
+    File::open("/dev/urandom")
+        .and_then(|mut f| io::Read::read_exact(&mut f, &mut id))
+        .map_err(io_err("cannot read", "/dev/urandom"))?;
+    Ok(id)
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn parse_pack_id(s: &str) -> Option<PackId> {
+    if s.len() != 32 {
+        return None;
+    }
+    let mut id = [0u8; 16];
+    for (i, out) in id.iter_mut().enumerate() {
+        *out = u8::from_str_radix(s.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(n: u8) -> Id {
+        [n; 32]
+    }
+
+    #[test]
+    fn write_finish_reopen_read() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mut set = PackSet::open(tmp.path()).expect("open");
+        let mut w = set.writer().expect("writer");
+        w.append(&id(1), b"frame-one").expect("append");
+        w.append(&id(2), b"frame-two!").expect("append");
+        set.absorb(w.finish().expect("finish"));
+        assert!(set.contains(&id(2)));
+
+        let set = PackSet::open(tmp.path()).expect("reopen");
+        assert_eq!(set.chunk_count(), 2);
+        let mut r = set.reader();
+        let mut buf = Vec::new();
+        r.read(&id(2), &mut buf).expect("read").expect("present");
+        assert_eq!(buf, b"frame-two!");
+        assert!(r.read(&id(9), &mut buf).expect("read").is_none());
+    }
+
+    #[test]
+    fn unfinished_pack_is_removed_and_orphans_found() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let set = PackSet::open(tmp.path()).expect("open");
+        let mut w = set.writer().expect("writer");
+        w.append(&id(1), b"x").expect("append");
+        let pack = w.id();
+        drop(w);
+        assert!(!set.pack_path(&pack, "pack").exists());
+        // A crash leaves a pack without its index.
+        fs::write(tmp.path().join(format!("{}.pack", hex(&[7u8; 16]))), b"junk").expect("write");
+        assert_eq!(
+            PackSet::open(tmp.path())
+                .expect("open")
+                .orphans()
+                .expect("orphans")
+                .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn delete_drops_chunks() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mut set = PackSet::open(tmp.path()).expect("open");
+        let mut w = set.writer().expect("writer");
+        w.append(&id(1), b"a").expect("append");
+        let finished = w.finish().expect("finish");
+        let pack = finished.pack;
+        set.absorb(finished);
+        set.delete(&pack).expect("delete");
+        assert!(!set.contains(&id(1)));
+        assert_eq!(fs::read_dir(tmp.path()).expect("ls").count(), 0);
+    }
+
+    #[test]
+    fn hostile_indexes_are_refused() {
+        assert!(decode_idx(b"").is_err());
+        assert!(decode_idx(b"FRYX\x01\x00\x00\x00\xff\xff\xff\xff").is_err());
+        let mut good = encode_idx(&[(id(1), 0, 5)]);
+        assert_eq!(decode_idx(&good).expect("good").len(), 1);
+        good[IDX_HEADER + 40..IDX_HEADER + 44].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(decode_idx(&good).is_err());
+        let truncated = &encode_idx(&[(id(1), 0, 5)])[..20];
+        assert!(decode_idx(truncated).is_err());
+    }
+}
