@@ -15,10 +15,16 @@ pub enum StoreError {
         file: String,
         detail: String,
     },
-    #[error("checkpoint metadata {} is unreadable: {detail}", path.display())]
-    BadMeta { path: PathBuf, detail: String },
-    #[error("checkpoint format {found} is not supported (this ferry reads format {supported})")]
-    UnsupportedFormat { found: u32, supported: u32 },
+    #[error("the store is in use by another ferry process")]
+    Busy,
+    #[error("cannot shred '{name}': its data key also protects {}", others.join(", "))]
+    KeyShared { name: String, others: Vec<String> },
+    #[error(transparent)]
+    Key(#[from] crate::keys::KeyError),
+    #[error("{file} fails verification: {detail}")]
+    Tampered { file: String, detail: String },
+    #[error("the data key of checkpoint '{name}' is not available: {detail}")]
+    NoKey { name: String, detail: String },
     #[error("{action} {}", path.display())]
     Io {
         action: &'static str,

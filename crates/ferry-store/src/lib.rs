@@ -1,24 +1,30 @@
-//! ferry's checkpoint store. For now each checkpoint is a directory of CRIU images plus a
-//! versioned `meta.json`; the secure, content-addressed format replaces it behind the same API.
+//! ferry's checkpoint store: checkpoints as signed manifests over encrypted, deduplicated,
+//! compressed chunks (docs/store-format.md has every format).
 //!
-//! Layout under the store root (all directories mode 0700):
-//! ```text
-//! checkpoints/NAME/meta.json      versioned description, written last
-//! checkpoints/NAME/images/        CRIU's image files (flat)
-//! logs/                           CRIU logs of every operation, kept for diagnosis
-//! tmp/                            checkpoints being written; never listed
-//! ```
+//! - `keys`: the node's signing, key-agreement and chunk-hashing keys; recipients.
+//! - `seal`: chunk frames (XChaCha20-Poly1305, zstd), data keys and their slots.
+//! - `manifest`: the signed description of a checkpoint.
+//! - `packs`: where sealed chunks live.
+//! - `pipeline`: CRIU's images to chunks, while CRIU writes them.
+//! - `catalog`: the current manifest of each name (rollback detection).
+//! - `store`: the whole, as the rest of ferry uses it.
 #![forbid(unsafe_code)]
 
+pub mod catalog;
 mod error;
-mod ingest;
-mod meta;
+mod fsutil;
+pub mod keys;
+pub mod manifest;
 mod name;
 pub mod packs;
+pub mod pipeline;
+pub mod seal;
 mod store;
 
 pub use error::StoreError;
-pub use ingest::Ingest;
-pub use meta::{CheckpointMeta, FileEntry, HostFacts, FORMAT_VERSION, MAX_META_BYTES};
+pub use manifest::HostInfo;
 pub use name::validate_name;
-pub use store::{Checkpoint, Pending, Store};
+pub use pipeline::IngestStats;
+pub use store::{
+    Checkpoint, CheckpointInfo, Committed, Footprint, GcReport, Pending, Store, VerifyReport,
+};

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! PACKID.pack   frame frame frame ...                     (append-only, fsynced, then closed)
-//! PACKID.idx    "FRYX" ver:u16 0:u16 count:u32  { id[32] offset:u64 len:u32 } * count
+//! PACKID.idx    "FRYX" ver:u16 0:u16 count:u32  { id[32] key[16] offset:u64 len:u32 } * count
 //! ```
 //! A pack without an index is the leftover of an interrupted writer; `gc` removes it.
 
@@ -12,17 +12,20 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use crate::error::io_err;
 use crate::StoreError;
 
 pub type PackId = [u8; 16];
 type Id = [u8; 32];
+/// Id of the data key that sealed a chunk.
+pub type KeyId = [u8; 16];
 
 const IDX_MAGIC: &[u8; 4] = b"FRYX";
 const IDX_VERSION: u16 = 1;
 const IDX_HEADER: usize = 12;
-const IDX_ENTRY: usize = 44;
+const IDX_ENTRY: usize = 60;
 /// An index may list at most this many chunks (a full pack of 4 KiB chunks is 65536).
 const MAX_IDX_ENTRIES: usize = 1 << 24;
 /// A pack is closed once it reaches this size.
@@ -34,6 +37,7 @@ pub const MAX_FRAME: u32 = (4 << 20) + (64 << 10) + 128;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Location {
     pub pack: PackId,
+    pub key: KeyId,
     pub offset: u64,
     pub len: u32,
 }
@@ -42,18 +46,14 @@ pub struct Location {
 #[derive(Debug)]
 pub struct PackSet {
     dir: PathBuf,
-    index: HashMap<Id, Location>,
+    index: Arc<HashMap<Id, Location>>,
     packs: HashMap<PackId, Vec<Id>>,
 }
 
 impl PackSet {
     /// Loads every index under `dir`.
     pub fn open(dir: &Path) -> Result<PackSet, StoreError> {
-        let mut set = PackSet {
-            dir: dir.to_path_buf(),
-            index: HashMap::new(),
-            packs: HashMap::new(),
-        };
+        let mut set = PackSet { dir: dir.to_path_buf(), index: Arc::default(), packs: HashMap::new() };
         for entry in fs::read_dir(dir).map_err(io_err("cannot read", dir))? {
             let entry = entry.map_err(io_err("cannot read", dir))?;
             let name = entry.file_name().to_string_lossy().into_owned();
@@ -71,10 +71,12 @@ impl PackSet {
         Ok(set)
     }
 
-    fn add(&mut self, pack: PackId, entries: Vec<(Id, u64, u32)>) {
+    fn add(&mut self, pack: PackId, entries: Vec<Entry>) {
         let ids = self.packs.entry(pack).or_default();
-        for (id, offset, len) in entries {
-            self.index.entry(id).or_insert(Location { pack, offset, len });
+        let index = Arc::make_mut(&mut self.index);
+        for Entry { id, key, offset, len } in entries {
+            // The newest copy wins: after gc rewrites a pack, its chunks point to the new one.
+            index.insert(id, Location { pack, key, offset, len });
             ids.push(id);
         }
     }
@@ -87,6 +89,15 @@ impl PackSet {
         self.index.get(id).copied()
     }
 
+    /// The chunks indexed now, for readers on other threads (shared, not copied).
+    pub fn known(&self) -> Known {
+        Known(self.index.clone())
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// Number of distinct chunks indexed.
     pub fn chunk_count(&self) -> usize {
         self.index.len()
@@ -97,9 +108,9 @@ impl PackSet {
         self.packs.iter()
     }
 
-    /// Starts a new pack.
-    pub fn writer(&self) -> Result<PackWriter, StoreError> {
-        PackWriter::create(&self.dir)
+    /// Starts a new pack of chunks sealed under `key`.
+    pub fn writer(&self, key: KeyId) -> Result<PackWriter, StoreError> {
+        PackWriter::create(&self.dir, key)
     }
 
     /// Makes the chunks of a finished pack visible.
@@ -108,11 +119,8 @@ impl PackSet {
     }
 
     /// A reader with its own open files (one per thread).
-    pub fn reader(&self) -> PackReader<'_> {
-        PackReader {
-            set: self,
-            files: HashMap::new(),
-        }
+    pub fn reader(&self) -> PackReader {
+        PackReader::new(&self.dir, self.known())
     }
 
     pub fn pack_path(&self, pack: &PackId, ext: &str) -> PathBuf {
@@ -122,17 +130,13 @@ impl PackSet {
     /// Deletes a pack and its index (index first: a pack without index is ignored).
     pub fn delete(&mut self, pack: &PackId) -> Result<(), StoreError> {
         let idx = self.pack_path(pack, "idx");
-        fs::remove_file(&idx)
-            .or_else(ignore_missing)
-            .map_err(io_err("cannot remove", &idx))?;
+        fs::remove_file(&idx).or_else(ignore_missing).map_err(io_err("cannot remove", &idx))?;
         let data = self.pack_path(pack, "pack");
-        fs::remove_file(&data)
-            .or_else(ignore_missing)
-            .map_err(io_err("cannot remove", &data))?;
+        fs::remove_file(&data).or_else(ignore_missing).map_err(io_err("cannot remove", &data))?;
         if let Some(ids) = self.packs.remove(pack) {
             for id in ids {
                 if self.index.get(&id).is_some_and(|l| l.pack == *pack) {
-                    self.index.remove(&id);
+                    Arc::make_mut(&mut self.index).remove(&id);
                 }
             }
         }
@@ -165,17 +169,36 @@ fn ignore_missing(e: io::Error) -> io::Result<()> {
     }
 }
 
+/// A read-only view of which chunks a store held at one moment.
+#[derive(Debug, Clone)]
+pub struct Known(Arc<HashMap<Id, Location>>);
+
+impl Known {
+    pub fn contains(&self, id: &Id) -> bool {
+        self.0.contains_key(id)
+    }
+
+    pub fn location(&self, id: &Id) -> Option<Location> {
+        self.0.get(id).copied()
+    }
+}
+
 /// Reads frames by location.
 #[derive(Debug)]
-pub struct PackReader<'a> {
-    set: &'a PackSet,
+pub struct PackReader {
+    dir: PathBuf,
+    known: Known,
     files: HashMap<PackId, File>,
 }
 
-impl PackReader<'_> {
+impl PackReader {
+    pub fn new(dir: &Path, known: Known) -> PackReader {
+        PackReader { dir: dir.to_path_buf(), known, files: HashMap::new() }
+    }
+
     /// The frame stored for `id`, or `None` if no pack holds it.
     pub fn read(&mut self, id: &Id, buf: &mut Vec<u8>) -> Result<Option<Location>, StoreError> {
-        let Some(loc) = self.set.location(id) else {
+        let Some(loc) = self.known.location(id) else {
             return Ok(None);
         };
         self.read_at(loc, buf)?;
@@ -183,7 +206,7 @@ impl PackReader<'_> {
     }
 
     pub fn read_at(&mut self, loc: Location, buf: &mut Vec<u8>) -> Result<(), StoreError> {
-        let path = self.set.pack_path(&loc.pack, "pack");
+        let path = self.dir.join(format!("{}.pack", hex(&loc.pack)));
         if loc.len > MAX_FRAME {
             return Err(StoreError::Damaged {
                 name: String::new(),
@@ -198,12 +221,11 @@ impl PackReader<'_> {
             }
         };
         buf.resize(loc.len as usize, 0);
-        file.read_exact_at(buf, loc.offset)
-            .map_err(|e| StoreError::Damaged {
-                name: String::new(),
-                file: format!("packs/{}.pack", hex(&loc.pack)),
-                detail: format!("cannot read {} bytes at offset {}: {e}", loc.len, loc.offset),
-            })
+        file.read_exact_at(buf, loc.offset).map_err(|e| StoreError::Damaged {
+            name: String::new(),
+            file: format!("packs/{}.pack", hex(&loc.pack)),
+            detail: format!("cannot read {} bytes at offset {}: {e}", loc.len, loc.offset),
+        })
     }
 }
 
@@ -214,7 +236,8 @@ pub struct PackWriter {
     pack: PackId,
     file: File,
     offset: u64,
-    entries: Vec<(Id, u64, u32)>,
+    key: KeyId,
+    entries: Vec<Entry>,
     finished: bool,
 }
 
@@ -222,11 +245,21 @@ pub struct PackWriter {
 #[derive(Debug)]
 pub struct FinishedPack {
     pub pack: PackId,
-    pub entries: Vec<(Id, u64, u32)>,
+    pub entries: Vec<Entry>,
+}
+
+/// One index entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Entry {
+    pub id: Id,
+    pub key: KeyId,
+    pub offset: u64,
+    pub len: u32,
 }
 
 impl PackWriter {
-    fn create(dir: &Path) -> Result<PackWriter, StoreError> {
+    /// A new pack whose chunks are all sealed under data key `key`.
+    pub fn create(dir: &Path, key: KeyId) -> Result<PackWriter, StoreError> {
         let pack = random_pack_id()?;
         let path = dir.join(format!("{}.pack", hex(&pack)));
         let file = OpenOptions::new()
@@ -235,39 +268,29 @@ impl PackWriter {
             .mode(0o600)
             .open(&path)
             .map_err(io_err("cannot create", &path))?;
-        Ok(PackWriter {
-            dir: dir.to_path_buf(),
-            pack,
-            file,
-            offset: 0,
-            entries: Vec::new(),
-            finished: false,
-        })
+        Ok(PackWriter { dir: dir.to_path_buf(), pack, file, offset: 0, key, entries: Vec::new(), finished: false })
     }
 
     pub fn id(&self) -> PackId {
         self.pack
     }
 
-    /// Appends one frame.
+    /// Appends one frame sealed under the pack's key.
     pub fn append(&mut self, id: &Id, frame: &[u8]) -> Result<Location, StoreError> {
-        let len = u32::try_from(frame.len())
-            .ok()
-            .filter(|l| *l <= MAX_FRAME)
-            .ok_or_else(|| StoreError::Io {
+        self.append_sealed_by(id, self.key, frame)
+    }
+
+    /// Appends one frame sealed under `key` (repacking keeps each chunk's own key).
+    pub fn append_sealed_by(&mut self, id: &Id, key: KeyId, frame: &[u8]) -> Result<Location, StoreError> {
+        let len =
+            u32::try_from(frame.len()).ok().filter(|l| *l <= MAX_FRAME).ok_or_else(|| StoreError::Io {
                 action: "frame too large for",
                 path: self.path("pack"),
                 source: io::Error::other(format!("{} bytes", frame.len())),
             })?;
-        self.file
-            .write_all(frame)
-            .map_err(io_err("cannot write", self.path("pack")))?;
-        let loc = Location {
-            pack: self.pack,
-            offset: self.offset,
-            len,
-        };
-        self.entries.push((*id, self.offset, len));
+        self.file.write_all(frame).map_err(io_err("cannot write", self.path("pack")))?;
+        let loc = Location { pack: self.pack, key, offset: self.offset, len };
+        self.entries.push(Entry { id: *id, key, offset: self.offset, len });
         self.offset += u64::from(len);
         Ok(loc)
     }
@@ -286,10 +309,7 @@ impl PackWriter {
         let pack_path = self.path("pack");
         if self.entries.is_empty() {
             let _ = fs::remove_file(&pack_path);
-            return Ok(FinishedPack {
-                pack: self.pack,
-                entries: Vec::new(),
-            });
+            return Ok(FinishedPack { pack: self.pack, entries: Vec::new() });
         }
         self.file.sync_all().map_err(io_err("cannot sync", &pack_path))?;
         let idx = encode_idx(&self.entries);
@@ -300,18 +320,11 @@ impl PackWriter {
             .mode(0o600)
             .open(&tmp)
             .map_err(io_err("cannot create", &tmp))?;
-        f.write_all(&idx)
-            .and_then(|_| f.sync_all())
-            .map_err(io_err("cannot write", &tmp))?;
+        f.write_all(&idx).and_then(|_| f.sync_all()).map_err(io_err("cannot write", &tmp))?;
         let final_path = self.path("idx");
         fs::rename(&tmp, &final_path).map_err(io_err("cannot rename", &final_path))?;
-        File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io_err("cannot sync", &self.dir))?;
-        Ok(FinishedPack {
-            pack: self.pack,
-            entries: std::mem::take(&mut self.entries),
-        })
+        File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io_err("cannot sync", &self.dir))?;
+        Ok(FinishedPack { pack: self.pack, entries: std::mem::take(&mut self.entries) })
     }
 
     fn path(&self, ext: &str) -> PathBuf {
@@ -327,14 +340,15 @@ impl Drop for PackWriter {
     }
 }
 
-fn encode_idx(entries: &[(Id, u64, u32)]) -> Vec<u8> {
+fn encode_idx(entries: &[Entry]) -> Vec<u8> {
     let mut out = Vec::with_capacity(IDX_HEADER + entries.len() * IDX_ENTRY);
     out.extend_from_slice(IDX_MAGIC);
     out.extend_from_slice(&IDX_VERSION.to_le_bytes());
     out.extend_from_slice(&0u16.to_le_bytes());
     out.extend_from_slice(&(entries.len() as u32).to_le_bytes());
-    for (id, offset, len) in entries {
+    for Entry { id, key, offset, len } in entries {
         out.extend_from_slice(id);
+        out.extend_from_slice(key);
         out.extend_from_slice(&offset.to_le_bytes());
         out.extend_from_slice(&len.to_le_bytes());
     }
@@ -342,7 +356,7 @@ fn encode_idx(entries: &[(Id, u64, u32)]) -> Vec<u8> {
 }
 
 /// Parses an index; hostile input gives an error, never a panic.
-pub fn decode_idx(b: &[u8]) -> Result<Vec<(Id, u64, u32)>, String> {
+pub fn decode_idx(b: &[u8]) -> Result<Vec<Entry>, String> {
     if b.len() < IDX_HEADER || &b[..4] != IDX_MAGIC {
         return Err("not a pack index (bad magic)".into());
     }
@@ -358,12 +372,14 @@ pub fn decode_idx(b: &[u8]) -> Result<Vec<(Id, u64, u32)>, String> {
     for e in b[IDX_HEADER..].chunks_exact(IDX_ENTRY) {
         let mut id = [0u8; 32];
         id.copy_from_slice(&e[..32]);
-        let offset = u64::from_le_bytes(e[32..40].try_into().unwrap_or_default());
-        let len = u32::from_le_bytes(e[40..44].try_into().unwrap_or_default());
+        let mut key = [0u8; 16];
+        key.copy_from_slice(&e[32..48]);
+        let offset = u64::from_le_bytes(e[48..56].try_into().unwrap_or_default());
+        let len = u32::from_le_bytes(e[56..60].try_into().unwrap_or_default());
         if len == 0 || len > MAX_FRAME {
             return Err(format!("entry with frame length {len}"));
         }
-        out.push((id, offset, len));
+        out.push(Entry { id, key, offset, len });
     }
     Ok(out)
 }
@@ -415,7 +431,7 @@ mod tests {
     fn write_finish_reopen_read() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let mut set = PackSet::open(tmp.path()).expect("open");
-        let mut w = set.writer().expect("writer");
+        let mut w = set.writer([5; 16]).expect("writer");
         w.append(&id(1), b"frame-one").expect("append");
         w.append(&id(2), b"frame-two!").expect("append");
         set.absorb(w.finish().expect("finish"));
@@ -434,28 +450,21 @@ mod tests {
     fn unfinished_pack_is_removed_and_orphans_found() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let set = PackSet::open(tmp.path()).expect("open");
-        let mut w = set.writer().expect("writer");
+        let mut w = set.writer([5; 16]).expect("writer");
         w.append(&id(1), b"x").expect("append");
         let pack = w.id();
         drop(w);
         assert!(!set.pack_path(&pack, "pack").exists());
         // A crash leaves a pack without its index.
         fs::write(tmp.path().join(format!("{}.pack", hex(&[7u8; 16]))), b"junk").expect("write");
-        assert_eq!(
-            PackSet::open(tmp.path())
-                .expect("open")
-                .orphans()
-                .expect("orphans")
-                .len(),
-            1
-        );
+        assert_eq!(PackSet::open(tmp.path()).expect("open").orphans().expect("orphans").len(), 1);
     }
 
     #[test]
     fn delete_drops_chunks() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let mut set = PackSet::open(tmp.path()).expect("open");
-        let mut w = set.writer().expect("writer");
+        let mut w = set.writer([5; 16]).expect("writer");
         w.append(&id(1), b"a").expect("append");
         let finished = w.finish().expect("finish");
         let pack = finished.pack;
@@ -469,11 +478,12 @@ mod tests {
     fn hostile_indexes_are_refused() {
         assert!(decode_idx(b"").is_err());
         assert!(decode_idx(b"FRYX\x01\x00\x00\x00\xff\xff\xff\xff").is_err());
-        let mut good = encode_idx(&[(id(1), 0, 5)]);
-        assert_eq!(decode_idx(&good).expect("good").len(), 1);
-        good[IDX_HEADER + 40..IDX_HEADER + 44].copy_from_slice(&u32::MAX.to_le_bytes());
+        let entry = Entry { id: id(1), key: [2; 16], offset: 0, len: 5 };
+        let mut good = encode_idx(&[entry]);
+        assert_eq!(decode_idx(&good).expect("good"), vec![entry]);
+        good[IDX_HEADER + 56..IDX_HEADER + 60].copy_from_slice(&u32::MAX.to_le_bytes());
         assert!(decode_idx(&good).is_err());
-        let truncated = &encode_idx(&[(id(1), 0, 5)])[..20];
+        let truncated = &encode_idx(&[entry])[..20];
         assert!(decode_idx(truncated).is_err());
     }
 }

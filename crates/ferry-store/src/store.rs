@@ -1,55 +1,156 @@
-//! The store directory: create, commit, list, open and remove checkpoints.
+//! The secure store: checkpoints as signed manifests over encrypted, deduplicated chunks.
+//!
+//! Layout under the root (directories 0700, files 0600):
+//! ```text
+//! keys/                 node keys and recipients (keys.rs)
+//! packs/                sealed chunk frames and their indexes (packs.rs)
+//! manifests/NAME.fmf    signed manifests (manifest.rs)
+//! slots/ID.slots        the data keys of manifest ID, wrapped for each recipient (seal.rs)
+//! catalog               signed name -> (manifest, generation) map (catalog.rs)
+//! logs/                 CRIU logs
+//! tmp/NAME.PID.N/       private tmpfs mounts holding plaintext images while they are used
+//! ```
+//! Order of writes for a checkpoint: packs (synced, indexed) → slots → manifest → catalog. A
+//! crash at any point leaves at worst unreferenced packs, which `gc` removes; never a manifest
+//! that names a missing chunk.
 
+use std::collections::{BTreeSet, HashMap};
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use ferry_sys::PrivateTmpfs;
+
+use crate::catalog::{read_capped, Catalog, CatalogEntry};
 use crate::error::io_err;
-use crate::ingest::{hash_file, Ingest};
-use crate::meta::{CheckpointMeta, MAX_META_BYTES};
+use crate::fsutil::{private_dir, shred, sync_dir, write_atomic};
+use crate::keys::{self, ChunkId, NodeKeys};
+use crate::manifest::{decode_verified, encode_signed, Extent, FileRecord, HostInfo, ManifestBody, MAX_MANIFEST};
+use crate::packs::{hex, KeyId, PackReader, PackSet, PackWriter};
+use crate::pipeline::{IngestStats, Pipeline};
+use crate::seal::{unwrap_key, wrap_key, DataKey, KeyRing, Opener, Slots};
 use crate::{validate_name, StoreError};
 
-const META_FILE: &str = "meta.json";
-const IMAGES_DIR: &str = "images";
+/// Sealing and verifying threads: the machines this runs on have two cores.
+const THREADS: usize = 2;
+const MAX_SLOTS_FILE: usize = 1 << 20;
+
+/// Verified checkpoints, and the names that failed verification with why.
+pub type Listing = (Vec<Checkpoint>, Vec<(String, StoreError)>);
 
 /// A store rooted at one directory.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Store {
     root: PathBuf,
+    keys: Arc<NodeKeys>,
+    packs: Mutex<PackSet>,
+    _lock: File,
 }
 
-/// A checkpoint in the store.
-#[derive(Debug, Clone)]
-pub struct Checkpoint {
-    dir: PathBuf,
-    pub meta: CheckpointMeta,
+/// What a checkpoint records besides its files.
+#[derive(Debug, Clone, Default)]
+pub struct CheckpointInfo {
+    pub source: String,
+    pub host: HostInfo,
+    pub spec: String,
+    pub tcp_established: bool,
+    pub leave_running: bool,
+    pub network_lock_tables: Vec<String>,
+    pub dump_seconds: f64,
 }
 
-/// A checkpoint being written. Dropped without [`Pending::commit`], it is removed: a failed
-/// checkpoint leaves nothing in the store.
+/// A checkpoint being written into a private tmpfs. Dropped without commit, it leaves nothing.
 #[derive(Debug)]
 pub struct Pending {
     name: String,
-    dir: PathBuf,
-    final_dir: PathBuf,
-    committed: bool,
+    tmpfs: PrivateTmpfs,
+    data_key: Arc<DataKey>,
+}
+
+/// A verified manifest (signature and catalog checked).
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    pub manifest: ManifestBody,
+    pub signer: [u8; 32],
+}
+
+/// Result of a commit.
+#[derive(Debug, Clone)]
+pub struct Committed {
+    pub checkpoint: Checkpoint,
+    pub stats: IngestStats,
+}
+
+/// Result of `verify`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct VerifyReport {
+    pub files: usize,
+    pub chunks: u64,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GcReport {
+    pub packs_deleted: usize,
+    pub packs_rewritten: usize,
+    pub chunks_removed: usize,
+    pub bytes_freed: u64,
+    pub leftovers_removed: usize,
+}
+
+/// Sizes of what a checkpoint occupies.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Footprint {
+    /// Size of the images as CRIU wrote them.
+    pub logical: u64,
+    /// Bytes of all-zero pages.
+    pub zero: u64,
+    /// Distinct chunks and their sealed size in the store.
+    pub chunks: u64,
+    pub stored: u64,
+    /// Of those, bytes also referenced by other checkpoints.
+    pub shared: u64,
 }
 
 impl Store {
-    /// Opens (creating if needed) the store at `root`, and removes leftovers of checkpoints
-    /// whose writer died.
+    /// Opens (creating if needed) the store at `root`, with this node's keys (created on first
+    /// use), and removes what interrupted checkpoints left.
     pub fn open(root: impl Into<PathBuf>) -> Result<Store, StoreError> {
-        let store = Store { root: root.into() };
-        for dir in [
-            store.root.clone(),
-            store.checkpoints_dir(),
-            store.logs_dir(),
-            store.tmp_dir(),
-        ] {
-            private_dir(&dir)?;
+        Store::open_with(root.into(), false)
+    }
+
+    /// Opens the store for maintenance (gc): fails if any other ferry uses it.
+    pub fn open_exclusive(root: impl Into<PathBuf>) -> Result<Store, StoreError> {
+        Store::open_with(root.into(), true)
+    }
+
+    fn open_with(root: PathBuf, exclusive: bool) -> Result<Store, StoreError> {
+        for d in ["", "keys", "packs", "manifests", "slots", "logs", "tmp"] {
+            private_dir(&root.join(d))?;
         }
+        let lock_path = root.join("lock");
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(io_err("cannot open", &lock_path))?;
+        if exclusive {
+            lock.try_lock().map_err(|_| StoreError::Busy)?;
+        } else {
+            lock.lock_shared().map_err(io_err("cannot lock", &lock_path))?;
+        }
+        let keys = NodeKeys::load_or_init(&root.join("keys"))?;
+        let store = Store {
+            packs: Mutex::new(PackSet::open(&root.join("packs"))?),
+            keys: Arc::new(keys),
+            root,
+            _lock: lock,
+        };
         store.sweep_tmp();
         Ok(store)
     }
@@ -58,109 +159,297 @@ impl Store {
         &self.root
     }
 
-    /// Where CRIU logs of this store's operations go.
     pub fn logs_dir(&self) -> PathBuf {
         self.root.join("logs")
     }
 
-    fn checkpoints_dir(&self) -> PathBuf {
-        self.root.join("checkpoints")
+    pub fn keys_dir(&self) -> PathBuf {
+        self.root.join("keys")
     }
 
-    fn tmp_dir(&self) -> PathBuf {
-        self.root.join("tmp")
+    pub fn keys(&self) -> &NodeKeys {
+        &self.keys
     }
 
-    /// Starts a checkpoint named `name`.
+    fn manifest_path(&self, name: &str) -> PathBuf {
+        self.root.join("manifests").join(format!("{name}.fmf"))
+    }
+
+    fn slots_path(&self, manifest_id: &[u8; 16]) -> PathBuf {
+        self.root.join("slots").join(format!("{}.slots", hex(manifest_id)))
+    }
+
+    fn catalog_path(&self) -> PathBuf {
+        self.root.join("catalog")
+    }
+
+    fn packs(&self) -> Result<MutexGuard<'_, PackSet>, StoreError> {
+        self.packs.lock().map_err(|_| StoreError::Busy)
+    }
+
+    fn trusted(&self) -> Result<Vec<[u8; 32]>, StoreError> {
+        Ok(keys::trusted_signers(&self.keys_dir())?)
+    }
+
+    fn catalog(&self) -> Result<Catalog, StoreError> {
+        Catalog::load(&self.catalog_path(), &self.trusted()?)
+    }
+
+    /// Applies `change` to the catalog under an exclusive lock, and saves it.
+    fn update_catalog(&self, change: impl FnOnce(&mut Catalog)) -> Result<(), StoreError> {
+        let lock_path = self.root.join("catalog.lock");
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(io_err("cannot open", &lock_path))?;
+        lock.lock().map_err(io_err("cannot lock", &lock_path))?;
+        let mut catalog = self.catalog()?;
+        change(&mut catalog);
+        catalog.save(&self.catalog_path(), &self.keys)
+    }
+
+    /// Starts a checkpoint named `name`: a private tmpfs for CRIU's images.
     pub fn begin(&self, name: &str) -> Result<Pending, StoreError> {
         validate_name(name)?;
-        let final_dir = self.checkpoints_dir().join(name);
-        if final_dir.exists() {
+        if self.manifest_path(name).exists() || self.catalog()?.live(name).is_some() {
             return Err(StoreError::Exists(name.to_owned()));
         }
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        let dir = self
-            .tmp_dir()
-            .join(format!("{name}.{}.{nanos}", std::process::id()));
-        private_dir(&dir)?;
-        let pending = Pending {
-            name: name.to_owned(),
-            dir,
-            final_dir,
-            committed: false,
-        };
-        private_dir(&pending.images_dir())?;
-        Ok(pending)
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+        let dir = self.root.join("tmp").join(format!("{name}.{}.{nanos}", std::process::id()));
+        let tmpfs = PrivateTmpfs::mount(&dir, tmpfs_size()).map_err(io_err("cannot mount a private tmpfs at", &dir))?;
+        private_dir(&tmpfs.path().join("images"))?;
+        Ok(Pending { name: name.to_owned(), tmpfs, data_key: Arc::new(DataKey::generate()) })
     }
 
-    /// The checkpoint named `name`.
+    /// The checkpoint named `name`, its signature and place in the catalog verified.
     pub fn get(&self, name: &str) -> Result<Checkpoint, StoreError> {
         validate_name(name)?;
-        let dir = self.checkpoints_dir().join(name);
-        if !dir.is_dir() {
-            return Err(StoreError::NotFound(name.to_owned()));
+        let path = self.manifest_path(name);
+        let catalog = self.catalog()?;
+        if !path.exists() {
+            return match catalog.live(name) {
+                Some(_) => Err(StoreError::Tampered {
+                    file: format!("manifests/{name}.fmf"),
+                    detail: "the catalog lists it but the file is gone".into(),
+                }),
+                None => Err(StoreError::NotFound(name.to_owned())),
+            };
         }
-        let meta_path = dir.join(META_FILE);
-        let meta = read_meta(&meta_path)?;
-        if meta.name != name {
-            return Err(StoreError::BadMeta {
-                path: meta_path,
-                detail: format!("it describes '{}', not '{name}'", meta.name),
-            });
+        let tampered = |detail: String| StoreError::Tampered { file: format!("manifests/{name}.fmf"), detail };
+        let bytes = read_capped(&path, MAX_MANIFEST)?;
+        let (manifest, signer) = decode_verified(&bytes, &self.trusted()?).map_err(|e| tampered(e.to_string()))?;
+        if manifest.name != name {
+            return Err(tampered(format!("it describes '{}'", manifest.name)));
         }
-        Ok(Checkpoint { dir, meta })
+        match catalog.live(name) {
+            Some(CatalogEntry { manifest: id, generation, .. })
+                if *id == hex(&manifest.id) && *generation == manifest.generation => {}
+            Some(entry) => {
+                return Err(tampered(format!(
+                    "generation {} is not the current one ({}): an older or foreign manifest was put in its place",
+                    manifest.generation, entry.generation
+                )))
+            }
+            None => return Err(tampered("the catalog does not list it (removed, or copied in)".into())),
+        }
+        Ok(Checkpoint { manifest, signer })
     }
 
-    /// All readable checkpoints, oldest first. Unreadable ones are skipped with a warning.
-    pub fn list(&self) -> Result<Vec<Checkpoint>, StoreError> {
-        let dir = self.checkpoints_dir();
-        let mut out = Vec::new();
-        for entry in fs::read_dir(&dir).map_err(io_err("cannot read", &dir))? {
-            let entry = entry.map_err(io_err("cannot read", &dir))?;
-            let name = entry.file_name().to_string_lossy().into_owned();
+    /// Verified checkpoints, oldest first; the others are reported by name with their error.
+    pub fn list(&self) -> Result<Listing, StoreError> {
+        let mut good = Vec::new();
+        let mut bad = Vec::new();
+        for name in self.manifest_names()? {
             match self.get(&name) {
-                Ok(c) => out.push(c),
-                Err(e) => tracing::warn!(%name, error = %e, "skipping unreadable checkpoint"),
+                Ok(c) => good.push(c),
+                Err(e) => bad.push((name, e)),
             }
         }
-        out.sort_by(|a, b| (a.meta.created, &a.meta.name).cmp(&(b.meta.created, &b.meta.name)));
-        Ok(out)
+        good.sort_by(|a, b| (a.manifest.created, &a.manifest.name).cmp(&(b.manifest.created, &b.manifest.name)));
+        Ok((good, bad))
     }
 
-    /// Removes the checkpoint named `name`.
-    pub fn remove(&self, name: &str) -> Result<(), StoreError> {
+    fn manifest_names(&self) -> Result<Vec<String>, StoreError> {
+        let dir = self.root.join("manifests");
+        let mut names = Vec::new();
+        for entry in fs::read_dir(&dir).map_err(io_err("cannot read", &dir))? {
+            let entry = entry.map_err(io_err("cannot read", &dir))?;
+            let file = entry.file_name().to_string_lossy().into_owned();
+            if let Some(name) = file.strip_suffix(".fmf") {
+                if validate_name(name).is_ok() {
+                    names.push(name.to_owned());
+                }
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+
+    /// Removes a checkpoint. With `shred`, its data key is destroyed first, so every copy of its
+    /// manifest and chunks becomes unreadable; refused while other checkpoints share that key.
+    pub fn remove(&self, name: &str, shred_key: bool) -> Result<(), StoreError> {
         validate_name(name)?;
-        let dir = self.checkpoints_dir().join(name);
-        if !dir.is_dir() {
+        let path = self.manifest_path(name);
+        if !path.exists() {
             return Err(StoreError::NotFound(name.to_owned()));
         }
-        // Rename first so a half-removed checkpoint is never listed.
-        let doomed = self
-            .tmp_dir()
-            .join(format!("{name}.removing.{}", std::process::id()));
-        fs::rename(&dir, &doomed).map_err(io_err("cannot move aside", &dir))?;
-        fs::remove_dir_all(&doomed).map_err(io_err("cannot remove", &doomed))
+        // A tampered manifest can still be removed; its slots are then found by its id if readable.
+        let own = self.get(name).ok();
+        if let Some(c) = &own {
+            let slots = self.slots_path(&c.manifest.id);
+            if shred_key {
+                let own_key = c.manifest.key_ids.first().copied();
+                let sharers = self.sharers_of(name, own_key)?;
+                if !sharers.is_empty() {
+                    return Err(StoreError::KeyShared { name: name.to_owned(), others: sharers });
+                }
+                if slots.exists() {
+                    shred(&slots)?;
+                }
+            } else if slots.exists() {
+                fs::remove_file(&slots).map_err(io_err("cannot remove", &slots))?;
+            }
+        } else if shred_key {
+            return Err(StoreError::NoKey {
+                name: name.to_owned(),
+                detail: "its manifest does not verify, so its key cannot be found to shred".into(),
+            });
+        }
+        fs::remove_file(&path).map_err(io_err("cannot remove", &path))?;
+        sync_dir(&self.root.join("manifests"))?;
+        self.update_catalog(|c| {
+            if let Some(e) = c.entries.get_mut(name) {
+                e.removed = true;
+            }
+        })
     }
 
-    /// Removes directories in tmp/ left by writers that no longer run.
+    /// Other checkpoints whose key slots hold `key`.
+    fn sharers_of(&self, name: &str, key: Option<KeyId>) -> Result<Vec<String>, StoreError> {
+        let Some(key) = key else { return Ok(Vec::new()) };
+        let (all, _) = self.list()?;
+        Ok(all.into_iter().filter(|c| c.manifest.name != name && c.manifest.key_ids.contains(&key)).map(|c| c.manifest.name).collect())
+    }
+
+    /// Removes unreferenced chunks, rewriting packs that are partly live, and the leftovers of
+    /// interrupted writers. Needs the store to itself ([`Store::open_exclusive`]).
+    pub fn gc(&self) -> Result<GcReport, StoreError> {
+        let mut live: BTreeSet<ChunkId> = BTreeSet::new();
+        let mut live_manifests = BTreeSet::new();
+        let trusted = self.trusted()?;
+        for name in self.manifest_names()? {
+            let bytes = read_capped(&self.manifest_path(&name), MAX_MANIFEST)?;
+            // Chunks of any manifest that decodes are kept, verified or not: gc never destroys
+            // data a human may still want to look at.
+            if let Ok((m, _)) = decode_verified(&bytes, &trusted) {
+                live_manifests.insert(hex(&m.id));
+                for f in &m.files {
+                    for e in &f.extents {
+                        if let Extent::Chunk { id, .. } = e {
+                            live.insert(*id);
+                        }
+                    }
+                }
+            }
+        }
+        let mut report = GcReport::default();
+        let mut packs = self.packs()?;
+        let plan: Vec<_> = packs.packs().map(|(p, ids)| (*p, ids.clone())).collect();
+        for (pack, ids) in plan {
+            let live_here: Vec<ChunkId> = ids.iter().filter(|id| live.contains(*id)).copied().collect();
+            if live_here.len() == ids.len() {
+                continue;
+            }
+            let size = fs::metadata(packs.pack_path(&pack, "pack")).map(|m| m.len()).unwrap_or(0);
+            if !live_here.is_empty() {
+                rewrite_pack(&mut packs, &pack, &live_here)?;
+                report.packs_rewritten += 1;
+            } else {
+                report.packs_deleted += 1;
+            }
+            report.chunks_removed += ids.len() - live_here.len();
+            packs.delete(&pack)?;
+            report.bytes_freed += size;
+        }
+        for orphan in packs.orphans()? {
+            report.bytes_freed += fs::metadata(&orphan).map(|m| m.len()).unwrap_or(0);
+            fs::remove_file(&orphan).map_err(io_err("cannot remove", &orphan))?;
+            report.leftovers_removed += 1;
+        }
+        let slots_dir = self.root.join("slots");
+        for entry in fs::read_dir(&slots_dir).map_err(io_err("cannot read", &slots_dir))? {
+            let entry = entry.map_err(io_err("cannot read", &slots_dir))?;
+            let file = entry.file_name().to_string_lossy().into_owned();
+            let id = file.strip_suffix(".slots").unwrap_or(&file);
+            if !live_manifests.contains(id) {
+                shred(&entry.path())?;
+                report.leftovers_removed += 1;
+            }
+        }
+        Ok(report)
+    }
+
+    /// Unmounts and removes tmp/ entries whose writer is gone.
     fn sweep_tmp(&self) {
-        let Ok(entries) = fs::read_dir(self.tmp_dir()) else {
-            return;
-        };
+        let tmp = self.root.join("tmp");
+        let Ok(entries) = fs::read_dir(&tmp) else { return };
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             let writer = name.split('.').rev().nth(1).and_then(|p| p.parse::<i32>().ok());
-            let alive =
-                writer.is_some_and(|pid| pid as u32 != std::process::id() && ferry_sys::process_exists(pid));
-            if !alive {
-                tracing::info!(leftover = %name, "removing an interrupted checkpoint");
-                let _ = fs::remove_dir_all(entry.path());
+            let alive = writer.is_some_and(|pid| pid as u32 != std::process::id() && ferry_sys::process_exists(pid));
+            if alive {
+                continue;
             }
+            tracing::info!(leftover = %name, "removing what an interrupted checkpoint or restore left");
+            if is_mount_point(&entry.path()) {
+                let _ = ferry_sys::unmount(&entry.path());
+            }
+            let _ = fs::remove_dir_all(entry.path());
         }
     }
+
+    /// Where a restore's plaintext images go: a fresh private tmpfs.
+    pub fn scratch(&self, label: &str) -> Result<PrivateTmpfs, StoreError> {
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+        let dir = self.root.join("tmp").join(format!("{label}.{}.{nanos}", std::process::id()));
+        PrivateTmpfs::mount(&dir, tmpfs_size()).map_err(io_err("cannot mount a private tmpfs at", &dir))
+    }
+}
+
+fn rewrite_pack(packs: &mut PackSet, pack: &[u8; 16], live: &[ChunkId]) -> Result<(), StoreError> {
+    let mut reader = packs.reader();
+    let mut writer = PackWriter::create(packs.dir(), [0; 16])?;
+    let mut buf = Vec::new();
+    for id in live {
+        let Some(loc) = packs.location(id).filter(|l| l.pack == *pack) else { continue };
+        reader.read_at(loc, &mut buf)?;
+        writer.append_sealed_by(id, loc.key, &buf)?;
+    }
+    let finished = writer.finish()?;
+    // The rewritten pack must be durable and indexed before the old one goes.
+    let new_pack = finished.pack;
+    packs.absorb(finished);
+    debug_assert!(live.iter().all(|id| packs.location(id).is_some_and(|l| l.pack == new_pack)));
+    Ok(())
+}
+
+fn is_mount_point(path: &Path) -> bool {
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let p = path.to_string_lossy();
+    info.lines().any(|l| l.split_whitespace().nth(4) == Some(&p))
+}
+
+/// tmpfs pages are allocated as written; the cap only bounds a runaway writer.
+fn tmpfs_size() -> u64 {
+    let meminfo = fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(16 << 30, |kb| kb * 1024)
 }
 
 impl Pending {
@@ -168,280 +457,304 @@ impl Pending {
         &self.name
     }
 
-    /// Where CRIU writes the images.
+    /// Where CRIU writes the images (inside the private tmpfs).
     pub fn images_dir(&self) -> PathBuf {
-        self.dir.join(IMAGES_DIR)
+        self.tmpfs.path().join("images")
     }
 
-    /// Starts hashing the images as they are written; pass the result to [`Pending::commit`].
-    pub fn start_ingest(&self) -> Ingest {
-        Ingest::start(self.images_dir())
+    /// Starts sealing images into the store as CRIU writes them.
+    pub fn start_ingest(&self, store: &Store) -> Result<Pipeline, StoreError> {
+        let packs = store.packs()?;
+        Pipeline::start(self.images_dir(), store.keys.clone(), self.data_key.clone(), &packs, THREADS)
     }
 
-    /// Completes the hashes, writes `meta.json` durably and moves the checkpoint into place.
-    pub fn commit(mut self, mut meta: CheckpointMeta, ingest: Ingest) -> Result<Checkpoint, StoreError> {
-        meta.name = self.name.clone();
-        meta.files = ingest.finish(&self.images_dir())?;
-        let meta_path = self.dir.join(META_FILE);
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&meta_path)
-            .map_err(io_err("cannot create", &meta_path))?;
-        file.write_all(&meta.to_json())
-            .and_then(|_| file.sync_all())
-            .map_err(io_err("cannot write", &meta_path))?;
-        sync_dir(&self.dir)?;
-        if self.final_dir.exists() {
-            return Err(StoreError::Exists(self.name.clone()));
+    /// Finishes the ingest and writes slots, manifest and catalog entry, in that order.
+    pub fn commit(self, store: &Store, info: CheckpointInfo, pipeline: Pipeline) -> Result<Committed, StoreError> {
+        let ingested = pipeline.finish()?;
+        let own = self.data_key.id();
+        let mut key_ids: Vec<KeyId> = vec![own];
+        {
+            let mut packs = store.packs()?;
+            for p in ingested.packs {
+                packs.absorb(p);
+            }
+            let mut seen: BTreeSet<KeyId> = BTreeSet::from([own]);
+            for f in &ingested.files {
+                for e in &f.extents {
+                    if let Extent::Chunk { id, .. } = e {
+                        let key = packs.location(id).map(|l| l.key).ok_or_else(|| StoreError::Damaged {
+                            name: self.name.clone(),
+                            file: f.name.clone(),
+                            detail: "a chunk vanished while the checkpoint was written".into(),
+                        })?;
+                        if seen.insert(key) {
+                            key_ids.push(key);
+                        }
+                    }
+                }
+            }
         }
-        fs::rename(&self.dir, &self.final_dir).map_err(io_err("cannot move into place", &self.final_dir))?;
-        if let Some(parent) = self.final_dir.parent() {
-            sync_dir(parent)?;
+        let mut ring: HashMap<KeyId, Arc<DataKey>> = HashMap::from([(own, self.data_key.clone())]);
+        for key in &key_ids[1..] {
+            ring.insert(*key, Arc::new(store.find_key(key)?));
         }
-        self.committed = true;
-        Ok(Checkpoint {
-            dir: self.final_dir.clone(),
-            meta,
-        })
+        let mut recipients = vec![store.keys.public().x25519];
+        for (_, r) in keys::recipients(&store.keys_dir())? {
+            if !recipients.contains(&r.x25519) {
+                recipients.push(r.x25519);
+            }
+        }
+        let id = random_id()?;
+        let slots = Slots {
+            entries: key_ids
+                .iter()
+                .map(|k| (*k, recipients.iter().map(|r| wrap_key(&ring[k], r)).collect()))
+                .collect(),
+        };
+        write_atomic(&store.slots_path(&id), &slots.encode())?;
+
+        let generation = store.catalog()?.next_generation(&self.name);
+        let manifest = ManifestBody {
+            id,
+            name: self.name.clone(),
+            created: SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+            generation,
+            source: info.source,
+            host: info.host,
+            spec: info.spec,
+            tcp_established: info.tcp_established,
+            leave_running: info.leave_running,
+            network_lock_tables: info.network_lock_tables,
+            dump_seconds: info.dump_seconds,
+            key_ids,
+            recipients,
+            files: ingested.files,
+        };
+        let signed = encode_signed(&manifest, &store.keys).map_err(|e| StoreError::Tampered {
+            file: format!("manifests/{}.fmf", self.name),
+            detail: format!("cannot write: {e}"),
+        })?;
+        write_atomic(&store.manifest_path(&self.name), &signed)?;
+        let entry = CatalogEntry { manifest: hex(&id), generation, removed: false };
+        store.update_catalog(|c| {
+            c.entries.insert(self.name.clone(), entry);
+        })?;
+        let signer = store.keys.public().ed25519;
+        Ok(Committed { checkpoint: Checkpoint { manifest, signer }, stats: ingested.stats })
     }
 }
 
-impl Drop for Pending {
-    fn drop(&mut self) {
-        if !self.committed {
-            let _ = fs::remove_dir_all(&self.dir);
+impl Store {
+    /// A data key held in some checkpoint's slots, opened with this node's secret.
+    fn find_key(&self, key: &KeyId) -> Result<DataKey, StoreError> {
+        let dir = self.root.join("slots");
+        for entry in fs::read_dir(&dir).map_err(io_err("cannot read", &dir))? {
+            let entry = entry.map_err(io_err("cannot read", &dir))?;
+            let Ok(bytes) = read_capped(&entry.path(), MAX_SLOTS_FILE) else { continue };
+            let Ok(slots) = Slots::decode(&bytes) else { continue };
+            for (kid, wrapped) in &slots.entries {
+                if kid != key {
+                    continue;
+                }
+                for w in wrapped {
+                    if let Ok(dk) = unwrap_key(w, kid, self.keys.x25519_secret()) {
+                        return Ok(dk);
+                    }
+                }
+            }
         }
+        Err(StoreError::NoKey {
+            name: hex(key),
+            detail: "no checkpoint holds this data key for this node (shredded?)".into(),
+        })
     }
 }
 
 impl Checkpoint {
     pub fn name(&self) -> &str {
-        &self.meta.name
+        &self.manifest.name
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
+    /// Size of the images as CRIU wrote them.
+    pub fn logical_size(&self) -> u64 {
+        self.manifest.files.iter().map(|f| f.size).sum()
     }
 
-    pub fn images_dir(&self) -> PathBuf {
-        self.dir.join(IMAGES_DIR)
+    /// The data keys, opened with this node's secret.
+    pub fn key_ring(&self, store: &Store) -> Result<KeyRing, StoreError> {
+        let no_key = |detail: String| StoreError::NoKey { name: self.manifest.name.clone(), detail };
+        let path = store.slots_path(&self.manifest.id);
+        let bytes = read_capped(&path, MAX_SLOTS_FILE)
+            .map_err(|_| no_key("its key slots are gone (removed with --shred?)".into()))?;
+        let slots = Slots::decode(&bytes).map_err(|e| no_key(e.to_string()))?;
+        let ring = slots.open_all(store.keys.x25519_secret()).map_err(|e| no_key(format!("this node cannot open them: {e}")))?;
+        for k in &self.manifest.key_ids {
+            if ring.get(k).is_none() {
+                return Err(no_key(format!("key {} has no slot", hex(k))));
+            }
+        }
+        Ok(ring)
     }
 
-    /// Checks that every image file listed in the metadata is present, a regular file, and of
-    /// the recorded size, and that no file was added. Content checks come with the secure store.
-    pub fn verify(&self) -> Result<(), StoreError> {
-        let damaged = |file: &str, detail: String| StoreError::Damaged {
-            name: self.meta.name.clone(),
-            file: format!("images/{file}"),
-            detail,
+    /// Opens and checks every chunk without writing anything.
+    pub fn verify(&self, store: &Store) -> Result<VerifyReport, StoreError> {
+        self.for_each_chunk(store, None)
+    }
+
+    /// Writes the images into `dir`, checking every chunk on the way. On error `dir` holds a
+    /// partial copy that the caller must discard (it is a tmpfs that is dropped).
+    pub fn materialize(&self, store: &Store, dir: &Path) -> Result<VerifyReport, StoreError> {
+        self.for_each_chunk(store, Some(dir))
+    }
+
+    fn for_each_chunk(&self, store: &Store, out: Option<&Path>) -> Result<VerifyReport, StoreError> {
+        let ring = self.key_ring(store)?;
+        let (known, dir) = {
+            let packs = store.packs()?;
+            (packs.known(), packs.dir().to_path_buf())
         };
-        let images = self.images_dir();
-        for f in &self.meta.files {
-            let path = images.join(&f.name);
-            let md = fs::symlink_metadata(&path).map_err(|e| damaged(&f.name, format!("missing ({e})")))?;
-            if !md.file_type().is_file() {
-                return Err(damaged(&f.name, "not a regular file".into()));
-            }
-            if md.len() != f.size {
-                return Err(damaged(
-                    &f.name,
-                    format!("{} bytes, expected {}", md.len(), f.size),
-                ));
-            }
-        }
-        let now = list_images(&images)?;
-        if let Some(extra) = now
-            .iter()
-            .find(|n| !self.meta.files.iter().any(|f| f.name == **n))
-        {
-            return Err(damaged(extra, "not part of the checkpoint".into()));
-        }
-        Ok(())
-    }
-
-    /// Hashes every image and compares with the metadata: the content check that
-    /// [`Checkpoint::verify`] leaves out. Reads every byte, so restore runs it beside CRIU.
-    pub fn verify_content(&self) -> Result<(), StoreError> {
-        let images = self.images_dir();
-        for f in &self.meta.files {
-            let path = images.join(&f.name);
-            let actual = hash_file(&path).map_err(io_err("cannot read", &path))?;
-            if actual != f.blake3 {
-                return Err(StoreError::Damaged {
-                    name: self.meta.name.clone(),
-                    file: format!("images/{}", f.name),
-                    detail: "content differs from what was checkpointed (hash mismatch)".into(),
-                });
+        let mut files = Vec::new();
+        if let Some(out) = out {
+            for f in &self.manifest.files {
+                let path = out.join(&f.name);
+                let file = OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(&path)
+                    .map_err(io_err("cannot create", &path))?;
+                // Zero extents stay holes: a tmpfs stores nothing for them.
+                file.set_len(f.size).map_err(io_err("cannot size", &path))?;
+                files.push(file);
             }
         }
-        Ok(())
-    }
-}
-
-fn read_meta(path: &Path) -> Result<CheckpointMeta, StoreError> {
-    let md = fs::symlink_metadata(path).map_err(|e| StoreError::BadMeta {
-        path: path.to_path_buf(),
-        detail: format!("cannot read: {e}"),
-    })?;
-    if !md.file_type().is_file() || md.len() > MAX_META_BYTES {
-        return Err(StoreError::BadMeta {
-            path: path.to_path_buf(),
-            detail: "not a regular file of reasonable size".into(),
+        let work = work_list(&self.manifest.files);
+        let total_bytes: u64 = work.iter().map(|w| u64::from(w.len)).sum();
+        let parts = split_work(&work, THREADS);
+        let hash_key = store.keys.hash_key();
+        let name = &self.manifest.name;
+        let result: Result<(), StoreError> = thread::scope(|s| {
+            let handles: Vec<_> = parts
+                .into_iter()
+                .map(|part| {
+                    let known = known.clone();
+                    let dir = dir.clone();
+                    let ring = &ring;
+                    let files = &files;
+                    let manifest = &self.manifest;
+                    s.spawn(move || {
+                        let mut reader = PackReader::new(&dir, known);
+                        let mut opener = Opener::new(ring, hash_key);
+                        let mut frame = Vec::new();
+                        for w in part {
+                            let fname = &manifest.files[w.file].name;
+                            let damaged = |detail: String| StoreError::Damaged {
+                                name: name.clone(),
+                                file: format!("{fname} at offset {}", w.offset),
+                                detail,
+                            };
+                            if reader.read(&w.id, &mut frame)?.is_none() {
+                                return Err(damaged(format!("chunk {} is missing from the store", hex(&w.id[..8]))));
+                            }
+                            let plain = opener.open(&w.id, &frame).map_err(|e| damaged(format!("chunk {}: {e}", hex(&w.id[..8]))))?;
+                            if plain.len() != w.len as usize {
+                                return Err(damaged(format!("chunk {} has {} bytes, the manifest says {}", hex(&w.id[..8]), plain.len(), w.len)));
+                            }
+                            if let Some(f) = files.get(w.file) {
+                                f.write_all_at(&plain, w.offset).map_err(io_err("cannot write", fname))?;
+                            }
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            handles.into_iter().try_for_each(|h| h.join().unwrap_or(Err(StoreError::Busy)))
         });
+        result?;
+        Ok(VerifyReport { files: self.manifest.files.len(), chunks: work.len() as u64, bytes: total_bytes })
     }
-    let bytes = fs::read(path).map_err(io_err("cannot read", path))?;
-    CheckpointMeta::parse(&bytes, path)
-}
 
-/// Names in an images directory, sorted. Anything but a regular file is refused.
-fn list_images(dir: &Path) -> Result<Vec<String>, StoreError> {
-    let mut names = Vec::new();
-    for entry in fs::read_dir(dir).map_err(io_err("cannot read", dir))? {
-        let entry = entry.map_err(io_err("cannot read", dir))?;
-        let ft = entry.file_type().map_err(io_err("cannot stat", entry.path()))?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if !ft.is_file() {
-            return Err(StoreError::Damaged {
-                name: String::new(),
-                file: name,
-                detail: "the images directory holds something other than a regular file".into(),
-            });
+    /// Logical, zero, stored and shared sizes (shared: chunks other checkpoints also use).
+    pub fn footprint(&self, store: &Store, others: &[Checkpoint]) -> Result<Footprint, StoreError> {
+        let mut fp = Footprint { logical: self.logical_size(), ..Default::default() };
+        let mut mine: BTreeSet<ChunkId> = BTreeSet::new();
+        for f in &self.manifest.files {
+            for e in &f.extents {
+                match e {
+                    Extent::Zero { len } => fp.zero += len,
+                    Extent::Chunk { id, .. } => {
+                        mine.insert(*id);
+                    }
+                }
+            }
         }
-        names.push(name);
+        let theirs: BTreeSet<ChunkId> = others
+            .iter()
+            .filter(|o| o.manifest.id != self.manifest.id)
+            .flat_map(|o| o.manifest.files.iter().flat_map(|f| f.extents.iter()))
+            .filter_map(|e| if let Extent::Chunk { id, .. } = e { Some(*id) } else { None })
+            .collect();
+        let packs = store.packs()?;
+        for id in &mine {
+            if let Some(loc) = packs.location(id) {
+                fp.chunks += 1;
+                fp.stored += u64::from(loc.len);
+                if theirs.contains(id) {
+                    fp.shared += u64::from(loc.len);
+                }
+            }
+        }
+        Ok(fp)
     }
-    names.sort();
-    Ok(names)
 }
 
-fn private_dir(path: &Path) -> Result<(), StoreError> {
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(path)
-        .map_err(io_err("cannot create", path))?;
-    let md = fs::metadata(path).map_err(io_err("cannot stat", path))?;
-    if md.permissions().mode() & 0o077 != 0 {
-        fs::set_permissions(path, fs::Permissions::from_mode(0o700)).map_err(io_err("cannot chmod", path))?;
-    }
-    Ok(())
+struct Work {
+    file: usize,
+    offset: u64,
+    id: ChunkId,
+    len: u32,
 }
 
-fn sync_dir(path: &Path) -> Result<(), StoreError> {
-    File::open(path)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err("cannot sync", path))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::meta::{HostFacts, FORMAT_VERSION};
-
-    fn meta() -> CheckpointMeta {
-        CheckpointMeta {
-            format: FORMAT_VERSION,
-            name: String::new(),
-            source: "pid:1".into(),
-            pid: 1,
-            created: 1,
-            host: HostFacts::default(),
-            tcp_established: false,
-            leave_running: false,
-            network_lock_tables: vec![],
-            dump_seconds: 0.0,
-            files: vec![],
+fn work_list(files: &[FileRecord]) -> Vec<Work> {
+    let mut out = Vec::new();
+    for (file, f) in files.iter().enumerate() {
+        let mut offset = 0u64;
+        for e in &f.extents {
+            match e {
+                Extent::Zero { len } => offset += len,
+                Extent::Chunk { id, len } => {
+                    out.push(Work { file, offset, id: *id, len: *len });
+                    offset += u64::from(*len);
+                }
+            }
         }
     }
+    out
+}
 
-    fn write_checkpoint(store: &Store, name: &str) -> Checkpoint {
-        let p = store.begin(name).expect("begin");
-        fs::write(p.images_dir().join("core-1.img"), b"core").expect("write");
-        fs::write(p.images_dir().join("pages-1.img"), vec![1u8; 8192]).expect("write");
-        let ingest = p.start_ingest();
-        p.commit(meta(), ingest).expect("commit")
+/// Contiguous parts of about equal bytes: each thread reads packs mostly sequentially.
+fn split_work(work: &[Work], parts: usize) -> Vec<&[Work]> {
+    let total: u64 = work.iter().map(|w| u64::from(w.len)).sum();
+    let per = total / parts.max(1) as u64 + 1;
+    let mut out = Vec::new();
+    let (mut start, mut acc) = (0, 0u64);
+    for (i, w) in work.iter().enumerate() {
+        acc += u64::from(w.len);
+        if acc >= per {
+            out.push(&work[start..=i]);
+            start = i + 1;
+            acc = 0;
+        }
     }
+    if start < work.len() {
+        out.push(&work[start..]);
+    }
+    out
+}
 
-    #[test]
-    fn commit_list_get_remove() {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(tmp.path().join("s")).expect("open");
-        let c = write_checkpoint(&store, "one");
-        assert_eq!(c.meta.size_bytes(), 8196);
-        c.verify().expect("verify");
-        assert!(matches!(store.begin("one"), Err(StoreError::Exists(_))));
-        let listed = store.list().expect("list");
-        assert_eq!(listed.len(), 1);
-        assert_eq!(store.get("one").expect("get").meta.files.len(), 2);
-        store.remove("one").expect("rm");
-        assert!(matches!(store.get("one"), Err(StoreError::NotFound(_))));
-        assert!(matches!(store.remove("one"), Err(StoreError::NotFound(_))));
-    }
-
-    #[test]
-    fn abandoned_checkpoint_leaves_nothing() {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(tmp.path()).expect("open");
-        let p = store.begin("gone").expect("begin");
-        fs::write(p.images_dir().join("x.img"), b"x").expect("write");
-        drop(p);
-        assert_eq!(fs::read_dir(tmp.path().join("tmp")).expect("tmp").count(), 0);
-        assert!(store.list().expect("list").is_empty());
-    }
-
-    #[test]
-    fn verify_finds_truncation_and_extras() {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(tmp.path()).expect("open");
-        let c = write_checkpoint(&store, "c");
-        fs::write(c.images_dir().join("pages-1.img"), b"short").expect("truncate");
-        let err = c.verify().expect_err("truncated");
-        assert!(err.to_string().contains("pages-1.img"), "{err}");
-        fs::write(c.images_dir().join("pages-1.img"), vec![1u8; 8192]).expect("restore");
-        c.verify().expect("verify again");
-        fs::write(c.images_dir().join("evil.img"), b"x").expect("extra");
-        assert!(c.verify().is_err());
-    }
-
-    #[test]
-    fn verify_content_finds_a_flipped_byte() {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(tmp.path()).expect("open");
-        let c = write_checkpoint(&store, "c");
-        c.verify_content().expect("intact");
-        let mut pages = vec![1u8; 8192];
-        pages[4100] ^= 0x01;
-        fs::write(c.images_dir().join("pages-1.img"), pages).expect("flip");
-        c.verify().expect("same size: the structural check passes");
-        let err = c.verify_content().expect_err("flipped");
-        assert!(err.to_string().contains("pages-1.img"), "{err}");
-    }
-
-    #[test]
-    fn store_dirs_are_private_and_leftovers_swept() {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let root = tmp.path().join("s");
-        let store = Store::open(&root).expect("open");
-        assert_eq!(
-            fs::metadata(&root).expect("stat").permissions().mode() & 0o777,
-            0o700
-        );
-        // A writer PID that cannot exist marks the leftover of a crashed checkpoint.
-        fs::create_dir_all(store.tmp_dir().join(format!("dead.{}.1", i32::MAX))).expect("mkdir");
-        Store::open(&root).expect("reopen");
-        assert_eq!(fs::read_dir(store.tmp_dir()).expect("tmp").count(), 0);
-    }
-
-    #[test]
-    fn names_are_checked_everywhere() {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(tmp.path()).expect("open");
-        assert!(matches!(store.begin("../x"), Err(StoreError::InvalidName { .. })));
-        assert!(matches!(
-            store.get("../../etc"),
-            Err(StoreError::InvalidName { .. })
-        ));
-        assert!(matches!(store.remove("/"), Err(StoreError::InvalidName { .. })));
-    }
+fn random_id() -> Result<[u8; 16], StoreError> {
+    let mut id = [0u8; 16];
+    File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut id))
+        .map_err(io_err("cannot read", "/dev/urandom"))?;
+    Ok(id)
 }
