@@ -152,6 +152,26 @@ impl Criu {
             .map(drop)
     }
 
+    /// Writes CRIU's description of this CPU (`cpuinfo.img`) into `images_dir`, so a restore
+    /// elsewhere can be checked against it.
+    pub fn cpuinfo_dump(&self, images_dir: &Path, log: &LogTarget) -> Result<(), CriuError> {
+        let images = open_dir("images directory", images_dir)?;
+        let (mut opts, _work_dir) = opts_with_log(log)?;
+        opts.images_dir_fd = images.as_raw_fd();
+        let req = Request {
+            r#type: ReqType::CpuinfoDump as i32,
+            opts: Some(opts),
+            ..Default::default()
+        };
+        self.call(
+            Operation::CpuinfoDump,
+            req,
+            Some(log),
+            &mut RecordingNotify::default(),
+        )
+        .map(drop)
+    }
+
     /// Which optional features this CRIU and kernel support.
     pub fn features(&self) -> Result<FeatureSet, CriuError> {
         let ask = rpc::Features {

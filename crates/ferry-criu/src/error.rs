@@ -17,6 +17,7 @@ pub enum Operation {
     Check,
     FeatureCheck,
     Version,
+    CpuinfoDump,
 }
 
 impl fmt::Display for Operation {
@@ -27,6 +28,7 @@ impl fmt::Display for Operation {
             Operation::Check => "criu check",
             Operation::FeatureCheck => "criu feature check",
             Operation::Version => "criu version query",
+            Operation::CpuinfoDump => "criu cpuinfo dump",
         })
     }
 }

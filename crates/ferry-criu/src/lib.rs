@@ -7,6 +7,7 @@ pub mod classify;
 mod client;
 mod error;
 pub mod image;
+pub mod inspect;
 mod notify;
 mod options;
 pub mod rpc;

@@ -1,10 +1,13 @@
 //! `checkpoint`: dump a workload's process tree into the store.
+//!
+//! CRIU writes its images into a private tmpfs; the store's pipeline seals them into chunks on
+//! the other core while CRIU is still writing. The plaintext tmpfs is gone when this returns.
 
 use std::path::PathBuf;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use ferry_criu::{DumpOptions, LogTarget, RecordingNotify};
-use ferry_store::{CheckpointMeta, FORMAT_VERSION};
+use ferry_store::{CheckpointInfo, IngestStats};
 
 use crate::workload::{runtime_for, WorkloadId};
 use crate::{host_facts, netlock, Context, Error};
@@ -17,26 +20,32 @@ pub struct CheckpointRequest {
     pub name: Option<String>,
     pub leave_running: bool,
     pub tcp_established: bool,
+    /// Keep at most this many checkpoints of the same workload (oldest removed first).
+    pub keep: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
 pub struct CheckpointReport {
     pub name: String,
     pub pid: i32,
-    pub size_bytes: u64,
+    /// Size of the images CRIU wrote.
+    pub logical_bytes: u64,
+    pub stats: IngestStats,
+    pub dump_seconds: f64,
     pub seconds: f64,
     pub log: PathBuf,
+    /// Older checkpoints removed by `keep`.
+    pub pruned: Vec<String>,
 }
 
 pub fn checkpoint(ctx: &Context, req: &CheckpointRequest) -> Result<CheckpointReport, Error> {
     let root = runtime_for(&req.workload)?.resolve(&req.workload)?;
     let created = unix_now();
-    let name = req
-        .name
-        .clone()
-        .unwrap_or_else(|| format!("{}-{created}", req.workload.to_string().replace(':', "-")));
+    let name =
+        req.name.clone().unwrap_or_else(|| format!("{}-{created}", req.workload.to_string().replace(':', "-")));
     let pending = ctx.store.begin(&name)?;
     let log = LogTarget::new(ctx.store.logs_dir(), format!("checkpoint-{name}-{created}.log"));
+    ctx.criu.cpuinfo_dump(&pending.images_dir(), &log)?;
     let opts = DumpOptions::new(root.pid, pending.images_dir(), log.clone())
         .leave_running(req.leave_running)
         .tcp_established(req.tcp_established);
@@ -44,45 +53,58 @@ pub fn checkpoint(ctx: &Context, req: &CheckpointRequest) -> Result<CheckpointRe
     let was_stopped = is_stopped(root.pid);
     tracing::info!(pid = root.pid, %name, "checkpointing");
     let started = Instant::now();
-    // Hashing follows CRIU's writes on the other core.
-    let ingest = pending.start_ingest();
+    let ingest = pending.start_ingest(&ctx.store)?;
     let dumped = ctx.criu.dump(&opts, &mut RecordingNotify::default());
     let dump_seconds = started.elapsed().as_secs_f64();
     if let Err(e) = dumped {
-        // `ingest` and `pending` are dropped here: the partial images go with them.
+        // `ingest` and `pending` are dropped here: the plaintext goes with the tmpfs, and the
+        // packs written so far are unreferenced (gc removes them).
         resume_if_left_stopped(root.pid, was_stopped);
         return Err(e.into());
     }
 
     // A dump that stops the tree leaves CRIU's lock table in place until the restore (empty
     // without --tcp-established): record it so `ferry rm` can release it if that never comes.
-    let network_lock_tables = if req.leave_running {
-        Vec::new()
-    } else {
-        netlock::tables_of_dump(&pending.images_dir())
-    };
-    let meta = CheckpointMeta {
-        format: FORMAT_VERSION,
-        name: name.clone(),
+    let network_lock_tables =
+        if req.leave_running { Vec::new() } else { netlock::tables_of_dump(&pending.images_dir()) };
+    let info = CheckpointInfo {
         source: req.workload.to_string(),
-        pid: root.pid,
-        created,
         host: host_facts(&ctx.criu_version.to_string()),
+        spec: serde_json::json!({ "kind": "pid", "pid": root.pid }).to_string(),
         tcp_established: req.tcp_established,
         leave_running: req.leave_running,
         network_lock_tables,
         dump_seconds,
-        files: Vec::new(),
     };
-    let committed = pending.commit(meta, ingest)?;
+    let committed = pending.commit(&ctx.store, info, ingest)?;
     let seconds = started.elapsed().as_secs_f64();
+    let pruned = match req.keep {
+        Some(keep) => prune(ctx, &req.workload.to_string(), keep)?,
+        None => Vec::new(),
+    };
     Ok(CheckpointReport {
         name,
         pid: root.pid,
-        size_bytes: committed.meta.size_bytes(),
+        logical_bytes: committed.checkpoint.logical_size(),
+        stats: committed.stats,
+        dump_seconds,
         seconds,
         log: log.path(),
+        pruned,
     })
+}
+
+/// Removes the oldest checkpoints of `source` beyond the newest `keep`.
+fn prune(ctx: &Context, source: &str, keep: usize) -> Result<Vec<String>, Error> {
+    let (all, _) = ctx.store.list()?;
+    let mine: Vec<_> = all.iter().filter(|c| c.manifest.source == source).collect();
+    let excess = mine.len().saturating_sub(keep.max(1));
+    let mut pruned = Vec::new();
+    for c in mine.into_iter().take(excess) {
+        crate::remove(&ctx.store, c.name(), false)?;
+        pruned.push(c.name().to_owned());
+    }
+    Ok(pruned)
 }
 
 fn is_stopped(pid: i32) -> bool {
@@ -99,8 +121,5 @@ fn resume_if_left_stopped(pid: i32, was_stopped: bool) {
 }
 
 fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }

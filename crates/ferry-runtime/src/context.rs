@@ -4,7 +4,7 @@ use ferry_store::Store;
 use crate::Error;
 
 /// What every verb needs: a CRIU that works here, and the store.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Context {
     pub criu: Criu,
     pub criu_version: Version,

@@ -29,11 +29,16 @@ impl Error {
             Error::UnsupportedKind { .. } => Some("use pid:PID with the PID of the tree's root".into()),
             Error::Criu(e) => e.hint(),
             Error::Store(StoreError::NotFound(_)) => Some("`ferry list` shows the checkpoints".into()),
-            Error::Store(StoreError::Exists(_)) => {
-                Some("choose another --name, or `ferry rm` the old one".into())
+            Error::Store(StoreError::Exists(_)) => Some("choose another --name, or `ferry rm` the old one".into()),
+            Error::Store(StoreError::Damaged { .. } | StoreError::Tampered { .. }) => {
+                Some("nothing was restored from it; take a new checkpoint (`ferry verify` checks the others)".into())
             }
-            Error::Store(StoreError::Damaged { .. }) => {
-                Some("the checkpoint cannot be restored safely; take a new one".into())
+            Error::Store(StoreError::NoKey { .. }) => {
+                Some("only a node it was encrypted for can restore it (`ferry keys add-recipient` before checkpointing)".into())
+            }
+            Error::Store(StoreError::Busy) => Some("wait for the other ferry command to finish".into()),
+            Error::Store(StoreError::KeyShared { .. }) => {
+                Some("shred those checkpoints too, or remove this one without --shred".into())
             }
             Error::Store(_) => None,
         }

@@ -10,12 +10,12 @@ pub struct RemoveReport {
     pub released_locks: usize,
 }
 
-pub fn remove(store: &Store, name: &str) -> Result<RemoveReport, Error> {
-    let checkpoint = store.get(name);
-    let released_locks = match &checkpoint {
-        Ok(c) if !c.meta.network_lock_tables.is_empty() => netlock::release(&c.meta.network_lock_tables),
+/// Removes `name`; with `shred`, its data key is destroyed first.
+pub fn remove(store: &Store, name: &str, shred: bool) -> Result<RemoveReport, Error> {
+    let released_locks = match store.get(name) {
+        Ok(c) if !c.manifest.network_lock_tables.is_empty() => netlock::release(&c.manifest.network_lock_tables),
         _ => 0,
     };
-    store.remove(name)?;
+    store.remove(name, shred)?;
     Ok(RemoveReport { released_locks })
 }

@@ -32,7 +32,7 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Checkpoint a running workload into the store.
+    /// Checkpoint a running workload into the store (encrypted, signed, deduplicated).
     Checkpoint {
         /// The workload: pid:PID (the root of a process tree).
         workload: String,
@@ -45,6 +45,9 @@ pub enum Command {
         /// Checkpoint established TCP connections too; until the restore, their traffic is held.
         #[arg(long)]
         tcp_established: bool,
+        /// Keep only the newest N checkpoints of this workload.
+        #[arg(long, value_name = "N")]
+        keep: Option<usize>,
     },
     /// Restore a checkpoint; without --detach, wait for the workload and exit with its status.
     Restore {
@@ -63,10 +66,49 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Check a checkpoint's signature, keys and every chunk, without restoring it.
+    Verify {
+        /// Names of the checkpoints (default: all).
+        names: Vec<String>,
+    },
+    /// Show what a checkpoint holds: processes, memory, open files, sockets, sizes.
+    Inspect {
+        name: String,
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Remove checkpoints.
     Rm {
         /// Names of the checkpoints.
         #[arg(required = true)]
         names: Vec<String>,
+        /// Destroy the checkpoint's data key first: every copy of it becomes unreadable.
+        #[arg(long)]
+        shred: bool,
     },
+    /// Remove chunks no checkpoint uses, and leftovers of interrupted work.
+    Gc,
+    /// This node's keys and the recipients checkpoints are encrypted for.
+    Keys {
+        #[command(subcommand)]
+        action: KeysAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysAction {
+    /// Create this node's keys (done automatically on first use).
+    Init,
+    /// Print this node's public key, to give to nodes that should restore our checkpoints.
+    Show,
+    /// Encrypt future checkpoints for another node too, and trust its signatures.
+    AddRecipient {
+        /// A name for the node.
+        name: String,
+        /// Its public key, as `ferry keys show` prints it there.
+        public_key: String,
+    },
+    /// Replace this node's signing and encryption keys (old checkpoints stay readable).
+    Rotate,
 }

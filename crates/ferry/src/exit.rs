@@ -19,6 +19,7 @@ pub enum Exit {
     Damaged = 6,
     CriuFailed = 7,
     Conflict = 8,
+    NoKey = 9,
 }
 
 impl From<Exit> for ExitCode {
@@ -35,11 +36,11 @@ pub fn classify(err: &Error) -> Exit {
         Error::ProcessNotFound { .. } => Exit::NotFound,
         Error::Store(s) => match s {
             StoreError::NotFound(_) => Exit::NotFound,
-            StoreError::Exists(_) => Exit::Conflict,
+            StoreError::Exists(_) | StoreError::Busy | StoreError::KeyShared { .. } => Exit::Conflict,
             StoreError::InvalidName { .. } => Exit::Usage,
-            StoreError::Damaged { .. }
-            | StoreError::BadMeta { .. }
-            | StoreError::UnsupportedFormat { .. } => Exit::Damaged,
+            StoreError::Damaged { .. } | StoreError::Tampered { .. } => Exit::Damaged,
+            StoreError::NoKey { .. } => Exit::NoKey,
+            StoreError::Key(_) => Exit::NotPermitted,
             StoreError::Io { .. } => Exit::Failure,
         },
         Error::Criu(c) => match c {

@@ -18,19 +18,23 @@ fn main() -> ExitCode {
     init_logging(cli.verbose);
     let outcome = match &cli.command {
         Command::Doctor { json } => cmd::doctor::run(&cli, *json),
-        Command::Checkpoint {
-            workload,
-            name,
-            leave_running,
-            tcp_established,
-        } => cmd::checkpoint::run(&cli, workload, name.clone(), *leave_running, *tcp_established),
-        Command::Restore {
-            name,
-            detach,
-            pidfile,
-        } => cmd::restore::run(&cli, name, *detach, pidfile.as_deref()),
+        Command::Checkpoint { workload, name, leave_running, tcp_established, keep } => cmd::checkpoint::run(
+            &cli,
+            cmd::checkpoint::Args {
+                workload: workload.clone(),
+                name: name.clone(),
+                leave_running: *leave_running,
+                tcp_established: *tcp_established,
+                keep: *keep,
+            },
+        ),
+        Command::Restore { name, detach, pidfile } => cmd::restore::run(&cli, name, *detach, pidfile.as_deref()),
         Command::List { json } => cmd::list::run(&cli, *json),
-        Command::Rm { names } => cmd::rm::run(&cli, names),
+        Command::Verify { names } => cmd::verify::run(&cli, names),
+        Command::Inspect { name, json } => cmd::inspect::run(&cli, name, *json),
+        Command::Rm { names, shred } => cmd::rm::run(&cli, names, *shred),
+        Command::Gc => cmd::gc::run(&cli),
+        Command::Keys { action } => cmd::keys::run(&cli, action),
     };
     match outcome {
         Ok(code) => code,

@@ -4,29 +4,43 @@ use super::{context, human_bytes};
 use crate::cli::Cli;
 use crate::Outcome;
 
-pub fn run(
-    cli: &Cli,
-    workload: &str,
-    name: Option<String>,
-    leave_running: bool,
-    tcp_established: bool,
-) -> Outcome {
-    let what = || format!("checkpoint of {workload} failed");
-    let workload: WorkloadId = workload.parse().map_err(|e| (what(), e))?;
+pub struct Args {
+    pub workload: String,
+    pub name: Option<String>,
+    pub leave_running: bool,
+    pub tcp_established: bool,
+    pub keep: Option<usize>,
+}
+
+pub fn run(cli: &Cli, a: Args) -> Outcome {
+    let what = || format!("checkpoint of {} failed", a.workload);
+    let workload: WorkloadId = a.workload.parse().map_err(|e| (what(), e))?;
     let ctx = context(cli).map_err(|e| (what(), e))?;
     let req = CheckpointRequest {
         workload: workload.clone(),
-        name,
-        leave_running,
-        tcp_established,
+        name: a.name,
+        leave_running: a.leave_running,
+        tcp_established: a.tcp_established,
+        keep: a.keep,
     };
-    let report = ferry_runtime::checkpoint(&ctx, &req).map_err(|e| (what(), e))?;
-    let state = if leave_running { "left running" } else { "stopped" };
+    let r = ferry_runtime::checkpoint(&ctx, &req).map_err(|e| (what(), e))?;
+    let state = if a.leave_running { "left running" } else { "stopped" };
     println!(
-        "checkpointed {workload} as {} ({}, {:.2}s, workload {state})",
-        report.name,
-        human_bytes(report.size_bytes),
-        report.seconds
+        "checkpointed {workload} as {} in {:.2}s (dump {:.2}s, workload {state})",
+        r.name, r.seconds, r.dump_seconds
     );
+    let s = r.stats;
+    println!(
+        "  {} of images: {} zero pages, {} already stored, {} new in {} chunks ({} on disk)",
+        human_bytes(r.logical_bytes),
+        human_bytes(s.zero_bytes),
+        human_bytes(s.dedup_bytes),
+        human_bytes(s.logical_bytes.saturating_sub(s.zero_bytes + s.dedup_bytes)),
+        s.new_chunks,
+        human_bytes(s.stored_bytes)
+    );
+    for old in &r.pruned {
+        println!("  removed older checkpoint {old} (--keep)");
+    }
     crate::ok()
 }

@@ -9,37 +9,40 @@ use crate::Outcome;
 pub fn run(cli: &Cli, json: bool) -> Outcome {
     let what = || "cannot list checkpoints".to_owned();
     let store = open_store(cli).map_err(|e| (what(), e))?;
-    let all = store.list().map_err(|e| (what(), e.into()))?;
+    let (all, bad) = store.list().map_err(|e| (what(), e.into()))?;
     if json {
         let rows: Vec<_> = all
             .iter()
             .map(|c| {
                 json!({
-                    "name": c.meta.name,
-                    "source": c.meta.source,
-                    "size_bytes": c.meta.size_bytes(),
-                    "created": c.meta.created,
+                    "name": c.manifest.name,
+                    "source": c.manifest.source,
+                    "size_bytes": c.logical_size(),
+                    "created": c.manifest.created,
                 })
             })
             .collect();
         println!("{}", serde_json::Value::Array(rows));
-        return crate::ok();
+    } else {
+        println!("{:<32} {:<16} {:>10}  CREATED", "NAME", "SOURCE", "SIZE");
+        for c in &all {
+            println!(
+                "{:<32} {:<16} {:>10}  {}",
+                c.manifest.name,
+                c.manifest.source,
+                human_bytes(c.logical_size()),
+                utc(c.manifest.created)
+            );
+        }
     }
-    println!("{:<32} {:<16} {:>10}  CREATED", "NAME", "SOURCE", "SIZE");
-    for c in &all {
-        println!(
-            "{:<32} {:<16} {:>10}  {}",
-            c.meta.name,
-            c.meta.source,
-            human_bytes(c.meta.size_bytes()),
-            utc(c.meta.created)
-        );
+    for (name, err) in &bad {
+        eprintln!("warning: {name} is not listed: {err}");
     }
     crate::ok()
 }
 
 /// `YYYY-MM-DD HH:MM:SS UTC` without a date crate (civil-from-days, proleptic Gregorian).
-fn utc(secs: u64) -> String {
+pub fn utc(secs: u64) -> String {
     let t = UNIX_EPOCH + Duration::from_secs(secs);
     let secs = t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
@@ -52,12 +55,7 @@ fn utc(secs: u64) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    format!("{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
 #[cfg(test)]

@@ -2,9 +2,13 @@
 
 pub mod checkpoint;
 pub mod doctor;
+pub mod gc;
+pub mod inspect;
+pub mod keys;
 pub mod list;
 pub mod restore;
 pub mod rm;
+pub mod verify;
 
 use std::time::Duration;
 

@@ -1,0 +1,47 @@
+use ferry_store::packs::hex;
+
+use super::{context, human_bytes};
+use crate::cli::Cli;
+use crate::cmd::list::utc;
+use crate::Outcome;
+
+pub fn run(cli: &Cli, name: &str, json: bool) -> Outcome {
+    let what = || format!("inspect of {name} failed");
+    let ctx = context(cli).map_err(|e| (what(), e))?;
+    let i = ferry_runtime::inspect(&ctx, name).map_err(|e| (what(), e))?;
+    let m = &i.checkpoint.manifest;
+    let fp = i.footprint;
+    let dedup_ratio = if fp.stored > 0 { (fp.logical - fp.zero) as f64 / fp.stored as f64 } else { 0.0 };
+    if json {
+        let doc = serde_json::json!({
+            "name": m.name, "source": m.source, "created": m.created, "generation": m.generation,
+            "host": { "hostname": m.host.hostname, "kernel": m.host.kernel, "criu": m.host.criu_version },
+            "signer": hex(&i.checkpoint.signer),
+            "logical_bytes": fp.logical, "zero_bytes": fp.zero, "stored_bytes": fp.stored,
+            "shared_bytes": fp.shared, "chunks": fp.chunks, "dedup_ratio": dedup_ratio,
+            "memory_bytes": i.summary.memory_bytes,
+            "processes": i.summary.processes.iter().map(|p| serde_json::json!({
+                "pid": p.pid, "ppid": p.ppid, "threads": p.threads, "comm": p.comm })).collect::<Vec<_>>(),
+            "files": i.summary.files.iter().map(|f| serde_json::json!({
+                "pid": f.pid, "fd": f.fd, "kind": f.kind.to_string() })).collect::<Vec<_>>(),
+        });
+        println!("{doc}");
+        return crate::ok();
+    }
+    println!("checkpoint   {} (generation {}), taken {}", m.name, m.generation, utc(m.created));
+    println!("source       {} on {} (Linux {}, CRIU {})", m.source, m.host.hostname, m.host.kernel, m.host.criu_version);
+    println!("signed by    {}", hex(&i.checkpoint.signer[..8]));
+    println!(
+        "size         {} logical, {} zero pages, {} stored in {} chunks ({} shared with other checkpoints)",
+        human_bytes(fp.logical),
+        human_bytes(fp.zero),
+        human_bytes(fp.stored),
+        fp.chunks,
+        human_bytes(fp.shared)
+    );
+    println!("dedup+compression ratio {dedup_ratio:.2}x of non-zero data");
+    println!("memory       {}", human_bytes(i.summary.memory_bytes));
+    println!();
+    print!("{}", i.summary);
+    crate::ok()
+}
