@@ -171,11 +171,11 @@ impl Store {
         &self.keys
     }
 
-    fn manifest_path(&self, name: &str) -> PathBuf {
+    pub(crate) fn manifest_path(&self, name: &str) -> PathBuf {
         self.root.join("manifests").join(format!("{name}.fmf"))
     }
 
-    fn slots_path(&self, manifest_id: &[u8; 16]) -> PathBuf {
+    pub(crate) fn slots_path(&self, manifest_id: &[u8; 16]) -> PathBuf {
         self.root.join("slots").join(format!("{}.slots", hex(manifest_id)))
     }
 
@@ -183,11 +183,11 @@ impl Store {
         self.root.join("catalog")
     }
 
-    fn packs(&self) -> Result<MutexGuard<'_, PackSet>, StoreError> {
+    pub(crate) fn packs(&self) -> Result<MutexGuard<'_, PackSet>, StoreError> {
         self.packs.lock().map_err(|_| StoreError::Busy)
     }
 
-    fn trusted(&self) -> Result<Vec<[u8; 32]>, StoreError> {
+    pub(crate) fn trusted(&self) -> Result<Vec<[u8; 32]>, StoreError> {
         Ok(keys::trusted_signers(&self.keys_dir())?)
     }
 
