@@ -362,7 +362,7 @@ impl NodePublic {
 
 /// False for points of small order. Clamped scalars are multiples of the cofactor 8, so
 /// multiplying by any of them gives the identity exactly for those points.
-pub(crate) fn x25519_is_safe(public: &[u8; 32]) -> bool {
+fn x25519_is_safe(public: &[u8; 32]) -> bool {
     StaticSecret::from([0x5a; 32]).diffie_hellman(&PublicKey::from(*public)).was_contributory()
 }
 

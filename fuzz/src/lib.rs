@@ -1,0 +1,161 @@
+//! The fuzz targets' bodies, shared by the libFuzzer binaries (`fuzz_targets/`, nightly
+//! `cargo fuzz`) and by `replay` (stable: runs a corpus through them once).
+//!
+//! Keys are fixed so that inputs made by `gen_corpus` stay valid across runs. A fuzzer cannot
+//! forge signatures or AEAD tags, so each target also builds correctly signed or sealed
+//! containers around fuzzer-chosen contents: that is how it reaches the body decoder, the
+//! bounded decompression and the validation behind them.
+
+use std::sync::OnceLock;
+
+use chacha20poly1305::aead::{AeadInPlace, KeyInit};
+use chacha20poly1305::XChaCha20Poly1305;
+use ferry_store::keys::NodeKeys;
+use ferry_store::manifest::{decode_verified, encode_signed};
+use ferry_store::seal::{frame_len, DataKey, KeyRing, Opener, Sealer, Slots, HEADER_LEN, MAX_PLAIN};
+
+/// The fixed node: `node.key` bytes with Ed25519 seed 1.., X25519 secret 2.., hash key 3...
+pub fn node() -> &'static NodeKeys {
+    static K: OnceLock<NodeKeys> = OnceLock::new();
+    K.get_or_init(|| {
+        let mut b = Vec::with_capacity(104);
+        b.extend_from_slice(b"FRYK");
+        b.extend_from_slice(&1u16.to_le_bytes());
+        b.extend_from_slice(&1u16.to_le_bytes());
+        b.extend_from_slice(&[1; 32]);
+        b.extend_from_slice(&[2; 32]);
+        b.extend_from_slice(&[3; 32]);
+        NodeKeys::from_secret_bytes(&b).expect("fixed node key")
+    })
+}
+
+pub const DATA_KEY: [u8; 32] = [4; 32];
+
+pub fn ring() -> &'static KeyRing {
+    static R: OnceLock<KeyRing> = OnceLock::new();
+    R.get_or_init(|| {
+        let mut r = KeyRing::new();
+        r.insert(DataKey::from_bytes(&DATA_KEY));
+        r
+    })
+}
+
+/// `body` framed as a manifest and signed by the fixed node.
+pub fn sign_body(body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(12 + body.len() + 96);
+    out.extend_from_slice(b"FRYM");
+    out.extend_from_slice(&1u16.to_le_bytes());
+    out.extend_from_slice(&0u16.to_le_bytes());
+    out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    out.extend_from_slice(body);
+    let sig = node().sign(&out);
+    out.extend_from_slice(&sig);
+    out.extend_from_slice(&node().public().ed25519);
+    out
+}
+
+/// Input: a manifest file, which is also tried as a body signed by the trusted key.
+pub fn manifest(data: &[u8]) {
+    let trusted = [node().public().ed25519];
+    let _ = decode_verified(data, &trusted);
+    // Signing is the slow part; large bodies add little that small ones do not.
+    if data.len() > 1 << 20 {
+        return;
+    }
+    if let Ok((m, signer)) = decode_verified(&sign_body(data), &trusted) {
+        assert_eq!(signer, trusted[0]);
+        // What was accepted re-encodes, and reads back the same.
+        let again = encode_signed(&m, node()).expect("an accepted manifest re-encodes");
+        let (back, _) = decode_verified(&again, &trusted).expect("a re-encoded manifest verifies");
+        assert_eq!(back, m);
+    }
+}
+
+/// Input: a mode byte, then
+/// - 0: chunk id (32) || frame, opened as read from a pack;
+/// - 1: flags (1), plain_len (4), payload: a frame sealed here with the fixed data key around
+///   the payload, so the fuzzer controls what is decompressed after authentication;
+/// - 2: a plaintext, sealed and opened again.
+pub fn chunk_frame(data: &[u8]) {
+    let Some((&mode, rest)) = data.split_first() else {
+        return;
+    };
+    let mut opener = Opener::new(ring(), node().hash_key());
+    match mode % 3 {
+        0 => {
+            if rest.len() < 32 {
+                return;
+            }
+            let (id, frame) = rest.split_at(32);
+            let id: [u8; 32] = id.try_into().expect("32 bytes");
+            let len = frame_len(frame);
+            if let Ok(plain) = opener.open(&id, frame) {
+                assert_eq!(len.expect("an opened frame has a length"), frame.len());
+                assert_eq!(node().chunk_id(&plain), id);
+            }
+        }
+        1 => {
+            if rest.len() < 5 {
+                return;
+            }
+            let flags = rest[0];
+            let plain_len = u32::from_le_bytes([rest[1], rest[2], rest[3], rest[4]]);
+            let payload = &rest[5..];
+            let id = node().chunk_id(payload);
+            let frame = seal_raw(flags, plain_len, payload, &id);
+            let r = opener.open(&id, &frame);
+            if let Ok(p) = &r {
+                assert_eq!(p.len(), plain_len as usize);
+            }
+            if flags == 0 && plain_len as usize == payload.len() && payload.len() <= MAX_PLAIN {
+                assert_eq!(r.expect("a well-formed raw frame opens"), payload);
+            }
+        }
+        _ => {
+            if rest.len() > MAX_PLAIN {
+                return;
+            }
+            let id = node().chunk_id(rest);
+            let mut out = Vec::new();
+            Sealer::new(&DataKey::from_bytes(&DATA_KEY)).seal(&id, rest, &mut out);
+            assert_eq!(frame_len(&out).expect("sealed frame has a length"), out.len());
+            assert_eq!(opener.open(&id, &out).expect("sealed frame opens"), rest);
+        }
+    }
+}
+
+/// A frame with any header fields, sealed correctly (per docs/store-format.md) with the fixed
+/// data key: the reference XChaCha20-Poly1305, not ferry-store's own.
+pub fn seal_raw(flags: u8, plain_len: u32, payload: &[u8], id: &[u8; 32]) -> Vec<u8> {
+    let dk = DataKey::from_bytes(&DATA_KEY);
+    let mut f = Vec::with_capacity(HEADER_LEN + payload.len() + 16);
+    f.extend_from_slice(b"FRYC");
+    f.push(1);
+    f.push(flags);
+    f.extend_from_slice(&[0, 0]);
+    f.extend_from_slice(&dk.id());
+    let nonce = [9u8; 24];
+    f.extend_from_slice(&nonce);
+    f.extend_from_slice(&plain_len.to_le_bytes());
+    f.extend_from_slice(&((payload.len() + 16) as u32).to_le_bytes());
+    let mut aad = f.clone();
+    aad.extend_from_slice(id);
+    let mut body = payload.to_vec();
+    let tag = XChaCha20Poly1305::new((&DATA_KEY).into())
+        .encrypt_in_place_detached((&nonce).into(), &aad, &mut body)
+        .expect("small payload");
+    f.extend_from_slice(&body);
+    f.extend_from_slice(&tag);
+    f
+}
+
+/// Input: a slots file.
+pub fn slots(data: &[u8]) {
+    if let Ok(s) = Slots::decode(data) {
+        // One encoding per value: what decodes re-encodes to the same bytes.
+        assert_eq!(s.encode(), data);
+        if let Ok(ring) = s.open_all(node().x25519_secret()) {
+            assert_eq!(ring.len(), s.entries.len());
+        }
+    }
+}
