@@ -31,12 +31,11 @@ use crate::keys::{self, ChunkId, NodeKeys};
 use crate::manifest::{decode_verified, encode_signed, Extent, FileRecord, HostInfo, ManifestBody, MAX_MANIFEST};
 use crate::packs::{hex, KeyId, PackReader, PackSet, PackWriter};
 use crate::pipeline::{IngestStats, Pipeline};
-use crate::seal::{unwrap_key, wrap_key, DataKey, KeyRing, Opener, Slots};
+use crate::seal::{unwrap_key, wrap_key, DataKey, KeyRing, Opener, Slots, MAX_SLOTS_FILE};
 use crate::{validate_name, StoreError};
 
 /// Sealing and verifying threads: the machines this runs on have two cores.
 const THREADS: usize = 2;
-const MAX_SLOTS_FILE: usize = 1 << 20;
 
 /// Verified checkpoints, and the names that failed verification with why.
 pub type Listing = (Vec<Checkpoint>, Vec<(String, StoreError)>);
@@ -757,4 +756,27 @@ fn random_id() -> Result<[u8; 16], StoreError> {
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut id))
         .map_err(io_err("cannot read", "/dev/urandom"))?;
     Ok(id)
+}
+
+/// Replaces this node's signing and X25519 keys (the hash key stays, so deduplication goes on).
+/// Every checkpoint's data keys are re-wrapped for the new X25519 key while the old secret is
+/// still in memory; old manifests keep verifying through the retired public keys.
+pub fn rotate_keys(root: &Path) -> Result<keys::NodePublic, StoreError> {
+    let store = Store::open_exclusive(root)?;
+    let new = NodeKeys::rotate(&store.keys_dir())?;
+    let new_x25519 = new.public().x25519;
+    let dir = store.root.join("slots");
+    for entry in fs::read_dir(&dir).map_err(io_err("cannot read", &dir))? {
+        let entry = entry.map_err(io_err("cannot read", &dir))?;
+        let path = entry.path();
+        let bytes = read_capped(&path, MAX_SLOTS_FILE)?;
+        let mut slots = Slots::decode(&bytes)
+            .map_err(|e| StoreError::Tampered { file: path.display().to_string(), detail: e.to_string() })?;
+        slots.add_recipient(store.keys.x25519_secret(), &new_x25519).map_err(|e| StoreError::NoKey {
+            name: path.display().to_string(),
+            detail: format!("cannot re-wrap for the new key: {e}"),
+        })?;
+        write_atomic(&path, &slots.encode())?;
+    }
+    Ok(new.public())
 }

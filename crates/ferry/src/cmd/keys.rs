@@ -32,9 +32,9 @@ pub fn run(cli: &Cli, action: &KeysAction) -> Outcome {
             println!("checkpoints from now on are also encrypted for {name}, and its signatures are trusted");
         }
         KeysAction::Rotate => {
-            let k = NodeKeys::rotate(&dir).map_err(fail)?;
-            println!("rotated; new public key (old checkpoints still verify and open):");
-            println!("{}", k.public().to_text());
+            let public = ferry_store::rotate_keys(&cli.store).map_err(|e| (what(), e.into()))?;
+            println!("rotated; every checkpoint was re-wrapped for the new key. New public key:");
+            println!("{}", public.to_text());
         }
     }
     crate::ok()
