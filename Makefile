@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all setup build demo test lint bench clean
+.PHONY: all setup build demo test lint fuzz bench clean
 
 all: build
 
@@ -23,6 +23,10 @@ lint: setup
 # prerequisite fails them instead of skipping).
 test: setup
 	$(CARGO) test --workspace --no-fail-fast
+
+# A short run of every fuzz target (FUZZ_SECONDS each, default 20).
+fuzz: setup
+	bash scripts/fuzz
 
 bench: build
 	bench/run
