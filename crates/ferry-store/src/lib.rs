@@ -10,6 +10,7 @@
 //! - `store`: the whole, as the rest of ferry uses it.
 #![forbid(unsafe_code)]
 
+pub mod archive;
 pub mod catalog;
 mod error;
 mod fsutil;

@@ -19,23 +19,15 @@ pub fn assert_not_stopped(pid: i32) {
         };
         for task in tasks.flatten() {
             let stat = fs::read_to_string(task.path().join("stat")).unwrap_or_default();
-            let state = stat
-                .rfind(')')
-                .and_then(|i| stat[i + 1..].split_whitespace().next());
+            let state = stat.rfind(')').and_then(|i| stat[i + 1..].split_whitespace().next());
             assert!(
                 !matches!(state, Some("T") | Some("t")),
                 "task {} of {p} left stopped (state {state:?})",
                 task.file_name().to_string_lossy()
             );
             let status = fs::read_to_string(task.path().join("status")).unwrap_or_default();
-            let tracer = status
-                .lines()
-                .find_map(|l| l.strip_prefix("TracerPid:"))
-                .map(str::trim);
-            assert!(
-                matches!(tracer, None | Some("0")),
-                "task of {p} still traced by {tracer:?}"
-            );
+            let tracer = status.lines().find_map(|l| l.strip_prefix("TracerPid:")).map(str::trim);
+            assert!(matches!(tracer, None | Some("0")), "task of {p} still traced by {tracer:?}");
         }
     }
 }
@@ -86,10 +78,8 @@ pub fn rules_for_port(rules: &[String], port: u16) -> Vec<String> {
 
 fn names_port(rule: &str, port: u16) -> bool {
     let p = port.to_string();
-    let words: Vec<&str> = rule
-        .split(|c: char| c.is_whitespace() || ",{}".contains(c))
-        .filter(|w| !w.is_empty())
-        .collect();
+    let words: Vec<&str> =
+        rule.split(|c: char| c.is_whitespace() || ",{}".contains(c)).filter(|w| !w.is_empty()).collect();
     (0..words.len()).any(|i| {
         let before = i.checked_sub(1).map(|b| words[b]);
         words[i] == p
@@ -102,11 +92,7 @@ fn names_port(rule: &str, port: u16) -> bool {
 #[track_caller]
 pub fn assert_no_criu_rules_for_port(port: u16) {
     let left = rules_for_port(&criu_firewall_rules(), port);
-    assert!(
-        left.is_empty(),
-        "CRIU firewall rules left for port {port}:\n{}",
-        left.join("\n")
-    );
+    assert!(left.is_empty(), "CRIU firewall rules left for port {port}:\n{}", left.join("\n"));
 }
 
 /// Deletes CRIU's network-lock rules naming `port`: iptables rules (from `iptables-save`'s
@@ -119,11 +105,7 @@ pub fn remove_criu_rules_for_port(port: u16) {
             let Some(spec) = rule.strip_prefix("-A ") else {
                 continue;
             };
-            quiet(
-                Command::new(tool)
-                    .args(["-w", "-t", "filter", "-D"])
-                    .args(spec.split_whitespace()),
-            );
+            quiet(Command::new(tool).args(["-w", "-t", "filter", "-D"]).args(spec.split_whitespace()));
         }
     }
     let tables = criu_nft_tables(&command_output("nft", &["list", "ruleset"]));
@@ -149,9 +131,7 @@ pub struct FirewallGuard {
 
 impl FirewallGuard {
     pub fn new(ports: &[u16]) -> FirewallGuard {
-        FirewallGuard {
-            ports: ports.to_vec(),
-        }
+        FirewallGuard { ports: ports.to_vec() }
     }
 }
 
@@ -197,7 +177,7 @@ pub fn present_lock_tables() -> Vec<String> {
 }
 
 /// The UUID-shaped strings (36 characters of hex digits and dashes) in a binary image.
-fn run_ids(bytes: &[u8]) -> Vec<String> {
+pub(crate) fn run_ids(bytes: &[u8]) -> Vec<String> {
     let is_id_byte = |b: &u8| b.is_ascii_hexdigit() || *b == b'-';
     bytes
         .split(|b| !is_id_byte(b))
@@ -210,10 +190,7 @@ fn run_ids(bytes: &[u8]) -> Vec<String> {
 pub fn mounts_under(path: &Path) -> Vec<PathBuf> {
     let path = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
     let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    mount_points(&info)
-        .into_iter()
-        .filter(|m| m.starts_with(&path))
-        .collect()
+    mount_points(&info).into_iter().filter(|m| m.starts_with(&path)).collect()
 }
 
 /// Panics if anything is mounted at or below `path`.
@@ -225,11 +202,7 @@ pub fn assert_no_mounts_under(path: &Path) {
 
 fn mount_points(mountinfo: &str) -> Vec<PathBuf> {
     // Field 5 is the mount point, with space, tab, newline and backslash written as \ooo.
-    mountinfo
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(|m| PathBuf::from(unescape(m)))
-        .collect()
+    mountinfo.lines().filter_map(|l| l.split(' ').nth(4)).map(|m| PathBuf::from(unescape(m))).collect()
 }
 
 fn unescape(field: &str) -> String {
@@ -237,9 +210,8 @@ fn unescape(field: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        let octal = bytes
-            .get(i + 1..i + 4)
-            .and_then(|d| u8::from_str_radix(std::str::from_utf8(d).ok()?, 8).ok());
+        let octal =
+            bytes.get(i + 1..i + 4).and_then(|d| u8::from_str_radix(std::str::from_utf8(d).ok()?, 8).ok());
         match (bytes[i], octal) {
             (b'\\', Some(b)) => {
                 out.push(b);
@@ -322,14 +294,8 @@ mod tests {
         let nft = Command::new("nft").arg("-f").arg(script.path()).status();
         let rule =
             format!("INPUT -p tcp -m mark ! --mark 0xC114 -m tcp --sport {port} --dport {peer} -j DROP");
-        let ipt = Command::new("iptables")
-            .args(["-w", "-A"])
-            .args(rule.split_whitespace())
-            .status();
-        let expected = [nft, ipt]
-            .iter()
-            .filter(|s| s.as_ref().is_ok_and(|s| s.success()))
-            .count();
+        let ipt = Command::new("iptables").args(["-w", "-A"]).args(rule.split_whitespace()).status();
+        let expected = [nft, ipt].iter().filter(|s| s.as_ref().is_ok_and(|s| s.success())).count();
         assert!(expected > 0, "neither nft nor iptables could add a rule");
         assert_eq!(rules_for_port(&criu_firewall_rules(), port).len(), expected);
         assert_eq!(rules_for_port(&criu_firewall_rules(), peer).len(), expected);
@@ -342,28 +308,19 @@ mod tests {
     fn run_ids_are_found_in_images() {
         let inventory = b"\x08\x02\x10\x01j$23b360e2-980c-40eb-96e8-4e0713056eee\x18\x01";
         assert_eq!(run_ids(inventory), ["23b360e2-980c-40eb-96e8-4e0713056eee"]);
-        assert!(
-            run_ids(b"0123456789abcdef0123456789abcdef0123").is_empty(),
-            "no dashes, no id"
-        );
+        assert!(run_ids(b"0123456789abcdef0123456789abcdef0123").is_empty(), "no dashes, no id");
     }
 
     #[test]
     fn mountinfo_points_are_unescaped() {
         let info = "22 1 0:21 / /tmp/a\\040b rw,relatime shared:1 - tmpfs tmpfs rw\n\
                     23 1 0:22 / /proc rw - proc proc rw\n";
-        assert_eq!(
-            mount_points(info),
-            [PathBuf::from("/tmp/a b"), PathBuf::from("/proc")]
-        );
+        assert_eq!(mount_points(info), [PathBuf::from("/tmp/a b"), PathBuf::from("/proc")]);
     }
 
     #[test]
     fn mounts_under_sees_real_mounts() {
-        assert!(
-            !mounts_under(Path::new("/proc")).is_empty(),
-            "/proc is a mount point"
-        );
+        assert!(!mounts_under(Path::new("/proc")).is_empty(), "/proc is a mount point");
         let dir = tempfile::tempdir().expect("tempdir");
         assert!(mounts_under(dir.path()).is_empty());
         assert_no_mounts_under(dir.path());
@@ -391,10 +348,7 @@ mod tests {
     fn a_stopped_process_is_reported() {
         let sleep = Reap(Command::new("sleep").arg("1000").spawn().expect("spawn sleep"));
         let pid = sleep.0.id() as i32;
-        let stopped = Command::new("kill")
-            .args(["-STOP", &pid.to_string()])
-            .status()
-            .expect("kill -STOP");
+        let stopped = Command::new("kill").args(["-STOP", &pid.to_string()]).status().expect("kill -STOP");
         assert!(stopped.success());
         crate::poll(crate::WAIT, "sleep to stop", || {
             (ferry_sys::process_state(pid) == Some('T')).then_some(())

@@ -11,6 +11,7 @@ mod poll;
 mod privileged;
 mod procs;
 mod runner;
+mod store_files;
 mod workload;
 
 pub use clean::{
@@ -24,6 +25,11 @@ pub use poll::{poll, try_poll, WAIT};
 pub use privileged::{
     criu_path, criu_version, parse_criu_version, privileged_missing, require_privileged, CRIU_MIN,
 };
-pub use procs::{descendants, start_time, ProcId};
+pub use procs::{children, comm, descendants, signal_by_name, start_time, ProcId};
 pub use runner::{read_pid, wait_pidfile, Ferry, Outcome, Running, FERRY_TIMEOUT};
+pub use store_files::{
+    contains_bytes, copy_tree, dir_names, files_containing, files_under, flip_byte, hex, indexed_packs,
+    read_index, replace_tree, swap_index_locations, swap_ranges, tree_size, IndexEntry, PackFiles,
+    FRAME_HEADER, IDX_ENTRY, IDX_HEADER, IDX_MAGIC,
+};
 pub use workload::{Isolation, Sample, Workload, PYTHON};

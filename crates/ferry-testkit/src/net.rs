@@ -35,10 +35,7 @@ impl LineClient {
         let stream = TcpStream::connect((Ipv4Addr::LOCALHOST, port))?;
         stream.set_read_timeout(Some(WAIT))?;
         stream.set_nodelay(true)?;
-        Ok(LineClient {
-            writer: stream.try_clone()?,
-            reader: BufReader::new(stream),
-        })
+        Ok(LineClient { writer: stream.try_clone()?, reader: BufReader::new(stream) })
     }
 
     /// The client's local port: CRIU's per-connection firewall rules name it.
@@ -55,10 +52,7 @@ impl LineClient {
     pub fn recv(&mut self) -> io::Result<String> {
         let mut line = String::new();
         if self.reader.read_line(&mut line)? == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "server closed the connection",
-            ));
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "server closed the connection"));
         }
         Ok(line.trim_end_matches('\n').to_string())
     }

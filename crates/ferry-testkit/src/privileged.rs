@@ -49,20 +49,14 @@ pub fn privileged_missing() -> Option<String> {
     match criu_version(&criu) {
         Some(v) if v >= CRIU_MIN => {}
         Some((a, b, c)) => {
-            return Some(format!(
-                "{} is CRIU {a}.{b}.{c}; 4.2 or newer is needed",
-                criu.display()
-            ))
+            return Some(format!("{} is CRIU {a}.{b}.{c}; 4.2 or newer is needed", criu.display()))
         }
         None => return Some(format!("{} --version printed no version", criu.display())),
     }
     if !Path::new(PYTHON).exists() {
         return Some(format!("{PYTHON} not found"));
     }
-    TOOLS
-        .iter()
-        .find(|t| which(t).is_none())
-        .map(|t| format!("{t} not found in PATH"))
+    TOOLS.iter().find(|t| which(t).is_none()).map(|t| format!("{t} not found in PATH"))
 }
 
 /// The CRIU binary tests use: `FERRY_TEST_CRIU` if set, else `criu` in PATH, else the places
@@ -72,20 +66,13 @@ pub fn criu_path() -> Option<PathBuf> {
         return Some(PathBuf::from(p));
     }
     which("criu").or_else(|| {
-        ["/usr/local/sbin/criu", "/usr/sbin/criu"]
-            .iter()
-            .map(PathBuf::from)
-            .find(|p| p.is_file())
+        ["/usr/local/sbin/criu", "/usr/sbin/criu"].iter().map(PathBuf::from).find(|p| p.is_file())
     })
 }
 
 /// The version `criu --version` reports, as (major, minor, patch).
 pub fn criu_version(criu: &Path) -> Option<(u32, u32, u32)> {
-    let out = Command::new(criu)
-        .arg("--version")
-        .stdin(Stdio::null())
-        .output()
-        .ok()?;
+    let out = Command::new(criu).arg("--version").stdin(Stdio::null()).output().ok()?;
     parse_criu_version(&String::from_utf8_lossy(&out.stdout))
 }
 
@@ -101,9 +88,7 @@ pub fn parse_criu_version(text: &str) -> Option<(u32, u32, u32)> {
 
 fn which(name: &str) -> Option<PathBuf> {
     let path = env::var_os("PATH")?;
-    env::split_paths(&path)
-        .map(|dir| dir.join(name))
-        .find(|p| p.is_file())
+    env::split_paths(&path).map(|dir| dir.join(name)).find(|p| p.is_file())
 }
 
 #[cfg(test)]

@@ -45,11 +45,28 @@ pub fn start_time(pid: i32) -> Option<u64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name may hold spaces and parentheses; fields resume after the last ')'.
     // After it come field 3 (state) onwards, so field 22 is the 20th.
-    stat[stat.rfind(')')? + 1..]
-        .split_whitespace()
-        .nth(19)?
-        .parse()
-        .ok()
+    stat[stat.rfind(')')? + 1..].split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Sends the signal named `name` (`STOP`, `CONT`, `USR2`, ...) to `pid` with kill(1), for the
+/// signals [`Signal`] does not name.
+pub fn signal_by_name(pid: i32, name: &str) -> std::io::Result<()> {
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(pid.to_string())
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!("kill -{name} {pid} failed: {status}")))
+    }
+}
+
+/// The one-word name of `pid` (`/proc/PID/comm`), if it exists.
+pub fn comm(pid: i32) -> Option<String> {
+    fs::read_to_string(format!("/proc/{pid}/comm")).ok().map(|c| c.trim_end().to_string())
 }
 
 /// The direct children of `pid`, over all its threads.
@@ -97,10 +114,7 @@ mod tests {
     #[test]
     fn a_reused_pid_is_not_the_same_process() {
         let me = std::process::id() as i32;
-        let stale = ProcId {
-            pid: me,
-            start: start_time(me).expect("own stat") + 1,
-        };
+        let stale = ProcId { pid: me, start: start_time(me).expect("own stat") + 1 };
         // kill_tree must refuse: were it to signal, this test process would die.
         assert!(!stale.alive());
         stale.kill_tree();
@@ -108,10 +122,8 @@ mod tests {
 
     #[test]
     fn tree_is_found_and_killed() {
-        let mut sh = Command::new("sh")
-            .args(["-c", "sleep 1000 & sleep 1000 & wait"])
-            .spawn()
-            .expect("spawn sh");
+        let mut sh =
+            Command::new("sh").args(["-c", "sleep 1000 & sleep 1000 & wait"]).spawn().expect("spawn sh");
         let root = sh.id() as i32;
         let below = crate::poll(crate::WAIT, "two sleeps", || {
             let d = descendants(root);
@@ -120,8 +132,6 @@ mod tests {
         ProcId::of(root).expect("sh running").kill_tree();
         sh.wait().expect("reap sh");
         // The sleeps were reparented and reaped elsewhere; they must at least be dead.
-        crate::poll(crate::WAIT, "sleeps to die", || {
-            below.iter().all(|p| !process_exists(*p)).then_some(())
-        });
+        crate::poll(crate::WAIT, "sleeps to die", || below.iter().all(|p| !process_exists(*p)).then_some(()));
     }
 }

@@ -14,9 +14,10 @@ use std::time::Duration;
 
 use tempfile::TempDir;
 
-use crate::clean::{criu_lock_tables_of, delete_lock_table, present_lock_tables};
+use crate::clean::{delete_lock_table, mounts_under, present_lock_tables, run_ids};
 use crate::poll::{poll, try_poll, WAIT};
 use crate::privileged::criu_path;
+use crate::store_files::contains_bytes;
 use crate::workload::Workload;
 
 /// How long one `ferry` command may take before the test fails (and the command is killed):
@@ -43,14 +44,8 @@ impl Ferry {
         Ferry {
             bin: bin.into(),
             criu: criu_path(),
-            store: tempfile::Builder::new()
-                .prefix("ferry-store-")
-                .tempdir()
-                .expect("store tempdir"),
-            scratch: tempfile::Builder::new()
-                .prefix("ferry-scratch-")
-                .tempdir()
-                .expect("scratch tempdir"),
+            store: tempfile::Builder::new().prefix("ferry-store-").tempdir().expect("store tempdir"),
+            scratch: tempfile::Builder::new().prefix("ferry-scratch-").tempdir().expect("scratch tempdir"),
             lock_tables: Mutex::new(Vec::new()),
         }
     }
@@ -80,9 +75,51 @@ impl Ferry {
         self.scratch.path()
     }
 
-    /// Where the store keeps checkpoint `name`.
-    pub fn checkpoint_dir(&self, name: &str) -> PathBuf {
-        self.store().join("checkpoints").join(name)
+    /// The signed manifest of checkpoint `name`: `STORE/manifests/NAME.fmf`.
+    pub fn manifest_path(&self, name: &str) -> PathBuf {
+        self.store().join("manifests").join(format!("{name}.fmf"))
+    }
+
+    /// `STORE/packs`: sealed chunks (`*.pack`) and their indexes (`*.idx`).
+    pub fn packs_dir(&self) -> PathBuf {
+        self.store().join("packs")
+    }
+
+    /// `STORE/slots`: the wrapped data keys of each manifest (`<manifest id>.slots`).
+    pub fn slots_dir(&self) -> PathBuf {
+        self.store().join("slots")
+    }
+
+    /// `STORE/keys`: this node's keys.
+    pub fn keys_dir(&self) -> PathBuf {
+        self.store().join("keys")
+    }
+
+    /// `STORE/tmp`: private tmpfs mounts while a checkpoint or restore runs.
+    pub fn tmp_dir(&self) -> PathBuf {
+        self.store().join("tmp")
+    }
+
+    /// `ferry inspect NAME --json`, which must succeed, parsed.
+    #[track_caller]
+    pub fn inspect_json(&self, name: &str) -> serde_json::Value {
+        let outcome = self.run(&["inspect", name, "--json"]);
+        outcome.assert_ok();
+        serde_json::from_str(&outcome.stdout)
+            .unwrap_or_else(|e| panic!("inspect --json printed no JSON ({e})\n{outcome}"))
+    }
+
+    /// The names `ferry list --json` shows, sorted; the listing must succeed.
+    #[track_caller]
+    pub fn list_names(&self) -> Vec<String> {
+        let outcome = self.run(&["list", "--json"]);
+        outcome.assert_ok();
+        let entries: Vec<serde_json::Value> = serde_json::from_str(&outcome.stdout)
+            .unwrap_or_else(|e| panic!("list --json printed no JSON array ({e})\n{outcome}"));
+        let mut names: Vec<String> =
+            entries.iter().filter_map(|e| e["name"].as_str().map(str::to_string)).collect();
+        names.sort();
+        names
     }
 
     /// `ferry --store STORE [--criu CRIU] ARGS...`, stdin from /dev/null. The CRIU path is
@@ -98,10 +135,7 @@ impl Ferry {
         if let Some(criu) = &self.criu {
             cmd.arg("--criu").arg(criu);
         }
-        cmd.args(args)
-            .env_remove("FERRY_STORE")
-            .env_remove("FERRY_CRIU")
-            .stdin(Stdio::null());
+        cmd.args(args).env_remove("FERRY_STORE").env_remove("FERRY_CRIU").stdin(Stdio::null());
     }
 
     /// Runs ferry with `args` and returns what it did. Panics only if it runs past
@@ -115,11 +149,7 @@ impl Ferry {
         // Let nobody reach the store, so that "not root" is the only thing it lacks.
         let _ = fs::set_permissions(self.store(), fs::Permissions::from_mode(0o755));
         let mut cmd = Command::new("setpriv");
-        let ids = [
-            format!("--reuid={NOBODY}"),
-            format!("--regid={NOBODY}"),
-            "--clear-groups".to_string(),
-        ];
+        let ids = [format!("--reuid={NOBODY}"), format!("--regid={NOBODY}"), "--clear-groups".to_string()];
         cmd.args(ids).arg(&self.bin);
         self.add_args(&mut cmd, args);
         run_command(cmd, FERRY_TIMEOUT)
@@ -169,10 +199,7 @@ impl Ferry {
 
     /// A path in the scratch directory no earlier call returned.
     pub fn fresh_path(&self, stem: &str) -> PathBuf {
-        (0..)
-            .map(|i| self.scratch().join(format!("{i}.{stem}")))
-            .find(|p| !p.exists())
-            .expect("a free name")
+        (0..).map(|i| self.scratch().join(format!("{i}.{stem}"))).find(|p| !p.exists()).expect("a free name")
     }
 }
 
@@ -182,28 +209,44 @@ impl Drop for Ferry {
     /// behind. A failing test keeps its store, whose `logs/` holds the CRIU logs its errors name.
     fn drop(&mut self) {
         self.remove_all_checkpoints();
+        // A test that failed half way may leave a checkpoint's tmpfs mounted (ferry sweeps
+        // those of dead processes when it opens the store, which `list` above did): detach what
+        // is left, or the store directory could not be removed. Tests that care assert it.
+        for mount in mounts_under(self.store()).into_iter().rev() {
+            eprintln!("ferry-testkit: unmounting {} left in the store", mount.display());
+            let _ = Command::new("umount").arg("-l").arg(&mount).stdin(Stdio::null()).status();
+        }
         if !std::thread::panicking() {
             return;
         }
         if let Ok(empty) = tempfile::tempdir() {
             let kept = std::mem::replace(&mut self.store, empty).keep();
-            eprintln!(
-                "ferry-testkit: kept the store of the failed test at {}",
-                kept.display()
-            );
+            eprintln!("ferry-testkit: kept the store of the failed test at {}", kept.display());
         }
     }
 }
 
 impl Ferry {
-    /// The nftables tables of CRIU's network lock that the checkpoints in this store hold now.
+    /// The nftables tables of CRIU's network lock that this store's dumps hold now: the present
+    /// CRIU-* tables whose names a manifest records (the secure store keeps them there, as plain
+    /// strings of its encoding, so that `ferry rm` can release them), or whose run id a CRIU log
+    /// of the store names (a dump whose checkpoint was never committed). Read from the raw files,
+    /// so a manifest a test has damaged still counts.
     pub fn criu_lock_tables(&self) -> Vec<String> {
-        let Ok(dirs) = fs::read_dir(self.store().join("checkpoints")) else {
-            return Vec::new();
+        let read_all = |dir: &str| -> Vec<Vec<u8>> {
+            fs::read_dir(self.store().join(dir))
+                .map(|d| d.flatten().filter_map(|e| fs::read(e.path()).ok()).collect())
+                .unwrap_or_default()
         };
-        let tables: Vec<String> = dirs
-            .flatten()
-            .flat_map(|d| criu_lock_tables_of(&d.path().join("images")))
+        let manifests = read_all("manifests");
+        let runs: Vec<String> = read_all("logs").iter().flat_map(|l| run_ids(l)).collect();
+        let tables: Vec<String> = present_lock_tables()
+            .into_iter()
+            .filter(|t| {
+                let id = &t["CRIU-".len()..];
+                manifests.iter().any(|m| contains_bytes(m, t.as_bytes()))
+                    || (id.len() >= 8 && runs.iter().any(|run| run.starts_with(id)))
+            })
             .collect();
         let mut seen = self.lock_tables.lock().unwrap_or_else(|e| e.into_inner());
         for t in &tables {
@@ -257,13 +300,7 @@ pub struct Outcome {
 
 impl Outcome {
     fn new(command: String, status: ExitStatus, stdout: String, stderr: String) -> Outcome {
-        Outcome {
-            command,
-            code: status.code(),
-            signal: status.signal(),
-            stdout,
-            stderr,
-        }
+        Outcome { command, code: status.code(), signal: status.signal(), stdout, stderr }
     }
 
     /// Panics unless the command exited 0 without a panic.
@@ -285,10 +322,7 @@ impl Outcome {
     #[track_caller]
     pub fn assert_error_in(&self, codes: &[i32]) -> &Outcome {
         self.assert_no_panic();
-        assert!(
-            self.code.is_some_and(|c| codes.contains(&c)),
-            "expected exit code in {codes:?}\n{self}"
-        );
+        assert!(self.code.is_some_and(|c| codes.contains(&c)), "expected exit code in {codes:?}\n{self}");
         let first = self.stderr.lines().next().unwrap_or("");
         assert!(
             first.starts_with("error: ") && first.len() > "error: ".len(),
@@ -299,17 +333,11 @@ impl Outcome {
         // The detail lines the contract names are indented and say something.
         for line in self.stderr.lines().skip(1) {
             let trimmed = line.trim_start();
-            let Some(key) = ["cause:", "hint:", "log:"]
-                .into_iter()
-                .find(|k| trimmed.starts_with(k))
-            else {
+            let Some(key) = ["cause:", "hint:", "log:"].into_iter().find(|k| trimmed.starts_with(k)) else {
                 continue;
             };
             assert!(line.starts_with(' '), "`{key}` lines are indented\n{self}");
-            assert!(
-                !trimmed[key.len()..].trim().is_empty(),
-                "an empty `{key}` line\n{self}"
-            );
+            assert!(!trimmed[key.len()..].trim().is_empty(), "an empty `{key}` line\n{self}");
         }
         self
     }
@@ -317,17 +345,12 @@ impl Outcome {
     /// Panics unless stderr contains `needle` (ASCII case ignored).
     #[track_caller]
     pub fn assert_stderr_mentions(&self, needle: &str) -> &Outcome {
-        assert!(
-            self.stderr_mentions(needle),
-            "stderr should mention {needle:?}\n{self}"
-        );
+        assert!(self.stderr_mentions(needle), "stderr should mention {needle:?}\n{self}");
         self
     }
 
     pub fn stderr_mentions(&self, needle: &str) -> bool {
-        self.stderr
-            .to_ascii_lowercase()
-            .contains(&needle.to_ascii_lowercase())
+        self.stderr.to_ascii_lowercase().contains(&needle.to_ascii_lowercase())
     }
 
     /// True if a line of stderr other than `log:` holds `n` as a whole number (not as digits
@@ -342,10 +365,7 @@ impl Outcome {
 
     /// The path a `log: PATH` line names, if any.
     pub fn log_path(&self) -> Option<PathBuf> {
-        self.stderr
-            .lines()
-            .find_map(|l| l.trim().strip_prefix("log: "))
-            .map(|p| PathBuf::from(p.trim()))
+        self.stderr.lines().find_map(|l| l.trim().strip_prefix("log: ")).map(|p| PathBuf::from(p.trim()))
     }
 
     #[track_caller]
@@ -386,12 +406,7 @@ impl Running {
         let stderr = tempfile::tempfile()?;
         cmd.stdout(stdout.try_clone()?).stderr(stderr.try_clone()?);
         let child = cmd.spawn()?;
-        Ok(Running {
-            command,
-            child,
-            stdout,
-            stderr,
-        })
+        Ok(Running { command, child, stdout, stderr })
     }
 
     pub fn pid(&self) -> i32 {
@@ -442,9 +457,7 @@ fn run_command(cmd: Command, timeout: Duration) -> Outcome {
 
 fn read_all(file: &mut File) -> String {
     let mut bytes = Vec::new();
-    let _ = file
-        .seek(SeekFrom::Start(0))
-        .and_then(|_| file.read_to_end(&mut bytes));
+    let _ = file.seek(SeekFrom::Start(0)).and_then(|_| file.read_to_end(&mut bytes));
     String::from_utf8_lossy(&bytes).into_owned()
 }
 
@@ -467,35 +480,22 @@ mod tests {
     use super::*;
 
     fn outcome(code: i32, stderr: &str) -> Outcome {
-        Outcome::new(
-            "x".into(),
-            ExitStatus::from_raw(code << 8),
-            String::new(),
-            stderr.into(),
-        )
+        Outcome::new("x".into(), ExitStatus::from_raw(code << 8), String::new(), stderr.into())
     }
 
     #[test]
     fn commands_report_code_and_output() {
         let mut cmd = Command::new("sh");
-        cmd.args([
-            "-c",
-            "echo out; echo 'error: bad' >&2; echo '  cause: worse' >&2; exit 3",
-        ]);
+        cmd.args(["-c", "echo out; echo 'error: bad' >&2; echo '  cause: worse' >&2; exit 3"]);
         let o = run_command(cmd, WAIT);
         assert_eq!(o.code, Some(3));
         assert_eq!(o.stdout, "out\n");
-        o.assert_error(3)
-            .assert_error_in(&[1, 3])
-            .assert_stderr_mentions("CAUSE: WORSE");
+        o.assert_error(3).assert_error_in(&[1, 3]).assert_stderr_mentions("CAUSE: WORSE");
     }
 
     #[test]
     fn numbers_are_matched_whole() {
-        let o = outcome(
-            8,
-            "error: pid 1234 is in use\n  log: /s/logs/restore-98765-4321.log\n",
-        );
+        let o = outcome(8, "error: pid 1234 is in use\n  log: /s/logs/restore-98765-4321.log\n");
         assert!(o.stderr_mentions_number(1234));
         assert!(!o.stderr_mentions_number(123), "part of 1234");
         assert!(!o.stderr_mentions_number(4321), "only in the log path");
@@ -503,10 +503,7 @@ mod tests {
 
     #[test]
     fn log_line_is_found() {
-        let o = outcome(
-            7,
-            "error: restore failed\n  cause: x\n  log: /tmp/a b/restore.log\n",
-        );
+        let o = outcome(7, "error: restore failed\n  cause: x\n  log: /tmp/a b/restore.log\n");
         assert_eq!(o.log_path(), Some(PathBuf::from("/tmp/a b/restore.log")));
         assert_eq!(outcome(7, "error: y\n").log_path(), None);
     }

@@ -2,6 +2,7 @@
 
 use std::fs;
 use std::io;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
@@ -25,8 +26,13 @@ const REAP_WAIT: Duration = Duration::from_secs(10);
 pub enum Sample {
     /// Counts every ~50 ms into `counter.<pid>`; exits with code N once `exit.<pid>` holds N.
     Counter,
-    /// Holds `mib` MiB of random bytes; SIGUSR1 writes their sha256 to `hash.<pid>`.
+    /// Holds `mib` MiB of random bytes; SIGUSR1 writes their sha256 to `hash.<pid>`; SIGUSR2
+    /// rewrites a share of its pages (see [`Workload::rewrite_pages`]).
     MemHog { mib: u32 },
+    /// Holds a unique random marker (64 hex digits) in memory many times over, and 256 KiB of
+    /// random bytes; writes them to `marker.<pid>` and `blob.<pid>`; SIGUSR1 writes
+    /// `report.<pid>` (JSON: the marker, whether it and the blob are intact).
+    Marker,
     /// An open file at a known offset, a child behind two pipes, a listener on `port`;
     /// SIGUSR1 writes `report.<pid>` (JSON).
     Resources { port: u16 },
@@ -41,12 +47,13 @@ impl Sample {
             Sample::MemHog { .. } => "memhog.py",
             Sample::Resources { .. } => "resources.py",
             Sample::TcpEcho { .. } => "tcp_echo.py",
+            Sample::Marker => "marker.py",
         }
     }
 
     fn args(self) -> Vec<String> {
         match self {
-            Sample::Counter => vec![],
+            Sample::Counter | Sample::Marker => vec![],
             Sample::MemHog { mib } => vec![mib.to_string()],
             Sample::Resources { port } | Sample::TcpEcho { port } => vec![port.to_string()],
         }
@@ -54,9 +61,7 @@ impl Sample {
 
     /// Path of the workload's script in this crate's source tree.
     pub fn script_path(self) -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("workloads")
-            .join(self.script())
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("workloads").join(self.script())
     }
 }
 
@@ -103,14 +108,9 @@ impl Workload {
         };
         // setsid: CRIU cannot dump a task whose session leader lies outside the dumped tree.
         // The launched process is no group leader, so setsid execs in place without forking.
-        cmd.args([PYTHON, "-B"])
-            .arg(sample.script_path())
-            .arg(dir.path())
-            .args(sample.args());
+        cmd.args([PYTHON, "-B"]).arg(sample.script_path()).arg(dir.path()).args(sample.args());
         // Nothing but /dev/null: CRIU cannot restore pipes or terminals it did not dump.
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
         // A working directory of its own: dumping a task of a child pid namespace that sees the
         // host's /proc, CRIU's parasite mounts a proc at "proc.crtools" in the task's cwd, so
         // two tasks dumped at once from one cwd (say "/") fail with EEXIST.
@@ -128,25 +128,13 @@ impl Workload {
         };
         // Identity recorded now, so that Drop kills exactly this process and never a later
         // holder of its pid; one already gone gets start 0, which no live process has.
-        let root = ProcId::of(root_pid).unwrap_or(ProcId {
-            pid: root_pid,
-            start: 0,
-        });
-        let workload = Workload {
-            sample,
-            root,
-            launcher,
-            extras: Mutex::new(Vec::new()),
-            dir,
-        };
+        let root = ProcId::of(root_pid).unwrap_or(ProcId { pid: root_pid, start: 0 });
+        let workload = Workload { sample, root, launcher, extras: Mutex::new(Vec::new()), dir };
         // Stop waiting early if the workload died (a bad port, a missing interpreter).
         let ready = workload.path("ready", root.pid);
         let _ = try_poll(WAIT, || (ready.exists() || !workload.root.alive()).then_some(()));
         if !ready.exists() {
-            return Err(io::Error::other(format!(
-                "{sample:?} (pid {}) did not become ready",
-                root.pid
-            )));
+            return Err(io::Error::other(format!("{sample:?} (pid {}) did not become ready", root.pid)));
         }
         Ok(workload)
     }
@@ -185,9 +173,7 @@ impl Workload {
     #[track_caller]
     pub fn wait_file(&self, what: &str, pid: i32, timeout: Duration) -> String {
         let path = self.path(what, pid);
-        poll(timeout, &format!("{}", path.display()), || {
-            fs::read_to_string(&path).ok()
-        })
+        poll(timeout, &format!("{}", path.display()), || fs::read_to_string(&path).ok())
     }
 
     /// The counts process `pid` has written so far (counter workload).
@@ -230,6 +216,61 @@ impl Workload {
         self.request("hash", pid).trim().to_string()
     }
 
+    /// Asks the memhog `pid` to overwrite `percent` % of its buffer's pages (distinct pages,
+    /// picked at random) with new random bytes; returns how many pages it rewrote.
+    #[track_caller]
+    pub fn rewrite_pages(&self, pid: i32, percent: f64) -> u64 {
+        let _ = fs::remove_file(self.path("rewritten", pid));
+        let request = self.path("rewrite", pid);
+        let tmp = self.path("rewrite-tmp", pid);
+        fs::write(&tmp, percent.to_string())
+            .and_then(|_| fs::rename(&tmp, &request))
+            .unwrap_or_else(|e| panic!("cannot write {}: {e}", request.display()));
+        crate::procs::signal_by_name(pid, "USR2").unwrap_or_else(|e| panic!("SIGUSR2 to {pid}: {e}"));
+        let answer = self.wait_file("rewritten", pid, WAIT);
+        answer.trim().parse().unwrap_or_else(|e| panic!("rewritten.{pid} is not a count ({e}): {answer}"))
+    }
+
+    /// The marker the marker workload `pid` holds, as it wrote it when it started.
+    #[track_caller]
+    pub fn marker(&self, pid: i32) -> String {
+        self.wait_file("marker", pid, WAIT).trim().to_string()
+    }
+
+    /// The random blob the marker workload `pid` holds, as it wrote it when it started.
+    #[track_caller]
+    pub fn blob(&self, pid: i32) -> Vec<u8> {
+        self.wait_file("marker", pid, WAIT);
+        let path = self.path("blob", pid);
+        fs::read(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+    }
+
+    /// Host pids of every live process running this workload's script on its report directory:
+    /// the original and every restored copy, whoever restored them.
+    pub fn instances(&self) -> Vec<i32> {
+        let script = self.sample.script_path();
+        let want = [PYTHON.as_bytes(), script.as_os_str().as_bytes(), self.dir().as_os_str().as_bytes()];
+        let Ok(entries) = fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        let mut found: Vec<i32> = entries
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+            .filter(|pid| {
+                let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+                // python3 -B SCRIPT DIR ...: the launcher (unshare, setsid) names them too but
+                // runs another program.
+                args.first() == Some(&want[0])
+                    && args.contains(&want[1])
+                    && args.contains(&want[2])
+                    && ferry_sys::process_exists(*pid)
+            })
+            .collect();
+        found.sort_unstable();
+        found
+    }
+
     #[track_caller]
     fn request(&self, what: &str, pid: i32) -> String {
         // An older answer of the same pid must not pass for the fresh one.
@@ -249,18 +290,10 @@ impl Drop for Workload {
         let _ = self.launcher.wait();
         // Restored copies are not our children and their reaper may be slow: wait until they are
         // at least dead (zombies count as dead), so no test leaves anything running.
-        let gone = try_poll(REAP_WAIT, || {
-            extras
-                .iter()
-                .chain([&self.root])
-                .all(|id| !id.alive())
-                .then_some(())
-        });
+        let gone =
+            try_poll(REAP_WAIT, || extras.iter().chain([&self.root]).all(|id| !id.alive()).then_some(()));
         if gone.is_none() {
-            eprintln!(
-                "ferry-testkit: {:?} still alive {REAP_WAIT:?} after SIGKILL",
-                self.sample
-            );
+            eprintln!("ferry-testkit: {:?} still alive {REAP_WAIT:?} after SIGKILL", self.sample);
         }
     }
 }
@@ -279,14 +312,8 @@ mod tests {
         let pid = w.pid();
         // PID 1 of its namespace, yet reporting under its host pid.
         let status = fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-        let nspid = status
-            .lines()
-            .find(|l| l.starts_with("NSpid:"))
-            .expect("NSpid line");
-        assert_eq!(
-            nspid.split_whitespace().collect::<Vec<_>>(),
-            ["NSpid:", &pid.to_string(), "1"]
-        );
+        let nspid = status.lines().find(|l| l.starts_with("NSpid:")).expect("NSpid line");
+        assert_eq!(nspid.split_whitespace().collect::<Vec<_>>(), ["NSpid:", &pid.to_string(), "1"]);
         let counts = w.wait_counts(pid, 3);
         assert_eq!(&counts[..3], &[1, 2, 3]);
         let id = ProcId::of(pid).expect("alive");
@@ -350,10 +377,7 @@ mod tests {
         let child = r["child_host_pid"].as_i64().expect("child pid") as i32;
         assert_eq!(children(w.pid()), vec![child]);
         // A second report counts its own ping: the pipe carries each round trip once.
-        assert_eq!(
-            w.request_report(w.pid())["echo"].as_str().expect("echo"),
-            format!("pong 2 {child}")
-        );
+        assert_eq!(w.request_report(w.pid())["echo"].as_str().expect("echo"), format!("pong 2 {child}"));
     }
 
     #[test]

@@ -1,28 +1,62 @@
-"""memhog DIR N_MIB: holds N MiB of random bytes; on SIGUSR1 writes their sha256 to
-DIR/hash.<hostpid>. Writes DIR/ready.<hostpid> once the memory is filled."""
+"""memhog DIR N_MIB: holds N MiB of random bytes in a page-aligned private anonymous mapping.
+
+On SIGUSR1 writes their sha256 to DIR/hash.<hostpid>. On SIGUSR2 reads a percentage P from
+DIR/rewrite.<hostpid>, overwrites P% of the buffer's pages (distinct pages picked at random) with
+new random bytes and writes how many pages it rewrote to DIR/rewritten.<hostpid>.
+Writes DIR/ready.<hostpid> once the memory is filled."""
 import hashlib
+import mmap
 import os
+import random
 import signal
 import sys
 import time
 
-from _kit import host_pid, write_atomic
+from _kit import host_pid, read_small, write_atomic
+
+PAGE = mmap.PAGESIZE
+STEP = 1 << 20
 
 directory, mib = sys.argv[1], int(sys.argv[2])
-data = os.urandom(mib << 20)
-requested = False
+size = mib << 20
+# Page aligned, unlike a bytes object: rewriting one page of the buffer dirties one page of memory.
+data = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
+for offset in range(0, size, STEP):
+    data[offset:offset + min(STEP, size - offset)] = os.urandom(min(STEP, size - offset))
+hash_requested = False
+rewrite_requested = False
 
 
 def on_usr1(_signum, _frame):
-    global requested
-    requested = True
+    global hash_requested
+    hash_requested = True
 
 
-# The handler must be in place before "ready": SIGUSR1's default action would kill us.
+def on_usr2(_signum, _frame):
+    global rewrite_requested
+    rewrite_requested = True
+
+
+def rewrite():
+    path = "%s/rewrite.%d" % (directory, host_pid())
+    percent = float((read_small(path) or "0").strip() or "0")
+    os.remove(path)
+    pages = size // PAGE
+    chosen = random.sample(range(pages), int(pages * percent / 100))
+    for page in chosen:
+        data[page * PAGE:(page + 1) * PAGE] = os.urandom(PAGE)
+    write_atomic("%s/rewritten.%d" % (directory, host_pid()), str(len(chosen)))
+
+
+# The handlers must be in place before "ready": the signals' default action would kill us.
 signal.signal(signal.SIGUSR1, on_usr1)
+signal.signal(signal.SIGUSR2, on_usr2)
 write_atomic("%s/ready.%d" % (directory, host_pid()), "")
 while True:
-    if requested:
-        requested = False
+    if rewrite_requested:
+        rewrite_requested = False
+        rewrite()
+    if hash_requested:
+        hash_requested = False
         write_atomic("%s/hash.%d" % (directory, host_pid()), hashlib.sha256(data).hexdigest())
     time.sleep(0.05)

@@ -2,13 +2,12 @@
 //! never a panic, and leaves nothing stopped, mounted or locked.
 
 use std::fs::{self, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use ferry_sys::process_exists;
 use ferry_testkit::{
-    assert_no_mounts_under, assert_not_stopped, poll, require_privileged, Ferry, Isolation, Outcome, Sample,
-    Workload, WAIT,
+    assert_no_mounts_under, assert_not_stopped, dir_names, flip_byte, indexed_packs, poll,
+    require_privileged, Ferry, Isolation, Outcome, PackFiles, Sample, Workload, FRAME_HEADER, WAIT,
 };
 
 fn ferry() -> Ferry {
@@ -21,41 +20,31 @@ fn unused_pid() -> i32 {
         .ok()
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(32768);
-    (2..max)
-        .rev()
-        .find(|p| !Path::new(&format!("/proc/{p}")).exists())
-        .expect("a free pid")
+    (2..max).rev().find(|p| !Path::new(&format!("/proc/{p}")).exists()).expect("a free pid")
 }
 
-/// The store is left usable: not locked, not mounted over.
+/// The store is left usable: not locked, not mounted over, no plaintext scratch left.
 #[track_caller]
 fn assert_store_usable(ferry: &Ferry) {
     assert_no_mounts_under(ferry.store());
+    let tmp = dir_names(&ferry.tmp_dir());
+    assert!(tmp.is_empty(), "STORE/tmp still holds {tmp:?}");
     ferry.run(&["list"]).assert_ok();
 }
 
-/// Checkpoints a counter, which stops it, and returns the checkpoint's image directory.
-fn checkpointed_counter(ferry: &Ferry, w: &Workload, name: &str) -> PathBuf {
+/// Checkpoints a counter, which stops it; returns the store's packs, largest first.
+fn checkpointed_counter(ferry: &Ferry, w: &Workload, name: &str) -> Vec<PackFiles> {
     w.wait_counts(w.pid(), 2);
     ferry.checkpoint(w.pid(), name, &[]).assert_ok();
-    poll(WAIT, "the checkpointed counter to be stopped", || {
-        (!process_exists(w.pid())).then_some(())
-    });
-    let images = ferry.checkpoint_dir(name).join("images");
-    assert!(images.is_dir(), "expected CRIU images in {}", images.display());
-    images
-}
-
-/// The image files in `images` whose name starts with `prefix`, largest first.
-fn images_named(images: &Path, prefix: &str) -> Vec<PathBuf> {
-    let mut found: Vec<(u64, PathBuf)> = fs::read_dir(images)
-        .expect("read images")
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
-        .map(|e| (e.metadata().map(|m| m.len()).unwrap_or(0), e.path()))
-        .collect();
-    found.sort_by_key(|f| std::cmp::Reverse(f.0));
-    found.into_iter().map(|(_, p)| p).collect()
+    poll(WAIT, "the checkpointed counter to be stopped", || (!process_exists(w.pid())).then_some(()));
+    let mut packs = indexed_packs(ferry.store());
+    assert!(
+        packs.iter().any(|p| !p.entries.is_empty()),
+        "expected sealed chunks in {}",
+        ferry.packs_dir().display()
+    );
+    packs.sort_by_key(|p| std::cmp::Reverse(p.pack_len()));
+    packs
 }
 
 /// Restores `name`, which must fail with one of `codes`; no copy may be left running.
@@ -65,10 +54,7 @@ fn assert_restore_refused(ferry: &Ferry, w: &Workload, name: &str, codes: &[i32]
     let (outcome, pid) = ferry.restore_detached(name, w);
     outcome.assert_error_in(codes);
     if let Some(pid) = pid {
-        assert!(
-            !process_exists(pid),
-            "a failed restore left pid {pid} running\n{outcome}"
-        );
+        assert!(!process_exists(pid), "a failed restore left pid {pid} running\n{outcome}");
     }
     outcome
 }
@@ -82,13 +68,10 @@ fn nonexistent_pid_is_not_found() {
     let pid = unused_pid();
     let outcome = ferry.checkpoint(pid, "ghost", &[]);
     outcome.assert_error(3);
-    assert!(
-        outcome.stderr_mentions_number(pid.into()),
-        "the error must name pid {pid}\n{outcome}"
-    );
+    assert!(outcome.stderr_mentions_number(pid.into()), "the error must name pid {pid}\n{outcome}");
     assert_store_usable(&ferry);
     assert!(
-        !ferry.checkpoint_dir("ghost").exists(),
+        !ferry.manifest_path("ghost").exists() && ferry.list_names().is_empty(),
         "a failed checkpoint must leave nothing behind"
     );
 }
@@ -99,12 +82,9 @@ fn malformed_arguments_are_usage_errors() {
         return;
     }
     let ferry = ferry();
-    for args in [
-        &["checkpoint", "1234"][..],
-        &["checkpoint", "pid:abc"],
-        &["checkpoint", "bogus:1"],
-        &["frobnicate"],
-    ] {
+    for args in
+        [&["checkpoint", "1234"][..], &["checkpoint", "pid:abc"], &["checkpoint", "bogus:1"], &["frobnicate"]]
+    {
         ferry.run(args).assert_error(2);
     }
 }
@@ -115,10 +95,7 @@ fn nonexistent_checkpoint_is_not_found() {
         return;
     }
     let ferry = ferry();
-    ferry
-        .run(&["restore", "nope", "--detach"])
-        .assert_error(3)
-        .assert_stderr_mentions("nope");
+    ferry.run(&["restore", "nope", "--detach"]).assert_error(3).assert_stderr_mentions("nope");
     assert_store_usable(&ferry);
 }
 
@@ -129,26 +106,27 @@ fn truncated_image_is_refused() {
     }
     let ferry = ferry();
     let w = Workload::start(Sample::Counter, Isolation::PidNamespace).expect("start counter");
-    let images = checkpointed_counter(&ferry, &w, "truncated");
-    let victim = images.join("pstree.img");
-    let len = fs::metadata(&victim).expect("pstree.img in the checkpoint").len();
+    let packs = checkpointed_counter(&ferry, &w, "truncated");
+    // Cut the largest pack in half: every chunk from the cut on is gone or torn.
+    let victim = &packs[0];
+    let cut = victim.pack_len() / 2;
     OpenOptions::new()
         .write(true)
-        .open(&victim)
-        .and_then(|f| f.set_len(len / 2))
-        .expect("truncate");
+        .open(&victim.pack)
+        .and_then(|f| f.set_len(cut))
+        .expect("truncate the pack");
+    let lost: Vec<String> =
+        victim.entries.iter().filter(|e| e.offset + u64::from(e.len) > cut).map(|e| e.short_id()).collect();
+    assert!(!lost.is_empty(), "the cut must tear some chunk");
 
-    let outcome = assert_restore_refused(&ferry, &w, "truncated", &[6, 7]);
-    // Clear: either ferry names what is damaged, or CRIU failed and its log is named.
-    let clear = outcome.stderr_mentions("pstree.img")
-        || outcome.stderr_mentions("damaged")
-        || outcome.stderr_mentions("corrupt")
-        || outcome.log_path().is_some_and(|l| l.is_file());
-    assert!(
-        clear,
-        "the error must say what is damaged or where CRIU's log is\n{outcome}"
-    );
+    let outcome = assert_restore_refused(&ferry, &w, "truncated", &[6]);
+    // Clear: the error names the damaged pack or one of the chunks it lost.
+    let named = outcome.stderr_mentions(&victim.id()) || lost.iter().any(|id| outcome.stderr_mentions(id));
+    assert!(named, "the error must name {} or a chunk it lost\n{outcome}", victim.file_name());
+    assert!(w.instances().is_empty(), "a refused restore started a copy: {:?}", w.instances());
     assert_store_usable(&ferry);
+    // Refused again, the same way: nothing was half repaired or half restored.
+    ferry.run(&["verify", "truncated"]).assert_error(6);
 }
 
 #[test]
@@ -158,32 +136,25 @@ fn corrupted_memory_image_is_refused() {
     }
     let ferry = ferry();
     let w = Workload::start(Sample::Counter, Isolation::PidNamespace).expect("start counter");
-    let images = checkpointed_counter(&ferry, &w, "flipped");
-    let victim = images_named(&images, "pages-")
-        .into_iter()
-        .next()
-        .expect("a pages-*.img file");
-    let mut file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&victim)
-        .expect("open pages image");
-    let len = file.metadata().expect("size").len();
-    let mut page = vec![0u8; 4096.min(len as usize)];
-    let at = (len / 2) & !4095;
-    file.seek(SeekFrom::Start(at))
-        .and_then(|_| file.read_exact(&mut page))
-        .expect("read a page");
-    page.iter_mut().for_each(|b| *b ^= 0xff);
-    file.seek(SeekFrom::Start(at))
-        .and_then(|_| file.write_all(&page))
-        .expect("corrupt a page");
-    drop(file);
+    let packs = checkpointed_counter(&ferry, &w, "flipped");
+    // Page chunks come first in a pack (they are sealed while CRIU writes): the middle chunk of
+    // the largest pack is memory. One bit pattern of one byte of its sealed body changes.
+    let victim = &packs[0];
+    let chunk = victim.entries[victim.entries.len() / 2];
+    let body = u64::from(chunk.len) - FRAME_HEADER;
+    flip_byte(&victim.pack, chunk.offset + FRAME_HEADER + body / 2);
 
-    // CRIU itself would restore the flipped bytes without noticing: only ferry's own checks
-    // of the checkpoint can refuse it, and it must, before anything runs.
-    assert_restore_refused(&ferry, &w, "flipped", &[6]);
+    // CRIU itself would restore flipped bytes without noticing: only ferry's own checks of the
+    // checkpoint can refuse it, and they must, before anything runs.
+    let outcome = assert_restore_refused(&ferry, &w, "flipped", &[6]);
+    assert!(
+        outcome.stderr_mentions(&chunk.short_id()),
+        "the error must name the damaged chunk {}\n{outcome}",
+        chunk.short_id()
+    );
+    assert!(w.instances().is_empty(), "a refused restore started a copy: {:?}", w.instances());
     assert_store_usable(&ferry);
+    ferry.run(&["verify", "flipped"]).assert_error(6);
 }
 
 #[test]
@@ -195,22 +166,15 @@ fn restore_while_the_original_runs_is_a_conflict() {
     // In the host's pid namespace, a restore needs the original's pid, which it still holds.
     let w = Workload::start(Sample::Counter, Isolation::Host).expect("start counter");
     w.wait_counts(w.pid(), 2);
-    ferry
-        .checkpoint(w.pid(), "twin", &["--leave-running"])
-        .assert_ok();
+    ferry.checkpoint(w.pid(), "twin", &["--leave-running"]).assert_ok();
     assert_not_stopped(w.pid());
 
     let outcome = assert_restore_refused(&ferry, &w, "twin", &[8]);
     let about_pid = outcome.stderr_mentions_number(w.pid().into()) || outcome.stderr_mentions("in use");
     assert!(about_pid, "the error must say that the pid is in use\n{outcome}");
-    let log = outcome
-        .log_path()
-        .unwrap_or_else(|| panic!("CRIU was involved: a `log:` line is due\n{outcome}"));
-    assert!(
-        log.is_file(),
-        "the log {} named on stderr does not exist",
-        log.display()
-    );
+    let log =
+        outcome.log_path().unwrap_or_else(|| panic!("CRIU was involved: a `log:` line is due\n{outcome}"));
+    assert!(log.is_file(), "the log {} named on stderr does not exist", log.display());
 
     // The original is untouched, and neither it nor the store is locked: it can be
     // checkpointed again.
@@ -218,9 +182,7 @@ fn restore_while_the_original_runs_is_a_conflict() {
     let seen = w.counts(w.pid()).len();
     w.wait_counts(w.pid(), seen + 2);
     assert_store_usable(&ferry);
-    ferry
-        .checkpoint(w.pid(), "twin-again", &["--leave-running"])
-        .assert_ok();
+    ferry.checkpoint(w.pid(), "twin-again", &["--leave-running"]).assert_ok();
     assert_not_stopped(w.pid());
 }
 
@@ -238,7 +200,7 @@ fn non_root_cannot_checkpoint() {
         .assert_stderr_mentions("root");
     assert_not_stopped(w.pid());
     assert_store_usable(&ferry);
-    assert!(!ferry.checkpoint_dir("nobody").exists());
+    assert!(!ferry.manifest_path("nobody").exists());
 }
 
 #[test]
@@ -249,13 +211,8 @@ fn non_root_cannot_restore() {
     let ferry = ferry();
     let w = Workload::start(Sample::Counter, Isolation::PidNamespace).expect("start counter");
     w.wait_counts(w.pid(), 2);
-    ferry
-        .checkpoint(w.pid(), "mine", &["--leave-running"])
-        .assert_ok();
-    ferry
-        .run_as_nobody(&["restore", "mine", "--detach"])
-        .assert_error(4)
-        .assert_stderr_mentions("root");
+    ferry.checkpoint(w.pid(), "mine", &["--leave-running"]).assert_ok();
+    ferry.run_as_nobody(&["restore", "mine", "--detach"]).assert_error(4).assert_stderr_mentions("root");
     assert_not_stopped(w.pid());
     // Only the original counts: no copy came to life.
     let counters: Vec<_> = fs::read_dir(w.dir())

@@ -72,7 +72,7 @@ fn missing_criu_is_an_environment_error() {
         .assert_error(5)
         .assert_stderr_mentions("criu");
     assert_not_stopped(w.pid());
-    assert!(!ferry.checkpoint_dir("x").exists());
+    assert!(!ferry.manifest_path("x").exists());
 }
 
 #[test]

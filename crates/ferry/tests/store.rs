@@ -58,7 +58,7 @@ fn list_describes_checkpoints_and_rm_removes_them() {
     ferry.run(&["rm", "alpha"]).assert_ok();
     assert_eq!(names(&list_json(&ferry)), ["beta"]);
     assert!(
-        !ferry.checkpoint_dir("alpha").exists(),
+        !ferry.manifest_path("alpha").exists(),
         "rm must delete the checkpoint's files"
     );
     ferry
@@ -146,7 +146,7 @@ fn assert_rm_releases_the_lock(ferry: &Ferry, w: &Workload, name: &str, extra: &
         left.is_empty(),
         "`ferry rm {name}` left CRIU's lock tables {left:?}"
     );
-    assert!(!ferry.checkpoint_dir(name).exists());
+    assert!(!ferry.manifest_path(name).exists());
 }
 
 #[test]
