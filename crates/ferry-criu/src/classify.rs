@@ -92,9 +92,7 @@ impl Cause {
                 "the checkpoint images are missing, truncated or corrupted".to_owned()
             }
             Cause::NetworkLock => "CRIU could not lock the network with iptables/nftables".to_owned(),
-            Cause::Unknown {
-                first_error: Some(line),
-            } => format!("CRIU failed: {}", error_message(line)),
+            Cause::Unknown { first_error: Some(line) } => format!("CRIU failed: {}", error_message(line)),
             Cause::Unknown { first_error: None } => "CRIU failed without logging an error".to_owned(),
         }
     }
@@ -220,18 +218,11 @@ pub fn classify_log(log: &str) -> Cause {
     }
 
     if empty_reads >= EMPTY_READS_FOR_DAMAGE && !matches!(&best, Some((r, _)) if *r <= FILES) {
-        best = Some((
-            FILES,
-            Cause::DamagedImage {
-                file: Some("pages-*.img".to_owned()),
-            },
-        ));
+        best = Some((FILES, Cause::DamagedImage { file: Some("pages-*.img".to_owned()) }));
     }
     match best {
         Some((_, cause)) => cause,
-        None => Cause::Unknown {
-            first_error: first_error_line(log),
-        },
+        None => Cause::Unknown { first_error: first_error_line(log) },
     }
 }
 
@@ -240,9 +231,7 @@ pub fn classify_log(log: &str) -> Cause {
 /// CRIU's "rlimit: Can't setup RLIMIT_NOFILE for self" error is printed on every run on these
 /// hosts and means nothing, so it is skipped.
 pub fn first_error_line(log: &str) -> Option<String> {
-    log.lines()
-        .find(|l| l.contains("Error (") && !is_noise(l))
-        .map(|l| cap_chars(l.trim(), MAX_LINE_CHARS))
+    log.lines().find(|l| l.contains("Error (") && !is_noise(l)).map(|l| cap_chars(l.trim(), MAX_LINE_CHARS))
 }
 
 /// CRIU writes "Error (file:line): " and "Warn  (file:line): " before its messages.
@@ -299,22 +288,12 @@ fn match_line(line: &str, missing_image: Option<&str>) -> Option<(Rank, Cause)> 
     if let Some(rest) = after(msg, "Can't fork for ") {
         // clone3() with set_tid gives EEXIST when the PID is taken; other errnos are not this.
         if rest.contains("File exists") {
-            return Some((
-                SPECIFIC,
-                Cause::PidInUse {
-                    pid: leading_int(rest),
-                },
-            ));
+            return Some((SPECIFIC, Cause::PidInUse { pid: leading_int(rest) }));
         }
     }
     if let Some(rest) = after(msg, "do not match expected ") {
         // The clone()+ns_last_pid path of older kernels: the child got another PID.
-        return Some((
-            SPECIFIC,
-            Cause::PidInUse {
-                pid: leading_int(rest),
-            },
-        ));
+        return Some((SPECIFIC, Cause::PidInUse { pid: leading_int(rest) }));
     }
     if msg.contains("Address already in use") {
         return Some((SPECIFIC, Cause::AddressInUse));
@@ -350,12 +329,7 @@ fn match_line(line: &str, missing_image: Option<&str>) -> Option<(Rank, Cause)> 
     if let Some(rest) = after(msg, "Unable to interrupt task: ") {
         // PTRACE_INTERRUPT's errno tells a missing process from a forbidden one (e.g. traced).
         if rest.contains("(No such process)") {
-            return Some((
-                SEIZE,
-                Cause::ProcessNotFound {
-                    pid: leading_int(rest),
-                },
-            ));
+            return Some((SEIZE, Cause::ProcessNotFound { pid: leading_int(rest) }));
         }
         if rest.contains("(Operation not permitted)") {
             return Some((SEIZE, Cause::NotPermitted));
@@ -363,22 +337,12 @@ fn match_line(line: &str, missing_image: Option<&str>) -> Option<(Rank, Cause)> 
     }
     if let Some(rest) = after(msg, "Unable to detach from ") {
         if rest.contains("No such process") {
-            return Some((
-                WEAK,
-                Cause::ProcessNotFound {
-                    pid: leading_int(rest),
-                },
-            ));
+            return Some((WEAK, Cause::ProcessNotFound { pid: leading_int(rest) }));
         }
     }
     if let Some(rest) = after(msg, "Failed to open /proc/") {
         if rest.contains("/comm: No such file or directory") {
-            return Some((
-                WEAK,
-                Cause::ProcessNotFound {
-                    pid: leading_int(rest),
-                },
-            ));
+            return Some((WEAK, Cause::ProcessNotFound { pid: leading_int(rest) }));
         }
     }
     if contains_any(msg, &["Operation not permitted", "Permission denied"]) {
@@ -392,11 +356,8 @@ fn unsupported_object(msg: &str) -> Option<String> {
     if let Some(rest) = after(msg, "Can't dump file ") {
         // "Can't dump file 3 of that type [600] (anon anon_inode:[perf_event])"
         let fd = rest.split(' ').next().unwrap_or("?");
-        let inner = rest
-            .find(" (")
-            .map(|i| &rest[i + 2..])
-            .map(|s| s.strip_suffix(')').unwrap_or(s))
-            .unwrap_or("");
+        let inner =
+            rest.find(" (").map(|i| &rest[i + 2..]).map(|s| s.strip_suffix(')').unwrap_or(s)).unwrap_or("");
         let what = if let Some(dev) = inner.strip_prefix("chr ") {
             format!("character device {dev}")
         } else if let Some(dev) = inner.strip_prefix("blk ") {
@@ -416,35 +377,20 @@ fn unsupported_object(msg: &str) -> Option<String> {
     let table: &[(&str, &str)] = &[
         ("Unsupported mapping found", "an unusual memory mapping"),
         ("Can't dump high memory region", "a memory region above 47 bits"),
-        (
-            "Control messages in queue",
-            "a unix socket with file descriptors queued in it",
-        ),
-        (
-            "Only stream, dgram and raw are supported",
-            "a network socket of an unsupported type",
-        ),
-        (
-            "Unsupported proto ",
-            "a network socket of an unsupported protocol",
-        ),
+        ("Control messages in queue", "a unix socket with file descriptors queued in it"),
+        ("Only stream, dgram and raw are supported", "a network socket of an unsupported type"),
+        ("Unsupported proto ", "a network socket of an unsupported protocol"),
         ("Unsupported socket family", "a socket of an unsupported family"),
         ("Unsupported type (", "a unix socket of an unsupported type"),
         ("Can't dump corked dgram socket", "a corked UDP socket"),
         ("Can't dump nested ", "a nested namespace"),
         ("Sysv shmem ", "a System V shared memory segment with holes"),
         ("Unsupported link ", "a network device of an unsupported kind"),
-        (
-            "Can't dump ghost file ",
-            "a large deleted file that is still open",
-        ),
+        ("Can't dump ghost file ", "a large deleted file that is still open"),
         ("The path [", "a file at a path CRIU does not support"),
         ("PIDFD_THREAD flag", "a pidfd of a thread"),
     ];
-    table
-        .iter()
-        .find(|(pat, _)| msg.contains(pat))
-        .map(|(_, what)| (*what).to_owned())
+    table.iter().find(|(pat, _)| msg.contains(pat)).map(|(_, what)| (*what).to_owned())
 }
 
 /// The image file a damage message names (`Some(None)` when it names none).
@@ -493,10 +439,7 @@ fn damaged_image(msg: &str, missing_image: Option<&str>) -> Option<Option<String
 fn external_file(msg: &str) -> Option<Option<String>> {
     // "Can't open file tmp/x on restore: No such file..." and "Can't open file tmp/x: ..."
     if let Some(rest) = after(msg, "Can't open file ") {
-        let end = rest
-            .find(" on restore:")
-            .or_else(|| rest.rfind(": "))
-            .unwrap_or(rest.len());
+        let end = rest.find(" on restore:").or_else(|| rest.rfind(": ")).unwrap_or(rest.len());
         return Some(restored_path(&rest[..end]));
     }
     // "File tmp/x has bad size 27 (expect 12)", also bad mode / bad build-ID
@@ -592,30 +535,18 @@ mod tests {
 
     #[test]
     fn tcp_established_on_dump_and_restore() {
-        fixture(
-            Cause::TcpEstablished,
-            include_str!("../tests/fixtures/tcp_established_dump.log"),
-        );
-        fixture(
-            Cause::TcpEstablished,
-            include_str!("../tests/fixtures/tcp_established_restore.log"),
-        );
+        fixture(Cause::TcpEstablished, include_str!("../tests/fixtures/tcp_established_dump.log"));
+        fixture(Cause::TcpEstablished, include_str!("../tests/fixtures/tcp_established_restore.log"));
     }
 
     #[test]
     fn tcp_in_flight() {
-        fixture(
-            Cause::TcpInFlight,
-            include_str!("../tests/fixtures/tcp_in_flight.log"),
-        );
+        fixture(Cause::TcpInFlight, include_str!("../tests/fixtures/tcp_in_flight.log"));
     }
 
     #[test]
     fn pid_in_use() {
-        fixture(
-            Cause::PidInUse { pid: Some(8633) },
-            include_str!("../tests/fixtures/pid_in_use.log"),
-        );
+        fixture(Cause::PidInUse { pid: Some(8633) }, include_str!("../tests/fixtures/pid_in_use.log"));
     }
 
     #[test]
@@ -628,55 +559,33 @@ mod tests {
 
     #[test]
     fn not_permitted() {
-        fixture(
-            Cause::NotPermitted,
-            include_str!("../tests/fixtures/not_permitted_nobody.log"),
-        );
+        fixture(Cause::NotPermitted, include_str!("../tests/fixtures/not_permitted_nobody.log"));
         // Same "Unable to detach ... No such process" error as a missing PID; only the warning differs.
-        fixture(
-            Cause::NotPermitted,
-            include_str!("../tests/fixtures/not_permitted_traced.log"),
-        );
+        fixture(Cause::NotPermitted, include_str!("../tests/fixtures/not_permitted_traced.log"));
     }
 
     #[test]
     fn external_unix_socket() {
-        fixture(
-            Cause::ExternalUnixSocket,
-            include_str!("../tests/fixtures/external_unix_socket.log"),
-        );
-        fixture(
-            Cause::ExternalUnixSocket,
-            include_str!("../tests/fixtures/external_unix_socket_half.log"),
-        );
+        fixture(Cause::ExternalUnixSocket, include_str!("../tests/fixtures/external_unix_socket.log"));
+        fixture(Cause::ExternalUnixSocket, include_str!("../tests/fixtures/external_unix_socket_half.log"));
     }
 
     #[test]
     fn external_file() {
         fixture(
-            Cause::ExternalFile {
-                path: Some("/tmp/fcls/data.txt".to_owned()),
-            },
+            Cause::ExternalFile { path: Some("/tmp/fcls/data.txt".to_owned()) },
             include_str!("../tests/fixtures/external_file_deleted.log"),
         );
         fixture(
-            Cause::ExternalFile {
-                path: Some("/tmp/fcls/data2.txt".to_owned()),
-            },
+            Cause::ExternalFile { path: Some("/tmp/fcls/data2.txt".to_owned()) },
             include_str!("../tests/fixtures/external_file_size.log"),
         );
     }
 
     #[test]
     fn external_mount() {
-        fixture(
-            Cause::ExternalMount,
-            include_str!("../tests/fixtures/external_mount_root.log"),
-        );
-        fixture(
-            Cause::ExternalMount,
-            include_str!("../tests/fixtures/external_mount_lookup.log"),
-        );
+        fixture(Cause::ExternalMount, include_str!("../tests/fixtures/external_mount_root.log"));
+        fixture(Cause::ExternalMount, include_str!("../tests/fixtures/external_mount_lookup.log"));
     }
 
     #[test]
@@ -687,15 +596,11 @@ mod tests {
             "{io_uring:?}"
         );
         fixture(
-            Cause::UnsupportedObject {
-                what: "anon_inode:[perf_event] (fd 3)".to_owned(),
-            },
+            Cause::UnsupportedObject { what: "anon_inode:[perf_event] (fd 3)".to_owned() },
             include_str!("../tests/fixtures/unsupported_perf_event.log"),
         );
         fixture(
-            Cause::UnsupportedObject {
-                what: "character device 10:229 (fd 3)".to_owned(),
-            },
+            Cause::UnsupportedObject { what: "character device 10:229 (fd 3)".to_owned() },
             include_str!("../tests/fixtures/unsupported_char_device.log"),
         );
     }
@@ -708,68 +613,30 @@ mod tests {
     #[test]
     fn damaged_images() {
         let cases = [
-            (
-                "core-8633.img",
-                include_str!("../tests/fixtures/damaged_core_truncated.log"),
-            ),
-            (
-                "core-8633.img",
-                include_str!("../tests/fixtures/damaged_core_magic.log"),
-            ),
-            (
-                "core-8633.img",
-                include_str!("../tests/fixtures/damaged_core_garbage.log"),
-            ),
-            (
-                "core-8633.img",
-                include_str!("../tests/fixtures/damaged_core_missing.log"),
-            ),
-            (
-                "pstree.img",
-                include_str!("../tests/fixtures/damaged_pstree_truncated.log"),
-            ),
-            (
-                "pstree.img",
-                include_str!("../tests/fixtures/damaged_pstree_magic.log"),
-            ),
-            (
-                "inventory.img",
-                include_str!("../tests/fixtures/damaged_inventory_magic.log"),
-            ),
-            (
-                "inventory.img",
-                include_str!("../tests/fixtures/damaged_no_images.log"),
-            ),
-            (
-                "pages-*.img",
-                include_str!("../tests/fixtures/damaged_pages_truncated.log"),
-            ),
+            ("core-8633.img", include_str!("../tests/fixtures/damaged_core_truncated.log")),
+            ("core-8633.img", include_str!("../tests/fixtures/damaged_core_magic.log")),
+            ("core-8633.img", include_str!("../tests/fixtures/damaged_core_garbage.log")),
+            ("core-8633.img", include_str!("../tests/fixtures/damaged_core_missing.log")),
+            ("pstree.img", include_str!("../tests/fixtures/damaged_pstree_truncated.log")),
+            ("pstree.img", include_str!("../tests/fixtures/damaged_pstree_magic.log")),
+            ("inventory.img", include_str!("../tests/fixtures/damaged_inventory_magic.log")),
+            ("inventory.img", include_str!("../tests/fixtures/damaged_no_images.log")),
+            ("pages-*.img", include_str!("../tests/fixtures/damaged_pages_truncated.log")),
         ];
         for (file, log) in cases {
-            fixture(
-                Cause::DamagedImage {
-                    file: Some(file.to_owned()),
-                },
-                log,
-            );
+            fixture(Cause::DamagedImage { file: Some(file.to_owned()) }, log);
         }
     }
 
     #[test]
     fn network_lock() {
         // The first error is the generic "exited, status=127" of the iptables child.
-        fixture(
-            Cause::NetworkLock,
-            include_str!("../tests/fixtures/network_lock_iptables.log"),
-        );
+        fixture(Cause::NetworkLock, include_str!("../tests/fixtures/network_lock_iptables.log"));
     }
 
     #[test]
     fn address_in_use() {
-        fixture(
-            Cause::AddressInUse,
-            include_str!("../tests/fixtures/address_in_use.log"),
-        );
+        fixture(Cause::AddressInUse, include_str!("../tests/fixtures/address_in_use.log"));
     }
 
     #[test]
@@ -870,9 +737,7 @@ mod tests {
             Cause::ProcessNotFound { pid: Some(1) },
             Cause::ProcessNotFound { pid: None },
             Cause::ExternalUnixSocket,
-            Cause::ExternalFile {
-                path: Some("/a".to_owned()),
-            },
+            Cause::ExternalFile { path: Some("/a".to_owned()) },
             Cause::ExternalFile { path: None },
             Cause::ExternalMount,
             Cause::UnsupportedObject { what: "x".to_owned() },
@@ -880,34 +745,22 @@ mod tests {
             Cause::TcpInFlight,
             Cause::AddressInUse,
             Cause::NoSpace,
-            Cause::DamagedImage {
-                file: Some("a.img".to_owned()),
-            },
+            Cause::DamagedImage { file: Some("a.img".to_owned()) },
             Cause::DamagedImage { file: None },
             Cause::NetworkLock,
-            Cause::Unknown {
-                first_error: Some("(0.1) Error (a.c:1): boom".to_owned()),
-            },
+            Cause::Unknown { first_error: Some("(0.1) Error (a.c:1): boom".to_owned()) },
             Cause::Unknown { first_error: None },
         ];
         for cause in all {
             for text in [cause.summary(), cause.hint()] {
-                assert!(
-                    !text.is_empty() && !text.contains('\n') && !text.contains("  "),
-                    "{text:?}"
-                );
+                assert!(!text.is_empty() && !text.contains('\n') && !text.contains("  "), "{text:?}");
             }
         }
         assert_eq!(
-            Cause::Unknown {
-                first_error: Some("(0.1) Error (a.c:1): boom".to_owned())
-            }
-            .summary(),
+            Cause::Unknown { first_error: Some("(0.1) Error (a.c:1): boom".to_owned()) }.summary(),
             "CRIU failed: boom"
         );
         assert!(Cause::TcpEstablished.hint().contains("`--tcp-established`"));
-        assert!(Cause::PidInUse { pid: Some(7) }
-            .hint()
-            .contains("`ferry restore NAME`"));
+        assert!(Cause::PidInUse { pid: Some(7) }.hint().contains("`ferry restore NAME`"));
     }
 }

@@ -27,13 +27,7 @@ const MAX_RESPONSE: usize = 1 << 20;
 const MAX_LOG_READ: u64 = 16 << 20;
 /// Where CRIU is looked for after `$PATH`: the setup script installs into /usr/local/sbin,
 /// which a non-login root shell's PATH may lack.
-const FALLBACK_DIRS: &[&str] = &[
-    "/usr/local/sbin",
-    "/usr/local/bin",
-    "/usr/sbin",
-    "/usr/bin",
-    "/sbin",
-];
+const FALLBACK_DIRS: &[&str] = &["/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin"];
 
 /// A CRIU installation.
 #[derive(Debug, Clone)]
@@ -69,10 +63,7 @@ pub struct FeatureSet {
 impl Criu {
     /// A CRIU binary at a known path.
     pub fn at(path: impl Into<PathBuf>) -> Criu {
-        Criu {
-            path: path.into(),
-            timeout: DEFAULT_TIMEOUT,
-        }
+        Criu { path: path.into(), timeout: DEFAULT_TIMEOUT }
     }
 
     /// Kills CRIU calls that run longer than `timeout`.
@@ -87,9 +78,7 @@ impl Criu {
             return if p.is_file() {
                 Ok(Criu::at(p))
             } else {
-                Err(CriuError::NotFound {
-                    searched: p.display().to_string(),
-                })
+                Err(CriuError::NotFound { searched: p.display().to_string() })
             };
         }
         let path_var = env::var_os("PATH").unwrap_or_default();
@@ -99,9 +88,7 @@ impl Criu {
             .map(|d| d.join("criu"))
             .find(|p| p.is_file())
             .map(Criu::at)
-            .ok_or_else(|| CriuError::NotFound {
-                searched: "$PATH, /usr/local/sbin, /usr/sbin".into(),
-            })
+            .ok_or_else(|| CriuError::NotFound { searched: "$PATH, /usr/local/sbin, /usr/sbin".into() })
     }
 
     pub fn path(&self) -> &Path {
@@ -110,10 +97,7 @@ impl Criu {
 
     /// The version, through RPC.
     pub fn version(&self) -> Result<Version, CriuError> {
-        let req = Request {
-            r#type: ReqType::Version as i32,
-            ..Default::default()
-        };
+        let req = Request { r#type: ReqType::Version as i32, ..Default::default() };
         let resp = self.call(Operation::Version, req, None, &mut RecordingNotify::default())?;
         let v = resp.version.ok_or_else(|| CriuError::Protocol {
             op: Operation::Version,
@@ -131,11 +115,7 @@ impl Criu {
     pub fn require_supported(&self) -> Result<Version, CriuError> {
         let found = self.version()?;
         if found < MIN_VERSION {
-            return Err(CriuError::TooOld {
-                found,
-                need: MIN_VERSION,
-                path: self.path.clone(),
-            });
+            return Err(CriuError::TooOld { found, need: MIN_VERSION, path: self.path.clone() });
         }
         Ok(found)
     }
@@ -143,13 +123,8 @@ impl Criu {
     /// CRIU's own check of the kernel (`criu check`).
     pub fn check(&self, log: &LogTarget) -> Result<(), CriuError> {
         let (opts, _work_dir) = opts_with_log(log)?;
-        let req = Request {
-            r#type: ReqType::Check as i32,
-            opts: Some(opts),
-            ..Default::default()
-        };
-        self.call(Operation::Check, req, Some(log), &mut RecordingNotify::default())
-            .map(drop)
+        let req = Request { r#type: ReqType::Check as i32, opts: Some(opts), ..Default::default() };
+        self.call(Operation::Check, req, Some(log), &mut RecordingNotify::default()).map(drop)
     }
 
     /// Writes CRIU's description of this CPU (`cpuinfo.img`) into `images_dir`, so a restore
@@ -158,38 +133,15 @@ impl Criu {
         let images = open_dir("images directory", images_dir)?;
         let (mut opts, _work_dir) = opts_with_log(log)?;
         opts.images_dir_fd = images.as_raw_fd();
-        let req = Request {
-            r#type: ReqType::CpuinfoDump as i32,
-            opts: Some(opts),
-            ..Default::default()
-        };
-        self.call(
-            Operation::CpuinfoDump,
-            req,
-            Some(log),
-            &mut RecordingNotify::default(),
-        )
-        .map(drop)
+        let req = Request { r#type: ReqType::CpuinfoDump as i32, opts: Some(opts), ..Default::default() };
+        self.call(Operation::CpuinfoDump, req, Some(log), &mut RecordingNotify::default()).map(drop)
     }
 
     /// Which optional features this CRIU and kernel support.
     pub fn features(&self) -> Result<FeatureSet, CriuError> {
-        let ask = rpc::Features {
-            mem_track: Some(true),
-            lazy_pages: Some(true),
-            pidfd_store: Some(true),
-        };
-        let req = Request {
-            r#type: ReqType::FeatureCheck as i32,
-            features: Some(ask),
-            ..Default::default()
-        };
-        let resp = self.call(
-            Operation::FeatureCheck,
-            req,
-            None,
-            &mut RecordingNotify::default(),
-        )?;
+        let ask = rpc::Features { mem_track: Some(true), lazy_pages: Some(true), pidfd_store: Some(true) };
+        let req = Request { r#type: ReqType::FeatureCheck as i32, features: Some(ask), ..Default::default() };
+        let resp = self.call(Operation::FeatureCheck, req, None, &mut RecordingNotify::default())?;
         let f = resp.features.unwrap_or_default();
         Ok(FeatureSet {
             mem_track: f.mem_track.unwrap_or(false),
@@ -212,20 +164,11 @@ impl Criu {
         o.external = opts.external.clone();
         o.network_lock = Some(lock_method(opts.network_lock) as i32);
         o.notify_scripts = Some(true);
-        let req = Request {
-            r#type: ReqType::Dump as i32,
-            opts: Some(o),
-            ..Default::default()
-        };
-        let mut recorder = Forwarding {
-            inner: notify,
-            events: Vec::new(),
-        };
+        let req = Request { r#type: ReqType::Dump as i32, opts: Some(o), ..Default::default() };
+        let mut recorder = Forwarding { inner: notify, events: Vec::new() };
         self.call(Operation::Dump, req, Some(&opts.log), &mut recorder)?;
         drop(images);
-        Ok(DumpOutcome {
-            events: recorder.events,
-        })
+        Ok(DumpOutcome { events: recorder.events })
     }
 
     /// Restores the tree in `opts.images_dir`.
@@ -245,11 +188,7 @@ impl Criu {
         o.external = opts.external.clone();
         o.network_lock = Some(lock_method(opts.network_lock) as i32);
         o.notify_scripts = Some(true);
-        let req = Request {
-            r#type: ReqType::Restore as i32,
-            opts: Some(o),
-            ..Default::default()
-        };
+        let req = Request { r#type: ReqType::Restore as i32, opts: Some(o), ..Default::default() };
         let resp = self.call(Operation::Restore, req, Some(&opts.log), notify)?;
         drop(images);
         let pid = resp.restore.map(|r| r.pid).ok_or_else(|| CriuError::Protocol {
@@ -271,9 +210,7 @@ impl Criu {
         let (ours, theirs) = SeqPacket::pair().map_err(|e| spawn_err(&self.path, e))?;
         let mut cmd = Command::new(&self.path);
         cmd.arg("swrk").arg(theirs.as_fd().as_raw_fd().to_string());
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr_target(log));
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(stderr_target(log));
         ferry_sys::inherit_fd_in_child(&mut cmd, theirs.as_fd());
         tracing::debug!(criu = %self.path.display(), %op, "starting criu swrk");
         let mut child = cmd.spawn().map_err(|e| spawn_err(&self.path, e))?;
@@ -286,11 +223,7 @@ impl Criu {
         let timed_out = watchdog.disarm();
         tracing::debug!(?status, %op, "criu swrk exited");
         if timed_out {
-            return Err(CriuError::TimedOut {
-                op,
-                after: self.timeout,
-                log: log.map(LogTarget::path),
-            });
+            return Err(CriuError::TimedOut { op, after: self.timeout, log: log.map(LogTarget::path) });
         }
         let resp = result?;
         if resp.success {
@@ -347,28 +280,13 @@ fn exchange(
     notify: &mut dyn NotifyHandler,
     log: Option<&LogTarget>,
 ) -> Result<Response, CriuError> {
-    let proto = |detail: String| CriuError::Protocol {
-        op,
-        detail,
-        log: log.map(LogTarget::path),
-    };
-    sock.send(&req.encode_to_vec())
-        .map_err(|e| proto(format!("send: {e}")))?;
+    let proto = |detail: String| CriuError::Protocol { op, detail, log: log.map(LogTarget::path) };
+    sock.send(&req.encode_to_vec()).map_err(|e| proto(format!("send: {e}")))?;
     loop {
-        let packet = match sock
-            .recv(MAX_RESPONSE)
-            .map_err(|e| proto(format!("receive: {e}")))?
-        {
+        let packet = match sock.recv(MAX_RESPONSE).map_err(|e| proto(format!("receive: {e}")))? {
             Some(p) => p,
             // CRIU died without answering: its log is the only account of why.
-            None => {
-                return Err(failure(
-                    op,
-                    log,
-                    None,
-                    Some("CRIU exited without answering".into()),
-                ))
-            }
+            None => return Err(failure(op, log, None, Some("CRIU exited without answering".into()))),
         };
         let resp = Response::decode(packet.as_slice()).map_err(|e| proto(format!("bad answer: {e}")))?;
         if resp.r#type() != ReqType::Notify {
@@ -385,8 +303,7 @@ fn exchange(
             notify_success: Some(answer.is_ok()),
             ..Default::default()
         };
-        sock.send(&reply.encode_to_vec())
-            .map_err(|e| proto(format!("send notify answer: {e}")))?;
+        sock.send(&reply.encode_to_vec()).map_err(|e| proto(format!("send notify answer: {e}")))?;
     }
 }
 
@@ -402,20 +319,12 @@ fn failure(op: Operation, log: Option<&LogTarget>, errno: Option<i32>, errmsg: O
     let mut text = read_tail(&path);
     text.push_str(&read_tail(&stderr_path(log)));
     let cause = if text.trim().is_empty() {
-        Cause::Unknown {
-            first_error: errmsg.clone(),
-        }
+        Cause::Unknown { first_error: errmsg.clone() }
     } else {
         classify_log(&text)
     };
     tracing::debug!(?cause, log = %path.display(), "classified CRIU failure");
-    CriuError::Failed {
-        op,
-        cause,
-        log: path,
-        errno: errno.filter(|e| *e != 0),
-        detail: errmsg,
-    }
+    CriuError::Failed { op, cause, log: path, errno: errno.filter(|e| *e != 0), detail: errmsg }
 }
 
 /// The last `MAX_LOG_READ` bytes of a file, lossily decoded; empty if it cannot be read.
@@ -438,15 +347,9 @@ fn stderr_path(log: &LogTarget) -> PathBuf {
 
 /// CRIU's stderr goes beside its log: it holds what CRIU says before the log is open.
 fn stderr_target(log: Option<&LogTarget>) -> Stdio {
-    log.and_then(|l| {
-        OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(stderr_path(l))
-            .ok()
-    })
-    .map(Stdio::from)
-    .unwrap_or_else(Stdio::null)
+    log.and_then(|l| OpenOptions::new().create(true).append(true).open(stderr_path(l)).ok())
+        .map(Stdio::from)
+        .unwrap_or_else(Stdio::null)
 }
 
 /// Options naming the log; the returned directory must stay open until CRIU has answered,
@@ -477,18 +380,11 @@ fn lock_method(lock: NetworkLock) -> rpc::NetworkLockMethod {
 }
 
 fn open_dir(what: &'static str, path: &Path) -> Result<File, CriuError> {
-    File::open(path).map_err(|source| CriuError::Open {
-        what,
-        path: path.to_path_buf(),
-        source,
-    })
+    File::open(path).map_err(|source| CriuError::Open { what, path: path.to_path_buf(), source })
 }
 
 fn spawn_err(path: &Path, source: std::io::Error) -> CriuError {
-    CriuError::Spawn {
-        path: path.to_path_buf(),
-        source,
-    }
+    CriuError::Spawn { path: path.to_path_buf(), source }
 }
 
 #[cfg(test)]
@@ -513,10 +409,7 @@ mod tests {
                 let n = Response {
                     r#type: ReqType::Notify as i32,
                     success: true,
-                    notify: Some(rpc::NotifyMsg {
-                        script: Some(script.into()),
-                        pid: Some(7),
-                    }),
+                    notify: Some(rpc::NotifyMsg { script: Some(script.into()), pid: Some(7) }),
                     ..Default::default()
                 };
                 sock.send(&n.encode_to_vec()).expect("send notify");
@@ -525,11 +418,7 @@ mod tests {
                 assert_eq!(a.r#type(), ReqType::Notify);
                 answers.push(a.notify_success.unwrap_or(false));
             }
-            let done = Response {
-                r#type: ReqType::Dump as i32,
-                success: final_ok,
-                ..Default::default()
-            };
+            let done = Response { r#type: ReqType::Dump as i32, success: final_ok, ..Default::default() };
             sock.send(&done.encode_to_vec()).expect("send final");
             answers
         })
@@ -549,32 +438,19 @@ mod tests {
     }
 
     fn dump_request() -> Request {
-        Request {
-            r#type: ReqType::Dump as i32,
-            opts: Some(rpc::Opts::default()),
-            ..Default::default()
-        }
+        Request { r#type: ReqType::Dump as i32, opts: Some(rpc::Opts::default()), ..Default::default() }
     }
 
     #[test]
     fn notifications_are_answered_in_order() {
         let (ours, theirs) = SeqPacket::pair().expect("pair");
-        let peer = fake_criu(
-            theirs,
-            vec!["pre-dump", "network-lock", "network-unlock", "post-dump"],
-            true,
-        );
+        let peer = fake_criu(theirs, vec!["pre-dump", "network-lock", "network-unlock", "post-dump"], true);
         let mut handler = RefuseUnlock(Vec::new());
         let resp = exchange(&ours, Operation::Dump, &dump_request(), &mut handler, None).expect("exchange");
         assert!(resp.success);
         assert_eq!(
             handler.0,
-            vec![
-                Notify::PreDump,
-                Notify::NetworkLock,
-                Notify::NetworkUnlock,
-                Notify::PostDump
-            ]
+            vec![Notify::PreDump, Notify::NetworkLock, Notify::NetworkUnlock, Notify::PostDump]
         );
         assert_eq!(peer.join().expect("peer"), vec![true, true, false, true]);
     }
@@ -590,14 +466,9 @@ mod tests {
         .expect("write log");
         let (ours, theirs) = SeqPacket::pair().expect("pair");
         drop(theirs);
-        let err = exchange(
-            &ours,
-            Operation::Dump,
-            &dump_request(),
-            &mut RecordingNotify::default(),
-            Some(&log),
-        )
-        .expect_err("peer gone");
+        let err =
+            exchange(&ours, Operation::Dump, &dump_request(), &mut RecordingNotify::default(), Some(&log))
+                .expect_err("peer gone");
         match err {
             CriuError::Failed { log: path, .. } => assert_eq!(path, log.path()),
             CriuError::Protocol { .. } => {} // send may fail first on a closed peer
@@ -612,14 +483,8 @@ mod tests {
             let _ = theirs.recv(MAX_RESPONSE);
             theirs.send(b"\xff\xff\xff\xff").expect("send garbage");
         });
-        let err = exchange(
-            &ours,
-            Operation::Dump,
-            &dump_request(),
-            &mut RecordingNotify::default(),
-            None,
-        )
-        .expect_err("garbage");
+        let err = exchange(&ours, Operation::Dump, &dump_request(), &mut RecordingNotify::default(), None)
+            .expect_err("garbage");
         assert!(matches!(err, CriuError::Protocol { .. }), "{err}");
         peer.join().expect("peer");
     }

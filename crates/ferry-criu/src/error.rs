@@ -38,11 +38,7 @@ pub enum CriuError {
     #[error("CRIU is not installed (no `criu` in {searched})")]
     NotFound { searched: String },
     #[error("CRIU {found} at {} is too old: ferry needs {need} or newer", path.display())]
-    TooOld {
-        found: Version,
-        need: Version,
-        path: PathBuf,
-    },
+    TooOld { found: Version, need: Version, path: PathBuf },
     #[error("could not start CRIU ({})", path.display())]
     Spawn {
         path: PathBuf,
@@ -57,25 +53,11 @@ pub enum CriuError {
         source: io::Error,
     },
     #[error("talking to CRIU failed during {op}: {detail}")]
-    Protocol {
-        op: Operation,
-        detail: String,
-        log: Option<PathBuf>,
-    },
+    Protocol { op: Operation, detail: String, log: Option<PathBuf> },
     #[error("{op} did not finish within {}s: CRIU was stopped", after.as_secs())]
-    TimedOut {
-        op: Operation,
-        after: Duration,
-        log: Option<PathBuf>,
-    },
+    TimedOut { op: Operation, after: Duration, log: Option<PathBuf> },
     #[error("{op} failed: {}", cause.summary())]
-    Failed {
-        op: Operation,
-        cause: Cause,
-        log: PathBuf,
-        errno: Option<i32>,
-        detail: Option<String>,
-    },
+    Failed { op: Operation, cause: Cause, log: PathBuf, errno: Option<i32>, detail: Option<String> },
 }
 
 impl CriuError {

@@ -77,25 +77,16 @@ pub struct InventoryEntry {
 pub fn parse_inventory(data: &[u8]) -> Result<InventoryEntry, ImageError> {
     let (magic, start) = header(data)?;
     if magic != INVENTORY_MAGIC {
-        return Err(ImageError::Magic {
-            found: magic,
-            expected: INVENTORY_MAGIC,
-        });
+        return Err(ImageError::Magic { found: magic, expected: INVENTORY_MAGIC });
     }
     let first = *entries(data, start)?.first().ok_or(ImageError::Short)?;
-    InventoryEntry::decode(first).map_err(|e| ImageError::Decode {
-        offset: start,
-        detail: e.to_string(),
-    })
+    InventoryEntry::decode(first).map_err(|e| ImageError::Decode { offset: start, detail: e.to_string() })
 }
 
 /// Reads `DIR/inventory.img`.
 pub fn read_inventory(images_dir: &Path) -> Result<InventoryEntry, ImageError> {
     let path = images_dir.join("inventory.img");
-    let read_err = |detail: String| ImageError::Read {
-        path: path.display().to_string(),
-        detail,
-    };
+    let read_err = |detail: String| ImageError::Read { path: path.display().to_string(), detail };
     let md = fs::symlink_metadata(&path).map_err(|e| read_err(e.to_string()))?;
     if !md.is_file() || md.len() > MAX_IMAGE {
         return Err(read_err("not a regular file of reasonable size".into()));
@@ -106,9 +97,7 @@ pub fn read_inventory(images_dir: &Path) -> Result<InventoryEntry, ImageError> {
 /// True when `table` (an nftables table name without family) is the network lock CRIU made for
 /// the dump with this run id: CRIU names it `CRIU-` + the run id, cut to its buffer's size.
 pub fn is_lock_table_of(table: &str, run_id: &str) -> bool {
-    table
-        .strip_prefix("CRIU-")
-        .is_some_and(|id| id.len() >= 8 && run_id.starts_with(id))
+    table.strip_prefix("CRIU-").is_some_and(|id| id.len() >= 8 && run_id.starts_with(id))
 }
 
 #[cfg(test)]
@@ -135,10 +124,7 @@ mod tests {
         assert_eq!(parse_inventory(&INVENTORY[..3]), Err(ImageError::Short));
         let mut long = INVENTORY[..8].to_vec();
         long[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
-        assert!(matches!(
-            parse_inventory(&long),
-            Err(ImageError::EntryLength { .. })
-        ));
+        assert!(matches!(parse_inventory(&long), Err(ImageError::EntryLength { .. })));
         assert!(parse_inventory(&INVENTORY[..INVENTORY.len() - 1]).is_err());
     }
 

@@ -69,9 +69,6 @@ mod tests {
     fn known_and_unknown_scripts() {
         assert_eq!(Notify::from_script("network-unlock"), Notify::NetworkUnlock);
         assert_eq!(Notify::from_script("pre-resume"), Notify::PreResume);
-        assert_eq!(
-            Notify::from_script("brand-new"),
-            Notify::Other("brand-new".into())
-        );
+        assert_eq!(Notify::from_script("brand-new"), Notify::Other("brand-new".into()));
     }
 }

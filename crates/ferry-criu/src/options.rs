@@ -35,11 +35,7 @@ pub struct LogTarget {
 
 impl LogTarget {
     pub fn new(dir: impl Into<PathBuf>, file_name: impl Into<String>) -> Self {
-        LogTarget {
-            dir: dir.into(),
-            file_name: file_name.into(),
-            level: LogLevel::Debug,
-        }
+        LogTarget { dir: dir.into(), file_name: file_name.into(), level: LogLevel::Debug }
     }
 
     pub fn path(&self) -> PathBuf {

@@ -222,11 +222,8 @@ mod tests {
     #[test]
     fn images_dir_fd_is_always_on_the_wire() {
         // CRIU rejects a request without this required field, even when it is zero.
-        let req = Request {
-            r#type: ReqType::Check as i32,
-            opts: Some(Opts::default()),
-            ..Default::default()
-        };
+        let req =
+            Request { r#type: ReqType::Check as i32, opts: Some(Opts::default()), ..Default::default() };
         let bytes = req.encode_to_vec();
         // opts is field 2, length-delimited; inside it, field 1 varint 0: 0x08 0x00.
         let opts_at = bytes.iter().position(|b| *b == 0x12).expect("opts tag");

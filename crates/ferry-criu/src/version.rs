@@ -12,11 +12,7 @@ pub struct Version {
 
 /// CRIU 4.1 cannot dump any INET socket on kernels >= 6.16 and 3.17 fails at start on this
 /// kernel's vDSO; 4.2 is the first release that works (docs/criu.md).
-pub const MIN_VERSION: Version = Version {
-    major: 4,
-    minor: 2,
-    sublevel: 0,
-};
+pub const MIN_VERSION: Version = Version { major: 4, minor: 2, sublevel: 0 };
 
 impl Version {
     /// Parses `criu --version` output (`Version: 4.2.1`, possibly followed by `GitID: ...`).
@@ -31,19 +27,10 @@ impl Version {
         let major = parts.next()?.parse().ok()?;
         let minor = parts.next()?.parse().ok()?;
         let sublevel = match parts.next() {
-            Some(p) => p
-                .chars()
-                .take_while(char::is_ascii_digit)
-                .collect::<String>()
-                .parse()
-                .ok()?,
+            Some(p) => p.chars().take_while(char::is_ascii_digit).collect::<String>().parse().ok()?,
             None => 0,
         };
-        Some(Version {
-            major,
-            minor,
-            sublevel,
-        })
+        Some(Version { major, minor, sublevel })
     }
 }
 
@@ -60,14 +47,7 @@ mod tests {
     #[test]
     fn parses_cli_output() {
         let v = Version::parse_cli_output("Version: 4.2.1\nGitID: v4.2.1\n").expect("parse");
-        assert_eq!(
-            v,
-            Version {
-                major: 4,
-                minor: 2,
-                sublevel: 1
-            }
-        );
+        assert_eq!(v, Version { major: 4, minor: 2, sublevel: 1 });
         assert!(v >= MIN_VERSION);
         assert_eq!(v.to_string(), "4.2.1");
     }

@@ -6,8 +6,9 @@
 use std::path::PathBuf;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use ferry_criu::{DumpOptions, LogTarget, RecordingNotify};
-use ferry_store::{CheckpointInfo, IngestStats};
+use ferry_criu::{DumpOptions, LogTarget, Notify, NotifyHandler};
+use ferry_store::pipeline::Pipeline;
+use ferry_store::{CheckpointInfo, Committed, IngestStats, Pending};
 
 use crate::workload::{runtime_for, WorkloadId};
 use crate::{host_facts, netlock, Context, Error};
@@ -41,8 +42,10 @@ pub struct CheckpointReport {
 pub fn checkpoint(ctx: &Context, req: &CheckpointRequest) -> Result<CheckpointReport, Error> {
     let root = runtime_for(&req.workload)?.resolve(&req.workload)?;
     let created = unix_now();
-    let name =
-        req.name.clone().unwrap_or_else(|| format!("{}-{created}", req.workload.to_string().replace(':', "-")));
+    let name = req
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("{}-{created}", req.workload.to_string().replace(':', "-")));
     let pending = ctx.store.begin(&name)?;
     let log = LogTarget::new(ctx.store.logs_dir(), format!("checkpoint-{name}-{created}.log"));
     ctx.criu.cpuinfo_dump(&pending.images_dir(), &log)?;
@@ -53,30 +56,28 @@ pub fn checkpoint(ctx: &Context, req: &CheckpointRequest) -> Result<CheckpointRe
     let was_stopped = is_stopped(root.pid);
     tracing::info!(pid = root.pid, %name, "checkpointing");
     let started = Instant::now();
-    let ingest = pending.start_ingest(&ctx.store)?;
-    let dumped = ctx.criu.dump(&opts, &mut RecordingNotify::default());
-    let dump_seconds = started.elapsed().as_secs_f64();
-    if let Err(e) = dumped {
-        // `ingest` and `pending` are dropped here: the plaintext goes with the tmpfs, and the
-        // packs written so far are unreferenced (gc removes them).
-        resume_if_left_stopped(root.pid, was_stopped);
-        return Err(e.into());
-    }
-
-    // A dump that stops the tree leaves CRIU's lock table in place until the restore (empty
-    // without --tcp-established): record it so `ferry rm` can release it if that never comes.
-    let network_lock_tables =
-        if req.leave_running { Vec::new() } else { netlock::tables_of_dump(&pending.images_dir()) };
-    let info = CheckpointInfo {
-        source: req.workload.to_string(),
-        host: host_facts(&ctx.criu_version.to_string()),
-        spec: serde_json::json!({ "kind": "pid", "pid": root.pid }).to_string(),
-        tcp_established: req.tcp_established,
+    let pipeline = pending.start_ingest(&ctx.store)?;
+    let mut commit = CommitAtPostDump {
+        ctx,
+        started,
         leave_running: req.leave_running,
-        network_lock_tables,
-        dump_seconds,
+        info: CheckpointInfo {
+            source: req.workload.to_string(),
+            host: host_facts(&ctx.criu_version.to_string()),
+            spec: serde_json::json!({ "kind": "pid", "pid": root.pid }).to_string(),
+            tcp_established: req.tcp_established,
+            leave_running: req.leave_running,
+            ..Default::default()
+        },
+        work: Some((pending, pipeline)),
+        outcome: None,
     };
-    let committed = pending.commit(&ctx.store, info, ingest)?;
+    let dumped = ctx.criu.dump(&opts, &mut commit);
+    let outcome = commit.finish(dumped);
+    if outcome.is_err() {
+        resume_if_left_stopped(root.pid, was_stopped);
+    }
+    let (committed, dump_seconds) = outcome?;
     let seconds = started.elapsed().as_secs_f64();
     let pruned = match req.keep {
         Some(keep) => prune(ctx, &req.workload.to_string(), keep)?,
@@ -92,6 +93,62 @@ pub fn checkpoint(ctx: &Context, req: &CheckpointRequest) -> Result<CheckpointRe
         log: log.path(),
         pruned,
     })
+}
+
+/// Commits the checkpoint when CRIU reports the dump done, before CRIU kills the tree: if the
+/// commit fails (or ferry dies), CRIU gets no success answer and resumes the tree instead, so a
+/// workload is never lost to a checkpoint that was not stored.
+struct CommitAtPostDump<'a> {
+    ctx: &'a Context,
+    started: Instant,
+    leave_running: bool,
+    info: CheckpointInfo,
+    work: Option<(Pending, Pipeline)>,
+    outcome: Option<Result<(Committed, f64), Error>>,
+}
+
+impl CommitAtPostDump<'_> {
+    fn commit(&mut self) -> Result<(Committed, f64), Error> {
+        let (pending, pipeline) =
+            self.work.take().ok_or_else(|| Error::Internal("the checkpoint was committed twice".into()))?;
+        let dump_seconds = self.started.elapsed().as_secs_f64();
+        let mut info = std::mem::take(&mut self.info);
+        info.dump_seconds = dump_seconds;
+        // A dump that stops the tree leaves CRIU's lock table in place until the restore (empty
+        // without --tcp-established): record it so `ferry rm` can release it if that never comes.
+        if !self.leave_running {
+            info.network_lock_tables = netlock::tables_of_dump(&pending.images_dir());
+        }
+        Ok((pending.commit(&self.ctx.store, info, pipeline)?, dump_seconds))
+    }
+
+    /// The checkpoint's outcome, given how CRIU's dump ended.
+    fn finish(
+        mut self,
+        dumped: Result<ferry_criu::DumpOutcome, ferry_criu::CriuError>,
+    ) -> Result<(Committed, f64), Error> {
+        match (self.outcome.take(), dumped) {
+            // Our own failure explains CRIU's ("post dump script failed") better.
+            (Some(Err(e)), _) => Err(e),
+            (_, Err(e)) => Err(e.into()),
+            (Some(Ok(done)), Ok(_)) => Ok(done),
+            // CRIU never sent post-dump (leave-running, or an older CRIU): commit now.
+            (None, Ok(_)) => self.commit(),
+        }
+    }
+}
+
+impl NotifyHandler for CommitAtPostDump<'_> {
+    fn notify(&mut self, event: &Notify, _pid: Option<i32>) -> Result<(), String> {
+        // With --leave-running the tree runs on whatever happens: do not hold it frozen.
+        if *event != Notify::PostDump || self.leave_running {
+            return Ok(());
+        }
+        let result = self.commit();
+        let answer = result.as_ref().map(drop).map_err(|e| e.to_string());
+        self.outcome = Some(result);
+        answer
+    }
 }
 
 /// Removes the oldest checkpoints of `source` beyond the newest `keep`.

@@ -16,11 +16,7 @@ impl Context {
     pub fn new(criu: Criu, store: Store) -> Result<Context, Error> {
         require_root()?;
         let criu_version = criu.require_supported().map_err(Error::from)?;
-        Ok(Context {
-            criu,
-            criu_version,
-            store,
-        })
+        Ok(Context { criu, criu_version, store })
     }
 }
 

@@ -28,11 +28,7 @@ pub struct Finding {
 
 impl Finding {
     fn new(check: &'static str, status: Status, detail: impl Into<String>) -> Finding {
-        Finding {
-            check,
-            status,
-            detail: detail.into(),
-        }
+        Finding { check, status, detail: detail.into() }
     }
 }
 
@@ -74,30 +70,14 @@ fn kernel() -> Vec<Finding> {
     vec![
         Finding::new("kernel", Status::Info, format!("Linux {}", release.trim())),
         if cr {
-            Finding::new(
-                "CHECKPOINT_RESTORE",
-                Status::Ok,
-                "kernel built with checkpoint/restore support",
-            )
+            Finding::new("CHECKPOINT_RESTORE", Status::Ok, "kernel built with checkpoint/restore support")
         } else {
-            Finding::new(
-                "CHECKPOINT_RESTORE",
-                Status::Fail,
-                "kernel lacks CONFIG_CHECKPOINT_RESTORE",
-            )
+            Finding::new("CHECKPOINT_RESTORE", Status::Fail, "kernel lacks CONFIG_CHECKPOINT_RESTORE")
         },
         if uffd {
-            Finding::new(
-                "userfaultfd",
-                Status::Ok,
-                "available (lazy restore, post-copy migration)",
-            )
+            Finding::new("userfaultfd", Status::Ok, "available (lazy restore, post-copy migration)")
         } else {
-            Finding::new(
-                "userfaultfd",
-                Status::Warn,
-                "not available: no lazy restore or post-copy migration",
-            )
+            Finding::new("userfaultfd", Status::Warn, "not available: no lazy restore or post-copy migration")
         },
     ]
 }
@@ -105,23 +85,11 @@ fn kernel() -> Vec<Finding> {
 fn criu_checks(criu: Result<Criu, String>, logs_dir: &Path) -> Vec<Finding> {
     let criu = match criu {
         Ok(c) => c,
-        Err(why) => {
-            return vec![Finding::new(
-                "criu",
-                Status::Fail,
-                format!("{why}; run scripts/setup"),
-            )]
-        }
+        Err(why) => return vec![Finding::new("criu", Status::Fail, format!("{why}; run scripts/setup"))],
     };
     let version = match criu.version() {
         Ok(v) => v,
-        Err(e) => {
-            return vec![Finding::new(
-                "criu",
-                Status::Fail,
-                format!("{}: {e}", criu.path().display()),
-            )]
-        }
+        Err(e) => return vec![Finding::new("criu", Status::Fail, format!("{}: {e}", criu.path().display()))],
     };
     if version < MIN_VERSION {
         return vec![Finding::new(
@@ -134,19 +102,11 @@ fn criu_checks(criu: Result<Criu, String>, logs_dir: &Path) -> Vec<Finding> {
             ),
         )];
     }
-    let mut out = vec![Finding::new(
-        "criu",
-        Status::Ok,
-        format!("{version} at {}", criu.path().display()),
-    )];
+    let mut out = vec![Finding::new("criu", Status::Ok, format!("{version} at {}", criu.path().display()))];
     let log = LogTarget::new(PathBuf::from(logs_dir), "doctor-criu-check.log");
     out.push(match criu.check(&log) {
         Ok(()) => Finding::new("criu check", Status::Ok, "looks good"),
-        Err(e) => Finding::new(
-            "criu check",
-            Status::Fail,
-            format!("{e} (log: {})", log.path().display()),
-        ),
+        Err(e) => Finding::new("criu check", Status::Fail, format!("{e} (log: {})", log.path().display())),
     });
     out.push(match criu.features() {
         Ok(f) if f.mem_track => Finding::new("dirty tracking", Status::Ok, "soft-dirty available"),
@@ -155,43 +115,30 @@ fn criu_checks(criu: Result<Criu, String>, logs_dir: &Path) -> Vec<Finding> {
             Status::Warn,
             "no soft-dirty (CONFIG_MEM_SOFT_DIRTY): CRIU's pre-dump cannot work; ferry pre-copies by content",
         ),
-        Err(e) => Finding::new(
-            "dirty tracking",
-            Status::Warn,
-            format!("feature check failed: {e}"),
-        ),
+        Err(e) => Finding::new("dirty tracking", Status::Warn, format!("feature check failed: {e}")),
     });
     out
 }
 
 fn network_lock() -> Finding {
     match tool_version("nft", &["--version"]) {
-        Some(v) => Finding::new(
-            "nftables",
-            Status::Ok,
-            format!("{v} (holds connections for --tcp-established)"),
-        ),
-        None => Finding::new(
-            "nftables",
-            Status::Warn,
-            "nft missing: --tcp-established cannot hold connections",
-        ),
+        Some(v) => {
+            Finding::new("nftables", Status::Ok, format!("{v} (holds connections for --tcp-established)"))
+        }
+        None => {
+            Finding::new("nftables", Status::Warn, "nft missing: --tcp-established cannot hold connections")
+        }
     }
 }
 
 fn runtimes() -> Vec<Finding> {
-    [
-        ("runc", "--version"),
-        ("podman", "--version"),
-        ("containerd", "--version"),
-        ("docker", "--version"),
-    ]
-    .iter()
-    .map(|(bin, arg)| match tool_version(bin, &[arg]) {
-        Some(v) => Finding::new(runtime_label(bin), Status::Info, v),
-        None => Finding::new(runtime_label(bin), Status::Info, "not installed"),
-    })
-    .collect()
+    [("runc", "--version"), ("podman", "--version"), ("containerd", "--version"), ("docker", "--version")]
+        .iter()
+        .map(|(bin, arg)| match tool_version(bin, &[arg]) {
+            Some(v) => Finding::new(runtime_label(bin), Status::Info, v),
+            None => Finding::new(runtime_label(bin), Status::Info, "not installed"),
+        })
+        .collect()
 }
 
 fn runtime_label(bin: &str) -> &'static str {

@@ -11,6 +11,8 @@ pub enum Error {
     ProcessNotFound { pid: i32 },
     #[error("{kind} workloads are not supported yet")]
     UnsupportedKind { kind: String },
+    #[error("internal error: {0}")]
+    Internal(String),
     #[error(transparent)]
     Criu(#[from] CriuError),
     #[error(transparent)]
@@ -28,6 +30,7 @@ impl Error {
             }
             Error::UnsupportedKind { .. } => Some("use pid:PID with the PID of the tree's root".into()),
             Error::Criu(e) => e.hint(),
+            Error::Internal(_) => Some("this is a bug in ferry; please report it with the log".into()),
             Error::Store(StoreError::NotFound(_)) => Some("`ferry list` shows the checkpoints".into()),
             Error::Store(StoreError::Exists(_)) => Some("choose another --name, or `ferry rm` the old one".into()),
             Error::Store(StoreError::Damaged { .. } | StoreError::Tampered { .. }) => {

@@ -9,7 +9,9 @@ pub fn host_facts(criu_version: &str) -> HostInfo {
     let cpuinfo = read("/proc/cpuinfo");
     let cpu_flags = cpuinfo
         .lines()
-        .find_map(|l| l.strip_prefix("flags").and_then(|r| r.split_once(':')).map(|(_, f)| f.trim().to_owned()))
+        .find_map(|l| {
+            l.strip_prefix("flags").and_then(|r| r.split_once(':')).map(|(_, f)| f.trim().to_owned())
+        })
         .unwrap_or_default();
     HostInfo {
         hostname: read("/proc/sys/kernel/hostname"),

@@ -18,7 +18,11 @@ pub fn inspect(ctx: &Context, name: &str) -> Result<Inspection, Error> {
     let footprint = checkpoint.footprint(&ctx.store, &all)?;
     let scratch = ctx.store.scratch(&format!("inspect-{name}"))?;
     let images = scratch.path().join("images");
-    std::fs::create_dir(&images).map_err(|source| StoreError::Io { action: "cannot create", path: images.clone(), source })?;
+    std::fs::create_dir(&images).map_err(|source| StoreError::Io {
+        action: "cannot create",
+        path: images.clone(),
+        source,
+    })?;
     checkpoint.materialize(&ctx.store, &images)?;
     let summary = summarize(&images).map_err(|e| StoreError::Damaged {
         name: name.to_owned(),

@@ -45,10 +45,7 @@ pub fn tables_of_dump(images_dir: &Path) -> Vec<String> {
             return Vec::new();
         }
     };
-    lock_tables()
-        .into_iter()
-        .filter(|t| ferry_criu::image::is_lock_table_of(t, &run_id))
-        .collect()
+    lock_tables().into_iter().filter(|t| ferry_criu::image::is_lock_table_of(t, &run_id)).collect()
 }
 
 /// Deletes the lock tables among `tables` that still exist; returns how many it released.
@@ -73,10 +70,7 @@ mod tests {
         let listing = "table ip filter\ntable inet CRIU-07a0f47b-9ca2-46fa-ac\ntable inet other\n\
                        table inet CRIU-\ntable inet CRIU-x;rm\n";
         let t = parse_tables(listing);
-        assert_eq!(
-            t.into_iter().collect::<Vec<_>>(),
-            vec!["CRIU-07a0f47b-9ca2-46fa-ac".to_owned()]
-        );
+        assert_eq!(t.into_iter().collect::<Vec<_>>(), vec!["CRIU-07a0f47b-9ca2-46fa-ac".to_owned()]);
     }
 
     #[test]

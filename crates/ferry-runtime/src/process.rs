@@ -30,10 +30,7 @@ mod tests {
     #[test]
     fn resolves_live_and_refuses_missing() {
         let me = std::process::id() as i32;
-        assert_eq!(
-            ProcessRuntime.resolve(&WorkloadId::Pid(me)).expect("self").pid,
-            me
-        );
+        assert_eq!(ProcessRuntime.resolve(&WorkloadId::Pid(me)).expect("self").pid, me);
         assert!(matches!(
             ProcessRuntime.resolve(&WorkloadId::Pid(i32::MAX)),
             Err(Error::ProcessNotFound { .. })

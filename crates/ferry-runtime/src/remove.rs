@@ -13,7 +13,9 @@ pub struct RemoveReport {
 /// Removes `name`; with `shred`, its data key is destroyed first.
 pub fn remove(store: &Store, name: &str, shred: bool) -> Result<RemoveReport, Error> {
     let released_locks = match store.get(name) {
-        Ok(c) if !c.manifest.network_lock_tables.is_empty() => netlock::release(&c.manifest.network_lock_tables),
+        Ok(c) if !c.manifest.network_lock_tables.is_empty() => {
+            netlock::release(&c.manifest.network_lock_tables)
+        }
         _ => 0,
     };
     store.remove(name, shred)?;

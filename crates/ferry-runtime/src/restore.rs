@@ -48,5 +48,10 @@ pub fn restore(ctx: &Context, req: &RestoreRequest) -> Result<RestoreReport, Err
     tracing::info!(name = %req.name, "restoring");
     let outcome = ctx.criu.restore(&opts, &mut RecordingNotify::default())?;
     drop(scratch);
-    Ok(RestoreReport { pid: outcome.pid, verify_seconds, seconds: started.elapsed().as_secs_f64(), log: log.path() })
+    Ok(RestoreReport {
+        pid: outcome.pid,
+        verify_seconds,
+        seconds: started.elapsed().as_secs_f64(),
+        log: log.path(),
+    })
 }

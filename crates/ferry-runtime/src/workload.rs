@@ -20,13 +20,9 @@ impl FromStr for WorkloadId {
     type Err = Error;
 
     fn from_str(s: &str) -> Result<Self, Error> {
-        let invalid = |why: &str| Error::InvalidWorkload {
-            input: s.chars().take(200).collect(),
-            why: why.into(),
-        };
-        let (kind, id) = s
-            .split_once(':')
-            .ok_or_else(|| invalid("expected KIND:ID, e.g. pid:1234"))?;
+        let invalid =
+            |why: &str| Error::InvalidWorkload { input: s.chars().take(200).collect(), why: why.into() };
+        let (kind, id) = s.split_once(':').ok_or_else(|| invalid("expected KIND:ID, e.g. pid:1234"))?;
         if id.is_empty() {
             return Err(invalid("the ID after ':' is empty"));
         }
@@ -38,13 +34,10 @@ impl FromStr for WorkloadId {
                 }
                 Ok(WorkloadId::Pid(pid))
             }
-            k if CONTAINER_KINDS.contains(&k) => Ok(WorkloadId::Container {
-                kind: k.to_owned(),
-                id: id.to_owned(),
-            }),
-            _ => Err(invalid(
-                "KIND must be one of pid, runc, podman, containerd, docker",
-            )),
+            k if CONTAINER_KINDS.contains(&k) => {
+                Ok(WorkloadId::Container { kind: k.to_owned(), id: id.to_owned() })
+            }
+            _ => Err(invalid("KIND must be one of pid, runc, podman, containerd, docker")),
         }
     }
 }
@@ -87,10 +80,7 @@ mod tests {
 
     #[test]
     fn parses_pids_and_containers() {
-        assert_eq!(
-            "pid:1234".parse::<WorkloadId>().expect("pid"),
-            WorkloadId::Pid(1234)
-        );
+        assert_eq!("pid:1234".parse::<WorkloadId>().expect("pid"), WorkloadId::Pid(1234));
         let c: WorkloadId = "runc:web1".parse().expect("runc");
         assert_eq!(c.to_string(), "runc:web1");
         assert!(matches!(runtime_for(&c), Err(Error::UnsupportedKind { .. })));
@@ -99,10 +89,7 @@ mod tests {
     #[test]
     fn refuses_malformed_ids() {
         for bad in ["1234", "pid:", "pid:abc", "pid:-5", "pid:1", "vm:x", ":"] {
-            assert!(
-                matches!(bad.parse::<WorkloadId>(), Err(Error::InvalidWorkload { .. })),
-                "{bad}"
-            );
+            assert!(matches!(bad.parse::<WorkloadId>(), Err(Error::InvalidWorkload { .. })), "{bad}");
         }
     }
 }

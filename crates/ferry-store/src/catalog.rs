@@ -44,9 +44,12 @@ impl Catalog {
         let bytes = match fs::read(path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Catalog::default()),
-            Err(e) => return Err(StoreError::Io { action: "cannot read", path: path.to_path_buf(), source: e }),
+            Err(e) => {
+                return Err(StoreError::Io { action: "cannot read", path: path.to_path_buf(), source: e })
+            }
         };
-        Catalog::decode(&bytes, trusted).map_err(|detail| StoreError::Tampered { file: path_text(path), detail })
+        Catalog::decode(&bytes, trusted)
+            .map_err(|detail| StoreError::Tampered { file: path_text(path), detail })
     }
 
     pub fn decode(b: &[u8], trusted: &[[u8; 32]]) -> Result<Catalog, String> {
@@ -124,7 +127,8 @@ mod tests {
 
     fn sample() -> Catalog {
         let mut c = Catalog::default();
-        c.entries.insert("web".into(), CatalogEntry { manifest: "ab".repeat(16), generation: 3, removed: false });
+        c.entries
+            .insert("web".into(), CatalogEntry { manifest: "ab".repeat(16), generation: 3, removed: false });
         c
     }
 

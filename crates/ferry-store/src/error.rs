@@ -10,11 +10,7 @@ pub enum StoreError {
     #[error("invalid checkpoint name '{name}': {why}")]
     InvalidName { name: String, why: &'static str },
     #[error("checkpoint '{name}' is damaged: {file}: {detail}")]
-    Damaged {
-        name: String,
-        file: String,
-        detail: String,
-    },
+    Damaged { name: String, file: String, detail: String },
     #[error("the store is in use by another ferry process")]
     Busy,
     #[error("cannot shred '{name}': its data key also protects {}", others.join(", "))]

@@ -44,7 +44,9 @@ pub fn private_dir(path: &Path) -> Result<(), StoreError> {
 pub fn shred(path: &Path) -> Result<(), StoreError> {
     let len = fs::metadata(path).map_err(io_err("cannot stat", path))?.len();
     let mut f = OpenOptions::new().write(true).open(path).map_err(io_err("cannot open", path))?;
-    f.write_all(&vec![0u8; len as usize]).and_then(|_| f.sync_all()).map_err(io_err("cannot overwrite", path))?;
+    f.write_all(&vec![0u8; len as usize])
+        .and_then(|_| f.sync_all())
+        .map_err(io_err("cannot overwrite", path))?;
     fs::remove_file(path).map_err(io_err("cannot remove", path))
 }
 

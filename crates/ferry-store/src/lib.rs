@@ -26,6 +26,6 @@ pub use error::StoreError;
 pub use manifest::HostInfo;
 pub use name::validate_name;
 pub use pipeline::IngestStats;
-pub use store::{rotate_keys, 
-    Checkpoint, CheckpointInfo, Committed, Footprint, GcReport, Pending, Store, VerifyReport,
+pub use store::{
+    rotate_keys, Checkpoint, CheckpointInfo, Committed, Footprint, GcReport, Pending, Store, VerifyReport,
 };

@@ -217,7 +217,11 @@ impl PackReader {
         let file = match self.files.entry(loc.pack) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(v) => {
-                v.insert(File::open(&path).map_err(io_err("cannot open", &path))?)
+                v.insert(File::open(&path).map_err(|e| StoreError::Damaged {
+                    name: String::new(),
+                    file: format!("packs/{}.pack", hex(&loc.pack)),
+                    detail: format!("the pack holding this chunk cannot be opened: {e}"),
+                })?)
             }
         };
         buf.resize(loc.len as usize, 0);
@@ -268,7 +272,15 @@ impl PackWriter {
             .mode(0o600)
             .open(&path)
             .map_err(io_err("cannot create", &path))?;
-        Ok(PackWriter { dir: dir.to_path_buf(), pack, file, offset: 0, key, entries: Vec::new(), finished: false })
+        Ok(PackWriter {
+            dir: dir.to_path_buf(),
+            pack,
+            file,
+            offset: 0,
+            key,
+            entries: Vec::new(),
+            finished: false,
+        })
     }
 
     pub fn id(&self) -> PackId {

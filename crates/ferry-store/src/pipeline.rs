@@ -103,6 +103,9 @@ struct SegmentDone {
 struct Shared {
     keys: Arc<NodeKeys>,
     known: Mutex<HashSet<ChunkId>>,
+    /// Data keys some checkpoint still holds: a stored chunk sealed under any other key (its
+    /// checkpoint removed, not yet collected) cannot be reused and is sealed again.
+    usable: HashSet<KeyId>,
 }
 
 impl Pipeline {
@@ -112,13 +115,14 @@ impl Pipeline {
         keys: Arc<NodeKeys>,
         data_key: Arc<DataKey>,
         packs: &PackSet,
+        usable: HashSet<KeyId>,
         workers: usize,
     ) -> Result<Pipeline, StoreError> {
         let stop = Arc::new(AtomicBool::new(false));
         let (seg_tx, seg_rx) = sync_channel::<Segment>(QUEUE);
         let (frame_tx, frame_rx) = sync_channel::<Frame>(QUEUE * (SEGMENT / PAGE));
         let seg_rx = Arc::new(Mutex::new(seg_rx));
-        let shared = Arc::new(Shared { keys, known: Mutex::new(HashSet::new()) });
+        let shared = Arc::new(Shared { keys, known: Mutex::new(HashSet::new()), usable });
         let names = Arc::new(Mutex::new(Vec::new()));
 
         let packs_dir = packs.dir().to_path_buf();
@@ -379,8 +383,8 @@ fn work(
                 continue;
             }
             let id = shared.keys.chunk_id(chunk);
-            let fresh =
-                !exists.contains(&id) && shared.known.lock().map(|mut k| k.insert(id)).unwrap_or(false);
+            let stored = exists.location(&id).is_some_and(|l| shared.usable.contains(&l.key));
+            let fresh = !stored && shared.known.lock().map(|mut k| k.insert(id)).unwrap_or(false);
             if fresh {
                 let mut bytes = Vec::with_capacity(chunk.len() + 128);
                 sealer.seal(&id, chunk, &mut bytes);
@@ -411,7 +415,11 @@ fn is_zero(b: &[u8]) -> bool {
     words.into_iter().all(|w| w.iter().fold(0u8, |acc, x| acc | x) == 0) && tail.iter().all(|x| *x == 0)
 }
 
-fn write_frames(rx: Receiver<Frame>, dir: &Path, key: KeyId) -> Result<(Vec<FinishedPack>, u64, u64), StoreError> {
+fn write_frames(
+    rx: Receiver<Frame>,
+    dir: &Path,
+    key: KeyId,
+) -> Result<(Vec<FinishedPack>, u64, u64), StoreError> {
     let mut finished = Vec::new();
     let mut writer = PackWriter::create(dir, key)?;
     let (mut chunks, mut bytes) = (0u64, 0u64);

@@ -28,7 +28,9 @@ use crate::catalog::{read_capped, Catalog, CatalogEntry};
 use crate::error::io_err;
 use crate::fsutil::{private_dir, shred, sync_dir, write_atomic};
 use crate::keys::{self, ChunkId, NodeKeys};
-use crate::manifest::{decode_verified, encode_signed, Extent, FileRecord, HostInfo, ManifestBody, MAX_MANIFEST};
+use crate::manifest::{
+    decode_verified, encode_signed, Extent, FileRecord, HostInfo, ManifestBody, MAX_MANIFEST,
+};
 use crate::packs::{hex, KeyId, PackReader, PackSet, PackWriter};
 use crate::pipeline::{IngestStats, Pipeline};
 use crate::seal::{unwrap_key, wrap_key, DataKey, KeyRing, Opener, Slots, MAX_SLOTS_FILE};
@@ -130,6 +132,8 @@ impl Store {
         for d in ["", "keys", "packs", "manifests", "slots", "logs", "tmp"] {
             private_dir(&root.join(d))?;
         }
+        // Mount points are compared with /proc/self/mountinfo, which has absolute paths.
+        let root = fs::canonicalize(&root).map_err(io_err("cannot resolve", &root))?;
         let lock_path = root.join("lock");
         let lock = OpenOptions::new()
             .create(true)
@@ -218,7 +222,8 @@ impl Store {
         }
         let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
         let dir = self.root.join("tmp").join(format!("{name}.{}.{nanos}", std::process::id()));
-        let tmpfs = PrivateTmpfs::mount(&dir, tmpfs_size()).map_err(io_err("cannot mount a private tmpfs at", &dir))?;
+        let tmpfs = PrivateTmpfs::mount(&dir, tmpfs_size())
+            .map_err(io_err("cannot mount a private tmpfs at", &dir))?;
         private_dir(&tmpfs.path().join("images"))?;
         Ok(Pending { name: name.to_owned(), tmpfs, data_key: Arc::new(DataKey::generate()) })
     }
@@ -237,9 +242,11 @@ impl Store {
                 None => Err(StoreError::NotFound(name.to_owned())),
             };
         }
-        let tampered = |detail: String| StoreError::Tampered { file: format!("manifests/{name}.fmf"), detail };
+        let tampered =
+            |detail: String| StoreError::Tampered { file: format!("manifests/{name}.fmf"), detail };
         let bytes = read_capped(&path, MAX_MANIFEST)?;
-        let (manifest, signer) = decode_verified(&bytes, &self.trusted()?).map_err(|e| tampered(e.to_string()))?;
+        let (manifest, signer) =
+            decode_verified(&bytes, &self.trusted()?).map_err(|e| tampered(e.to_string()))?;
         if manifest.name != name {
             return Err(tampered(format!("it describes '{}'", manifest.name)));
         }
@@ -267,7 +274,9 @@ impl Store {
                 Err(e) => bad.push((name, e)),
             }
         }
-        good.sort_by(|a, b| (a.manifest.created, &a.manifest.name).cmp(&(b.manifest.created, &b.manifest.name)));
+        good.sort_by(|a, b| {
+            (a.manifest.created, &a.manifest.name).cmp(&(b.manifest.created, &b.manifest.name))
+        });
         Ok((good, bad))
     }
 
@@ -330,7 +339,11 @@ impl Store {
     fn sharers_of(&self, name: &str, key: Option<KeyId>) -> Result<Vec<String>, StoreError> {
         let Some(key) = key else { return Ok(Vec::new()) };
         let (all, _) = self.list()?;
-        Ok(all.into_iter().filter(|c| c.manifest.name != name && c.manifest.key_ids.contains(&key)).map(|c| c.manifest.name).collect())
+        Ok(all
+            .into_iter()
+            .filter(|c| c.manifest.name != name && c.manifest.key_ids.contains(&key))
+            .map(|c| c.manifest.name)
+            .collect())
     }
 
     /// Removes unreferenced chunks, rewriting packs that are partly live, and the leftovers of
@@ -398,7 +411,8 @@ impl Store {
         for entry in entries.flatten() {
             let name = entry.file_name().to_string_lossy().into_owned();
             let writer = name.split('.').rev().nth(1).and_then(|p| p.parse::<i32>().ok());
-            let alive = writer.is_some_and(|pid| pid as u32 != std::process::id() && ferry_sys::process_exists(pid));
+            let alive =
+                writer.is_some_and(|pid| pid as u32 != std::process::id() && ferry_sys::process_exists(pid));
             if alive {
                 continue;
             }
@@ -463,12 +477,18 @@ impl Pending {
 
     /// Starts sealing images into the store as CRIU writes them.
     pub fn start_ingest(&self, store: &Store) -> Result<Pipeline, StoreError> {
+        let usable = store.usable_keys()?;
         let packs = store.packs()?;
-        Pipeline::start(self.images_dir(), store.keys.clone(), self.data_key.clone(), &packs, THREADS)
+        Pipeline::start(self.images_dir(), store.keys.clone(), self.data_key.clone(), &packs, usable, THREADS)
     }
 
     /// Finishes the ingest and writes slots, manifest and catalog entry, in that order.
-    pub fn commit(self, store: &Store, info: CheckpointInfo, pipeline: Pipeline) -> Result<Committed, StoreError> {
+    pub fn commit(
+        self,
+        store: &Store,
+        info: CheckpointInfo,
+        pipeline: Pipeline,
+    ) -> Result<Committed, StoreError> {
         let ingested = pipeline.finish()?;
         let own = self.data_key.id();
         let mut key_ids: Vec<KeyId> = vec![own];
@@ -544,6 +564,20 @@ impl Pending {
 }
 
 impl Store {
+    /// Ids of the data keys that some checkpoint's slots still hold.
+    pub(crate) fn usable_keys(&self) -> Result<std::collections::HashSet<KeyId>, StoreError> {
+        let dir = self.root.join("slots");
+        let mut out = std::collections::HashSet::new();
+        for entry in fs::read_dir(&dir).map_err(io_err("cannot read", &dir))? {
+            let entry = entry.map_err(io_err("cannot read", &dir))?;
+            let Ok(bytes) = read_capped(&entry.path(), MAX_SLOTS_FILE) else { continue };
+            if let Ok(slots) = Slots::decode(&bytes) {
+                out.extend(slots.entries.iter().map(|(k, _)| *k));
+            }
+        }
+        Ok(out)
+    }
+
     /// A data key held in some checkpoint's slots, opened with this node's secret.
     fn find_key(&self, key: &KeyId) -> Result<DataKey, StoreError> {
         let dir = self.root.join("slots");
@@ -586,7 +620,9 @@ impl Checkpoint {
         let bytes = read_capped(&path, MAX_SLOTS_FILE)
             .map_err(|_| no_key("its key slots are gone (removed with --shred?)".into()))?;
         let slots = Slots::decode(&bytes).map_err(|e| no_key(e.to_string()))?;
-        let ring = slots.open_all(store.keys.x25519_secret()).map_err(|e| no_key(format!("this node cannot open them: {e}")))?;
+        let ring = slots
+            .open_all(store.keys.x25519_secret())
+            .map_err(|e| no_key(format!("this node cannot open them: {e}")))?;
         for k in &self.manifest.key_ids {
             if ring.get(k).is_none() {
                 return Err(no_key(format!("key {} has no slot", hex(k))));
@@ -651,12 +687,28 @@ impl Checkpoint {
                                 file: format!("{fname} at offset {}", w.offset),
                                 detail,
                             };
-                            if reader.read(&w.id, &mut frame)?.is_none() {
-                                return Err(damaged(format!("chunk {} is missing from the store", hex(&w.id[..8]))));
+                            let found = reader.read(&w.id, &mut frame).map_err(|e| match e {
+                                StoreError::Damaged { file, detail, .. } => {
+                                    damaged(format!("chunk {} in {file}: {detail}", hex(&w.id[..8])))
+                                }
+                                other => other,
+                            })?;
+                            if found.is_none() {
+                                return Err(damaged(format!(
+                                    "chunk {} is missing from the store",
+                                    hex(&w.id[..8])
+                                )));
                             }
-                            let plain = opener.open(&w.id, &frame).map_err(|e| damaged(format!("chunk {}: {e}", hex(&w.id[..8]))))?;
+                            let plain = opener
+                                .open(&w.id, &frame)
+                                .map_err(|e| damaged(format!("chunk {}: {e}", hex(&w.id[..8]))))?;
                             if plain.len() != w.len as usize {
-                                return Err(damaged(format!("chunk {} has {} bytes, the manifest says {}", hex(&w.id[..8]), plain.len(), w.len)));
+                                return Err(damaged(format!(
+                                    "chunk {} has {} bytes, the manifest says {}",
+                                    hex(&w.id[..8]),
+                                    plain.len(),
+                                    w.len
+                                )));
                             }
                             if let Some(f) = files.get(w.file) {
                                 f.write_all_at(&plain, w.offset).map_err(io_err("cannot write", fname))?;

@@ -17,10 +17,7 @@ impl PrivateTmpfs {
     /// Creates `path` (which must not exist) and mounts a tmpfs of at most `size_bytes` on it.
     pub fn mount(path: &Path, size_bytes: u64) -> io::Result<PrivateTmpfs> {
         std::fs::create_dir(path)?;
-        let mut guard = PrivateTmpfs {
-            path: path.to_path_buf(),
-            mounted: false,
-        };
+        let mut guard = PrivateTmpfs { path: path.to_path_buf(), mounted: false };
         let target = cstring(path)?;
         let data = CString::new(format!("mode=0700,size={size_bytes}")).map_err(io::Error::other)?;
         // SAFETY: all pointers are valid NUL-terminated strings that outlive the call; the

@@ -32,10 +32,7 @@ impl Signal {
 /// Sends `sig` to `pid`.
 pub fn kill(pid: i32, sig: Signal) -> io::Result<()> {
     if pid <= 0 {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "pid must be positive",
-        ));
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "pid must be positive"));
     }
     // SAFETY: kill(2) takes plain integers; a positive pid addresses exactly one process.
     let rc = unsafe { libc::kill(pid, sig.raw()) };
@@ -101,6 +98,15 @@ pub fn wait_child(pid: i32) -> io::Result<ChildExit> {
     }
 }
 
+/// Makes every file this process (and its children, CRIU among them) creates private to its
+/// owner. Restored tasks get back their own umask from the checkpoint.
+pub fn private_umask() {
+    // SAFETY: umask(2) only sets the process's file mode creation mask and cannot fail.
+    unsafe {
+        libc::umask(0o077);
+    }
+}
+
 /// The effective user id of this process.
 pub fn effective_uid() -> u32 {
     // SAFETY: geteuid(2) has no arguments and cannot fail.
@@ -151,10 +157,7 @@ mod tests {
     #[test]
     #[allow(clippy::zombie_processes)] // reaped by wait_child, which is what is tested
     fn child_exit_codes() {
-        let child = Command::new("sh")
-            .args(["-c", "exit 7"])
-            .spawn()
-            .expect("spawn sh");
+        let child = Command::new("sh").args(["-c", "exit 7"]).spawn().expect("spawn sh");
         assert_eq!(wait_child(child.id() as i32).expect("wait"), ChildExit::Exited(7));
         let child = Command::new("sleep").arg("30").spawn().expect("spawn sleep");
         kill(child.id() as i32, Signal::Kill).expect("kill");

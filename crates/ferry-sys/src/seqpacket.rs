@@ -16,12 +16,7 @@ impl SeqPacket {
         let mut fds = [-1i32; 2];
         // SAFETY: `fds` is a valid, writable array of two ints, as socketpair(2) requires.
         let rc = unsafe {
-            libc::socketpair(
-                libc::AF_UNIX,
-                libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
-                0,
-                fds.as_mut_ptr(),
-            )
+            libc::socketpair(libc::AF_UNIX, libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC, 0, fds.as_mut_ptr())
         };
         if rc != 0 {
             return Err(io::Error::last_os_error());
@@ -36,12 +31,7 @@ impl SeqPacket {
         loop {
             // SAFETY: the pointer and length describe `packet`, which outlives the call.
             let n = unsafe {
-                libc::send(
-                    self.fd.as_raw_fd(),
-                    packet.as_ptr().cast(),
-                    packet.len(),
-                    libc::MSG_NOSIGNAL,
-                )
+                libc::send(self.fd.as_raw_fd(), packet.as_ptr().cast(), packet.len(), libc::MSG_NOSIGNAL)
             };
             if n >= 0 {
                 return if n as usize == packet.len() {
@@ -64,12 +54,7 @@ impl SeqPacket {
         loop {
             // SAFETY: the pointer and length describe `buf`, which outlives the call.
             let n = unsafe {
-                libc::recv(
-                    self.fd.as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    libc::MSG_TRUNC,
-                )
+                libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_TRUNC)
             };
             if n < 0 {
                 let err = io::Error::last_os_error();

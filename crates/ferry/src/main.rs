@@ -15,6 +15,8 @@ use crate::exit::Exit;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Logs, keys and scratch files: nothing ferry or CRIU writes is for other users to read.
+    ferry_sys::private_umask();
     init_logging(cli.verbose);
     let outcome = match &cli.command {
         Command::Doctor { json } => cmd::doctor::run(&cli, *json),
@@ -28,7 +30,9 @@ fn main() -> ExitCode {
                 keep: *keep,
             },
         ),
-        Command::Restore { name, detach, pidfile } => cmd::restore::run(&cli, name, *detach, pidfile.as_deref()),
+        Command::Restore { name, detach, pidfile } => {
+            cmd::restore::run(&cli, name, *detach, pidfile.as_deref())
+        }
         Command::List { json } => cmd::list::run(&cli, *json),
         Command::Verify { names } => cmd::verify::run(&cli, names),
         Command::Inspect { name, json } => cmd::inspect::run(&cli, name, *json),
@@ -52,11 +56,7 @@ fn init_logging(verbose: u8) {
         _ => "debug",
     };
     let filter = EnvFilter::try_from_env("FERRY_LOG").unwrap_or_else(|_| EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .init();
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
 }
 
 /// What a command returns: an exit code, or what failed and why.

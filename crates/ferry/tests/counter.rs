@@ -16,9 +16,7 @@ fn checkpoint_and_last_count(ferry: &Ferry, w: &Workload, name: &str) -> u64 {
     w.wait_counts(w.pid(), 3);
     ferry.checkpoint(w.pid(), name, &[]).assert_ok();
     // The default is to stop the workload once dumped.
-    poll(WAIT, "the checkpointed counter to be stopped", || {
-        (!process_exists(w.pid())).then_some(())
-    });
+    poll(WAIT, "the checkpointed counter to be stopped", || (!process_exists(w.pid())).then_some(()));
     let counts = w.counts(w.pid());
     fs::rename(w.path("counter", w.pid()), w.dir().join("counts-before")).expect("move counts aside");
     *counts.last().expect("counts before the checkpoint")
@@ -27,10 +25,7 @@ fn checkpoint_and_last_count(ferry: &Ferry, w: &Workload, name: &str) -> u64 {
 /// The `NSpid:` line of /proc/PID/status: the pid in each namespace, host first.
 fn ns_pids(pid: i32) -> Vec<String> {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).expect("status of restored pid");
-    let line = status
-        .lines()
-        .find_map(|l| l.strip_prefix("NSpid:"))
-        .expect("NSpid line");
+    let line = status.lines().find_map(|l| l.strip_prefix("NSpid:")).expect("NSpid line");
     line.split_whitespace().map(str::to_string).collect()
 }
 
@@ -45,24 +40,13 @@ fn restored_counter_goes_on_from_its_count() {
 
     let pid = ferry.restore_ok("counter", &w);
     // Restored as PID 1 of a fresh pid namespace, like the original.
-    assert_eq!(
-        ns_pids(pid).last().map(String::as_str),
-        Some("1"),
-        "restored root of pid {pid}"
-    );
+    assert_eq!(ns_pids(pid).last().map(String::as_str), Some("1"), "restored root of pid {pid}");
     let after = w.wait_counts(pid, 2);
     // The counter increments, then writes: whether it was frozen before or after a write, the
     // first count the copy writes is exactly the next one. Lower: replayed or reset; higher:
     // the original ran on after its dump.
-    assert_eq!(
-        after[0],
-        last + 1,
-        "last count before checkpoint {last}, counts after restore {after:?}"
-    );
-    assert!(
-        after[1] > after[0],
-        "the restored counter must keep counting: {after:?}"
-    );
+    assert_eq!(after[0], last + 1, "last count before checkpoint {last}, counts after restore {after:?}");
+    assert!(after[1] > after[0], "the restored counter must keep counting: {after:?}");
 }
 
 #[test]
@@ -75,12 +59,8 @@ fn restore_without_detach_waits_and_exits_with_the_workload_code() {
     let last = checkpoint_and_last_count(&ferry, &w, "attached");
 
     let pidfile = ferry.fresh_path("pid");
-    let mut restore = ferry.spawn(&[
-        "restore".as_ref(),
-        "attached".as_ref(),
-        "--pidfile".as_ref(),
-        pidfile.as_os_str(),
-    ]);
+    let mut restore =
+        ferry.spawn(&["restore".as_ref(), "attached".as_ref(), "--pidfile".as_ref(), pidfile.as_os_str()]);
     let pid = poll(WAIT, "the pidfile of an attached restore", || {
         if let Some(pid) = read_pid(&pidfile) {
             return Some(pid);
@@ -93,17 +73,10 @@ fn restore_without_detach_waits_and_exits_with_the_workload_code() {
     });
     w.adopt(pid);
     assert_eq!(w.wait_counts(pid, 1)[0], last + 1);
-    assert!(
-        restore.try_finish().is_none(),
-        "ferry must wait while the workload runs"
-    );
+    assert!(restore.try_finish().is_none(), "ferry must wait while the workload runs");
 
     w.request_exit(pid, 42).expect("ask the counter to exit");
     let outcome = restore.finish(WAIT);
-    assert_eq!(
-        outcome.code,
-        Some(42),
-        "ferry must exit with the workload's code\n{outcome}"
-    );
+    assert_eq!(outcome.code, Some(42), "ferry must exit with the workload's code\n{outcome}");
     assert!(!outcome.stderr.contains("panicked at"), "{outcome}");
 }

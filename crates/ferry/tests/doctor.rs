@@ -16,10 +16,7 @@ fn doctor_passes_on_a_prepared_host() {
     }
     let outcome = ferry().run(&["doctor"]);
     outcome.assert_ok();
-    assert!(
-        outcome.stdout.to_ascii_lowercase().contains("criu"),
-        "the table must report CRIU\n{outcome}"
-    );
+    assert!(outcome.stdout.to_ascii_lowercase().contains("criu"), "the table must report CRIU\n{outcome}");
 }
 
 #[test]
@@ -31,11 +28,7 @@ fn doctor_fails_without_criu() {
     let missing = ferry.scratch().join("no-such-criu");
     let outcome = ferry.with_criu(&missing).run(&["doctor"]);
     assert!(!outcome.stderr.contains("panicked at"), "{outcome}");
-    assert_eq!(
-        outcome.code,
-        Some(5),
-        "checkpoint/restore cannot work without CRIU\n{outcome}"
-    );
+    assert_eq!(outcome.code, Some(5), "checkpoint/restore cannot work without CRIU\n{outcome}");
 }
 
 #[test]
@@ -50,12 +43,7 @@ fn doctor_finds_criu_in_path_by_itself() {
         .env_remove("FERRY_CRIU")
         .output()
         .expect("run ferry doctor");
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 #[test]
@@ -67,10 +55,7 @@ fn missing_criu_is_an_environment_error() {
     let missing = ferry.scratch().join("no-such-criu");
     let ferry = ferry.with_criu(&missing);
     let w = Workload::start(Sample::Counter, Isolation::PidNamespace).expect("start counter");
-    ferry
-        .checkpoint(w.pid(), "x", &[])
-        .assert_error(5)
-        .assert_stderr_mentions("criu");
+    ferry.checkpoint(w.pid(), "x", &[]).assert_error(5).assert_stderr_mentions("criu");
     assert_not_stopped(w.pid());
     assert!(!ferry.manifest_path("x").exists());
 }

@@ -14,14 +14,9 @@ fn random_memory_survives_checkpoint_and_restore() {
     let before = w.request_hash(w.pid());
 
     ferry.checkpoint(w.pid(), "memhog", &[]).assert_ok();
-    poll(WAIT, "the checkpointed memhog to be stopped", || {
-        (!process_exists(w.pid())).then_some(())
-    });
+    poll(WAIT, "the checkpointed memhog to be stopped", || (!process_exists(w.pid())).then_some(()));
 
     let pid = ferry.restore_ok("memhog", &w);
     let after = w.request_hash(pid);
-    assert_eq!(
-        after, before,
-        "sha256 of the 256 MiB buffer changed across checkpoint/restore"
-    );
+    assert_eq!(after, before, "sha256 of the 256 MiB buffer changed across checkpoint/restore");
 }

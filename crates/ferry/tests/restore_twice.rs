@@ -24,35 +24,23 @@ fn one_checkpoint_restored_twice_runs_twice() {
     let w = Workload::start(Sample::Counter, Isolation::PidNamespace).expect("start counter");
     w.wait_counts(w.pid(), 3);
     ferry.checkpoint(w.pid(), "twice", &[]).assert_ok();
-    poll(WAIT, "the checkpointed counter to be stopped", || {
-        (!process_exists(w.pid())).then_some(())
-    });
+    poll(WAIT, "the checkpointed counter to be stopped", || (!process_exists(w.pid())).then_some(()));
     let last = *w.counts(w.pid()).last().expect("counts");
 
     let first = ferry.restore_ok("twice", &w);
     let second = ferry.restore_ok("twice", &w);
     assert_ne!(first, second);
-    assert_ne!(
-        pid_namespace(first),
-        pid_namespace(second),
-        "each copy needs its own pid namespace"
-    );
+    assert_ne!(pid_namespace(first), pid_namespace(second), "each copy needs its own pid namespace");
     assert_ne!(pid_namespace(first), pid_namespace(std::process::id() as i32));
     for pid in [first, second] {
         let counts = w.wait_counts(pid, 2);
-        assert_eq!(
-            counts[0],
-            last + 1,
-            "copy {pid} must go on from the checkpoint: {counts:?}"
-        );
+        assert_eq!(counts[0], last + 1, "copy {pid} must go on from the checkpoint: {counts:?}");
         assert_not_stopped(pid);
     }
 
     // The copies are independent: killing one leaves the other counting.
     kill(first, Signal::Kill).expect("kill the first copy");
-    poll(WAIT, "the first copy to die", || {
-        (!process_exists(first)).then_some(())
-    });
+    poll(WAIT, "the first copy to die", || (!process_exists(first)).then_some(()));
     let seen = w.counts(second).len();
     w.wait_counts(second, seen + 2);
 }
@@ -65,9 +53,7 @@ fn copy_runs_beside_an_original_left_running() {
     let ferry = ferry();
     let w = Workload::start(Sample::Counter, Isolation::PidNamespace).expect("start counter");
     w.wait_counts(w.pid(), 3);
-    ferry
-        .checkpoint(w.pid(), "beside", &["--leave-running"])
-        .assert_ok();
+    ferry.checkpoint(w.pid(), "beside", &["--leave-running"]).assert_ok();
     assert_not_stopped(w.pid());
 
     // The original's pid is PID 1 of its namespace, as is the copy's: no conflict.

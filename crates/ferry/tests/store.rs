@@ -50,21 +50,12 @@ fn list_describes_checkpoints_and_rm_removes_them() {
     }
     let table = ferry.run(&["list"]);
     table.assert_ok();
-    assert!(
-        table.stdout.contains("alpha") && table.stdout.contains("beta"),
-        "{table}"
-    );
+    assert!(table.stdout.contains("alpha") && table.stdout.contains("beta"), "{table}");
 
     ferry.run(&["rm", "alpha"]).assert_ok();
     assert_eq!(names(&list_json(&ferry)), ["beta"]);
-    assert!(
-        !ferry.manifest_path("alpha").exists(),
-        "rm must delete the checkpoint's files"
-    );
-    ferry
-        .run(&["rm", "alpha"])
-        .assert_error(3)
-        .assert_stderr_mentions("alpha");
+    assert!(!ferry.manifest_path("alpha").exists(), "rm must delete the checkpoint's files");
+    ferry.run(&["rm", "alpha"]).assert_error(3).assert_stderr_mentions("alpha");
     ferry.run(&["rm", "beta"]).assert_ok();
     assert!(list_json(&ferry).is_empty());
 }
@@ -77,25 +68,16 @@ fn existing_name_is_a_conflict_and_the_workload_survives() {
     let ferry = ferry();
     let w = Workload::start(Sample::Counter, Isolation::PidNamespace).expect("start counter");
     w.wait_counts(w.pid(), 2);
-    ferry
-        .checkpoint(w.pid(), "taken", &["--leave-running"])
-        .assert_ok();
+    ferry.checkpoint(w.pid(), "taken", &["--leave-running"]).assert_ok();
     let before = list_json(&ferry);
 
     // Without --leave-running: had ferry dumped (and so stopped) the workload before noticing the
     // name, the workload would be lost along with the checkpoint that cannot be stored.
-    ferry
-        .checkpoint(w.pid(), "taken", &[])
-        .assert_error(8)
-        .assert_stderr_mentions("taken");
+    ferry.checkpoint(w.pid(), "taken", &[]).assert_error(8).assert_stderr_mentions("taken");
     assert_not_stopped(w.pid());
     let seen = w.counts(w.pid()).len();
     w.wait_counts(w.pid(), seen + 2);
-    assert_eq!(
-        list_json(&ferry),
-        before,
-        "the existing checkpoint must be left as it was"
-    );
+    assert_eq!(list_json(&ferry), before, "the existing checkpoint must be left as it was");
 }
 
 #[test]
@@ -115,19 +97,11 @@ fn default_name_and_store_from_the_environment() {
         .env("FERRY_STORE", ferry.store())
         .output()
         .expect("run ferry list");
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
     let entries: Vec<Value> = serde_json::from_slice(&out.stdout).expect("JSON array");
     assert_eq!(entries.len(), 1, "{entries:?}");
     assert_eq!(entries[0]["source"], target);
-    assert!(
-        entries[0]["name"].as_str().is_some_and(|n| !n.is_empty()),
-        "a name is chosen: {entries:?}"
-    );
+    assert!(entries[0]["name"].as_str().is_some_and(|n| !n.is_empty()), "a name is chosen: {entries:?}");
 }
 
 /// Checkpoints `w` (stopping it) as `name`, removes the checkpoint, and checks that no network
@@ -135,17 +109,12 @@ fn default_name_and_store_from_the_environment() {
 /// state behind once it is gone.
 fn assert_rm_releases_the_lock(ferry: &Ferry, w: &Workload, name: &str, extra: &[&str]) {
     ferry.checkpoint(w.pid(), name, extra).assert_ok();
-    poll(WAIT, "the checkpointed workload to be stopped", || {
-        (!process_exists(w.pid())).then_some(())
-    });
+    poll(WAIT, "the checkpointed workload to be stopped", || (!process_exists(w.pid())).then_some(()));
     let held = ferry.criu_lock_tables();
     ferry.run(&["rm", name]).assert_ok();
     let present = present_lock_tables();
     let left: Vec<&String> = held.iter().filter(|t| present.contains(t)).collect();
-    assert!(
-        left.is_empty(),
-        "`ferry rm {name}` left CRIU's lock tables {left:?}"
-    );
+    assert!(left.is_empty(), "`ferry rm {name}` left CRIU's lock tables {left:?}");
     assert!(!ferry.manifest_path(name).exists());
 }
 

@@ -29,7 +29,10 @@ pub fn run(cli: &Cli, name: &str, json: bool) -> Outcome {
         return crate::ok();
     }
     println!("checkpoint   {} (generation {}), taken {}", m.name, m.generation, utc(m.created));
-    println!("source       {} on {} (Linux {}, CRIU {})", m.source, m.host.hostname, m.host.kernel, m.host.criu_version);
+    println!(
+        "source       {} on {} (Linux {}, CRIU {})",
+        m.source, m.host.hostname, m.host.kernel, m.host.criu_version
+    );
     println!("signed by    {}", hex(&i.checkpoint.signer[..8]));
     println!(
         "size         {} logical, {} zero pages, {} stored in {} chunks ({} shared with other checkpoints)",

@@ -12,24 +12,13 @@ use crate::Outcome;
 pub fn run(cli: &Cli, name: &str, detach: bool, pidfile: Option<&Path>) -> Outcome {
     let what = || format!("restore of {name} failed");
     let ctx = context(cli).map_err(|e| (what(), e))?;
-    let report = ferry_runtime::restore(
-        &ctx,
-        &RestoreRequest {
-            name: name.to_owned(),
-        },
-    )
-    .map_err(|e| (what(), e))?;
+    let report =
+        ferry_runtime::restore(&ctx, &RestoreRequest { name: name.to_owned() }).map_err(|e| (what(), e))?;
     if let Some(path) = pidfile {
         fs::write(path, format!("{}\n", report.pid)).map_err(|source| {
-            let err = StoreError::Io {
-                action: "cannot write the pid file",
-                path: path.to_path_buf(),
-                source,
-            };
-            (
-                format!("restored {name} as pid {}, but", report.pid),
-                Error::Store(err),
-            )
+            let err =
+                StoreError::Io { action: "cannot write the pid file", path: path.to_path_buf(), source };
+            (format!("restored {name} as pid {}, but", report.pid), Error::Store(err))
         })?;
     }
     println!("restored {name} as pid {} in {:.2}s", report.pid, report.seconds);
@@ -40,10 +29,7 @@ pub fn run(cli: &Cli, name: &str, detach: bool, pidfile: Option<&Path>) -> Outco
     match ferry_sys::wait_child(report.pid) {
         Ok(exit) => Ok(ExitCode::from(exit.shell_code().clamp(0, 255) as u8)),
         Err(e) => {
-            eprintln!(
-                "warning: cannot wait for pid {}: {e}; it keeps running",
-                report.pid
-            );
+            eprintln!("warning: cannot wait for pid {}: {e}; it keeps running", report.pid);
             crate::ok()
         }
     }
