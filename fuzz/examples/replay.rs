@@ -25,8 +25,9 @@ fn main() -> ExitCode {
         Some("manifest") => ferry_store_fuzz::manifest,
         Some("chunk_frame") => ferry_store_fuzz::chunk_frame,
         Some("slots") => ferry_store_fuzz::slots,
+        Some("archive") => ferry_store_fuzz::archive,
         _ => {
-            eprintln!("usage: replay manifest|chunk_frame|slots PATH...");
+            eprintln!("usage: replay manifest|chunk_frame|slots|archive PATH...");
             return ExitCode::from(2);
         }
     };

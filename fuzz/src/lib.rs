@@ -159,3 +159,9 @@ pub fn slots(data: &[u8]) {
         }
     }
 }
+
+/// The tar reader of `ferry import`: hostile archives must be refused, never panic or allocate
+/// what the headers claim.
+pub fn archive(data: &[u8]) {
+    let _ = ferry_store::archive::check_archive(data);
+}

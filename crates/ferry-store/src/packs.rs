@@ -42,12 +42,67 @@ pub struct Location {
     pub len: u32,
 }
 
+/// Where each chunk is. Usually one copy; a chunk can be stored twice under different data
+/// keys (sealed again because the first copy's key was gone), so readers say which keys they
+/// can use.
+#[derive(Debug, Clone, Default)]
+struct Index {
+    primary: HashMap<Id, Location>,
+    extra: HashMap<Id, Vec<Location>>,
+}
+
+impl Index {
+    fn insert(&mut self, id: Id, loc: Location) {
+        match self.primary.entry(id) {
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(loc);
+            }
+            std::collections::hash_map::Entry::Occupied(o) if *o.get() != loc => {
+                let extra = self.extra.entry(id).or_default();
+                if !extra.contains(&loc) {
+                    extra.push(loc);
+                }
+            }
+            std::collections::hash_map::Entry::Occupied(_) => {}
+        }
+    }
+
+    fn find(&self, id: &Id, usable: &dyn Fn(&KeyId) -> bool) -> Option<Location> {
+        let first = self.primary.get(id).copied().filter(|l| usable(&l.key));
+        first.or_else(|| self.extra.get(id)?.iter().copied().find(|l| usable(&l.key)))
+    }
+
+    fn forget(&mut self, id: &Id, pack: &PackId) {
+        if let Some(extra) = self.extra.get_mut(id) {
+            extra.retain(|l| l.pack != *pack);
+        }
+        if self.primary.get(id).is_some_and(|l| l.pack == *pack) {
+            match self.extra.get_mut(id).and_then(Vec::pop) {
+                Some(next) => {
+                    self.primary.insert(*id, next);
+                }
+                None => {
+                    self.primary.remove(id);
+                }
+            }
+        }
+        if self.extra.get(id).is_some_and(Vec::is_empty) {
+            self.extra.remove(id);
+        }
+    }
+}
+
+/// Any key will do.
+pub fn any_key(_: &KeyId) -> bool {
+    true
+}
+
 /// All indexed packs of a store, and where each chunk is.
 #[derive(Debug)]
 pub struct PackSet {
     dir: PathBuf,
-    index: Arc<HashMap<Id, Location>>,
-    packs: HashMap<PackId, Vec<Id>>,
+    index: Arc<Index>,
+    packs: HashMap<PackId, Vec<Entry>>,
 }
 
 impl PackSet {
@@ -72,21 +127,25 @@ impl PackSet {
     }
 
     fn add(&mut self, pack: PackId, entries: Vec<Entry>) {
-        let ids = self.packs.entry(pack).or_default();
         let index = Arc::make_mut(&mut self.index);
-        for Entry { id, key, offset, len } in entries {
-            // The newest copy wins: after gc rewrites a pack, its chunks point to the new one.
-            index.insert(id, Location { pack, key, offset, len });
-            ids.push(id);
+        for e in &entries {
+            index.insert(e.id, Location { pack, key: e.key, offset: e.offset, len: e.len });
         }
+        self.packs.entry(pack).or_default().extend(entries);
     }
 
     pub fn contains(&self, id: &Id) -> bool {
-        self.index.contains_key(id)
+        self.index.primary.contains_key(id)
     }
 
+    /// Where a copy of `id` sealed under a key `usable` accepts is.
+    pub fn find(&self, id: &Id, usable: &dyn Fn(&KeyId) -> bool) -> Option<Location> {
+        self.index.find(id, usable)
+    }
+
+    /// Where some copy of `id` is.
     pub fn location(&self, id: &Id) -> Option<Location> {
-        self.index.get(id).copied()
+        self.index.find(id, &any_key)
     }
 
     /// The chunks indexed now, for readers on other threads (shared, not copied).
@@ -100,11 +159,11 @@ impl PackSet {
 
     /// Number of distinct chunks indexed.
     pub fn chunk_count(&self) -> usize {
-        self.index.len()
+        self.index.primary.len()
     }
 
     /// Pack ids and the chunks each holds.
-    pub fn packs(&self) -> impl Iterator<Item = (&PackId, &Vec<Id>)> {
+    pub fn packs(&self) -> impl Iterator<Item = (&PackId, &Vec<Entry>)> {
         self.packs.iter()
     }
 
@@ -133,11 +192,10 @@ impl PackSet {
         fs::remove_file(&idx).or_else(ignore_missing).map_err(io_err("cannot remove", &idx))?;
         let data = self.pack_path(pack, "pack");
         fs::remove_file(&data).or_else(ignore_missing).map_err(io_err("cannot remove", &data))?;
-        if let Some(ids) = self.packs.remove(pack) {
-            for id in ids {
-                if self.index.get(&id).is_some_and(|l| l.pack == *pack) {
-                    Arc::make_mut(&mut self.index).remove(&id);
-                }
+        if let Some(entries) = self.packs.remove(pack) {
+            let index = Arc::make_mut(&mut self.index);
+            for e in entries {
+                index.forget(&e.id, pack);
             }
         }
         Ok(())
@@ -171,15 +229,12 @@ fn ignore_missing(e: io::Error) -> io::Result<()> {
 
 /// A read-only view of which chunks a store held at one moment.
 #[derive(Debug, Clone)]
-pub struct Known(Arc<HashMap<Id, Location>>);
+pub struct Known(Arc<Index>);
 
 impl Known {
-    pub fn contains(&self, id: &Id) -> bool {
-        self.0.contains_key(id)
-    }
-
-    pub fn location(&self, id: &Id) -> Option<Location> {
-        self.0.get(id).copied()
+    /// Where a copy of `id` sealed under a key `usable` accepts is.
+    pub fn find(&self, id: &Id, usable: &dyn Fn(&KeyId) -> bool) -> Option<Location> {
+        self.0.find(id, usable)
     }
 }
 
@@ -196,9 +251,14 @@ impl PackReader {
         PackReader { dir: dir.to_path_buf(), known, files: HashMap::new() }
     }
 
-    /// The frame stored for `id`, or `None` if no pack holds it.
-    pub fn read(&mut self, id: &Id, buf: &mut Vec<u8>) -> Result<Option<Location>, StoreError> {
-        let Some(loc) = self.known.location(id) else {
+    /// The frame stored for `id` under a key `usable` accepts, or `None` if no pack holds one.
+    pub fn read(
+        &mut self,
+        id: &Id,
+        usable: &dyn Fn(&KeyId) -> bool,
+        buf: &mut Vec<u8>,
+    ) -> Result<Option<Location>, StoreError> {
+        let Some(loc) = self.known.find(id, usable) else {
             return Ok(None);
         };
         self.read_at(loc, buf)?;
@@ -453,9 +513,9 @@ mod tests {
         assert_eq!(set.chunk_count(), 2);
         let mut r = set.reader();
         let mut buf = Vec::new();
-        r.read(&id(2), &mut buf).expect("read").expect("present");
+        r.read(&id(2), &any_key, &mut buf).expect("read").expect("present");
         assert_eq!(buf, b"frame-two!");
-        assert!(r.read(&id(9), &mut buf).expect("read").is_none());
+        assert!(r.read(&id(9), &any_key, &mut buf).expect("read").is_none());
     }
 
     #[test]

@@ -383,7 +383,7 @@ fn work(
                 continue;
             }
             let id = shared.keys.chunk_id(chunk);
-            let stored = exists.location(&id).is_some_and(|l| shared.usable.contains(&l.key));
+            let stored = exists.find(&id, &|k| shared.usable.contains(k)).is_some();
             let fresh = !stored && shared.known.lock().map(|mut k| k.insert(id)).unwrap_or(false);
             if fresh {
                 let mut bytes = Vec::with_capacity(chunk.len() + 128);

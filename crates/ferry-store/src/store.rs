@@ -31,7 +31,7 @@ use crate::keys::{self, ChunkId, NodeKeys};
 use crate::manifest::{
     decode_verified, encode_signed, Extent, FileRecord, HostInfo, ManifestBody, MAX_MANIFEST,
 };
-use crate::packs::{hex, KeyId, PackReader, PackSet, PackWriter};
+use crate::packs::{hex, Entry, KeyId, Location, PackReader, PackSet, PackWriter};
 use crate::pipeline::{IngestStats, Pipeline};
 use crate::seal::{unwrap_key, wrap_key, DataKey, KeyRing, Opener, Slots, MAX_SLOTS_FILE};
 use crate::{validate_name, StoreError};
@@ -350,6 +350,7 @@ impl Store {
     /// interrupted writers. Needs the store to itself ([`Store::open_exclusive`]).
     pub fn gc(&self) -> Result<GcReport, StoreError> {
         let mut live: BTreeSet<ChunkId> = BTreeSet::new();
+        let mut live_keys: BTreeSet<KeyId> = BTreeSet::new();
         let mut live_manifests = BTreeSet::new();
         let trusted = self.trusted()?;
         for name in self.manifest_names()? {
@@ -358,6 +359,7 @@ impl Store {
             // data a human may still want to look at.
             if let Ok((m, _)) = decode_verified(&bytes, &trusted) {
                 live_manifests.insert(hex(&m.id));
+                live_keys.extend(m.key_ids.iter().copied());
                 for f in &m.files {
                     for e in &f.extents {
                         if let Extent::Chunk { id, .. } = e {
@@ -369,9 +371,11 @@ impl Store {
         }
         let mut report = GcReport::default();
         let mut packs = self.packs()?;
-        let plan: Vec<_> = packs.packs().map(|(p, ids)| (*p, ids.clone())).collect();
+        let plan: Vec<_> = packs.packs().map(|(p, entries)| (*p, entries.clone())).collect();
         for (pack, ids) in plan {
-            let live_here: Vec<ChunkId> = ids.iter().filter(|id| live.contains(*id)).copied().collect();
+            // A copy is live if some manifest names the chunk and holds the key that sealed it.
+            let live_here: Vec<Entry> =
+                ids.iter().filter(|e| live.contains(&e.id) && live_keys.contains(&e.key)).copied().collect();
             if live_here.len() == ids.len() {
                 continue;
             }
@@ -432,20 +436,16 @@ impl Store {
     }
 }
 
-fn rewrite_pack(packs: &mut PackSet, pack: &[u8; 16], live: &[ChunkId]) -> Result<(), StoreError> {
+fn rewrite_pack(packs: &mut PackSet, pack: &[u8; 16], live: &[Entry]) -> Result<(), StoreError> {
     let mut reader = packs.reader();
     let mut writer = PackWriter::create(packs.dir(), [0; 16])?;
     let mut buf = Vec::new();
-    for id in live {
-        let Some(loc) = packs.location(id).filter(|l| l.pack == *pack) else { continue };
-        reader.read_at(loc, &mut buf)?;
-        writer.append_sealed_by(id, loc.key, &buf)?;
+    for e in live {
+        reader.read_at(Location { pack: *pack, key: e.key, offset: e.offset, len: e.len }, &mut buf)?;
+        writer.append_sealed_by(&e.id, e.key, &buf)?;
     }
-    let finished = writer.finish()?;
-    // The rewritten pack must be durable and indexed before the old one goes.
-    let new_pack = finished.pack;
-    packs.absorb(finished);
-    debug_assert!(live.iter().all(|id| packs.location(id).is_some_and(|l| l.pack == new_pack)));
+    // The rewritten pack is durable and indexed before the caller deletes the old one.
+    packs.absorb(writer.finish()?);
     Ok(())
 }
 
@@ -490,6 +490,7 @@ impl Pending {
         pipeline: Pipeline,
     ) -> Result<Committed, StoreError> {
         let ingested = pipeline.finish()?;
+        let usable = store.usable_keys()?;
         let own = self.data_key.id();
         let mut key_ids: Vec<KeyId> = vec![own];
         {
@@ -501,11 +502,14 @@ impl Pending {
             for f in &ingested.files {
                 for e in &f.extents {
                     if let Extent::Chunk { id, .. } = e {
-                        let key = packs.location(id).map(|l| l.key).ok_or_else(|| StoreError::Damaged {
-                            name: self.name.clone(),
-                            file: f.name.clone(),
-                            detail: "a chunk vanished while the checkpoint was written".into(),
-                        })?;
+                        let key = packs
+                            .find(id, &|k| *k == own || usable.contains(k))
+                            .map(|l| l.key)
+                            .ok_or_else(|| StoreError::Damaged {
+                                name: self.name.clone(),
+                                file: f.name.clone(),
+                                detail: "a chunk vanished while the checkpoint was written".into(),
+                            })?;
                         if seen.insert(key) {
                             key_ids.push(key);
                         }
@@ -687,12 +691,15 @@ impl Checkpoint {
                                 file: format!("{fname} at offset {}", w.offset),
                                 detail,
                             };
-                            let found = reader.read(&w.id, &mut frame).map_err(|e| match e {
-                                StoreError::Damaged { file, detail, .. } => {
-                                    damaged(format!("chunk {} in {file}: {detail}", hex(&w.id[..8])))
-                                }
-                                other => other,
-                            })?;
+                            let found =
+                                reader.read(&w.id, &|k| ring.get(k).is_some(), &mut frame).map_err(|e| {
+                                    match e {
+                                        StoreError::Damaged { file, detail, .. } => {
+                                            damaged(format!("chunk {} in {file}: {detail}", hex(&w.id[..8])))
+                                        }
+                                        other => other,
+                                    }
+                                })?;
                             if found.is_none() {
                                 return Err(damaged(format!(
                                     "chunk {} is missing from the store",
@@ -746,7 +753,7 @@ impl Checkpoint {
             .collect();
         let packs = store.packs()?;
         for id in &mine {
-            if let Some(loc) = packs.location(id) {
+            if let Some(loc) = packs.find(id, &|k| self.manifest.key_ids.contains(k)) {
                 fp.chunks += 1;
                 fp.stored += u64::from(loc.len);
                 if theirs.contains(id) {

@@ -78,6 +78,29 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write a checkpoint as an archive in the Podman/CRI-O layout (encrypted unless --plaintext).
+    Export {
+        name: String,
+        /// The archive to write.
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Write CRIU's images in the clear, as checkpointctl reads them. Anyone who can read
+        /// the file can read the process's memory.
+        #[arg(long)]
+        plaintext: bool,
+        /// Encrypt for this recipient (as named by `ferry keys add-recipient`) instead of for
+        /// this node and all recipients; repeat for several.
+        #[arg(long = "for", value_name = "RECIPIENT")]
+        recipients: Vec<String>,
+    },
+    /// Import an archive written by `ferry export` (or a plaintext checkpoint archive).
+    Import {
+        /// The archive.
+        file: PathBuf,
+        /// Name for the imported checkpoint (default: the name in its manifest).
+        #[arg(long)]
+        name: Option<String>,
+    },
     /// Remove checkpoints.
     Rm {
         /// Names of the checkpoints.

@@ -38,6 +38,10 @@ fn main() -> ExitCode {
         Command::Inspect { name, json } => cmd::inspect::run(&cli, name, *json),
         Command::Rm { names, shred } => cmd::rm::run(&cli, names, *shred),
         Command::Gc => cmd::gc::run(&cli),
+        Command::Export { name, output, plaintext, recipients } => {
+            cmd::archive::export(&cli, name, output, *plaintext, recipients)
+        }
+        Command::Import { file, name } => cmd::archive::import(&cli, file, name.as_deref()),
         Command::Keys { action } => cmd::keys::run(&cli, action),
     };
     match outcome {

@@ -1,5 +1,6 @@
 //! One file per verb.
 
+pub mod archive;
 pub mod checkpoint;
 pub mod doctor;
 pub mod gc;
