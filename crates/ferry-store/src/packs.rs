@@ -30,6 +30,8 @@ const IDX_ENTRY: usize = 60;
 const MAX_IDX_ENTRIES: usize = 1 << 24;
 /// A pack is closed once it reaches this size.
 pub const PACK_TARGET: u64 = 256 << 20;
+/// Largest read of several frames at once.
+pub const MAX_SPAN: u32 = 8 << 20;
 /// No frame is larger than this (4 MiB chunk + compression slack + header).
 pub const MAX_FRAME: u32 = (4 << 20) + (64 << 10) + 128;
 
@@ -265,9 +267,24 @@ impl PackReader {
         Ok(Some(loc))
     }
 
+    /// Where a copy of `id` sealed under a key `usable` accepts is.
+    pub fn find(&self, id: &Id, usable: &dyn Fn(&KeyId) -> bool) -> Option<Location> {
+        self.known.find(id, usable)
+    }
+
+    /// Reads `loc.len` bytes at `loc.offset` of `loc.pack`: several frames back to back, up to
+    /// [`MAX_SPAN`] bytes.
+    pub fn read_span(&mut self, loc: Location, buf: &mut Vec<u8>) -> Result<(), StoreError> {
+        self.read_capped(loc, buf, MAX_SPAN)
+    }
+
     pub fn read_at(&mut self, loc: Location, buf: &mut Vec<u8>) -> Result<(), StoreError> {
+        self.read_capped(loc, buf, MAX_FRAME)
+    }
+
+    fn read_capped(&mut self, loc: Location, buf: &mut Vec<u8>, cap: u32) -> Result<(), StoreError> {
         let path = self.dir.join(format!("{}.pack", hex(&loc.pack)));
-        if loc.len > MAX_FRAME {
+        if loc.len > cap {
             return Err(StoreError::Damaged {
                 name: String::new(),
                 file: format!("packs/{}.idx", hex(&loc.pack)),
@@ -350,6 +367,25 @@ impl PackWriter {
     /// Appends one frame sealed under the pack's key.
     pub fn append(&mut self, id: &Id, frame: &[u8]) -> Result<Location, StoreError> {
         self.append_sealed_by(id, self.key, frame)
+    }
+
+    /// Appends frames laid back to back in `bytes`, all sealed under the pack's key, in one
+    /// write; `chunks` gives each one's id and length, in order.
+    pub fn append_batch(&mut self, bytes: &[u8], chunks: &[(Id, u32)]) -> Result<(), StoreError> {
+        let total: u64 = chunks.iter().map(|(_, l)| u64::from(*l)).sum();
+        if total != bytes.len() as u64 || chunks.iter().any(|(_, l)| *l == 0 || *l > MAX_FRAME) {
+            return Err(StoreError::Io {
+                action: "inconsistent frame batch for",
+                path: self.path("pack"),
+                source: io::Error::other("lengths do not add up"),
+            });
+        }
+        self.file.write_all(bytes).map_err(io_err("cannot write", self.path("pack")))?;
+        for (id, len) in chunks {
+            self.entries.push(Entry { id: *id, key: self.key, offset: self.offset, len: *len });
+            self.offset += u64::from(*len);
+        }
+        Ok(())
     }
 
     /// Appends one frame sealed under `key` (repacking keeps each chunk's own key).

@@ -37,6 +37,10 @@ const SEGMENT: usize = 1 << 20;
 /// Segments in flight between the follower and the workers.
 const QUEUE: usize = 8;
 const IDLE: Duration = Duration::from_millis(3);
+/// After this many chunks in a row that zstd could not shrink, compression is tried only on
+/// every `PROBE_EVERY`th chunk until one shrinks again.
+const SKIP_AFTER: u32 = 16;
+const PROBE_EVERY: u32 = 64;
 
 /// Figures of one ingest.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -67,9 +71,11 @@ struct Segment {
     chunk: usize,
 }
 
-struct Frame {
-    id: ChunkId,
+/// The frames sealed from one segment, back to back, with each chunk's id and length: one
+/// channel message and one write per segment, not per 4 KiB page.
+struct Frames {
     bytes: Vec<u8>,
+    chunks: Vec<(ChunkId, u32)>,
 }
 
 /// Final size of each followed page image.
@@ -120,7 +126,7 @@ impl Pipeline {
     ) -> Result<Pipeline, StoreError> {
         let stop = Arc::new(AtomicBool::new(false));
         let (seg_tx, seg_rx) = sync_channel::<Segment>(QUEUE);
-        let (frame_tx, frame_rx) = sync_channel::<Frame>(QUEUE * (SEGMENT / PAGE));
+        let (frame_tx, frame_rx) = sync_channel::<Frames>(QUEUE);
         let seg_rx = Arc::new(Mutex::new(seg_rx));
         let shared = Arc::new(Shared { keys, known: Mutex::new(HashSet::new()), usable });
         let names = Arc::new(Mutex::new(Vec::new()));
@@ -274,7 +280,8 @@ fn follow(
                 continue;
             }
             check_regular(&entry)?;
-            let Ok(file) = File::open(entry.path()) else { continue };
+            // Writable too: what was read is punched out of the tmpfs (see `punch_hole`).
+            let Ok(file) = fs::OpenOptions::new().read(true).write(true).open(entry.path()) else { continue };
             let idx = {
                 let mut n = names.lock().map_err(|_| internal("names lock poisoned"))?;
                 n.push(name.clone());
@@ -299,6 +306,8 @@ fn follow(
                     let data = std::mem::replace(&mut t.pending, Vec::with_capacity(SEGMENT));
                     send(tx, Segment { file: t.idx, seq: t.seq, data, chunk: PAGE })?;
                     t.seq += 1;
+                    // The segment is in our memory now: its tmpfs pages can go.
+                    let _ = ferry_sys::punch_hole(&t.file, t.pos - SEGMENT as u64, SEGMENT as u64);
                 }
             }
         }
@@ -354,7 +363,7 @@ fn feed_whole(path: &Path, idx: usize, tx: &SyncSender<Segment>) -> Result<u64, 
 
 fn work(
     rx: Arc<Mutex<Receiver<Segment>>>,
-    tx: SyncSender<Frame>,
+    tx: SyncSender<Frames>,
     shared: &Shared,
     key: &DataKey,
     exists: &Known,
@@ -375,6 +384,11 @@ fn work(
             zero: 0,
             dedup: 0,
         };
+        let mut frames =
+            Frames { bytes: Vec::with_capacity(seg.data.len() + seg.data.len() / 32), chunks: Vec::new() };
+        // Memory that did not compress is usually followed by more of the same (random data,
+        // compressed or encrypted buffers): after a run of failures, stop trying for a while.
+        let mut incompressible_run = 0u32;
         for chunk in seg.data.chunks(seg.chunk) {
             let len = chunk.len() as u32;
             if is_zero(chunk) {
@@ -386,15 +400,19 @@ fn work(
             let stored = exists.find(&id, &|k| shared.usable.contains(k)).is_some();
             let fresh = !stored && shared.known.lock().map(|mut k| k.insert(id)).unwrap_or(false);
             if fresh {
-                let mut bytes = Vec::with_capacity(chunk.len() + 128);
-                sealer.seal(&id, chunk, &mut bytes);
-                if tx.send(Frame { id, bytes }).is_err() {
-                    break;
-                }
+                let start = frames.bytes.len();
+                let try_compress =
+                    incompressible_run < SKIP_AFTER || incompressible_run.is_multiple_of(PROBE_EVERY);
+                let compressed = sealer.seal_with(&id, chunk, &mut frames.bytes, try_compress);
+                incompressible_run = if compressed { 0 } else { incompressible_run + 1 };
+                frames.chunks.push((id, (frames.bytes.len() - start) as u32));
             } else {
                 done.dedup += u64::from(len);
             }
             done.extents.push(Extent::Chunk { id, len });
+        }
+        if !frames.chunks.is_empty() && tx.send(frames).is_err() {
+            break;
         }
         out.push(done);
     }
@@ -415,18 +433,14 @@ fn is_zero(b: &[u8]) -> bool {
     words.into_iter().all(|w| w.iter().fold(0u8, |acc, x| acc | x) == 0) && tail.iter().all(|x| *x == 0)
 }
 
-fn write_frames(
-    rx: Receiver<Frame>,
-    dir: &Path,
-    key: KeyId,
-) -> Result<(Vec<FinishedPack>, u64, u64), StoreError> {
+fn write_frames(rx: Receiver<Frames>, dir: &Path, key: KeyId) -> Result<Written, StoreError> {
     let mut finished = Vec::new();
     let mut writer = PackWriter::create(dir, key)?;
     let (mut chunks, mut bytes) = (0u64, 0u64);
-    for frame in rx {
-        writer.append(&frame.id, &frame.bytes)?;
-        chunks += 1;
-        bytes += frame.bytes.len() as u64;
+    for batch in rx {
+        writer.append_batch(&batch.bytes, &batch.chunks)?;
+        chunks += batch.chunks.len() as u64;
+        bytes += batch.bytes.len() as u64;
         if writer.size() >= PACK_TARGET {
             let full = std::mem::replace(&mut writer, PackWriter::create(dir, key)?);
             finished.push(full.finish()?);

@@ -163,8 +163,20 @@ impl Sealer {
     /// # Panics
     /// If `plaintext` is longer than [`MAX_PLAIN`] (the pipeline's chunks never are).
     pub fn seal(&mut self, id: &ChunkId, plaintext: &[u8], out: &mut Vec<u8>) {
+        self.seal_with(id, plaintext, out, true);
+    }
+
+    /// Like [`Sealer::seal`], trying compression only if `try_compress`; true if the frame
+    /// holds compressed data.
+    pub fn seal_with(
+        &mut self,
+        id: &ChunkId,
+        plaintext: &[u8],
+        out: &mut Vec<u8>,
+        try_compress: bool,
+    ) -> bool {
         assert!(plaintext.len() <= MAX_PLAIN, "chunk of {} bytes exceeds 4 MiB", plaintext.len());
-        let compressed = self.compress(plaintext);
+        let compressed = if try_compress { self.compress(plaintext) } else { None };
         let (flags, payload) = match compressed {
             Some(n) => (FLAG_ZSTD, &self.scratch[..n]),
             None => (0, plaintext),
@@ -187,7 +199,10 @@ impl Sealer {
         let aad = aad(&header, id);
         let body = &mut out[start + HEADER_LEN..];
         match xseal(&self.key, &nonce, &aad, body) {
-            Ok(tag) => out.extend_from_slice(&tag),
+            Ok(tag) => {
+                out.extend_from_slice(&tag);
+                flags == FLAG_ZSTD
+            }
             Err(_) => {
                 // Only for messages over 256 GiB; never leave plaintext in `out`.
                 out[start..].zeroize();

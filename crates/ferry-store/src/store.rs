@@ -681,47 +681,19 @@ impl Checkpoint {
                     let files = &files;
                     let manifest = &self.manifest;
                     s.spawn(move || {
-                        let mut reader = PackReader::new(&dir, known);
-                        let mut opener = Opener::new(ring, hash_key);
-                        let mut frame = Vec::new();
-                        for w in part {
-                            let fname = &manifest.files[w.file].name;
-                            let damaged = |detail: String| StoreError::Damaged {
-                                name: name.clone(),
-                                file: format!("{fname} at offset {}", w.offset),
-                                detail,
-                            };
-                            let found =
-                                reader.read(&w.id, &|k| ring.get(k).is_some(), &mut frame).map_err(|e| {
-                                    match e {
-                                        StoreError::Damaged { file, detail, .. } => {
-                                            damaged(format!("chunk {} in {file}: {detail}", hex(&w.id[..8])))
-                                        }
-                                        other => other,
-                                    }
-                                })?;
-                            if found.is_none() {
-                                return Err(damaged(format!(
-                                    "chunk {} is missing from the store",
-                                    hex(&w.id[..8])
-                                )));
-                            }
-                            let plain = opener
-                                .open(&w.id, &frame)
-                                .map_err(|e| damaged(format!("chunk {}: {e}", hex(&w.id[..8]))))?;
-                            if plain.len() != w.len as usize {
-                                return Err(damaged(format!(
-                                    "chunk {} has {} bytes, the manifest says {}",
-                                    hex(&w.id[..8]),
-                                    plain.len(),
-                                    w.len
-                                )));
-                            }
-                            if let Some(f) = files.get(w.file) {
-                                f.write_all_at(&plain, w.offset).map_err(io_err("cannot write", fname))?;
-                            }
-                        }
-                        Ok(())
+                        let reader = PackReader::new(&dir, known);
+                        let mut job = Materializer {
+                            name,
+                            manifest,
+                            files,
+                            reader,
+                            opener: Opener::new(ring, hash_key),
+                            usable: &|k: &KeyId| ring.get(k).is_some(),
+                            span: Vec::new(),
+                            pending: Vec::new(),
+                            pending_at: None,
+                        };
+                        job.run(part)
                     })
                 })
                 .collect();
@@ -762,6 +734,112 @@ impl Checkpoint {
             }
         }
         Ok(fp)
+    }
+}
+
+/// Bytes read from a pack, or written to an image, per system call at most.
+const SPAN: u64 = 4 << 20;
+
+/// One thread's share of a restore or verify: frames are read in contiguous spans of the pack
+/// and plaintext written in contiguous runs, not one system call per 4 KiB page.
+struct Materializer<'a> {
+    name: &'a str,
+    manifest: &'a ManifestBody,
+    files: &'a [File],
+    reader: PackReader,
+    opener: Opener<'a>,
+    usable: &'a dyn Fn(&KeyId) -> bool,
+    span: Vec<u8>,
+    pending: Vec<u8>,
+    /// (file index, offset) where `pending` goes.
+    pending_at: Option<(usize, u64)>,
+}
+
+impl Materializer<'_> {
+    fn damaged(&self, w: &Work, detail: String) -> StoreError {
+        StoreError::Damaged {
+            name: self.name.to_owned(),
+            file: format!("{} at offset {}", self.manifest.files[w.file].name, w.offset),
+            detail,
+        }
+    }
+
+    fn locate(&self, w: &Work) -> Result<Location, StoreError> {
+        self.reader
+            .find(&w.id, self.usable)
+            .ok_or_else(|| self.damaged(w, format!("chunk {} is missing from the store", hex(&w.id[..8]))))
+    }
+
+    fn run(&mut self, part: &[Work]) -> Result<(), StoreError> {
+        let mut i = 0;
+        while i < part.len() {
+            let first = self.locate(&part[i])?;
+            let mut locs = vec![first];
+            let mut end = first.offset + u64::from(first.len);
+            while let Some(w) = part.get(i + locs.len()) {
+                let l = self.locate(w)?;
+                if l.pack != first.pack || l.offset != end || end - first.offset >= SPAN {
+                    break;
+                }
+                end += u64::from(l.len);
+                locs.push(l);
+            }
+            let span_loc = Location { len: (end - first.offset) as u32, ..first };
+            let mut span = std::mem::take(&mut self.span);
+            self.reader.read_span(span_loc, &mut span).map_err(|e| {
+                let detail = match e {
+                    StoreError::Damaged { file, detail, .. } => format!("{file}: {detail}"),
+                    other => other.to_string(),
+                };
+                self.damaged(&part[i], format!("chunk {}: {detail}", hex(&part[i].id[..8])))
+            })?;
+            for (k, l) in locs.iter().enumerate() {
+                let w = &part[i + k];
+                let at = (l.offset - first.offset) as usize;
+                let frame = &span[at..at + l.len as usize];
+                let plain = self
+                    .opener
+                    .open(&w.id, frame)
+                    .map_err(|e| self.damaged(w, format!("chunk {}: {e}", hex(&w.id[..8]))))?;
+                if plain.len() != w.len as usize {
+                    let detail = format!(
+                        "chunk {} has {} bytes, the manifest says {}",
+                        hex(&w.id[..8]),
+                        plain.len(),
+                        w.len
+                    );
+                    return Err(self.damaged(w, detail));
+                }
+                self.write(w, &plain)?;
+            }
+            self.span = span;
+            i += locs.len();
+        }
+        self.flush()
+    }
+
+    fn write(&mut self, w: &Work, plain: &[u8]) -> Result<(), StoreError> {
+        if self.files.is_empty() {
+            return Ok(());
+        }
+        let follows = self
+            .pending_at
+            .is_some_and(|(f, off)| f == w.file && off + self.pending.len() as u64 == w.offset);
+        if !follows || self.pending.len() as u64 >= SPAN {
+            self.flush()?;
+            self.pending_at = Some((w.file, w.offset));
+        }
+        self.pending.extend_from_slice(plain);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), StoreError> {
+        if let Some((f, off)) = self.pending_at.take() {
+            let name = &self.manifest.files[f].name;
+            self.files[f].write_all_at(&self.pending, off).map_err(io_err("cannot write", name))?;
+        }
+        self.pending.clear();
+        Ok(())
     }
 }
 

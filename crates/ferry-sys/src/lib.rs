@@ -7,7 +7,7 @@ mod mount;
 mod process;
 mod seqpacket;
 
-pub use mount::{unmount, PrivateTmpfs};
+pub use mount::{punch_hole, unmount, PrivateTmpfs};
 pub use process::{
     effective_uid, inherit_fd_in_child, is_root, kill, private_umask, process_exists, process_state,
     wait_child, ChildExit, Signal,

@@ -55,6 +55,25 @@ impl Drop for PrivateTmpfs {
     }
 }
 
+/// Frees the storage of `len` bytes at `offset` of `file` (the file keeps its size and reads
+/// zeros there): page images are dropped from the tmpfs as soon as they are sealed, so a
+/// checkpoint needs about one copy of the memory, not two.
+pub fn punch_hole(file: &std::fs::File, offset: u64, len: u64) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let (Ok(off), Ok(n)) = (libc::off_t::try_from(offset), libc::off_t::try_from(len)) else {
+        return Err(io::Error::other("range too large"));
+    };
+    // SAFETY: fallocate(2) on a descriptor we own, with plain integer arguments.
+    let rc = unsafe {
+        libc::fallocate(file.as_raw_fd(), libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, off, n)
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// Detaches the mount at `path`.
 pub fn unmount(path: &Path) -> io::Result<()> {
     let target = cstring(path)?;
