@@ -17,7 +17,7 @@ use prost::Message;
 use crate::classify::{classify_log, Cause};
 use crate::error::{CriuError, Operation};
 use crate::notify::{Notify, NotifyHandler, RecordingNotify};
-use crate::options::{DumpOptions, LogTarget, NetworkLock, RestoreOptions};
+use crate::options::{DumpOptions, LogTarget, NetworkLock, RestoreOptions, Shared};
 use crate::rpc::{self, ReqType, Request, Response};
 use crate::version::{Version, MIN_VERSION};
 
@@ -153,20 +153,15 @@ impl Criu {
     /// Dumps the tree described by `opts`.
     pub fn dump(&self, opts: &DumpOptions, notify: &mut dyn NotifyHandler) -> Result<DumpOutcome, CriuError> {
         let images = open_dir("images directory", &opts.images_dir)?;
-        let (mut o, _work_dir) = opts_with_log(&opts.log)?;
+        let (mut o, _work_dir) = opts_with_log(&opts.shared.log)?;
         o.images_dir_fd = images.as_raw_fd();
         o.pid = Some(opts.pid);
         o.leave_running = Some(opts.leave_running);
-        o.tcp_established = Some(opts.tcp_established);
-        o.shell_job = Some(opts.shell_job);
-        o.ext_unix_sk = Some(opts.ext_unix_sk);
-        o.file_locks = Some(opts.file_locks);
-        o.external = opts.external.clone();
-        o.network_lock = Some(lock_method(opts.network_lock) as i32);
+        apply_shared(&mut o, &opts.shared);
         o.notify_scripts = Some(true);
         let req = Request { r#type: ReqType::Dump as i32, opts: Some(o), ..Default::default() };
         let mut recorder = Forwarding { inner: notify, events: Vec::new() };
-        self.call(Operation::Dump, req, Some(&opts.log), &mut recorder)?;
+        self.call(Operation::Dump, req, Some(&opts.shared.log), &mut recorder)?;
         drop(images);
         Ok(DumpOutcome { events: recorder.events })
     }
@@ -178,23 +173,18 @@ impl Criu {
         notify: &mut dyn NotifyHandler,
     ) -> Result<RestoreOutcome, CriuError> {
         let images = open_dir("images directory", &opts.images_dir)?;
-        let (mut o, _work_dir) = opts_with_log(&opts.log)?;
+        let (mut o, _work_dir) = opts_with_log(&opts.shared.log)?;
         o.images_dir_fd = images.as_raw_fd();
-        o.tcp_established = Some(opts.tcp_established);
-        o.shell_job = Some(opts.shell_job);
-        o.ext_unix_sk = Some(opts.ext_unix_sk);
-        o.file_locks = Some(opts.file_locks);
+        apply_shared(&mut o, &opts.shared);
         o.rst_sibling = Some(opts.restore_sibling);
-        o.external = opts.external.clone();
-        o.network_lock = Some(lock_method(opts.network_lock) as i32);
         o.notify_scripts = Some(true);
         let req = Request { r#type: ReqType::Restore as i32, opts: Some(o), ..Default::default() };
-        let resp = self.call(Operation::Restore, req, Some(&opts.log), notify)?;
+        let resp = self.call(Operation::Restore, req, Some(&opts.shared.log), notify)?;
         drop(images);
         let pid = resp.restore.map(|r| r.pid).ok_or_else(|| CriuError::Protocol {
             op: Operation::Restore,
             detail: "restore succeeded but CRIU sent no PID".into(),
-            log: Some(opts.log.path()),
+            log: Some(opts.shared.log.path()),
         })?;
         Ok(RestoreOutcome { pid })
     }
@@ -369,6 +359,15 @@ fn opts_with_log(log: &LogTarget) -> Result<(rpc::Opts, File), CriuError> {
         ..Default::default()
     };
     Ok((opts, work))
+}
+
+fn apply_shared(o: &mut rpc::Opts, s: &Shared) {
+    o.tcp_established = Some(s.tcp_established);
+    o.shell_job = Some(s.shell_job);
+    o.ext_unix_sk = Some(s.ext_unix_sk);
+    o.file_locks = Some(s.file_locks);
+    o.external = s.external.clone();
+    o.network_lock = Some(lock_method(s.network_lock) as i32);
 }
 
 fn lock_method(lock: NetworkLock) -> rpc::NetworkLockMethod {

@@ -43,13 +43,10 @@ impl LogTarget {
     }
 }
 
-/// Options of a dump (checkpoint) of the tree rooted at `pid`.
+/// What dump and restore both take: how the tree's resources are treated.
 #[derive(Debug, Clone)]
-pub struct DumpOptions {
-    pub(crate) pid: i32,
-    pub(crate) images_dir: PathBuf,
+pub struct Shared {
     pub(crate) log: LogTarget,
-    pub(crate) leave_running: bool,
     pub(crate) tcp_established: bool,
     pub(crate) shell_job: bool,
     pub(crate) ext_unix_sk: bool,
@@ -58,13 +55,10 @@ pub struct DumpOptions {
     pub(crate) network_lock: NetworkLock,
 }
 
-impl DumpOptions {
-    pub fn new(pid: i32, images_dir: impl Into<PathBuf>, log: LogTarget) -> Self {
-        DumpOptions {
-            pid,
-            images_dir: images_dir.into(),
+impl Shared {
+    fn new(log: LogTarget) -> Shared {
+        Shared {
             log,
-            leave_running: false,
             tcp_established: false,
             shell_job: false,
             ext_unix_sk: false,
@@ -72,6 +66,63 @@ impl DumpOptions {
             external: Vec::new(),
             network_lock: NetworkLock::default(),
         }
+    }
+}
+
+/// Builder methods common to [`DumpOptions`] and [`RestoreOptions`].
+pub trait SharedOptions: Sized {
+    #[doc(hidden)]
+    fn shared_mut(&mut self) -> &mut Shared;
+
+    /// Checkpoint (or restore) established TCP connections (TCP repair); after a dump that
+    /// stops the tree, the connections stay locked until they are restored.
+    fn tcp_established(mut self, yes: bool) -> Self {
+        self.shared_mut().tcp_established = yes;
+        self
+    }
+
+    /// The tree is attached to a terminal session it does not own.
+    fn shell_job(mut self, yes: bool) -> Self {
+        self.shared_mut().shell_job = yes;
+        self
+    }
+
+    /// Allow unix sockets connected to peers outside the tree.
+    fn ext_unix_sk(mut self, yes: bool) -> Self {
+        self.shared_mut().ext_unix_sk = yes;
+        self
+    }
+
+    fn file_locks(mut self, yes: bool) -> Self {
+        self.shared_mut().file_locks = yes;
+        self
+    }
+
+    /// Declares an external resource (CRIU's `--external` syntax).
+    fn external(mut self, spec: impl Into<String>) -> Self {
+        self.shared_mut().external.push(spec.into());
+        self
+    }
+
+    /// How established connections are held while they are away (same for dump and restore).
+    fn network_lock(mut self, method: NetworkLock) -> Self {
+        self.shared_mut().network_lock = method;
+        self
+    }
+}
+
+/// Options of a dump (checkpoint) of the tree rooted at `pid`.
+#[derive(Debug, Clone)]
+pub struct DumpOptions {
+    pub(crate) pid: i32,
+    pub(crate) images_dir: PathBuf,
+    pub(crate) leave_running: bool,
+    pub(crate) shared: Shared,
+}
+
+impl DumpOptions {
+    pub fn new(pid: i32, images_dir: impl Into<PathBuf>, log: LogTarget) -> Self {
+        DumpOptions { pid, images_dir: images_dir.into(), leave_running: false, shared: Shared::new(log) }
     }
 
     /// Keep the tree running after the dump instead of killing it.
@@ -80,44 +131,8 @@ impl DumpOptions {
         self
     }
 
-    /// Checkpoint established TCP connections (TCP repair); the network stays locked for those
-    /// connections until they are restored.
-    pub fn tcp_established(mut self, yes: bool) -> Self {
-        self.tcp_established = yes;
-        self
-    }
-
-    /// The tree is attached to a terminal session it does not own.
-    pub fn shell_job(mut self, yes: bool) -> Self {
-        self.shell_job = yes;
-        self
-    }
-
-    /// Allow unix sockets connected to peers outside the tree.
-    pub fn ext_unix_sk(mut self, yes: bool) -> Self {
-        self.ext_unix_sk = yes;
-        self
-    }
-
-    pub fn file_locks(mut self, yes: bool) -> Self {
-        self.file_locks = yes;
-        self
-    }
-
-    /// Declares an external resource (CRIU's `--external` syntax).
-    pub fn external(mut self, spec: impl Into<String>) -> Self {
-        self.external.push(spec.into());
-        self
-    }
-
     pub fn pid(&self) -> i32 {
         self.pid
-    }
-
-    /// How established connections are held while they are away.
-    pub fn network_lock(mut self, method: NetworkLock) -> Self {
-        self.network_lock = method;
-        self
     }
 
     pub fn images_dir(&self) -> &Path {
@@ -125,7 +140,13 @@ impl DumpOptions {
     }
 
     pub fn log(&self) -> &LogTarget {
-        &self.log
+        &self.shared.log
+    }
+}
+
+impl SharedOptions for DumpOptions {
+    fn shared_mut(&mut self) -> &mut Shared {
+        &mut self.shared
     }
 }
 
@@ -133,49 +154,13 @@ impl DumpOptions {
 #[derive(Debug, Clone)]
 pub struct RestoreOptions {
     pub(crate) images_dir: PathBuf,
-    pub(crate) log: LogTarget,
-    pub(crate) tcp_established: bool,
-    pub(crate) shell_job: bool,
-    pub(crate) ext_unix_sk: bool,
-    pub(crate) file_locks: bool,
     pub(crate) restore_sibling: bool,
-    pub(crate) external: Vec<String>,
-    pub(crate) network_lock: NetworkLock,
+    pub(crate) shared: Shared,
 }
 
 impl RestoreOptions {
     pub fn new(images_dir: impl Into<PathBuf>, log: LogTarget) -> Self {
-        RestoreOptions {
-            images_dir: images_dir.into(),
-            log,
-            tcp_established: false,
-            shell_job: false,
-            ext_unix_sk: false,
-            file_locks: false,
-            restore_sibling: true,
-            external: Vec::new(),
-            network_lock: NetworkLock::default(),
-        }
-    }
-
-    pub fn tcp_established(mut self, yes: bool) -> Self {
-        self.tcp_established = yes;
-        self
-    }
-
-    pub fn shell_job(mut self, yes: bool) -> Self {
-        self.shell_job = yes;
-        self
-    }
-
-    pub fn ext_unix_sk(mut self, yes: bool) -> Self {
-        self.ext_unix_sk = yes;
-        self
-    }
-
-    pub fn file_locks(mut self, yes: bool) -> Self {
-        self.file_locks = yes;
-        self
+        RestoreOptions { images_dir: images_dir.into(), restore_sibling: true, shared: Shared::new(log) }
     }
 
     /// Make the restored root a child of the caller (default) rather than of CRIU, so the
@@ -185,22 +170,17 @@ impl RestoreOptions {
         self
     }
 
-    pub fn external(mut self, spec: impl Into<String>) -> Self {
-        self.external.push(spec.into());
-        self
-    }
-
-    /// How established connections are held while they are away.
-    pub fn network_lock(mut self, method: NetworkLock) -> Self {
-        self.network_lock = method;
-        self
-    }
-
     pub fn images_dir(&self) -> &Path {
         &self.images_dir
     }
 
     pub fn log(&self) -> &LogTarget {
-        &self.log
+        &self.shared.log
+    }
+}
+
+impl SharedOptions for RestoreOptions {
+    fn shared_mut(&mut self) -> &mut Shared {
+        &mut self.shared
     }
 }

@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use ferry_criu::{DumpOptions, LogTarget, Notify, NotifyHandler};
+use ferry_criu::{DumpOptions, LogTarget, Notify, NotifyHandler, SharedOptions};
 use ferry_store::pipeline::Pipeline;
 use ferry_store::{CheckpointInfo, Committed, IngestStats, Pending};
 

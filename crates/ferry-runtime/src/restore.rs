@@ -8,7 +8,7 @@
 use std::path::PathBuf;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use ferry_criu::{LogTarget, RecordingNotify, RestoreOptions};
+use ferry_criu::{LogTarget, RecordingNotify, RestoreOptions, SharedOptions};
 
 use crate::{Context, Error};
 

@@ -47,7 +47,7 @@ use tar::{Builder, EntryType, Header, PaxExtensions};
 
 use crate::catalog::read_capped;
 use crate::error::io_err;
-use crate::fsutil::sync_dir;
+use crate::fsutil::{create_private, sync_dir};
 use crate::keys::{hex, ChunkId};
 use crate::manifest::{decode_verified, Extent, ManifestBody, MAX_FILES, MAX_MANIFEST_FILE};
 use crate::packs::{decode_idx, KeyId, Location, PackReader, MAX_FRAME};
@@ -389,12 +389,7 @@ impl TempOut {
         let base = out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
         let path = dir.join(format!(".{base}.ferry-tmp.{}.{nanos}", std::process::id()));
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(io_err("cannot create", &path))?;
+        let file = create_private(&path)?;
         Ok(TempOut { path, file, done: false })
     }
 

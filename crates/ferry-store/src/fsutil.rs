@@ -26,6 +26,36 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     sync_dir(dir)
 }
 
+/// Creates `path`, which must not exist, mode 0600, for writing.
+pub fn create_private(path: &Path) -> Result<File, StoreError> {
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io_err("cannot create", path))
+}
+
+/// Opens (creating) a lock file, mode 0600.
+pub fn lock_file(path: &Path) -> Result<File, StoreError> {
+    OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io_err("cannot open", path))
+}
+
+/// Random bytes from the kernel, for ids that must not collide.
+pub fn random_bytes<const N: usize>() -> Result<[u8; N], StoreError> {
+    let mut out = [0u8; N];
+    File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut out))
+        .map_err(io_err("cannot read", "/dev/urandom"))?;
+    Ok(out)
+}
+
 pub fn sync_dir(path: &Path) -> Result<(), StoreError> {
     File::open(path).and_then(|d| d.sync_all()).map_err(io_err("cannot sync", path))
 }

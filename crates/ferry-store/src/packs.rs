@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use crate::error::io_err;
+use crate::fsutil::{create_private, random_bytes};
 use crate::StoreError;
 
 pub type PackId = [u8; 16];
@@ -341,14 +342,8 @@ pub struct Entry {
 impl PackWriter {
     /// A new pack whose chunks are all sealed under data key `key`.
     pub fn create(dir: &Path, key: KeyId) -> Result<PackWriter, StoreError> {
-        let pack = random_pack_id()?;
-        let path = dir.join(format!("{}.pack", hex(&pack)));
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(io_err("cannot create", &path))?;
+        let pack = random_bytes()?;
+        let file = create_private(&dir.join(format!("{}.pack", hex(&pack))))?;
         Ok(PackWriter {
             dir: dir.to_path_buf(),
             pack,
@@ -502,14 +497,6 @@ fn read_capped(path: &Path, cap: u64) -> Result<Vec<u8>, StoreError> {
         });
     }
     fs::read(path).map_err(io_err("cannot read", path))
-}
-
-fn random_pack_id() -> Result<PackId, StoreError> {
-    let mut id = [0u8; 16];
-    File::open("/dev/urandom")
-        .and_then(|mut f| io::Read::read_exact(&mut f, &mut id))
-        .map_err(io_err("cannot read", "/dev/urandom"))?;
-    Ok(id)
 }
 
 pub fn hex(bytes: &[u8]) -> String {

@@ -16,7 +16,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs::{self, File, OpenOptions};
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
@@ -26,7 +26,7 @@ use ferry_sys::PrivateTmpfs;
 
 use crate::catalog::{read_capped, Catalog, CatalogEntry};
 use crate::error::io_err;
-use crate::fsutil::{private_dir, shred, sync_dir, write_atomic};
+use crate::fsutil::{lock_file, private_dir, random_bytes, shred, sync_dir, write_atomic};
 use crate::keys::{self, ChunkId, NodeKeys};
 use crate::manifest::{
     decode_verified, encode_signed, Extent, FileRecord, HostInfo, ManifestBody, MAX_MANIFEST,
@@ -135,13 +135,7 @@ impl Store {
         // Mount points are compared with /proc/self/mountinfo, which has absolute paths.
         let root = fs::canonicalize(&root).map_err(io_err("cannot resolve", &root))?;
         let lock_path = root.join("lock");
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .open(&lock_path)
-            .map_err(io_err("cannot open", &lock_path))?;
+        let lock = lock_file(&lock_path)?;
         if exclusive {
             lock.try_lock().map_err(|_| StoreError::Busy)?;
         } else {
@@ -201,13 +195,7 @@ impl Store {
     /// Applies `change` to the catalog under an exclusive lock, and saves it.
     fn update_catalog(&self, change: impl FnOnce(&mut Catalog)) -> Result<(), StoreError> {
         let lock_path = self.root.join("catalog.lock");
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .open(&lock_path)
-            .map_err(io_err("cannot open", &lock_path))?;
+        let lock = lock_file(&lock_path)?;
         lock.lock().map_err(io_err("cannot lock", &lock_path))?;
         let mut catalog = self.catalog()?;
         change(&mut catalog);
@@ -527,7 +515,7 @@ impl Pending {
                 recipients.push(r.x25519);
             }
         }
-        let id = random_id()?;
+        let id = random_bytes()?;
         let slots = Slots {
             entries: key_ids
                 .iter()
@@ -885,14 +873,6 @@ fn split_work(work: &[Work], parts: usize) -> Vec<&[Work]> {
         out.push(&work[start..]);
     }
     out
-}
-
-fn random_id() -> Result<[u8; 16], StoreError> {
-    let mut id = [0u8; 16];
-    File::open("/dev/urandom")
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut id))
-        .map_err(io_err("cannot read", "/dev/urandom"))?;
-    Ok(id)
 }
 
 /// Replaces this node's signing and X25519 keys (the hash key stays, so deduplication goes on).
