@@ -22,7 +22,7 @@ lint: setup
 # Every test, privileged ones included (they need root and CRIU; under CI=true a missing
 # prerequisite fails them instead of skipping).
 test: setup
-	$(CARGO) test --workspace --no-fail-fast
+	bash scripts/test
 
 # A short run of every fuzz target (FUZZ_SECONDS each, default 20).
 fuzz: setup
