@@ -1,5 +1,6 @@
 //! Command-line syntax.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
@@ -117,6 +118,12 @@ pub enum Command {
         #[command(subcommand)]
         action: KeysAction,
     },
+    /// Several nodes on this machine for tests and trials: network namespaces on a bridge,
+    /// addresses in 198.18.0.0/15, reachable from this machine.
+    Lab {
+        #[command(subcommand)]
+        action: LabAction,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -134,4 +141,57 @@ pub enum KeysAction {
     },
     /// Replace this node's signing and encryption keys (old checkpoints stay readable).
     Rotate,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LabAction {
+    /// Create nodes node1..nodeN (a network namespace each) and the bridge (fl-br0) that joins
+    /// them and this machine. Starts no agent.
+    Up {
+        /// How many nodes.
+        #[arg(long, default_value_t = 2)]
+        nodes: usize,
+        /// The lab's subnet, inside 198.18.0.0/15, /16 to /24 (default: 198.18.0.0/16; for a
+        /// named lab the first free /24 of 198.19.0.0/16).
+        #[arg(long, value_name = "CIDR")]
+        subnet: Option<String>,
+        #[command(flatten)]
+        lab: LabSelect,
+    },
+    /// Start CMD on NODE like a pod: PID 1 of its own pid namespace, in its own network
+    /// namespace with its own address. Prints `pid:HOSTPID IP` as its last line.
+    Exec {
+        /// The node: node1, node2, ...
+        node: String,
+        /// Append the workload's stdout and stderr to FILE (default: /dev/null). Opened
+        /// write-only for appending, which CRIU exempts from its file size check: the log may
+        /// grow after a checkpoint and the restore still works.
+        #[arg(long, value_name = "FILE")]
+        log: Option<PathBuf>,
+        /// The command and its arguments, after `--`.
+        #[arg(last = true, required = true, value_name = "CMD")]
+        command: Vec<OsString>,
+        #[command(flatten)]
+        lab: LabSelect,
+    },
+    /// Kill the lab's workloads, remove its namespaces, links and state; also after a crash.
+    Down {
+        #[command(flatten)]
+        lab: LabSelect,
+    },
+    /// Show the lab's nodes and workloads.
+    Status {
+        /// Print as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        lab: LabSelect,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct LabSelect {
+    /// Use the lab of this name (1-4 lowercase letters or digits) beside the default one.
+    #[arg(long, env = "FERRY_LAB", value_name = "NAME")]
+    pub name: Option<String>,
 }

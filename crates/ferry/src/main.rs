@@ -43,6 +43,7 @@ fn main() -> ExitCode {
         }
         Command::Import { file, name } => cmd::archive::import(&cli, file, name.as_deref()),
         Command::Keys { action } => cmd::keys::run(&cli, action),
+        Command::Lab { action } => cmd::lab::run(&cli, action),
     };
     match outcome {
         Ok(code) => code,

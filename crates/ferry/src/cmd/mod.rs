@@ -6,6 +6,7 @@ pub mod doctor;
 pub mod gc;
 pub mod inspect;
 pub mod keys;
+pub mod lab;
 pub mod list;
 pub mod restore;
 pub mod rm;

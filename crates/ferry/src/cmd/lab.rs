@@ -1,0 +1,184 @@
+//! `ferry lab`: several nodes on this machine (network namespaces on a bridge), and workloads
+//! started on them like pods.
+
+use std::ffi::OsString;
+use std::path::Path;
+
+use ferry_lab::{ExecOptions, Lab, LabConfig, LabError, Subnet};
+
+use crate::cli::{Cli, LabAction};
+use crate::exit::Exit;
+use crate::Outcome;
+
+pub fn run(_cli: &Cli, action: &LabAction) -> Outcome {
+    let (what, result) = match action {
+        LabAction::Up { nodes, subnet, lab } => {
+            ("lab up failed", up(lab.name.as_deref(), *nodes, subnet.as_deref()))
+        }
+        LabAction::Exec { node, log, command, lab } => {
+            ("lab exec failed", exec(lab.name.as_deref(), node, log.as_deref(), command))
+        }
+        LabAction::Down { lab } => ("lab down failed", down(lab.name.as_deref())),
+        LabAction::Status { json, lab } => ("lab status failed", status(lab.name.as_deref(), *json)),
+    };
+    // Lab errors are not the runtime's: reported here, in the same shape as `exit::report`.
+    match result {
+        Ok(()) => crate::ok(),
+        Err(err) => {
+            report(what, &err);
+            Ok(classify(&err).into())
+        }
+    }
+}
+
+fn up(name: Option<&str>, nodes: usize, subnet: Option<&str>) -> Result<(), LabError> {
+    let mut config = LabConfig::select(name)?;
+    if let Some(s) = subnet {
+        config = config.with_subnet(s.parse::<Subnet>()?);
+    }
+    let lab = Lab::up(&config, nodes)?;
+    let bridge = lab.bridge();
+    println!(
+        "{} is up: {} node{} on bridge {} ({}/{}); state in {}",
+        title(&config),
+        lab.nodes().len(),
+        if lab.nodes().len() == 1 { "" } else { "s" },
+        bridge.name,
+        bridge.ip,
+        lab.subnet().prefix_len(),
+        config.state_file().display()
+    );
+    for node in lab.nodes() {
+        println!("{}  {}  netns {}", node.name, node.ip, node.netns);
+    }
+    Ok(())
+}
+
+fn exec(name: Option<&str>, node: &str, log: Option<&Path>, command: &[OsString]) -> Result<(), LabError> {
+    let config = LabConfig::select(name)?;
+    let mut lab = Lab::load(&config)?;
+    // Relative to where ferry was started, not to wherever the workload changes to.
+    let log = log.map(|l| std::path::absolute(l).unwrap_or_else(|_| l.to_path_buf()));
+    let w = lab.exec(node, command, &ExecOptions { log })?;
+    println!("{} {}", w.workload_id(), w.ip);
+    Ok(())
+}
+
+fn down(name: Option<&str>) -> Result<(), LabError> {
+    let config = LabConfig::select(name)?;
+    let r = Lab::down(&config)?;
+    if r.nothing_found() {
+        println!("{} was not up: nothing to remove", title(&config));
+    } else {
+        println!(
+            "{} is down: killed {} processes, removed {} network namespaces and {} links{}",
+            title(&config),
+            r.processes_killed.len(),
+            r.netns_removed.len(),
+            r.links_removed.len(),
+            if r.had_state { "" } else { " (found by name: there was no state file)" }
+        );
+    }
+    Ok(())
+}
+
+fn status(name: Option<&str>, json: bool) -> Result<(), LabError> {
+    let config = LabConfig::select(name)?;
+    let lab = Lab::load(&config)?;
+    if json {
+        let nodes: Vec<_> = lab
+            .nodes()
+            .iter()
+            .map(|n| serde_json::json!({ "name": n.name, "ip": n.ip, "netns": n.netns, "veth": n.veth }))
+            .collect();
+        let workloads: Vec<_> = lab
+            .workloads()
+            .iter()
+            .map(|w| {
+                serde_json::json!({
+                    "id": w.workload_id(), "pid": w.pid, "ip": w.ip, "node": w.node, "netns": w.netns,
+                    "veth": w.veth, "command": w.command, "log": w.log, "running": w.is_running(),
+                })
+            })
+            .collect();
+        let doc = serde_json::json!({
+            "name": config.name(),
+            "subnet": lab.subnet().to_string(),
+            "bridge": { "name": lab.bridge().name, "ip": lab.bridge().ip },
+            "state": config.state_file(),
+            "nodes": nodes,
+            "workloads": workloads,
+        });
+        println!("{doc:#}");
+        return Ok(());
+    }
+    let bridge = lab.bridge();
+    println!(
+        "{}: bridge {} ({}/{}); state in {}",
+        title(&config),
+        bridge.name,
+        bridge.ip,
+        lab.subnet().prefix_len(),
+        config.state_file().display()
+    );
+    for node in lab.nodes() {
+        println!("{}  {}  netns {}", node.name, node.ip, node.netns);
+    }
+    for w in lab.workloads() {
+        let state = if w.is_running() { "running" } else { "gone" };
+        println!(
+            "{}  {}  on {}  netns {}  {state}  {}",
+            w.workload_id(),
+            w.ip,
+            w.node,
+            w.netns,
+            w.command.join(" ")
+        );
+    }
+    Ok(())
+}
+
+/// "The lab" or "Lab NAME", to start a line with.
+fn title(config: &LabConfig) -> String {
+    let text = config.describe();
+    let mut chars = text.chars();
+    chars.next().map(|c| c.to_uppercase().chain(chars).collect()).unwrap_or_default()
+}
+
+fn classify(err: &LabError) -> Exit {
+    match err {
+        LabError::NotRoot { .. } => Exit::NotPermitted,
+        LabError::ToolMissing { .. } => Exit::Environment,
+        LabError::InvalidName { .. }
+        | LabError::InvalidSubnet { .. }
+        | LabError::NodeCount { .. }
+        | LabError::EmptyCommand
+        | LabError::CommandNotFound { .. } => Exit::Usage,
+        LabError::NotUp { .. } | LabError::UnknownNode { .. } => Exit::NotFound,
+        LabError::AlreadyUp { .. }
+        | LabError::Leftovers { .. }
+        | LabError::SubnetInUse { .. }
+        | LabError::NoFreeSubnet { .. }
+        | LabError::AddressesExhausted { .. } => Exit::Conflict,
+        LabError::DamagedState { .. } => Exit::Damaged,
+        LabError::Command { .. }
+        | LabError::Spawn { .. }
+        | LabError::Io { .. }
+        | LabError::WorkloadDidNotStart { .. }
+        | LabError::WorkloadExited { .. }
+        | LabError::DownIncomplete { .. } => Exit::Failure,
+    }
+}
+
+/// `error: WHAT`, each cause once, then the hint.
+fn report(what: &str, err: &LabError) {
+    eprintln!("error: {what}");
+    let mut source: Option<&dyn std::error::Error> = Some(err);
+    while let Some(e) = source {
+        eprintln!("  cause: {e}");
+        source = e.source();
+    }
+    if let Some(hint) = err.hint() {
+        eprintln!("  hint: {hint}");
+    }
+}
