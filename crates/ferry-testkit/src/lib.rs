@@ -29,7 +29,7 @@ pub use procs::{children, comm, descendants, signal_by_name, start_time, ProcId}
 pub use runner::{read_pid, wait_pidfile, Ferry, Outcome, Running, FERRY_TIMEOUT};
 pub use store_files::{
     contains_bytes, copy_tree, dir_names, files_containing, files_under, flip_byte, hex, indexed_packs,
-    read_index, replace_tree, swap_index_locations, swap_ranges, tree_size, IndexEntry, PackFiles,
-    FRAME_HEADER, IDX_ENTRY, IDX_HEADER, IDX_MAGIC,
+    packs_by_size, read_index, replace_tree, swap_index_locations, swap_ranges, tree_size, IndexEntry,
+    PackFiles, FRAME_HEADER, IDX_ENTRY, IDX_HEADER, IDX_MAGIC,
 };
 pub use workload::{Isolation, Sample, Workload, PYTHON};

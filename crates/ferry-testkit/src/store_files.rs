@@ -56,6 +56,19 @@ impl PackFiles {
     }
 }
 
+/// The indexed packs of `store`, largest first; there must be some sealed chunks.
+#[track_caller]
+pub fn packs_by_size(store: &Path) -> Vec<PackFiles> {
+    let mut packs = indexed_packs(store);
+    assert!(
+        packs.iter().any(|p| !p.entries.is_empty()),
+        "expected sealed chunks in {}/packs",
+        store.display()
+    );
+    packs.sort_by_key(|p| std::cmp::Reverse(p.pack_len()));
+    packs
+}
+
 /// Every pack of the store that has an index, sorted by name.
 #[track_caller]
 pub fn indexed_packs(store: &Path) -> Vec<PackFiles> {

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use ferry_sys::process_exists;
 use ferry_testkit::{
-    assert_no_mounts_under, assert_not_stopped, dir_names, flip_byte, indexed_packs, poll,
+    assert_no_mounts_under, assert_not_stopped, dir_names, flip_byte, packs_by_size, poll,
     require_privileged, Ferry, Isolation, Outcome, PackFiles, Sample, Workload, FRAME_HEADER, WAIT,
 };
 
@@ -37,14 +37,7 @@ fn checkpointed_counter(ferry: &Ferry, w: &Workload, name: &str) -> Vec<PackFile
     w.wait_counts(w.pid(), 2);
     ferry.checkpoint(w.pid(), name, &[]).assert_ok();
     poll(WAIT, "the checkpointed counter to be stopped", || (!process_exists(w.pid())).then_some(()));
-    let mut packs = indexed_packs(ferry.store());
-    assert!(
-        packs.iter().any(|p| !p.entries.is_empty()),
-        "expected sealed chunks in {}",
-        ferry.packs_dir().display()
-    );
-    packs.sort_by_key(|p| std::cmp::Reverse(p.pack_len()));
-    packs
+    packs_by_size(ferry.store())
 }
 
 /// Restores `name`, which must fail with one of `codes`; no copy may be left running.

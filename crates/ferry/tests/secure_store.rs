@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 use ferry_sys::{kill, process_exists, Signal};
 use ferry_testkit::{
     assert_no_mounts_under, assert_not_stopped, children, comm, copy_tree, dir_names, files_containing,
-    files_under, flip_byte, indexed_packs, mounts_under, poll, replace_tree, require_privileged,
+    files_under, flip_byte, mounts_under, packs_by_size, poll, replace_tree, require_privileged,
     signal_by_name, swap_index_locations, swap_ranges, tree_size, Ferry, IndexEntry, Isolation, Outcome,
-    PackFiles, Sample, Workload, FRAME_HEADER, WAIT,
+    Sample, Workload, FRAME_HEADER, WAIT,
 };
 use serde_json::Value;
 
@@ -70,19 +70,6 @@ fn assert_counter_restores(ferry: &Ferry, w: &Workload, name: &str) {
     assert_no_scratch_left(ferry);
 }
 
-/// The store's indexed packs, largest first; there must be some.
-#[track_caller]
-fn packs_by_size(ferry: &Ferry) -> Vec<PackFiles> {
-    let mut packs = indexed_packs(ferry.store());
-    assert!(
-        packs.iter().any(|p| !p.entries.is_empty()),
-        "expected sealed chunks in {}",
-        ferry.packs_dir().display()
-    );
-    packs.sort_by_key(|p| std::cmp::Reverse(p.pack_len()));
-    packs
-}
-
 /// A `u64` field of `inspect --json`.
 #[track_caller]
 fn field(doc: &Value, key: &str) -> u64 {
@@ -99,7 +86,7 @@ fn flipped_chunk_byte_is_refused() {
     ferry.checkpoint(w.pid(), "c", &["--leave-running"]).assert_ok();
     ferry.run(&["verify", "c"]).assert_ok();
 
-    let packs = packs_by_size(&ferry);
+    let packs = packs_by_size(ferry.store());
     let chunk = packs[0].entries[packs[0].entries.len() / 2];
     let at = chunk.offset + FRAME_HEADER + (u64::from(chunk.len) - FRAME_HEADER) / 2;
     flip_byte(&packs[0].pack, at);
@@ -162,7 +149,7 @@ fn swapped_chunks_are_refused() {
     let hash = w.request_hash(w.pid());
     ferry.checkpoint(w.pid(), "s", &["--leave-running"]).assert_ok();
 
-    let pack = packs_by_size(&ferry).remove(0);
+    let pack = packs_by_size(ferry.store()).remove(0);
     let mut by_len: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
     for (i, e) in pack.entries.iter().enumerate() {
         by_len.entry(e.len).or_default().push(i);
@@ -271,7 +258,7 @@ fn missing_chunks_are_refused() {
     let ferry = ferry();
     let w = counter();
     ferry.checkpoint(w.pid(), "gone", &["--leave-running"]).assert_ok();
-    let pack = packs_by_size(&ferry).remove(0);
+    let pack = packs_by_size(ferry.store()).remove(0);
     let saved = ferry.scratch().join("saved-packs");
     copy_tree(&ferry.packs_dir(), &saved);
 
