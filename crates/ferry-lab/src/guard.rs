@@ -1,9 +1,9 @@
 //! Labs for tests: each one claims a name and subnet no other test (in this process or any
 //! other) holds, and is torn down when its guard drops, panics included.
 
-use std::fs::{self, File, OpenOptions, TryLockError};
+use std::fs::{self, File, TryLockError};
 use std::net::Ipv4Addr;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -136,13 +136,7 @@ fn claim() -> Result<(LabConfig, Claim), LabError> {
             let path = path.clone();
             move |source| LabError::Io { action, path, source }
         };
-        let file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&path)
-            .map_err(io("cannot open"))?;
+        let file = crate::state::open_lock_file(&path)?;
         match file.try_lock() {
             Ok(()) => {}
             Err(TryLockError::WouldBlock) => continue,

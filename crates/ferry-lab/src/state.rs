@@ -168,6 +168,17 @@ impl State {
     }
 }
 
+/// Opens (creating, mode 0600) a file that is only ever used for `flock`.
+pub(crate) fn open_lock_file(path: &std::path::Path) -> Result<File, LabError> {
+    OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .map_err(|source| LabError::Io { action: "cannot open", path: path.to_path_buf(), source })
+}
+
 /// Exclusive hold on a lab's state for one operation: `exec`s and `up`/`down` running at
 /// the same time never hand out one address twice or lose a record.
 #[derive(Debug)]
@@ -185,13 +196,7 @@ impl StateLock {
             source,
         })?;
         let path = config.lock_file();
-        let file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&path)
-            .map_err(|source| LabError::Io { action: "cannot open", path: path.clone(), source })?;
+        let file = open_lock_file(&path)?;
         file.lock().map_err(|source| LabError::Io { action: "cannot lock", path: path.clone(), source })?;
         Ok(StateLock { _file: file, path })
     }
