@@ -4,7 +4,7 @@
 use std::env;
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom};
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
@@ -98,7 +98,7 @@ impl Criu {
     /// The version, through RPC.
     pub fn version(&self) -> Result<Version, CriuError> {
         let req = Request { r#type: ReqType::Version as i32, ..Default::default() };
-        let resp = self.call(Operation::Version, req, None, &mut RecordingNotify::default())?;
+        let resp = self.call(Operation::Version, req, None, &mut RecordingNotify::default(), &[])?;
         let v = resp.version.ok_or_else(|| CriuError::Protocol {
             op: Operation::Version,
             detail: "no version in the answer".into(),
@@ -124,7 +124,7 @@ impl Criu {
     pub fn check(&self, log: &LogTarget) -> Result<(), CriuError> {
         let (opts, _work_dir) = opts_with_log(log)?;
         let req = Request { r#type: ReqType::Check as i32, opts: Some(opts), ..Default::default() };
-        self.call(Operation::Check, req, Some(log), &mut RecordingNotify::default()).map(drop)
+        self.call(Operation::Check, req, Some(log), &mut RecordingNotify::default(), &[]).map(drop)
     }
 
     /// Writes CRIU's description of this CPU (`cpuinfo.img`) into `images_dir`, so a restore
@@ -134,14 +134,14 @@ impl Criu {
         let (mut opts, _work_dir) = opts_with_log(log)?;
         opts.images_dir_fd = images.as_raw_fd();
         let req = Request { r#type: ReqType::CpuinfoDump as i32, opts: Some(opts), ..Default::default() };
-        self.call(Operation::CpuinfoDump, req, Some(log), &mut RecordingNotify::default()).map(drop)
+        self.call(Operation::CpuinfoDump, req, Some(log), &mut RecordingNotify::default(), &[]).map(drop)
     }
 
     /// Which optional features this CRIU and kernel support.
     pub fn features(&self) -> Result<FeatureSet, CriuError> {
         let ask = rpc::Features { mem_track: Some(true), lazy_pages: Some(true), pidfd_store: Some(true) };
         let req = Request { r#type: ReqType::FeatureCheck as i32, features: Some(ask), ..Default::default() };
-        let resp = self.call(Operation::FeatureCheck, req, None, &mut RecordingNotify::default())?;
+        let resp = self.call(Operation::FeatureCheck, req, None, &mut RecordingNotify::default(), &[])?;
         let f = resp.features.unwrap_or_default();
         Ok(FeatureSet {
             mem_track: f.mem_track.unwrap_or(false),
@@ -157,11 +157,15 @@ impl Criu {
         o.images_dir_fd = images.as_raw_fd();
         o.pid = Some(opts.pid);
         o.leave_running = Some(opts.leave_running);
+        if let Some(port) = opts.lazy_pages {
+            o.lazy_pages = Some(true);
+            o.ps = Some(rpc::PageServerInfo { port: Some(i32::from(port)), ..Default::default() });
+        }
         apply_shared(&mut o, &opts.shared);
         o.notify_scripts = Some(true);
         let req = Request { r#type: ReqType::Dump as i32, opts: Some(o), ..Default::default() };
         let mut recorder = Forwarding { inner: notify, events: Vec::new() };
-        self.call(Operation::Dump, req, Some(&opts.shared.log), &mut recorder)?;
+        self.call(Operation::Dump, req, Some(&opts.shared.log), &mut recorder, &[])?;
         drop(images);
         Ok(DumpOutcome { events: recorder.events })
     }
@@ -178,8 +182,17 @@ impl Criu {
         apply_shared(&mut o, &opts.shared);
         o.rst_sibling = Some(opts.restore_sibling);
         o.notify_scripts = Some(true);
+        if opts.lazy_pages {
+            o.lazy_pages = Some(true);
+        }
+        o.inherit_fd = opts
+            .inherit_fds
+            .iter()
+            .map(|(key, fd)| rpc::InheritFd { key: key.clone(), fd: fd.as_raw_fd() })
+            .collect();
+        let fds: Vec<BorrowedFd<'_>> = opts.inherit_fds.iter().map(|(_, fd)| fd.as_fd()).collect();
         let req = Request { r#type: ReqType::Restore as i32, opts: Some(o), ..Default::default() };
-        let resp = self.call(Operation::Restore, req, Some(&opts.shared.log), notify)?;
+        let resp = self.call(Operation::Restore, req, Some(&opts.shared.log), notify, &fds)?;
         drop(images);
         let pid = resp.restore.map(|r| r.pid).ok_or_else(|| CriuError::Protocol {
             op: Operation::Restore,
@@ -196,12 +209,16 @@ impl Criu {
         req: Request,
         log: Option<&LogTarget>,
         notify: &mut dyn NotifyHandler,
+        pass_fds: &[BorrowedFd<'_>],
     ) -> Result<Response, CriuError> {
         let (ours, theirs) = SeqPacket::pair().map_err(|e| spawn_err(&self.path, e))?;
         let mut cmd = Command::new(&self.path);
         cmd.arg("swrk").arg(theirs.as_fd().as_raw_fd().to_string());
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(stderr_target(log));
         ferry_sys::inherit_fd_in_child(&mut cmd, theirs.as_fd());
+        for fd in pass_fds {
+            ferry_sys::inherit_fd_in_child(&mut cmd, *fd);
+        }
         tracing::debug!(criu = %self.path.display(), %op, "starting criu swrk");
         let mut child = cmd.spawn().map_err(|e| spawn_err(&self.path, e))?;
         drop(theirs);

@@ -1,7 +1,9 @@
 //! Typed options for dump and restore. Paths, not raw descriptors: the client opens the
 //! directories and hands CRIU their numbers only for the duration of one call.
 
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// CRIU's log verbosity (`-v0` .. `-v4`). ferry keeps full logs: they are the evidence when
 /// something fails, and writing them costs little next to page data.
@@ -117,12 +119,27 @@ pub struct DumpOptions {
     pub(crate) pid: i32,
     pub(crate) images_dir: PathBuf,
     pub(crate) leave_running: bool,
+    pub(crate) lazy_pages: Option<u16>,
     pub(crate) shared: Shared,
 }
 
 impl DumpOptions {
     pub fn new(pid: i32, images_dir: impl Into<PathBuf>, log: LogTarget) -> Self {
-        DumpOptions { pid, images_dir: images_dir.into(), leave_running: false, shared: Shared::new(log) }
+        DumpOptions {
+            pid,
+            images_dir: images_dir.into(),
+            leave_running: false,
+            lazy_pages: None,
+            shared: Shared::new(log),
+        }
+    }
+
+    /// Dump everything but the anonymous memory, which stays in the frozen tree; after the
+    /// post-dump notification CRIU serves it from a page server listening on `port` (all
+    /// addresses of its network namespace) until a client closes the session.
+    pub fn lazy_pages(mut self, port: Option<u16>) -> Self {
+        self.lazy_pages = port;
+        self
     }
 
     /// Keep the tree running after the dump instead of killing it.
@@ -155,12 +172,34 @@ impl SharedOptions for DumpOptions {
 pub struct RestoreOptions {
     pub(crate) images_dir: PathBuf,
     pub(crate) restore_sibling: bool,
+    pub(crate) lazy_pages: bool,
+    pub(crate) inherit_fds: Vec<(String, Arc<OwnedFd>)>,
     pub(crate) shared: Shared,
 }
 
 impl RestoreOptions {
     pub fn new(images_dir: impl Into<PathBuf>, log: LogTarget) -> Self {
-        RestoreOptions { images_dir: images_dir.into(), restore_sibling: true, shared: Shared::new(log) }
+        RestoreOptions {
+            images_dir: images_dir.into(),
+            restore_sibling: true,
+            lazy_pages: false,
+            inherit_fds: Vec::new(),
+            shared: Shared::new(log),
+        }
+    }
+
+    /// Restore anonymous memory lazily: a `criu lazy-pages` daemon must be running on the
+    /// same images directory; it fills pages on first touch (userfaultfd).
+    pub fn lazy_pages(mut self, yes: bool) -> Self {
+        self.lazy_pages = yes;
+        self
+    }
+
+    /// Gives CRIU `fd` in place of the external resource named `key` (CRIU's
+    /// `--inherit-fd fd[N]:KEY`), e.g. a network namespace declared external at dump time.
+    pub fn inherit_fd(mut self, key: impl Into<String>, fd: Arc<OwnedFd>) -> Self {
+        self.inherit_fds.push((key.into(), fd));
+        self
     }
 
     /// Make the restored root a child of the caller (default) rather than of CRIU, so the

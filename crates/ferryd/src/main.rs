@@ -1,0 +1,3 @@
+//! ferryd: the node agent.
+
+fn main() {}
