@@ -1204,8 +1204,7 @@ pub fn check_archive(data: &[u8]) -> Result<(), StoreError> {
 #[allow(clippy::unwrap_used)] // a failing test should stop right there
 mod tests {
     use super::*;
-    use crate::keys::{add_recipient, NodeKeys};
-    use crate::manifest::HostInfo;
+    use crate::testutil::{checkpoint, materialized, peer_store, random};
     use std::collections::BTreeMap;
     use std::os::unix::fs::PermissionsExt;
     use tempfile::TempDir;
@@ -1225,11 +1224,7 @@ mod tests {
         /// A store whose node shares `other`'s hash key and trusts it.
         fn peer_of(other: &Store) -> Fixture {
             let dir = tempfile::tempdir().unwrap();
-            fs::create_dir(dir.path().join("store")).unwrap();
-            let keys = dir.path().join("store").join("keys");
-            NodeKeys::init_with_hash_key(&keys, other.keys().hash_key()).unwrap();
-            add_recipient(&keys, "a", &other.keys().public()).unwrap();
-            let store = Store::open(dir.path().join("store")).unwrap();
+            let store = peer_store(&dir.path().join("store"), other);
             Fixture { dir, store }
         }
 
@@ -1258,18 +1253,6 @@ mod tests {
         fs::read_dir(dir).unwrap().count()
     }
 
-    fn random(len: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
-    }
-
     fn images() -> Vec<(&'static str, Vec<u8>)> {
         let mut pages = Vec::new();
         pages.extend(random(3 * 4096, 1));
@@ -1284,40 +1267,6 @@ mod tests {
             ("files.img", random(3 << 20, 4)), // several pieces
             ("empty.img", Vec::new()),
         ]
-    }
-
-    fn checkpoint(store: &Store, name: &str, files: &[(&str, Vec<u8>)]) -> Committed {
-        let pending = store.begin(name).unwrap();
-        for (n, data) in files {
-            fs::write(pending.images_dir().join(n), data).unwrap();
-        }
-        let pipeline = pending.start_ingest(store).unwrap();
-        let info = CheckpointInfo {
-            source: "pid:4242".into(),
-            host: HostInfo {
-                hostname: "node-a".into(),
-                kernel: "6.8".into(),
-                criu_version: "4.0".into(),
-                cpu_flags: "sse2".into(),
-            },
-            spec: r#"{"kind":"pid","pid":4242}"#.into(),
-            dump_seconds: 0.5,
-            ..CheckpointInfo::default()
-        };
-        pending.commit(store, info, pipeline).unwrap()
-    }
-
-    fn materialized(store: &Store, name: &str) -> BTreeMap<String, Vec<u8>> {
-        let c = store.get(name).unwrap();
-        let scratch = store.scratch("test").unwrap();
-        c.materialize(store, scratch.path()).unwrap();
-        fs::read_dir(scratch.path())
-            .unwrap()
-            .map(|e| {
-                let e = e.unwrap();
-                (e.file_name().to_string_lossy().into_owned(), fs::read(e.path()).unwrap())
-            })
-            .collect()
     }
 
     fn expected() -> BTreeMap<String, Vec<u8>> {

@@ -8,6 +8,7 @@
 //! - `pipeline`: CRIU's images to chunks, while CRIU writes them.
 //! - `catalog`: the current manifest of each name (rollback detection).
 //! - `store`: the whole, as the rest of ferry uses it.
+//! - `replica`: a checkpoint copied to another node's store (migration), missing chunks only.
 #![forbid(unsafe_code)]
 
 pub mod archive;
@@ -19,8 +20,11 @@ pub mod manifest;
 mod name;
 pub mod packs;
 pub mod pipeline;
+pub mod replica;
 pub mod seal;
 mod store;
+#[cfg(test)]
+mod testutil;
 
 pub use error::StoreError;
 pub use manifest::HostInfo;

@@ -202,6 +202,33 @@ impl Store {
         catalog.save(&self.catalog_path(), &self.keys)
     }
 
+    /// True if the catalog has a live entry for `name`.
+    pub(crate) fn catalog_live(&self, name: &str) -> Result<bool, StoreError> {
+        Ok(self.catalog()?.live(name).is_some())
+    }
+
+    /// Records `entry` as `name`'s current manifest; refuses to go back to an older
+    /// generation than the catalog has seen for the name.
+    pub(crate) fn put_catalog_entry(&self, name: &str, entry: CatalogEntry) -> Result<(), StoreError> {
+        let mut stale = None;
+        self.update_catalog(|c| match c.entries.get(name) {
+            Some(old) if old.generation >= entry.generation => stale = Some(old.generation),
+            _ => {
+                c.entries.insert(name.to_owned(), entry.clone());
+            }
+        })?;
+        match stale {
+            Some(g) => Err(StoreError::Tampered {
+                file: format!("manifests/{name}.fmf"),
+                detail: format!(
+                    "generation {} is not newer than the {g} this store has seen for the name",
+                    entry.generation
+                ),
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// Starts a checkpoint named `name`: a private tmpfs for CRIU's images.
     pub fn begin(&self, name: &str) -> Result<Pending, StoreError> {
         validate_name(name)?;
