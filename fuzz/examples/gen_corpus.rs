@@ -6,7 +6,7 @@ use std::path::Path;
 use ferry_store::keys::NodeKeys;
 use ferry_store::manifest::{encode_signed, Extent, FileRecord, HostInfo, ManifestBody};
 use ferry_store::seal::{DataKey, Sealer, Slots};
-use ferry_store_fuzz::{node, seal_raw, DATA_KEY};
+use ferry_store_fuzz::{node, seal_raw, Probe, DATA_KEY};
 
 fn write(dir: &Path, name: &str, data: &[u8]) {
     std::fs::create_dir_all(dir).expect("create corpus dir");
@@ -115,5 +115,24 @@ fn main() {
         write(&dir, &format!("slots-{i}"), &Slots::wrap(keys, recipients).expect("wrap").encode());
     }
     write(&dir, "slots-empty", &Slots::default().encode());
+
+    let dir = root.join("wire_frame");
+    let probes = [
+        Probe::Hello { name: "node1".into(), versions: vec![1], hash_key_id: [3; 32] },
+        Probe::Chunks(vec![([1; 32], b"chunk".to_vec()), ([2; 32], vec![])]),
+        Probe::Pages { start: 0x7f00_0000_0000, len: 4096, data: Some(vec![0xaa; 64]) },
+        Probe::Done,
+    ];
+    let mut stream = Vec::new();
+    for (i, p) in probes.iter().enumerate() {
+        let mut one = Vec::new();
+        ferry_wire::frame::send(&mut one, i as u16 + 1, p).expect("encodes");
+        write(&dir, &format!("probe-{i}"), &one);
+        stream.extend(one);
+    }
+    write(&dir, "stream", &stream);
+    let mut raw = Vec::new();
+    ferry_wire::frame::write_frame(&mut raw, 0xffff, &[0; 100]).expect("writes");
+    write(&dir, "above-small-cap", &raw);
     println!("seed corpus written to {}", root.display());
 }

@@ -26,8 +26,9 @@ fn main() -> ExitCode {
         Some("chunk_frame") => ferry_store_fuzz::chunk_frame,
         Some("slots") => ferry_store_fuzz::slots,
         Some("archive") => ferry_store_fuzz::archive,
+        Some("wire_frame") => ferry_store_fuzz::wire_frame,
         _ => {
-            eprintln!("usage: replay manifest|chunk_frame|slots|archive PATH...");
+            eprintln!("usage: replay manifest|chunk_frame|slots|archive|wire_frame PATH...");
             return ExitCode::from(2);
         }
     };

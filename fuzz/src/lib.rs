@@ -165,3 +165,51 @@ pub fn slots(data: &[u8]) {
 pub fn archive(data: &[u8]) {
     let _ = ferry_store::archive::check_archive(data);
 }
+
+/// A message shape with the field types protocol messages use, for the typed decoder.
+#[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub enum Probe {
+    Hello { name: String, versions: Vec<u16>, hash_key_id: [u8; 32] },
+    Chunks(Vec<([u8; 32], Vec<u8>)>),
+    Pages { start: u64, len: u32, data: Option<Vec<u8>> },
+    Done,
+}
+
+/// Input: a stream of wire frames. Read as a stream (with a small cap and the default one) and
+/// as a slice, the two readers agree; what they accept re-encodes to the same bytes; payloads
+/// are also tried as typed messages.
+pub fn wire_frame(data: &[u8]) {
+    use ferry_wire::frame::{decode_frame, decode_payload, read_frame, write_frame, DEFAULT_CAP};
+
+    for cap in [64, DEFAULT_CAP] {
+        let mut cursor = std::io::Cursor::new(data);
+        let mut offset = 0;
+        loop {
+            let streamed = read_frame(&mut cursor, cap);
+            let sliced = decode_frame(&data[offset..], cap);
+            match (streamed, sliced) {
+                (Ok(Some(f)), Ok((g, used))) => {
+                    assert_eq!(f, g, "stream and slice readers agree");
+                    assert!(f.payload.len() <= cap as usize, "cap holds");
+                    let mut again = Vec::new();
+                    write_frame(&mut again, f.kind, &f.payload).expect("writes to a Vec");
+                    assert_eq!(again, &data[offset..offset + used], "one encoding per frame");
+                    if let Ok(msg) = decode_payload::<Probe>(&f) {
+                        // Not byte-equal: postcard accepts overlong varints.
+                        let bytes = postcard::to_allocvec(&msg).expect("a decoded message encodes");
+                        let back: Probe = postcard::from_bytes(&bytes).expect("re-encoded message decodes");
+                        assert_eq!(back, msg);
+                    }
+                    offset += used;
+                    assert_eq!(cursor.position() as usize, offset);
+                }
+                (Ok(None), Err(_)) => {
+                    assert_eq!(offset, data.len(), "a clean end only at the end");
+                    break;
+                }
+                (Err(_), Err(_)) => break,
+                (s, d) => panic!("readers disagree at {offset}: stream {s:?}, slice {d:?}"),
+            }
+        }
+    }
+}
