@@ -321,12 +321,27 @@ fn create(state: &State) -> Result<(), LabError> {
 
 /// A network namespace with `eth0` at `addr`, whose peer `veth` is a port of the bridge. The
 /// only route inside is the lab's subnet: nothing is sent anywhere else.
-fn attach(netns: &str, veth: &str, addr: Ipv4Addr, state: &State) -> Result<(), LabError> {
+pub(crate) fn attach(netns: &str, veth: &str, addr: Ipv4Addr, state: &State) -> Result<(), LabError> {
+    attach_with_port(netns, veth, addr, state, true)
+}
+
+/// [`attach`], with the bridge's end of the veth left down unless `port_up`: nothing reaches
+/// the namespace until [`crate::set_port`] brings it up.
+pub(crate) fn attach_with_port(
+    netns: &str,
+    veth: &str,
+    addr: Ipv4Addr,
+    state: &State,
+    port_up: bool,
+) -> Result<(), LabError> {
     let cidr = format!("{addr}/{}", state.subnet.prefix_len());
     ip(&["netns", "add", netns])?;
     ip(&["link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", netns])?;
     ip(&["link", "set", veth, "addrgenmode", "none"])?;
-    ip(&["link", "set", veth, "master", &state.bridge.name, "up"])?;
+    ip(&["link", "set", veth, "master", &state.bridge.name])?;
+    if port_up {
+        ip(&["link", "set", veth, "up"])?;
+    }
     ip_in(netns, &["link", "set", "lo", "up"])?;
     ip_in(netns, &["link", "set", "eth0", "addrgenmode", "none"])?;
     // The MAC follows from the address, so that wherever the address moves (with its
@@ -461,7 +476,7 @@ fn start<S: AsRef<OsStr>>(
 }
 
 /// Removes a workload whose start failed: its processes, veth and namespace.
-fn remove_workload(w: &Workload) {
+pub(crate) fn remove_workload(w: &Workload) {
     if let Some(id) = sys::netns_id(&w.netns) {
         kill_all(&BTreeSet::from([id]), &[]);
     }

@@ -98,11 +98,23 @@ pub(crate) fn run(mut cmd: Command) -> Result<String, LabError> {
     Err(LabError::Command { command, stderr })
 }
 
-/// `ip ARGS...`.
+/// `ip ARGS...`, in the root network namespace (where the bridge is) even when called from a
+/// node's namespace, as the agents of lab nodes are.
 pub(crate) fn ip<S: AsRef<OsStr>>(args: &[S]) -> Result<String, LabError> {
-    let mut cmd = Command::new(tool("ip")?);
+    let mut cmd = if in_root_netns() {
+        Command::new(tool("ip")?)
+    } else {
+        let mut c = Command::new(tool("nsenter")?);
+        c.arg("--net=/proc/1/ns/net").arg("--").arg(tool("ip")?);
+        c
+    };
     cmd.args(args);
     run(cmd)
+}
+
+/// True if this process is in PID 1's network namespace.
+fn in_root_netns() -> bool {
+    netns_of(std::process::id() as i32) == netns_of(1)
 }
 
 /// `ip -n NETNS ARGS...`: iproute2 enters the namespace only for its own short life.

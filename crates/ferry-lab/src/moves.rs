@@ -1,0 +1,99 @@
+//! A workload's address moving to another node with it (what a migration agent does): the
+//! target gets a namespace of its own with the same address and MAC whose bridge port stays
+//! down until the workload is restored in it; the source's port goes down while the workload
+//! is frozen, and its namespace is removed once the move is committed (or its port comes back
+//! up if the move is abandoned). Every step is recorded in the lab's state under its lock.
+
+use crate::lab::{attach_with_port, remove_workload};
+use crate::state::{State, StateLock};
+use crate::sys::{self, ip};
+use crate::{LabConfig, LabError, Workload};
+
+/// The workload whose root process is `pid` (as started by `exec` or moved here).
+pub fn workload_by_pid(config: &LabConfig, pid: i32) -> Result<Option<Workload>, LabError> {
+    let state = load(config)?;
+    Ok(state.workloads.into_iter().find(|w| w.pid == pid && w.is_running()))
+}
+
+/// Prepares `node` to receive a workload at `ip`: a new namespace with that address (and its
+/// MAC), its bridge port down. Returns the new workload record (pid 0 until [`arrived`]).
+pub fn prepare_arrival(config: &LabConfig, node: &str, addr: std::net::Ipv4Addr) -> Result<Workload, LabError> {
+    sys::preflight()?;
+    let _lock = StateLock::acquire(config)?;
+    let mut state = load(config)?;
+    state.node(node)?;
+    let id = state.next_workload;
+    let w = Workload {
+        id,
+        node: node.into(),
+        pid: 0,
+        start_time: 0,
+        ip: addr,
+        netns: config.workload_netns(id),
+        veth: config.workload_veth(id)?,
+        command: vec!["(arriving)".into()],
+        log: None,
+    };
+    state.next_workload += 1;
+    state.workloads.push(w.clone());
+    // Recorded before the namespace exists: a crash from here on leaves a record for `down`.
+    state.save(config)?;
+    if let Err(e) = attach_with_port(&w.netns, &w.veth, addr, &state, false) {
+        remove_workload(&w);
+        state.workloads.retain(|x| x.id != id);
+        state.save(config)?;
+        return Err(e);
+    }
+    Ok(w)
+}
+
+/// Brings the bridge port of workload `id` up or down.
+pub fn set_port(config: &LabConfig, id: u64, up: bool) -> Result<(), LabError> {
+    let state = load(config)?;
+    let w = state.workloads.iter().find(|w| w.id == id).ok_or(LabError::UnknownWorkload { id })?;
+    ip(&["link", "set", &w.veth, if up { "up" } else { "down" }]).map(drop)
+}
+
+/// Records that workload `id` now runs as `pid` (its start time read now), and takes over
+/// the command line of `from` (the record it moved from), which is removed with its namespace.
+pub fn arrived(config: &LabConfig, id: u64, pid: i32, from: Option<u64>) -> Result<Workload, LabError> {
+    let _lock = StateLock::acquire(config)?;
+    let mut state = load(config)?;
+    let old = from.and_then(|f| state.workloads.iter().find(|w| w.id == f).cloned());
+    let w = state.workloads.iter_mut().find(|w| w.id == id).ok_or(LabError::UnknownWorkload { id })?;
+    w.pid = pid;
+    w.start_time = sys::start_time(pid).unwrap_or(0);
+    if let Some(old) = &old {
+        w.command = old.command.clone();
+        w.log = old.log.clone();
+    }
+    let moved = w.clone();
+    if let Some(old) = old {
+        state.workloads.retain(|x| x.id != old.id);
+        state.save(config)?;
+        remove_workload(&old);
+    } else {
+        state.save(config)?;
+    }
+    Ok(moved)
+}
+
+/// Removes workload `id`'s namespace (killing what runs in it) and its record.
+pub fn remove(config: &LabConfig, id: u64) -> Result<(), LabError> {
+    let _lock = StateLock::acquire(config)?;
+    let mut state = load(config)?;
+    if let Some(w) = state.workloads.iter().find(|w| w.id == id).cloned() {
+        state.workloads.retain(|x| x.id != id);
+        state.save(config)?;
+        remove_workload(&w);
+    }
+    Ok(())
+}
+
+fn load(config: &LabConfig) -> Result<State, LabError> {
+    State::load(config)?.ok_or_else(|| LabError::NotUp {
+        lab: config.describe(),
+        state: config.state_file(),
+        select: config.cli_select(),
+    })
+}
