@@ -3,7 +3,7 @@
 //! CRIU writes its images into a private tmpfs; the store's pipeline seals them into chunks on
 //! the other core while CRIU is still writing. The plaintext tmpfs is gone when this returns.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use ferry_criu::{DumpOptions, LogTarget, Notify, NotifyHandler, SharedOptions};
@@ -23,7 +23,34 @@ pub struct CheckpointRequest {
     pub tcp_established: bool,
     /// Keep at most this many checkpoints of the same workload (oldest removed first).
     pub keep: Option<usize>,
+    /// External resources declared to CRIU (`--external`), e.g. the workload's network
+    /// namespace when another node will provide one.
+    pub external: Vec<String>,
+    /// Leave anonymous memory in the frozen tree, to be served lazily; CRIU's own page server
+    /// will listen on this port after the post-dump notification.
+    pub lazy_pages: Option<u16>,
 }
+
+/// What a caller does while CRIU waits at post-dump (the tree frozen, its images written):
+/// an error makes CRIU resume the tree, and the checkpoint fails. Both run only for
+/// checkpoints that stop the tree.
+pub trait PostDump {
+    /// Before the images are committed into the store (they are in `images`).
+    fn before_commit(&mut self, _images: &Path) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// After the checkpoint is committed; the tree is killed once this returns Ok.
+    fn after_commit(&mut self, _committed: &Committed) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+/// Nothing to do at post-dump.
+#[derive(Debug, Default)]
+pub struct NoPostDump;
+
+impl PostDump for NoPostDump {}
 
 #[derive(Debug, Clone)]
 pub struct CheckpointReport {
@@ -40,6 +67,15 @@ pub struct CheckpointReport {
 }
 
 pub fn checkpoint(ctx: &Context, req: &CheckpointRequest) -> Result<CheckpointReport, Error> {
+    checkpoint_with(ctx, req, &mut NoPostDump)
+}
+
+/// [`checkpoint`], with `hook` run while CRIU waits at post-dump.
+pub fn checkpoint_with(
+    ctx: &Context,
+    req: &CheckpointRequest,
+    hook: &mut dyn PostDump,
+) -> Result<CheckpointReport, Error> {
     let root = runtime_for(&req.workload)?.resolve(&req.workload)?;
     let created = unix_now();
     let name = req
@@ -51,7 +87,9 @@ pub fn checkpoint(ctx: &Context, req: &CheckpointRequest) -> Result<CheckpointRe
     ctx.criu.cpuinfo_dump(&pending.images_dir(), &log)?;
     let opts = DumpOptions::new(root.pid, pending.images_dir(), log.clone())
         .leave_running(req.leave_running)
+        .lazy_pages(req.lazy_pages)
         .tcp_established(req.tcp_established);
+    let opts = req.external.iter().fold(opts, |o, e| o.external(e.clone()));
 
     let was_stopped = is_stopped(root.pid);
     tracing::info!(pid = root.pid, %name, "checkpointing");
@@ -71,6 +109,7 @@ pub fn checkpoint(ctx: &Context, req: &CheckpointRequest) -> Result<CheckpointRe
         },
         work: Some((pending, pipeline)),
         outcome: None,
+        hook,
     };
     let dumped = ctx.criu.dump(&opts, &mut commit);
     let outcome = commit.finish(dumped);
@@ -105,6 +144,7 @@ struct CommitAtPostDump<'a> {
     info: CheckpointInfo,
     work: Option<(Pending, Pipeline)>,
     outcome: Option<Result<(Committed, f64), Error>>,
+    hook: &'a mut dyn PostDump,
 }
 
 impl CommitAtPostDump<'_> {
@@ -112,6 +152,9 @@ impl CommitAtPostDump<'_> {
         let (pending, pipeline) =
             self.work.take().ok_or_else(|| Error::Internal("the checkpoint was committed twice".into()))?;
         let dump_seconds = self.started.elapsed().as_secs_f64();
+        if !self.leave_running {
+            self.hook.before_commit(&pending.images_dir()).map_err(Error::PostDump)?;
+        }
         let mut info = std::mem::take(&mut self.info);
         info.dump_seconds = dump_seconds;
         // A dump that stops the tree leaves CRIU's lock table in place until the restore (empty
@@ -144,7 +187,10 @@ impl NotifyHandler for CommitAtPostDump<'_> {
         if *event != Notify::PostDump || self.leave_running {
             return Ok(());
         }
-        let result = self.commit();
+        let result = self.commit().and_then(|(committed, secs)| {
+            self.hook.after_commit(&committed).map_err(Error::PostDump)?;
+            Ok((committed, secs))
+        });
         let answer = result.as_ref().map(drop).map_err(|e| e.to_string());
         self.outcome = Some(result);
         answer

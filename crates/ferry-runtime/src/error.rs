@@ -13,6 +13,8 @@ pub enum Error {
     UnsupportedKind { kind: String },
     #[error("internal error: {0}")]
     Internal(String),
+    #[error("the checkpoint was abandoned while the workload was frozen: {0}")]
+    PostDump(String),
     #[error(transparent)]
     Criu(#[from] CriuError),
     #[error(transparent)]
@@ -30,6 +32,7 @@ impl Error {
             }
             Error::UnsupportedKind { .. } => Some("use pid:PID with the PID of the tree's root".into()),
             Error::Criu(e) => e.hint(),
+            Error::PostDump(_) => Some("the workload was resumed where it was; nothing else changed".into()),
             Error::Internal(_) => Some("this is a bug in ferry; please report it with the log".into()),
             Error::Store(StoreError::NotFound(_)) => Some("`ferry list` shows the checkpoints".into()),
             Error::Store(StoreError::Exists(_)) => Some("choose another --name, or `ferry rm` the old one".into()),

@@ -34,7 +34,7 @@ pub fn classify(err: &Error) -> Exit {
         Error::NotRoot { .. } => Exit::NotPermitted,
         Error::InvalidWorkload { .. } | Error::UnsupportedKind { .. } => Exit::Usage,
         Error::ProcessNotFound { .. } => Exit::NotFound,
-        Error::Internal(_) => Exit::Failure,
+        Error::Internal(_) | Error::PostDump(_) => Exit::Failure,
         Error::Store(s) => match s {
             StoreError::NotFound(_) => Exit::NotFound,
             StoreError::Exists(_) | StoreError::Busy | StoreError::KeyShared { .. } => Exit::Conflict,

@@ -22,6 +22,8 @@ pub fn run(cli: &Cli, a: Args) -> Outcome {
         leave_running: a.leave_running,
         tcp_established: a.tcp_established,
         keep: a.keep,
+        external: Vec::new(),
+        lazy_pages: None,
     };
     let r = ferry_runtime::checkpoint(&ctx, &req).map_err(|e| (what(), e))?;
     let state = if a.leave_running { "left running" } else { "stopped" };

@@ -154,7 +154,9 @@ fn classify(err: &LabError) -> Exit {
         | LabError::NodeCount { .. }
         | LabError::EmptyCommand
         | LabError::CommandNotFound { .. } => Exit::Usage,
-        LabError::NotUp { .. } | LabError::UnknownNode { .. } => Exit::NotFound,
+        LabError::NotUp { .. } | LabError::UnknownNode { .. } | LabError::UnknownWorkload { .. } => {
+            Exit::NotFound
+        }
         LabError::AlreadyUp { .. }
         | LabError::Leftovers { .. }
         | LabError::SubnetInUse { .. }
