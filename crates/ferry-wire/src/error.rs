@@ -1,6 +1,10 @@
 //! The crate's one error type.
 
 use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::tls::Refusal;
 
 /// What went wrong on the wire. Messages say what failed; the source (when there is one) is
 /// chained, not repeated.
@@ -73,5 +77,104 @@ pub enum WireError {
         /// The encoder's complaint.
         #[source]
         source: postcard::Error,
+    },
+    /// rustls refused the configuration (a bug, or an unusable key).
+    #[error("TLS configuration failed")]
+    TlsConfig(#[source] rustls::Error),
+    /// The TCP connection could not be made.
+    #[error("cannot connect to peer {addr}: is its agent running, and the address right?")]
+    Connect {
+        /// Peer address.
+        addr: SocketAddr,
+        /// The system's complaint.
+        #[source]
+        source: io::Error,
+    },
+    /// The peer did not complete the handshake in time.
+    #[error("no TLS handshake with {addr} within {timeout:?}: is a ferry agent listening there?")]
+    HandshakeTimeout {
+        /// Peer address.
+        addr: SocketAddr,
+        /// The time it had.
+        timeout: Duration,
+    },
+    /// The connection failed during the handshake.
+    #[error("TLS handshake with {addr} failed")]
+    HandshakeIo {
+        /// Peer address.
+        addr: SocketAddr,
+        /// What the socket said.
+        #[source]
+        source: io::Error,
+    },
+    /// TLS itself failed (protocol, cryptography).
+    #[error("TLS handshake with {addr} failed")]
+    Handshake {
+        /// Peer address.
+        addr: SocketAddr,
+        /// What rustls said.
+        #[source]
+        source: rustls::Error,
+    },
+    /// This node refused the peer's certificate.
+    #[error("refused peer {addr}: {refusal}")]
+    Refused {
+        /// Peer address.
+        addr: SocketAddr,
+        /// Why.
+        refusal: Refusal,
+    },
+    /// The peer refused this node's certificate.
+    #[error(
+        "peer {addr} refused this node's certificate (TLS alert {alert}): pin this node's key there \
+         with `ferry node trust` (the text `ferry keys show` prints here), or use a certificate from \
+         the cluster CA it trusts"
+    )]
+    RefusedByPeer {
+        /// Peer address.
+        addr: SocketAddr,
+        /// The alert it sent.
+        alert: String,
+    },
+    /// The client presented no certificate.
+    #[error("peer {addr} presented no certificate: ferry nodes authenticate with their node key")]
+    NoClientCert {
+        /// Peer address.
+        addr: SocketAddr,
+    },
+    /// The handshake ended but the server did not confirm admission.
+    #[error("peer {addr} did not confirm the connection: is it a ferry agent of the same version?")]
+    NotAdmitted {
+        /// Peer address.
+        addr: SocketAddr,
+    },
+    /// A node name that cannot go into a certificate.
+    #[error(
+        "node name {name:?} cannot go into a certificate: use letters, digits, '-' and '.' (a DNS name)"
+    )]
+    BadNodeName {
+        /// The name.
+        name: String,
+    },
+    /// A CA name that cannot go into a certificate.
+    #[error("cluster CA name {name:?} is not usable: 1 to 64 characters, no control characters")]
+    BadCaName {
+        /// The name.
+        name: String,
+    },
+    /// The cluster CA file or certificate is not usable.
+    #[error("cluster CA not usable: {why}; make one with `ferry node ca init`")]
+    BadCa {
+        /// What is wrong with it.
+        why: &'static str,
+    },
+    /// rcgen could not make a certificate.
+    #[error("cannot make the {what} certificate")]
+    Certificate {
+        /// Which one.
+        what: &'static str,
+        /// rcgen's complaint.
+        #[source]
+        source: rcgen::Error,
     },
 }
