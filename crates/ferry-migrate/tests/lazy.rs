@@ -4,6 +4,7 @@
 //! source through `PageSource`.
 
 use std::fs;
+use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -36,6 +37,7 @@ impl PageFetcher for Direct {
 #[derive(Debug, Default)]
 struct Outcome {
     restored: Option<i32>,
+    daemon: Option<i32>,
     restore_returned: Option<Instant>,
     all_pages: Option<Instant>,
     bytes: u64,
@@ -61,6 +63,9 @@ struct MigrateAtPostDump<'a> {
 
 impl MigrateAtPostDump<'_> {
     fn migrate(&mut self) -> Result<(), String> {
+        if self.fail_at == Some(0) {
+            return Err("refused before serving any page".into());
+        }
         let source =
             Arc::new(PageSource::open(&self.source_images, self.workload.pid()).map_err(|e| e.to_string())?);
         self.outcome.lazy_bytes = source.lazy_bytes();
@@ -73,6 +78,7 @@ impl MigrateAtPostDump<'_> {
             Box::new(fetcher),
         )
         .map_err(|e| e.to_string())?;
+        self.outcome.daemon = Some(server.daemon_pid() as i32);
         let opts = RestoreOptions::new(&self.target_images, LogTarget::new(&self.target_logs, "restore.log"))
             .lazy_pages(true);
         let restored =
@@ -118,6 +124,10 @@ impl MigrateAtPostDump<'_> {
             "daemon alive, fetcher failed: hash answered within 2 s: {}, states {states}, cpu ticks in 2.5 s: {:?}",
             answered.is_some(),
             cpu_ticks(pid).zip(cpu0).map(|(a, b)| a - b)
+        ));
+        self.outcome.notes.push(format!(
+            "kernel stack: {:?}",
+            fs::read_to_string(format!("/proc/{pid}/stack")).unwrap_or_default().replace('\n', " | ")
         ));
         // Against the documented order (kill the copy first): what does the copy see?
         server.stop();
@@ -176,7 +186,31 @@ struct Run {
     port: u16,
 }
 
+/// Reaches CRIU's page server before ferry does, as any host on the network could.
+struct Intruder<H> {
+    inner: H,
+    port: u16,
+    answer: Option<TcpStream>,
+}
+
+impl<H: NotifyHandler> NotifyHandler for Intruder<H> {
+    fn notify(&mut self, event: &Notify, pid: Option<i32>) -> Result<(), String> {
+        if matches!(event, Notify::Other(name) if name == "status-ready") {
+            let mut sock = TcpStream::connect((Ipv4Addr::LOCALHOST, self.port)).map_err(|e| e.to_string())?;
+            sock.write_all(&ferry_migrate::lazy::proto::Header::close(false).encode())
+                .map_err(|e| e.to_string())?;
+            sock.shutdown(std::net::Shutdown::Write).map_err(|e| e.to_string())?;
+            self.answer = Some(sock);
+        }
+        self.inner.notify(event, pid)
+    }
+}
+
 fn run(workload: &Workload, fail_at: Option<u64>, dir: &Path) -> Run {
+    run_with(workload, fail_at, dir, false)
+}
+
+fn run_with(workload: &Workload, fail_at: Option<u64>, dir: &Path, intruder: bool) -> Run {
     let criu = criu();
     let source_images = dir.join("source");
     fs::create_dir_all(&source_images).expect("mkdir");
@@ -190,15 +224,22 @@ fn run(workload: &Workload, fail_at: Option<u64>, dir: &Path) -> Run {
         fail_at,
         outcome: Outcome::default(),
     };
-    let mut handler = PageServerFinisher::new(port, migrate);
+    let mut handler = Intruder { inner: PageServerFinisher::new(port, migrate), port, answer: None };
     let opts =
         DumpOptions::new(workload.pid(), &source_images, LogTarget::new(dir.join("source-logs"), "dump.log"))
             .lazy_pages(Some(port));
     let started = Instant::now();
-    let dump = criu.dump(&opts, &mut handler).map(drop).map_err(|e| e.to_string());
+    let dump = if intruder { criu.dump(&opts, &mut handler) } else { criu.dump(&opts, &mut handler.inner) }
+        .map(drop)
+        .map_err(|e| e.to_string());
     let dump_returned = Instant::now();
-    let finish = handler.finish();
-    let outcome = std::mem::take(&mut handler.inner_mut().outcome);
+    let finish = handler.inner.finish();
+    let mut outcome = std::mem::take(&mut handler.inner.inner_mut().outcome);
+    if let Some(mut sock) = handler.answer {
+        let mut status = [0u8; 4];
+        let got = sock.read_exact(&mut status).map(|_| i32::from_le_bytes(status));
+        outcome.notes.push(format!("intruder's session answered: {got:?}"));
+    }
     Run { dump, finish, outcome, started, dump_returned, port }
 }
 
@@ -241,6 +282,7 @@ fn migrate_memhog(mib: u32) {
         fin.exposed,
         fin.session,
     );
+    assert!(!ferry_sys::process_exists(o.daemon.expect("daemon")), "lazy-pages daemon survived");
     let _ = ferry_sys::kill(restored, ferry_sys::Signal::Kill);
     let _ = ferry_sys::wait_child(restored);
 }
@@ -286,4 +328,51 @@ fn failed_fetch_resumes_the_source() {
     let restored = r.outcome.restored.expect("restored before the failure");
     assert!(!ferry_sys::process_exists(restored), "restored copy survived");
     println!("failed fetch: dump error: {err}");
+}
+
+#[test]
+fn refused_post_dump_resumes_the_source_untouched() {
+    if !require_privileged() {
+        return;
+    }
+    let w = Workload::start(Sample::MemHog { mib: 16 }, Isolation::PidNamespace).expect("memhog");
+    let original = w.request_hash(w.pid());
+    let dir = tempfile::Builder::new().prefix("ferry-lazy-").tempdir().expect("tempdir");
+    let r = run(&w, Some(0), dir.path());
+    assert!(r.dump.is_err(), "post-dump refused: the dump must fail");
+    r.finish.expect("CRIU's page server closed by ferry");
+    assert!(TcpStream::connect((Ipv4Addr::LOCALHOST, r.port)).is_err(), "CRIU's page server still listens");
+    assert_not_stopped(w.pid());
+    assert_eq!(w.request_hash(w.pid()), original);
+    println!(
+        "refused post-dump: source resumed {} s after dump start",
+        secs(r.started, Some(r.dump_returned))
+    );
+}
+
+#[test]
+fn another_client_on_criu_page_server_is_detected() {
+    if !require_privileged() {
+        return;
+    }
+    let w = Workload::start(Sample::MemHog { mib: 16 }, Isolation::PidNamespace).expect("memhog");
+    let source = ProcId::of(w.pid()).expect("source alive");
+    let dir = tempfile::Builder::new().prefix("ferry-lazy-").tempdir().expect("tempdir");
+    let r = run_with(&w, None, dir.path(), true);
+    for n in &r.outcome.notes {
+        println!("intruder: {n}");
+    }
+    // CRIU served the first connection (the intruder's) and dropped ferry's.
+    let err = r.finish.expect_err("ferry's session was never accepted");
+    println!("intruder: finish: {err}");
+    assert!(r.outcome.notes.iter().any(|n| n.contains("Ok(0)")), "{:?}", r.outcome.notes);
+    assert!(r.dump.is_ok(), "{:?}", r.dump);
+    assert!(
+        try_poll(Duration::from_secs(10), || (!source.alive()).then_some(())).is_some(),
+        "source survived"
+    );
+    if let Some(pid) = r.outcome.restored {
+        let _ = ferry_sys::kill(pid, ferry_sys::Signal::Kill);
+        let _ = ferry_sys::wait_child(pid);
+    }
 }
