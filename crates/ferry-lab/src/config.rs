@@ -59,6 +59,18 @@ impl LabConfig {
         name.map_or_else(|| Ok(LabConfig::new()), LabConfig::named)
     }
 
+    /// The lab whose state is in `dir` (its name read from the state file): how an agent of
+    /// a lab node finds its lab.
+    pub fn from_state_dir(dir: impl Into<PathBuf>) -> Result<LabConfig, LabError> {
+        let probe = LabConfig::new().with_state_dir(dir);
+        let state = crate::state::State::load(&probe)?.ok_or_else(|| LabError::NotUp {
+            lab: format!("the lab at {}", probe.state_dir.display()),
+            state: probe.state_file(),
+            select: String::new(),
+        })?;
+        Ok(LabConfig { name: state.name, ..probe })
+    }
+
     /// Keeps the state somewhere else (it holds no secrets, but only root may change it).
     pub fn with_state_dir(mut self, dir: impl Into<PathBuf>) -> LabConfig {
         self.state_dir = dir.into();
@@ -82,6 +94,12 @@ impl LabConfig {
 
     pub fn state_dir(&self) -> &Path {
         &self.state_dir
+    }
+
+    /// `STATE_DIR/host-netns`: a reference (bind mount) to the network namespace the lab was
+    /// made from, where its bridge is; agents running inside nodes reach the bridge through it.
+    pub fn host_netns_file(&self) -> PathBuf {
+        self.state_dir.join("host-netns")
     }
 
     /// `STATE_DIR/state.json`: what the lab created.

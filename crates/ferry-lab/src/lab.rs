@@ -89,7 +89,7 @@ impl Lab {
         };
         // Recorded before anything exists, so that a crash from here on leaves a record.
         state.save(config)?;
-        if let Err(e) = create(&state) {
+        if let Err(e) = create(&state).and_then(|()| keep_host_netns(config)) {
             let _ = teardown(config, Some(&state));
             let _ = State::remove(config);
             lock.remove_with_dir();
@@ -526,7 +526,66 @@ fn kill_all(ids: &BTreeSet<sys::NsId>, recorded: &[(i32, u64)]) -> (BTreeSet<i32
 }
 
 /// Removes everything of the lab: recorded in `state`, or found by name.
+/// Bind-mounts this process's network namespace (the host's, where the bridge is) on the
+/// lab's `host-netns` file.
+fn keep_host_netns(config: &LabConfig) -> Result<(), LabError> {
+    let file = config.host_netns_file();
+    OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&file)
+        .map_err(|source| LabError::Io { action: "cannot create", path: file.clone(), source })?;
+    let mut cmd = Command::new(tool("mount")?);
+    cmd.arg("--bind").arg("/proc/self/ns/net").arg(&file);
+    sys::run(cmd).map(drop)
+}
+
+/// Undoes [`keep_host_netns`].
+fn release_host_netns(config: &LabConfig) {
+    let file = config.host_netns_file();
+    if file.exists() {
+        if let Ok(umount) = tool("umount") {
+            let mut cmd = Command::new(umount);
+            cmd.arg(&file);
+            let _ = sys::run(cmd);
+        }
+        let _ = fs::remove_file(&file);
+    }
+}
+
+/// Removes what the nodes' agents kept under the state directory (stores, sockets, logs),
+/// after unmounting what an agent killed mid-work left mounted there (private tmpfs).
+fn remove_node_dirs(config: &LabConfig) -> Vec<String> {
+    let dir = config.state_dir().join("nodes");
+    if !dir.exists() {
+        return Vec::new();
+    }
+    let prefix = dir.to_string_lossy().into_owned();
+    let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut points: Vec<&str> = mounts
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(4))
+        .filter(|p| p.starts_with(&prefix))
+        .collect();
+    // Deepest first.
+    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    if let Ok(umount) = tool("umount") {
+        for p in points {
+            let mut cmd = Command::new(&umount);
+            cmd.arg("-l").arg(p);
+            let _ = sys::run(cmd);
+        }
+    }
+    match fs::remove_dir_all(&dir) {
+        Ok(()) => Vec::new(),
+        Err(e) => vec![format!("{} ({e})", dir.display())],
+    }
+}
+
 fn teardown(config: &LabConfig, state: Option<&State>) -> Result<DownReport, LabError> {
+    release_host_netns(config);
     let mut left = Vec::new();
     let mut netns: BTreeSet<String> =
         sys::netns_names().into_iter().filter(|n| config.is_lab_netns(n)).collect();
@@ -544,6 +603,7 @@ fn teardown(config: &LabConfig, state: Option<&State>) -> Result<DownReport, Lab
     let ids: BTreeSet<sys::NsId> = netns.iter().filter_map(|n| sys::netns_id(n)).collect();
     let (killed, survivors) = kill_all(&ids, &recorded);
     left.extend(survivors.iter().map(|p| format!("process {p}")));
+    left.extend(remove_node_dirs(config));
 
     let present = sys::link_names()?;
     let mut links: Vec<String> =

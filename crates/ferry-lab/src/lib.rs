@@ -40,7 +40,7 @@ pub use lab::{mac_of, DownReport, ExecOptions, Lab};
 pub use moves::{arrived, prepare_arrival, remove as remove_workload, set_port, workload_by_pid};
 pub use state::{Bridge, Node, Workload};
 pub use subnet::{Subnet, LAB_RANGE};
-pub use sys::{is_alive, ns_pids, start_time};
+pub use sys::{is_alive, ns_pids, start_time, use_host_netns};
 
 /// Why no lab can be made here (not root, a tool missing), or `None` if one can.
 pub fn missing_prerequisites() -> Option<LabError> {

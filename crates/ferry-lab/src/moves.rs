@@ -17,7 +17,11 @@ pub fn workload_by_pid(config: &LabConfig, pid: i32) -> Result<Option<Workload>,
 
 /// Prepares `node` to receive a workload at `ip`: a new namespace with that address (and its
 /// MAC), its bridge port down. Returns the new workload record (pid 0 until [`arrived`]).
-pub fn prepare_arrival(config: &LabConfig, node: &str, addr: std::net::Ipv4Addr) -> Result<Workload, LabError> {
+pub fn prepare_arrival(
+    config: &LabConfig,
+    node: &str,
+    addr: std::net::Ipv4Addr,
+) -> Result<Workload, LabError> {
     sys::preflight()?;
     let _lock = StateLock::acquire(config)?;
     let mut state = load(config)?;

@@ -9,6 +9,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::OnceLock;
 
 use crate::subnet::parse_prefix;
 use crate::{LabError, Subnet};
@@ -17,8 +18,14 @@ use crate::{LabError, Subnet};
 pub(crate) const NETNS_DIR: &str = "/run/netns";
 
 /// The programs the lab runs, with the package that ships each.
-pub(crate) const TOOLS: [(&str, &str); 4] =
-    [("ip", "iproute2"), ("nsenter", "util-linux"), ("unshare", "util-linux"), ("setsid", "util-linux")];
+pub(crate) const TOOLS: [(&str, &str); 6] = [
+    ("ip", "iproute2"),
+    ("nsenter", "util-linux"),
+    ("unshare", "util-linux"),
+    ("setsid", "util-linux"),
+    ("mount", "mount"),
+    ("umount", "mount"),
+];
 
 /// Finds `name` in PATH, then in the system directories root's PATH may lack under sudo or cargo.
 pub(crate) fn which(name: &str) -> Option<PathBuf> {
@@ -98,23 +105,34 @@ pub(crate) fn run(mut cmd: Command) -> Result<String, LabError> {
     Err(LabError::Command { command, stderr })
 }
 
-/// `ip ARGS...`, in the root network namespace (where the bridge is) even when called from a
-/// node's namespace, as the agents of lab nodes are.
+/// The host's network namespace (where the bridge is), for processes that run in a node's
+/// namespace (the agents of lab nodes): set once, from the lab's reference to it.
+static HOST_NETNS: OnceLock<PathBuf> = OnceLock::new();
+
+/// Makes this process run its `ip` commands in the namespace `path` refers to (the lab's
+/// `host-netns` file), wherever the process itself runs.
+pub fn use_host_netns(path: PathBuf) {
+    let _ = HOST_NETNS.set(path);
+}
+
+/// `ip ARGS...`, in the host's network namespace (see [`use_host_netns`]).
 pub(crate) fn ip<S: AsRef<OsStr>>(args: &[S]) -> Result<String, LabError> {
-    let mut cmd = if in_root_netns() {
-        Command::new(tool("ip")?)
-    } else {
-        let mut c = Command::new(tool("nsenter")?);
-        c.arg("--net=/proc/1/ns/net").arg("--").arg(tool("ip")?);
-        c
+    let mut cmd = match HOST_NETNS.get().filter(|p| !is_own_netns(p)) {
+        None => Command::new(tool("ip")?),
+        Some(host) => {
+            let mut c = Command::new(tool("nsenter")?);
+            c.arg(format!("--net={}", host.display())).arg("--").arg(tool("ip")?);
+            c
+        }
     };
     cmd.args(args);
     run(cmd)
 }
 
-/// True if this process is in PID 1's network namespace.
-fn in_root_netns() -> bool {
-    netns_of(std::process::id() as i32) == netns_of(1)
+/// True if the namespace file `path` is this process's network namespace.
+fn is_own_netns(path: &Path) -> bool {
+    let id = |p: &Path| fs::metadata(p).ok().map(|m| (m.dev(), m.ino()));
+    id(path).is_some() && id(path) == id(Path::new("/proc/self/ns/net"))
 }
 
 /// `ip -n NETNS ARGS...`: iproute2 enters the namespace only for its own short life.

@@ -2,4 +2,19 @@
 //! sides, the strategies (stop-copy, pre-copy by content, post-copy with lazy pages), the
 //! journal that makes a migration a transaction, and the local API the CLI speaks to its agent.
 #![forbid(unsafe_code)]
+
+mod agent;
+pub mod api;
+pub mod client;
+mod error;
+pub mod journal;
+pub mod lab_agents;
 pub mod lazy;
+pub mod proto;
+mod recover;
+mod ship;
+mod source;
+mod target;
+
+pub use agent::{Agent, AgentConfig, Conn, Dialer, Metrics};
+pub use error::MigrateError;

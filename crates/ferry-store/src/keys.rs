@@ -232,6 +232,11 @@ impl NodeKeys {
         *blake3::keyed_hash(&self.hash_key, plaintext).as_bytes()
     }
 
+    /// The Ed25519 secret seed: the node's identity also on the wire (its TLS key).
+    pub fn identity_seed(&self) -> Zeroizing<[u8; 32]> {
+        Zeroizing::new(self.signing.to_bytes())
+    }
+
     pub fn sign(&self, msg: &[u8]) -> [u8; 64] {
         self.signing.sign(msg).to_bytes()
     }

@@ -18,6 +18,12 @@ pub struct Cli {
     /// Seconds after which a CRIU call is stopped.
     #[arg(long, global = true, env = "FERRY_CRIU_TIMEOUT", default_value_t = 600)]
     pub criu_timeout: u64,
+    /// Send agent commands (migrate, node status) to this lab node's agent.
+    #[arg(long, global = true, env = "FERRY_NODE")]
+    pub node: Option<String>,
+    /// The local agent's socket (without --node).
+    #[arg(long, global = true, env = "FERRY_SOCKET", default_value = "/run/ferry/ferryd.sock")]
+    pub socket: PathBuf,
     /// More log output (-v info, -vv debug).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -118,6 +124,26 @@ pub enum Command {
         #[command(subcommand)]
         action: KeysAction,
     },
+    /// Move a running workload to another node, live, with its memory, files and TCP
+    /// connections; its address moves with it. Asks this node's agent (ferryd).
+    Migrate {
+        /// The workload: pid:PID on this node.
+        workload: String,
+        /// The target node.
+        #[arg(long)]
+        to: String,
+        /// auto, stop-copy, pre-copy or post-copy.
+        #[arg(long, default_value = "auto")]
+        strategy: ferry_migrate::api::Strategy,
+        /// Also write the report (phases, bytes, downtime) as JSON to FILE.
+        #[arg(long, value_name = "FILE")]
+        report_json: Option<PathBuf>,
+    },
+    /// This node as its agent sees it, and whom it trusts.
+    Node {
+        #[command(subcommand)]
+        action: NodeAction,
+    },
     /// Several nodes on this machine for tests and trials: network namespaces on a bridge,
     /// addresses in 198.18.0.0/15, reachable from this machine.
     Lab {
@@ -144,10 +170,32 @@ pub enum KeysAction {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum NodeAction {
+    /// The agent's name, address, peers and counters.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Admit another node: its TLS key is pinned, its checkpoints' signatures trusted, and
+    /// migrations to it encrypt for it. Restart ferryd for the TLS pin to take effect.
+    Trust {
+        /// The node's name.
+        name: String,
+        /// Its public key, as `ferry keys show` prints it there.
+        public_key: String,
+    },
+    /// This node's public key (what other nodes trust).
+    Show,
+}
+
+#[derive(Debug, Subcommand)]
 pub enum LabAction {
     /// Create nodes node1..nodeN (a network namespace each) and the bridge (fl-br0) that joins
-    /// them and this machine. Starts no agent.
+    /// them and this machine, and start a ferryd on each (all trusting each other).
     Up {
+        /// Do not start agents.
+        #[arg(long)]
+        no_agents: bool,
         /// How many nodes.
         #[arg(long, default_value_t = 2)]
         nodes: usize,

@@ -44,6 +44,17 @@ fn main() -> ExitCode {
         Command::Import { file, name } => cmd::archive::import(&cli, file, name.as_deref()),
         Command::Keys { action } => cmd::keys::run(&cli, action),
         Command::Lab { action } => cmd::lab::run(&cli, action),
+        Command::Migrate { workload, to, strategy, report_json } => {
+            return cmd::migrate::run(&cli, workload, to, *strategy, report_json.as_deref());
+        }
+        Command::Node { action } => match action {
+            cli::NodeAction::Status { json } => return cmd::migrate::status(&cli, *json),
+            cli::NodeAction::Trust { name, public_key } => cmd::keys::run(
+                &cli,
+                &cli::KeysAction::AddRecipient { name: name.clone(), public_key: public_key.clone() },
+            ),
+            cli::NodeAction::Show => cmd::keys::run(&cli, &cli::KeysAction::Show),
+        },
     };
     match outcome {
         Ok(code) => code,

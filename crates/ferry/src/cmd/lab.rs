@@ -10,10 +10,22 @@ use crate::cli::{Cli, LabAction};
 use crate::exit::Exit;
 use crate::Outcome;
 
-pub fn run(_cli: &Cli, action: &LabAction) -> Outcome {
+pub fn run(cli: &Cli, action: &LabAction) -> Outcome {
     let (what, result) = match action {
-        LabAction::Up { nodes, subnet, lab } => {
-            ("lab up failed", up(lab.name.as_deref(), *nodes, subnet.as_deref()))
+        LabAction::Up { nodes, subnet, lab, no_agents } => {
+            let result = up(lab.name.as_deref(), *nodes, subnet.as_deref());
+            if result.is_ok() && !no_agents {
+                if let Err(e) = start_agents(cli, lab.name.as_deref()) {
+                    eprintln!("error: lab up failed: the nodes' agents did not start");
+                    eprintln!("  cause: {e}");
+                    if let Some(h) = e.hint() {
+                        eprintln!("  hint: {h}");
+                    }
+                    let _ = down(lab.name.as_deref());
+                    return Ok(Exit::Failure.into());
+                }
+            }
+            ("lab up failed", result)
         }
         LabAction::Exec { node, log, command, lab } => {
             ("lab exec failed", exec(lab.name.as_deref(), node, log.as_deref(), command))
@@ -50,6 +62,28 @@ fn up(name: Option<&str>, nodes: usize, subnet: Option<&str>) -> Result<(), LabE
     );
     for node in lab.nodes() {
         println!("{}  {}  netns {}", node.name, node.ip, node.netns);
+    }
+    Ok(())
+}
+
+/// Starts a ferryd on every node of the lab (the binary next to this one, else on PATH).
+fn start_agents(cli: &Cli, name: Option<&str>) -> Result<(), ferry_migrate::MigrateError> {
+    let config = LabConfig::select(name)?;
+    let lab = Lab::load(&config)?;
+    let ferryd = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join("ferryd")))
+        .filter(|p| p.is_file())
+        .unwrap_or_else(|| "ferryd".into());
+    let sockets = ferry_migrate::lab_agents::start_agents(&lab, &ferryd, cli.criu.as_deref())?;
+    for (node, socket) in lab.nodes().iter().zip(&sockets) {
+        println!(
+            "{}  agent ferryd on {}:{}  socket {}",
+            node.name,
+            node.ip,
+            ferry_migrate::lab_agents::PEER_PORT,
+            socket.display()
+        );
     }
     Ok(())
 }

@@ -8,6 +8,7 @@ pub mod inspect;
 pub mod keys;
 pub mod lab;
 pub mod list;
+pub mod migrate;
 pub mod restore;
 pub mod rm;
 pub mod verify;

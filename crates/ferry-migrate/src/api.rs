@@ -1,0 +1,153 @@
+//! The local API: what the CLI asks its node's agent over the Unix socket, and the events the
+//! agent streams back (progress, then a report or an error). Framed with `ferry-wire`, the
+//! payloads postcard-encoded.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// Frame kind of every local API message.
+pub const KIND_API: u16 = 0x4150;
+/// Cap on a local API frame.
+pub const API_CAP: u32 = 1 << 20;
+
+/// How a migration moves memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Strategy {
+    /// Pick one from memory size, dirty rate and link speed.
+    Auto,
+    /// Freeze, dump, ship, restore.
+    StopCopy,
+    /// Ship a checkpoint taken while the workload runs, then only the chunks that changed.
+    PreCopy,
+    /// Restore at once; pages follow on demand (userfaultfd), served by the source.
+    PostCopy,
+}
+
+impl fmt::Display for Strategy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Strategy::Auto => "auto",
+            Strategy::StopCopy => "stop-copy",
+            Strategy::PreCopy => "pre-copy",
+            Strategy::PostCopy => "post-copy",
+        })
+    }
+}
+
+impl FromStr for Strategy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Strategy, String> {
+        Ok(match s {
+            "auto" => Strategy::Auto,
+            "stop-copy" => Strategy::StopCopy,
+            "pre-copy" => Strategy::PreCopy,
+            "post-copy" => Strategy::PostCopy,
+            _ => return Err(format!("unknown strategy '{s}': auto, stop-copy, pre-copy or post-copy")),
+        })
+    }
+}
+
+/// `ferry migrate`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MigrateRequest {
+    /// `pid:PID` of the tree's root on this node.
+    pub workload: String,
+    /// The target node's name.
+    pub to: String,
+    pub strategy: Strategy,
+}
+
+/// A request on the local socket.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Request {
+    /// The agent's name, address, peers and counters.
+    Status,
+    Migrate(MigrateRequest),
+}
+
+/// Progress of a long phase.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Progress {
+    pub phase: String,
+    pub done: u64,
+    pub total: u64,
+}
+
+/// One timed phase of a migration.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PhaseTime {
+    pub name: String,
+    pub seconds: f64,
+}
+
+/// What a finished migration reports.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Report {
+    pub migration: String,
+    pub workload: String,
+    pub from: String,
+    pub to: String,
+    pub strategy: Strategy,
+    /// Why this strategy (for `auto`, what decided it).
+    pub reason: String,
+    pub phases: Vec<PhaseTime>,
+    /// Bytes sent to the target (chunks, images, pages).
+    pub bytes_sent: u64,
+    /// Logical size of the checkpoint (CRIU's images).
+    pub logical_bytes: u64,
+    /// From the freeze to the workload running with its network on the target.
+    pub downtime_s: f64,
+    pub total_s: f64,
+    /// The workload on the target: `pid:PID` there.
+    pub new_workload: String,
+    pub ip: Option<String>,
+}
+
+impl Report {
+    /// The report as JSON (for `--report-json`).
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "migration": self.migration,
+            "workload": self.workload,
+            "from": self.from,
+            "to": self.to,
+            "strategy": self.strategy.to_string(),
+            "reason": self.reason,
+            "phases": self.phases.iter().map(|p| serde_json::json!({"name": p.name, "seconds": p.seconds})).collect::<Vec<_>>(),
+            "bytes_sent": self.bytes_sent,
+            "logical_bytes": self.logical_bytes,
+            "downtime_s": self.downtime_s,
+            "total_s": self.total_s,
+            "new_workload": self.new_workload,
+            "ip": self.ip,
+        })
+    }
+}
+
+/// The agent's state, for `Status`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct NodeStatus {
+    pub name: String,
+    pub listen: String,
+    pub peers: Vec<String>,
+    pub public_key: String,
+    pub migrations_ok: u64,
+    pub migrations_failed: u64,
+}
+
+/// What the agent sends back.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub enum Event {
+    Progress(Progress),
+    /// A phase began (for the CLI's display).
+    Phase(String),
+    Report(Report),
+    Status(NodeStatus),
+    /// The request failed; `hint` says what to do.
+    Failed {
+        message: String,
+        hint: Option<String>,
+    },
+}

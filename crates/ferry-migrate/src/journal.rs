@@ -1,0 +1,146 @@
+//! The journal: one small file per migration in progress, written (and synced) before each
+//! step that the other side relies on, so that an agent restarted after a crash knows what it
+//! had done and finishes or undoes it (see `Agent::recover`).
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::MigrateError;
+
+/// Cap on a journal file: a few hundred bytes in practice.
+const MAX_ENTRY: u64 = 64 << 10;
+
+/// Where a migration stands on this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Stage {
+    /// Source: the workload is being frozen and shipped; if we die now, CRIU resumes it.
+    Frozen,
+    /// Source: the target runs it; from here on the target's copy is the one to keep.
+    Committed,
+    /// Target: a namespace (and maybe a restored tree) exists for it, not yet committed.
+    Arriving,
+    /// Target: the source confirmed; network released.
+    Arrived,
+}
+
+/// One migration's record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    pub migration: String,
+    pub stage: Stage,
+    /// The other node.
+    pub peer: String,
+    /// Source: the tree's root (pid and start time, so that a reused pid is never killed).
+    pub pid: i32,
+    pub start_time: u64,
+    /// Lab workload number (source: the old one; target: the arriving one).
+    pub lab_workload: Option<u64>,
+    /// Checkpoints made for this migration, removed at the end.
+    pub checkpoints: Vec<String>,
+}
+
+/// The journal directory of an agent.
+#[derive(Debug, Clone)]
+pub struct Journal {
+    dir: PathBuf,
+}
+
+impl Journal {
+    pub fn open(dir: impl Into<PathBuf>) -> Result<Journal, MigrateError> {
+        let dir = dir.into();
+        fs::create_dir_all(&dir).map_err(io("create", &dir))?;
+        Ok(Journal { dir })
+    }
+
+    fn path(&self, migration: &str) -> PathBuf {
+        self.dir.join(format!("{migration}.json"))
+    }
+
+    /// Writes `entry` durably (temp file, fsync, rename, fsync of the directory).
+    pub fn write(&self, entry: &Entry) -> Result<(), MigrateError> {
+        let path = self.path(&entry.migration);
+        let tmp = path.with_extension("tmp");
+        let bytes = serde_json::to_vec(entry).map_err(|e| MigrateError::protocol(e.to_string()))?;
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io("create", &tmp))?;
+        f.write_all(&bytes).and_then(|_| f.sync_all()).map_err(io("write", &tmp))?;
+        fs::rename(&tmp, &path).map_err(io("rename", &path))?;
+        File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io("sync", &self.dir))?;
+        Ok(())
+    }
+
+    pub fn read(&self, migration: &str) -> Option<Entry> {
+        read_entry(&self.path(migration))
+    }
+
+    /// Forgets a finished migration.
+    pub fn remove(&self, migration: &str) {
+        let _ = fs::remove_file(self.path(migration));
+    }
+
+    /// Every entry left (what a crash interrupted).
+    pub fn entries(&self) -> Vec<Entry> {
+        let Ok(dir) = fs::read_dir(&self.dir) else { return Vec::new() };
+        dir.flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+            .filter_map(|e| read_entry(&e.path()))
+            .collect()
+    }
+}
+
+fn read_entry(path: &Path) -> Option<Entry> {
+    let md = fs::metadata(path).ok()?;
+    if md.len() > MAX_ENTRY {
+        tracing::warn!(path = %path.display(), "journal entry over its size cap: ignored");
+        return None;
+    }
+    let bytes = fs::read(path).ok()?;
+    match serde_json::from_slice(&bytes) {
+        Ok(e) => Some(e),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "damaged journal entry: ignored");
+            None
+        }
+    }
+}
+
+fn io<'p>(action: &'static str, path: &'p Path) -> impl FnOnce(std::io::Error) -> MigrateError + 'p {
+    move |source| MigrateError::Io { action, path: path.to_path_buf(), source }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_survive_and_damaged_ones_are_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = Journal::open(dir.path()).unwrap();
+        let e = Entry {
+            migration: "m1".into(),
+            stage: Stage::Frozen,
+            peer: "node2".into(),
+            pid: 42,
+            start_time: 7,
+            lab_workload: Some(3),
+            checkpoints: vec!["m1".into()],
+        };
+        j.write(&e).unwrap();
+        j.write(&Entry { stage: Stage::Committed, ..e.clone() }).unwrap();
+        fs::write(dir.path().join("bad.json"), b"{not json").unwrap();
+        let all = Journal::open(dir.path()).unwrap().entries();
+        assert_eq!(all, vec![Entry { stage: Stage::Committed, ..e }]);
+        j.remove("m1");
+        assert!(j.read("m1").is_none());
+    }
+}

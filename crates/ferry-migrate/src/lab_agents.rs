@@ -1,0 +1,129 @@
+//! Agents for the nodes of a lab: each node gets a store (keys sharing one hashing key, every
+//! node trusting every other), and a ferryd in its network namespace listening on the node's
+//! address. `ferry lab up` and the tests use this same code.
+
+use std::fs::{self, OpenOptions};
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ferry_lab::Lab;
+use ferry_store::keys::{add_recipient, NodeKeys};
+
+use crate::MigrateError;
+
+/// Port of the peer API on every lab node.
+pub const PEER_PORT: u16 = 7711;
+/// Port of the metrics endpoint on every lab node.
+pub const METRICS_PORT: u16 = 9711;
+
+/// Where node `node`'s agent keeps its files in the lab whose state is in `state_dir`.
+pub fn node_dir(state_dir: &Path, node: &str) -> PathBuf {
+    state_dir.join("nodes").join(node)
+}
+
+/// The local API socket of `node`'s agent.
+pub fn agent_socket(state_dir: &Path, node: &str) -> PathBuf {
+    node_dir(state_dir, node).join("ferryd.sock")
+}
+
+/// Prepares every node's store and starts its agent (`ferryd` at `ferryd`); returns once
+/// every agent answers on its socket.
+pub fn start_agents(lab: &Lab, ferryd: &Path, criu: Option<&Path>) -> Result<Vec<PathBuf>, MigrateError> {
+    let state_dir = lab.config().state_dir().to_path_buf();
+    let nodes = lab.nodes();
+    let mut hash_key: Option<[u8; 32]> = None;
+    let mut publics = Vec::new();
+    for node in nodes {
+        let store_dir = node_dir(&state_dir, &node.name).join("store");
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&store_dir)
+            .map_err(|source| MigrateError::Io { action: "create", path: store_dir.clone(), source })?;
+        let keys_dir = store_dir.join("keys");
+        let keys = match hash_key {
+            None => NodeKeys::load_or_init(&keys_dir),
+            Some(k) if !keys_dir.join("node.key").exists() => NodeKeys::init_with_hash_key(&keys_dir, &k),
+            Some(_) => NodeKeys::load(&keys_dir),
+        }
+        .map_err(ferry_store::StoreError::from)?;
+        hash_key.get_or_insert(*keys.hash_key());
+        publics.push((node.name.clone(), keys_dir, keys.public()));
+    }
+    for (name, dir, _) in &publics {
+        for (other, _, public) in &publics {
+            if other != name {
+                add_recipient(dir, other, public).map_err(ferry_store::StoreError::from)?;
+            }
+        }
+    }
+    let mut sockets = Vec::new();
+    for node in nodes {
+        let dir = node_dir(&state_dir, &node.name);
+        let socket = agent_socket(&state_dir, &node.name);
+        let _ = fs::remove_file(&socket);
+        let log = dir.join("ferryd.log");
+        let out = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .map_err(|source| MigrateError::Io { action: "open", path: log.clone(), source })?;
+        let err = out.try_clone().map_err(|source| MigrateError::Io {
+            action: "open",
+            path: log.clone(),
+            source,
+        })?;
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net={}", node.netns_path().display()))
+            .arg("--")
+            .arg("setsid")
+            .arg(ferryd)
+            .args(["--name", &node.name])
+            .arg("--listen")
+            .arg(format!("{}:{PEER_PORT}", node.ip))
+            .arg("--metrics")
+            .arg(format!("{}:{METRICS_PORT}", node.ip))
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--store")
+            .arg(dir.join("store"))
+            .arg("--lab-state")
+            .arg(&state_dir);
+        if let Some(criu) = criu {
+            cmd.arg("--criu").arg(criu);
+        }
+        for other in nodes.iter().filter(|o| o.name != node.name) {
+            cmd.arg("--peer").arg(format!("{}={}:{PEER_PORT}", other.name, other.ip));
+        }
+        cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+        cmd.spawn().map_err(|source| MigrateError::Io {
+            action: "start",
+            path: ferryd.to_path_buf(),
+            source,
+        })?;
+        sockets.push(socket);
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for (socket, node) in sockets.iter().zip(nodes) {
+        loop {
+            let status = crate::client::call(socket, &crate::api::Request::Status, &mut |_| {});
+            if status.is_ok() {
+                break;
+            }
+            if Instant::now() > deadline {
+                let log = node_dir(&state_dir, &node.name).join("ferryd.log");
+                let tail = fs::read_to_string(&log).unwrap_or_default();
+                let tail: Vec<&str> = tail.lines().rev().take(5).collect();
+                return Err(MigrateError::Connect {
+                    node: node.name.clone(),
+                    addr: socket.display().to_string(),
+                    detail: format!("its agent did not start (log {}: {})", log.display(), tail.join(" | ")),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    Ok(sockets)
+}

@@ -1,0 +1,142 @@
+//! The protocol between agents, over mutual TLS: control messages (postcard) and batches of
+//! sealed chunks, each in its own frame kind. Control is strictly request/response on one
+//! connection; post-copy pages use a connection of their own.
+
+use serde::{Deserialize, Serialize};
+
+use ferry_store::replica::ChunkRef;
+
+use crate::api::Strategy;
+
+/// Version of this protocol (checked in `Hello`).
+pub const PROTOCOL: u32 = 1;
+/// Frame kinds.
+pub const KIND_MSG: u16 = 0x4d53;
+pub const KIND_CHUNKS: u16 = 0x4348;
+/// Cap on any frame between agents.
+pub const PEER_CAP: u32 = 16 << 20;
+/// Chunk references per `ChunkList` frame (52 bytes each at most).
+pub const REFS_PER_FRAME: usize = 1 << 16;
+/// Sealed bytes per chunk batch frame.
+pub const BATCH_BYTES: usize = 1 << 20;
+
+/// A control message.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Msg {
+    Hello {
+        protocol: u32,
+        node: String,
+    },
+    /// The source asks the target to take a workload.
+    Prepare {
+        migration: String,
+        workload: String,
+        ip: Option<std::net::Ipv4Addr>,
+        /// The source's lab record of the workload (its command line moves with it).
+        lab_workload: Option<u64>,
+        strategy: Strategy,
+    },
+    /// The target's X25519 key, for which the data keys are wrapped.
+    Prepared {
+        x25519: [u8; 32],
+    },
+    /// A checkpoint follows: its manifest and slots, then `total` chunk refs in `ChunkList`s.
+    Offer {
+        name: String,
+        manifest: Vec<u8>,
+        slots: Vec<u8>,
+        total: u32,
+    },
+    ChunkList(Vec<ChunkRef>),
+    /// Positions (in the offer's list) of the chunks the target lacks; `last` ends the answer.
+    Lacking {
+        positions: Vec<u32>,
+        last: bool,
+    },
+    /// All lacking chunks were sent (in KIND_CHUNKS frames).
+    ChunksDone,
+    /// The checkpoint is stored (and its signature checked).
+    Stored {
+        bytes: u64,
+    },
+    /// Restore checkpoint `name`; `external_net`: into a namespace the target provides for
+    /// the workload's address; `lazy`: memory follows through the page channel (post-copy).
+    Restore {
+        name: String,
+        tcp_established: bool,
+        lazy: bool,
+        external_net: bool,
+    },
+    /// The workload runs on the target (network still held).
+    Running {
+        pid: i32,
+        restore_s: f64,
+    },
+    /// The source is gone: release the network.
+    Commit,
+    Committed,
+    /// Undo everything for this migration.
+    Abort {
+        reason: String,
+    },
+    Aborted,
+    /// Which outcome a migration had on the source (asked after a lost connection).
+    Outcome {
+        migration: String,
+    },
+    OutcomeIs {
+        committed: bool,
+        known: bool,
+    },
+    /// The target asks for pages (post-copy page channel).
+    Pages {
+        migration: String,
+    },
+    Error {
+        message: String,
+    },
+}
+
+/// Chunks in a KIND_CHUNKS frame: repeated `position u32 BE, len u32 BE, bytes`.
+pub fn encode_batch(out: &mut Vec<u8>, position: u32, frame: &[u8]) {
+    out.extend_from_slice(&position.to_be_bytes());
+    out.extend_from_slice(&(frame.len() as u32).to_be_bytes());
+    out.extend_from_slice(frame);
+}
+
+/// Splits a KIND_CHUNKS payload into (position, frame) pairs.
+pub fn decode_batch(payload: &[u8]) -> Result<Vec<(u32, &[u8])>, String> {
+    let mut out = Vec::new();
+    let mut at = 0usize;
+    while at < payload.len() {
+        let head = payload.get(at..at + 8).ok_or("chunk batch cut in a header")?;
+        let pos = u32::from_be_bytes([head[0], head[1], head[2], head[3]]);
+        let len = u32::from_be_bytes([head[4], head[5], head[6], head[7]]) as usize;
+        at += 8;
+        let frame = payload.get(at..at + len).ok_or("chunk batch cut in a chunk")?;
+        at += len;
+        out.push((pos, frame));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batches_round_trip_and_cut_ones_are_refused() {
+        let mut b = Vec::new();
+        encode_batch(&mut b, 7, b"abc");
+        encode_batch(&mut b, 9, b"");
+        encode_batch(&mut b, 1, &[5u8; 300]);
+        let got = decode_batch(&b).unwrap();
+        assert_eq!(got.len(), 3);
+        assert_eq!(got[0], (7, &b"abc"[..]));
+        assert_eq!(got[2].1.len(), 300);
+        for cut in [1, 8, 12, b.len() - 1] {
+            assert!(decode_batch(&b[..cut]).is_err(), "cut at {cut}");
+        }
+    }
+}

@@ -1,0 +1,142 @@
+//! Moving a checkpoint from the source's store to the target's: the offer (signed manifest,
+//! keys wrapped for the target, the chunk list), the target's answer (what it lacks), then
+//! only those chunks, sealed as stored, in batches.
+
+use std::collections::HashSet;
+
+use ferry_store::replica::{ChunkRef, Shipment};
+use ferry_store::Store;
+
+use crate::agent::{unexpected, Channel};
+use crate::api::{Event, Progress};
+use crate::proto::{decode_batch, encode_batch, Msg, BATCH_BYTES, KIND_CHUNKS, REFS_PER_FRAME};
+use crate::MigrateError;
+
+/// What one shipment cost.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Shipped {
+    pub chunks: usize,
+    pub lacking: usize,
+    pub bytes: u64,
+}
+
+/// Sends checkpoint `name` to the target over `ch`; returns once the target stored it.
+pub(crate) fn send(
+    store: &Store,
+    ch: &mut Channel,
+    name: &str,
+    recipient: &[u8; 32],
+    phase: &str,
+    events: &mut dyn FnMut(Event),
+) -> Result<Shipped, MigrateError> {
+    let s = store.shipment(name, recipient)?;
+    ch.send(&Msg::Offer {
+        name: s.name.clone(),
+        manifest: s.manifest.clone(),
+        slots: s.slots.clone(),
+        total: s.chunks.len() as u32,
+    })?;
+    for part in s.chunks.chunks(REFS_PER_FRAME) {
+        ch.send(&Msg::ChunkList(part.to_vec()))?;
+    }
+    let mut lacking = Vec::new();
+    loop {
+        match ch.recv(phase)? {
+            Msg::Lacking { positions, last } => {
+                lacking.extend(positions);
+                if last {
+                    break;
+                }
+            }
+            other => return Err(unexpected(phase, &other)),
+        }
+    }
+    let total: u64 = lacking.iter().filter_map(|&i| s.chunks.get(i as usize)).map(|c| u64::from(c.len)).sum();
+    let mut reader = store.chunk_reader()?;
+    let mut frame = Vec::new();
+    let mut batch = Vec::with_capacity(BATCH_BYTES + (64 << 10));
+    let mut sent = 0u64;
+    let mut last_report = 0u64;
+    for &pos in &lacking {
+        let chunk = s.chunks.get(pos as usize).ok_or_else(|| {
+            MigrateError::protocol(format!("the target asked for chunk {pos} of {}", s.chunks.len()))
+        })?;
+        reader.read(chunk, &mut frame)?;
+        encode_batch(&mut batch, pos, &frame);
+        sent += frame.len() as u64;
+        if batch.len() >= BATCH_BYTES {
+            ferry_wire::frame::write_frame(&mut ch.conn, KIND_CHUNKS, &batch)?;
+            batch.clear();
+            if sent - last_report >= 16 << 20 {
+                last_report = sent;
+                events(Event::Progress(Progress { phase: phase.into(), done: sent, total }));
+            }
+        }
+    }
+    if !batch.is_empty() {
+        ferry_wire::frame::write_frame(&mut ch.conn, KIND_CHUNKS, &batch)?;
+    }
+    events(Event::Progress(Progress { phase: phase.into(), done: sent, total }));
+    match ch.call(&Msg::ChunksDone, phase)? {
+        Msg::Stored { .. } => {
+            let shipped = Shipped { chunks: s.chunks.len(), lacking: lacking.len(), bytes: sent };
+            tracing::info!(%name, chunks = shipped.chunks, sent = shipped.lacking, bytes = shipped.bytes, "shipped");
+            Ok(shipped)
+        }
+        other => Err(unexpected(phase, &other)),
+    }
+}
+
+/// Takes in the checkpoint offered (after `Offer` was read); answers `Stored`.
+pub(crate) fn receive(
+    store: &Store,
+    ch: &mut Channel,
+    name: String,
+    manifest: Vec<u8>,
+    slots: Vec<u8>,
+    total: u32,
+) -> Result<u64, MigrateError> {
+    let phase = "receiving a checkpoint";
+    if total as usize > ferry_store::replica::MAX_SHIPMENT_CHUNKS {
+        return Err(MigrateError::Refused(format!("{total} chunks offered")));
+    }
+    let mut chunks: Vec<ChunkRef> = Vec::with_capacity(total as usize);
+    while chunks.len() < total as usize {
+        match ch.recv(phase)? {
+            Msg::ChunkList(part) if chunks.len() + part.len() <= total as usize => chunks.extend(part),
+            Msg::ChunkList(_) => return Err(MigrateError::protocol("more chunks listed than offered")),
+            other => return Err(unexpected(phase, &other)),
+        }
+    }
+    let lacking = store.lacking(&chunks)?;
+    let wanted: HashSet<u32> = lacking.iter().copied().collect();
+    let parts: Vec<&[u32]> = lacking.chunks(REFS_PER_FRAME * 4).collect();
+    if parts.is_empty() {
+        ch.send(&Msg::Lacking { positions: Vec::new(), last: true })?;
+    }
+    for (i, part) in parts.iter().enumerate() {
+        ch.send(&Msg::Lacking { positions: part.to_vec(), last: i + 1 == parts.len() })?;
+    }
+    let mut rx = store.receiver()?;
+    loop {
+        match ch.next(phase)? {
+            Err(frame) if frame.kind == KIND_CHUNKS => {
+                for (pos, data) in decode_batch(&frame.payload).map_err(MigrateError::protocol)? {
+                    if !wanted.contains(&pos) {
+                        return Err(MigrateError::protocol(format!("chunk {pos} was sent unasked")));
+                    }
+                    rx.add(chunks[pos as usize], data)?;
+                }
+            }
+            Err(frame) => {
+                return Err(MigrateError::protocol(format!("unexpected frame kind {:#x}", frame.kind)))
+            }
+            Ok(Msg::ChunksDone) => break,
+            Ok(other) => return Err(unexpected(phase, &other)),
+        }
+    }
+    let bytes = rx.bytes();
+    rx.finish(&Shipment { name, manifest, slots, chunks })?;
+    ch.send(&Msg::Stored { bytes })?;
+    Ok(bytes)
+}

@@ -1,0 +1,334 @@
+//! The source side of a migration: choose the strategy, ship a running checkpoint first
+//! (pre-copy), freeze and dump; while CRIU waits at post-dump, ship what the target lacks and
+//! have it restore; only when the target runs the workload is the source's copy let go.
+
+use std::os::unix::fs::MetadataExt;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use ferry_runtime::{CheckpointRequest, PostDump, WorkloadId};
+use ferry_store::Committed;
+
+use crate::agent::{unexpected, Agent, Channel};
+use crate::api::{Event, MigrateRequest, PhaseTime, Report, Strategy};
+use crate::journal::{Entry, Stage};
+use crate::proto::Msg;
+use crate::{ship, MigrateError};
+
+/// Key under which the workload's network namespace is declared external to CRIU.
+pub(crate) const NETNS_KEY: &str = "ferry-net";
+
+pub(crate) fn migrate(
+    agent: &Agent,
+    req: &MigrateRequest,
+    events: &mut dyn FnMut(Event),
+) -> Result<Report, MigrateError> {
+    let started = Instant::now();
+    let workload: WorkloadId = req.workload.parse()?;
+    let pid = match workload {
+        WorkloadId::Pid(pid) => pid,
+        WorkloadId::Container { kind, .. } => {
+            return Err(ferry_runtime::Error::UnsupportedKind { kind }.into());
+        }
+    };
+    if !ferry_sys::process_exists(pid) {
+        return Err(ferry_runtime::Error::ProcessNotFound { pid }.into());
+    }
+    if req.to == agent.config.name {
+        return Err(MigrateError::Refused(format!("{pid} already runs on {}", req.to)));
+    }
+    let lab_workload = match &agent.config.lab {
+        Some(lab) => ferry_lab::workload_by_pid(lab, pid)?,
+        None => None,
+    };
+    let external_net = own_netns(pid);
+    let memory = tree_rss(pid);
+    let (strategy, reason) = choose(req.strategy, memory);
+    let migration = format!("mig-{}-{pid}", unix_ms());
+    tracing::info!(%migration, pid, to = %req.to, %strategy, %reason, "migrating");
+
+    events(Event::Phase(format!("connecting to {}", req.to)));
+    let mut ch = agent.connect(&req.to)?;
+    let prepare = Msg::Prepare {
+        migration: migration.clone(),
+        workload: req.workload.clone(),
+        ip: lab_workload.as_ref().map(|w| w.ip),
+        lab_workload: lab_workload.as_ref().map(|w| w.id),
+        strategy,
+    };
+    let recipient = match ch.call(&prepare, "prepare")? {
+        Msg::Prepared { x25519 } => x25519,
+        other => return Err(unexpected("prepare", &other)),
+    };
+    let trusted =
+        ferry_store::keys::recipients(&agent.ctx.store.keys_dir()).map_err(ferry_store::StoreError::from)?;
+    if !trusted.iter().any(|(_, p)| p.x25519 == recipient) {
+        return Err(MigrateError::Refused(format!(
+            "node {}'s key is not trusted here: `ferry node trust {} KEY` (its `ferry keys show`)",
+            req.to, req.to
+        )));
+    }
+
+    let mut entry = Entry {
+        migration: migration.clone(),
+        stage: Stage::Frozen,
+        peer: req.to.clone(),
+        pid,
+        start_time: ferry_lab::start_time(pid).unwrap_or(0),
+        lab_workload: lab_workload.as_ref().map(|w| w.id),
+        checkpoints: Vec::new(),
+    };
+    let mut run = Run {
+        agent,
+        ch: &mut ch,
+        events,
+        recipient,
+        entry: &mut entry,
+        phases: Vec::new(),
+        bytes: 0,
+        frozen_at: None,
+        port_down: false,
+        running: None,
+    };
+    let result = run.go(&workload, strategy, external_net);
+    let phases = std::mem::take(&mut run.phases);
+    let bytes = run.bytes;
+    let frozen_at = run.frozen_at;
+    let new_pid = run.running;
+    let port_down = run.port_down;
+    drop(run);
+    let logical = match result {
+        Ok(l) => l,
+        Err(e) => {
+            // CRIU resumed the workload (or never stopped it): undo the rest.
+            let _ = ch.send(&Msg::Abort { reason: e.to_string() });
+            if port_down {
+                if let (Some(lab), Some(id)) = (&agent.config.lab, entry.lab_workload) {
+                    let _ = ferry_lab::set_port(lab, id, true);
+                }
+            }
+            cleanup(agent, &entry);
+            agent.journal.remove(&migration);
+            return Err(e);
+        }
+    };
+    // The source tree is gone; the target holds the workload with its network down.
+    let t_commit = Instant::now();
+    let committed = ch.call(&Msg::Commit, "commit");
+    let downtime = frozen_at.map_or(0.0, |t| t.elapsed().as_secs_f64());
+    if let Err(e) = committed {
+        // The journal says committed: the target learns it when it asks (`Outcome`).
+        tracing::error!(%migration, error = %e, "the target did not confirm the commit; it will ask again");
+        return Err(e);
+    }
+    let mut phases = phases;
+    phases.push(PhaseTime { name: "commit".into(), seconds: t_commit.elapsed().as_secs_f64() });
+    if let (Some(lab), Some(id)) = (&agent.config.lab, entry.lab_workload) {
+        let _ = ferry_lab::remove_workload(lab, id);
+    }
+    cleanup(agent, &entry);
+    agent.journal.remove(&migration);
+    let total = started.elapsed().as_secs_f64();
+    Ok(Report {
+        migration,
+        workload: req.workload.clone(),
+        from: agent.config.name.clone(),
+        to: req.to.clone(),
+        strategy,
+        reason,
+        phases,
+        bytes_sent: bytes,
+        logical_bytes: logical,
+        downtime_s: downtime,
+        total_s: total,
+        new_workload: format!("pid:{}", new_pid.unwrap_or(0)),
+        ip: lab_workload.map(|w| w.ip.to_string()),
+    })
+}
+
+/// Removes the checkpoints made for the migration from this node's store.
+fn cleanup(agent: &Agent, entry: &Entry) {
+    for name in &entry.checkpoints {
+        if let Err(e) = ferry_runtime::remove(&agent.ctx.store, name, false) {
+            tracing::debug!(%name, error = %e, "could not remove a migration checkpoint");
+        }
+    }
+}
+
+/// A migration under way on the source.
+struct Run<'a> {
+    agent: &'a Agent,
+    ch: &'a mut Channel,
+    events: &'a mut dyn FnMut(Event),
+    recipient: [u8; 32],
+    entry: &'a mut Entry,
+    phases: Vec<PhaseTime>,
+    bytes: u64,
+    frozen_at: Option<Instant>,
+    port_down: bool,
+    running: Option<i32>,
+}
+
+impl Run<'_> {
+    /// Returns the logical size of the final checkpoint.
+    fn go(
+        &mut self,
+        workload: &WorkloadId,
+        strategy: Strategy,
+        external_net: Option<u64>,
+    ) -> Result<u64, MigrateError> {
+        let migration = self.entry.migration.clone();
+        let external: Vec<String> =
+            external_net.map(|ino| format!("net[{ino}]:{NETNS_KEY}")).into_iter().collect();
+        if strategy == Strategy::PreCopy {
+            let t = Instant::now();
+            (self.events)(Event::Phase("pre-copy: checkpoint while running".into()));
+            let name = format!("{migration}-pre");
+            self.entry.checkpoints.push(name.clone());
+            self.agent.journal.write(self.entry)?;
+            let req = CheckpointRequest {
+                workload: workload.clone(),
+                name: Some(name.clone()),
+                leave_running: true,
+                tcp_established: true,
+                keep: None,
+                external: external.clone(),
+                lazy_pages: None,
+            };
+            ferry_runtime::checkpoint(&self.agent.ctx, &req)?;
+            (self.events)(Event::Phase("pre-copy: transfer".into()));
+            let shipped =
+                ship::send(&self.agent.ctx.store, self.ch, &name, &self.recipient, "pre-copy", self.events)?;
+            self.bytes += shipped.bytes;
+            self.phases.push(PhaseTime { name: "pre-copy".into(), seconds: t.elapsed().as_secs_f64() });
+        }
+        self.entry.checkpoints.push(migration.clone());
+        self.agent.journal.write(self.entry)?;
+        let req = CheckpointRequest {
+            workload: workload.clone(),
+            name: Some(migration.clone()),
+            leave_running: false,
+            tcp_established: true,
+            keep: None,
+            external,
+            lazy_pages: None,
+        };
+        (self.events)(Event::Phase("freeze and dump".into()));
+        self.frozen_at = Some(Instant::now());
+        let mut switch = Switch { run: self, external_net: external_net.is_some(), error: None };
+        let result = ferry_runtime::checkpoint_with(&switch.run.agent.ctx, &req, &mut switch);
+        let hook_error = switch.error.take();
+        match (result, hook_error) {
+            (Ok(report), _) => Ok(report.logical_bytes),
+            (Err(_), Some(e)) => Err(e),
+            (Err(e), None) => Err(e.into()),
+        }
+    }
+}
+
+/// What runs while CRIU holds the frozen tree at post-dump.
+struct Switch<'r, 'a> {
+    run: &'r mut Run<'a>,
+    external_net: bool,
+    error: Option<MigrateError>,
+}
+
+impl Switch<'_, '_> {
+    fn switch(&mut self, committed: &Committed) -> Result<(), MigrateError> {
+        let run = &mut *self.run;
+        let dumped = run.frozen_at.map_or(0.0, |t| t.elapsed().as_secs_f64());
+        run.phases.push(PhaseTime { name: "dump".into(), seconds: dumped });
+        if let (Some(lab), Some(id)) = (&run.agent.config.lab, run.entry.lab_workload) {
+            ferry_lab::set_port(lab, id, false)?;
+            run.port_down = true;
+        }
+        let t = Instant::now();
+        (run.events)(Event::Phase("transfer".into()));
+        let name = committed.checkpoint.name().to_owned();
+        let shipped =
+            ship::send(&run.agent.ctx.store, run.ch, &name, &run.recipient, "transfer", run.events)?;
+        run.bytes += shipped.bytes;
+        run.phases.push(PhaseTime { name: "transfer".into(), seconds: t.elapsed().as_secs_f64() });
+        let t = Instant::now();
+        (run.events)(Event::Phase("restore on the target".into()));
+        let restore =
+            Msg::Restore { name, tcp_established: true, lazy: false, external_net: self.external_net };
+        match run.ch.call(&restore, "restore")? {
+            Msg::Running { pid, .. } => run.running = Some(pid),
+            other => return Err(unexpected("restore", &other)),
+        }
+        run.phases.push(PhaseTime { name: "restore".into(), seconds: t.elapsed().as_secs_f64() });
+        // From here on the target's copy is the one to keep, even if this agent dies now.
+        run.entry.stage = Stage::Committed;
+        run.agent.journal.write(run.entry)?;
+        Ok(())
+    }
+}
+
+impl PostDump for Switch<'_, '_> {
+    fn after_commit(&mut self, committed: &Committed) -> Result<(), String> {
+        self.switch(committed).map_err(|e| {
+            let text = e.to_string();
+            self.error = Some(e);
+            text
+        })
+    }
+}
+
+/// The inode of `pid`'s network namespace if it is not this agent's (it then stays behind
+/// and the target provides one with the same address).
+fn own_netns(pid: i32) -> Option<u64> {
+    let theirs = std::fs::metadata(format!("/proc/{pid}/ns/net")).ok()?;
+    let ours = std::fs::metadata("/proc/self/ns/net").ok()?;
+    (theirs.ino() != ours.ino() || theirs.dev() != ours.dev()).then_some(theirs.ino())
+}
+
+/// Resident memory of the tree rooted at `root`, in bytes.
+pub(crate) fn tree_rss(root: i32) -> u64 {
+    let mut parent_of = Vec::new();
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for e in dir.flatten() {
+            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+            let ppid =
+                stat.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().nth(1)?.parse::<i32>().ok());
+            if let Some(ppid) = ppid {
+                parent_of.push((pid, ppid));
+            }
+        }
+    }
+    let mut tree = vec![root];
+    let mut i = 0;
+    while i < tree.len() {
+        let p = tree[i];
+        tree.extend(parent_of.iter().filter(|(_, pp)| *pp == p).map(|(c, _)| *c));
+        i += 1;
+    }
+    tree.iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
+        .filter_map(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        })
+        .sum::<u64>()
+        * 1024
+}
+
+/// The strategy to use and why.
+pub(crate) fn choose(asked: Strategy, memory: u64) -> (Strategy, String) {
+    let mib = memory >> 20;
+    match asked {
+        Strategy::Auto if memory < 64 << 20 => {
+            (Strategy::StopCopy, format!("auto: {mib} MiB resident is small enough to copy while frozen"))
+        }
+        Strategy::Auto => (
+            Strategy::PreCopy,
+            format!("auto: {mib} MiB resident; shipping a running checkpoint first leaves only the changed chunks for the freeze"),
+        ),
+        s => (s, format!("asked for {s}")),
+    }
+}
+
+fn unix_ms() -> u128 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0)
+}

@@ -1,0 +1,287 @@
+//! The target side: take the checkpoint, give the workload a network namespace with its
+//! address (its bridge port down), restore it there, and release its network only when the
+//! source confirms it let go of its copy. Anything else undoes the arrival.
+
+use std::fs::File;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use ferry_criu::{LogTarget, RecordingNotify, RestoreOptions, SharedOptions};
+
+use crate::agent::{unexpected, Agent, Channel, COMMIT_WAIT};
+use crate::journal::{Entry, Stage};
+use crate::proto::{Msg, PROTOCOL};
+use crate::source::NETNS_KEY;
+use crate::{ship, MigrateError};
+
+pub(crate) fn serve(agent: &Agent, mut ch: Channel) -> Result<(), MigrateError> {
+    match ch.recv("hello")? {
+        Msg::Hello { protocol, .. } if protocol == PROTOCOL => {
+            ch.send(&Msg::Hello { protocol: PROTOCOL, node: agent.config.name.clone() })?;
+        }
+        Msg::Hello { protocol, .. } => {
+            ch.send(&Msg::Error {
+                message: format!("this node speaks migration protocol {PROTOCOL}, not {protocol}"),
+            })?;
+            return Ok(());
+        }
+        other => return Err(unexpected("hello", &other)),
+    }
+    let mut arrival: Option<Arrival> = None;
+    loop {
+        let msg = match ch.next("a migration") {
+            Ok(Ok(m)) => m,
+            Ok(Err(frame)) => {
+                let e = MigrateError::protocol(format!("unexpected frame kind {:#x}", frame.kind));
+                return fail(agent, &mut ch, arrival, e);
+            }
+            Err(e) => {
+                if let Some(a) = arrival {
+                    a.connection_lost(agent);
+                }
+                return match e {
+                    MigrateError::Lost { .. } => Ok(()),
+                    e => Err(e),
+                };
+            }
+        };
+        match msg {
+            Msg::Prepare { migration, ip, lab_workload, .. } => {
+                if ferry_store::validate_name(&migration).is_err() {
+                    return fail(agent, &mut ch, arrival, MigrateError::protocol("bad migration id"));
+                }
+                let mut a = Arrival::new(&migration, &ch.node, ip);
+                a.from = lab_workload;
+                if let Err(e) = agent.journal.write(&a.entry) {
+                    return fail(agent, &mut ch, Some(a), e);
+                }
+                arrival = Some(a);
+                ch.send(&Msg::Prepared { x25519: agent.ctx.store.keys().public().x25519 })?;
+            }
+            Msg::Offer { name, manifest, slots, total } => {
+                let Some(a) = arrival.as_mut() else {
+                    return fail(agent, &mut ch, None, MigrateError::protocol("offer before prepare"));
+                };
+                a.entry.checkpoints.push(name.clone());
+                if let Err(e) = agent.journal.write(&a.entry) {
+                    return fail(agent, &mut ch, arrival, e);
+                }
+                match ship::receive(&agent.ctx.store, &mut ch, name, manifest, slots, total) {
+                    Ok(bytes) => {
+                        agent.metrics.bytes_received.fetch_add(bytes, Ordering::Relaxed);
+                    }
+                    Err(e) => return fail(agent, &mut ch, arrival, e),
+                }
+            }
+            Msg::Restore { name, tcp_established, external_net, .. } => {
+                let Some(a) = arrival.as_mut() else {
+                    return fail(agent, &mut ch, None, MigrateError::protocol("restore before prepare"));
+                };
+                let t = Instant::now();
+                match a.restore(agent, &name, tcp_established, external_net) {
+                    Ok(pid) => ch.send(&Msg::Running { pid, restore_s: t.elapsed().as_secs_f64() })?,
+                    Err(e) => return fail(agent, &mut ch, arrival, e),
+                }
+            }
+            Msg::Commit => {
+                let Some(a) = arrival.take() else {
+                    return fail(agent, &mut ch, None, MigrateError::protocol("commit before prepare"));
+                };
+                a.commit(agent)?;
+                ch.send(&Msg::Committed)?;
+                return Ok(());
+            }
+            Msg::Abort { reason } => {
+                tracing::warn!(%reason, "the source abandoned the migration");
+                if let Some(a) = arrival.take() {
+                    a.abort(agent);
+                }
+                let _ = ch.send(&Msg::Aborted);
+                return Ok(());
+            }
+            Msg::Outcome { migration } => {
+                let answer = match agent.journal.read(&migration) {
+                    Some(e) if e.stage == Stage::Committed => Msg::OutcomeIs { committed: true, known: true },
+                    Some(e) if e.stage == Stage::Frozen => Msg::OutcomeIs { committed: false, known: true },
+                    _ => Msg::OutcomeIs { committed: false, known: false },
+                };
+                ch.send(&answer)?;
+            }
+            other => return fail(agent, &mut ch, arrival, unexpected("a migration", &other)),
+        }
+    }
+}
+
+/// Tells the source why, and undoes the arrival.
+fn fail(
+    agent: &Agent,
+    ch: &mut Channel,
+    arrival: Option<Arrival>,
+    e: MigrateError,
+) -> Result<(), MigrateError> {
+    tracing::error!(error = %e, "arrival failed");
+    if let Some(a) = arrival {
+        a.abort(agent);
+    }
+    let _ = ch.send(&Msg::Error { message: e.to_string() });
+    Err(e)
+}
+
+/// A workload arriving on this node.
+pub(crate) struct Arrival {
+    pub(crate) entry: Entry,
+    ip: Option<std::net::Ipv4Addr>,
+    /// The source's lab record of the workload.
+    from: Option<u64>,
+}
+
+impl Arrival {
+    fn new(migration: &str, source: &str, ip: Option<std::net::Ipv4Addr>) -> Arrival {
+        Arrival {
+            entry: Entry {
+                migration: migration.to_owned(),
+                stage: Stage::Arriving,
+                peer: source.to_owned(),
+                pid: 0,
+                start_time: 0,
+                lab_workload: None,
+                checkpoints: Vec::new(),
+            },
+            ip,
+            from: None,
+        }
+    }
+
+    pub(crate) fn from_entry(entry: Entry) -> Arrival {
+        Arrival { entry, ip: None, from: None }
+    }
+
+    fn restore(
+        &mut self,
+        agent: &Agent,
+        name: &str,
+        tcp_established: bool,
+        external_net: bool,
+    ) -> Result<i32, MigrateError> {
+        let store = &agent.ctx.store;
+        let checkpoint = store.get(name)?;
+        let netns: Option<Arc<OwnedFd>> = if external_net {
+            let (Some(lab), Some(ip)) = (&agent.config.lab, self.ip) else {
+                return Err(MigrateError::Refused(
+                    "the workload has a network namespace of its own and this node can provide one only in a lab"
+                        .into(),
+                ));
+            };
+            let w = ferry_lab::prepare_arrival(lab, &agent.config.name, ip)?;
+            self.entry.lab_workload = Some(w.id);
+            agent.journal.write(&self.entry)?;
+            let path = w.netns_path();
+            let f = File::open(&path).map_err(|source| MigrateError::Io { action: "open", path, source })?;
+            Some(Arc::new(OwnedFd::from(f)))
+        } else {
+            None
+        };
+        let scratch = store.scratch(&format!("arrive-{name}"))?;
+        let images = scratch.path().join("images");
+        std::fs::create_dir(&images).map_err(|source| MigrateError::Io {
+            action: "create",
+            path: images.clone(),
+            source,
+        })?;
+        checkpoint.materialize(store, &images)?;
+        let stamp = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+        let log = LogTarget::new(store.logs_dir(), format!("arrive-{name}-{stamp}.log"));
+        let mut opts =
+            RestoreOptions::new(&images, log).tcp_established(tcp_established).restore_sibling(true);
+        if let Some(fd) = netns {
+            opts = opts.inherit_fd(NETNS_KEY, fd);
+        }
+        let outcome = agent.ctx.criu.restore(&opts, &mut RecordingNotify::default())?;
+        drop(scratch);
+        let pid = outcome.pid;
+        // The restored root is our child: reap it whenever it ends.
+        std::thread::spawn(move || {
+            let _ = ferry_sys::wait_child(pid);
+        });
+        self.entry.pid = pid;
+        self.entry.start_time = ferry_lab::start_time(pid).unwrap_or(0);
+        agent.journal.write(&self.entry)?;
+        Ok(pid)
+    }
+
+    /// The source let go: bring the workload's network up and record it here.
+    pub(crate) fn commit(self, agent: &Agent) -> Result<(), MigrateError> {
+        if let (Some(lab), Some(id)) = (&agent.config.lab, self.entry.lab_workload) {
+            ferry_lab::set_port(lab, id, true)?;
+            ferry_lab::arrived(lab, id, self.entry.pid, self.from)?;
+        }
+        self.forget(agent);
+        agent.metrics.arrivals_ok.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(migration = %self.entry.migration, pid = self.entry.pid, "arrived");
+        Ok(())
+    }
+
+    /// Kills what was restored, removes its namespace and checkpoints.
+    pub(crate) fn abort(self, agent: &Agent) {
+        if self.entry.pid > 0 && ferry_lab::is_alive(self.entry.pid, self.entry.start_time) {
+            let _ = ferry_sys::kill(self.entry.pid, ferry_sys::Signal::Kill);
+        }
+        if let (Some(lab), Some(id)) = (&agent.config.lab, self.entry.lab_workload) {
+            if let Err(e) = ferry_lab::remove_workload(lab, id) {
+                tracing::warn!(error = %e, "could not remove the arriving workload's namespace");
+            }
+        }
+        self.forget(agent);
+        agent.metrics.arrivals_failed.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(migration = %self.entry.migration, "arrival undone");
+    }
+
+    fn forget(&self, agent: &Agent) {
+        for name in &self.entry.checkpoints {
+            let _ = ferry_runtime::remove(&agent.ctx.store, name, false);
+        }
+        agent.journal.remove(&self.entry.migration);
+    }
+
+    /// The source went silent. Before it ran here, undo; after, ask the source what it did
+    /// (its journal knows) and follow it; never guess while the answer may be "committed".
+    pub(crate) fn connection_lost(self, agent: &Agent) {
+        if self.entry.pid == 0 {
+            self.abort(agent);
+            return;
+        }
+        let deadline = Instant::now() + COMMIT_WAIT;
+        while Instant::now() < deadline {
+            match ask_outcome(agent, &self.entry) {
+                Some(true) => {
+                    if let Err(e) = self.commit(agent) {
+                        tracing::error!(error = %e, "commit after reconnecting failed");
+                    }
+                    return;
+                }
+                Some(false) => {
+                    self.abort(agent);
+                    return;
+                }
+                None => std::thread::sleep(std::time::Duration::from_millis(500)),
+            }
+        }
+        tracing::error!(
+            migration = %self.entry.migration,
+            "the source cannot say whether it let go of the workload: keeping it held here; the next start retries"
+        );
+    }
+}
+
+/// `Some(committed)` if the source could tell; `None` if it cannot be reached yet.
+pub(crate) fn ask_outcome(agent: &Agent, entry: &Entry) -> Option<bool> {
+    let mut ch = agent.connect(&entry.peer).ok()?;
+    match ch.call(&Msg::Outcome { migration: entry.migration.clone() }, "outcome").ok()? {
+        Msg::OutcomeIs { committed, known: true } => Some(committed),
+        // The source has no record: it never committed (it writes that before letting go).
+        Msg::OutcomeIs { known: false, .. } => Some(false),
+        _ => None,
+    }
+}

@@ -1,0 +1,151 @@
+//! `ferry migrate` and `ferry node status`: requests to a node's agent over its local socket,
+//! with a progress line while it works and a report at the end.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use ferry_migrate::api::{Event, MigrateRequest, Request, Strategy};
+use ferry_migrate::MigrateError;
+
+use crate::cli::Cli;
+use crate::cmd::human_bytes;
+use crate::exit::Exit;
+
+/// The agent's socket: `--socket`, or the lab node's agent for `--node`.
+pub fn agent_socket(cli: &Cli) -> Result<PathBuf, MigrateError> {
+    match &cli.node {
+        None => Ok(cli.socket.clone()),
+        Some(node) => {
+            let config = ferry_lab::LabConfig::select(std::env::var("FERRY_LAB").ok().as_deref())?;
+            let lab = ferry_lab::Lab::load(&config)?;
+            lab.node(node)?;
+            Ok(ferry_migrate::lab_agents::agent_socket(config.state_dir(), node))
+        }
+    }
+}
+
+pub fn run(cli: &Cli, workload: &str, to: &str, strategy: Strategy, report_json: Option<&Path>) -> ExitCode {
+    let what = format!("migration of {workload} to {to} failed");
+    let socket = match agent_socket(cli) {
+        Ok(s) => s,
+        Err(e) => return fail(&what, &e.to_string(), e.hint()),
+    };
+    let req = Request::Migrate(MigrateRequest { workload: workload.into(), to: to.into(), strategy });
+    let started = Instant::now();
+    let mut bar = Bar::new();
+    let last = ferry_migrate::client::call(&socket, &req, &mut |ev| bar.show(ev, started));
+    bar.clear();
+    match last {
+        Ok(Event::Report(r)) => {
+            println!(
+                "migrated {} to {} as {} ({}; {})",
+                r.workload, r.to, r.new_workload, r.strategy, r.reason
+            );
+            for p in &r.phases {
+                println!("  {:<10} {:>8.3} s", p.name, p.seconds);
+            }
+            println!(
+                "  sent       {:>12}  (checkpoint {})",
+                human_bytes(r.bytes_sent),
+                human_bytes(r.logical_bytes)
+            );
+            println!("  downtime   {:>8.3} s", r.downtime_s);
+            println!("  total      {:>8.3} s", r.total_s);
+            if let Some(path) = report_json {
+                let text = format!("{:#}\n", r.to_json());
+                if let Err(e) = std::fs::write(path, text) {
+                    return fail("cannot write the report", &format!("{}: {e}", path.display()), None);
+                }
+            }
+            Exit::Ok.into()
+        }
+        Ok(Event::Failed { message, hint }) => fail(&what, &message, hint),
+        Ok(other) => fail(&what, &format!("the agent answered {other:?}"), None),
+        Err(e) => fail(&what, &e.to_string(), e.hint()),
+    }
+}
+
+pub fn status(cli: &Cli, json: bool) -> ExitCode {
+    let socket = match agent_socket(cli) {
+        Ok(s) => s,
+        Err(e) => return fail("no agent", &e.to_string(), e.hint()),
+    };
+    match ferry_migrate::client::call(&socket, &Request::Status, &mut |_| {}) {
+        Ok(Event::Status(s)) => {
+            if json {
+                println!(
+                    "{:#}",
+                    serde_json::json!({"name": s.name, "listen": s.listen, "peers": s.peers, "public_key": s.public_key,
+                        "migrations_ok": s.migrations_ok, "migrations_failed": s.migrations_failed})
+                );
+            } else {
+                println!("node {} listening on {}", s.name, s.listen);
+                println!("  key        {}", s.public_key);
+                println!("  peers      {}", s.peers.join(", "));
+                println!("  migrations {} done, {} failed", s.migrations_ok, s.migrations_failed);
+            }
+            Exit::Ok.into()
+        }
+        Ok(other) => fail("status failed", &format!("the agent answered {other:?}"), None),
+        Err(e) => fail("status failed", &e.to_string(), e.hint()),
+    }
+}
+
+fn fail(what: &str, cause: &str, hint: Option<String>) -> ExitCode {
+    eprintln!("error: {what}");
+    eprintln!("  cause: {cause}");
+    if let Some(h) = hint {
+        eprintln!("  hint: {h}");
+    }
+    Exit::Failure.into()
+}
+
+/// One status line on stderr: phase, bytes, rate, ETA.
+struct Bar {
+    phase: String,
+    phase_started: Instant,
+    drawn: bool,
+}
+
+impl Bar {
+    fn new() -> Bar {
+        Bar { phase: String::new(), phase_started: Instant::now(), drawn: false }
+    }
+
+    fn show(&mut self, ev: &Event, started: Instant) {
+        let line = match ev {
+            Event::Phase(p) => {
+                self.phase = p.clone();
+                self.phase_started = Instant::now();
+                format!("[{:>6.1}s] {p}", started.elapsed().as_secs_f64())
+            }
+            Event::Progress(p) => {
+                let secs = self.phase_started.elapsed().as_secs_f64().max(1e-3);
+                let rate = p.done as f64 / secs;
+                let eta = if rate > 0.0 && p.total > p.done { (p.total - p.done) as f64 / rate } else { 0.0 };
+                let pct = if p.total > 0 { 100.0 * p.done as f64 / p.total as f64 } else { 100.0 };
+                format!(
+                    "[{:>6.1}s] {}: {} / {} ({pct:.0}%), {}/s, ETA {eta:.1}s",
+                    started.elapsed().as_secs_f64(),
+                    p.phase,
+                    human_bytes(p.done),
+                    human_bytes(p.total),
+                    human_bytes(rate as u64),
+                )
+            }
+            _ => return,
+        };
+        let mut err = std::io::stderr();
+        let _ = write!(err, "\r\x1b[2K{line}");
+        let _ = err.flush();
+        self.drawn = true;
+    }
+
+    fn clear(&mut self) {
+        if self.drawn {
+            let _ = write!(std::io::stderr(), "\r\x1b[2K");
+        }
+    }
+}
