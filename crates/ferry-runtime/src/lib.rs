@@ -15,7 +15,9 @@ mod remove;
 mod restore;
 mod workload;
 
-pub use checkpoint::{checkpoint, checkpoint_with, CheckpointReport, CheckpointRequest, NoPostDump, PostDump};
+pub use checkpoint::{
+    checkpoint, checkpoint_with, CheckpointReport, CheckpointRequest, NoPostDump, PostDump,
+};
 pub use context::{require_root, Context};
 pub use error::Error;
 pub use host::host_facts;

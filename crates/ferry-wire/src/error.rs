@@ -91,7 +91,7 @@ pub enum WireError {
         source: io::Error,
     },
     /// The peer did not complete the handshake in time.
-    #[error("no TLS handshake with {addr} within {timeout:?}: is a ferry agent listening there?")]
+    #[error("no TLS handshake with {addr} within {timeout:?}: the peer went silent (not a ferry agent, or packets dropped)")]
     HandshakeTimeout {
         /// Peer address.
         addr: SocketAddr,

@@ -122,7 +122,7 @@ impl PeerVerifier {
         usage: webpki::KeyUsage,
     ) -> Result<(), rustls::Error> {
         self.admit(leaf, now, usage).map_err(|r| {
-            tracing::warn!(reason = %r, "peer certificate refused");
+            tracing::debug!(reason = %r, "peer certificate refused");
             rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(r))))
         })
     }
