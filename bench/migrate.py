@@ -255,6 +255,25 @@ class Suite:
             raise BenchError(f"mount tmpfs on {self.work}: {r.stderr.strip()}")
         self.mounted = True
 
+    def private_binaries(self):
+        """Copies of ferry and of the ferryd beside it (the lab starts the agents from there), so
+        that a build elsewhere cannot swap them in the middle of the run."""
+        bindir = os.path.join(self.work, "bin")
+        os.makedirs(bindir)
+        copies = {}
+        for path in {self.ferry, self.lab.ferry}:
+            if not path:
+                continue
+            sub = os.path.join(bindir, str(len(copies)))
+            os.makedirs(sub)
+            shutil.copy2(path, os.path.join(sub, "ferry"))
+            agent = os.path.join(os.path.dirname(path), "ferryd")
+            if os.access(agent, os.X_OK):
+                shutil.copy2(agent, os.path.join(sub, "ferryd"))
+            copies[path] = os.path.join(sub, "ferry")
+        self.ferry = copies.get(self.ferry, self.ferry)
+        self.lab.ferry = copies.get(self.lab.ferry, self.lab.ferry)
+
     def cleanup(self):
         for p in self.procs:
             if p.poll() is None:
@@ -635,10 +654,10 @@ def find_ferry(args, notes):
     ferry = os.path.join(REPO, "target", "release", "ferry")
     if not args.no_build:
         cargo = shutil.which("cargo") or os.path.expanduser("~/.cargo/bin/cargo")
-        log("bench: cargo build --release -p ferry")
-        r = subprocess.run([cargo, "build", "--release", "-p", "ferry"], cwd=REPO)
+        log("bench: cargo build --release -p ferry -p ferryd")
+        r = subprocess.run([cargo, "build", "--release", "-p", "ferry", "-p", "ferryd"], cwd=REPO)
         if r.returncode != 0:
-            msg = "cargo build --release -p ferry failed: using the binary already there, if any"
+            msg = "cargo build --release -p ferry -p ferryd failed: using the binaries already there, if any"
             log(f"bench: warning: {msg}")
             notes.append(msg)
     if not os.access(ferry, os.X_OK):
@@ -784,6 +803,7 @@ def main(argv):
             notes.append(f"lab {suite.lab.name} was up at the start: taken down")
             suite.lab.down()
         suite.mount(max_size)
+        suite.private_binaries()
         for size in args.size_list:
             for mode in args.mode_list:
                 for rep in range(reps_for(args, size)):
