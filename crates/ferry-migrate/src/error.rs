@@ -57,3 +57,18 @@ impl MigrateError {
         MigrateError::Protocol(detail.into())
     }
 }
+
+/// `e` and its sources, each once, joined by ": " (what a peer or the CLI is told).
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        let t = s.to_string();
+        if !text.contains(&t) {
+            text.push_str(": ");
+            text.push_str(&t);
+        }
+        src = s.source();
+    }
+    text
+}

@@ -28,9 +28,97 @@ pub fn agent_socket(state_dir: &Path, node: &str) -> PathBuf {
     node_dir(state_dir, node).join("ferryd.sock")
 }
 
+/// Starts `node`'s agent (its store prepared by [`start_agents`]), with `env` added to its
+/// environment; does not wait for it.
+pub fn spawn_agent(
+    lab: &Lab,
+    node: &str,
+    ferryd: &Path,
+    criu: Option<&Path>,
+    env: &[(&str, &str)],
+) -> Result<PathBuf, MigrateError> {
+    let state_dir = lab.config().state_dir().to_path_buf();
+    let nodes = lab.nodes();
+    let node = lab.node(node)?;
+    let dir = node_dir(&state_dir, &node.name);
+    let socket = agent_socket(&state_dir, &node.name);
+    let _ = fs::remove_file(&socket);
+    let log = dir.join("ferryd.log");
+    let out = OpenOptions::new().create(true).append(true).open(&log).map_err(|source| MigrateError::Io {
+        action: "open",
+        path: log.clone(),
+        source,
+    })?;
+    let err =
+        out.try_clone().map_err(|source| MigrateError::Io { action: "open", path: log.clone(), source })?;
+    let mut cmd = Command::new("nsenter");
+    cmd.arg(format!("--net={}", node.netns_path().display()))
+        .arg("--")
+        .arg("setsid")
+        .arg(ferryd)
+        .args(["--name", &node.name])
+        .arg("--listen")
+        .arg(format!("{}:{PEER_PORT}", node.ip))
+        .arg("--metrics")
+        .arg(format!("{}:{METRICS_PORT}", node.ip))
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--store")
+        .arg(dir.join("store"))
+        .arg("--lab-state")
+        .arg(&state_dir);
+    if let Some(criu) = criu {
+        cmd.arg("--criu").arg(criu);
+    }
+    for other in nodes.iter().filter(|o| o.name != node.name) {
+        cmd.arg("--peer").arg(format!("{}={}:{PEER_PORT}", other.name, other.ip));
+    }
+    cmd.envs(env.iter().copied());
+    cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+    cmd.spawn().map_err(|source| MigrateError::Io { action: "start", path: ferryd.to_path_buf(), source })?;
+    Ok(socket)
+}
+
+/// Waits until the agent at `socket` answers, for up to `limit`.
+pub fn wait_agent(socket: &Path, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if crate::client::call(socket, &crate::api::Request::Status, &mut |_| {}).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
 /// Prepares every node's store and starts its agent (`ferryd` at `ferryd`); returns once
 /// every agent answers on its socket.
 pub fn start_agents(lab: &Lab, ferryd: &Path, criu: Option<&Path>) -> Result<Vec<PathBuf>, MigrateError> {
+    prepare_stores(lab)?;
+    let state_dir = lab.config().state_dir().to_path_buf();
+    let nodes = lab.nodes();
+    let mut sockets = Vec::new();
+    for node in nodes {
+        sockets.push(spawn_agent(lab, &node.name, ferryd, criu, &[])?);
+    }
+    for (socket, node) in sockets.iter().zip(nodes) {
+        if !wait_agent(socket, Duration::from_secs(20)) {
+            let log = node_dir(&state_dir, &node.name).join("ferryd.log");
+            let tail = fs::read_to_string(&log).unwrap_or_default();
+            let tail: Vec<&str> = tail.lines().rev().take(5).collect();
+            return Err(MigrateError::Connect {
+                node: node.name.clone(),
+                addr: socket.display().to_string(),
+                detail: format!("its agent did not start (log {}: {})", log.display(), tail.join(" | ")),
+            });
+        }
+    }
+    Ok(sockets)
+}
+
+/// Every node's store: keys sharing one hashing key (so chunk ids match across the nodes),
+/// each node trusting every other.
+pub fn prepare_stores(lab: &Lab) -> Result<(), MigrateError> {
     let state_dir = lab.config().state_dir().to_path_buf();
     let nodes = lab.nodes();
     let mut hash_key: Option<[u8; 32]> = None;
@@ -59,71 +147,5 @@ pub fn start_agents(lab: &Lab, ferryd: &Path, criu: Option<&Path>) -> Result<Vec
             }
         }
     }
-    let mut sockets = Vec::new();
-    for node in nodes {
-        let dir = node_dir(&state_dir, &node.name);
-        let socket = agent_socket(&state_dir, &node.name);
-        let _ = fs::remove_file(&socket);
-        let log = dir.join("ferryd.log");
-        let out = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .map_err(|source| MigrateError::Io { action: "open", path: log.clone(), source })?;
-        let err = out.try_clone().map_err(|source| MigrateError::Io {
-            action: "open",
-            path: log.clone(),
-            source,
-        })?;
-        let mut cmd = Command::new("nsenter");
-        cmd.arg(format!("--net={}", node.netns_path().display()))
-            .arg("--")
-            .arg("setsid")
-            .arg(ferryd)
-            .args(["--name", &node.name])
-            .arg("--listen")
-            .arg(format!("{}:{PEER_PORT}", node.ip))
-            .arg("--metrics")
-            .arg(format!("{}:{METRICS_PORT}", node.ip))
-            .arg("--socket")
-            .arg(&socket)
-            .arg("--store")
-            .arg(dir.join("store"))
-            .arg("--lab-state")
-            .arg(&state_dir);
-        if let Some(criu) = criu {
-            cmd.arg("--criu").arg(criu);
-        }
-        for other in nodes.iter().filter(|o| o.name != node.name) {
-            cmd.arg("--peer").arg(format!("{}={}:{PEER_PORT}", other.name, other.ip));
-        }
-        cmd.stdin(Stdio::null()).stdout(out).stderr(err);
-        cmd.spawn().map_err(|source| MigrateError::Io {
-            action: "start",
-            path: ferryd.to_path_buf(),
-            source,
-        })?;
-        sockets.push(socket);
-    }
-    let deadline = Instant::now() + Duration::from_secs(20);
-    for (socket, node) in sockets.iter().zip(nodes) {
-        loop {
-            let status = crate::client::call(socket, &crate::api::Request::Status, &mut |_| {});
-            if status.is_ok() {
-                break;
-            }
-            if Instant::now() > deadline {
-                let log = node_dir(&state_dir, &node.name).join("ferryd.log");
-                let tail = fs::read_to_string(&log).unwrap_or_default();
-                let tail: Vec<&str> = tail.lines().rev().take(5).collect();
-                return Err(MigrateError::Connect {
-                    node: node.name.clone(),
-                    addr: socket.display().to_string(),
-                    detail: format!("its agent did not start (log {}: {})", log.display(), tail.join(" | ")),
-                });
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-    Ok(sockets)
+    Ok(())
 }

@@ -7,6 +7,7 @@ mod agent;
 pub mod api;
 pub mod client;
 mod error;
+pub mod failpoint;
 pub mod journal;
 pub mod lab_agents;
 pub mod lazy;
@@ -17,4 +18,4 @@ mod source;
 mod target;
 
 pub use agent::{Agent, AgentConfig, Conn, Dialer, Metrics};
-pub use error::MigrateError;
+pub use error::{chain, MigrateError};

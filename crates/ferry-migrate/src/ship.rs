@@ -20,6 +20,32 @@ pub(crate) struct Shipped {
     pub bytes: u64,
 }
 
+fn take_chunks(
+    ch: &mut Channel,
+    rx: &mut ferry_store::replica::Receiver<'_>,
+    chunks: &[ChunkRef],
+    wanted: &HashSet<u32>,
+    phase: &str,
+) -> Result<(), MigrateError> {
+    loop {
+        match ch.next(phase)? {
+            Err(frame) if frame.kind == KIND_CHUNKS => {
+                for (pos, data) in decode_batch(&frame.payload).map_err(MigrateError::protocol)? {
+                    if !wanted.contains(&pos) {
+                        return Err(MigrateError::protocol(format!("chunk {pos} was sent unasked")));
+                    }
+                    rx.add(chunks[pos as usize], data)?;
+                }
+            }
+            Err(frame) => {
+                return Err(MigrateError::protocol(format!("unexpected frame kind {:#x}", frame.kind)))
+            }
+            Ok(Msg::ChunksDone) => return Ok(()),
+            Ok(other) => return Err(unexpected(phase, &other)),
+        }
+    }
+}
+
 /// Sends checkpoint `name` to the target over `ch`; returns once the target stored it.
 pub(crate) fn send(
     store: &Store,
@@ -52,16 +78,52 @@ pub(crate) fn send(
         }
     }
     let total: u64 = lacking.iter().filter_map(|&i| s.chunks.get(i as usize)).map(|c| u64::from(c.len)).sum();
+    let sent =
+        send_chunks(store, ch, &s, &lacking, total, phase, events).map_err(|e| why_it_failed(ch, e))?;
+    match ch.call(&Msg::ChunksDone, phase)? {
+        Msg::Stored { .. } => {
+            let shipped = Shipped { chunks: s.chunks.len(), lacking: lacking.len(), bytes: sent };
+            tracing::info!(%name, chunks = shipped.chunks, sent = shipped.lacking, bytes = shipped.bytes, "shipped");
+            Ok(shipped)
+        }
+        other => Err(unexpected(phase, &other)),
+    }
+}
+
+/// A write to the target failed: if the target said why before it hung up, that is the error.
+fn why_it_failed(ch: &mut Channel, e: MigrateError) -> MigrateError {
+    match ch.next("the target's error") {
+        Ok(Ok(Msg::Error { message })) => MigrateError::Remote { node: ch.node.clone(), message },
+        _ => e,
+    }
+}
+
+fn send_chunks(
+    store: &Store,
+    ch: &mut Channel,
+    s: &Shipment,
+    lacking: &[u32],
+    total: u64,
+    phase: &str,
+    events: &mut dyn FnMut(Event),
+) -> Result<u64, MigrateError> {
     let mut reader = store.chunk_reader()?;
     let mut frame = Vec::new();
     let mut batch = Vec::with_capacity(BATCH_BYTES + (64 << 10));
     let mut sent = 0u64;
     let mut last_report = 0u64;
-    for &pos in &lacking {
+    let mut corrupt =
+        crate::failpoint::check("source-send-chunks") == Some(crate::failpoint::Action::Corrupt);
+    for &pos in lacking {
         let chunk = s.chunks.get(pos as usize).ok_or_else(|| {
             MigrateError::protocol(format!("the target asked for chunk {pos} of {}", s.chunks.len()))
         })?;
         reader.read(chunk, &mut frame)?;
+        if corrupt && frame.len() > 64 {
+            let mid = frame.len() / 2;
+            frame[mid] ^= 0x40;
+            corrupt = false;
+        }
         encode_batch(&mut batch, pos, &frame);
         sent += frame.len() as u64;
         if batch.len() >= BATCH_BYTES {
@@ -77,14 +139,7 @@ pub(crate) fn send(
         ferry_wire::frame::write_frame(&mut ch.conn, KIND_CHUNKS, &batch)?;
     }
     events(Event::Progress(Progress { phase: phase.into(), done: sent, total }));
-    match ch.call(&Msg::ChunksDone, phase)? {
-        Msg::Stored { .. } => {
-            let shipped = Shipped { chunks: s.chunks.len(), lacking: lacking.len(), bytes: sent };
-            tracing::info!(%name, chunks = shipped.chunks, sent = shipped.lacking, bytes = shipped.bytes, "shipped");
-            Ok(shipped)
-        }
-        other => Err(unexpected(phase, &other)),
-    }
+    Ok(sent)
 }
 
 /// Takes in the checkpoint offered (after `Offer` was read); answers `Stored`.
@@ -118,22 +173,17 @@ pub(crate) fn receive(
         ch.send(&Msg::Lacking { positions: part.to_vec(), last: i + 1 == parts.len() })?;
     }
     let mut rx = store.receiver()?;
-    loop {
-        match ch.next(phase)? {
-            Err(frame) if frame.kind == KIND_CHUNKS => {
-                for (pos, data) in decode_batch(&frame.payload).map_err(MigrateError::protocol)? {
-                    if !wanted.contains(&pos) {
-                        return Err(MigrateError::protocol(format!("chunk {pos} was sent unasked")));
-                    }
-                    rx.add(chunks[pos as usize], data)?;
-                }
+    crate::failpoint::check("target-receive");
+    if let Err(e) = take_chunks(ch, &mut rx, &chunks, &wanted, phase) {
+        // Say why now, and read what is still coming until the source's end marker: hanging
+        // up on unread data would reset the connection and lose the message.
+        let _ = ch.send(&Msg::Error { message: crate::chain(&e) });
+        while let Ok(next) = ch.next(phase) {
+            if matches!(next, Ok(Msg::ChunksDone) | Ok(Msg::Abort { .. })) {
+                break;
             }
-            Err(frame) => {
-                return Err(MigrateError::protocol(format!("unexpected frame kind {:#x}", frame.kind)))
-            }
-            Ok(Msg::ChunksDone) => break,
-            Ok(other) => return Err(unexpected(phase, &other)),
         }
+        return Err(e);
     }
     let bytes = rx.bytes();
     rx.finish(&Shipment { name, manifest, slots, chunks })?;

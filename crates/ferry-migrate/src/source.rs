@@ -12,7 +12,7 @@ use crate::agent::{unexpected, Agent, Channel};
 use crate::api::{Event, MigrateRequest, PhaseTime, Report, Strategy};
 use crate::journal::{Entry, Stage};
 use crate::proto::Msg;
-use crate::{ship, MigrateError};
+use crate::{failpoint, ship, MigrateError};
 
 /// Key under which the workload's network namespace is declared external to CRIU.
 pub(crate) const NETNS_KEY: &str = "ferry-net";
@@ -241,6 +241,12 @@ impl Switch<'_, '_> {
             ferry_lab::set_port(lab, id, false)?;
             run.port_down = true;
         }
+        if failpoint::check("source-before-transfer") == Some(failpoint::Action::Cut) {
+            return Err(MigrateError::Lost {
+                node: run.ch.node.clone(),
+                phase: "transfer (failpoint)".into(),
+            });
+        }
         let t = Instant::now();
         (run.events)(Event::Phase("transfer".into()));
         let name = committed.checkpoint.name().to_owned();
@@ -257,9 +263,11 @@ impl Switch<'_, '_> {
             other => return Err(unexpected("restore", &other)),
         }
         run.phases.push(PhaseTime { name: "restore".into(), seconds: t.elapsed().as_secs_f64() });
+        failpoint::check("source-before-commit");
         // From here on the target's copy is the one to keep, even if this agent dies now.
         run.entry.stage = Stage::Committed;
         run.agent.journal.write(run.entry)?;
+        failpoint::check("source-after-commit");
         Ok(())
     }
 }

@@ -81,7 +81,10 @@ pub(crate) fn serve(agent: &Agent, mut ch: Channel) -> Result<(), MigrateError> 
                 };
                 let t = Instant::now();
                 match a.restore(agent, &name, tcp_established, external_net) {
-                    Ok(pid) => ch.send(&Msg::Running { pid, restore_s: t.elapsed().as_secs_f64() })?,
+                    Ok(pid) => {
+                        ch.send(&Msg::Running { pid, restore_s: t.elapsed().as_secs_f64() })?;
+                        crate::failpoint::check("target-after-running");
+                    }
                     Err(e) => return fail(agent, &mut ch, arrival, e),
                 }
             }
@@ -125,7 +128,7 @@ fn fail(
     if let Some(a) = arrival {
         a.abort(agent);
     }
-    let _ = ch.send(&Msg::Error { message: e.to_string() });
+    let _ = ch.send(&Msg::Error { message: crate::chain(&e) });
     Err(e)
 }
 

@@ -282,24 +282,10 @@ fn serve_local(mut conn: UnixStream, agent: &Agent) {
             let result = agent.migrate(&m, &mut |ev| send(&ev));
             match result {
                 Ok(report) => send(&Event::Report(report)),
-                Err(e) => send(&Event::Failed { message: error_chain(&e), hint: e.hint() }),
+                Err(e) => send(&Event::Failed { message: ferry_migrate::chain(&e), hint: e.hint() }),
             }
         }
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        let t = s.to_string();
-        if !text.contains(&t) {
-            text.push_str(": ");
-            text.push_str(&t);
-        }
-        src = s.source();
-    }
-    text
 }
 
 /// A minimal HTTP responder for Prometheus: any GET gets the counters.

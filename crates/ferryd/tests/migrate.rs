@@ -1,0 +1,384 @@
+//! Live migration between lab nodes, end to end: real agents (this crate's ferryd) in network
+//! namespaces, real CRIU, real workloads (tools/memload.py: random memory with a self-checking
+//! sum, a TCP request port). Failures are injected at each phase (FERRY_FAILPOINTS in an
+//! agent's environment, or a tmpfs that is too small); afterwards the workload must run on
+//! exactly one node with its memory intact.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failing test should stop right there
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use ferry_lab::{ExecOptions, TestLab, Workload};
+use ferry_migrate::api::{Event, MigrateRequest, Report, Request, Strategy};
+use ferry_migrate::lab_agents::{self, agent_socket, node_dir, METRICS_PORT, PEER_PORT};
+use ferry_testkit::{poll, require_privileged};
+
+/// One migration test at a time: each moves hundreds of MiB on a 2-core machine.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+const PORT: u16 = 7000;
+
+fn ferryd() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_ferryd"))
+}
+
+fn tools() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tools")
+}
+
+struct Fixture {
+    lab: TestLab,
+    _serial: std::sync::MutexGuard<'static, ()>,
+}
+
+impl Fixture {
+    /// A lab of `nodes` nodes whose agents run with `env(node)` added to their environment.
+    fn new(nodes: usize, env: &dyn Fn(&str) -> Vec<(&'static str, String)>) -> Option<Fixture> {
+        if !require_privileged() {
+            return None;
+        }
+        let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let lab = TestLab::up(nodes).expect("lab up");
+        lab_agents::prepare_stores(lab.lab()).expect("stores");
+        let names: Vec<String> = lab.lab().nodes().iter().map(|n| n.name.clone()).collect();
+        for name in &names {
+            start(&lab, name, &env(name));
+        }
+        Some(Fixture { lab, _serial: serial })
+    }
+
+    fn socket(&self, node: &str) -> PathBuf {
+        agent_socket(self.lab.config().state_dir(), node)
+    }
+
+    /// Starts memload with `mib` MiB on `node`; returns once it answers.
+    fn memload(&mut self, node: &str, mib: u32, dirty: Option<u32>) -> Workload {
+        let log = node_dir(self.lab.config().state_dir(), node).join("memload.log");
+        let mut argv: Vec<String> = vec![
+            "/usr/bin/python3".into(),
+            tools().join("memload.py").display().to_string(),
+            "--mib".into(),
+            mib.to_string(),
+            "--port".into(),
+            PORT.to_string(),
+        ];
+        if let Some(d) = dirty {
+            argv.extend(["--dirty".into(), d.to_string()]);
+        }
+        let w = self.lab.lab_mut().exec(node, &argv, &ExecOptions { log: Some(log) }).expect("exec memload");
+        poll(Duration::from_secs(60), "memload to answer", || ask(w.ip, "!stats"));
+        w
+    }
+
+    fn migrate(&self, from: &str, pid: i32, to: &str, strategy: Strategy) -> Result<Report, String> {
+        let req =
+            Request::Migrate(MigrateRequest { workload: format!("pid:{pid}"), to: to.into(), strategy });
+        match ferry_migrate::client::call(&self.socket(from), &req, &mut |_| {}) {
+            Ok(Event::Report(r)) => Ok(r),
+            Ok(Event::Failed { message, .. }) => Err(message),
+            Ok(other) => Err(format!("unexpected answer {other:?}")),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Host pids of memload processes in the lab's network namespaces, with the node each
+    /// namespace belongs to by the lab's record.
+    fn copies(&self) -> Vec<i32> {
+        let prefix = self.lab.config().netns_prefix();
+        let ours: Vec<(u64, u64)> = std::fs::read_dir("/run/netns")
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
+            .filter_map(|e| std::fs::metadata(e.path()).ok().map(|m| (m.dev(), m.ino())))
+            .collect();
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+            .filter(|pid| {
+                // The workload itself, not the `unshare` that launched it on its first node.
+                let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                let cmd = String::from_utf8_lossy(&cmd);
+                cmd.starts_with("/usr/bin/python3") && cmd.contains("memload.py")
+            })
+            .filter(|pid| {
+                std::fs::metadata(format!("/proc/{pid}/ns/net"))
+                    .is_ok_and(|m| ours.contains(&(m.dev(), m.ino())))
+            })
+            .collect()
+    }
+
+    /// The node the lab says the workload at `ip` runs on, checking it is the only copy, that
+    /// its memory checks out and that it answers at its address.
+    fn assert_one_copy_on(&self, ip: Ipv4Addr, node: &str) {
+        let mut seen = Vec::new();
+        let copies = ferry_testkit::try_poll(Duration::from_secs(30), || {
+            seen = self.copies();
+            (seen.len() == 1).then(|| seen.clone())
+        });
+        let copies = copies.unwrap_or_else(|| {
+            let cmds: Vec<String> = seen
+                .iter()
+                .map(|p| {
+                    std::fs::read_to_string(format!("/proc/{p}/cmdline"))
+                        .unwrap_or_default()
+                        .replace('\0', " ")
+                })
+                .collect();
+            panic!("not exactly one copy of the workload: {seen:?} {cmds:?}")
+        });
+        let lab = ferry_lab::Lab::load(self.lab.config()).unwrap();
+        let running: Vec<&Workload> =
+            lab.workloads().iter().filter(|w| w.ip == ip && w.is_running()).collect();
+        assert_eq!(running.len(), 1, "lab record: {:?}", lab.workloads());
+        assert_eq!(running[0].node, node, "the workload runs on {}, expected {node}", running[0].node);
+        assert_eq!(running[0].pid, copies[0], "the recorded pid is the running copy");
+        let sum = poll(Duration::from_secs(30), "the workload to answer", || ask(ip, "!sum"));
+        assert_eq!(sum["ok"], serde_json::Value::Bool(true), "memory checks out: {sum}");
+    }
+
+    fn agent_log(&self, node: &str) -> String {
+        std::fs::read_to_string(node_dir(self.lab.config().state_dir(), node).join("ferryd.log"))
+            .unwrap_or_default()
+    }
+
+    /// Kills `node`'s agent (if it still runs) and starts it again with `env`.
+    fn restart(&self, node: &str, env: &[(&'static str, String)]) {
+        let socket = self.socket(node);
+        for pid in agent_pids(&socket) {
+            let _ = ferry_sys::kill(pid, ferry_sys::Signal::Kill);
+        }
+        poll(Duration::from_secs(10), "the old agent to be gone", || {
+            agent_pids(&socket).is_empty().then_some(())
+        });
+        start(&self.lab, node, env);
+    }
+}
+
+fn start(lab: &TestLab, node: &str, env: &[(&'static str, String)]) {
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let socket = lab_agents::spawn_agent(lab.lab(), node, ferryd(), None, &env).expect("spawn agent");
+    assert!(lab_agents::wait_agent(&socket, Duration::from_secs(30)), "agent of {node} did not start");
+}
+
+/// Pids of ferryd processes serving `socket`.
+fn agent_pids(socket: &Path) -> Vec<i32> {
+    let needle = socket.display().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            cmd.contains("ferryd ") && cmd.contains(&needle)
+        })
+        .collect()
+}
+
+fn no_env(_: &str) -> Vec<(&'static str, String)> {
+    Vec::new()
+}
+
+/// One request to memload; its JSON answer.
+fn ask(ip: Ipv4Addr, line: &str) -> Option<serde_json::Value> {
+    let mut s = TcpStream::connect_timeout(&SocketAddr::from((ip, PORT)), Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
+    s.write_all(format!("{line}\n").as_bytes()).ok()?;
+    let mut answer = String::new();
+    BufReader::new(s).read_line(&mut answer).ok()?;
+    let json = answer.splitn(3, ' ').nth(2)?;
+    serde_json::from_str(json.trim()).ok()
+}
+
+#[test]
+fn stop_copy_moves_memory_address_and_record_and_counts_it() {
+    let Some(mut f) = Fixture::new(2, &no_env) else { return };
+    let w = f.memload("node1", 256, None);
+    let before = ask(w.ip, "!sum").unwrap();
+    let r = f.migrate("node1", w.pid, "node2", Strategy::StopCopy).expect("migrate");
+    assert_eq!(r.strategy, Strategy::StopCopy);
+    assert!(r.bytes_sent > 200 << 20, "sent {} bytes", r.bytes_sent);
+    assert!(r.downtime_s > 0.0 && r.downtime_s <= r.total_s);
+    for phase in ["dump", "transfer", "restore", "commit"] {
+        assert!(r.phases.iter().any(|p| p.name == phase), "phase {phase} in {:?}", r.phases);
+    }
+    f.assert_one_copy_on(w.ip, "node2");
+    assert_eq!(ask(w.ip, "!sum").unwrap()["computed"], before["computed"], "the same memory");
+    // The old namespace is gone; the source's store keeps nothing of the migration.
+    assert!(!Path::new("/run/netns").join(&w.netns).exists());
+    let src_manifests = node_dir(f.lab.config().state_dir(), "node1").join("store/manifests");
+    assert_eq!(std::fs::read_dir(src_manifests).unwrap().count(), 0);
+    // The source's metrics count it.
+    let node1 = f.lab.lab().node("node1").unwrap().ip;
+    let mut m = TcpStream::connect((node1, METRICS_PORT)).unwrap();
+    m.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut text = String::new();
+    m.read_to_string(&mut text).unwrap();
+    assert!(text.contains("ferry_migrations_total{node=\"node1\"} 1"), "{text}");
+    assert!(text.contains("ferry_phase_seconds_total{node=\"node1\",phase=\"transfer\"}"), "{text}");
+    // And it moves back.
+    let back = f.migrate("node2", r.new_workload[4..].parse().unwrap(), "node1", Strategy::StopCopy);
+    back.expect("migrate back");
+    f.assert_one_copy_on(w.ip, "node1");
+}
+
+#[test]
+fn fifty_tcp_clients_see_no_error_through_a_pre_copy_migration() {
+    let Some(mut f) = Fixture::new(2, &no_env) else { return };
+    let w = f.memload("node1", 128, Some(10));
+    let probe = Command::new("/usr/bin/python3")
+        .arg(tools().join("probe_client.py"))
+        .args(["echo", &w.ip.to_string(), &PORT.to_string(), "--conns", "50", "--duration", "14"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let r = f.migrate("node1", w.pid, "node2", Strategy::PreCopy).expect("migrate");
+    let pre = r.phases.iter().find(|p| p.name == "pre-copy").expect("a pre-copy phase");
+    assert!(pre.seconds > 0.0);
+    let out = probe.wait_with_output().unwrap();
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("probe summary");
+    for counter in ["errors", "lost", "dup", "wrong", "resets", "reconnects"] {
+        assert_eq!(summary[counter], 0, "{counter} in {summary}");
+    }
+    assert!(summary["requests"].as_u64().unwrap() > 1000, "{summary}");
+    assert_eq!(summary["conns"], 50);
+    f.assert_one_copy_on(w.ip, "node2");
+}
+
+/// A failed migration leaves the workload where it was, whole and reachable.
+fn assert_stays_on_node1(f: &Fixture, w: &Workload, result: Result<Report, String>, why: &str) {
+    let err = result.expect_err("the migration must fail");
+    assert!(err.contains(why), "error '{err}' should say '{why}'");
+    f.assert_one_copy_on(w.ip, "node1");
+    // Nothing is left on the target: no namespace, no record.
+    let lab = ferry_lab::Lab::load(f.lab.config()).unwrap();
+    assert!(lab.workloads().iter().all(|x| x.node == "node1"), "{:?}", lab.workloads());
+}
+
+#[test]
+fn a_corrupted_chunk_is_refused_and_the_workload_resumes_at_the_source() {
+    let env = |n: &str| match n {
+        "node1" => vec![("FERRY_FAILPOINTS", "source-send-chunks=corrupt".to_owned())],
+        _ => Vec::new(),
+    };
+    let Some(mut f) = Fixture::new(2, &env) else { return };
+    let w = f.memload("node1", 64, None);
+    let r = f.migrate("node1", w.pid, "node2", Strategy::StopCopy);
+    assert_stays_on_node1(&f, &w, r, "node node2 failed");
+    assert!(f.agent_log("node2").contains("chunk"), "the target names the bad chunk");
+}
+
+#[test]
+fn a_cut_link_before_the_transfer_resumes_the_source() {
+    let env = |n: &str| match n {
+        "node1" => vec![("FERRY_FAILPOINTS", "source-before-transfer=cut".to_owned())],
+        _ => Vec::new(),
+    };
+    let Some(mut f) = Fixture::new(2, &env) else { return };
+    let w = f.memload("node1", 64, None);
+    let r = f.migrate("node1", w.pid, "node2", Strategy::StopCopy);
+    assert_stays_on_node1(&f, &w, r, "lost");
+}
+
+#[test]
+fn the_target_agent_killed_while_receiving_leaves_the_workload_at_the_source() {
+    let env = |n: &str| match n {
+        "node2" => vec![("FERRY_FAILPOINTS", "target-receive=exit".to_owned())],
+        _ => Vec::new(),
+    };
+    let Some(mut f) = Fixture::new(2, &env) else { return };
+    let w = f.memload("node1", 64, None);
+    let r = f.migrate("node1", w.pid, "node2", Strategy::StopCopy);
+    let err = r.expect_err("must fail");
+    assert!(!err.is_empty());
+    f.assert_one_copy_on(w.ip, "node1");
+    // Its restart finds its journal and undoes the half arrival.
+    f.restart("node2", &[]);
+    let lab = ferry_lab::Lab::load(f.lab.config()).unwrap();
+    assert!(lab.workloads().iter().all(|x| x.node == "node1"), "{:?}", lab.workloads());
+    let journal = node_dir(f.lab.config().state_dir(), "node2").join("store/journal");
+    assert_eq!(std::fs::read_dir(journal).unwrap().count(), 0, "journal emptied");
+}
+
+#[test]
+fn a_full_disk_on_the_target_leaves_the_workload_at_the_source() {
+    let Some(mut f) = Fixture::new(2, &no_env) else { return };
+    let packs = node_dir(f.lab.config().state_dir(), "node2").join("store/packs");
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4m,mode=0700", "ferry-test-full"])
+        .arg(&packs)
+        .status()
+        .unwrap();
+    assert!(mounted.success());
+    let w = f.memload("node1", 64, None);
+    let r = f.migrate("node1", w.pid, "node2", Strategy::StopCopy);
+    let _ = Command::new("umount").arg("-l").arg(&packs).status();
+    assert_stays_on_node1(&f, &w, r, "No space left on device");
+}
+
+#[test]
+fn a_target_that_dies_after_restoring_commits_when_it_comes_back() {
+    let env = |n: &str| match n {
+        "node2" => vec![("FERRY_FAILPOINTS", "target-after-running=exit".to_owned())],
+        _ => Vec::new(),
+    };
+    let Some(mut f) = Fixture::new(2, &env) else { return };
+    let w = f.memload("node1", 64, None);
+    let r = f.migrate("node1", w.pid, "node2", Strategy::StopCopy);
+    assert!(r.is_err(), "the commit cannot be confirmed while the target is down");
+    // The source let go (its journal says committed); the target holds the workload.
+    poll(Duration::from_secs(10), "the source copy to be gone", || {
+        (!ferry_lab::is_alive(w.pid, w.start_time)).then_some(())
+    });
+    f.restart("node2", &[]);
+    f.assert_one_copy_on(w.ip, "node2");
+}
+
+#[test]
+fn a_source_that_dies_before_committing_keeps_the_workload() {
+    let env = |n: &str| match n {
+        "node1" => vec![("FERRY_FAILPOINTS", "source-before-commit=exit".to_owned())],
+        _ => Vec::new(),
+    };
+    let Some(mut f) = Fixture::new(2, &env) else { return };
+    let w = f.memload("node1", 64, None);
+    let r = f.migrate("node1", w.pid, "node2", Strategy::StopCopy);
+    assert!(r.is_err(), "the source agent died");
+    // CRIU resumed the workload when the agent's end of its socket closed; the restarted
+    // agent brings its address back and tells the target, which undoes its copy.
+    f.restart("node1", &[]);
+    f.assert_one_copy_on(w.ip, "node1");
+    assert!(ferry_lab::is_alive(w.pid, w.start_time), "the original process runs on");
+}
+
+#[test]
+fn a_peer_without_a_trusted_certificate_is_refused() {
+    let Some(f) = Fixture::new(1, &no_env) else { return };
+    let node1 = f.lab.lab().node("node1").unwrap().ip;
+    let stranger = ferry_wire::Identity::self_signed(&[7u8; 32], "stranger").unwrap();
+    let endpoint = ferry_wire::Endpoint::new(&stranger, ferry_wire::Trust::default()).unwrap();
+    // It does not trust node1 either: refused on both counts; the agent logs the refusal.
+    let r = endpoint.connect(SocketAddr::from((node1, PEER_PORT)), Duration::from_secs(5));
+    assert!(r.is_err());
+    let pinned = ferry_wire::Trust { pinned: vec![node_key(&f, "node1")], ca: None };
+    let endpoint = ferry_wire::Endpoint::new(&stranger, pinned).unwrap();
+    let err =
+        endpoint.connect(SocketAddr::from((node1, PEER_PORT)), Duration::from_secs(5)).map(drop).unwrap_err();
+    assert!(err.to_string().contains("refused") || err.to_string().contains("Refused"), "{err}");
+    poll(Duration::from_secs(5), "the agent to log the refusal", || {
+        f.agent_log("node1").contains("refused a peer").then_some(())
+    });
+}
+
+fn node_key(f: &Fixture, node: &str) -> [u8; 32] {
+    let keys = node_dir(f.lab.config().state_dir(), node).join("store/keys");
+    ferry_store::keys::NodeKeys::load(&keys).unwrap().public().ed25519
+}
