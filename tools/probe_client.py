@@ -24,10 +24,12 @@ last value written as "lost".
 Both run for --duration seconds (default: until stopped), or until SIGTERM/SIGINT, or until
 --stop-file exists, then print one JSON line:
   {"mode", "requests", "errors", "max_gap_s", "gap_start", "gap_end", "lost", "dup", "wrong",
-   "timeouts", "resets", "reconnects", "conns", "per_conn_max_gap_s", "duration_s", "error_log"}
+   "timeouts", "resets", "reconnects", "stalled", "conns", "per_conn_max_gap_s", "duration_s", "error_log"}
 max_gap_s is the client-observed downtime: the longest time between two consecutive good
 replies on one connection (the last reply before the pause to the first after it); gap_start
-and gap_end are their unix times. Until the first reply of a connection nothing is counted
+and gap_end are their unix times. "gaps" lists every gap above 0.1 s (up to 100). A connection
+still waiting for a reply at the stop has a gap that never ended: it counts up to the stop, and
+if its request has waited longer than --stall (1 s) it is an error ("stalled"). Until the first reply of a connection nothing is counted
 (start-up, --connect-wait), so the probe may start before the server listens.
 Exit status 0, or 2 for bad arguments or no first reply within --connect-wait.
 """
@@ -43,6 +45,7 @@ import sys
 import time
 
 STOP = False
+GAP_REPORT = 0.1  # gaps longer than this are listed in the summary ("gaps")
 
 
 def on_signal(_signum, _frame):
@@ -76,10 +79,12 @@ class Stats:
         self.timeouts = 0
         self.resets = 0
         self.reconnects = 0
+        self.stalled = 0
         self.max_gap = 0.0
         self.gap = (None, None)
         self.per_conn = [0.0] * conns
         self.error_log = []
+        self.gaps = []  # every gap longer than GAP_REPORT: (conn, start, end)
         self.started = now()
 
     def error(self, kind, conn, detail):
@@ -92,11 +97,18 @@ class Stats:
         self.requests += 1
         if last is not None:
             gap = t - last
+            if gap > GAP_REPORT and len(self.gaps) < 100:
+                self.gaps.append((conn, last, t))
             if gap > self.per_conn[conn]:
                 self.per_conn[conn] = gap
             if gap > self.max_gap:
                 self.max_gap = gap
                 self.gap = (last, t)
+
+    def open_gap(self, conn, last, t):
+        """A gap still open at the stop: counted as if a reply had come at t (not a request)."""
+        self.requests -= 1
+        self.reply(conn, last, t)
 
     def summary(self, clock, extra=None):
         out = {
@@ -112,12 +124,15 @@ class Stats:
             "timeouts": self.timeouts,
             "resets": self.resets,
             "reconnects": self.reconnects,
+            "stalled": self.stalled,
             "conns": len(self.per_conn),
             "per_conn_max_gap_s": [round(g, 6) for g in self.per_conn],
             "duration_s": round(now() - self.started, 3),
         }
         if extra:
             out.update(extra)
+        out["gaps"] = [{"conn": c, "start": clock.unix(a), "end": clock.unix(b), "s": round(b - a, 6)}
+                       for c, a, b in self.gaps]
         out["error_log"] = self.error_log
         return out
 
@@ -285,7 +300,17 @@ def echo(args):
                 c.last_reply = t
                 if args.interval <= 0:
                     send(c, t)
+    # A connection still waiting at the stop is a gap that has not ended: it counts (up to the
+    # stop) in the gaps, and as an error ("stalled") if its request has waited longer than
+    # --stall (a connection that hangs after a migration must not pass for a good one).
+    t = now()
     for c in conns:
+        if c.ever_replied and c.last_reply is not None:
+            if c.sent_at is not None and t - c.sent_at > args.stall:
+                stats.stalled += 1
+                stats.error("stalled", c.idx, f"request {c.seq} unanswered for {t - c.sent_at:.3f} s at the stop")
+            if t - c.last_reply > args.stall or (c.sent_at is not None and t - c.sent_at > args.stall):
+                stats.open_gap(c.idx, c.last_reply, t)
         close_conn(c)
     return stats
 
@@ -444,6 +469,11 @@ def redis(args):
         last = t
         if args.interval > 0:
             time.sleep(args.interval)
+    t = now()
+    if last is not None and t - last > args.stall:
+        stats.stalled += 1
+        stats.error("stalled", 0, f"no answer for {t - last:.3f} s at the stop")
+        stats.open_gap(0, last, t)
     # Read back every key written: each must hold the last value acknowledged (or a pending one).
     extra = {"keys_written": len(written), "sets": i}
     try:
@@ -558,6 +588,8 @@ def main(argv):
         p.add_argument("--interval", type=float, default=0.001 if name == "echo" else 0.0,
                        help="pause after each reply before the next request")
         p.add_argument("--out", help="also write the JSON line to this file")
+        p.add_argument("--stall", type=float, default=1.0,
+                       help="at the stop, a request unanswered for longer than this is an error (stalled)")
     sub.choices["echo"].add_argument("--conns", type=int, default=1)
     sub.choices["redis"].add_argument("--keyspace", type=int, default=10000)
     sub.choices["redis"].add_argument("--prefix", default="key:")
