@@ -348,11 +348,12 @@ class Suite:
             time.sleep(args.warmup)
             if probe.poll() is not None:
                 raise BenchError(f"the probe client ended early: {file_text(os.path.join(rundir, 'probe.out'))}")
-            ticks0 = cpu_ticks()
+            run["migrate_start_unix"] = round(time.time(), 6)
             if variant == "baseline":
                 self.baseline(run, rundir, pid, wns, node2)
             else:
                 self.ferry_migrate(run, rundir, wid, variant, size)
+            run["migrate_end_unix"] = round(time.time(), 6)
             time.sleep(args.after)
             open(stop, "w").close()
             try:
@@ -364,7 +365,11 @@ class Suite:
             if not run["probe"]:
                 raise BenchError(f"the probe client wrote nothing: {file_text(os.path.join(rundir, 'probe.out'))}")
             run["downtime_s"] = run["probe"]["max_gap_s"]
-            del ticks0
+            if run["probe"].get("gap_end"):
+                # How long after the command returned the client still waited: TCP retransmission
+                # backoff, ARP or bridge learning after an address move, lazy pages, ...
+                run["gap_after_command_s"] = round(run["probe"]["gap_end"] - run["migrate_end_unix"], 4)
+                run["gap_before_command_s"] = round(run["migrate_start_unix"] - run["probe"]["gap_start"], 4)
             if run.get("migrate_error"):
                 return run
             after = ask_sum(ip)
@@ -526,6 +531,7 @@ def aggregate(runs, plan_sizes, modes, variants, dirty_rate):
                     "ok_runs": len(good),
                     "downtime_s": summarize([r.get("downtime_s") for r in good]),
                     "total_s": summarize([r.get("total_s") for r in good]),
+                    "gap_after_command_s": summarize([r.get("gap_after_command_s") for r in good]),
                 }
                 if v == "baseline":
                     for k in ("dump_s", "copy_s", "restore_s"):
@@ -560,23 +566,27 @@ def ratios(results):
 
 
 def print_table(results, rat):
-    lines = ["", "migrate suite: client-observed downtime (probe max gap), median (min-max) s"]
+    lines = ["", "migrate suite: client-observed downtime (probe max gap), median (min-max) s; total: the "
+             "migration's commands; after: how long the client still waited once they returned"]
     lines.append(f"{'mode':6} {'size':>6} {'variant':10} {'ok':>5} {'downtime':>22} {'total':>8} "
-                 f"{'ferry/base':>10}  notes")
+                 f"{'after':>6} {'ferry/base':>10}  notes")
     for mode, by_size in results.items():
         for size, by_v in sorted(by_size.items(), key=lambda kv: int(kv[0])):
             for v, e in by_v.items():
                 d = e.get("downtime_s")
                 dt = f"{d['median']:.3f} ({d['min']:.3f}-{d['max']:.3f})" if d else "-"
                 tt = f"{e['total_s']['median']:.3f}" if e.get("total_s") else "-"
+                at = f"{e['gap_after_command_s']['median']:.3f}" if e.get("gap_after_command_s") else "-"
                 r = rat.get(mode, {}).get(size, {}).get(v)
                 rt = f"{r:.2f}" if r is not None else ("" if v == "baseline" else "-")
                 note = ""
                 if v == "baseline" and e.get("dump_s"):
                     note = f"dump {e['dump_s']['median']:.3f} s, restore {e['restore_s']['median']:.3f} s"
+                if v != "baseline" and e.get("ferry_downtime_s"):
+                    note = f"ferry's report: downtime {e['ferry_downtime_s']['median']:.3f} s"
                 if e.get("errors"):
                     note += ("; " if note else "") + "error: " + e["errors"][0].splitlines()[0][:90]
-                lines.append(f"{mode:6} {size:>6} {v:10} {e['ok_runs']:>2}/{e['runs']:<2} {dt:>22} {tt:>8} {rt:>10}  {note}")
+                lines.append(f"{mode:6} {size:>6} {v:10} {e['ok_runs']:>2}/{e['runs']:<2} {dt:>22} {tt:>8} {at:>6} {rt:>10}  {note}")
     print("\n".join(lines), flush=True)
 
 
