@@ -58,8 +58,8 @@ pub fn set_port(config: &LabConfig, id: u64, up: bool) -> Result<(), LabError> {
     ip(&["link", "set", &w.veth, if up { "up" } else { "down" }]).map(drop)
 }
 
-/// Records that workload `id` now runs as `pid` (its start time read now), and takes over
-/// the command line of `from` (the record it moved from), which is removed with its namespace.
+/// Records that workload `id` now runs as `pid` (its start time read now), with the command
+/// line of `from` (the record it moved from; the source removes that one when it let go).
 pub fn arrived(config: &LabConfig, id: u64, pid: i32, from: Option<u64>) -> Result<Workload, LabError> {
     let _lock = StateLock::acquire(config)?;
     let mut state = load(config)?;
@@ -72,13 +72,7 @@ pub fn arrived(config: &LabConfig, id: u64, pid: i32, from: Option<u64>) -> Resu
         w.log = old.log.clone();
     }
     let moved = w.clone();
-    if let Some(old) = old {
-        state.workloads.retain(|x| x.id != old.id);
-        state.save(config)?;
-        remove_workload(&old);
-    } else {
-        state.save(config)?;
-    }
+    state.save(config)?;
     Ok(moved)
 }
 

@@ -131,6 +131,8 @@ pub struct Agent {
     pub metrics: Metrics,
     /// One migration at a time per node: CRIU and the store are shared.
     pub(crate) busy: Mutex<()>,
+    /// Frozen trees whose pages are being served (post-copy), by migration.
+    pub(crate) pages: Mutex<std::collections::HashMap<String, std::sync::Arc<crate::lazy::PageSource>>>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -142,7 +144,15 @@ impl std::fmt::Debug for Agent {
 impl Agent {
     pub fn new(config: AgentConfig, ctx: Context, dialer: Box<dyn Dialer>) -> Result<Agent, MigrateError> {
         let journal = Journal::open(&config.journal)?;
-        Ok(Agent { config, ctx, dialer, journal, metrics: Metrics::default(), busy: Mutex::new(()) })
+        Ok(Agent {
+            config,
+            ctx,
+            dialer,
+            journal,
+            metrics: Metrics::default(),
+            busy: Mutex::new(()),
+            pages: Mutex::new(Default::default()),
+        })
     }
 
     pub fn name(&self) -> &str {

@@ -11,6 +11,7 @@ pub mod failpoint;
 pub mod journal;
 pub mod lab_agents;
 pub mod lazy;
+mod pages;
 pub mod proto;
 mod recover;
 mod ship;

@@ -13,6 +13,8 @@ pub const PROTOCOL: u32 = 1;
 /// Frame kinds.
 pub const KIND_MSG: u16 = 0x4d53;
 pub const KIND_CHUNKS: u16 = 0x4348;
+/// Raw page data answering a `PageRequest`.
+pub const KIND_PAGES: u16 = 0x5047;
 /// Cap on any frame between agents.
 pub const PEER_CAP: u32 = 16 << 20;
 /// Chunk references per `ChunkList` frame (52 bytes each at most).
@@ -88,9 +90,21 @@ pub enum Msg {
         committed: bool,
         known: bool,
     },
-    /// The target asks for pages (post-copy page channel).
+    /// Opens the post-copy page channel of a migration (a connection of its own).
     Pages {
         migration: String,
+    },
+    /// `nr_pages` pages at `vaddr` of process `pid` (as numbered in the images); answered by
+    /// a KIND_PAGES frame or an `Error`.
+    PageRequest {
+        pid: u32,
+        vaddr: u64,
+        nr_pages: u32,
+    },
+    /// Post-copy: the target has every page; the source may let its frozen copy go.
+    PagesDone {
+        bytes: u64,
+        requests: u64,
     },
     Error {
         message: String,

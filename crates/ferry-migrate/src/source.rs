@@ -3,6 +3,10 @@
 //! have it restore; only when the target runs the workload is the source's copy let go.
 
 use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use ferry_criu::{NotifyHandler, RecordingNotify};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use ferry_runtime::{CheckpointRequest, PostDump, WorkloadId};
@@ -11,6 +15,7 @@ use ferry_store::Committed;
 use crate::agent::{unexpected, Agent, Channel};
 use crate::api::{Event, MigrateRequest, PhaseTime, Report, Strategy};
 use crate::journal::{Entry, Stage};
+use crate::lazy::{PageServerFinisher, PageSource};
 use crate::proto::Msg;
 use crate::{failpoint, ship, MigrateError};
 
@@ -88,6 +93,7 @@ pub(crate) fn migrate(
         frozen_at: None,
         port_down: false,
         running: None,
+        committed_at: None,
     };
     let result = run.go(&workload, strategy, external_net);
     let phases = std::mem::take(&mut run.phases);
@@ -95,6 +101,7 @@ pub(crate) fn migrate(
     let frozen_at = run.frozen_at;
     let new_pid = run.running;
     let port_down = run.port_down;
+    let committed_at = run.committed_at;
     drop(run);
     let logical = match result {
         Ok(l) => l,
@@ -111,17 +118,24 @@ pub(crate) fn migrate(
             return Err(e);
         }
     };
-    // The source tree is gone; the target holds the workload with its network down.
-    let t_commit = Instant::now();
-    let committed = ch.call(&Msg::Commit, "commit");
-    let downtime = frozen_at.map_or(0.0, |t| t.elapsed().as_secs_f64());
-    if let Err(e) = committed {
-        // The journal says committed: the target learns it when it asks (`Outcome`).
-        tracing::error!(%migration, error = %e, "the target did not confirm the commit; it will ask again");
-        return Err(e);
-    }
     let mut phases = phases;
-    phases.push(PhaseTime { name: "commit".into(), seconds: t_commit.elapsed().as_secs_f64() });
+    let downtime = match (committed_at, frozen_at) {
+        // Post-copy committed before the pages moved: the downtime ended there.
+        (Some(c), Some(f)) => c.duration_since(f).as_secs_f64(),
+        _ => {
+            // The source tree is gone; the target holds the workload with its network down.
+            let t_commit = Instant::now();
+            let committed = ch.call(&Msg::Commit, "commit");
+            let downtime = frozen_at.map_or(0.0, |t| t.elapsed().as_secs_f64());
+            if let Err(e) = committed {
+                // The journal says committed: the target learns it when it asks (`Outcome`).
+                tracing::error!(%migration, error = %e, "the target did not confirm the commit; it will ask again");
+                return Err(e);
+            }
+            phases.push(PhaseTime { name: "commit".into(), seconds: t_commit.elapsed().as_secs_f64() });
+            downtime
+        }
+    };
     if let (Some(lab), Some(id)) = (&agent.config.lab, entry.lab_workload) {
         let _ = ferry_lab::remove_workload(lab, id);
     }
@@ -166,6 +180,8 @@ struct Run<'a> {
     frozen_at: Option<Instant>,
     port_down: bool,
     running: Option<i32>,
+    /// Post-copy: the target confirmed the commit (at this instant) before the pages moved.
+    committed_at: Option<Instant>,
 }
 
 impl Run<'_> {
@@ -212,11 +228,33 @@ impl Run<'_> {
             external,
             lazy_pages: None,
         };
+        let lazy = strategy == Strategy::PostCopy;
+        let port = if lazy {
+            Some(crate::lazy::pick_port().map_err(|e| MigrateError::protocol(e.to_string()))?)
+        } else {
+            None
+        };
+        let req = CheckpointRequest { lazy_pages: port, ..req };
         (self.events)(Event::Phase("freeze and dump".into()));
         self.frozen_at = Some(Instant::now());
-        let mut switch = Switch { run: self, external_net: external_net.is_some(), error: None };
+        let finisher = port.map(|p| PageServerFinisher::new(p, RecordingNotify::default()));
+        let mut switch =
+            Switch { run: self, external_net: external_net.is_some(), error: None, finisher, pid: 0 };
+        switch.pid = match workload {
+            WorkloadId::Pid(p) => *p,
+            WorkloadId::Container { .. } => 0,
+        };
         let result = ferry_runtime::checkpoint_with(&switch.run.agent.ctx, &req, &mut switch);
         let hook_error = switch.error.take();
+        if let Ok(mut pages) = switch.run.agent.pages.lock() {
+            pages.remove(&migration);
+        }
+        if let Some(f) = switch.finisher.as_mut() {
+            match f.finish() {
+                Ok(r) => tracing::debug!(exposed = ?r.exposed, "CRIU's lazy page server closed"),
+                Err(e) => tracing::warn!(error = %e, "CRIU's lazy page server"),
+            }
+        }
         match (result, hook_error) {
             (Ok(report), _) => Ok(report.logical_bytes),
             (Err(_), Some(e)) => Err(e),
@@ -230,6 +268,10 @@ struct Switch<'r, 'a> {
     run: &'r mut Run<'a>,
     external_net: bool,
     error: Option<MigrateError>,
+    /// Post-copy: ends CRIU's own lazy page server (ferry served the pages).
+    finisher: Option<PageServerFinisher<RecordingNotify>>,
+    /// Host pid of the tree's root.
+    pid: i32,
 }
 
 impl Switch<'_, '_> {
@@ -256,23 +298,62 @@ impl Switch<'_, '_> {
         run.phases.push(PhaseTime { name: "transfer".into(), seconds: t.elapsed().as_secs_f64() });
         let t = Instant::now();
         (run.events)(Event::Phase("restore on the target".into()));
-        let restore =
-            Msg::Restore { name, tcp_established: true, lazy: false, external_net: self.external_net };
+        let lazy = self.finisher.is_some();
+        let restore = Msg::Restore { name, tcp_established: true, lazy, external_net: self.external_net };
         match run.ch.call(&restore, "restore")? {
             Msg::Running { pid, .. } => run.running = Some(pid),
             other => return Err(unexpected("restore", &other)),
         }
         run.phases.push(PhaseTime { name: "restore".into(), seconds: t.elapsed().as_secs_f64() });
         failpoint::check("source-before-commit");
-        // From here on the target's copy is the one to keep, even if this agent dies now.
+        if !lazy {
+            // From here on the target's copy is the one to keep, even if this agent dies now.
+            run.entry.stage = Stage::Committed;
+            run.agent.journal.write(run.entry)?;
+            failpoint::check("source-after-commit");
+            return Ok(());
+        }
+        // Post-copy: the target runs the workload now, its memory still here (frozen). Its
+        // network goes up at once; the pages follow on demand and in the background.
+        match run.ch.call(&Msg::Commit, "commit")? {
+            Msg::Committed => run.committed_at = Some(Instant::now()),
+            other => return Err(unexpected("commit", &other)),
+        }
+        let t = Instant::now();
+        (run.events)(Event::Phase("post-copy: pages".into()));
+        match run.ch.recv("post-copy pages")? {
+            Msg::PagesDone { bytes, requests } => {
+                tracing::info!(bytes, requests, "the target has every page");
+                run.bytes += bytes;
+            }
+            other => return Err(unexpected("post-copy pages", &other)),
+        }
+        run.phases.push(PhaseTime { name: "pages".into(), seconds: t.elapsed().as_secs_f64() });
         run.entry.stage = Stage::Committed;
         run.agent.journal.write(run.entry)?;
-        failpoint::check("source-after-commit");
         Ok(())
     }
 }
 
 impl PostDump for Switch<'_, '_> {
+    fn before_commit(&mut self, images: &Path) -> Result<(), String> {
+        if self.finisher.is_none() {
+            return Ok(());
+        }
+        // The frozen tree's pages are served from here until the target has them all.
+        let source = PageSource::open(images, self.pid).map_err(|e| e.to_string())?;
+        let mut pages = self.run.agent.pages.lock().map_err(|_| "page registry poisoned".to_string())?;
+        pages.insert(self.run.entry.migration.clone(), Arc::new(source));
+        Ok(())
+    }
+
+    fn notify(&mut self, event: &ferry_criu::Notify, pid: Option<i32>) -> Result<(), String> {
+        match self.finisher.as_mut() {
+            Some(f) => f.notify(event, pid),
+            None => Ok(()),
+        }
+    }
+
     fn after_commit(&mut self, committed: &Committed) -> Result<(), String> {
         self.switch(committed).map_err(|e| {
             let text = e.to_string();

@@ -10,11 +10,18 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use ferry_criu::{LogTarget, RecordingNotify, RestoreOptions, SharedOptions};
 
+use ferry_sys::PrivateTmpfs;
+
 use crate::agent::{unexpected, Agent, Channel, COMMIT_WAIT};
 use crate::journal::{Entry, Stage};
+use crate::lazy::LazyServer;
+use crate::pages::RemotePages;
 use crate::proto::{Msg, PROTOCOL};
 use crate::source::NETNS_KEY;
 use crate::{ship, MigrateError};
+
+/// How long a post-copy target waits for all pages.
+const PAGES_WAIT: std::time::Duration = std::time::Duration::from_secs(900);
 
 pub(crate) fn serve(agent: &Agent, mut ch: Channel) -> Result<(), MigrateError> {
     match ch.recv("hello")? {
@@ -75,12 +82,12 @@ pub(crate) fn serve(agent: &Agent, mut ch: Channel) -> Result<(), MigrateError> 
                     Err(e) => return fail(agent, &mut ch, arrival, e),
                 }
             }
-            Msg::Restore { name, tcp_established, external_net, .. } => {
+            Msg::Restore { name, tcp_established, external_net, lazy } => {
                 let Some(a) = arrival.as_mut() else {
                     return fail(agent, &mut ch, None, MigrateError::protocol("restore before prepare"));
                 };
                 let t = Instant::now();
-                match a.restore(agent, &name, tcp_established, external_net) {
+                match a.restore(agent, &name, tcp_established, external_net, lazy) {
                     Ok(pid) => {
                         ch.send(&Msg::Running { pid, restore_s: t.elapsed().as_secs_f64() })?;
                         crate::failpoint::check("target-after-running");
@@ -89,13 +96,30 @@ pub(crate) fn serve(agent: &Agent, mut ch: Channel) -> Result<(), MigrateError> 
                 }
             }
             Msg::Commit => {
-                let Some(a) = arrival.take() else {
+                let Some(mut a) = arrival.take() else {
                     return fail(agent, &mut ch, None, MigrateError::protocol("commit before prepare"));
                 };
-                a.commit(agent)?;
+                if a.lazy.is_none() {
+                    a.commit(agent)?;
+                    ch.send(&Msg::Committed)?;
+                    return Ok(());
+                }
+                // Post-copy: the workload goes live now; its pages keep coming from the source.
+                if let Err(e) = a.release(agent) {
+                    return fail(agent, &mut ch, Some(a), e);
+                }
                 ch.send(&Msg::Committed)?;
-                return Ok(());
+                match a.wait_pages() {
+                    Ok(stats) => {
+                        agent.metrics.bytes_received.fetch_add(stats.bytes, Ordering::Relaxed);
+                        ch.send(&Msg::PagesDone { bytes: stats.bytes, requests: stats.requests })?;
+                        a.finish(agent);
+                        return Ok(());
+                    }
+                    Err(e) => return fail(agent, &mut ch, Some(a), e),
+                }
             }
+            Msg::Pages { migration } => return crate::pages::serve(agent, &mut ch, &migration),
             Msg::Abort { reason } => {
                 tracing::warn!(%reason, "the source abandoned the migration");
                 if let Some(a) = arrival.take() {
@@ -138,6 +162,8 @@ pub(crate) struct Arrival {
     ip: Option<std::net::Ipv4Addr>,
     /// The source's lab record of the workload.
     from: Option<u64>,
+    /// Post-copy: the lazy-pages daemon and the images it reads.
+    lazy: Option<(LazyServer, PrivateTmpfs)>,
 }
 
 impl Arrival {
@@ -154,11 +180,12 @@ impl Arrival {
             },
             ip,
             from: None,
+            lazy: None,
         }
     }
 
     pub(crate) fn from_entry(entry: Entry) -> Arrival {
-        Arrival { entry, ip: None, from: None }
+        Arrival { entry, ip: None, from: None, lazy: None }
     }
 
     fn restore(
@@ -167,6 +194,7 @@ impl Arrival {
         name: &str,
         tcp_established: bool,
         external_net: bool,
+        lazy: bool,
     ) -> Result<i32, MigrateError> {
         let store = &agent.ctx.store;
         let checkpoint = store.get(name)?;
@@ -194,15 +222,38 @@ impl Arrival {
             source,
         })?;
         checkpoint.materialize(store, &images)?;
+        if !lazy && has_lazy_pages(&images)? {
+            // CRIU would spin forever reading pages that are not in the images.
+            return Err(MigrateError::Refused(format!(
+                "checkpoint {name} was dumped with lazy pages: it can only be restored with them (post-copy)"
+            )));
+        }
         let stamp = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
-        let log = LogTarget::new(store.logs_dir(), format!("arrive-{name}-{stamp}.log"));
-        let mut opts =
-            RestoreOptions::new(&images, log).tcp_established(tcp_established).restore_sibling(true);
+        // Lazy restore finds the daemon's socket in its work (log) directory: one per arrival.
+        let log_dir = store.logs_dir().join(format!("arrive-{name}-{stamp}"));
+        let log = LogTarget::new(&log_dir, "restore.log");
+        let server = if lazy {
+            let fetcher = RemotePages::open(agent, &self.entry.peer, &self.entry.migration)?;
+            let server_log = LogTarget::new(&log_dir, "lazy-pages.log");
+            Some(
+                LazyServer::start(agent.ctx.criu.path(), &images, &server_log, Box::new(fetcher))
+                    .map_err(|e| MigrateError::Refused(crate::chain(&e)))?,
+            )
+        } else {
+            None
+        };
+        let mut opts = RestoreOptions::new(&images, log)
+            .tcp_established(tcp_established)
+            .restore_sibling(true)
+            .lazy_pages(lazy);
         if let Some(fd) = netns {
             opts = opts.inherit_fd(NETNS_KEY, fd);
         }
         let outcome = agent.ctx.criu.restore(&opts, &mut RecordingNotify::default())?;
-        drop(scratch);
+        match server {
+            Some(server) => self.lazy = Some((server, scratch)),
+            None => drop(scratch),
+        }
         let pid = outcome.pid;
         // The restored root is our child: reap it whenever it ends.
         std::thread::spawn(move || {
@@ -216,20 +267,46 @@ impl Arrival {
 
     /// The source let go: bring the workload's network up and record it here.
     pub(crate) fn commit(self, agent: &Agent) -> Result<(), MigrateError> {
+        self.release(agent)?;
+        self.finish(agent);
+        Ok(())
+    }
+
+    /// Brings the workload's network up and records it as this node's.
+    fn release(&self, agent: &Agent) -> Result<(), MigrateError> {
         if let (Some(lab), Some(id)) = (&agent.config.lab, self.entry.lab_workload) {
             ferry_lab::set_port(lab, id, true)?;
             ferry_lab::arrived(lab, id, self.entry.pid, self.from)?;
         }
-        self.forget(agent);
-        agent.metrics.arrivals_ok.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(migration = %self.entry.migration, pid = self.entry.pid, "arrived");
         Ok(())
     }
 
+    /// Post-copy: waits until the daemon has every page.
+    fn wait_pages(&mut self) -> Result<crate::lazy::LazyStats, MigrateError> {
+        let Some((server, _)) = self.lazy.as_mut() else { return Ok(Default::default()) };
+        server.wait_done(PAGES_WAIT).map_err(|e| MigrateError::Refused(crate::chain(&e)))
+    }
+
+    /// Forgets a finished arrival.
+    fn finish(mut self, agent: &Agent) {
+        if let Some((server, scratch)) = self.lazy.take() {
+            server.stop();
+            drop(scratch);
+        }
+        self.forget(agent);
+        agent.metrics.arrivals_ok.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(migration = %self.entry.migration, pid = self.entry.pid, "arrived");
+    }
+
     /// Kills what was restored, removes its namespace and checkpoints.
-    pub(crate) fn abort(self, agent: &Agent) {
+    pub(crate) fn abort(mut self, agent: &Agent) {
         if self.entry.pid > 0 && ferry_lab::is_alive(self.entry.pid, self.entry.start_time) {
             let _ = ferry_sys::kill(self.entry.pid, ferry_sys::Signal::Kill);
+        }
+        // Only after the tree is dead: without its daemon it would read zeros for its pages.
+        if let Some((server, scratch)) = self.lazy.take() {
+            server.stop();
+            drop(scratch);
         }
         if let (Some(lab), Some(id)) = (&agent.config.lab, self.entry.lab_workload) {
             if let Err(e) = ferry_lab::remove_workload(lab, id) {
@@ -287,4 +364,15 @@ pub(crate) fn ask_outcome(agent: &Agent, entry: &Entry) -> Option<bool> {
         Msg::OutcomeIs { known: false, .. } => Some(false),
         _ => None,
     }
+}
+
+/// True if the images leave some memory to be served lazily.
+fn has_lazy_pages(images: &std::path::Path) -> Result<bool, MigrateError> {
+    let refused = |e: crate::lazy::LazyError| MigrateError::Refused(crate::chain(&e));
+    for pid in crate::lazy::tree_pids(images).map_err(refused)? {
+        if !crate::lazy::lazy_ranges(images, pid).map_err(refused)?.is_empty() {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }

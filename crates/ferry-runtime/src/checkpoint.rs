@@ -44,6 +44,11 @@ pub trait PostDump {
     fn after_commit(&mut self, _committed: &Committed) -> Result<(), String> {
         Ok(())
     }
+
+    /// Any other notification of CRIU's (e.g. `status-ready` of a lazy dump's page server).
+    fn notify(&mut self, _event: &Notify, _pid: Option<i32>) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// Nothing to do at post-dump.
@@ -182,9 +187,12 @@ impl CommitAtPostDump<'_> {
 }
 
 impl NotifyHandler for CommitAtPostDump<'_> {
-    fn notify(&mut self, event: &Notify, _pid: Option<i32>) -> Result<(), String> {
+    fn notify(&mut self, event: &Notify, pid: Option<i32>) -> Result<(), String> {
+        if *event != Notify::PostDump {
+            return self.hook.notify(event, pid);
+        }
         // With --leave-running the tree runs on whatever happens: do not hold it frozen.
-        if *event != Notify::PostDump || self.leave_running {
+        if self.leave_running {
             return Ok(());
         }
         let result = self.commit().and_then(|(committed, secs)| {

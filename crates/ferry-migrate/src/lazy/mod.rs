@@ -22,6 +22,7 @@ mod source;
 use std::time::Duration;
 
 pub use finisher::{pick_port, FinishReport, PageServerFinisher};
+pub use images::{lazy_ranges, tree_pids, LazyRanges};
 pub use proto::PAGE_SIZE;
 pub use server::{LazyServer, LazyStats};
 pub use source::PageSource;
