@@ -168,6 +168,23 @@ pub enum WireError {
         /// What is wrong with it.
         why: &'static str,
     },
+    /// This node's certificate file is not usable.
+    #[error("this node's certificate is not usable: {why}; issue one with `ferry node ca issue`")]
+    BadNodeCertificate {
+        /// What is wrong with it.
+        why: &'static str,
+    },
+    /// The certificate given as this node's is for another key.
+    #[error(
+        "the certificate is for key {cert_key}, not for this node's key {node_key}: was it issued \
+         for another node, or before `ferry keys rotate`? Issue one with `ferry node ca issue`"
+    )]
+    NotThisNodesCertificate {
+        /// The Ed25519 key in the certificate (hex).
+        cert_key: String,
+        /// This node's Ed25519 key (hex).
+        node_key: String,
+    },
     /// rcgen could not make a certificate.
     #[error("cannot make the {what} certificate")]
     Certificate {

@@ -38,4 +38,4 @@ pub mod tls;
 
 pub use error::WireError;
 pub use frame::{decode_frame, read_frame, recv, send, write_frame, Frame};
-pub use tls::{ClusterCa, Endpoint, Identity, Peer, Refusal, TlsStream, Trust};
+pub use tls::{CaCert, ClusterCa, Endpoint, Identity, Peer, Refusal, TlsStream, Trust};

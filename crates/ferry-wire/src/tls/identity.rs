@@ -13,7 +13,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, DnsName, PrivatePkcs8KeyDer};
 use time::{Duration, OffsetDateTime};
 
-use super::der::{common_name, ED25519_PKCS8_PREFIX};
+use super::der::{common_name, ed25519_key, ED25519_PKCS8_PREFIX};
 use crate::WireError;
 
 /// How long certificates made here are valid.
@@ -78,6 +78,38 @@ impl Identity {
         Ok(Identity::from_parts(name, &key, cert.der().clone(), der))
     }
 
+    /// An identity from a certificate issued elsewhere (by `ferry node ca issue`, with the CA
+    /// key that this node does not hold) for the key of `seed`. `cert` is PEM or DER. Refused
+    /// unless the certificate holds exactly this node's Ed25519 public key: a certificate for
+    /// another key would make every handshake fail, later and less clearly.
+    ///
+    /// Neither the issuer nor the validity period is checked here: peers check them against
+    /// the CA they trust.
+    pub fn from_cert(seed: &[u8; 32], cert: &[u8]) -> Result<Identity, WireError> {
+        let (key, der) = ed25519_key_pair(seed)?;
+        let cert = cert_from_pem_or_der(cert)?;
+        let parsed = webpki::EndEntityCert::try_from(&cert)
+            .map_err(|_| bad_cert("it does not parse as an X.509 certificate"))?;
+        let Some(in_cert) = ed25519_key(parsed.subject_public_key_info().as_ref()) else {
+            return Err(bad_cert("it holds no Ed25519 key (ferry nodes use their Ed25519 node key)"));
+        };
+        let mut public = [0u8; 32];
+        public.copy_from_slice(key.public_key_raw());
+        if in_cert != public {
+            return Err(WireError::NotThisNodesCertificate {
+                cert_key: super::key_hex(&in_cert),
+                node_key: super::key_hex(&public),
+            });
+        }
+        let name = parsed
+            .valid_dns_names()
+            .next()
+            .map(str::to_owned)
+            .or_else(|| common_name(parsed.subject()))
+            .unwrap_or_default();
+        Ok(Identity { name, public, cert, key: der })
+    }
+
     fn from_parts(
         name: &str,
         key: &KeyPair,
@@ -102,6 +134,11 @@ impl Identity {
     /// The certificate (DER).
     pub fn cert_der(&self) -> &[u8] {
         &self.cert
+    }
+
+    /// The certificate as PEM (what `ferry node ca issue` writes to `keys/node-cert.pem`).
+    pub fn cert_pem(&self) -> String {
+        pem_block("CERTIFICATE", &self.cert)
     }
 
     pub(crate) fn cert(&self) -> CertificateDer<'static> {
@@ -151,6 +188,11 @@ impl ClusterCa {
         &self.cert
     }
 
+    /// The CA certificate alone as PEM: public, what nodes that trust the CA need.
+    pub fn cert_pem(&self) -> String {
+        pem_block("CERTIFICATE", &self.cert)
+    }
+
     /// Certificate and private key as PEM. Holds the secret key: store it readable by root only.
     pub fn to_pem(&self) -> String {
         let mut out = pem_block("CERTIFICATE", &self.cert);
@@ -184,6 +226,35 @@ impl ClusterCa {
         }
         Ok(ClusterCa { name, key, signer, cert })
     }
+}
+
+/// A cluster CA's certificate as a node that trusts it holds it (without the CA's key).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CaCert {
+    /// The certificate (DER): what goes in [`Trust::ca`](super::Trust::ca).
+    pub der: Vec<u8>,
+    /// Its subject's common name, for messages.
+    pub name: String,
+}
+
+impl CaCert {
+    /// Reads a CA certificate, PEM (the first CERTIFICATE block: the file `ClusterCa::to_pem`
+    /// or `ClusterCa::cert_pem` wrote) or DER, and checks that it can serve as trust anchor.
+    pub fn parse(bytes: &[u8]) -> Result<CaCert, WireError> {
+        let cert = cert_from_pem_or_der(bytes).map_err(|_| bad_ca("no CERTIFICATE block"))?;
+        let anchor = webpki::anchor_from_trusted_cert(&cert)
+            .map_err(|_| bad_ca("the CA certificate does not parse"))?;
+        let name = common_name(anchor.subject.as_ref()).unwrap_or_default();
+        Ok(CaCert { der: cert.to_vec(), name })
+    }
+}
+
+/// One certificate from PEM (the first CERTIFICATE block) or DER.
+fn cert_from_pem_or_der(bytes: &[u8]) -> Result<CertificateDer<'static>, WireError> {
+    if bytes.first() == Some(&0x30) {
+        return Ok(CertificateDer::from(bytes.to_vec()));
+    }
+    CertificateDer::from_pem_slice(bytes).map_err(|_| bad_cert("no CERTIFICATE block (PEM) and not DER"))
 }
 
 #[cfg(test)]
@@ -258,6 +329,10 @@ fn check_ca_name(name: &str) -> Result<(), WireError> {
 
 fn bad_name(name: &str) -> WireError {
     WireError::BadNodeName { name: name.to_owned() }
+}
+
+fn bad_cert(why: &'static str) -> WireError {
+    WireError::BadNodeCertificate { why }
 }
 
 fn bad_ca(why: &'static str) -> WireError {

@@ -12,7 +12,7 @@ mod verify;
 
 use std::fmt::Write as _;
 
-pub use identity::{ClusterCa, Identity};
+pub use identity::{CaCert, ClusterCa, Identity};
 pub use stream::{Endpoint, Peer, TlsStream, DEFAULT_HANDSHAKE_TIMEOUT, KIND_ADMITTED};
 pub use verify::{Refusal, Trust};
 

@@ -347,3 +347,58 @@ fn a_client_with_an_ecdsa_certificate_is_refused() {
         "{e:?}"
     );
 }
+
+#[test]
+fn an_issued_certificate_is_used_without_the_ca_key() {
+    let ca = ClusterCa::generate("ferry cluster").unwrap();
+    // What `ferry node ca issue` writes, and what the agent reads back with its seed only.
+    let pem = Identity::issued(&[1; 32], "node-a", &ca).unwrap().cert_pem();
+    assert!(pem.starts_with("-----BEGIN CERTIFICATE-----\n"), "{pem}");
+    let a = Identity::from_cert(&[1; 32], pem.as_bytes()).unwrap();
+    assert_eq!(a.name(), "node-a");
+    assert_eq!(a.public_key(), node(1, "x").public_key());
+    let der = Identity::from_cert(&[1; 32], a.cert_der()).unwrap();
+    assert_eq!(der.cert_der(), a.cert_der());
+    let b = Identity::issued(&[2; 32], "node-b", &ca).unwrap();
+    let (client, server) = run((&b, ca_trust(&ca)), (&a, ca_trust(&ca)));
+    assert_eq!(client.unwrap().1.name, "node-b");
+    assert_eq!(server.unwrap().1, Peer { key: a.public_key(), name: "node-a".into() });
+}
+
+#[test]
+fn a_certificate_for_another_key_is_refused_as_identity() {
+    let ca = ClusterCa::generate("ferry cluster").unwrap();
+    let pem = Identity::issued(&[2; 32], "node-b", &ca).unwrap().cert_pem();
+    let e = Identity::from_cert(&[1; 32], pem.as_bytes()).unwrap_err();
+    assert!(matches!(e, WireError::NotThisNodesCertificate { .. }), "{e:?}");
+    let msg = e.to_string();
+    assert!(msg.contains(&key_hex(&node(2, "x").public_key())), "{msg}");
+    assert!(msg.contains(&key_hex(&node(1, "x").public_key())), "{msg}");
+    assert!(msg.contains("ferry node ca issue"), "{msg}");
+    for (input, says) in [
+        (&b""[..], "no CERTIFICATE"),
+        (b"hello", "no CERTIFICATE"),
+        (&[0x30, 0x03, 1, 2, 3][..], "does not parse"),
+    ] {
+        let e = Identity::from_cert(&[1; 32], input).unwrap_err();
+        assert!(matches!(e, WireError::BadNodeCertificate { .. }), "{e:?}");
+        assert!(e.to_string().contains(says), "{e}");
+    }
+    let e = Identity::from_cert(&[1; 32], &ecdsa_cert(Some(&ca))).unwrap_err();
+    assert!(e.to_string().contains("no Ed25519 key"), "{e}");
+}
+
+#[test]
+fn ca_certificates_are_read_from_pem_or_der() {
+    let ca = ClusterCa::generate("ferry cluster").unwrap();
+    let public = ca.cert_pem();
+    assert!(!public.contains("PRIVATE KEY"), "{public}");
+    for input in [public.as_bytes(), ca.to_pem().as_bytes(), ca.cert_der()] {
+        let c = CaCert::parse(input).unwrap();
+        assert_eq!(c, CaCert { der: ca.cert_der().to_vec(), name: "ferry cluster".into() });
+    }
+    for bad in [&b""[..], b"-----BEGIN CERTIFICATE-----\n", &[0x30, 0x01, 0x00]] {
+        let e = CaCert::parse(bad).unwrap_err();
+        assert!(matches!(e, WireError::BadCa { .. }), "{e:?}");
+    }
+}
