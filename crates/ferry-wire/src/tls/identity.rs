@@ -10,10 +10,11 @@ use rcgen::{
     KeyUsagePurpose, PKCS_ED25519,
 };
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, DnsName, PrivatePkcs8KeyDer};
+use rustls::pki_types::{CertificateDer, DnsName, PrivatePkcs8KeyDer, UnixTime};
 use time::{Duration, OffsetDateTime};
 
 use super::der::{common_name, ed25519_key, ED25519_PKCS8_PREFIX};
+use super::verify::{PeerVerifier, Refusal, Trust};
 use crate::WireError;
 
 /// How long certificates made here are valid.
@@ -136,6 +137,16 @@ impl Identity {
         &self.cert
     }
 
+    /// The common name of the certificate's issuer, when another key issued it (`None` for a
+    /// self-signed certificate).
+    pub fn issuer(&self) -> Option<String> {
+        let parsed = webpki::EndEntityCert::try_from(&self.cert).ok()?;
+        if parsed.issuer() == parsed.subject() {
+            return None;
+        }
+        Some(common_name(parsed.issuer()).unwrap_or_default())
+    }
+
     /// The certificate as PEM (what `ferry node ca issue` writes to `keys/node-cert.pem`).
     pub fn cert_pem(&self) -> String {
         pem_block("CERTIFICATE", &self.cert)
@@ -246,6 +257,14 @@ impl CaCert {
             .map_err(|_| bad_ca("the CA certificate does not parse"))?;
         let name = common_name(anchor.subject.as_ref()).unwrap_or_default();
         Ok(CaCert { der: cert.to_vec(), name })
+    }
+
+    /// Whether peers that trust this CA admit `identity`: its certificate was issued by this
+    /// CA and is valid now. For a node to check its own certificate before it is refused.
+    pub fn check_issued(&self, identity: &Identity) -> Result<(), Refusal> {
+        let verifier = PeerVerifier::new(Trust { pinned: vec![], ca: Some(self.der.clone()) })
+            .map_err(|_| Refusal::BadCertificate)?;
+        verifier.admit(&identity.cert, UnixTime::now(), webpki::KeyUsage::server_auth())
     }
 }
 

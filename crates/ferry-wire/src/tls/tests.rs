@@ -359,6 +359,13 @@ fn an_issued_certificate_is_used_without_the_ca_key() {
     assert_eq!(a.public_key(), node(1, "x").public_key());
     let der = Identity::from_cert(&[1; 32], a.cert_der()).unwrap();
     assert_eq!(der.cert_der(), a.cert_der());
+    assert_eq!(a.issuer().as_deref(), Some("ferry cluster"));
+    assert_eq!(node(1, "node-a").issuer(), None, "self-signed");
+    let cert = CaCert::parse(ca.cert_pem().as_bytes()).unwrap();
+    assert_eq!(cert.check_issued(&a), Ok(()));
+    let other = CaCert::parse(ClusterCa::generate("other").unwrap().cert_der()).unwrap();
+    assert!(matches!(other.check_issued(&a), Err(Refusal::Unknown { .. })));
+    assert!(cert.check_issued(&node(1, "node-a")).is_err());
     let b = Identity::issued(&[2; 32], "node-b", &ca).unwrap();
     let (client, server) = run((&b, ca_trust(&ca)), (&a, ca_trust(&ca)));
     assert_eq!(client.unwrap().1.name, "node-b");
