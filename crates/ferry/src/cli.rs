@@ -184,8 +184,36 @@ pub enum NodeAction {
         /// Its public key, as `ferry keys show` prints it there.
         public_key: String,
     },
-    /// This node's public key (what other nodes trust).
+    /// This node's public key (what other nodes trust), and its certificate from the cluster
+    /// CA if it has one.
     Show,
+    /// A cluster CA: admits nodes by a certificate for their key instead of pins.
+    Ca {
+        #[command(subcommand)]
+        action: CaAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CaAction {
+    /// Create a cluster CA (certificate and private key) in DIR; never overwrites one.
+    Init {
+        /// The directory (created 0700); keep it off the nodes.
+        dir: PathBuf,
+        /// The CA's name in its certificate.
+        #[arg(long, default_value = "ferry cluster CA")]
+        name: String,
+    },
+    /// Issue a certificate for this node's key (to STORE/keys/node-cert.pem) and trust the
+    /// CA (STORE/keys/cluster-ca.pem). Restart ferryd for it to take effect.
+    Issue {
+        /// The CA's directory (made by `ferry node ca init`).
+        #[arg(long, value_name = "DIR")]
+        ca: PathBuf,
+        /// The node name in the certificate (default: the host name).
+        #[arg(long)]
+        name: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -53,7 +53,10 @@ fn main() -> ExitCode {
                 &cli,
                 &cli::KeysAction::AddRecipient { name: name.clone(), public_key: public_key.clone() },
             ),
-            cli::NodeAction::Show => cmd::keys::run(&cli, &cli::KeysAction::Show),
+            cli::NodeAction::Show => {
+                cmd::keys::run(&cli, &cli::KeysAction::Show).inspect(|_| cmd::node_ca::show(&cli))
+            }
+            cli::NodeAction::Ca { action } => cmd::node_ca::run(&cli, action),
         },
     };
     match outcome {

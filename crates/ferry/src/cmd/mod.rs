@@ -9,6 +9,7 @@ pub mod keys;
 pub mod lab;
 pub mod list;
 pub mod migrate;
+pub mod node_ca;
 pub mod restore;
 pub mod rm;
 pub mod verify;
