@@ -18,7 +18,7 @@ use serde::Deserialize;
 
 use ferry_migrate::api::{Event, Request, API_CAP, KIND_API};
 use ferry_migrate::{Agent, AgentConfig, Conn, Dialer, MigrateError};
-use ferry_wire::tls::{Endpoint, Identity, Trust};
+use ferry_wire::tls::{CaCert, Endpoint, Identity, Trust};
 
 /// ferry's node agent.
 #[derive(Debug, Parser)]
@@ -174,18 +174,9 @@ fn run(cli: Cli) -> Result<()> {
         .with_context(|| format!("cannot open the store {}", s.store.display()))?;
     let ctx = ferry_runtime::Context::new(criu, store).context("this node cannot checkpoint")?;
     let keys_dir = ctx.store.keys_dir();
-    let identity = Identity::self_signed(&ctx.store.keys().identity_seed(), &s.name)
-        .context("cannot make this node's TLS identity")?;
-    let pinned = ferry_store::keys::recipients(&keys_dir)
-        .context("cannot read the trusted nodes")?
-        .into_iter()
-        .map(|(_, p)| p.ed25519)
-        .collect();
-    let ca = match &s.cluster_ca {
-        Some(p) => Some(fs::read(p).with_context(|| format!("cannot read the cluster CA {}", p.display()))?),
-        None => None,
-    };
-    let endpoint = Arc::new(Endpoint::new(&identity, Trust { pinned, ca }).context("cannot set up TLS")?);
+    let (identity, trust) =
+        peer_trust(&keys_dir, &s.name, s.cluster_ca.as_deref(), &ctx.store.keys().identity_seed())?;
+    let endpoint = Arc::new(Endpoint::new(&identity, trust).context("cannot set up TLS")?);
     let lab = match &s.lab_state {
         Some(d) => {
             let config = ferry_lab::LabConfig::from_state_dir(d).context("cannot read the lab's state")?;
@@ -232,6 +223,96 @@ fn run(cli: Cli) -> Result<()> {
         std::thread::spawn(move || serve_tcp(tcp, &e, &a));
     }
     Ok(())
+}
+
+/// This node's certificate, issued by the cluster CA (`ferry node ca issue`), if present.
+const NODE_CERT_FILE: &str = "node-cert.pem";
+/// The cluster CA this node trusts (`ferry node ca issue`), if present.
+const CLUSTER_CA_FILE: &str = "cluster-ca.pem";
+/// Largest certificate file read.
+const MAX_CERT: u64 = 64 << 10;
+
+/// This node's TLS identity and whom it admits. The identity: `keys/node-cert.pem` (issued
+/// by the cluster CA for this node's key) if it exists, else a self-signed certificate. The
+/// trust: the pinned keys (`ferry node trust`) and the cluster CA of the config's
+/// `cluster_ca`, else of `keys/cluster-ca.pem`, if either exists.
+fn peer_trust(
+    keys_dir: &Path,
+    name: &str,
+    configured_ca: Option<&Path>,
+    seed: &[u8; 32],
+) -> Result<(Identity, Trust)> {
+    let cert_file = keys_dir.join(NODE_CERT_FILE);
+    let identity = match read_small(&cert_file)? {
+        Some(cert) => Identity::from_cert(seed, &cert)
+            .with_context(|| format!("cannot use this node's certificate {}", cert_file.display()))?,
+        None => Identity::self_signed(seed, name).context("cannot make this node's TLS identity")?,
+    };
+    let pinned: Vec<[u8; 32]> = ferry_store::keys::recipients(keys_dir)
+        .context("cannot read the trusted nodes")?
+        .into_iter()
+        .map(|(_, p)| p.ed25519)
+        .collect();
+    let in_store = keys_dir.join(CLUSTER_CA_FILE);
+    let ca_file = match configured_ca {
+        Some(p) => Some(p.to_path_buf()),
+        None => in_store.exists().then_some(in_store.clone()),
+    };
+    let ca = match &ca_file {
+        Some(p) => {
+            let bytes =
+                read_small(p)?.with_context(|| format!("the cluster CA {} does not exist", p.display()))?;
+            let ca = CaCert::parse(&bytes)
+                .with_context(|| format!("cannot use the cluster CA {}", p.display()))?;
+            if configured_ca.is_some() && in_store.exists() {
+                let stored = read_small(&in_store)?.and_then(|b| CaCert::parse(&b).ok());
+                if stored.as_ref().map(|c| &c.der) != Some(&ca.der) {
+                    tracing::warn!(
+                        configured = %p.display(),
+                        ignored = %in_store.display(),
+                        "the config's cluster_ca is trusted, not the other CA in the store"
+                    );
+                }
+            }
+            Some(ca)
+        }
+        None => None,
+    };
+    let certificate = match identity.issuer() {
+        Some(issuer) => format!("{} (issued by {issuer:?})", cert_file.display()),
+        None => "self-signed".to_owned(),
+    };
+    match &ca {
+        Some(ca) => tracing::info!(
+            pinned = pinned.len(),
+            cluster_ca = %ca.name,
+            ca_file = %ca_file.as_deref().unwrap_or(Path::new("")).display(),
+            %certificate,
+            "peers admitted: pinned keys, and nodes the cluster CA issued certificates for"
+        ),
+        None => tracing::info!(pinned = pinned.len(), %certificate, "peers admitted: pinned keys only"),
+    }
+    if let (Some(ca), Some(_)) = (&ca, identity.issuer()) {
+        if let Err(why) = ca.check_issued(&identity) {
+            tracing::warn!(
+                "peers that trust the cluster CA {:?} will refuse this node's certificate {}: {why}",
+                ca.name,
+                cert_file.display()
+            );
+        }
+    }
+    Ok((identity, Trust { pinned, ca: ca.map(|c| c.der) }))
+}
+
+/// A small file's bytes; `None` if it does not exist.
+fn read_small(path: &Path) -> Result<Option<Vec<u8>>> {
+    match fs::metadata(path) {
+        Ok(md) if md.len() > MAX_CERT => bail!("{} is larger than {MAX_CERT} bytes", path.display()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    }
+    fs::read(path).map(Some).with_context(|| format!("cannot read {}", path.display()))
 }
 
 fn bind_local(socket: &Path) -> Result<UnixListener> {
