@@ -29,7 +29,9 @@ max_gap_s is the client-observed downtime: the longest time between two consecut
 replies on one connection (the last reply before the pause to the first after it); gap_start
 and gap_end are their unix times. "gaps" lists every gap above 0.1 s (up to 100). A connection
 still waiting for a reply at the stop has a gap that never ended: it counts up to the stop, and
-if its request has waited longer than --stall (1 s) it is an error ("stalled"). Until the first reply of a connection nothing is counted
+if its request has waited longer than --stall (1 s) it is an error ("stalled"). (redis mode
+blocks in its socket calls: a hung connection delays the stop by up to --timeout.)
+Until the first reply of a connection nothing is counted
 (start-up, --connect-wait), so the probe may start before the server listens.
 Exit status 0, or 2 for bad arguments or no first reply within --connect-wait.
 """
