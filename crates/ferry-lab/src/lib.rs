@@ -37,7 +37,10 @@ pub use config::{LabConfig, DEFAULT_STATE_DIR};
 pub use error::LabError;
 pub use guard::{TestLab, CLAIMS_DIR};
 pub use lab::{mac_of, DownReport, ExecOptions, Lab};
-pub use moves::{arrived, prepare_arrival, remove as remove_workload, set_port, workload_by_pid};
+pub use moves::{
+    arrived, neighbours, prepare_arrival, remove as remove_workload, set_neighbours, set_port,
+    workload_by_pid,
+};
 pub use state::{Bridge, Node, Workload};
 pub use subnet::{Subnet, LAB_RANGE};
 pub use sys::{is_alive, ns_pids, start_time, use_host_netns};

@@ -51,6 +51,47 @@ pub fn prepare_arrival(
     Ok(w)
 }
 
+/// The neighbour (ARP) entries of workload `id`'s namespace that have a link-layer address:
+/// what it knows of its peers, so that the namespace it moves to can talk at once instead of
+/// resolving every peer again (and losing the first packets while the port comes up).
+pub fn neighbours(config: &LabConfig, id: u64) -> Result<Vec<(std::net::Ipv4Addr, String)>, LabError> {
+    let state = load(config)?;
+    let w = state.workloads.iter().find(|w| w.id == id).ok_or(LabError::UnknownWorkload { id })?;
+    let out = ip(&["-j", "-n", &w.netns, "-4", "neigh", "show", "dev", "eth0"])?;
+    let entries: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap_or_default();
+    Ok(entries
+        .iter()
+        .filter_map(|e| {
+            let dst = e.get("dst")?.as_str()?.parse().ok()?;
+            let mac = e.get("lladdr")?.as_str()?;
+            valid_mac(mac).then(|| (dst, mac.to_owned()))
+        })
+        .collect())
+}
+
+/// Installs `entries` (from [`neighbours`]) in workload `id`'s namespace, as stale entries:
+/// used at once, confirmed by the kernel later.
+pub fn set_neighbours(
+    config: &LabConfig,
+    id: u64,
+    entries: &[(std::net::Ipv4Addr, String)],
+) -> Result<(), LabError> {
+    let state = load(config)?;
+    let w = state.workloads.iter().find(|w| w.id == id).ok_or(LabError::UnknownWorkload { id })?;
+    for (dst, mac) in entries.iter().filter(|(dst, mac)| state.subnet.contains(*dst) && valid_mac(mac)) {
+        let dst = dst.to_string();
+        ip(&["-n", &w.netns, "neigh", "replace", &dst, "lladdr", mac, "dev", "eth0", "nud", "stale"])?;
+    }
+    Ok(())
+}
+
+/// `xx:xx:xx:xx:xx:xx`, hex: nothing else is passed to `ip`.
+fn valid_mac(mac: &str) -> bool {
+    mac.len() == 17
+        && mac.split(':').count() == 6
+        && mac.split(':').all(|b| b.len() == 2 && b.chars().all(|c| c.is_ascii_hexdigit()))
+}
+
 /// Brings the bridge port of workload `id` up or down.
 pub fn set_port(config: &LabConfig, id: u64, up: bool) -> Result<(), LabError> {
     let state = load(config)?;

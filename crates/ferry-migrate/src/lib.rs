@@ -5,6 +5,7 @@
 
 mod agent;
 pub mod api;
+pub mod auto;
 pub mod client;
 mod error;
 pub mod failpoint;

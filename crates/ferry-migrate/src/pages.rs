@@ -69,6 +69,12 @@ pub(crate) fn serve(agent: &Agent, ch: &mut Channel, migration: &str) -> Result<
         return Ok(());
     };
     let mut buf = Vec::new();
+    if crate::failpoint::check("source-serve-pages") == Some(crate::failpoint::Action::Cut) {
+        return Err(MigrateError::Lost {
+            node: ch.node.clone(),
+            phase: "post-copy pages (failpoint)".into(),
+        });
+    }
     loop {
         match ch.next("post-copy pages") {
             Ok(Ok(Msg::PageRequest { pid, vaddr, nr_pages })) if nr_pages <= PAGES_PER_REQUEST => {

@@ -36,6 +36,8 @@ pub enum Msg {
         ip: Option<std::net::Ipv4Addr>,
         /// The source's lab record of the workload (its command line moves with it).
         lab_workload: Option<u64>,
+        /// The workload's neighbour entries (address, MAC), installed in its new namespace.
+        neighbours: Vec<(std::net::Ipv4Addr, String)>,
         strategy: Strategy,
     },
     /// The target's X25519 key, for which the data keys are wrapped.
@@ -105,6 +107,11 @@ pub enum Msg {
     PagesDone {
         bytes: u64,
         requests: u64,
+    },
+    /// Bytes to echo back (`auto` measures the link with it).
+    Probe(Vec<u8>),
+    ProbeAck {
+        len: u64,
     },
     Error {
         message: String,

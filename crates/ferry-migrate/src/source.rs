@@ -17,7 +17,7 @@ use crate::api::{Event, MigrateRequest, PhaseTime, Report, Strategy};
 use crate::journal::{Entry, Stage};
 use crate::lazy::{PageServerFinisher, PageSource};
 use crate::proto::Msg;
-use crate::{failpoint, ship, MigrateError};
+use crate::{auto, failpoint, ship, MigrateError};
 
 /// Key under which the workload's network namespace is declared external to CRIU.
 pub(crate) const NETNS_KEY: &str = "ferry-net";
@@ -47,17 +47,32 @@ pub(crate) fn migrate(
     };
     let external_net = own_netns(pid);
     let memory = tree_rss(pid);
-    let (strategy, reason) = choose(req.strategy, memory);
     let migration = format!("mig-{}-{pid}", unix_ms());
-    tracing::info!(%migration, pid, to = %req.to, %strategy, %reason, "migrating");
 
     events(Event::Phase(format!("connecting to {}", req.to)));
     let mut ch = agent.connect(&req.to)?;
+    let (strategy, reason) = match req.strategy {
+        Strategy::Auto => {
+            events(Event::Phase("measuring memory, dirty rate and link".into()));
+            let measured = auto::Measured {
+                memory,
+                dirty_per_s: auto::dirty_rate(pid),
+                link_bytes_per_s: probe_link(&mut ch)?,
+            };
+            auto::decide(&measured)
+        }
+        s => (s, format!("asked for {s}")),
+    };
+    tracing::info!(%migration, pid, to = %req.to, %strategy, %reason, "migrating");
     let prepare = Msg::Prepare {
         migration: migration.clone(),
         workload: req.workload.clone(),
         ip: lab_workload.as_ref().map(|w| w.ip),
         lab_workload: lab_workload.as_ref().map(|w| w.id),
+        neighbours: match (&agent.config.lab, &lab_workload) {
+            (Some(lab), Some(w)) => ferry_lab::neighbours(lab, w.id).unwrap_or_default(),
+            _ => Vec::new(),
+        },
         strategy,
     };
     let recipient = match ch.call(&prepare, "prepare")? {
@@ -403,18 +418,13 @@ pub(crate) fn tree_rss(root: i32) -> u64 {
         * 1024
 }
 
-/// The strategy to use and why.
-pub(crate) fn choose(asked: Strategy, memory: u64) -> (Strategy, String) {
-    let mib = memory >> 20;
-    match asked {
-        Strategy::Auto if memory < 64 << 20 => {
-            (Strategy::StopCopy, format!("auto: {mib} MiB resident is small enough to copy while frozen"))
-        }
-        Strategy::Auto => (
-            Strategy::PreCopy,
-            format!("auto: {mib} MiB resident; shipping a running checkpoint first leaves only the changed chunks for the freeze"),
-        ),
-        s => (s, format!("asked for {s}")),
+/// Bytes per second to the target: 4 MiB echoed over the control channel.
+fn probe_link(ch: &mut Channel) -> Result<f64, MigrateError> {
+    let data = vec![0x5au8; 4 << 20];
+    let t = Instant::now();
+    match ch.call(&Msg::Probe(data), "link probe")? {
+        Msg::ProbeAck { len } => Ok(len as f64 / t.elapsed().as_secs_f64().max(1e-6)),
+        other => Err(unexpected("link probe", &other)),
     }
 }
 

@@ -55,12 +55,13 @@ pub(crate) fn serve(agent: &Agent, mut ch: Channel) -> Result<(), MigrateError> 
             }
         };
         match msg {
-            Msg::Prepare { migration, ip, lab_workload, .. } => {
+            Msg::Prepare { migration, ip, lab_workload, neighbours, .. } => {
                 if ferry_store::validate_name(&migration).is_err() {
                     return fail(agent, &mut ch, arrival, MigrateError::protocol("bad migration id"));
                 }
                 let mut a = Arrival::new(&migration, &ch.node, ip);
                 a.from = lab_workload;
+                a.neighbours = neighbours;
                 if let Err(e) = agent.journal.write(&a.entry) {
                     return fail(agent, &mut ch, Some(a), e);
                 }
@@ -120,6 +121,7 @@ pub(crate) fn serve(agent: &Agent, mut ch: Channel) -> Result<(), MigrateError> 
                 }
             }
             Msg::Pages { migration } => return crate::pages::serve(agent, &mut ch, &migration),
+            Msg::Probe(data) => ch.send(&Msg::ProbeAck { len: data.len() as u64 })?,
             Msg::Abort { reason } => {
                 tracing::warn!(%reason, "the source abandoned the migration");
                 if let Some(a) = arrival.take() {
@@ -164,6 +166,8 @@ pub(crate) struct Arrival {
     from: Option<u64>,
     /// Post-copy: the lazy-pages daemon and the images it reads.
     lazy: Option<(LazyServer, PrivateTmpfs)>,
+    /// The workload's neighbour entries at the source.
+    neighbours: Vec<(std::net::Ipv4Addr, String)>,
 }
 
 impl Arrival {
@@ -181,11 +185,12 @@ impl Arrival {
             ip,
             from: None,
             lazy: None,
+            neighbours: Vec::new(),
         }
     }
 
     pub(crate) fn from_entry(entry: Entry) -> Arrival {
-        Arrival { entry, ip: None, from: None, lazy: None }
+        Arrival { entry, ip: None, from: None, lazy: None, neighbours: Vec::new() }
     }
 
     fn restore(
@@ -208,6 +213,9 @@ impl Arrival {
             let w = ferry_lab::prepare_arrival(lab, &agent.config.name, ip)?;
             self.entry.lab_workload = Some(w.id);
             agent.journal.write(&self.entry)?;
+            if let Err(e) = ferry_lab::set_neighbours(lab, w.id, &self.neighbours) {
+                tracing::warn!(error = %e, "could not carry the workload's neighbour entries over");
+            }
             let path = w.netns_path();
             let f = File::open(&path).map_err(|source| MigrateError::Io { action: "open", path, source })?;
             Some(Arc::new(OwnedFd::from(f)))
@@ -249,11 +257,29 @@ impl Arrival {
         if let Some(fd) = netns {
             opts = opts.inherit_fd(NETNS_KEY, fd);
         }
-        let outcome = agent.ctx.criu.restore(&opts, &mut RecordingNotify::default())?;
-        match server {
-            Some(server) => self.lazy = Some((server, scratch)),
-            None => drop(scratch),
-        }
+        let outcome = match server {
+            None => {
+                let outcome = agent.ctx.criu.restore(&opts, &mut RecordingNotify::default());
+                drop(scratch);
+                outcome?
+            }
+            Some(server) => {
+                // The restore itself may fault on lazy pages: if they stop coming, it would wait
+                // forever. A watcher ends it by killing what is being restored.
+                let victim = agent.config.lab.clone().zip(self.entry.lab_workload);
+                let watch = LazyWatch::start(server, victim);
+                let outcome = agent.ctx.criu.restore(&opts, &mut RecordingNotify::default());
+                let (server, failed) = watch.stop();
+                self.lazy = Some((server, scratch));
+                if let Some(e) = failed {
+                    return Err(MigrateError::Refused(format!(
+                        "the pages stopped coming during the restore: {}",
+                        crate::chain(&e)
+                    )));
+                }
+                outcome?
+            }
+        };
         let pid = outcome.pid;
         // The restored root is our child: reap it whenever it ends.
         std::thread::spawn(move || {
@@ -375,4 +401,43 @@ fn has_lazy_pages(images: &std::path::Path) -> Result<bool, MigrateError> {
         }
     }
     Ok(false)
+}
+
+/// Watches a lazy-pages server while CRIU restores: if serving fails, the half-restored tree
+/// (everything in the arriving workload's namespace) is killed so that the restore returns.
+struct LazyWatch {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<(LazyServer, Option<crate::lazy::LazyError>)>,
+}
+
+impl LazyWatch {
+    fn start(mut server: LazyServer, victim: Option<(ferry_lab::LabConfig, u64)>) -> LazyWatch {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || loop {
+            if flag.load(Ordering::Relaxed) {
+                return (server, None);
+            }
+            match server.wait_done(std::time::Duration::from_millis(50)) {
+                Err(crate::lazy::LazyError::Timeout(_)) => {}
+                Ok(_) => return (server, None),
+                Err(e) => {
+                    tracing::error!(error = %e, "lazy pages failed during the restore: killing the restored tree");
+                    if let Some((lab, id)) = &victim {
+                        let _ = ferry_lab::remove_workload(lab, *id);
+                    }
+                    return (server, Some(e));
+                }
+            }
+        });
+        LazyWatch { stop, thread }
+    }
+
+    fn stop(self) -> (LazyServer, Option<crate::lazy::LazyError>) {
+        self.stop.store(true, Ordering::Relaxed);
+        match self.thread.join() {
+            Ok(r) => r,
+            Err(_) => std::panic::resume_unwind(Box::new("lazy watcher panicked")),
+        }
+    }
 }

@@ -253,6 +253,57 @@ fn fifty_tcp_clients_see_no_error_through_a_pre_copy_migration() {
     f.assert_one_copy_on(w.ip, "node2");
 }
 
+#[test]
+fn post_copy_switches_before_the_memory_moves_and_keeps_clients() {
+    let Some(mut f) = Fixture::new(2, &no_env) else { return };
+    let w = f.memload("node1", 256, Some(5));
+    let probe = Command::new("/usr/bin/python3")
+        .arg(tools().join("probe_client.py"))
+        .args(["echo", &w.ip.to_string(), &PORT.to_string(), "--conns", "10", "--duration", "10"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let r = f.migrate("node1", w.pid, "node2", Strategy::PostCopy).expect("migrate");
+    assert_eq!(r.strategy, Strategy::PostCopy);
+    let pages = r.phases.iter().find(|p| p.name == "pages").expect("a pages phase");
+    // The switch came before the memory: the images crossing while frozen are small.
+    let transfer = r.phases.iter().find(|p| p.name == "transfer").unwrap();
+    assert!(r.downtime_s < r.total_s && pages.seconds > 0.0 && transfer.seconds >= 0.0, "{r:?}");
+    assert!(r.bytes_sent >= 256 << 20, "the pages crossed too: {}", r.bytes_sent);
+    let out = probe.wait_with_output().unwrap();
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("probe summary");
+    for counter in ["errors", "lost", "dup", "wrong", "resets"] {
+        assert_eq!(summary[counter], 0, "{counter} in {summary}");
+    }
+    f.assert_one_copy_on(w.ip, "node2");
+}
+
+#[test]
+fn post_copy_with_a_failed_page_channel_resumes_the_source() {
+    let env = |n: &str| match n {
+        "node1" => vec![("FERRY_FAILPOINTS", "source-serve-pages=cut".to_owned())],
+        _ => Vec::new(),
+    };
+    let Some(mut f) = Fixture::new(2, &env) else { return };
+    let w = f.memload("node1", 64, None);
+    let r = f.migrate("node1", w.pid, "node2", Strategy::PostCopy);
+    assert_stays_on_node1(&f, &w, r, "node node2 failed");
+}
+
+#[test]
+fn auto_measures_and_says_why() {
+    let Some(mut f) = Fixture::new(2, &no_env) else { return };
+    let w = f.memload("node1", 16, None);
+    let r = f.migrate("node1", w.pid, "node2", Strategy::Auto).expect("migrate");
+    assert_eq!(r.strategy, Strategy::StopCopy, "{}", r.reason);
+    for fact in ["MiB resident", "rewritten per second", "link", "expected freeze"] {
+        assert!(r.reason.contains(fact), "reason '{}' lacks {fact}", r.reason);
+    }
+    f.assert_one_copy_on(w.ip, "node2");
+}
+
 /// A failed migration leaves the workload where it was, whole and reachable.
 fn assert_stays_on_node1(f: &Fixture, w: &Workload, result: Result<Report, String>, why: &str) {
     let err = result.expect_err("the migration must fail");

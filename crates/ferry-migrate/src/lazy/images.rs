@@ -9,7 +9,7 @@ use std::path::Path;
 use ferry_criu::image::{entries, header, MAX_IMAGE};
 use prost::Message;
 
-use super::proto::{PAGE_SIZE, PE_LAZY};
+use super::proto::{PAGE_SIZE, PE_LAZY, PE_PRESENT};
 use super::LazyError;
 
 const PSTREE_MAGIC: u32 = 0x5027_3030;
@@ -129,7 +129,10 @@ pub fn lazy_ranges(dir: &Path, pid: u32) -> Result<LazyRanges, LazyError> {
     // The first entry is the `pagemap_head`.
     for entry in raw.into_iter().skip(1) {
         let pe = PagemapEntry::decode(entry).map_err(|e| bad(e.to_string()))?;
-        if pe.flags.unwrap_or(0) & PE_LAZY == 0 {
+        // Lazy and not in the images. A full dump marks its anonymous pages PE_LAZY too (they
+        // may be restored lazily from the images), with PE_PRESENT: those are not served here.
+        let flags = pe.flags.unwrap_or(0);
+        if flags & PE_LAZY == 0 || flags & PE_PRESENT != 0 {
             continue;
         }
         let pages = pe.nr_pages.unwrap_or(u64::from(pe.compat_nr_pages));
