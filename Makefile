@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all setup build demo test lint fuzz bench clean
+.PHONY: all setup build demo demo-store test lint fuzz bench clean
 
 all: build
 
@@ -10,9 +10,14 @@ setup:
 	bash scripts/setup
 
 build: setup
-	$(CARGO) build --release -p ferry
+	$(CARGO) build --release -p ferry -p ferryd
 
+# The main job: Redis under a checking client, moved live between two lab nodes.
 demo: build
+	bash scripts/demo-migrate
+
+# The secure store on one node: checkpoint, inspect, verify, restore.
+demo-store: build
 	bash scripts/demo
 
 lint: setup

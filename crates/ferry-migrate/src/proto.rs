@@ -13,6 +13,8 @@ pub const PROTOCOL: u32 = 1;
 /// Frame kinds.
 pub const KIND_MSG: u16 = 0x4d53;
 pub const KIND_CHUNKS: u16 = 0x4348;
+/// Raw bytes echoed as a length (the link probe of `auto`).
+pub const KIND_PROBE: u16 = 0x5052;
 /// Raw page data answering a `PageRequest`.
 pub const KIND_PAGES: u16 = 0x5047;
 /// Cap on any frame between agents.

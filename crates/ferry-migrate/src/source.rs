@@ -363,6 +363,11 @@ impl PostDump for Switch<'_, '_> {
     }
 
     fn notify(&mut self, event: &ferry_criu::Notify, pid: Option<i32>) -> Result<(), String> {
+        if *event == ferry_criu::Notify::NetworkLock {
+            // CRIU has just frozen the tree and is locking its network: the downtime starts
+            // here (the time before went to starting CRIU, which the workload did not notice).
+            self.run.frozen_at = Some(Instant::now());
+        }
         match self.finisher.as_mut() {
             Some(f) => f.notify(event, pid),
             None => Ok(()),
@@ -422,7 +427,8 @@ pub(crate) fn tree_rss(root: i32) -> u64 {
 fn probe_link(ch: &mut Channel) -> Result<f64, MigrateError> {
     let data = vec![0x5au8; 4 << 20];
     let t = Instant::now();
-    match ch.call(&Msg::Probe(data), "link probe")? {
+    ferry_wire::frame::write_frame(&mut ch.conn, crate::proto::KIND_PROBE, &data)?;
+    match ch.recv("link probe")? {
         Msg::ProbeAck { len } => Ok(len as f64 / t.elapsed().as_secs_f64().max(1e-6)),
         other => Err(unexpected("link probe", &other)),
     }

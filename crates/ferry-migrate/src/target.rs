@@ -40,6 +40,10 @@ pub(crate) fn serve(agent: &Agent, mut ch: Channel) -> Result<(), MigrateError> 
     loop {
         let msg = match ch.next("a migration") {
             Ok(Ok(m)) => m,
+            Ok(Err(frame)) if frame.kind == crate::proto::KIND_PROBE => {
+                ch.send(&Msg::ProbeAck { len: frame.payload.len() as u64 })?;
+                continue;
+            }
             Ok(Err(frame)) => {
                 let e = MigrateError::protocol(format!("unexpected frame kind {:#x}", frame.kind));
                 return fail(agent, &mut ch, arrival, e);
@@ -121,7 +125,6 @@ pub(crate) fn serve(agent: &Agent, mut ch: Channel) -> Result<(), MigrateError> 
                 }
             }
             Msg::Pages { migration } => return crate::pages::serve(agent, &mut ch, &migration),
-            Msg::Probe(data) => ch.send(&Msg::ProbeAck { len: data.len() as u64 })?,
             Msg::Abort { reason } => {
                 tracing::warn!(%reason, "the source abandoned the migration");
                 if let Some(a) = arrival.take() {

@@ -297,7 +297,9 @@ fn auto_measures_and_says_why() {
     let Some(mut f) = Fixture::new(2, &no_env) else { return };
     let w = f.memload("node1", 16, None);
     let r = f.migrate("node1", w.pid, "node2", Strategy::Auto).expect("migrate");
-    assert_eq!(r.strategy, Strategy::StopCopy, "{}", r.reason);
+    // Which one depends on what was measured (a debug build's link is slow); it is never Auto.
+    assert_ne!(r.strategy, Strategy::Auto, "{}", r.reason);
+    assert!(r.reason.starts_with("auto: "), "{}", r.reason);
     for fact in ["MiB resident", "rewritten per second", "link", "expected freeze"] {
         assert!(r.reason.contains(fact), "reason '{}' lacks {fact}", r.reason);
     }
