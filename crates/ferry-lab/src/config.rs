@@ -96,6 +96,12 @@ impl LabConfig {
         &self.state_dir
     }
 
+    /// Where the nodes' agents keep their stores and logs: on disk, not in the state
+    /// directory's tmpfs (checkpoints of GiBs would fill /run).
+    pub fn data_dir(&self) -> PathBuf {
+        data_dir(&self.state_dir)
+    }
+
     /// `STATE_DIR/host-netns`: a reference (bind mount) to the network namespace the lab was
     /// made from, where its bridge is; agents running inside nodes reach the bridge through it.
     pub fn host_netns_file(&self) -> PathBuf {
@@ -193,6 +199,15 @@ fn numbered(s: &str, stem: &str) -> bool {
     s.strip_prefix(stem).is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
 }
 
+/// The data directory of the lab whose state is in `state_dir`: `/var/lib/<name>` for a state
+/// directory under `/run` (`/run/ferry-lab-t3` -> `/var/lib/ferry-lab-t3`), else `STATE_DIR/data`.
+pub fn data_dir(state_dir: &Path) -> PathBuf {
+    match (state_dir.strip_prefix("/run"), state_dir.file_name()) {
+        (Ok(_), Some(name)) => Path::new("/var/lib").join(name),
+        _ => state_dir.join("data"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -253,5 +268,11 @@ mod tests {
         assert!(c.node_veth(255).len() <= IFNAME_MAX);
         assert!(c.workload_veth(999_999).is_ok());
         assert!(c.workload_veth(99_999_999).is_err());
+    }
+
+    #[test]
+    fn data_lives_on_disk_for_labs_under_run() {
+        assert_eq!(data_dir(Path::new("/run/ferry-lab-t3")), Path::new("/var/lib/ferry-lab-t3"));
+        assert_eq!(data_dir(Path::new("/tmp/x/lab")), Path::new("/tmp/x/lab/data"));
     }
 }

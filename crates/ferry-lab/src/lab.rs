@@ -558,30 +558,32 @@ fn release_host_netns(config: &LabConfig) {
 /// Removes what the nodes' agents kept under the state directory (stores, sockets, logs),
 /// after unmounting what an agent killed mid-work left mounted there (private tmpfs).
 fn remove_node_dirs(config: &LabConfig) -> Vec<String> {
-    let dir = config.state_dir().join("nodes");
-    if !dir.exists() {
-        return Vec::new();
-    }
-    let prefix = dir.to_string_lossy().into_owned();
-    let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let mut points: Vec<&str> = mounts
-        .lines()
-        .filter_map(|l| l.split_whitespace().nth(4))
-        .filter(|p| p.starts_with(&prefix))
-        .collect();
-    // Deepest first.
-    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
-    if let Ok(umount) = tool("umount") {
-        for p in points {
-            let mut cmd = Command::new(&umount);
-            cmd.arg("-l").arg(p);
-            let _ = sys::run(cmd);
+    let mut left = Vec::new();
+    for dir in [config.state_dir().join("nodes"), config.data_dir()] {
+        if !dir.exists() {
+            continue;
+        }
+        let prefix = dir.to_string_lossy().into_owned();
+        let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let mut points: Vec<&str> = mounts
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(4))
+            .filter(|p| p.starts_with(&prefix))
+            .collect();
+        // Deepest first.
+        points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+        if let Ok(umount) = tool("umount") {
+            for p in points {
+                let mut cmd = Command::new(&umount);
+                cmd.arg("-l").arg(p);
+                let _ = sys::run(cmd);
+            }
+        }
+        if let Err(e) = fs::remove_dir_all(&dir) {
+            left.push(format!("{} ({e})", dir.display()));
         }
     }
-    match fs::remove_dir_all(&dir) {
-        Ok(()) => Vec::new(),
-        Err(e) => vec![format!("{} ({e})", dir.display())],
-    }
+    left
 }
 
 fn teardown(config: &LabConfig, state: Option<&State>) -> Result<DownReport, LabError> {

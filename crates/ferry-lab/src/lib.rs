@@ -33,7 +33,7 @@ mod state;
 mod subnet;
 mod sys;
 
-pub use config::{LabConfig, DEFAULT_STATE_DIR};
+pub use config::{data_dir, LabConfig, DEFAULT_STATE_DIR};
 pub use error::LabError;
 pub use guard::{TestLab, CLAIMS_DIR};
 pub use lab::{mac_of, DownReport, ExecOptions, Lab};

@@ -41,6 +41,9 @@ pub struct Entry {
     pub lab_workload: Option<u64>,
     /// Checkpoints made for this migration, removed at the end.
     pub checkpoints: Vec<String>,
+    /// Packs written for them, released at the end.
+    #[serde(default)]
+    pub packs: Vec<[u8; 16]>,
 }
 
 /// The journal directory of an agent.
@@ -134,6 +137,7 @@ mod tests {
             start_time: 7,
             lab_workload: Some(3),
             checkpoints: vec!["m1".into()],
+            packs: vec![[1; 16]],
         };
         j.write(&e).unwrap();
         j.write(&Entry { stage: Stage::Committed, ..e.clone() }).unwrap();

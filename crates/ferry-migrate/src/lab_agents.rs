@@ -18,14 +18,15 @@ pub const PEER_PORT: u16 = 7711;
 /// Port of the metrics endpoint on every lab node.
 pub const METRICS_PORT: u16 = 9711;
 
-/// Where node `node`'s agent keeps its files in the lab whose state is in `state_dir`.
+/// Where node `node`'s agent keeps its store and log in the lab whose state is in `state_dir`
+/// (on disk: see [`ferry_lab::data_dir`]).
 pub fn node_dir(state_dir: &Path, node: &str) -> PathBuf {
-    state_dir.join("nodes").join(node)
+    ferry_lab::data_dir(state_dir).join("nodes").join(node)
 }
 
-/// The local API socket of `node`'s agent.
+/// The local API socket of `node`'s agent (beside the lab's state).
 pub fn agent_socket(state_dir: &Path, node: &str) -> PathBuf {
-    node_dir(state_dir, node).join("ferryd.sock")
+    state_dir.join("nodes").join(node).join("ferryd.sock")
 }
 
 /// Starts `node`'s agent (its store prepared by [`start_agents`]), with `env` added to its

@@ -120,27 +120,39 @@ pub enum Msg {
     },
 }
 
-/// Chunks in a KIND_CHUNKS frame: repeated `position u32 BE, len u32 BE, bytes`.
-pub fn encode_batch(out: &mut Vec<u8>, position: u32, frame: &[u8]) {
-    out.extend_from_slice(&position.to_be_bytes());
-    out.extend_from_slice(&(frame.len() as u32).to_be_bytes());
-    out.extend_from_slice(frame);
+/// Chunks in a KIND_CHUNKS frame: `count u32 BE`, then `count` times (`position u32 BE`,
+/// `len u32 BE`), then the frames back to back (as they lie in the sender's pack, and as the
+/// receiver appends them to its own: one read and one write per batch).
+pub fn batch_header(entries: &[(u32, u32)]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4 + 8 * entries.len() + BATCH_BYTES);
+    out.extend_from_slice(&(entries.len() as u32).to_be_bytes());
+    for (pos, len) in entries {
+        out.extend_from_slice(&pos.to_be_bytes());
+        out.extend_from_slice(&len.to_be_bytes());
+    }
+    out
 }
 
-/// Splits a KIND_CHUNKS payload into (position, frame) pairs.
-pub fn decode_batch(payload: &[u8]) -> Result<Vec<(u32, &[u8])>, String> {
-    let mut out = Vec::new();
-    let mut at = 0usize;
-    while at < payload.len() {
-        let head = payload.get(at..at + 8).ok_or("chunk batch cut in a header")?;
-        let pos = u32::from_be_bytes([head[0], head[1], head[2], head[3]]);
-        let len = u32::from_be_bytes([head[4], head[5], head[6], head[7]]) as usize;
-        at += 8;
-        let frame = payload.get(at..at + len).ok_or("chunk batch cut in a chunk")?;
-        at += len;
-        out.push((pos, frame));
+/// A decoded KIND_CHUNKS payload: (position, len) of each chunk, and their frames' bytes.
+pub type Batch<'a> = (Vec<(u32, u32)>, &'a [u8]);
+
+/// Splits a KIND_CHUNKS payload into its (position, len) list and the frames' bytes.
+pub fn decode_batch(payload: &[u8]) -> Result<Batch<'_>, String> {
+    let count = payload.get(..4).ok_or("chunk batch without a count")?;
+    let count = u32::from_be_bytes([count[0], count[1], count[2], count[3]]) as usize;
+    let head_len =
+        count.checked_mul(8).and_then(|n| n.checked_add(4)).ok_or("chunk batch count overflows")?;
+    let head = payload.get(4..head_len).ok_or("chunk batch cut in its list")?;
+    let entries: Vec<(u32, u32)> = head
+        .chunks_exact(8)
+        .map(|e| (u32::from_be_bytes([e[0], e[1], e[2], e[3]]), u32::from_be_bytes([e[4], e[5], e[6], e[7]])))
+        .collect();
+    let frames = &payload[head_len..];
+    let total: u64 = entries.iter().map(|(_, l)| u64::from(*l)).sum();
+    if total != frames.len() as u64 {
+        return Err(format!("chunk batch lists {total} bytes and carries {}", frames.len()));
     }
-    Ok(out)
+    Ok((entries, frames))
 }
 
 #[cfg(test)]
@@ -150,16 +162,18 @@ mod tests {
 
     #[test]
     fn batches_round_trip_and_cut_ones_are_refused() {
-        let mut b = Vec::new();
-        encode_batch(&mut b, 7, b"abc");
-        encode_batch(&mut b, 9, b"");
-        encode_batch(&mut b, 1, &[5u8; 300]);
-        let got = decode_batch(&b).unwrap();
-        assert_eq!(got.len(), 3);
-        assert_eq!(got[0], (7, &b"abc"[..]));
-        assert_eq!(got[2].1.len(), 300);
-        for cut in [1, 8, 12, b.len() - 1] {
+        let mut b = batch_header(&[(7, 3), (9, 300)]);
+        b.extend_from_slice(b"abc");
+        b.extend_from_slice(&[5u8; 300]);
+        let (entries, frames) = decode_batch(&b).unwrap();
+        assert_eq!(entries, vec![(7, 3), (9, 300)]);
+        assert_eq!(&frames[..3], b"abc");
+        for cut in [0, 3, 8, 12, 20, b.len() - 1] {
             assert!(decode_batch(&b[..cut]).is_err(), "cut at {cut}");
         }
+        let mut long = b.clone();
+        long.push(0);
+        assert!(decode_batch(&long).is_err());
+        assert!(decode_batch(&[0xff, 0xff, 0xff, 0xff]).is_err());
     }
 }

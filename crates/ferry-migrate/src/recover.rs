@@ -16,9 +16,7 @@ pub(crate) fn run(agent: &Agent) -> Vec<String> {
                 if let (Some(lab), Some(id)) = (&agent.config.lab, entry.lab_workload) {
                     let _ = ferry_lab::set_port(lab, id, true);
                 }
-                for name in &entry.checkpoints {
-                    let _ = ferry_runtime::remove(&agent.ctx.store, name, false);
-                }
+                crate::source::cleanup(agent, &entry);
                 agent.journal.remove(&m);
                 done.push(format!("{m}: not committed; the workload stays here"));
             }
@@ -31,9 +29,7 @@ pub(crate) fn run(agent: &Agent) -> Vec<String> {
                 if let (Some(lab), Some(id)) = (&agent.config.lab, entry.lab_workload) {
                     let _ = ferry_lab::remove_workload(lab, id);
                 }
-                for name in &entry.checkpoints {
-                    let _ = ferry_runtime::remove(&agent.ctx.store, name, false);
-                }
+                crate::source::cleanup(agent, &entry);
                 // The entry stays: the target may still ask for the outcome.
                 done.push(format!("{m}: committed; the source copy is gone"));
             }

@@ -9,7 +9,7 @@ use ferry_store::Store;
 
 use crate::agent::{unexpected, Channel};
 use crate::api::{Event, Progress};
-use crate::proto::{decode_batch, encode_batch, Msg, BATCH_BYTES, KIND_CHUNKS, REFS_PER_FRAME};
+use crate::proto::{batch_header, decode_batch, Msg, BATCH_BYTES, KIND_CHUNKS, REFS_PER_FRAME};
 use crate::MigrateError;
 
 /// What one shipment cost.
@@ -30,12 +30,22 @@ fn take_chunks(
     loop {
         match ch.next(phase)? {
             Err(frame) if frame.kind == KIND_CHUNKS => {
-                for (pos, data) in decode_batch(&frame.payload).map_err(MigrateError::protocol)? {
+                let (entries, frames) = decode_batch(&frame.payload).map_err(MigrateError::protocol)?;
+                let mut refs = Vec::with_capacity(entries.len());
+                for (pos, len) in entries {
                     if !wanted.contains(&pos) {
                         return Err(MigrateError::protocol(format!("chunk {pos} was sent unasked")));
                     }
-                    rx.add(chunks[pos as usize], data)?;
+                    let chunk = chunks[pos as usize];
+                    if chunk.len != len {
+                        return Err(MigrateError::protocol(format!(
+                            "chunk {pos} came with {len} bytes, listed {}",
+                            chunk.len
+                        )));
+                    }
+                    refs.push(chunk);
                 }
+                rx.add_batch(&refs, frames)?;
             }
             Err(frame) => {
                 return Err(MigrateError::protocol(format!("unexpected frame kind {:#x}", frame.kind)))
@@ -108,35 +118,38 @@ fn send_chunks(
     events: &mut dyn FnMut(Event),
 ) -> Result<u64, MigrateError> {
     let mut reader = store.chunk_reader()?;
-    let mut frame = Vec::new();
-    let mut batch = Vec::with_capacity(BATCH_BYTES + (64 << 10));
     let mut sent = 0u64;
     let mut last_report = 0u64;
-    let mut corrupt =
-        crate::failpoint::check("source-send-chunks") == Some(crate::failpoint::Action::Corrupt);
-    for &pos in lacking {
-        let chunk = s.chunks.get(pos as usize).ok_or_else(|| {
-            MigrateError::protocol(format!("the target asked for chunk {pos} of {}", s.chunks.len()))
-        })?;
-        reader.read(chunk, &mut frame)?;
-        if corrupt && frame.len() > 64 {
-            let mid = frame.len() / 2;
-            frame[mid] ^= 0x40;
-            corrupt = false;
+    let corrupt = crate::failpoint::check("source-send-chunks") == Some(crate::failpoint::Action::Corrupt);
+    let mut i = 0;
+    while i < lacking.len() {
+        // About BATCH_BYTES of chunks per frame.
+        let mut refs = Vec::new();
+        let mut entries = Vec::new();
+        let mut bytes = 0usize;
+        while i < lacking.len() && bytes < BATCH_BYTES {
+            let pos = lacking[i];
+            let chunk = *s.chunks.get(pos as usize).ok_or_else(|| {
+                MigrateError::protocol(format!("the target asked for chunk {pos} of {}", s.chunks.len()))
+            })?;
+            refs.push(chunk);
+            entries.push((pos, chunk.len));
+            bytes += chunk.len as usize;
+            i += 1;
         }
-        encode_batch(&mut batch, pos, &frame);
-        sent += frame.len() as u64;
-        if batch.len() >= BATCH_BYTES {
-            ferry_wire::frame::write_frame(&mut ch.conn, KIND_CHUNKS, &batch)?;
-            batch.clear();
-            if sent - last_report >= 16 << 20 {
-                last_report = sent;
-                events(Event::Progress(Progress { phase: phase.into(), done: sent, total }));
-            }
+        let mut payload = batch_header(&entries);
+        let head = payload.len();
+        reader.read_batch(&refs, &mut payload)?;
+        if corrupt && sent == 0 && payload.len() > head + 64 {
+            let mid = head + (payload.len() - head) / 2;
+            payload[mid] ^= 0x40;
         }
-    }
-    if !batch.is_empty() {
-        ferry_wire::frame::write_frame(&mut ch.conn, KIND_CHUNKS, &batch)?;
+        ferry_wire::frame::write_frame(&mut ch.conn, KIND_CHUNKS, &payload)?;
+        sent += (payload.len() - head) as u64;
+        if sent - last_report >= 16 << 20 {
+            last_report = sent;
+            events(Event::Progress(Progress { phase: phase.into(), done: sent, total }));
+        }
     }
     events(Event::Progress(Progress { phase: phase.into(), done: sent, total }));
     Ok(sent)
@@ -150,6 +163,7 @@ pub(crate) fn receive(
     manifest: Vec<u8>,
     slots: Vec<u8>,
     total: u32,
+    packs: &mut Vec<[u8; 16]>,
 ) -> Result<u64, MigrateError> {
     let phase = "receiving a checkpoint";
     if total as usize > ferry_store::replica::MAX_SHIPMENT_CHUNKS {
@@ -173,6 +187,7 @@ pub(crate) fn receive(
         ch.send(&Msg::Lacking { positions: part.to_vec(), last: i + 1 == parts.len() })?;
     }
     let mut rx = store.receiver()?;
+    packs.extend(rx.pack());
     crate::failpoint::check("target-receive");
     if let Err(e) = take_chunks(ch, &mut rx, &chunks, &wanted, phase) {
         // Say why now, and read what is still coming until the source's end marker: hanging

@@ -96,6 +96,7 @@ pub(crate) fn migrate(
         start_time: ferry_lab::start_time(pid).unwrap_or(0),
         lab_workload: lab_workload.as_ref().map(|w| w.id),
         checkpoints: Vec::new(),
+        packs: Vec::new(),
     };
     let mut run = Run {
         agent,
@@ -174,12 +175,17 @@ pub(crate) fn migrate(
     })
 }
 
-/// Removes the checkpoints made for the migration from this node's store.
-fn cleanup(agent: &Agent, entry: &Entry) {
+/// Removes the checkpoints made for the migration from this node's store, and the packs
+/// written for them.
+pub(crate) fn cleanup(agent: &Agent, entry: &Entry) {
     for name in &entry.checkpoints {
         if let Err(e) = ferry_runtime::remove(&agent.ctx.store, name, false) {
             tracing::debug!(%name, error = %e, "could not remove a migration checkpoint");
         }
+    }
+    match agent.ctx.store.release_packs(&entry.packs) {
+        Ok(freed) => tracing::debug!(freed, "released the migration's packs"),
+        Err(e) => tracing::warn!(error = %e, "could not release the migration's packs (`ferry gc` will)"),
     }
 }
 
@@ -225,7 +231,8 @@ impl Run<'_> {
                 external: external.clone(),
                 lazy_pages: None,
             };
-            ferry_runtime::checkpoint(&self.agent.ctx, &req)?;
+            let report = ferry_runtime::checkpoint(&self.agent.ctx, &req)?;
+            self.entry.packs.extend(report.packs);
             (self.events)(Event::Phase("pre-copy: transfer".into()));
             let shipped =
                 ship::send(&self.agent.ctx.store, self.ch, &name, &self.recipient, "pre-copy", self.events)?;
@@ -292,6 +299,7 @@ struct Switch<'r, 'a> {
 impl Switch<'_, '_> {
     fn switch(&mut self, committed: &Committed) -> Result<(), MigrateError> {
         let run = &mut *self.run;
+        run.entry.packs.extend(committed.packs.iter().copied());
         let dumped = run.frozen_at.map_or(0.0, |t| t.elapsed().as_secs_f64());
         run.phases.push(PhaseTime { name: "dump".into(), seconds: dumped });
         if let (Some(lab), Some(id)) = (&run.agent.config.lab, run.entry.lab_workload) {

@@ -80,7 +80,11 @@ pub(crate) fn serve(agent: &Agent, mut ch: Channel) -> Result<(), MigrateError> 
                 if let Err(e) = agent.journal.write(&a.entry) {
                     return fail(agent, &mut ch, arrival, e);
                 }
-                match ship::receive(&agent.ctx.store, &mut ch, name, manifest, slots, total) {
+                let mut packs = Vec::new();
+                let received =
+                    ship::receive(&agent.ctx.store, &mut ch, name, manifest, slots, total, &mut packs);
+                a.entry.packs.extend(packs);
+                match received {
                     Ok(bytes) => {
                         agent.metrics.bytes_received.fetch_add(bytes, Ordering::Relaxed);
                     }
@@ -184,6 +188,7 @@ impl Arrival {
                 start_time: 0,
                 lab_workload: None,
                 checkpoints: Vec::new(),
+                packs: Vec::new(),
             },
             ip,
             from: None,
@@ -348,9 +353,7 @@ impl Arrival {
     }
 
     fn forget(&self, agent: &Agent) {
-        for name in &self.entry.checkpoints {
-            let _ = ferry_runtime::remove(&agent.ctx.store, name, false);
-        }
+        crate::source::cleanup(agent, &self.entry);
         agent.journal.remove(&self.entry.migration);
     }
 

@@ -69,6 +69,8 @@ pub struct CheckpointReport {
     pub log: PathBuf,
     /// Older checkpoints removed by `keep`.
     pub pruned: Vec<String>,
+    /// The packs its new chunks went to.
+    pub packs: Vec<[u8; 16]>,
 }
 
 pub fn checkpoint(ctx: &Context, req: &CheckpointRequest) -> Result<CheckpointReport, Error> {
@@ -136,6 +138,7 @@ pub fn checkpoint_with(
         seconds,
         log: log.path(),
         pruned,
+        packs: committed.packs,
     })
 }
 

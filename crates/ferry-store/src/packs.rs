@@ -383,6 +383,25 @@ impl PackWriter {
         Ok(())
     }
 
+    /// Appends frames laid back to back in `bytes`, each sealed under its own key, in one
+    /// write; `frames` gives each one's id, key and length, in order.
+    pub fn append_frames(&mut self, bytes: &[u8], frames: &[(Id, KeyId, u32)]) -> Result<(), StoreError> {
+        let total: u64 = frames.iter().map(|(_, _, l)| u64::from(*l)).sum();
+        if total != bytes.len() as u64 || frames.iter().any(|(_, _, l)| *l == 0 || *l > MAX_FRAME) {
+            return Err(StoreError::Io {
+                action: "inconsistent frame batch for",
+                path: self.path("pack"),
+                source: io::Error::other("lengths do not add up"),
+            });
+        }
+        self.file.write_all(bytes).map_err(io_err("cannot write", self.path("pack")))?;
+        for (id, key, len) in frames {
+            self.entries.push(Entry { id: *id, key: *key, offset: self.offset, len: *len });
+            self.offset += u64::from(*len);
+        }
+        Ok(())
+    }
+
     /// Appends one frame sealed under `key` (repacking keeps each chunk's own key).
     pub fn append_sealed_by(&mut self, id: &Id, key: KeyId, frame: &[u8]) -> Result<Location, StoreError> {
         let len =

@@ -17,6 +17,9 @@ use crate::seal::{DataKey, Slots, MAX_FRAME};
 use crate::store::{Checkpoint, Store};
 use crate::StoreError;
 
+/// Most bytes read from a pack in one call when sending.
+const BATCH_SPAN: u32 = 1 << 20;
+
 /// Most chunks one shipment may list (a 64 GiB checkpoint of 4 KiB pages would need 16 M).
 pub const MAX_SHIPMENT_CHUNKS: usize = 1 << 24;
 
@@ -126,12 +129,57 @@ pub struct ChunkReader {
 impl ChunkReader {
     /// The sealed frame of `chunk` into `buf`.
     pub fn read(&mut self, chunk: &ChunkRef, buf: &mut Vec<u8>) -> Result<(), StoreError> {
+        let loc = self.locate(chunk)?;
+        self.reader.read_at(loc, buf)
+    }
+
+    /// Appends the sealed frames of `chunks`, in order, to `out`; frames that lie back to back
+    /// in a pack (as a checkpoint's new chunks do) are read with one call.
+    pub fn read_batch(&mut self, chunks: &[ChunkRef], out: &mut Vec<u8>) -> Result<(), StoreError> {
+        let mut span = Vec::new();
+        let mut next = match chunks.first() {
+            Some(c) => Some(self.locate(c)?),
+            None => None,
+        };
+        let mut i = 0;
+        while let Some(first) = next.take() {
+            let mut end = first.offset + u64::from(first.len);
+            i += 1;
+            while i < chunks.len() {
+                let l = self.locate(&chunks[i])?;
+                if l.pack != first.pack || l.offset != end || end - first.offset >= u64::from(BATCH_SPAN) {
+                    next = Some(l);
+                    break;
+                }
+                end += u64::from(l.len);
+                i += 1;
+            }
+            self.reader
+                .read_span(crate::packs::Location { len: (end - first.offset) as u32, ..first }, &mut span)?;
+            out.extend_from_slice(&span);
+        }
+        Ok(())
+    }
+
+    fn locate(&self, chunk: &ChunkRef) -> Result<crate::packs::Location, StoreError> {
         let loc = self.reader.find(&chunk.id, &|k| *k == chunk.key).ok_or_else(|| StoreError::Damaged {
             name: String::new(),
             file: "packs".into(),
             detail: format!("chunk {} is missing from the store", hex(&chunk.id[..8])),
         })?;
-        self.reader.read_at(loc, buf)
+        if loc.len != chunk.len {
+            return Err(StoreError::Damaged {
+                name: String::new(),
+                file: "packs".into(),
+                detail: format!(
+                    "chunk {} has {} bytes in its pack, {} listed",
+                    hex(&chunk.id[..8]),
+                    loc.len,
+                    chunk.len
+                ),
+            });
+        }
+        Ok(loc)
     }
 }
 
@@ -161,6 +209,32 @@ impl Receiver<'_> {
         writer.append_sealed_by(&chunk.id, chunk.key, frame)?;
         self.received.insert(chunk);
         Ok(())
+    }
+
+    /// Appends frames laid back to back in `bytes` (`chunks` gives each one, in order) with
+    /// one write.
+    pub fn add_batch(&mut self, chunks: &[ChunkRef], bytes: &[u8]) -> Result<(), StoreError> {
+        let total: u64 = chunks.iter().map(|c| u64::from(c.len)).sum();
+        if total != bytes.len() as u64 || chunks.iter().any(|c| c.len == 0 || c.len as usize > MAX_FRAME) {
+            return Err(refused(format!(
+                "a batch of {} chunks came with {} bytes, announced {total}",
+                chunks.len(),
+                bytes.len()
+            )));
+        }
+        if self.received.len() + chunks.len() > MAX_SHIPMENT_CHUNKS {
+            return Err(refused("too many chunks".into()));
+        }
+        let writer = self.writer.as_mut().ok_or_else(|| refused("receiver already finished".into()))?;
+        let frames: Vec<([u8; 32], [u8; 16], u32)> = chunks.iter().map(|c| (c.id, c.key, c.len)).collect();
+        writer.append_frames(bytes, &frames)?;
+        self.received.extend(chunks.iter().copied());
+        Ok(())
+    }
+
+    /// The pack the chunks go to (to release it once the checkpoint is no longer needed).
+    pub fn pack(&self) -> Option<crate::packs::PackId> {
+        self.writer.as_ref().map(PackWriter::id)
     }
 
     /// Bytes appended so far.
@@ -293,6 +367,29 @@ mod tests {
         // 4 changed pages and the changed core file.
         assert_eq!(sent, 5, "only the chunks the receiver lacks cross");
         assert_eq!(materialized(&b, "second"), materialized(&a, "second"));
+    }
+
+    #[test]
+    fn batched_reads_and_writes_ship_the_same_checkpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Store::open(dir.path().join("a")).unwrap();
+        let b = peer_store(&dir.path().join("b"), &a);
+        checkpoint(&a, "c", &images(1));
+        let shipment = a.shipment("c", &b.keys().public().x25519).unwrap();
+        let lacking = b.lacking(&shipment.chunks).unwrap();
+        let mut reader = a.chunk_reader().unwrap();
+        let mut rx = b.receiver().unwrap();
+        for part in lacking.chunks(7) {
+            let refs: Vec<ChunkRef> = part.iter().map(|&i| shipment.chunks[i as usize]).collect();
+            let mut bytes = Vec::new();
+            reader.read_batch(&refs, &mut bytes).unwrap();
+            rx.add_batch(&refs, &bytes).unwrap();
+        }
+        // A batch whose bytes do not add up is refused.
+        let one = [shipment.chunks[0]];
+        assert!(rx.add_batch(&one, b"short").is_err());
+        rx.finish(&shipment).unwrap();
+        assert_eq!(materialized(&b, "c"), materialized(&a, "c"));
     }
 
     #[test]

@@ -83,6 +83,8 @@ pub struct Checkpoint {
 pub struct Committed {
     pub checkpoint: Checkpoint,
     pub stats: IngestStats,
+    /// The packs this checkpoint's new chunks were written to.
+    pub packs: Vec<crate::packs::PackId>,
 }
 
 /// Result of `verify`.
@@ -423,6 +425,42 @@ impl Store {
         Ok(report)
     }
 
+    /// Deletes those of `packs` that hold no chunk a manifest of the store uses (what a finished
+    /// or abandoned migration wrote): unlike [`Store::gc`] it needs no exclusive lock, since it
+    /// touches only packs the caller wrote and knows to be done with. Returns the bytes freed.
+    pub fn release_packs(&self, packs: &[crate::packs::PackId]) -> Result<u64, StoreError> {
+        if packs.is_empty() {
+            return Ok(0);
+        }
+        let mut live: BTreeSet<ChunkId> = BTreeSet::new();
+        let trusted = self.trusted()?;
+        for name in self.manifest_names()? {
+            let bytes = read_capped(&self.manifest_path(&name), MAX_MANIFEST)?;
+            if let Ok((m, _)) = decode_verified(&bytes, &trusted) {
+                for f in &m.files {
+                    for e in &f.extents {
+                        if let Extent::Chunk { id, .. } = e {
+                            live.insert(*id);
+                        }
+                    }
+                }
+            }
+        }
+        let mut set = self.packs()?;
+        let mut freed = 0;
+        for pack in packs {
+            let Some(entries) = set.packs().find(|(p, _)| *p == pack).map(|(_, e)| e.clone()) else {
+                continue;
+            };
+            if entries.iter().any(|e| live.contains(&e.id)) {
+                continue;
+            }
+            freed += fs::metadata(set.pack_path(pack, "pack")).map(|m| m.len()).unwrap_or(0);
+            set.delete(pack)?;
+        }
+        Ok(freed)
+    }
+
     /// Unmounts and removes tmp/ entries whose writer is gone.
     fn sweep_tmp(&self) {
         let tmp = self.root.join("tmp");
@@ -508,6 +546,8 @@ impl Pending {
         let usable = store.usable_keys()?;
         let own = self.data_key.id();
         let mut key_ids: Vec<KeyId> = vec![own];
+        let written: Vec<crate::packs::PackId> =
+            ingested.packs.iter().filter(|p| !p.entries.is_empty()).map(|p| p.pack).collect();
         {
             let mut packs = store.packs()?;
             for p in ingested.packs {
@@ -578,7 +618,7 @@ impl Pending {
             c.entries.insert(self.name.clone(), entry);
         })?;
         let signer = store.keys.public().ed25519;
-        Ok(Committed { checkpoint: Checkpoint { manifest, signer }, stats: ingested.stats })
+        Ok(Committed { checkpoint: Checkpoint { manifest, signer }, stats: ingested.stats, packs: written })
     }
 }
 
