@@ -250,7 +250,9 @@ impl Arrival {
         let log = LogTarget::new(&log_dir, "restore.log");
         let server = if lazy {
             let fetcher = RemotePages::open(agent, &self.entry.peer, &self.entry.migration)?;
-            let server_log = LogTarget::new(&log_dir, "lazy-pages.log");
+            // Errors only: at debug level the daemon writes lines for every page fault.
+            let mut server_log = LogTarget::new(&log_dir, "lazy-pages.log");
+            server_log.level = ferry_criu::LogLevel::Errors;
             Some(
                 LazyServer::start(agent.ctx.criu.path(), &images, &server_log, Box::new(fetcher))
                     .map_err(|e| MigrateError::Refused(crate::chain(&e)))?,
