@@ -21,6 +21,8 @@ pub const KIND_PAGES: u16 = 0x5047;
 pub const PEER_CAP: u32 = 16 << 20;
 /// Chunk references per `ChunkList` frame (52 bytes each at most).
 pub const REFS_PER_FRAME: usize = 1 << 16;
+/// Manifest bytes per `ManifestPart`.
+pub const MANIFEST_PART: usize = 8 << 20;
 /// Sealed bytes per chunk batch frame.
 pub const BATCH_BYTES: usize = 1 << 20;
 
@@ -46,13 +48,16 @@ pub enum Msg {
     Prepared {
         x25519: [u8; 32],
     },
-    /// A checkpoint follows: its manifest and slots, then `total` chunk refs in `ChunkList`s.
+    /// A checkpoint follows: its slots; then its signed manifest (`manifest_len` bytes) in
+    /// `ManifestPart`s (a large checkpoint's manifest is over the frame cap), then `total`
+    /// chunk refs in `ChunkList`s.
     Offer {
         name: String,
-        manifest: Vec<u8>,
+        manifest_len: u64,
         slots: Vec<u8>,
         total: u32,
     },
+    ManifestPart(Vec<u8>),
     ChunkList(Vec<ChunkRef>),
     /// Positions (in the offer's list) of the chunks the target lacks; `last` ends the answer.
     Lacking {
@@ -104,6 +109,11 @@ pub enum Msg {
         pid: u32,
         vaddr: u64,
         nr_pages: u32,
+    },
+    /// Post-copy: pages received so far (sent every few seconds, so that the source's wait is
+    /// never silent).
+    PagesProgress {
+        bytes: u64,
     },
     /// Post-copy: the target has every page; the source may let its frozen copy go.
     PagesDone {

@@ -9,7 +9,9 @@ use ferry_store::Store;
 
 use crate::agent::{unexpected, Channel};
 use crate::api::{Event, Progress};
-use crate::proto::{batch_header, decode_batch, Msg, BATCH_BYTES, KIND_CHUNKS, REFS_PER_FRAME};
+use crate::proto::{
+    batch_header, decode_batch, Msg, BATCH_BYTES, KIND_CHUNKS, MANIFEST_PART, REFS_PER_FRAME,
+};
 use crate::MigrateError;
 
 /// What one shipment cost.
@@ -68,10 +70,13 @@ pub(crate) fn send(
     let s = store.shipment(name, recipient)?;
     ch.send(&Msg::Offer {
         name: s.name.clone(),
-        manifest: s.manifest.clone(),
+        manifest_len: s.manifest.len() as u64,
         slots: s.slots.clone(),
         total: s.chunks.len() as u32,
     })?;
+    for part in s.manifest.chunks(MANIFEST_PART) {
+        ch.send(&Msg::ManifestPart(part.to_vec()))?;
+    }
     for part in s.chunks.chunks(REFS_PER_FRAME) {
         ch.send(&Msg::ChunkList(part.to_vec()))?;
     }
@@ -160,12 +165,25 @@ pub(crate) fn receive(
     store: &Store,
     ch: &mut Channel,
     name: String,
-    manifest: Vec<u8>,
+    manifest_len: u64,
     slots: Vec<u8>,
     total: u32,
     packs: &mut Vec<[u8; 16]>,
 ) -> Result<u64, MigrateError> {
     let phase = "receiving a checkpoint";
+    if manifest_len > ferry_store::manifest::MAX_MANIFEST_FILE as u64 {
+        return Err(MigrateError::Refused(format!("a manifest of {manifest_len} bytes offered")));
+    }
+    let mut manifest = Vec::with_capacity(manifest_len as usize);
+    while (manifest.len() as u64) < manifest_len {
+        match ch.recv(phase)? {
+            Msg::ManifestPart(part) if manifest.len() as u64 + part.len() as u64 <= manifest_len => {
+                manifest.extend_from_slice(&part);
+            }
+            Msg::ManifestPart(_) => return Err(MigrateError::protocol("more manifest bytes than offered")),
+            other => return Err(unexpected(phase, &other)),
+        }
+    }
     if total as usize > ferry_store::replica::MAX_SHIPMENT_CHUNKS {
         return Err(MigrateError::Refused(format!("{total} chunks offered")));
     }

@@ -13,7 +13,7 @@ use ferry_runtime::{CheckpointRequest, PostDump, WorkloadId};
 use ferry_store::Committed;
 
 use crate::agent::{unexpected, Agent, Channel};
-use crate::api::{Event, MigrateRequest, PhaseTime, Report, Strategy};
+use crate::api::{Event, MigrateRequest, PhaseTime, Progress, Report, Strategy};
 use crate::journal::{Entry, Stage};
 use crate::lazy::{PageServerFinisher, PageSource};
 use crate::proto::Msg;
@@ -344,12 +344,25 @@ impl Switch<'_, '_> {
         }
         let t = Instant::now();
         (run.events)(Event::Phase("post-copy: pages".into()));
-        match run.ch.recv("post-copy pages")? {
-            Msg::PagesDone { bytes, requests } => {
-                tracing::info!(bytes, requests, "the target has every page");
-                run.bytes += bytes;
+        let total =
+            run.agent.pages.lock().ok().and_then(|p| p.get(&run.entry.migration).map(|s| s.lazy_bytes()));
+        loop {
+            match run.ch.recv("post-copy pages")? {
+                Msg::PagesProgress { bytes } => {
+                    let total = total.unwrap_or(bytes);
+                    (run.events)(Event::Progress(Progress {
+                        phase: "post-copy pages".into(),
+                        done: bytes,
+                        total,
+                    }));
+                }
+                Msg::PagesDone { bytes, requests } => {
+                    tracing::info!(bytes, requests, "the target has every page");
+                    run.bytes += bytes;
+                    break;
+                }
+                other => return Err(unexpected("post-copy pages", &other)),
             }
-            other => return Err(unexpected("post-copy pages", &other)),
         }
         run.phases.push(PhaseTime { name: "pages".into(), seconds: t.elapsed().as_secs_f64() });
         run.entry.stage = Stage::Committed;

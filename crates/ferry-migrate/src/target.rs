@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use ferry_criu::{LogTarget, RecordingNotify, RestoreOptions, SharedOptions};
+use ferry_criu::{LogTarget, Notify, NotifyHandler, RestoreOptions, SharedOptions};
 
 use ferry_sys::PrivateTmpfs;
 
@@ -21,7 +21,9 @@ use crate::source::NETNS_KEY;
 use crate::{ship, MigrateError};
 
 /// How long a post-copy target waits for all pages.
-const PAGES_WAIT: std::time::Duration = std::time::Duration::from_secs(900);
+const PAGES_WAIT: std::time::Duration = std::time::Duration::from_secs(3600);
+/// How often a post-copy target tells the source how far the pages are.
+const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 
 pub(crate) fn serve(agent: &Agent, mut ch: Channel) -> Result<(), MigrateError> {
     match ch.recv("hello")? {
@@ -72,7 +74,7 @@ pub(crate) fn serve(agent: &Agent, mut ch: Channel) -> Result<(), MigrateError> 
                 arrival = Some(a);
                 ch.send(&Msg::Prepared { x25519: agent.ctx.store.keys().public().x25519 })?;
             }
-            Msg::Offer { name, manifest, slots, total } => {
+            Msg::Offer { name, manifest_len, slots, total } => {
                 let Some(a) = arrival.as_mut() else {
                     return fail(agent, &mut ch, None, MigrateError::protocol("offer before prepare"));
                 };
@@ -82,7 +84,7 @@ pub(crate) fn serve(agent: &Agent, mut ch: Channel) -> Result<(), MigrateError> 
                 }
                 let mut packs = Vec::new();
                 let received =
-                    ship::receive(&agent.ctx.store, &mut ch, name, manifest, slots, total, &mut packs);
+                    ship::receive(&agent.ctx.store, &mut ch, name, manifest_len, slots, total, &mut packs);
                 a.entry.packs.extend(packs);
                 match received {
                     Ok(bytes) => {
@@ -118,14 +120,31 @@ pub(crate) fn serve(agent: &Agent, mut ch: Channel) -> Result<(), MigrateError> 
                     return fail(agent, &mut ch, Some(a), e);
                 }
                 ch.send(&Msg::Committed)?;
-                match a.wait_pages() {
-                    Ok(stats) => {
-                        agent.metrics.bytes_received.fetch_add(stats.bytes, Ordering::Relaxed);
-                        ch.send(&Msg::PagesDone { bytes: stats.bytes, requests: stats.requests })?;
-                        a.finish(agent);
-                        return Ok(());
+                let started = Instant::now();
+                loop {
+                    match a.wait_pages(PROGRESS_EVERY) {
+                        Ok(Some(stats)) => {
+                            agent.metrics.bytes_received.fetch_add(stats.bytes, Ordering::Relaxed);
+                            ch.send(&Msg::PagesDone { bytes: stats.bytes, requests: stats.requests })?;
+                            a.finish(agent);
+                            return Ok(());
+                        }
+                        Ok(None) if started.elapsed() < PAGES_WAIT => {
+                            let bytes = a.pages_so_far();
+                            if let Err(e) = ch.send(&Msg::PagesProgress { bytes }) {
+                                // The source is unreachable; the pages may still come (they use
+                                // their own connection): wait for them as long as they flow.
+                                tracing::warn!(error = %e, "the source's control connection is gone");
+                            }
+                        }
+                        Ok(None) => {
+                            let e = MigrateError::Refused(format!(
+                                "the pages did not all arrive in {PAGES_WAIT:?}"
+                            ));
+                            return fail(agent, &mut ch, Some(a), e);
+                        }
+                        Err(e) => return fail(agent, &mut ch, Some(a), e),
                     }
-                    Err(e) => return fail(agent, &mut ch, Some(a), e),
                 }
             }
             Msg::Pages { migration } => return crate::pages::serve(agent, &mut ch, &migration),
@@ -269,7 +288,8 @@ impl Arrival {
         }
         let outcome = match server {
             None => {
-                let outcome = agent.ctx.criu.restore(&opts, &mut RecordingNotify::default());
+                let mut resume = PortAtResume::new(agent, self.entry.lab_workload);
+                let outcome = agent.ctx.criu.restore(&opts, &mut resume);
                 drop(scratch);
                 outcome?
             }
@@ -278,7 +298,8 @@ impl Arrival {
                 // forever. A watcher ends it by killing what is being restored.
                 let victim = agent.config.lab.clone().zip(self.entry.lab_workload);
                 let watch = LazyWatch::start(server, victim);
-                let outcome = agent.ctx.criu.restore(&opts, &mut RecordingNotify::default());
+                let mut resume = PortAtResume::new(agent, self.entry.lab_workload);
+                let outcome = agent.ctx.criu.restore(&opts, &mut resume);
                 let (server, failed) = watch.stop();
                 self.lazy = Some((server, scratch));
                 if let Some(e) = failed {
@@ -318,9 +339,21 @@ impl Arrival {
     }
 
     /// Post-copy: waits until the daemon has every page.
-    fn wait_pages(&mut self) -> Result<crate::lazy::LazyStats, MigrateError> {
-        let Some((server, _)) = self.lazy.as_mut() else { return Ok(Default::default()) };
-        server.wait_done(PAGES_WAIT).map_err(|e| MigrateError::Refused(crate::chain(&e)))
+    /// Post-copy: waits up to `step` for the daemon to have every page; `None` if not yet.
+    fn wait_pages(
+        &mut self,
+        step: std::time::Duration,
+    ) -> Result<Option<crate::lazy::LazyStats>, MigrateError> {
+        let Some((server, _)) = self.lazy.as_mut() else { return Ok(Some(Default::default())) };
+        match server.wait_done(step) {
+            Ok(stats) => Ok(Some(stats)),
+            Err(crate::lazy::LazyError::Timeout(_)) => Ok(None),
+            Err(e) => Err(MigrateError::Refused(crate::chain(&e))),
+        }
+    }
+
+    fn pages_so_far(&self) -> u64 {
+        self.lazy.as_ref().map_or(0, |(server, _)| server.stats().bytes)
     }
 
     /// Forgets a finished arrival.
@@ -447,5 +480,34 @@ impl LazyWatch {
             Ok(r) => r,
             Err(_) => std::panic::resume_unwind(Box::new("lazy watcher panicked")),
         }
+    }
+}
+
+/// Brings the arriving workload's bridge port up just before CRIU lets the restored tree run
+/// (`pre-resume`). Its first packets (a reply it owed a client, say) then leave at once: a
+/// restored socket starts with a one-second retransmission timeout, so a reply dropped at a
+/// port still down would cost a client a whole second. The source's copy is frozen and cut off
+/// by then; the only way back after this point is the source failing in the few milliseconds
+/// before it commits, and then this copy is killed and the source resumed.
+struct PortAtResume<'a> {
+    agent: &'a Agent,
+    lab_workload: Option<u64>,
+}
+
+impl<'a> PortAtResume<'a> {
+    fn new(agent: &'a Agent, lab_workload: Option<u64>) -> Self {
+        PortAtResume { agent, lab_workload }
+    }
+}
+
+impl NotifyHandler for PortAtResume<'_> {
+    fn notify(&mut self, event: &Notify, _pid: Option<i32>) -> Result<(), String> {
+        if *event != Notify::PreResume {
+            return Ok(());
+        }
+        if let (Some(lab), Some(id)) = (&self.agent.config.lab, self.lab_workload) {
+            ferry_lab::set_port(lab, id, true).map_err(|e| e.to_string())?;
+        }
+        Ok(())
     }
 }

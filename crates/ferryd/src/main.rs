@@ -54,6 +54,10 @@ struct Cli {
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
+    /// Seconds a peer may stay silent (or not take our data) before its connection is given up:
+    /// a cut link then fails the migration (the source resumes) instead of hanging it.
+    #[arg(long, env = "FERRY_PEER_TIMEOUT", default_value_t = 120)]
+    peer_timeout: u64,
 }
 
 /// The config file.
@@ -86,6 +90,7 @@ struct Settings {
     lab_state: Option<PathBuf>,
     criu: Option<PathBuf>,
     cluster_ca: Option<PathBuf>,
+    peer_timeout: u64,
 }
 
 fn settings(cli: Cli) -> Result<Settings> {
@@ -121,12 +126,14 @@ fn settings(cli: Cli) -> Result<Settings> {
         lab_state: cli.lab_state.or(file.lab_state),
         criu: cli.criu.or(file.criu),
         cluster_ca: file.cluster_ca,
+        peer_timeout: cli.peer_timeout,
     })
 }
 
 /// Dials peers over mutual TLS.
 struct TlsDialer {
     endpoint: Arc<Endpoint>,
+    timeout: Duration,
 }
 
 impl Dialer for TlsDialer {
@@ -135,7 +142,17 @@ impl Dialer for TlsDialer {
             MigrateError::Connect { node: node.into(), addr: addr.to_string(), detail: e.to_string() }
         })?;
         tracing::debug!(node, peer = %peer.name, "connected");
+        with_timeouts(&stream, self.timeout);
         Ok(Box::new(stream))
+    }
+}
+
+/// A peer that stays silent, or stops taking data, this long is given up.
+fn with_timeouts(stream: &ferry_wire::TlsStream, timeout: Duration) {
+    if let Err(e) =
+        stream.set_read_timeout(Some(timeout)).and_then(|()| stream.set_write_timeout(Some(timeout)))
+    {
+        tracing::warn!("cannot set the peer connection's timeouts: {e}");
     }
 }
 
@@ -194,7 +211,9 @@ fn run(cli: Cli) -> Result<()> {
         journal,
         lab,
     };
-    let agent = Arc::new(Agent::new(config, ctx, Box::new(TlsDialer { endpoint: endpoint.clone() }))?);
+    let peer_timeout = Duration::from_secs(s.peer_timeout.max(1));
+    let dialer = TlsDialer { endpoint: endpoint.clone(), timeout: peer_timeout };
+    let agent = Arc::new(Agent::new(config, ctx, Box::new(dialer))?);
     for line in agent.recover() {
         tracing::warn!("recovered: {line}");
     }
@@ -220,7 +239,7 @@ fn run(cli: Cli) -> Result<()> {
         let Ok(tcp) = tcp else { continue };
         let a = agent.clone();
         let e = endpoint.clone();
-        std::thread::spawn(move || serve_tcp(tcp, &e, &a));
+        std::thread::spawn(move || serve_tcp(tcp, &e, &a, peer_timeout));
     }
     Ok(())
 }
@@ -329,10 +348,11 @@ fn bind_local(socket: &Path) -> Result<UnixListener> {
     Ok(l)
 }
 
-fn serve_tcp(tcp: TcpStream, endpoint: &Endpoint, agent: &Agent) {
+fn serve_tcp(tcp: TcpStream, endpoint: &Endpoint, agent: &Agent, timeout: Duration) {
     let from = tcp.peer_addr().map(|a| a.to_string()).unwrap_or_default();
     match endpoint.accept(tcp) {
         Ok((stream, peer)) => {
+            with_timeouts(&stream, timeout);
             tracing::info!(%from, peer = %peer.name, "peer connected");
             if let Err(e) = agent.serve_peer(Box::new(stream), &peer.name) {
                 tracing::error!(peer = %peer.name, "{e}");

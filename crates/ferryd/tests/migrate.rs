@@ -348,6 +348,38 @@ fn a_cut_link_before_the_transfer_resumes_the_source() {
 }
 
 #[test]
+fn a_link_cut_during_the_transfer_resumes_the_source() {
+    // Agents give up a silent peer after 3 s (instead of 120).
+    let env = |_: &str| vec![("FERRY_PEER_TIMEOUT", "3".to_owned())];
+    let Some(mut f) = Fixture::new(2, &env) else { return };
+    let w = f.memload("node1", 256, None);
+    let veth = f.lab.lab().node("node2").unwrap().veth.clone();
+    let link = |state: &str| {
+        Command::new("ip").args(["link", "set", &veth, state]).status().is_ok_and(|s| s.success())
+    };
+    let req = Request::Migrate(MigrateRequest {
+        workload: format!("pid:{}", w.pid),
+        to: "node2".into(),
+        strategy: Strategy::StopCopy,
+    });
+    let mut cut = false;
+    let r = ferry_migrate::client::call(&f.socket("node1"), &req, &mut |ev| {
+        if !cut && matches!(ev, Event::Phase(p) if p == "transfer") {
+            cut = link("down");
+        }
+    });
+    assert!(cut, "the link was cut during the transfer");
+    assert!(matches!(r, Ok(Event::Failed { .. })), "the migration fails: {r:?}");
+    assert!(link("up"));
+    f.assert_one_copy_on(w.ip, "node1");
+    // The target gave up on its side too: nothing of the workload is left there.
+    poll(Duration::from_secs(30), "the target to undo its arrival", || {
+        let lab = ferry_lab::Lab::load(f.lab.config()).ok()?;
+        lab.workloads().iter().all(|x| x.node == "node1").then_some(())
+    });
+}
+
+#[test]
 fn the_target_agent_killed_while_receiving_leaves_the_workload_at_the_source() {
     let env = |n: &str| match n {
         "node2" => vec![("FERRY_FAILPOINTS", "target-receive=exit".to_owned())],
