@@ -204,28 +204,8 @@ fn write_sealed<W: Write>(
         .encode();
 
     // Every chunk once, in the order the manifest first uses it.
-    let (mut reader, work) = {
-        let packs = store.packs()?;
-        let mut seen = HashSet::new();
-        let mut work = Vec::new();
-        for f in &c.manifest.files {
-            for e in &f.extents {
-                if let Extent::Chunk { id, .. } = e {
-                    if seen.insert(*id) {
-                        let loc = packs.find(id, &|k| c.manifest.key_ids.contains(k)).ok_or_else(|| {
-                            StoreError::Damaged {
-                                name: name.clone(),
-                                file: f.name.clone(),
-                                detail: format!("chunk {} is missing from the store", hex(&id[..8])),
-                            }
-                        })?;
-                        work.push((*id, loc));
-                    }
-                }
-            }
-        }
-        (packs.reader(), work)
-    };
+    let work = store.chunk_locations(c)?;
+    let mut reader = store.packs()?.reader();
     let mut entries = Vec::with_capacity(work.len());
     let mut offset = 0u64;
     for (id, loc) in &work {

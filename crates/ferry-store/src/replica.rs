@@ -70,25 +70,11 @@ impl Store {
         let slots = Slots::wrap(&keys, &[*recipient])
             .map_err(|e| StoreError::NoKey { name: name.to_owned(), detail: e.to_string() })?
             .encode();
-        let packs = self.packs()?;
-        let mut seen = HashSet::new();
-        let mut chunks = Vec::new();
-        for f in &c.manifest.files {
-            for e in &f.extents {
-                if let Extent::Chunk { id, .. } = e {
-                    if seen.insert(*id) {
-                        let loc = packs.find(id, &|k| c.manifest.key_ids.contains(k)).ok_or_else(|| {
-                            StoreError::Damaged {
-                                name: name.to_owned(),
-                                file: f.name.clone(),
-                                detail: format!("chunk {} is missing from the store", hex(&id[..8])),
-                            }
-                        })?;
-                        chunks.push(ChunkRef { id: *id, key: loc.key, len: loc.len });
-                    }
-                }
-            }
-        }
+        let chunks = self
+            .chunk_locations(&c)?
+            .into_iter()
+            .map(|(id, loc)| ChunkRef { id, key: loc.key, len: loc.len })
+            .collect();
         Ok(Shipment { name: name.to_owned(), manifest, slots, chunks })
     }
 

@@ -425,6 +425,31 @@ impl Store {
         Ok(report)
     }
 
+    /// Every distinct chunk checkpoint `c` uses, in the order its manifest first uses it, with
+    /// where this store holds a copy sealed under one of the checkpoint's keys.
+    pub(crate) fn chunk_locations(&self, c: &Checkpoint) -> Result<Vec<(ChunkId, Location)>, StoreError> {
+        let packs = self.packs()?;
+        let mut seen = std::collections::HashSet::new();
+        let mut out = Vec::new();
+        for f in &c.manifest.files {
+            for e in &f.extents {
+                if let Extent::Chunk { id, .. } = e {
+                    if seen.insert(*id) {
+                        let loc = packs.find(id, &|k| c.manifest.key_ids.contains(k)).ok_or_else(|| {
+                            StoreError::Damaged {
+                                name: c.manifest.name.clone(),
+                                file: f.name.clone(),
+                                detail: format!("chunk {} is missing from the store", hex(&id[..8])),
+                            }
+                        })?;
+                        out.push((*id, loc));
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Deletes those of `packs` that hold no chunk a manifest of the store uses (what a finished
     /// or abandoned migration wrote): unlike [`Store::gc`] it needs no exclusive lock, since it
     /// touches only packs the caller wrote and knows to be done with. Returns the bytes freed.

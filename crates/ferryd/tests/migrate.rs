@@ -185,6 +185,34 @@ fn no_env(_: &str) -> Vec<(&'static str, String)> {
     Vec::new()
 }
 
+/// The environment that makes `node`'s agent fail at `spec` (`name=action`).
+fn failing(node: &'static str, spec: &'static str) -> impl Fn(&str) -> Vec<(&'static str, String)> {
+    move |n: &str| if n == node { vec![("FERRY_FAILPOINTS", spec.to_owned())] } else { Vec::new() }
+}
+
+/// tools/probe_client.py in echo mode against the workload at `ip`: `conns` connections for
+/// `secs` seconds.
+fn start_probe(ip: Ipv4Addr, conns: u32, secs: u32) -> std::process::Child {
+    Command::new("/usr/bin/python3")
+        .arg(tools().join("probe_client.py"))
+        .args(["echo", &ip.to_string(), &PORT.to_string()])
+        .args(["--conns", &conns.to_string(), "--duration", &secs.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap()
+}
+
+/// The probe's summary, checked for `counters` all 0.
+fn probe_summary(probe: std::process::Child, counters: &[&str]) -> serde_json::Value {
+    let out = probe.wait_with_output().unwrap();
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("probe summary");
+    for counter in counters {
+        assert_eq!(summary[*counter], 0, "{counter} in {summary}");
+    }
+    summary
+}
+
 /// One request to memload; its JSON answer.
 fn ask(ip: Ipv4Addr, line: &str) -> Option<serde_json::Value> {
     let mut s = TcpStream::connect_timeout(&SocketAddr::from((ip, PORT)), Duration::from_secs(2)).ok()?;
@@ -238,22 +266,12 @@ fn stop_copy_moves_memory_address_and_record_and_counts_it() {
 fn fifty_tcp_clients_see_no_error_through_a_pre_copy_migration() {
     let Some(mut f) = Fixture::new(2, &no_env) else { return };
     let w = f.memload("node1", 128, Some(10));
-    let probe = Command::new("/usr/bin/python3")
-        .arg(tools().join("probe_client.py"))
-        .args(["echo", &w.ip.to_string(), &PORT.to_string(), "--conns", "50", "--duration", "14"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
+    let probe = start_probe(w.ip, 50, 14);
     std::thread::sleep(Duration::from_secs(3));
     let r = f.migrate("node1", w.pid, "node2", Strategy::PreCopy).expect("migrate");
     let pre = r.phases.iter().find(|p| p.name == "pre-copy").expect("a pre-copy phase");
     assert!(pre.seconds > 0.0);
-    let out = probe.wait_with_output().unwrap();
-    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("probe summary");
-    for counter in ["errors", "lost", "dup", "wrong", "resets", "reconnects"] {
-        assert_eq!(summary[counter], 0, "{counter} in {summary}");
-    }
+    let summary = probe_summary(probe, &["errors", "lost", "dup", "wrong", "resets", "reconnects"]);
     assert!(summary["requests"].as_u64().unwrap() > 1000, "{summary}");
     assert_eq!(summary["conns"], 50);
     f.assert_one_copy_on(w.ip, "node2");
@@ -263,13 +281,7 @@ fn fifty_tcp_clients_see_no_error_through_a_pre_copy_migration() {
 fn post_copy_switches_before_the_memory_moves_and_keeps_clients() {
     let Some(mut f) = Fixture::new(2, &no_env) else { return };
     let w = f.memload("node1", 256, Some(5));
-    let probe = Command::new("/usr/bin/python3")
-        .arg(tools().join("probe_client.py"))
-        .args(["echo", &w.ip.to_string(), &PORT.to_string(), "--conns", "10", "--duration", "10"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
+    let probe = start_probe(w.ip, 10, 10);
     std::thread::sleep(Duration::from_secs(2));
     let r = f.migrate("node1", w.pid, "node2", Strategy::PostCopy).expect("migrate");
     assert_eq!(r.strategy, Strategy::PostCopy);
@@ -278,20 +290,13 @@ fn post_copy_switches_before_the_memory_moves_and_keeps_clients() {
     let transfer = r.phases.iter().find(|p| p.name == "transfer").unwrap();
     assert!(r.downtime_s < r.total_s && pages.seconds > 0.0 && transfer.seconds >= 0.0, "{r:?}");
     assert!(r.bytes_sent >= 256 << 20, "the pages crossed too: {}", r.bytes_sent);
-    let out = probe.wait_with_output().unwrap();
-    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("probe summary");
-    for counter in ["errors", "lost", "dup", "wrong", "resets"] {
-        assert_eq!(summary[counter], 0, "{counter} in {summary}");
-    }
+    probe_summary(probe, &["errors", "lost", "dup", "wrong", "resets"]);
     f.assert_one_copy_on(w.ip, "node2");
 }
 
 #[test]
 fn post_copy_with_a_failed_page_channel_resumes_the_source() {
-    let env = |n: &str| match n {
-        "node1" => vec![("FERRY_FAILPOINTS", "source-serve-pages=cut".to_owned())],
-        _ => Vec::new(),
-    };
+    let env = failing("node1", "source-serve-pages=cut");
     let Some(mut f) = Fixture::new(2, &env) else { return };
     let w = f.memload("node1", 64, None);
     let r = f.migrate("node1", w.pid, "node2", Strategy::PostCopy);
@@ -324,10 +329,7 @@ fn assert_stays_on_node1(f: &Fixture, w: &Workload, result: Result<Report, Strin
 
 #[test]
 fn a_corrupted_chunk_is_refused_and_the_workload_resumes_at_the_source() {
-    let env = |n: &str| match n {
-        "node1" => vec![("FERRY_FAILPOINTS", "source-send-chunks=corrupt".to_owned())],
-        _ => Vec::new(),
-    };
+    let env = failing("node1", "source-send-chunks=corrupt");
     let Some(mut f) = Fixture::new(2, &env) else { return };
     let w = f.memload("node1", 64, None);
     let r = f.migrate("node1", w.pid, "node2", Strategy::StopCopy);
@@ -337,10 +339,7 @@ fn a_corrupted_chunk_is_refused_and_the_workload_resumes_at_the_source() {
 
 #[test]
 fn a_cut_link_before_the_transfer_resumes_the_source() {
-    let env = |n: &str| match n {
-        "node1" => vec![("FERRY_FAILPOINTS", "source-before-transfer=cut".to_owned())],
-        _ => Vec::new(),
-    };
+    let env = failing("node1", "source-before-transfer=cut");
     let Some(mut f) = Fixture::new(2, &env) else { return };
     let w = f.memload("node1", 64, None);
     let r = f.migrate("node1", w.pid, "node2", Strategy::StopCopy);
@@ -381,10 +380,7 @@ fn a_link_cut_during_the_transfer_resumes_the_source() {
 
 #[test]
 fn the_target_agent_killed_while_receiving_leaves_the_workload_at_the_source() {
-    let env = |n: &str| match n {
-        "node2" => vec![("FERRY_FAILPOINTS", "target-receive=exit".to_owned())],
-        _ => Vec::new(),
-    };
+    let env = failing("node2", "target-receive=exit");
     let Some(mut f) = Fixture::new(2, &env) else { return };
     let w = f.memload("node1", 64, None);
     let r = f.migrate("node1", w.pid, "node2", Strategy::StopCopy);
@@ -417,10 +413,7 @@ fn a_full_disk_on_the_target_leaves_the_workload_at_the_source() {
 
 #[test]
 fn a_target_that_dies_after_restoring_commits_when_it_comes_back() {
-    let env = |n: &str| match n {
-        "node2" => vec![("FERRY_FAILPOINTS", "target-after-running=exit".to_owned())],
-        _ => Vec::new(),
-    };
+    let env = failing("node2", "target-after-running=exit");
     let Some(mut f) = Fixture::new(2, &env) else { return };
     let w = f.memload("node1", 64, None);
     let r = f.migrate("node1", w.pid, "node2", Strategy::StopCopy);
@@ -435,10 +428,7 @@ fn a_target_that_dies_after_restoring_commits_when_it_comes_back() {
 
 #[test]
 fn a_source_that_dies_before_committing_keeps_the_workload() {
-    let env = |n: &str| match n {
-        "node1" => vec![("FERRY_FAILPOINTS", "source-before-commit=exit".to_owned())],
-        _ => Vec::new(),
-    };
+    let env = failing("node1", "source-before-commit=exit");
     let Some(mut f) = Fixture::new(2, &env) else { return };
     let w = f.memload("node1", 64, None);
     let r = f.migrate("node1", w.pid, "node2", Strategy::StopCopy);
