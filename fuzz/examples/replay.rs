@@ -27,8 +27,9 @@ fn main() -> ExitCode {
         Some("slots") => ferry_store_fuzz::slots,
         Some("archive") => ferry_store_fuzz::archive,
         Some("wire_frame") => ferry_store_fuzz::wire_frame,
+        Some("migrate_msg") => ferry_store_fuzz::migrate_msg,
         _ => {
-            eprintln!("usage: replay manifest|chunk_frame|slots|archive|wire_frame PATH...");
+            eprintln!("usage: replay manifest|chunk_frame|slots|archive|wire_frame|migrate_msg PATH...");
             return ExitCode::from(2);
         }
     };

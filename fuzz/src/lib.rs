@@ -213,3 +213,28 @@ pub fn wire_frame(data: &[u8]) {
         }
     }
 }
+
+/// The migration protocol's payloads: control messages and local API requests as postcard
+/// (what decodes must re-encode and decode to the same value), and chunk batches (the lengths
+/// a batch lists must add up to the bytes it carries).
+pub fn migrate_msg(data: &[u8]) {
+    use ferry_migrate::api::{Event, Request};
+    use ferry_migrate::proto::{decode_batch, Msg};
+
+    if let Ok(msg) = postcard::from_bytes::<Msg>(data) {
+        let bytes = postcard::to_allocvec(&msg).expect("a decoded message encodes");
+        let back: Msg = postcard::from_bytes(&bytes).expect("re-encoded message decodes");
+        assert_eq!(format!("{back:?}"), format!("{msg:?}"));
+    }
+    if let Ok(req) = postcard::from_bytes::<Request>(data) {
+        let bytes = postcard::to_allocvec(&req).expect("a decoded request encodes");
+        let back: Request = postcard::from_bytes(&bytes).expect("re-encoded request decodes");
+        assert_eq!(format!("{back:?}"), format!("{req:?}"));
+    }
+    let _ = postcard::from_bytes::<Event>(data);
+    if let Ok((entries, frames)) = decode_batch(data) {
+        let total: u64 = entries.iter().map(|(_, l)| u64::from(*l)).sum();
+        assert_eq!(total, frames.len() as u64, "a batch's lengths add up");
+        assert!(4 + 8 * entries.len() + frames.len() == data.len());
+    }
+}
