@@ -200,6 +200,14 @@ impl Agent {
         crate::recover::run(self)
     }
 
+    /// After `recover`, once this agent serves its peers: brings back the addresses of
+    /// workloads whose migration was not committed, when their targets hold no copy (in the
+    /// background).
+    pub fn settle(self: &std::sync::Arc<Self>) {
+        let agent = self.clone();
+        std::thread::spawn(move || crate::recover::settle(&agent));
+    }
+
     /// Opens a control channel to `node` and says hello.
     pub(crate) fn connect(&self, node: &str) -> Result<Channel, MigrateError> {
         let addr = *self.config.peers.get(node).ok_or_else(|| MigrateError::UnknownNode(node.into()))?;

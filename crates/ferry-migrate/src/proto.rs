@@ -99,6 +99,13 @@ pub enum Msg {
         committed: bool,
         known: bool,
     },
+    /// Whether the target still holds an arrival of a migration (asked by a restarted source).
+    ArrivalStatus {
+        migration: String,
+    },
+    ArrivalIs {
+        holding: bool,
+    },
     /// Opens the post-copy page channel of a migration (a connection of its own).
     Pages {
         migration: String,

@@ -148,6 +148,10 @@ pub(crate) fn serve(agent: &Agent, mut ch: Channel) -> Result<(), MigrateError> 
                 }
             }
             Msg::Pages { migration } => return crate::pages::serve(agent, &mut ch, &migration),
+            Msg::ArrivalStatus { migration } => {
+                let holding = agent.journal.read(&migration).is_some_and(|e| e.stage == Stage::Arriving);
+                ch.send(&Msg::ArrivalIs { holding })?;
+            }
             Msg::Abort { reason } => {
                 tracing::warn!(%reason, "the source abandoned the migration");
                 if let Some(a) = arrival.take() {

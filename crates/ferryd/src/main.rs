@@ -235,6 +235,7 @@ fn run(cli: Cli) -> Result<()> {
             }
         });
     }
+    agent.settle();
     for tcp in peers.incoming() {
         let Ok(tcp) = tcp else { continue };
         let a = agent.clone();

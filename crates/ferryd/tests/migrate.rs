@@ -299,8 +299,23 @@ fn post_copy_with_a_failed_page_channel_resumes_the_source() {
     let env = failing("node1", "source-serve-pages=cut");
     let Some(mut f) = Fixture::new(2, &env) else { return };
     let w = f.memload("node1", 64, None);
-    let r = f.migrate("node1", w.pid, "node2", Strategy::PostCopy);
-    assert_stays_on_node1(&f, &w, r, "node node2 failed");
+    // Once in a while (seen once in a dozen full runs, cause not found yet) CRIU's lazy dump
+    // writes every page into the images: nothing is then served through the page channel, the
+    // failpoint is never reached and the migration succeeds. Then the workload is moved back
+    // and the test tries again.
+    let mut current = w.clone();
+    for _ in 0..3 {
+        let r = f.migrate("node1", current.pid, "node2", Strategy::PostCopy);
+        let Ok(r) = r else { return assert_stays_on_node1(&f, &current, r, "node node2 failed") };
+        eprintln!("no page went through the page channel ({r:?}): moving back, trying again");
+        f.assert_one_copy_on(w.ip, "node2");
+        let back = f.migrate("node2", r.new_workload[4..].parse().unwrap(), "node1", Strategy::StopCopy);
+        let back = back.expect("migrate back");
+        f.assert_one_copy_on(w.ip, "node1");
+        current.pid = back.new_workload[4..].parse().unwrap();
+        current.start_time = ferry_testkit::start_time(current.pid).unwrap_or(0);
+    }
+    panic!("the page channel was never used in three post-copy migrations");
 }
 
 #[test]
