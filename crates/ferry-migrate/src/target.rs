@@ -71,6 +71,11 @@ pub(crate) fn serve(agent: &Agent, mut ch: Channel) -> Result<(), MigrateError> 
                 if let Err(e) = agent.journal.write(&a.entry) {
                     return fail(agent, &mut ch, Some(a), e);
                 }
+                if let (Some(lab), Some(ip)) = (agent.config.lab.clone(), ip) {
+                    if let Err(e) = a.prepare_network(agent, &lab, ip) {
+                        return fail(agent, &mut ch, Some(a), e);
+                    }
+                }
                 arrival = Some(a);
                 ch.send(&Msg::Prepared { x25519: agent.ctx.store.keys().public().x25519 })?;
             }
@@ -198,6 +203,8 @@ pub(crate) struct Arrival {
     lazy: Option<(LazyServer, PrivateTmpfs)>,
     /// The workload's neighbour entries at the source.
     neighbours: Vec<(std::net::Ipv4Addr, String)>,
+    /// Its network namespace here, once made.
+    netns: Option<std::path::PathBuf>,
 }
 
 impl Arrival {
@@ -217,11 +224,12 @@ impl Arrival {
             from: None,
             lazy: None,
             neighbours: Vec::new(),
+            netns: None,
         }
     }
 
     pub(crate) fn from_entry(entry: Entry) -> Arrival {
-        Arrival { entry, ip: None, from: None, lazy: None, neighbours: Vec::new() }
+        Arrival { entry, ip: None, from: None, lazy: None, neighbours: Vec::new(), netns: None }
     }
 
     fn restore(
@@ -241,13 +249,10 @@ impl Arrival {
                         .into(),
                 ));
             };
-            let w = ferry_lab::prepare_arrival(lab, &agent.config.name, ip)?;
-            self.entry.lab_workload = Some(w.id);
-            agent.journal.write(&self.entry)?;
-            if let Err(e) = ferry_lab::set_neighbours(lab, w.id, &self.neighbours) {
-                tracing::warn!(error = %e, "could not carry the workload's neighbour entries over");
-            }
-            let path = w.netns_path();
+            let path = match &self.netns {
+                Some(path) => path.clone(),
+                None => self.prepare_network(agent, lab, ip)?,
+            };
             let f = File::open(&path).map_err(|source| MigrateError::Io { action: "open", path, source })?;
             Some(Arc::new(OwnedFd::from(f)))
         } else {
@@ -324,6 +329,25 @@ impl Arrival {
         self.entry.start_time = ferry_lab::start_time(pid).unwrap_or(0);
         agent.journal.write(&self.entry)?;
         Ok(pid)
+    }
+
+    /// A namespace for the workload's address (its bridge port down), with the source's
+    /// neighbour entries. Made at `Prepare`, while the workload still runs at the source, so
+    /// that the freeze does not wait for it.
+    fn prepare_network(
+        &mut self,
+        agent: &Agent,
+        lab: &ferry_lab::LabConfig,
+        ip: std::net::Ipv4Addr,
+    ) -> Result<std::path::PathBuf, MigrateError> {
+        let w = ferry_lab::prepare_arrival(lab, &agent.config.name, ip)?;
+        self.entry.lab_workload = Some(w.id);
+        agent.journal.write(&self.entry)?;
+        if let Err(e) = ferry_lab::set_neighbours(lab, w.id, &self.neighbours) {
+            tracing::warn!(error = %e, "could not carry the workload's neighbour entries over");
+        }
+        self.netns = Some(w.netns_path());
+        Ok(w.netns_path())
     }
 
     /// The source let go: bring the workload's network up and record it here.
