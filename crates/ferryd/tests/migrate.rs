@@ -286,9 +286,9 @@ fn post_copy_switches_before_the_memory_moves_and_keeps_clients() {
     let r = f.migrate("node1", w.pid, "node2", Strategy::PostCopy).expect("migrate");
     assert_eq!(r.strategy, Strategy::PostCopy);
     let pages = r.phases.iter().find(|p| p.name == "pages").expect("a pages phase");
-    // The switch came before the memory: the images crossing while frozen are small.
-    let transfer = r.phases.iter().find(|p| p.name == "transfer").unwrap();
-    assert!(r.downtime_s < r.total_s && pages.seconds > 0.0 && transfer.seconds >= 0.0, "{r:?}");
+    // The switch came before the memory: the downtime ended before the pages phase began.
+    assert!(pages.seconds > 0.0, "{r:?}");
+    assert!(r.downtime_s + pages.seconds <= r.total_s, "{r:?}");
     assert!(r.bytes_sent >= 256 << 20, "the pages crossed too: {}", r.bytes_sent);
     probe_summary(probe, &["errors", "lost", "dup", "wrong", "resets"]);
     f.assert_one_copy_on(w.ip, "node2");
