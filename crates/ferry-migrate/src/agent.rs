@@ -133,6 +133,9 @@ pub struct Agent {
     pub(crate) busy: Mutex<()>,
     /// Frozen trees whose pages are being served (post-copy), by migration.
     pub(crate) pages: Mutex<std::collections::HashMap<String, std::sync::Arc<crate::lazy::PageSource>>>,
+    /// Packs of chunks streamed to this node ahead of their offer, by migration (the arrival
+    /// takes them into its journal entry at the offer, or releases them when undone).
+    pub(crate) streamed: Mutex<std::collections::HashMap<String, Vec<[u8; 16]>>>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -152,11 +155,17 @@ impl Agent {
             metrics: Metrics::default(),
             busy: Mutex::new(()),
             pages: Mutex::new(Default::default()),
+            streamed: Mutex::new(Default::default()),
         })
     }
 
     pub fn name(&self) -> &str {
         &self.config.name
+    }
+
+    /// Takes the packs streamed to this node for `migration`.
+    pub(crate) fn take_streamed(&self, migration: &str) -> Vec<[u8; 16]> {
+        self.streamed.lock().ok().and_then(|mut s| s.remove(migration)).unwrap_or_default()
     }
 
     pub fn status(&self) -> NodeStatus {

@@ -1,6 +1,7 @@
 //! The protocol between agents, over mutual TLS: control messages (postcard) and batches of
 //! sealed chunks, each in its own frame kind. Control is strictly request/response on one
-//! connection; post-copy pages use a connection of their own.
+//! connection; post-copy pages, and the chunks streamed while the source still dumps, use a
+//! connection of their own each.
 
 use serde::{Deserialize, Serialize};
 
@@ -9,10 +10,12 @@ use ferry_store::replica::ChunkRef;
 use crate::api::Strategy;
 
 /// Version of this protocol (checked in `Hello`).
-pub const PROTOCOL: u32 = 1;
+pub const PROTOCOL: u32 = 2;
 /// Frame kinds.
 pub const KIND_MSG: u16 = 0x4d53;
 pub const KIND_CHUNKS: u16 = 0x4348;
+/// Chunks streamed ahead of their offer, each with its full reference.
+pub const KIND_STREAM: u16 = 0x5354;
 /// Raw bytes echoed as a length (the link probe of `auto`).
 pub const KIND_PROBE: u16 = 0x5052;
 /// Raw page data answering a `PageRequest`.
@@ -127,6 +130,17 @@ pub enum Msg {
         bytes: u64,
         requests: u64,
     },
+    /// Opens the chunk stream of a migration (a connection of its own, while the source
+    /// dumps): KIND_STREAM frames follow, then `StreamEnd`.
+    Stream {
+        migration: String,
+    },
+    StreamEnd,
+    /// The streamed chunks are durable on the target (its answer to `StreamEnd`).
+    Streamed {
+        chunks: u64,
+        bytes: u64,
+    },
     /// Bytes to echo back (`auto` measures the link with it).
     Probe(Vec<u8>),
     ProbeAck {
@@ -172,6 +186,51 @@ pub fn decode_batch(payload: &[u8]) -> Result<Batch<'_>, String> {
     Ok((entries, frames))
 }
 
+/// Bytes of one chunk reference in a KIND_STREAM frame.
+const STREAM_REF: usize = 32 + 16 + 4;
+
+/// Chunks in a KIND_STREAM frame: `count u32 BE`, then `count` times (`id`, `key`, `len u32
+/// BE`), then the frames back to back.
+pub fn stream_header(chunks: &[ChunkRef], frames_len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4 + STREAM_REF * chunks.len() + frames_len);
+    out.extend_from_slice(&(chunks.len() as u32).to_be_bytes());
+    for c in chunks {
+        out.extend_from_slice(&c.id);
+        out.extend_from_slice(&c.key);
+        out.extend_from_slice(&c.len.to_be_bytes());
+    }
+    out
+}
+
+/// A decoded KIND_STREAM payload: the chunks' references and their frames' bytes.
+pub type StreamBatch<'a> = (Vec<ChunkRef>, &'a [u8]);
+
+/// Splits a KIND_STREAM payload; the lengths must add up to the bytes carried.
+pub fn decode_stream(payload: &[u8]) -> Result<StreamBatch<'_>, String> {
+    let count = payload.get(..4).ok_or("chunk stream batch without a count")?;
+    let count = u32::from_be_bytes([count[0], count[1], count[2], count[3]]) as usize;
+    let head_len = count
+        .checked_mul(STREAM_REF)
+        .and_then(|n| n.checked_add(4))
+        .ok_or("chunk stream batch count overflows")?;
+    let head = payload.get(4..head_len).ok_or("chunk stream batch cut in its list")?;
+    let mut chunks = Vec::with_capacity(count);
+    for r in head.chunks_exact(STREAM_REF) {
+        let mut id = [0u8; 32];
+        let mut key = [0u8; 16];
+        id.copy_from_slice(&r[..32]);
+        key.copy_from_slice(&r[32..48]);
+        let len = u32::from_be_bytes([r[48], r[49], r[50], r[51]]);
+        chunks.push(ChunkRef { id, key, len });
+    }
+    let frames = &payload[head_len..];
+    let total: u64 = chunks.iter().map(|c| u64::from(c.len)).sum();
+    if total != frames.len() as u64 {
+        return Err(format!("chunk stream batch lists {total} bytes and carries {}", frames.len()));
+    }
+    Ok((chunks, frames))
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -192,5 +251,27 @@ mod tests {
         long.push(0);
         assert!(decode_batch(&long).is_err());
         assert!(decode_batch(&[0xff, 0xff, 0xff, 0xff]).is_err());
+    }
+
+    #[test]
+    fn stream_batches_round_trip_and_cut_ones_are_refused() {
+        let refs = [
+            ChunkRef { id: [1; 32], key: [2; 16], len: 3 },
+            ChunkRef { id: [4; 32], key: [5; 16], len: 200 },
+        ];
+        let mut b = stream_header(&refs, 203);
+        b.extend_from_slice(b"abc");
+        b.extend_from_slice(&[9u8; 200]);
+        let (chunks, frames) = decode_stream(&b).unwrap();
+        assert_eq!(chunks, refs.to_vec());
+        assert_eq!(frames.len(), 203);
+        assert_eq!(&frames[..3], b"abc");
+        for cut in [0, 3, 4, 30, 4 + 52, 4 + 104, b.len() - 1] {
+            assert!(decode_stream(&b[..cut]).is_err(), "cut at {cut}");
+        }
+        let mut long = b.clone();
+        long.push(0);
+        assert!(decode_stream(&long).is_err());
+        assert!(decode_stream(&[0xff, 0xff, 0xff, 0xff]).is_err());
     }
 }

@@ -1,18 +1,136 @@
 //! Moving a checkpoint from the source's store to the target's: the offer (signed manifest,
 //! keys wrapped for the target, the chunk list), the target's answer (what it lacks), then
 //! only those chunks, sealed as stored, in batches.
+//!
+//! While the source still dumps, the chunks its store seals can already travel on a stream
+//! connection of their own ([`Streamer`], [`receive_stream`]): the target stores them ahead
+//! of the offer, and the offer's "what do you lack" then skips them.
 
 use std::collections::HashSet;
+use std::sync::mpsc::Receiver as Queue;
+use std::thread::JoinHandle;
 
+use ferry_store::pipeline::TappedFrames;
 use ferry_store::replica::{ChunkRef, Shipment};
 use ferry_store::Store;
 
-use crate::agent::{unexpected, Channel};
+use crate::agent::{unexpected, Agent, Channel};
 use crate::api::{Event, Progress};
+use crate::journal::Stage;
 use crate::proto::{
-    batch_header, decode_batch, Msg, BATCH_BYTES, KIND_CHUNKS, MANIFEST_PART, REFS_PER_FRAME,
+    batch_header, decode_batch, decode_stream, stream_header, Msg, BATCH_BYTES, KIND_CHUNKS, KIND_STREAM,
+    MANIFEST_PART, REFS_PER_FRAME,
 };
 use crate::MigrateError;
+
+/// What a chunk stream moved.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Streamed {
+    pub chunks: u64,
+    pub bytes: u64,
+}
+
+/// Sends the frames a checkpoint's pipeline seals to the target as they come, on a
+/// connection of its own.
+pub(crate) struct Streamer {
+    handle: JoinHandle<Result<Streamed, MigrateError>>,
+}
+
+impl Streamer {
+    /// Opens the stream of `migration` on `ch` (a fresh connection to the target) and sends
+    /// every batch `frames` yields until the pipeline closes it.
+    pub(crate) fn start(
+        mut ch: Channel,
+        migration: String,
+        frames: Queue<TappedFrames>,
+    ) -> Result<Streamer, MigrateError> {
+        let handle = std::thread::Builder::new()
+            .name("ferry-stream".into())
+            .spawn(move || {
+                ch.send(&Msg::Stream { migration })?;
+                let mut corrupt =
+                    crate::failpoint::check("source-send-chunks") == Some(crate::failpoint::Action::Corrupt);
+                let mut refs = Vec::new();
+                for batch in frames {
+                    refs.clear();
+                    refs.extend(batch.chunks.iter().map(|(id, len)| ChunkRef {
+                        id: *id,
+                        key: batch.key,
+                        len: *len,
+                    }));
+                    let mut payload = stream_header(&refs, batch.bytes.len());
+                    let head = payload.len();
+                    payload.extend_from_slice(&batch.bytes);
+                    if corrupt && batch.bytes.len() > 64 {
+                        payload[head + batch.bytes.len() / 2] ^= 0x40;
+                        corrupt = false;
+                    }
+                    ferry_wire::frame::write_frame(&mut ch.conn, KIND_STREAM, &payload)?;
+                }
+                match ch.call(&Msg::StreamEnd, "chunk stream")? {
+                    Msg::Streamed { chunks, bytes } => Ok(Streamed { chunks, bytes }),
+                    other => Err(unexpected("chunk stream", &other)),
+                }
+            })
+            .map_err(|e| MigrateError::protocol(format!("cannot start the chunk stream: {e}")))?;
+        Ok(Streamer { handle })
+    }
+
+    /// Waits until the target has stored what was streamed (the pipeline must be finished).
+    pub(crate) fn finish(self) -> Result<Streamed, MigrateError> {
+        self.handle.join().map_err(|_| MigrateError::protocol("the chunk stream thread panicked"))?
+    }
+}
+
+/// Takes in a chunk stream (after `Stream` was read) for an arrival from the same peer;
+/// answers `Streamed` once the chunks are durable here.
+pub(crate) fn receive_stream(agent: &Agent, ch: &mut Channel, migration: &str) -> Result<(), MigrateError> {
+    let phase = "receiving a chunk stream";
+    let arriving =
+        agent.journal.read(migration).is_some_and(|e| e.stage == Stage::Arriving && e.peer == ch.node);
+    if !arriving {
+        let e = MigrateError::Refused(format!("no migration {migration} from {} is arriving here", ch.node));
+        let _ = ch.send(&Msg::Error { message: e.to_string() });
+        return Err(e);
+    }
+    let store = &agent.ctx.store;
+    let mut rx = store.receiver()?;
+    if let Some(pack) = rx.pack() {
+        if let Ok(mut streamed) = agent.streamed.lock() {
+            streamed.entry(migration.to_owned()).or_default().push(pack);
+        }
+        // In the journal too, so that a restart undoing the arrival releases the pack. The
+        // arrival's own connection writes nothing until its offer, which comes after the
+        // stream's end.
+        if let Some(mut entry) = agent.journal.read(migration) {
+            entry.packs.push(pack);
+            agent.journal.write(&entry)?;
+        }
+    }
+    let taken = (|| loop {
+        match ch.next(phase)? {
+            Err(frame) if frame.kind == KIND_STREAM => {
+                let (refs, frames) = decode_stream(&frame.payload).map_err(MigrateError::protocol)?;
+                rx.add_batch(&refs, frames)?;
+                crate::failpoint::check("target-stream");
+            }
+            Err(frame) => {
+                return Err(MigrateError::protocol(format!("unexpected frame kind {:#x}", frame.kind)))
+            }
+            Ok(Msg::StreamEnd) => return Ok(()),
+            Ok(other) => return Err(unexpected(phase, &other)),
+        }
+    })();
+    if let Err(e) = taken {
+        let _ = ch.send(&Msg::Error { message: crate::chain(&e) });
+        return Err(e);
+    }
+    let bytes = rx.bytes();
+    let chunks = rx.finish_loose()?;
+    agent.metrics.bytes_received.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+    tracing::info!(%migration, chunks, bytes, "stored the chunks streamed during the dump");
+    ch.send(&Msg::Streamed { chunks, bytes })
+}
 
 /// What one shipment cost.
 #[derive(Debug, Clone, Copy, Default)]

@@ -10,6 +10,7 @@ use ferry_criu::{NotifyHandler, RecordingNotify};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use ferry_runtime::{CheckpointRequest, PostDump, WorkloadId};
+use ferry_store::pipeline::Tap;
 use ferry_store::Committed;
 
 use crate::agent::{unexpected, Agent, Channel};
@@ -257,17 +258,30 @@ impl Run<'_> {
             None
         };
         let req = CheckpointRequest { lazy_pages: port, ..req };
+        // Stop-copy and pre-copy: what the dump seals goes to the target at once, on a
+        // connection of its own. Post-copy dumps hardly any pages: nothing worth streaming.
+        let (tap, streamer) = if lazy { (None, None) } else { self.start_stream(&migration) };
         (self.events)(Event::Phase("freeze and dump".into()));
         self.frozen_at = Some(Instant::now());
         let finisher = port.map(|p| PageServerFinisher::new(p, RecordingNotify::default()));
-        let mut switch =
-            Switch { run: self, external_net: external_net.is_some(), error: None, finisher, pid: 0 };
+        let mut switch = Switch {
+            run: self,
+            external_net: external_net.is_some(),
+            error: None,
+            finisher,
+            pid: 0,
+            tap,
+            streamer,
+        };
         switch.pid = match workload {
             WorkloadId::Pid(p) => *p,
             WorkloadId::Container { .. } => 0,
         };
         let result = ferry_runtime::checkpoint_with(&switch.run.agent.ctx, &req, &mut switch);
         let hook_error = switch.error.take();
+        // A dump that failed before post-dump: let the stream end before the abort, so that
+        // the target has stored (and can release) what it got.
+        switch.finish_stream();
         if let Ok(mut pages) = switch.run.agent.pages.lock() {
             pages.remove(&migration);
         }
@@ -283,7 +297,27 @@ impl Run<'_> {
             (Err(e), None) => Err(e.into()),
         }
     }
+
+    /// Opens the chunk stream to the target; without one (it could not connect) the chunks
+    /// all go after the dump, as the offer asks for them.
+    fn start_stream(&mut self, migration: &str) -> (Option<Tap>, Option<ship::Streamer>) {
+        let opened = self.agent.connect(&self.ch.node).and_then(|ch| {
+            let (tap, frames) = Tap::new(STREAM_QUEUE);
+            ship::Streamer::start(ch, migration.to_owned(), frames).map(|s| (tap, s))
+        });
+        match opened {
+            Ok((tap, streamer)) => (Some(tap), Some(streamer)),
+            Err(e) => {
+                tracing::warn!(error = %e, "no chunk stream: the chunks follow the dump");
+                (None, None)
+            }
+        }
+    }
 }
+
+/// Batches (about 1 MiB each) of sealed frames that may wait for the chunk stream; when the
+/// link is slower than the dump, those beyond it go after the dump instead.
+const STREAM_QUEUE: usize = 64;
 
 /// What runs while CRIU holds the frozen tree at post-dump.
 struct Switch<'r, 'a> {
@@ -294,14 +328,34 @@ struct Switch<'r, 'a> {
     finisher: Option<PageServerFinisher<RecordingNotify>>,
     /// Host pid of the tree's root.
     pid: i32,
+    /// The chunk stream's end of the pipeline, handed over when CRIU starts.
+    tap: Option<Tap>,
+    streamer: Option<ship::Streamer>,
 }
 
 impl Switch<'_, '_> {
+    /// Waits for the chunk stream to end (the pipeline has finished: nothing more comes).
+    fn finish_stream(&mut self) {
+        self.tap = None;
+        let Some(streamer) = self.streamer.take() else { return };
+        let t = Instant::now();
+        match streamer.finish() {
+            Ok(s) => {
+                tracing::info!(chunks = s.chunks, bytes = s.bytes, "streamed during the dump");
+                self.run.bytes += s.bytes;
+            }
+            // Not fatal: what the target lacks still follows through the offer.
+            Err(e) => tracing::warn!(error = %e, "the chunk stream failed; the offer sends the rest"),
+        }
+        self.run.phases.push(PhaseTime { name: "stream".into(), seconds: t.elapsed().as_secs_f64() });
+    }
+
     fn switch(&mut self, committed: &Committed) -> Result<(), MigrateError> {
+        let dumped = self.run.frozen_at.map_or(0.0, |t| t.elapsed().as_secs_f64());
+        self.run.phases.push(PhaseTime { name: "dump".into(), seconds: dumped });
+        self.finish_stream();
         let run = &mut *self.run;
         run.entry.packs.extend(committed.packs.iter().copied());
-        let dumped = run.frozen_at.map_or(0.0, |t| t.elapsed().as_secs_f64());
-        run.phases.push(PhaseTime { name: "dump".into(), seconds: dumped });
         if let (Some(lab), Some(id)) = (&run.agent.config.lab, run.entry.lab_workload) {
             ferry_lab::set_port(lab, id, false)?;
             run.port_down = true;
@@ -393,6 +447,10 @@ impl PostDump for Switch<'_, '_> {
             Some(f) => f.notify(event, pid),
             None => Ok(()),
         }
+    }
+
+    fn tap(&mut self) -> Option<Tap> {
+        self.tap.take()
     }
 
     fn after_commit(&mut self, committed: &Committed) -> Result<(), String> {

@@ -84,6 +84,13 @@ pub(crate) fn serve(agent: &Agent, mut ch: Channel) -> Result<(), MigrateError> 
                     return fail(agent, &mut ch, None, MigrateError::protocol("offer before prepare"));
                 };
                 a.entry.checkpoints.push(name.clone());
+                // Chunks streamed during the dump are already here: recorded, so that undoing
+                // the arrival releases them too.
+                for pack in agent.take_streamed(&a.entry.migration) {
+                    if !a.entry.packs.contains(&pack) {
+                        a.entry.packs.push(pack);
+                    }
+                }
                 if let Err(e) = agent.journal.write(&a.entry) {
                     return fail(agent, &mut ch, arrival, e);
                 }
@@ -153,6 +160,7 @@ pub(crate) fn serve(agent: &Agent, mut ch: Channel) -> Result<(), MigrateError> 
                 }
             }
             Msg::Pages { migration } => return crate::pages::serve(agent, &mut ch, &migration),
+            Msg::Stream { migration } => return ship::receive_stream(agent, &mut ch, &migration),
             Msg::ArrivalStatus { migration } => {
                 let holding = agent.journal.read(&migration).is_some_and(|e| e.stage == Stage::Arriving);
                 ch.send(&Msg::ArrivalIs { holding })?;
@@ -415,7 +423,13 @@ impl Arrival {
         tracing::warn!(migration = %self.entry.migration, "arrival undone");
     }
 
-    fn forget(&self, agent: &Agent) {
+    fn forget(&mut self, agent: &Agent) {
+        // Streamed packs no offer took in (the migration ended before it).
+        for pack in agent.take_streamed(&self.entry.migration) {
+            if !self.entry.packs.contains(&pack) {
+                self.entry.packs.push(pack);
+            }
+        }
         crate::source::cleanup(agent, &self.entry);
         agent.journal.remove(&self.entry.migration);
     }

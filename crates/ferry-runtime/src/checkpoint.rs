@@ -49,6 +49,12 @@ pub trait PostDump {
     fn notify(&mut self, _event: &Notify, _pid: Option<i32>) -> Result<(), String> {
         Ok(())
     }
+
+    /// Where a copy of the new sealed frames goes while CRIU dumps (asked once, before CRIU
+    /// starts; a migration streams them to its target).
+    fn tap(&mut self) -> Option<ferry_store::pipeline::Tap> {
+        None
+    }
 }
 
 /// Nothing to do at post-dump.
@@ -101,7 +107,7 @@ pub fn checkpoint_with(
     let was_stopped = is_stopped(root.pid);
     tracing::info!(pid = root.pid, %name, "checkpointing");
     let started = Instant::now();
-    let pipeline = pending.start_ingest(&ctx.store)?;
+    let pipeline = pending.start_ingest_tapped(&ctx.store, hook.tap())?;
     let mut commit = CommitAtPostDump {
         ctx,
         started,

@@ -16,7 +16,7 @@ use std::fs::{self, File};
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
@@ -83,6 +83,30 @@ type FollowedSizes = Vec<(String, u64)>;
 /// Packs written, chunks written, bytes written.
 type Written = (Vec<FinishedPack>, u64, u64);
 
+/// Frames the pipeline has just written to a pack, as they lie there: `chunks` gives each
+/// one's id and length, in order, all sealed under `key`.
+#[derive(Debug)]
+pub struct TappedFrames {
+    pub key: KeyId,
+    pub bytes: Vec<u8>,
+    pub chunks: Vec<(ChunkId, u32)>,
+}
+
+/// Receives a copy of every batch of new frames once it is in a pack (a migration streams
+/// them to its target while CRIU is still dumping). It never slows the ingest: a batch that
+/// finds the tap's queue full is not copied (its chunks are still in the store, and whoever
+/// taps learns which ones it missed by asking the store).
+#[derive(Debug, Clone)]
+pub struct Tap(SyncSender<TappedFrames>);
+
+impl Tap {
+    /// A tap holding at most `depth` batches (about 1 MiB each) not yet taken.
+    pub fn new(depth: usize) -> (Tap, Receiver<TappedFrames>) {
+        let (tx, rx) = sync_channel(depth);
+        (Tap(tx), rx)
+    }
+}
+
 /// A running ingest of one images directory.
 #[derive(Debug)]
 pub struct Pipeline {
@@ -123,6 +147,7 @@ impl Pipeline {
         packs: &PackSet,
         usable: HashSet<KeyId>,
         workers: usize,
+        tap: Option<Tap>,
     ) -> Result<Pipeline, StoreError> {
         let stop = Arc::new(AtomicBool::new(false));
         let (seg_tx, seg_rx) = sync_channel::<Segment>(QUEUE);
@@ -133,7 +158,7 @@ impl Pipeline {
 
         let packs_dir = packs.dir().to_path_buf();
         let key_id = data_key.id();
-        let writer = spawn("ferry-pack-writer", move || write_frames(frame_rx, &packs_dir, key_id))?;
+        let writer = spawn("ferry-pack-writer", move || write_frames(frame_rx, &packs_dir, key_id, tap))?;
         let mut handles = Vec::new();
         for n in 0..workers.max(1) {
             let rx = seg_rx.clone();
@@ -433,7 +458,12 @@ fn is_zero(b: &[u8]) -> bool {
     words.into_iter().all(|w| w.iter().fold(0u8, |acc, x| acc | x) == 0) && tail.iter().all(|x| *x == 0)
 }
 
-fn write_frames(rx: Receiver<Frames>, dir: &Path, key: KeyId) -> Result<Written, StoreError> {
+fn write_frames(
+    rx: Receiver<Frames>,
+    dir: &Path,
+    key: KeyId,
+    mut tap: Option<Tap>,
+) -> Result<Written, StoreError> {
     let mut finished = Vec::new();
     let mut writer = PackWriter::create(dir, key)?;
     let (mut chunks, mut bytes) = (0u64, 0u64);
@@ -441,6 +471,12 @@ fn write_frames(rx: Receiver<Frames>, dir: &Path, key: KeyId) -> Result<Written,
         writer.append_batch(&batch.bytes, &batch.chunks)?;
         chunks += batch.chunks.len() as u64;
         bytes += batch.bytes.len() as u64;
+        if let Some(t) = &tap {
+            let copy = TappedFrames { key, bytes: batch.bytes, chunks: batch.chunks };
+            if let Err(TrySendError::Disconnected(_)) = t.0.try_send(copy) {
+                tap = None;
+            }
+        }
         if writer.size() >= PACK_TARGET {
             let full = std::mem::replace(&mut writer, PackWriter::create(dir, key)?);
             finished.push(full.finish()?);

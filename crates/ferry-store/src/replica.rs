@@ -228,6 +228,17 @@ impl Receiver<'_> {
         self.writer.as_ref().map_or(0, PackWriter::size)
     }
 
+    /// Makes the chunks durable and known to the store, without a checkpoint that uses them
+    /// (yet): chunks streamed ahead of their manifest. Until a manifest names them they are
+    /// garbage to `ferry gc`, and `Store::release_packs` of [`Receiver::pack`] removes them.
+    pub fn finish_loose(mut self) -> Result<u64, StoreError> {
+        let writer = self.writer.take().ok_or_else(|| refused("receiver already finished".into()))?;
+        let finished = writer.finish()?;
+        let chunks = finished.entries.len() as u64;
+        self.store.packs()?.absorb(finished);
+        Ok(chunks)
+    }
+
     /// Makes the chunks durable, then records the checkpoint: slots, manifest (signature
     /// checked against this node's trusted signers), catalog entry. Every chunk the manifest
     /// uses must now be in the store under the key the shipment named.

@@ -555,9 +555,26 @@ impl Pending {
 
     /// Starts sealing images into the store as CRIU writes them.
     pub fn start_ingest(&self, store: &Store) -> Result<Pipeline, StoreError> {
+        self.start_ingest_tapped(store, None)
+    }
+
+    /// Like [`Pending::start_ingest`], with a copy of each batch of new frames sent to `tap`.
+    pub fn start_ingest_tapped(
+        &self,
+        store: &Store,
+        tap: Option<crate::pipeline::Tap>,
+    ) -> Result<Pipeline, StoreError> {
         let usable = store.usable_keys()?;
         let packs = store.packs()?;
-        Pipeline::start(self.images_dir(), store.keys.clone(), self.data_key.clone(), &packs, usable, THREADS)
+        Pipeline::start(
+            self.images_dir(),
+            store.keys.clone(),
+            self.data_key.clone(),
+            &packs,
+            usable,
+            THREADS,
+            tap,
+        )
     }
 
     /// Finishes the ingest and writes slots, manifest and catalog entry, in that order.

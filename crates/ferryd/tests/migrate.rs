@@ -411,6 +411,53 @@ fn the_target_agent_killed_while_receiving_leaves_the_workload_at_the_source() {
 }
 
 #[test]
+fn the_target_agent_killed_while_chunks_stream_during_the_dump_leaves_the_workload_at_the_source() {
+    let env = failing("node2", "target-stream=exit");
+    let Some(mut f) = Fixture::new(2, &env) else { return };
+    let w = f.memload("node1", 64, None);
+    let r = f.migrate("node1", w.pid, "node2", Strategy::StopCopy);
+    let err = r.expect_err("must fail");
+    assert!(!err.is_empty());
+    assert!(f.agent_log("node2").contains("target-stream"), "the target died in the stream");
+    f.assert_one_copy_on(w.ip, "node1");
+    f.restart("node2", &[]);
+    let lab = ferry_lab::Lab::load(f.lab.config()).unwrap();
+    assert!(lab.workloads().iter().all(|x| x.node == "node1"), "{:?}", lab.workloads());
+    let store = node_dir(f.lab.config().state_dir(), "node2").join("store");
+    assert_eq!(std::fs::read_dir(store.join("journal")).unwrap().count(), 0, "journal emptied");
+    // What the dead writer left has no index: no chunk of it is known to the store.
+    let indexed: Vec<_> = std::fs::read_dir(store.join("packs"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".idx"))
+        .collect();
+    assert!(indexed.is_empty(), "{indexed:?}");
+}
+
+#[test]
+fn stop_copy_streams_the_chunks_while_dumping() {
+    let Some(mut f) = Fixture::new(2, &no_env) else { return };
+    let w = f.memload("node1", 128, None);
+    let r = f.migrate("node1", w.pid, "node2", Strategy::StopCopy).expect("migrate");
+    let phases: Vec<&str> = r.phases.iter().map(|p| p.name.as_str()).collect();
+    assert!(phases.contains(&"stream"), "{phases:?}");
+    let log = f.agent_log("node2");
+    let streamed = log
+        .lines()
+        .find(|l| l.contains("stored the chunks streamed during the dump"))
+        .unwrap_or_else(|| panic!("the target took a stream: {log}"));
+    let chunks: u64 = streamed
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("chunks="))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("chunk count in '{streamed}'"));
+    // 128 MiB of random pages are 32768 chunks; most of them crossed during the dump (a
+    // batch that finds the stream's queue full goes after it instead).
+    assert!(chunks > 16_384, "{chunks} chunks streamed: {streamed}");
+    f.assert_one_copy_on(w.ip, "node2");
+}
+
+#[test]
 fn a_full_disk_on_the_target_leaves_the_workload_at_the_source() {
     let Some(mut f) = Fixture::new(2, &no_env) else { return };
     let packs = node_dir(f.lab.config().state_dir(), "node2").join("store/packs");
