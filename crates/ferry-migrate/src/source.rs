@@ -260,7 +260,9 @@ impl Run<'_> {
         let req = CheckpointRequest { lazy_pages: port, ..req };
         // Stop-copy and pre-copy: what the dump seals goes to the target at once, on a
         // connection of its own. Post-copy dumps hardly any pages: nothing worth streaming.
-        let (tap, streamer) = if lazy { (None, None) } else { self.start_stream(&migration) };
+        // FERRY_STREAM=off in the agent's environment turns it off (to measure what it buys).
+        let stream = !lazy && std::env::var("FERRY_STREAM").map_or(true, |v| v != "off");
+        let (tap, streamer) = if stream { self.start_stream(&migration) } else { (None, None) };
         (self.events)(Event::Phase("freeze and dump".into()));
         self.frozen_at = Some(Instant::now());
         let finisher = port.map(|p| PageServerFinisher::new(p, RecordingNotify::default()));

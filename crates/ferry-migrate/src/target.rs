@@ -123,9 +123,12 @@ pub(crate) fn serve(agent: &Agent, mut ch: Channel) -> Result<(), MigrateError> 
                     return fail(agent, &mut ch, None, MigrateError::protocol("commit before prepare"));
                 };
                 if a.lazy.is_none() {
-                    a.commit(agent)?;
-                    ch.send(&Msg::Committed)?;
-                    return Ok(());
+                    a.release(agent)?;
+                    // The answer first: removing the checkpoint and its packs (a second or
+                    // more for large ones) is no business of the source's.
+                    let answered = ch.send(&Msg::Committed);
+                    a.finish(agent);
+                    return answered;
                 }
                 // Post-copy: the workload goes live now; its pages keep coming from the source.
                 if let Err(e) = a.release(agent) {

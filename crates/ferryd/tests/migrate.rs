@@ -242,11 +242,14 @@ fn stop_copy_moves_memory_address_and_record_and_counts_it() {
     assert!(!Path::new("/run/netns").join(&w.netns).exists());
     let src_manifests = node_dir(f.lab.config().state_dir(), "node1").join("store/manifests");
     assert_eq!(std::fs::read_dir(src_manifests).unwrap().count(), 0);
-    // Neither store keeps the migration's chunks.
+    // Neither store keeps the migration's chunks (the target removes its own after it
+    // answered the commit).
     for node in ["node1", "node2"] {
         let packs = node_dir(f.lab.config().state_dir(), node).join("store/packs");
-        let left: Vec<_> = std::fs::read_dir(&packs).unwrap().flatten().map(|e| e.file_name()).collect();
-        assert!(left.is_empty(), "{node} keeps {left:?}");
+        let left =
+            || -> Vec<_> { std::fs::read_dir(&packs).unwrap().flatten().map(|e| e.file_name()).collect() };
+        let emptied = ferry_testkit::try_poll(Duration::from_secs(10), || left().is_empty().then_some(()));
+        assert!(emptied.is_some(), "{node} keeps {:?}", left());
     }
     // The source's metrics count it.
     let node1 = f.lab.lab().node("node1").unwrap().ip;
