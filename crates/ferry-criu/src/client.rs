@@ -21,6 +21,9 @@ use crate::options::{DumpOptions, LogTarget, NetworkLock, RestoreOptions, Shared
 use crate::rpc::{self, ReqType, Request, Response};
 use crate::version::{Version, MIN_VERSION};
 
+/// Read by ferry's patch of CRIU (`scripts/criu-patches/`): lazy pages stay out of the page
+/// pipes (see [`DumpOptions::lazy_pages_undrained`]).
+const LAZY_UNDRAINED: &str = "FERRY_CRIU_LAZY_UNDRAINED";
 /// CRIU's answers are small; anything larger is a broken peer.
 const MAX_RESPONSE: usize = 1 << 20;
 /// Classification reads at most this much of a log (the end, where the errors are).
@@ -165,7 +168,9 @@ impl Criu {
         o.notify_scripts = Some(true);
         let req = Request { r#type: ReqType::Dump as i32, opts: Some(o), ..Default::default() };
         let mut recorder = Forwarding { inner: notify, events: Vec::new() };
-        self.call(Operation::Dump, req, Some(&opts.shared.log), &mut recorder, &[])?;
+        let env: &[(&str, &str)] =
+            if opts.lazy_pages.is_some() && opts.lazy_undrained { &[(LAZY_UNDRAINED, "1")] } else { &[] };
+        self.call_with(Operation::Dump, req, Some(&opts.shared.log), &mut recorder, &[], env)?;
         drop(images);
         Ok(DumpOutcome { events: recorder.events })
     }
@@ -211,9 +216,25 @@ impl Criu {
         notify: &mut dyn NotifyHandler,
         pass_fds: &[BorrowedFd<'_>],
     ) -> Result<Response, CriuError> {
+        self.call_with(op, req, log, notify, pass_fds, &[])
+    }
+
+    /// [`Self::call`] with `env` added to CRIU's environment.
+    fn call_with(
+        &self,
+        op: Operation,
+        req: Request,
+        log: Option<&LogTarget>,
+        notify: &mut dyn NotifyHandler,
+        pass_fds: &[BorrowedFd<'_>],
+        env: &[(&str, &str)],
+    ) -> Result<Response, CriuError> {
         let (ours, theirs) = SeqPacket::pair().map_err(|e| spawn_err(&self.path, e))?;
         let mut cmd = Command::new(&self.path);
         cmd.arg("swrk").arg(theirs.as_fd().as_raw_fd().to_string());
+        // Only where a caller asks for it, never inherited.
+        cmd.env_remove(LAZY_UNDRAINED);
+        cmd.envs(env.iter().copied());
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(stderr_target(log));
         ferry_sys::inherit_fd_in_child(&mut cmd, theirs.as_fd());
         for fd in pass_fds {
@@ -503,6 +524,29 @@ mod tests {
             .expect_err("garbage");
         assert!(matches!(err, CriuError::Protocol { .. }), "{err}");
         peer.join().expect("peer");
+    }
+
+    #[test]
+    fn only_a_lazy_dump_served_elsewhere_asks_criu_to_leave_lazy_pages_undrained() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let seen = tmp.path().join("env");
+        let fake = tmp.path().join("criu");
+        let script = format!("#!/bin/sh\necho \"lazy=${{{LAZY_UNDRAINED}:-unset}}\" >> {}\n", seen.display());
+        fs::write(&fake, script).expect("write fake");
+        fs::set_permissions(&fake, fs::Permissions::from_mode(0o755)).expect("chmod");
+        let criu = Criu::at(&fake);
+        let images = tmp.path().join("images");
+        fs::create_dir(&images).expect("images dir");
+        let log = LogTarget::new(tmp.path(), "dump.log");
+        for (port, undrained) in [(Some(7000), true), (Some(7000), false), (None, true)] {
+            let opts =
+                DumpOptions::new(1, &images, log.clone()).lazy_pages(port).lazy_pages_undrained(undrained);
+            // The fake answers nothing: the call fails, after CRIU saw its environment.
+            assert!(criu.dump(&opts, &mut RecordingNotify::default()).is_err());
+        }
+        let lines = fs::read_to_string(&seen).expect("env seen");
+        assert_eq!(lines.lines().collect::<Vec<_>>(), vec!["lazy=1", "lazy=unset", "lazy=unset"]);
     }
 
     #[test]

@@ -120,6 +120,7 @@ pub struct DumpOptions {
     pub(crate) images_dir: PathBuf,
     pub(crate) leave_running: bool,
     pub(crate) lazy_pages: Option<u16>,
+    pub(crate) lazy_undrained: bool,
     pub(crate) shared: Shared,
 }
 
@@ -130,8 +131,19 @@ impl DumpOptions {
             images_dir: images_dir.into(),
             leave_running: false,
             lazy_pages: None,
+            lazy_undrained: false,
             shared: Shared::new(log),
         }
+    }
+
+    /// With lazy pages: the caller serves them from the frozen tree's memory itself, so CRIU
+    /// need not copy them into its page pipes first (a tenth of a second per GiB, all of it
+    /// while the tree is frozen). Needs ferry's patch of CRIU (`scripts/criu-patches/`); CRIU's
+    /// own page server then has nothing to serve and must only be closed. A CRIU without the
+    /// patch ignores it and copies them as before.
+    pub fn lazy_pages_undrained(mut self, yes: bool) -> Self {
+        self.lazy_undrained = yes;
+        self
     }
 
     /// Dump everything but the anonymous memory, which stays in the frozen tree; after the

@@ -26,8 +26,9 @@ pub struct CheckpointRequest {
     /// External resources declared to CRIU (`--external`), e.g. the workload's network
     /// namespace when another node will provide one.
     pub external: Vec<String>,
-    /// Leave anonymous memory in the frozen tree, to be served lazily; CRIU's own page server
-    /// will listen on this port after the post-dump notification.
+    /// Leave anonymous memory in the frozen tree, to be served lazily by the caller, from the
+    /// tree's memory; CRIU's own page server will listen on this port after the post-dump
+    /// notification and is only to be closed (with ferry's CRIU patch it holds no pages).
     pub lazy_pages: Option<u16>,
 }
 
@@ -101,6 +102,9 @@ pub fn checkpoint_with(
     let opts = DumpOptions::new(root.pid, pending.images_dir(), log.clone())
         .leave_running(req.leave_running)
         .lazy_pages(req.lazy_pages)
+        // Whoever asks for lazy pages serves them from the frozen tree (ferry-migrate does),
+        // never through CRIU's page server.
+        .lazy_pages_undrained(req.lazy_pages.is_some())
         .tcp_established(req.tcp_established);
     let opts = req.external.iter().fold(opts, |o, e| o.external(e.clone()));
 
