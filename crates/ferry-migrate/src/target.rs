@@ -251,6 +251,7 @@ impl Arrival {
         external_net: bool,
         lazy: bool,
     ) -> Result<i32, MigrateError> {
+        let t0 = Instant::now();
         let store = &agent.ctx.store;
         let checkpoint = store.get(name)?;
         let netns: Option<Arc<OwnedFd>> = if external_net {
@@ -277,6 +278,7 @@ impl Arrival {
             source,
         })?;
         checkpoint.materialize(store, &images)?;
+        let t_images = t0.elapsed();
         if !lazy && has_lazy_pages(&images)? {
             // CRIU would spin forever reading pages that are not in the images.
             return Err(MigrateError::Refused(format!(
@@ -299,6 +301,7 @@ impl Arrival {
         } else {
             None
         };
+        let t_daemon = t0.elapsed();
         let mut opts = RestoreOptions::new(&images, log)
             .tcp_established(tcp_established)
             .restore_sibling(true)
@@ -331,6 +334,12 @@ impl Arrival {
                 outcome?
             }
         };
+        tracing::debug!(
+            images_s = t_images.as_secs_f64(),
+            daemon_s = (t_daemon - t_images).as_secs_f64(),
+            criu_s = (t0.elapsed() - t_daemon).as_secs_f64(),
+            "restore steps"
+        );
         let pid = outcome.pid;
         // The restored root is our child: reap it whenever it ends.
         std::thread::spawn(move || {
