@@ -219,7 +219,7 @@ pub fn wire_frame(data: &[u8]) {
 /// a batch lists must add up to the bytes it carries).
 pub fn migrate_msg(data: &[u8]) {
     use ferry_migrate::api::{Event, Request};
-    use ferry_migrate::proto::{decode_batch, decode_stream, stream_header, Msg};
+    use ferry_migrate::proto::{decode_batch, decode_push, decode_stream, push_header, stream_header, Msg};
 
     if let Ok(msg) = postcard::from_bytes::<Msg>(data) {
         let bytes = postcard::to_allocvec(&msg).expect("a decoded message encodes");
@@ -236,6 +236,12 @@ pub fn migrate_msg(data: &[u8]) {
         let total: u64 = entries.iter().map(|(_, l)| u64::from(*l)).sum();
         assert_eq!(total, frames.len() as u64, "a batch's lengths add up");
         assert!(4 + 8 * entries.len() + frames.len() == data.len());
+    }
+    if let Ok((pid, vaddr, pages)) = decode_push(data) {
+        assert!(!pages.is_empty() && pages.len().is_multiple_of(4096) && vaddr.is_multiple_of(4096));
+        let mut again = push_header(pid, vaddr);
+        again.extend_from_slice(pages);
+        assert_eq!(again, data, "a page push frame re-encodes to its bytes");
     }
     if let Ok((chunks, frames)) = decode_stream(data) {
         let total: u64 = chunks.iter().map(|c| u64::from(c.len)).sum();

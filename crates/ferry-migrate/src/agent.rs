@@ -126,7 +126,7 @@ fn load(a: &AtomicU64) -> u64 {
 pub struct Agent {
     pub(crate) config: AgentConfig,
     pub(crate) ctx: Context,
-    pub(crate) dialer: Box<dyn Dialer>,
+    pub(crate) dialer: std::sync::Arc<dyn Dialer>,
     pub(crate) journal: Journal,
     pub metrics: Metrics,
     /// One migration at a time per node: CRIU and the store are shared.
@@ -150,7 +150,7 @@ impl Agent {
         Ok(Agent {
             config,
             ctx,
-            dialer,
+            dialer: std::sync::Arc::from(dialer),
             journal,
             metrics: Metrics::default(),
             busy: Mutex::new(()),
@@ -219,17 +219,38 @@ impl Agent {
 
     /// Opens a control channel to `node` and says hello.
     pub(crate) fn connect(&self, node: &str) -> Result<Channel, MigrateError> {
-        let addr = *self.config.peers.get(node).ok_or_else(|| MigrateError::UnknownNode(node.into()))?;
-        let conn = self.dialer.dial(node, addr)?;
-        let mut ch = Channel::new(conn, node);
-        ch.send(&Msg::Hello { protocol: PROTOCOL, node: self.config.name.clone() })?;
-        match ch.recv("hello")? {
-            Msg::Hello { protocol, .. } if protocol == PROTOCOL => Ok(ch),
-            Msg::Hello { protocol, .. } => Err(MigrateError::Refused(format!(
-                "node {node} speaks migration protocol {protocol}, this node {PROTOCOL}: run the same ferry version"
-            ))),
-            other => Err(unexpected("hello", &other)),
-        }
+        self.connector(node)()
+    }
+
+    /// [`Agent::connect`] to `node`, to be called later, on another thread.
+    pub(crate) fn connector(
+        &self,
+        node: &str,
+    ) -> impl FnOnce() -> Result<Channel, MigrateError> + Send + 'static {
+        let dialer = self.dialer.clone();
+        let addr = self.config.peers.get(node).copied();
+        let node = node.to_owned();
+        let me = self.config.name.clone();
+        move || connect_with(&*dialer, addr, &node, me)
+    }
+}
+
+fn connect_with(
+    dialer: &dyn Dialer,
+    addr: Option<SocketAddr>,
+    node: &str,
+    me: String,
+) -> Result<Channel, MigrateError> {
+    let addr = addr.ok_or_else(|| MigrateError::UnknownNode(node.into()))?;
+    let conn = dialer.dial(node, addr)?;
+    let mut ch = Channel::new(conn, node);
+    ch.send(&Msg::Hello { protocol: PROTOCOL, node: me })?;
+    match ch.recv("hello")? {
+        Msg::Hello { protocol, .. } if protocol == PROTOCOL => Ok(ch),
+        Msg::Hello { protocol, .. } => Err(MigrateError::Refused(format!(
+            "node {node} speaks migration protocol {protocol}, this node {PROTOCOL}: run the same ferry version"
+        ))),
+        other => Err(unexpected("hello", &other)),
     }
 }
 

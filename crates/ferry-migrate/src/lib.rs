@@ -14,6 +14,7 @@ pub mod lab_agents;
 pub mod lazy;
 mod pages;
 pub mod proto;
+mod push;
 mod recover;
 mod ship;
 mod source;

@@ -6,27 +6,122 @@ use std::sync::Arc;
 
 use crate::agent::{unexpected, Agent, Channel};
 use crate::lazy::{LazyError, PageFetcher, PageSource, PAGE_SIZE};
-use crate::proto::{Msg, KIND_PAGES};
+use crate::proto::{decode_push, push_header, Msg, KIND_PAGES, KIND_PUSH};
+use crate::push::{PushCache, CACHE_BYTES, PUSH_PAGES};
 use crate::MigrateError;
 
 /// Pages per request on the wire (4 MiB: well under the frame cap).
 const PAGES_PER_REQUEST: u32 = 1024;
 
-/// The target's fetcher: asks the source agent over the page channel.
+/// The target's fetcher: answers from the pages the source pushes when it can, asks the
+/// source agent over the page channel otherwise.
 pub(crate) struct RemotePages {
     ch: Channel,
+    cache: Option<Arc<PushCache>>,
 }
 
 impl RemotePages {
     pub(crate) fn open(agent: &Agent, source: &str, migration: &str) -> Result<RemotePages, MigrateError> {
         let mut ch = agent.connect(source)?;
         ch.send(&Msg::Pages { migration: migration.to_owned() })?;
-        Ok(RemotePages { ch })
+        // FERRY_PUSH=off in the target agent's environment: demand and CRIU's background
+        // fetching only (to measure what the push buys).
+        let push = std::env::var("FERRY_PUSH").map_or(true, |v| v != "off");
+        let cache = if push { start_push(agent, source, migration) } else { None };
+        Ok(RemotePages { ch, cache })
+    }
+
+    /// The cache pushed pages go to, if they are pushed (most requests are then answered
+    /// from memory); the push starts at [`PushCache::begin`].
+    pub(crate) fn push_cache(&self) -> Option<Arc<PushCache>> {
+        self.cache.clone()
+    }
+}
+
+/// A thread that opens the push connection and fills the cache from it (off the freeze: the
+/// restore does not wait for the handshake). If it cannot, the pages all come on demand.
+fn start_push(agent: &Agent, source: &str, migration: &str) -> Option<Arc<PushCache>> {
+    let cache = Arc::new(PushCache::new(CACHE_BYTES));
+    let filling = cache.clone();
+    let dialer = agent.connector(source);
+    let migration = migration.to_owned();
+    let spawned = std::thread::Builder::new().name("ferry-page-push".into()).spawn(move || {
+        if !filling.wait_begin() {
+            return;
+        }
+        // Demand faults and the workload itself come first.
+        if let Err(e) = ferry_sys::idle_priority_for_this_thread() {
+            tracing::debug!(error = %e, "the page push runs at normal priority");
+        }
+        let opened = dialer().and_then(|mut ch| {
+            ch.send(&Msg::PagesPush { migration })?;
+            Ok(ch)
+        });
+        let mut ch = match opened {
+            Ok(ch) => ch,
+            Err(e) => {
+                tracing::warn!(error = %e, "no page push: every page comes on demand");
+                return;
+            }
+        };
+        let mut bytes = 0u64;
+        loop {
+            match ch.next("pushed pages") {
+                Ok(Err(frame)) if frame.kind == KIND_PUSH => match decode_push(&frame.payload) {
+                    Ok((pid, vaddr, data)) => {
+                        bytes += data.len() as u64;
+                        if !filling.insert(pid, vaddr, data.to_vec()) {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "bad page push frame; the rest comes on demand");
+                        break;
+                    }
+                },
+                Ok(Ok(Msg::PushDone)) => break,
+                Ok(Ok(Msg::Error { message })) => {
+                    tracing::warn!(%message, "the source stopped pushing pages");
+                    break;
+                }
+                Ok(other) => {
+                    tracing::warn!(?other, "unexpected on the page push connection");
+                    break;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "page push connection ended");
+                    break;
+                }
+            }
+        }
+        tracing::info!(bytes, "page push ended");
+    });
+    match spawned {
+        Ok(_) => Some(cache),
+        Err(e) => {
+            tracing::warn!(error = %e, "no page push thread: every page comes on demand");
+            None
+        }
+    }
+}
+
+impl Drop for RemotePages {
+    fn drop(&mut self) {
+        if let Some(cache) = &self.cache {
+            let (hits, misses) = cache.counts();
+            tracing::info!(hits, misses, "page requests answered from the push / from the source");
+            cache.close();
+        }
     }
 }
 
 impl PageFetcher for RemotePages {
     fn fetch(&mut self, pid: u32, vaddr: u64, nr_pages: u32, out: &mut Vec<u8>) -> Result<(), LazyError> {
+        if let Some(cache) = &self.cache {
+            if cache.take(pid, vaddr, nr_pages, out) {
+                return Ok(());
+            }
+        }
         out.clear();
         let mut done = 0u32;
         while done < nr_pages {
@@ -91,4 +186,44 @@ pub(crate) fn serve(agent: &Agent, ch: &mut Channel, migration: &str) -> Result<
             Err(e) => return Err(e),
         }
     }
+}
+
+/// The source's side of a page push: every lazy page of the tree, in address order, until
+/// all are sent or the target hangs up.
+pub(crate) fn push(agent: &Agent, ch: &mut Channel, migration: &str) -> Result<(), MigrateError> {
+    let source: Option<Arc<PageSource>> = agent
+        .pages
+        .lock()
+        .map_err(|_| MigrateError::protocol("page registry poisoned"))?
+        .get(migration)
+        .cloned();
+    let Some(source) = source else {
+        ch.send(&Msg::Error { message: format!("no post-copy migration {migration} here") })?;
+        return Ok(());
+    };
+    // Requests for pages a fault waits on (the other connection) come first.
+    if let Err(e) = ferry_sys::idle_priority_for_this_thread() {
+        tracing::debug!(error = %e, "the page push runs at normal priority");
+    }
+    let mut buf = Vec::new();
+    for (pid, start, end) in source.ranges() {
+        let mut at = start;
+        while at < end {
+            let n = ((end - at) / PAGE_SIZE).min(u64::from(PUSH_PAGES)) as u32;
+            if let Err(e) = source.read(pid, at, n, &mut buf) {
+                // The tree is gone (the migration ended) or the range went away.
+                let _ = ch.send(&Msg::Error { message: crate::chain(&e) });
+                return Ok(());
+            }
+            let mut payload = push_header(pid, at);
+            payload.extend_from_slice(&buf);
+            match ferry_wire::frame::write_frame(&mut ch.conn, KIND_PUSH, &payload) {
+                Ok(()) => {}
+                // The target has every page it needs and hung up.
+                Err(_) => return Ok(()),
+            }
+            at += u64::from(n) * PAGE_SIZE;
+        }
+    }
+    ch.send(&Msg::PushDone)
 }

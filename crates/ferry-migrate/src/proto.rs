@@ -16,6 +16,8 @@ pub const KIND_MSG: u16 = 0x4d53;
 pub const KIND_CHUNKS: u16 = 0x4348;
 /// Chunks streamed ahead of their offer, each with its full reference.
 pub const KIND_STREAM: u16 = 0x5354;
+/// Post-copy pages pushed ahead of demand: `pid u32 BE`, `vaddr u64 BE`, whole pages.
+pub const KIND_PUSH: u16 = 0x5055;
 /// Raw bytes echoed as a length (the link probe of `auto`).
 pub const KIND_PROBE: u16 = 0x5052;
 /// Raw page data answering a `PageRequest`.
@@ -141,6 +143,12 @@ pub enum Msg {
         chunks: u64,
         bytes: u64,
     },
+    /// Opens the page push of a post-copy migration (a connection of its own, from the
+    /// target): the source sends every lazy page in KIND_PUSH frames, then `PushDone`.
+    PagesPush {
+        migration: String,
+    },
+    PushDone,
     /// Bytes to echo back (`auto` measures the link with it).
     Probe(Vec<u8>),
     ProbeAck {
@@ -184,6 +192,33 @@ pub fn decode_batch(payload: &[u8]) -> Result<Batch<'_>, String> {
         return Err(format!("chunk batch lists {total} bytes and carries {}", frames.len()));
     }
     Ok((entries, frames))
+}
+
+/// The head of a KIND_PUSH frame.
+pub fn push_header(pid: u32, vaddr: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(12 + (1 << 20));
+    out.extend_from_slice(&pid.to_be_bytes());
+    out.extend_from_slice(&vaddr.to_be_bytes());
+    out
+}
+
+/// Splits a KIND_PUSH payload into (pid, vaddr, pages); the pages must be whole, at least
+/// one, at a page-aligned address.
+pub fn decode_push(payload: &[u8]) -> Result<(u32, u64, &[u8]), String> {
+    let head = payload.get(..12).ok_or("page push frame without its head")?;
+    let pid = u32::from_be_bytes([head[0], head[1], head[2], head[3]]);
+    let mut v = [0u8; 8];
+    v.copy_from_slice(&head[4..12]);
+    let vaddr = u64::from_be_bytes(v);
+    let pages = &payload[12..];
+    let page = crate::lazy::PAGE_SIZE;
+    if pages.is_empty() || !(pages.len() as u64).is_multiple_of(page) || !vaddr.is_multiple_of(page) {
+        return Err(format!("page push of {} bytes at {vaddr:#x}: not whole pages", pages.len()));
+    }
+    vaddr
+        .checked_add(pages.len() as u64)
+        .ok_or_else(|| format!("page push at {vaddr:#x} runs past the address space"))?;
+    Ok((pid, vaddr, pages))
 }
 
 /// Bytes of one chunk reference in a KIND_STREAM frame.
@@ -273,5 +308,22 @@ mod tests {
         long.push(0);
         assert!(decode_stream(&long).is_err());
         assert!(decode_stream(&[0xff, 0xff, 0xff, 0xff]).is_err());
+    }
+
+    #[test]
+    fn push_frames_round_trip_and_odd_ones_are_refused() {
+        let mut b = push_header(7, 0x7000);
+        b.extend_from_slice(&[3u8; 8192]);
+        let (pid, vaddr, pages) = decode_push(&b).unwrap();
+        assert_eq!((pid, vaddr, pages.len()), (7, 0x7000, 8192));
+        assert!(decode_push(&b[..12]).is_err(), "no pages");
+        assert!(decode_push(&b[..12 + 100]).is_err(), "part of a page");
+        let mut odd = push_header(7, 0x7001);
+        odd.extend_from_slice(&[0u8; 4096]);
+        assert!(decode_push(&odd).is_err(), "unaligned");
+        let mut wrap = push_header(7, u64::MAX - 4095);
+        wrap.extend_from_slice(&[0u8; 8192]);
+        assert!(decode_push(&wrap).is_err(), "past the end");
+        assert!(decode_push(&[1, 2]).is_err());
     }
 }

@@ -135,6 +135,9 @@ pub(crate) fn serve(agent: &Agent, mut ch: Channel) -> Result<(), MigrateError> 
                     return fail(agent, &mut ch, Some(a), e);
                 }
                 ch.send(&Msg::Committed)?;
+                if let Some(push) = &a.push {
+                    push.begin();
+                }
                 let started = Instant::now();
                 loop {
                     match a.wait_pages(PROGRESS_EVERY) {
@@ -163,6 +166,7 @@ pub(crate) fn serve(agent: &Agent, mut ch: Channel) -> Result<(), MigrateError> 
                 }
             }
             Msg::Pages { migration } => return crate::pages::serve(agent, &mut ch, &migration),
+            Msg::PagesPush { migration } => return crate::pages::push(agent, &mut ch, &migration),
             Msg::Stream { migration } => return ship::receive_stream(agent, &mut ch, &migration),
             Msg::ArrivalStatus { migration } => {
                 let holding = agent.journal.read(&migration).is_some_and(|e| e.stage == Stage::Arriving);
@@ -216,6 +220,8 @@ pub(crate) struct Arrival {
     neighbours: Vec<(std::net::Ipv4Addr, String)>,
     /// Its network namespace here, once made.
     netns: Option<std::path::PathBuf>,
+    /// Post-copy: pages pushed ahead of demand, started once the workload runs here.
+    push: Option<Arc<crate::push::PushCache>>,
 }
 
 impl Arrival {
@@ -236,11 +242,12 @@ impl Arrival {
             lazy: None,
             neighbours: Vec::new(),
             netns: None,
+            push: None,
         }
     }
 
     pub(crate) fn from_entry(entry: Entry) -> Arrival {
-        Arrival { entry, ip: None, from: None, lazy: None, neighbours: Vec::new(), netns: None }
+        Arrival { entry, ip: None, from: None, lazy: None, neighbours: Vec::new(), netns: None, push: None }
     }
 
     fn restore(
@@ -291,6 +298,7 @@ impl Arrival {
         let log = LogTarget::new(&log_dir, "restore.log");
         let server = if lazy {
             let fetcher = RemotePages::open(agent, &self.entry.peer, &self.entry.migration)?;
+            self.push = fetcher.push_cache();
             // Errors only: at debug level the daemon writes lines for every page fault.
             let mut server_log = LogTarget::new(&log_dir, "lazy-pages.log");
             server_log.level = ferry_criu::LogLevel::Errors;
@@ -436,6 +444,9 @@ impl Arrival {
     }
 
     fn forget(&mut self, agent: &Agent) {
+        if let Some(push) = self.push.take() {
+            push.close();
+        }
         // Streamed packs no offer took in (the migration ended before it).
         for pack in agent.take_streamed(&self.entry.migration) {
             if !self.entry.packs.contains(&pack) {

@@ -107,6 +107,21 @@ pub fn private_umask() {
     }
 }
 
+/// Moves the calling thread to the idle scheduling class (`SCHED_IDLE`): it then runs only
+/// on CPU time nothing else wants. For background transfers that must not slow the workload
+/// they serve.
+pub fn idle_priority_for_this_thread() -> io::Result<()> {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: `param` is a valid, initialized sched_param that outlives the call; pid 0 names
+    // the calling thread, and the kernel only reads through the pointer.
+    let rc = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// The effective user id of this process.
 pub fn effective_uid() -> u32 {
     // SAFETY: geteuid(2) has no arguments and cannot fail.

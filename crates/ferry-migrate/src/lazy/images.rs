@@ -70,6 +70,11 @@ impl LazyRanges {
     pub fn is_empty(&self) -> bool {
         self.ranges.is_empty()
     }
+
+    /// The (merged) ranges, in address order.
+    pub fn iter(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.ranges.iter().map(|(s, e)| (*s, *e))
+    }
 }
 
 fn read_image(dir: &Path, name: &str, magic: u32) -> Result<Option<Vec<u8>>, LazyError> {

@@ -124,6 +124,11 @@ impl PageSource {
         self.tasks.values().map(|t| t.ranges.bytes()).sum()
     }
 
+    /// Every lazy range of the tree: (pid in the images, start, end), in pid and address order.
+    pub fn ranges(&self) -> Vec<(u32, u64, u64)> {
+        self.tasks.iter().flat_map(|(pid, t)| t.ranges.iter().map(move |(s, e)| (*pid, s, e))).collect()
+    }
+
     /// Host pid of the process `pid` of the images, if it has lazy pages.
     pub fn host_pid(&self, pid: u32) -> Option<i32> {
         self.tasks.get(&pid).map(|t| t.host_pid)
