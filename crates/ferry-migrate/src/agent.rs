@@ -24,7 +24,8 @@ impl<T: Read + Write + Send> Conn for T {}
 
 /// Opens authenticated connections to peers.
 pub trait Dialer: Send + Sync {
-    fn dial(&self, node: &str, addr: SocketAddr) -> Result<Box<dyn Conn>, MigrateError>;
+    /// A connection to `node` at `addr`, and the Ed25519 key its peer was authenticated by.
+    fn dial(&self, node: &str, addr: SocketAddr) -> Result<(Box<dyn Conn>, [u8; 32]), MigrateError>;
 }
 
 /// How the agent is set up.
@@ -200,8 +201,61 @@ impl Agent {
     }
 
     /// Serves one connection from an authenticated peer (the target side, or an outcome query).
-    pub fn serve_peer(&self, conn: Box<dyn Conn>, peer: &str) -> Result<(), MigrateError> {
-        crate::target::serve(self, Channel::new(conn, peer))
+    /// `peer_key`: the Ed25519 key the connection's peer was authenticated by.
+    pub fn serve_peer(
+        &self,
+        conn: Box<dyn Conn>,
+        peer: &str,
+        peer_key: [u8; 32],
+    ) -> Result<(), MigrateError> {
+        let mut ch = Channel::new(conn, peer);
+        ch.peer_key = Some(peer_key);
+        crate::target::serve(self, ch)
+    }
+
+    /// This node's hello.
+    pub(crate) fn hello(&self) -> Msg {
+        let public = self.ctx.store.keys().public();
+        Msg::Hello {
+            protocol: PROTOCOL,
+            node: self.config.name.clone(),
+            ed25519: public.ed25519,
+            x25519: public.x25519,
+        }
+    }
+
+    /// Checks a peer's hello against the key its connection was authenticated by, and
+    /// remembers a peer the cluster CA admitted (its key was not pinned) as a recipient, so
+    /// that checkpoints can be encrypted for it and its manifests verified, as with a pin.
+    pub(crate) fn learn_peer(
+        &self,
+        ch: &Channel,
+        ed25519: [u8; 32],
+        x25519: [u8; 32],
+    ) -> Result<(), MigrateError> {
+        if ch.peer_key.is_some_and(|k| k != ed25519) {
+            return Err(MigrateError::Refused(format!(
+                "{} says hello with a key other than its certificate's",
+                ch.node
+            )));
+        }
+        let dir = self.ctx.store.keys_dir();
+        let known = ferry_store::keys::recipients(&dir).map_err(ferry_store::StoreError::from)?;
+        if known.iter().any(|(_, p)| p.ed25519 == ed25519 && p.x25519 == x25519) || ch.peer_key.is_none() {
+            return Ok(());
+        }
+        let public = ferry_store::keys::NodePublic { ed25519, x25519 };
+        match ferry_store::keys::add_recipient(&dir, &ch.node, &public) {
+            Ok(()) => {
+                tracing::info!(peer = %ch.node, "trusting the key of a peer the cluster CA admitted (keys/recipients/{}.pub)", ch.node);
+                Ok(())
+            }
+            Err(e) => {
+                // A different key pinned under that name: the pin wins; the migration will say so.
+                tracing::warn!(peer = %ch.node, error = %e, "not remembering the CA-admitted peer's key");
+                Ok(())
+            }
+        }
     }
 
     /// Finishes or undoes what a crash interrupted (run at start, before serving).
@@ -219,19 +273,31 @@ impl Agent {
 
     /// Opens a control channel to `node` and says hello.
     pub(crate) fn connect(&self, node: &str) -> Result<Channel, MigrateError> {
-        self.connector(node)()
+        let (ch, ed25519, x25519) = self.connector_with_keys(node)()?;
+        self.learn_peer(&ch, ed25519, x25519)?;
+        Ok(ch)
     }
 
-    /// [`Agent::connect`] to `node`, to be called later, on another thread.
+    /// [`Agent::connect`] to `node`, to be called later, on another thread (the peer is known
+    /// by then).
     pub(crate) fn connector(
         &self,
         node: &str,
     ) -> impl FnOnce() -> Result<Channel, MigrateError> + Send + 'static {
+        let connect = self.connector_with_keys(node);
+        move || connect().map(|(ch, _, _)| ch)
+    }
+
+    /// A connection to `node` and its hello's keys, on call.
+    fn connector_with_keys(
+        &self,
+        node: &str,
+    ) -> impl FnOnce() -> Result<(Channel, [u8; 32], [u8; 32]), MigrateError> + Send + 'static {
         let dialer = self.dialer.clone();
         let addr = self.config.peers.get(node).copied();
         let node = node.to_owned();
-        let me = self.config.name.clone();
-        move || connect_with(&*dialer, addr, &node, me)
+        let hello = self.hello();
+        move || connect_with(&*dialer, addr, &node, &hello)
     }
 }
 
@@ -239,14 +305,22 @@ fn connect_with(
     dialer: &dyn Dialer,
     addr: Option<SocketAddr>,
     node: &str,
-    me: String,
-) -> Result<Channel, MigrateError> {
+    hello: &Msg,
+) -> Result<(Channel, [u8; 32], [u8; 32]), MigrateError> {
     let addr = addr.ok_or_else(|| MigrateError::UnknownNode(node.into()))?;
-    let conn = dialer.dial(node, addr)?;
+    let (conn, peer_key) = dialer.dial(node, addr)?;
     let mut ch = Channel::new(conn, node);
-    ch.send(&Msg::Hello { protocol: PROTOCOL, node: me })?;
+    ch.peer_key = Some(peer_key);
+    ch.send(hello)?;
     match ch.recv("hello")? {
-        Msg::Hello { protocol, .. } if protocol == PROTOCOL => Ok(ch),
+        Msg::Hello { protocol, ed25519, x25519, .. } if protocol == PROTOCOL => {
+            if ed25519 != peer_key {
+                return Err(MigrateError::Refused(format!(
+                    "{node} says hello with a key other than its certificate's"
+                )));
+            }
+            Ok((ch, ed25519, x25519))
+        }
         Msg::Hello { protocol, .. } => Err(MigrateError::Refused(format!(
             "node {node} speaks migration protocol {protocol}, this node {PROTOCOL}: run the same ferry version"
         ))),
@@ -258,11 +332,13 @@ fn connect_with(
 pub(crate) struct Channel {
     pub(crate) conn: Box<dyn Conn>,
     pub(crate) node: String,
+    /// The Ed25519 key the peer was authenticated by (TLS), when known.
+    pub(crate) peer_key: Option<[u8; 32]>,
 }
 
 impl Channel {
     pub(crate) fn new(conn: Box<dyn Conn>, node: &str) -> Channel {
-        Channel { conn, node: node.to_owned() }
+        Channel { conn, node: node.to_owned(), peer_key: None }
     }
 
     pub(crate) fn send(&mut self, msg: &Msg) -> Result<(), MigrateError> {

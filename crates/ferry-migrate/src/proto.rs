@@ -10,7 +10,7 @@ use ferry_store::replica::ChunkRef;
 use crate::api::Strategy;
 
 /// Version of this protocol (checked in `Hello`).
-pub const PROTOCOL: u32 = 2;
+pub const PROTOCOL: u32 = 3;
 /// Frame kinds.
 pub const KIND_MSG: u16 = 0x4d53;
 pub const KIND_CHUNKS: u16 = 0x4348;
@@ -34,9 +34,13 @@ pub const BATCH_BYTES: usize = 1 << 20;
 /// A control message.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Msg {
+    /// Each side's public keys: the Ed25519 one must be the key its TLS certificate was
+    /// verified for; the X25519 one is what data keys are wrapped for.
     Hello {
         protocol: u32,
         node: String,
+        ed25519: [u8; 32],
+        x25519: [u8; 32],
     },
     /// The source asks the target to take a workload.
     Prepare {

@@ -27,8 +27,12 @@ const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 
 pub(crate) fn serve(agent: &Agent, mut ch: Channel) -> Result<(), MigrateError> {
     match ch.recv("hello")? {
-        Msg::Hello { protocol, .. } if protocol == PROTOCOL => {
-            ch.send(&Msg::Hello { protocol: PROTOCOL, node: agent.config.name.clone() })?;
+        Msg::Hello { protocol, ed25519, x25519, .. } if protocol == PROTOCOL => {
+            if let Err(e) = agent.learn_peer(&ch, ed25519, x25519) {
+                let _ = ch.send(&Msg::Error { message: e.to_string() });
+                return Err(e);
+            }
+            ch.send(&agent.hello())?;
         }
         Msg::Hello { protocol, .. } => {
             ch.send(&Msg::Error {

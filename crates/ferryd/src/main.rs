@@ -137,13 +137,13 @@ struct TlsDialer {
 }
 
 impl Dialer for TlsDialer {
-    fn dial(&self, node: &str, addr: SocketAddr) -> Result<Box<dyn Conn>, MigrateError> {
+    fn dial(&self, node: &str, addr: SocketAddr) -> Result<(Box<dyn Conn>, [u8; 32]), MigrateError> {
         let (stream, peer) = self.endpoint.connect(addr, Duration::from_secs(5)).map_err(|e| {
             MigrateError::Connect { node: node.into(), addr: addr.to_string(), detail: e.to_string() }
         })?;
         tracing::debug!(node, peer = %peer.name, "connected");
         with_timeouts(&stream, self.timeout);
-        Ok(Box::new(stream))
+        Ok((Box::new(stream), peer.key))
     }
 }
 
@@ -355,7 +355,7 @@ fn serve_tcp(tcp: TcpStream, endpoint: &Endpoint, agent: &Agent, timeout: Durati
         Ok((stream, peer)) => {
             with_timeouts(&stream, timeout);
             tracing::info!(%from, peer = %peer.name, "peer connected");
-            if let Err(e) = agent.serve_peer(Box::new(stream), &peer.name) {
+            if let Err(e) = agent.serve_peer(Box::new(stream), &peer.name, peer.key) {
                 tracing::error!(peer = %peer.name, "{e}");
             }
         }

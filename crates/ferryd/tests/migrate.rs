@@ -282,7 +282,9 @@ fn fifty_tcp_clients_see_no_error_through_a_pre_copy_migration() {
 
 #[test]
 fn post_copy_switches_before_the_memory_moves_and_keeps_clients() {
-    let Some(mut f) = Fixture::new(2, &no_env) else { return };
+    // The push starts at the switch (not a second later): 256 MiB arrive in less than that.
+    let env = |n: &str| if n == "node2" { vec![("FERRY_PUSH_DELAY_MS", "0".to_owned())] } else { Vec::new() };
+    let Some(mut f) = Fixture::new(2, &env) else { return };
     let w = f.memload("node1", 256, Some(5));
     let probe = start_probe(w.ip, 10, 10);
     std::thread::sleep(Duration::from_secs(2));
