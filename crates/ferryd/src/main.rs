@@ -134,10 +134,21 @@ fn settings(cli: Cli) -> Result<Settings> {
 struct TlsDialer {
     endpoint: Arc<Endpoint>,
     timeout: Duration,
+    keys_dir: PathBuf,
+}
+
+/// Pins in force for the next handshake: `ferry node trust` (a file in the store's keys)
+/// takes effect without a restart, and so does removing a pin.
+fn refresh_pins(endpoint: &Endpoint, keys_dir: &Path) {
+    match ferry_store::keys::recipients(keys_dir) {
+        Ok(r) => endpoint.set_pinned(r.into_iter().map(|(_, p)| p.ed25519).collect()),
+        Err(e) => tracing::warn!(error = %e, "cannot read the trusted nodes; keeping the pins in force"),
+    }
 }
 
 impl Dialer for TlsDialer {
     fn dial(&self, node: &str, addr: SocketAddr) -> Result<(Box<dyn Conn>, [u8; 32]), MigrateError> {
+        refresh_pins(&self.endpoint, &self.keys_dir);
         let (stream, peer) = self.endpoint.connect(addr, Duration::from_secs(5)).map_err(|e| {
             MigrateError::Connect { node: node.into(), addr: addr.to_string(), detail: e.to_string() }
         })?;
@@ -212,7 +223,7 @@ fn run(cli: Cli) -> Result<()> {
         lab,
     };
     let peer_timeout = Duration::from_secs(s.peer_timeout.max(1));
-    let dialer = TlsDialer { endpoint: endpoint.clone(), timeout: peer_timeout };
+    let dialer = TlsDialer { endpoint: endpoint.clone(), timeout: peer_timeout, keys_dir: keys_dir.clone() };
     let agent = Arc::new(Agent::new(config, ctx, Box::new(dialer))?);
     for line in agent.recover() {
         tracing::warn!("recovered: {line}");
@@ -240,7 +251,11 @@ fn run(cli: Cli) -> Result<()> {
         let Ok(tcp) = tcp else { continue };
         let a = agent.clone();
         let e = endpoint.clone();
-        std::thread::spawn(move || serve_tcp(tcp, &e, &a, peer_timeout));
+        let k = keys_dir.clone();
+        std::thread::spawn(move || {
+            refresh_pins(&e, &k);
+            serve_tcp(tcp, &e, &a, peer_timeout)
+        });
     }
     Ok(())
 }

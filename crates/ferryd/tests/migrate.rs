@@ -537,6 +537,15 @@ fn a_peer_without_a_trusted_certificate_is_refused() {
     poll(Duration::from_secs(5), "the agent to log the refusal", || {
         f.agent_log("node1").contains("refused a peer").then_some(())
     });
+    // Pinned on node1 (what `ferry node trust` writes), the stranger is admitted at its next
+    // handshake: the running agent reads its pins again.
+    let keys = node_dir(f.lab.config().state_dir(), "node1").join("store/keys");
+    let public = ferry_store::keys::NodePublic { ed25519: stranger.public_key(), x25519: [9u8; 32] };
+    ferry_store::keys::add_recipient(&keys, "stranger", &public).unwrap();
+    let (_stream, peer) = endpoint
+        .connect(SocketAddr::from((node1, PEER_PORT)), Duration::from_secs(5))
+        .expect("admitted once pinned, without restarting the agent");
+    assert_eq!(peer.key, node_key(&f, "node1"));
 }
 
 fn node_key(f: &Fixture, node: &str) -> [u8; 32] {

@@ -40,6 +40,7 @@ pub struct Endpoint {
     client: Arc<ClientConfig>,
     server: Arc<ServerConfig>,
     handshake_timeout: Duration,
+    verifier: Arc<PeerVerifier>,
 }
 
 impl Endpoint {
@@ -62,7 +63,7 @@ impl Endpoint {
         let mut server = ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&versions)
             .map_err(WireError::TlsConfig)?
-            .with_client_cert_verifier(verifier)
+            .with_client_cert_verifier(verifier.clone())
             .with_single_cert(chain(), key())
             .map_err(WireError::TlsConfig)?;
         server.session_storage = Arc::new(NoServerSessionStorage {});
@@ -71,7 +72,14 @@ impl Endpoint {
             client: Arc::new(client),
             server: Arc::new(server),
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            verifier,
         })
+    }
+
+    /// Replaces the pinned keys (`Trust::pinned`); handshakes from now on use the new list,
+    /// both ways. The cluster CA stays as it was.
+    pub fn set_pinned(&self, keys: Vec<[u8; 32]>) {
+        self.verifier.set_pinned(keys);
     }
 
     /// How long `accept` gives a client to complete the handshake.

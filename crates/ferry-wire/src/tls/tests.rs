@@ -76,6 +76,27 @@ fn pinned_peers_connect_both_ways_and_exchange_frames() {
 }
 
 #[test]
+fn a_pin_set_while_serving_takes_effect_at_the_next_handshake() {
+    let a = node(1, "node-a");
+    let b = node(2, "node-b");
+    let s = Arc::new(Endpoint::new(&a, pins(&[])).unwrap());
+    let c = Endpoint::new(&b, pins(&[&a])).unwrap();
+    let attempt = |s: &Arc<Endpoint>| {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let srv = s.clone();
+        let server = thread::spawn(move || srv.accept(listener.accept().unwrap().0));
+        let client = c.connect(addr, T);
+        (client.is_ok(), server.join().unwrap().is_ok())
+    };
+    assert_eq!(attempt(&s), (false, false), "b is not pinned at a yet");
+    s.set_pinned(vec![b.public_key()]);
+    assert_eq!(attempt(&s), (true, true), "pinned now, without a new endpoint");
+    s.set_pinned(Vec::new());
+    assert_eq!(attempt(&s), (false, false), "and unpinned again");
+}
+
+#[test]
 fn ca_issued_peers_connect_without_pins() {
     let ca = ClusterCa::generate("test cluster").unwrap();
     let a = Identity::issued(&[1; 32], "node-a", &ca).unwrap();

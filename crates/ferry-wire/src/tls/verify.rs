@@ -57,14 +57,16 @@ static ED25519_ONLY: WebPkiSupportedAlgorithms = WebPkiSupportedAlgorithms {
 
 /// The admission check, as rustls verifier for both sides.
 pub(crate) struct PeerVerifier {
-    pinned: Vec<[u8; 32]>,
+    /// Replaceable while the endpoint serves (`Endpoint::set_pinned`): a pin takes effect at
+    /// the next handshake.
+    pinned: std::sync::RwLock<Vec<[u8; 32]>>,
     ca: Option<CertificateDer<'static>>,
 }
 
 impl fmt::Debug for PeerVerifier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PeerVerifier")
-            .field("pinned", &self.pinned.len())
+            .field("pinned", &self.pinned.read().map(|p| p.len()).unwrap_or(0))
             .field("ca", &self.ca.is_some())
             .finish()
     }
@@ -90,7 +92,13 @@ impl PeerVerifier {
             webpki::anchor_from_trusted_cert(ca)
                 .map_err(|_| WireError::BadCa { why: "the CA certificate does not parse" })?;
         }
-        Ok(PeerVerifier { pinned: trust.pinned, ca })
+        Ok(PeerVerifier { pinned: std::sync::RwLock::new(trust.pinned), ca })
+    }
+
+    pub(crate) fn set_pinned(&self, keys: Vec<[u8; 32]>) {
+        if let Ok(mut p) = self.pinned.write() {
+            *p = keys;
+        }
     }
 
     /// Admits `leaf` or says why not.
@@ -102,7 +110,7 @@ impl PeerVerifier {
     ) -> Result<(), Refusal> {
         let parsed = webpki::EndEntityCert::try_from(leaf).map_err(|_| Refusal::BadCertificate)?;
         let key = ed25519_key(parsed.subject_public_key_info().as_ref()).ok_or(Refusal::NotEd25519)?;
-        if self.pinned.contains(&key) {
+        if self.pinned.read().is_ok_and(|p| p.contains(&key)) {
             return Ok(());
         }
         let Some(ca) = &self.ca else {
