@@ -1022,6 +1022,39 @@ mod tests {
         assert_eq!(&slot[32..64], &rx);
     }
 
+    /// The CPU floor of the secure path, per GiB of random 4 KiB pages, on one core: the
+    /// keyed BLAKE3 chunk id and XChaCha20-Poly1305 sealing (no compression), each alone, from
+    /// pages already in cache (the ingest reads them from CRIU's images first, which costs more).
+    /// `cargo test --release -p ferry-store seal::tests::floor_per_gib -- --ignored --nocapture`
+    #[test]
+    #[ignore = "benchmark; run in release"]
+    fn floor_per_gib() {
+        use std::time::Instant;
+        const N: usize = 256 << 10; // 1 GiB of 4 KiB pages
+        let f = fixture();
+        let pages: Vec<Vec<u8>> = (0..256).map(|i| random_bytes(4096, i)).collect();
+        let t = Instant::now();
+        let mut fold = 0u8;
+        for i in 0..N {
+            fold ^= f.keys.chunk_id(&pages[i % pages.len()])[0];
+        }
+        let hash = t.elapsed().as_secs_f64();
+        let id = f.keys.chunk_id(&pages[0]);
+        let mut sealer = Sealer::new(&f.dk);
+        let mut out = Vec::with_capacity(8192);
+        let t = Instant::now();
+        for i in 0..N {
+            out.clear();
+            sealer.seal_with(&id, &pages[i % pages.len()], &mut out, false);
+        }
+        let seal = t.elapsed().as_secs_f64();
+        println!(
+            "per GiB on one core: keyed BLAKE3 {hash:.3} s, XChaCha20-Poly1305 {seal:.3} s, both {:.3} s ({fold})",
+            hash + seal
+        );
+        assert!(hash > 0.0 && seal > 0.0);
+    }
+
     /// `cargo test --release -p ferry-store seal::tests::throughput -- --ignored --nocapture`
     #[test]
     #[ignore = "benchmark; run in release"]
