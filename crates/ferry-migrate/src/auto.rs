@@ -61,8 +61,11 @@ pub fn decide(m: &Measured) -> (Strategy, String) {
         + m.memory as f64 / DUMP_BYTES_PER_S
         + changed * m.memory as f64 / link
         + m.memory as f64 / RESTORE_BYTES_PER_S;
+    // Post-copy's price: the workload depends on the source until every page has crossed
+    // (pushed at about link speed, docs/migration.md).
+    let pages_s = m.memory as f64 / link;
     let facts = format!(
-        "{mib:.0} MiB resident, {:.1}% of it rewritten per second, link {:.0} MiB/s; expected freeze: stop-copy {full_freeze:.2} s, pre-copy {pre_freeze:.2} s, post-copy ~{FIXED_FREEZE_S:.1} s",
+        "{mib:.0} MiB resident, {:.1}% of it rewritten per second, link {:.0} MiB/s; expected freeze: stop-copy {full_freeze:.2} s, pre-copy {pre_freeze:.2} s, post-copy ~{FIXED_FREEZE_S:.1} s then ~{pages_s:.1} s of pages from the source",
         m.dirty_per_s * 100.0,
         link / (1u64 << 20) as f64
     );
@@ -172,6 +175,8 @@ mod tests {
         assert_eq!(busy.0, Strategy::PostCopy, "{}", busy.1);
         let slow = decide(&Measured { memory: 200 * MIB, dirty_per_s: 0.02, link_bytes_per_s: 10e6 });
         assert_eq!(slow.0, Strategy::PostCopy, "{}", slow.1);
+        // The reason gives post-copy's price too: 200 MiB over 10 MB/s take about 21 s.
+        assert!(slow.1.contains("then ~21.0 s of pages from the source"), "{}", slow.1);
     }
 
     #[test]
