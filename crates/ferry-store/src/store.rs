@@ -36,8 +36,11 @@ use crate::pipeline::{IngestStats, Pipeline};
 use crate::seal::{unwrap_key, wrap_key, DataKey, KeyRing, Opener, Slots, MAX_SLOTS_FILE};
 use crate::{validate_name, StoreError};
 
-/// Sealing and verifying threads: the machines this runs on have two cores.
-const THREADS: usize = 2;
+/// Sealing and verifying threads: one per core (at least 2, at most 16); the hashing and
+/// sealing of every page is what a checkpoint's and a restore's time is made of.
+fn threads() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, 16)
+}
 
 /// Verified checkpoints, and the names that failed verification with why.
 pub type Listing = (Vec<Checkpoint>, Vec<(String, StoreError)>);
@@ -572,7 +575,7 @@ impl Pending {
             self.data_key.clone(),
             &packs,
             usable,
-            THREADS,
+            threads(),
             tap,
         )
     }
@@ -765,7 +768,7 @@ impl Checkpoint {
         }
         let work = work_list(&self.manifest.files);
         let total_bytes: u64 = work.iter().map(|w| u64::from(w.len)).sum();
-        let parts = split_work(&work, THREADS);
+        let parts = split_work(&work, threads());
         let hash_key = store.keys.hash_key();
         let name = &self.manifest.name;
         let result: Result<(), StoreError> = thread::scope(|s| {
