@@ -231,6 +231,7 @@ impl Run<'_> {
                 keep: None,
                 external: external.clone(),
                 lazy_pages: None,
+                log_level: Some(ferry_criu::LogLevel::Info),
             };
             let report = ferry_runtime::checkpoint(&self.agent.ctx, &req)?;
             self.entry.packs.extend(report.packs);
@@ -250,6 +251,8 @@ impl Run<'_> {
             keep: None,
             external,
             lazy_pages: None,
+            // The workload is frozen while CRIU writes its log: no line per page-pipe entry.
+            log_level: Some(ferry_criu::LogLevel::Info),
         };
         let lazy = strategy == Strategy::PostCopy;
         let port = if lazy {

@@ -24,6 +24,7 @@ pub fn run(cli: &Cli, a: Args) -> Outcome {
         keep: a.keep,
         external: Vec::new(),
         lazy_pages: None,
+        log_level: None,
     };
     let r = ferry_runtime::checkpoint(&ctx, &req).map_err(|e| (what(), e))?;
     let state = if a.leave_running { "left running" } else { "stopped" };
