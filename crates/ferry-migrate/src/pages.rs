@@ -161,18 +161,27 @@ impl PageFetcher for RemotePages {
     }
 }
 
-/// The source's side of a page channel: answers requests until the target hangs up.
-pub(crate) fn serve(agent: &Agent, ch: &mut Channel, migration: &str) -> Result<(), MigrateError> {
-    let source: Option<Arc<PageSource>> = agent
+/// The frozen tree whose pages `migration` serves; if there is none, the peer is told so.
+fn frozen_tree(
+    agent: &Agent,
+    ch: &mut Channel,
+    migration: &str,
+) -> Result<Option<Arc<PageSource>>, MigrateError> {
+    let source = agent
         .pages
         .lock()
         .map_err(|_| MigrateError::protocol("page registry poisoned"))?
         .get(migration)
         .cloned();
-    let Some(source) = source else {
+    if source.is_none() {
         ch.send(&Msg::Error { message: format!("no post-copy migration {migration} here") })?;
-        return Ok(());
-    };
+    }
+    Ok(source)
+}
+
+/// The source's side of a page channel: answers requests until the target hangs up.
+pub(crate) fn serve(agent: &Agent, ch: &mut Channel, migration: &str) -> Result<(), MigrateError> {
+    let Some(source) = frozen_tree(agent, ch, migration)? else { return Ok(()) };
     let mut buf = Vec::new();
     if crate::failpoint::check("source-serve-pages") == Some(crate::failpoint::Action::Cut) {
         return Err(MigrateError::Lost {
@@ -201,16 +210,7 @@ pub(crate) fn serve(agent: &Agent, ch: &mut Channel, migration: &str) -> Result<
 /// The source's side of a page push: every lazy page of the tree, in address order, until
 /// all are sent or the target hangs up.
 pub(crate) fn push(agent: &Agent, ch: &mut Channel, migration: &str) -> Result<(), MigrateError> {
-    let source: Option<Arc<PageSource>> = agent
-        .pages
-        .lock()
-        .map_err(|_| MigrateError::protocol("page registry poisoned"))?
-        .get(migration)
-        .cloned();
-    let Some(source) = source else {
-        ch.send(&Msg::Error { message: format!("no post-copy migration {migration} here") })?;
-        return Ok(());
-    };
+    let Some(source) = frozen_tree(agent, ch, migration)? else { return Ok(()) };
     // Requests for pages a fault waits on (the other connection) come first.
     if let Err(e) = ferry_sys::idle_priority_for_this_thread() {
         tracing::debug!(error = %e, "the page push runs at normal priority");
