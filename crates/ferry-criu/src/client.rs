@@ -101,7 +101,7 @@ impl Criu {
     /// The version, through RPC.
     pub fn version(&self) -> Result<Version, CriuError> {
         let req = Request { r#type: ReqType::Version as i32, ..Default::default() };
-        let resp = self.call(Operation::Version, req, None, &mut RecordingNotify::default(), &[])?;
+        let resp = self.call(Operation::Version, req, None, &mut RecordingNotify::default(), &[], &[])?;
         let v = resp.version.ok_or_else(|| CriuError::Protocol {
             op: Operation::Version,
             detail: "no version in the answer".into(),
@@ -127,7 +127,7 @@ impl Criu {
     pub fn check(&self, log: &LogTarget) -> Result<(), CriuError> {
         let (opts, _work_dir) = opts_with_log(log)?;
         let req = Request { r#type: ReqType::Check as i32, opts: Some(opts), ..Default::default() };
-        self.call(Operation::Check, req, Some(log), &mut RecordingNotify::default(), &[]).map(drop)
+        self.call(Operation::Check, req, Some(log), &mut RecordingNotify::default(), &[], &[]).map(drop)
     }
 
     /// Writes CRIU's description of this CPU (`cpuinfo.img`) into `images_dir`, so a restore
@@ -137,14 +137,15 @@ impl Criu {
         let (mut opts, _work_dir) = opts_with_log(log)?;
         opts.images_dir_fd = images.as_raw_fd();
         let req = Request { r#type: ReqType::CpuinfoDump as i32, opts: Some(opts), ..Default::default() };
-        self.call(Operation::CpuinfoDump, req, Some(log), &mut RecordingNotify::default(), &[]).map(drop)
+        self.call(Operation::CpuinfoDump, req, Some(log), &mut RecordingNotify::default(), &[], &[]).map(drop)
     }
 
     /// Which optional features this CRIU and kernel support.
     pub fn features(&self) -> Result<FeatureSet, CriuError> {
         let ask = rpc::Features { mem_track: Some(true), lazy_pages: Some(true), pidfd_store: Some(true) };
         let req = Request { r#type: ReqType::FeatureCheck as i32, features: Some(ask), ..Default::default() };
-        let resp = self.call(Operation::FeatureCheck, req, None, &mut RecordingNotify::default(), &[])?;
+        let resp =
+            self.call(Operation::FeatureCheck, req, None, &mut RecordingNotify::default(), &[], &[])?;
         let f = resp.features.unwrap_or_default();
         Ok(FeatureSet {
             mem_track: f.mem_track.unwrap_or(false),
@@ -170,7 +171,7 @@ impl Criu {
         let mut recorder = Forwarding { inner: notify, events: Vec::new() };
         let env: &[(&str, &str)] =
             if opts.lazy_pages.is_some() && opts.lazy_undrained { &[(LAZY_UNDRAINED, "1")] } else { &[] };
-        self.call_with(Operation::Dump, req, Some(&opts.shared.log), &mut recorder, &[], env)?;
+        self.call(Operation::Dump, req, Some(&opts.shared.log), &mut recorder, &[], env)?;
         drop(images);
         Ok(DumpOutcome { events: recorder.events })
     }
@@ -197,7 +198,7 @@ impl Criu {
             .collect();
         let fds: Vec<BorrowedFd<'_>> = opts.inherit_fds.iter().map(|(_, fd)| fd.as_fd()).collect();
         let req = Request { r#type: ReqType::Restore as i32, opts: Some(o), ..Default::default() };
-        let resp = self.call(Operation::Restore, req, Some(&opts.shared.log), notify, &fds)?;
+        let resp = self.call(Operation::Restore, req, Some(&opts.shared.log), notify, &fds, &[])?;
         drop(images);
         let pid = resp.restore.map(|r| r.pid).ok_or_else(|| CriuError::Protocol {
             op: Operation::Restore,
@@ -207,20 +208,9 @@ impl Criu {
         Ok(RestoreOutcome { pid })
     }
 
-    /// One request/response exchange with a fresh `criu swrk`, answering notifications.
+    /// One request/response exchange with a fresh `criu swrk`, answering notifications;
+    /// `env` is added to CRIU's environment.
     fn call(
-        &self,
-        op: Operation,
-        req: Request,
-        log: Option<&LogTarget>,
-        notify: &mut dyn NotifyHandler,
-        pass_fds: &[BorrowedFd<'_>],
-    ) -> Result<Response, CriuError> {
-        self.call_with(op, req, log, notify, pass_fds, &[])
-    }
-
-    /// [`Self::call`] with `env` added to CRIU's environment.
-    fn call_with(
         &self,
         op: Operation,
         req: Request,
