@@ -80,7 +80,8 @@ fn start_push(agent: &Agent, source: &str, migration: &str) -> Option<Arc<PushCa
                 Ok(Err(frame)) if frame.kind == KIND_PUSH => match decode_push(&frame.payload) {
                     Ok((pid, vaddr, data)) => {
                         bytes += data.len() as u64;
-                        if !filling.insert(pid, vaddr, data.to_vec()) {
+                        let at = frame.payload.len() - data.len();
+                        if !filling.insert(pid, vaddr, frame.payload, at) {
                             break;
                         }
                     }

@@ -24,9 +24,21 @@ const PAGE: usize = PAGE_SIZE as usize;
 
 /// A pushed run of pages, and which of them the daemon still needs.
 struct Run {
-    data: Vec<u8>,
+    /// The frame as received; the pages start at `at` (no copy on the page path).
+    frame: Vec<u8>,
+    at: usize,
     wanted: Vec<bool>,
     left: usize,
+}
+
+impl Run {
+    fn pages(&self) -> &[u8] {
+        &self.frame[self.at..]
+    }
+
+    fn len(&self) -> usize {
+        self.frame.len() - self.at
+    }
 }
 
 #[derive(Default)]
@@ -77,9 +89,9 @@ impl PushCache {
         !st.closed
     }
 
-    /// Keeps `data` (whole pages at `vaddr` of process `pid`), waiting while the cache is full.
-    /// False once the cache is closed (nobody will read it any more).
-    pub(crate) fn insert(&self, pid: u32, vaddr: u64, data: Vec<u8>) -> bool {
+    /// Keeps `frame[at..]` (whole pages at `vaddr` of process `pid`), waiting while the cache
+    /// is full. False once the cache is closed (nobody will read it any more).
+    pub(crate) fn insert(&self, pid: u32, vaddr: u64, frame: Vec<u8>, at: usize) -> bool {
         let Ok(mut st) = self.state.lock() else { return false };
         while !st.closed && st.bytes >= self.cap {
             st = match self.room.wait_timeout(st, Duration::from_millis(200)) {
@@ -90,7 +102,8 @@ impl PushCache {
         if st.closed {
             return false;
         }
-        let pages = data.len() / PAGE;
+        let len = frame.len().saturating_sub(at);
+        let pages = len / PAGE;
         let mut wanted = vec![true; pages];
         if let Some(served) = st.served.get(&pid) {
             for (i, w) in wanted.iter_mut().enumerate() {
@@ -104,8 +117,8 @@ impl PushCache {
         if left == 0 {
             return true;
         }
-        st.bytes += data.len();
-        st.runs.insert((pid, vaddr), Run { data, wanted, left });
+        st.bytes += len;
+        st.runs.insert((pid, vaddr), Run { frame, at, wanted, left });
         true
     }
 
@@ -122,8 +135,8 @@ impl PushCache {
                 .runs
                 .range(..=(pid, at))
                 .next_back()
-                .filter(|((p, s), r)| *p == pid && at < s + r.data.len() as u64)
-                .map(|(k, r)| (*k, k.1 + r.data.len() as u64));
+                .filter(|((p, s), r)| *p == pid && at < s + r.len() as u64)
+                .map(|(k, r)| (*k, k.1 + r.len() as u64));
             let Some((key, run_end)) = found else { break };
             let part_end = run_end.min(end);
             let run = &st.runs[&key];
@@ -142,7 +155,7 @@ impl PushCache {
                 let run = &st.runs[key];
                 let a = (from - key.1) as usize;
                 let b = (to - key.1) as usize;
-                out.extend_from_slice(&run.data[a..b]);
+                out.extend_from_slice(&run.pages()[a..b]);
             }
             st.hits += 1;
         } else {
@@ -181,12 +194,12 @@ fn forget(st: &mut State, pid: u32, start: u64, end: u64) {
     let keys: Vec<(u32, u64)> = st
         .runs
         .range((pid, 0)..(pid, end))
-        .filter(|((_, s), r)| s + (r.data.len() as u64) > start)
+        .filter(|((_, s), r)| s + (r.len() as u64) > start)
         .map(|(k, _)| *k)
         .collect();
     for key in keys {
         let Some(run) = st.runs.get_mut(&key) else { continue };
-        let run_end = key.1 + run.data.len() as u64;
+        let run_end = key.1 + run.len() as u64;
         let from = ((start.max(key.1) - key.1) / PAGE_SIZE) as usize;
         let to = ((end.min(run_end) - key.1) / PAGE_SIZE) as usize;
         for w in &mut run.wanted[from..to] {
@@ -197,7 +210,7 @@ fn forget(st: &mut State, pid: u32, start: u64, end: u64) {
         }
         if run.left == 0 {
             if let Some(r) = st.runs.remove(&key) {
-                st.bytes -= r.data.len();
+                st.bytes -= r.len();
             }
         }
     }
@@ -239,7 +252,7 @@ mod tests {
     #[test]
     fn pushed_pages_answer_requests_once() {
         let c = PushCache::new(1 << 30);
-        assert!(c.insert(1, A, pages(10, 4)));
+        assert!(c.insert(1, A, pages(10, 4), 0));
         let mut out = Vec::new();
         assert!(c.take(1, A + PAGE_SIZE, 2, &mut out));
         assert_eq!(out, pages(11, 2));
@@ -255,14 +268,26 @@ mod tests {
     }
 
     #[test]
+    fn pages_are_kept_inside_the_frame_they_came_in() {
+        let c = PushCache::new(1 << 30);
+        let mut frame = vec![0xee; 12];
+        frame.extend_from_slice(&pages(20, 2));
+        assert!(c.insert(3, A, frame, 12));
+        assert_eq!(c.held(), 2 * PAGE, "the head is not counted");
+        let mut out = Vec::new();
+        assert!(c.take(3, A + PAGE_SIZE, 1, &mut out));
+        assert_eq!(out, pages(21, 1));
+    }
+
+    #[test]
     fn a_request_may_span_runs_but_not_a_gap() {
         let c = PushCache::new(1 << 30);
-        c.insert(1, A, pages(0, 2));
-        c.insert(1, A + 2 * PAGE_SIZE, pages(2, 2));
+        c.insert(1, A, pages(0, 2), 0);
+        c.insert(1, A + 2 * PAGE_SIZE, pages(2, 2), 0);
         let mut out = Vec::new();
         assert!(c.take(1, A + PAGE_SIZE, 2, &mut out));
         assert_eq!(out, pages(1, 2));
-        c.insert(1, A + 6 * PAGE_SIZE, pages(6, 1));
+        c.insert(1, A + 6 * PAGE_SIZE, pages(6, 1), 0);
         assert!(!c.take(1, A + 3 * PAGE_SIZE, 4, &mut out), "pages 4 and 5 were never pushed");
     }
 
@@ -272,22 +297,22 @@ mod tests {
         let mut out = Vec::new();
         // A fault fetched page 1 from the source before the push got there.
         assert!(!c.take(1, A + PAGE_SIZE, 1, &mut out));
-        c.insert(1, A, pages(0, 2));
+        c.insert(1, A, pages(0, 2), 0);
         assert!(!c.take(1, A + PAGE_SIZE, 1, &mut out));
         assert!(c.take(1, A, 1, &mut out));
         assert_eq!(c.held(), 0);
         // A run made only of pages already served is not kept at all.
-        c.insert(1, A, pages(0, 2));
+        c.insert(1, A, pages(0, 2), 0);
         assert_eq!(c.held(), 0);
     }
 
     #[test]
     fn a_full_cache_holds_the_push_until_pages_are_taken_or_it_closes() {
         let c = std::sync::Arc::new(PushCache::new(2 * PAGE));
-        assert!(c.insert(1, A, pages(0, 2)));
+        assert!(c.insert(1, A, pages(0, 2), 0));
         let pusher = {
             let c = c.clone();
-            std::thread::spawn(move || c.insert(1, A + 2 * PAGE_SIZE, pages(2, 2)))
+            std::thread::spawn(move || c.insert(1, A + 2 * PAGE_SIZE, pages(2, 2), 0))
         };
         std::thread::sleep(Duration::from_millis(50));
         assert!(!pusher.is_finished(), "waits while full");
@@ -296,7 +321,7 @@ mod tests {
         assert!(pusher.join().unwrap(), "room made");
         let blocked = {
             let c = c.clone();
-            std::thread::spawn(move || c.insert(1, A + 8 * PAGE_SIZE, pages(8, 1)))
+            std::thread::spawn(move || c.insert(1, A + 8 * PAGE_SIZE, pages(8, 1), 0))
         };
         std::thread::sleep(Duration::from_millis(50));
         c.close();
