@@ -6,6 +6,7 @@
 mod mount;
 mod process;
 mod seqpacket;
+mod uffd;
 
 pub use mount::{punch_hole, unmount, PrivateTmpfs};
 pub use process::{
@@ -13,3 +14,7 @@ pub use process::{
     process_exists, process_state, wait_child, ChildExit, Signal,
 };
 pub use seqpacket::SeqPacket;
+pub use uffd::{
+    poll_readable, recv_with_fd, send_with_fd, AnonMapping, Fill, Uffd, UffdEvent, UFFD_FEATURE_EVENT_FORK,
+    UFFD_FEATURE_EVENT_REMAP, UFFD_FEATURE_EVENT_REMOVE, UFFD_FEATURE_EVENT_UNMAP,
+};
