@@ -14,7 +14,6 @@ pub mod lab_agents;
 pub mod lazy;
 mod pages;
 pub mod proto;
-mod push;
 mod recover;
 mod ship;
 mod source;

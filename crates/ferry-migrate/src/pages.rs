@@ -1,59 +1,75 @@
-//! The post-copy page channel: a connection of its own between the target's lazy-pages
-//! daemon (through [`RemotePages`]) and the source agent, which reads each requested range
-//! from the frozen tree ([`PageSource`]). Pages cross only this authenticated channel.
+//! The post-copy page channels between the target's pager and the source agent, which reads
+//! the frozen tree ([`PageSource`]); pages cross only these authenticated connections:
+//!
+//! - demand (`Pages`): the pager's requests, for the pages the workload faults on and, once
+//!   the push is over, for what is still missing ([`RemotePages`]);
+//! - push (`PagesPush`): the source streams every lazy page in address order, from the
+//!   switch on, and the target copies each frame straight into the processes ([`start_push`]).
+//!   Without it the pages the workload does not touch would come one request at a time; with
+//!   a workload that keeps writing, CRIU's own daemon (which ferry used before) took 13 to 15 s
+//!   for 1 GiB rewriting 10 %/s. The source's tree is frozen: a page pushed and a page fetched
+//!   are the same bytes.
 
 use std::sync::Arc;
 
 use crate::agent::{unexpected, Agent, Channel};
-use crate::lazy::{LazyError, PageFetcher, PageSource, PAGE_SIZE};
+use crate::lazy::{LazyError, PageFeeder, PageFetcher, PageSource, PAGE_SIZE};
 use crate::proto::{decode_push, push_header, Msg, KIND_PAGES, KIND_PUSH};
-use crate::push::{PushCache, CACHE_BYTES, PUSH_PAGES};
 use crate::MigrateError;
 
 /// How long after the switch the push starts.
-const PUSH_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
+const PUSH_AFTER: std::time::Duration = std::time::Duration::from_millis(300);
+/// Pages per pushed frame (1 MiB).
+const PUSH_PAGES: u32 = 256;
 /// Pages per request on the wire (4 MiB: well under the frame cap).
 const PAGES_PER_REQUEST: u32 = 1024;
 
-/// The target's fetcher: answers from the pages the source pushes when it can, asks the
-/// source agent over the page channel otherwise.
+/// The target's fetcher: asks the source agent over the page channel.
 pub(crate) struct RemotePages {
     ch: Channel,
-    cache: Option<Arc<PushCache>>,
 }
 
 impl RemotePages {
     pub(crate) fn open(agent: &Agent, source: &str, migration: &str) -> Result<RemotePages, MigrateError> {
         let mut ch = agent.connect(source)?;
         ch.send(&Msg::Pages { migration: migration.to_owned() })?;
-        // FERRY_PUSH=off in the target agent's environment: demand and CRIU's background
-        // fetching only (to measure what the push buys).
-        let push = std::env::var("FERRY_PUSH").map_or(true, |v| v != "off");
-        let cache = if push { start_push(agent, source, migration) } else { None };
-        Ok(RemotePages { ch, cache })
+        Ok(RemotePages { ch })
     }
 
-    /// The cache pushed pages go to, if they are pushed (most requests are then answered
-    /// from memory); the push starts at [`PushCache::begin`].
-    pub(crate) fn push_cache(&self) -> Option<Arc<PushCache>> {
-        self.cache.clone()
+    /// Reads the answer to one request of `n` pages, appending its pages to `out`.
+    fn answer(&mut self, n: u32, out: &mut Vec<u8>) -> Result<(), LazyError> {
+        let fail = |e: MigrateError| LazyError::Fetch(crate::chain(&e));
+        match self.ch.next("post-copy pages").map_err(fail)? {
+            Err(frame)
+                if frame.kind == KIND_PAGES && frame.payload.len() as u64 == u64::from(n) * PAGE_SIZE =>
+            {
+                out.extend_from_slice(&frame.payload);
+                Ok(())
+            }
+            Err(frame) => Err(LazyError::Fetch(format!(
+                "the source answered {} bytes of kind {:#x} for {n} pages",
+                frame.payload.len(),
+                frame.kind
+            ))),
+            Ok(Msg::Error { message }) => Err(LazyError::Fetch(message)),
+            Ok(other) => Err(fail(unexpected("post-copy pages", &other))),
+        }
     }
 }
 
-/// A thread that opens the push connection and fills the cache from it (off the freeze: the
-/// restore does not wait for the handshake). If it cannot, the pages all come on demand.
-fn start_push(agent: &Agent, source: &str, migration: &str) -> Option<Arc<PushCache>> {
-    let cache = Arc::new(PushCache::new(CACHE_BYTES));
-    let filling = cache.clone();
+/// A thread that opens the push connection once `feeder` allows it and copies what arrives
+/// into the restored processes (off the freeze: the restore does not wait for the handshake).
+/// If it cannot, the pager fetches every page itself.
+pub(crate) fn start_push(agent: &Agent, source: &str, migration: &str, feeder: PageFeeder) {
     let dialer = agent.connector(source);
     let migration = migration.to_owned();
+    let ending = feeder.clone();
     let spawned = std::thread::Builder::new().name("ferry-page-push".into()).spawn(move || {
-        if !filling.wait_begin() {
+        if !feeder.wait_allowed() {
             return;
         }
-        // The first moments after the switch belong to the workload's faults: a push at once
-        // lengthened the clients' longest wait (1 GiB rewriting 10 %/s: 0.65 s against 0.39 s
-        // with this pause). FERRY_PUSH_DELAY_MS overrides it.
+        // The first moments after the switch belong to the workload's own faults (it catches
+        // up on what it owes its clients); FERRY_PUSH_DELAY_MS overrides the pause.
         let delay = std::env::var("FERRY_PUSH_DELAY_MS")
             .ok()
             .and_then(|v| v.parse::<u64>().ok())
@@ -70,7 +86,8 @@ fn start_push(agent: &Agent, source: &str, migration: &str) -> Option<Arc<PushCa
         let mut ch = match opened {
             Ok(ch) => ch,
             Err(e) => {
-                tracing::warn!(error = %e, "no page push: every page comes on demand");
+                tracing::warn!(error = %e, "no page push: the pages come on demand");
+                feeder.end();
                 return;
             }
         };
@@ -80,8 +97,7 @@ fn start_push(agent: &Agent, source: &str, migration: &str) -> Option<Arc<PushCa
                 Ok(Err(frame)) if frame.kind == KIND_PUSH => match decode_push(&frame.payload) {
                     Ok((pid, vaddr, data)) => {
                         bytes += data.len() as u64;
-                        let at = frame.payload.len() - data.len();
-                        if !filling.insert(pid, vaddr, frame.payload, at) {
+                        if !feeder.feed(pid, vaddr, data) {
                             break;
                         }
                     }
@@ -105,58 +121,38 @@ fn start_push(agent: &Agent, source: &str, migration: &str) -> Option<Arc<PushCa
                 }
             }
         }
+        feeder.end();
         tracing::info!(bytes, "page push ended");
     });
-    match spawned {
-        Ok(_) => Some(cache),
-        Err(e) => {
-            tracing::warn!(error = %e, "no page push thread: every page comes on demand");
-            None
-        }
-    }
-}
-
-impl Drop for RemotePages {
-    fn drop(&mut self) {
-        if let Some(cache) = &self.cache {
-            let (hits, misses) = cache.counts();
-            tracing::info!(hits, misses, "page requests answered from the push / from the source");
-            cache.close();
-        }
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "no page push thread: the pages come on demand");
+        ending.end();
     }
 }
 
 impl PageFetcher for RemotePages {
     fn fetch(&mut self, pid: u32, vaddr: u64, nr_pages: u32, out: &mut Vec<u8>) -> Result<(), LazyError> {
-        if let Some(cache) = &self.cache {
-            if cache.take(pid, vaddr, nr_pages, out) {
-                return Ok(());
+        self.fetch_many(&[(pid, vaddr, nr_pages)], out)
+    }
+
+    /// Every request goes out before the first answer is read: faults of several threads,
+    /// or pages far apart, cost one round trip together.
+    fn fetch_many(&mut self, reqs: &[(u32, u64, u32)], out: &mut Vec<u8>) -> Result<(), LazyError> {
+        let fail = |e: MigrateError| LazyError::Fetch(crate::chain(&e));
+        let mut parts = Vec::new();
+        for &(pid, vaddr, nr_pages) in reqs {
+            let mut done = 0u32;
+            while done < nr_pages {
+                let n = (nr_pages - done).min(PAGES_PER_REQUEST);
+                let at = vaddr + u64::from(done) * PAGE_SIZE;
+                self.ch.send(&Msg::PageRequest { pid, vaddr: at, nr_pages: n }).map_err(fail)?;
+                parts.push(n);
+                done += n;
             }
         }
         out.clear();
-        let mut done = 0u32;
-        while done < nr_pages {
-            let n = (nr_pages - done).min(PAGES_PER_REQUEST);
-            let at = vaddr + u64::from(done) * PAGE_SIZE;
-            let fail = |e: MigrateError| LazyError::Fetch(crate::chain(&e));
-            self.ch.send(&Msg::PageRequest { pid, vaddr: at, nr_pages: n }).map_err(fail)?;
-            match self.ch.next("post-copy pages").map_err(fail)? {
-                Err(frame)
-                    if frame.kind == KIND_PAGES && frame.payload.len() as u64 == u64::from(n) * PAGE_SIZE =>
-                {
-                    out.extend_from_slice(&frame.payload);
-                }
-                Err(frame) => {
-                    return Err(LazyError::Fetch(format!(
-                        "the source answered {} bytes of kind {:#x} for {n} pages",
-                        frame.payload.len(),
-                        frame.kind
-                    )))
-                }
-                Ok(Msg::Error { message }) => return Err(LazyError::Fetch(message)),
-                Ok(other) => return Err(fail(unexpected("post-copy pages", &other))),
-            }
-            done += n;
+        for n in parts {
+            self.answer(n, out)?;
         }
         Ok(())
     }

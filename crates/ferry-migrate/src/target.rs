@@ -14,7 +14,7 @@ use ferry_sys::PrivateTmpfs;
 
 use crate::agent::{unexpected, Agent, Channel, COMMIT_WAIT};
 use crate::journal::{Entry, Stage};
-use crate::lazy::LazyServer;
+use crate::lazy::{LazyPager, PageFeeder};
 use crate::pages::RemotePages;
 use crate::proto::{Msg, PROTOCOL};
 use crate::source::NETNS_KEY;
@@ -140,12 +140,22 @@ pub(crate) fn serve(agent: &Agent, mut ch: Channel) -> Result<(), MigrateError> 
                 }
                 ch.send(&Msg::Committed)?;
                 if let Some(push) = &a.push {
-                    push.begin();
+                    push.allow();
                 }
                 let started = Instant::now();
                 loop {
                     match a.wait_pages(PROGRESS_EVERY) {
                         Ok(Some(stats)) => {
+                            tracing::info!(
+                                bytes = stats.bytes,
+                                pushed = stats.pushed,
+                                requests = stats.requests,
+                                faults = stats.faults,
+                                fetching_s = stats.fetching.as_secs_f64(),
+                                copying_s = stats.sending.as_secs_f64(),
+                                seconds = started.elapsed().as_secs_f64(),
+                                "every page is in"
+                            );
                             agent.metrics.bytes_received.fetch_add(stats.bytes, Ordering::Relaxed);
                             ch.send(&Msg::PagesDone { bytes: stats.bytes, requests: stats.requests })?;
                             a.finish(agent);
@@ -218,14 +228,15 @@ pub(crate) struct Arrival {
     ip: Option<std::net::Ipv4Addr>,
     /// The source's lab record of the workload.
     from: Option<u64>,
-    /// Post-copy: the lazy-pages daemon and the images it reads.
-    lazy: Option<(LazyServer, PrivateTmpfs)>,
+    /// Post-copy: ferry's lazy-pages daemon and the images it reads.
+    lazy: Option<(LazyPager, PrivateTmpfs)>,
     /// The workload's neighbour entries at the source.
     neighbours: Vec<(std::net::Ipv4Addr, String)>,
     /// Its network namespace here, once made.
     netns: Option<std::path::PathBuf>,
-    /// Post-copy: pages pushed ahead of demand, started once the workload runs here.
-    push: Option<Arc<crate::push::PushCache>>,
+    /// Post-copy: the way in for pages pushed ahead of demand; the push starts once the
+    /// workload runs here.
+    push: Option<PageFeeder>,
 }
 
 impl Arrival {
@@ -302,14 +313,16 @@ impl Arrival {
         let log = LogTarget::new(&log_dir, "restore.log");
         let server = if lazy {
             let fetcher = RemotePages::open(agent, &self.entry.peer, &self.entry.migration)?;
-            self.push = fetcher.push_cache();
-            // Errors only: at debug level the daemon writes lines for every page fault.
-            let mut server_log = LogTarget::new(&log_dir, "lazy-pages.log");
-            server_log.level = ferry_criu::LogLevel::Errors;
-            Some(
-                LazyServer::start(agent.ctx.criu.path(), &images, &server_log, Box::new(fetcher))
-                    .map_err(|e| MigrateError::Refused(crate::chain(&e)))?,
-            )
+            let pager = LazyPager::start(&images, &log_dir, Box::new(fetcher))
+                .map_err(|e| MigrateError::Refused(crate::chain(&e)))?;
+            // FERRY_PUSH=off in the target agent's environment: pages on demand and fetched
+            // by the pager alone (to measure what the push buys).
+            if std::env::var("FERRY_PUSH").map_or(true, |v| v != "off") {
+                let feeder = pager.feeder();
+                crate::pages::start_push(agent, &self.entry.peer, &self.entry.migration, feeder.clone());
+                self.push = Some(feeder);
+            }
+            Some(pager)
         } else {
             None
         };
@@ -337,13 +350,17 @@ impl Arrival {
                 let outcome = agent.ctx.criu.restore(&opts, &mut resume);
                 let (server, failed) = watch.stop();
                 self.lazy = Some((server, scratch));
-                if let Some(e) = failed {
-                    return Err(MigrateError::Refused(format!(
-                        "the pages stopped coming during the restore: {}",
-                        crate::chain(&e)
-                    )));
+                match failed {
+                    // CRIU failed and hung up on the pager: its own error says why.
+                    Some(crate::lazy::LazyError::RestoreEnded) => outcome?,
+                    Some(e) => {
+                        return Err(MigrateError::Refused(format!(
+                            "the pages stopped coming during the restore: {}",
+                            crate::chain(&e)
+                        )))
+                    }
+                    None => outcome?,
                 }
-                outcome?
             }
         };
         tracing::debug!(
@@ -398,8 +415,7 @@ impl Arrival {
         Ok(())
     }
 
-    /// Post-copy: waits until the daemon has every page.
-    /// Post-copy: waits up to `step` for the daemon to have every page; `None` if not yet.
+    /// Post-copy: waits up to `step` for every page to be in; `None` if not yet.
     fn wait_pages(
         &mut self,
         step: std::time::Duration,
@@ -432,7 +448,7 @@ impl Arrival {
         if self.entry.pid > 0 && ferry_lab::is_alive(self.entry.pid, self.entry.start_time) {
             let _ = ferry_sys::kill(self.entry.pid, ferry_sys::Signal::Kill);
         }
-        // Only after the tree is dead: without its daemon it would read zeros for its pages.
+        // Only after the tree is dead: without its pager it would read zeros for its pages.
         if let Some((server, scratch)) = self.lazy.take() {
             server.stop();
             drop(scratch);
@@ -448,9 +464,8 @@ impl Arrival {
     }
 
     fn forget(&mut self, agent: &Agent) {
-        if let Some(push) = self.push.take() {
-            push.close();
-        }
+        // The push ends once the pager is stopped: its feeds are turned away.
+        self.push = None;
         // Streamed packs no offer took in (the migration ended before it).
         for pack in agent.take_streamed(&self.entry.migration) {
             if !self.entry.packs.contains(&pack) {
@@ -513,15 +528,15 @@ fn has_lazy_pages(images: &std::path::Path) -> Result<bool, MigrateError> {
     Ok(false)
 }
 
-/// Watches a lazy-pages server while CRIU restores: if serving fails, the half-restored tree
+/// Watches the pager while CRIU restores: if serving fails, the half-restored tree
 /// (everything in the arriving workload's namespace) is killed so that the restore returns.
 struct LazyWatch {
     stop: Arc<std::sync::atomic::AtomicBool>,
-    thread: std::thread::JoinHandle<(LazyServer, Option<crate::lazy::LazyError>)>,
+    thread: std::thread::JoinHandle<(LazyPager, Option<crate::lazy::LazyError>)>,
 }
 
 impl LazyWatch {
-    fn start(mut server: LazyServer, victim: Option<(ferry_lab::LabConfig, u64)>) -> LazyWatch {
+    fn start(mut server: LazyPager, victim: Option<(ferry_lab::LabConfig, u64)>) -> LazyWatch {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = stop.clone();
         let thread = std::thread::spawn(move || loop {
@@ -543,7 +558,7 @@ impl LazyWatch {
         LazyWatch { stop, thread }
     }
 
-    fn stop(self) -> (LazyServer, Option<crate::lazy::LazyError>) {
+    fn stop(self) -> (LazyPager, Option<crate::lazy::LazyError>) {
         self.stop.store(true, Ordering::Relaxed);
         match self.thread.join() {
             Ok(r) => r,

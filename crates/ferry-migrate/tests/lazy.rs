@@ -1,7 +1,7 @@
 //! Post-copy with ferry serving the lazy pages: real CRIU, root. A memhog in its own pid
 //! namespace is dumped lazily; at post-dump it is restored lazily into a fresh pid namespace on
-//! the same host, its pages fetched through an in-process `PageFetcher` that reads the frozen
-//! source through `PageSource`.
+//! the same host, its missing pages filled by ferry's `LazyPager` from an in-process
+//! `PageFetcher` that reads the frozen source through `PageSource`.
 
 use std::fs;
 use std::io::{Read, Write};
@@ -11,21 +11,24 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ferry_criu::{Criu, DumpOptions, LogTarget, Notify, NotifyHandler, RecordingNotify, RestoreOptions};
-use ferry_migrate::lazy::{pick_port, LazyError, LazyServer, PageFetcher, PageServerFinisher, PageSource};
+use ferry_migrate::lazy::{pick_port, LazyError, LazyPager, PageFetcher, PageServerFinisher, PageSource};
 use ferry_testkit::{assert_not_stopped, require_privileged, try_poll, Isolation, ProcId, Sample, Workload};
 
 const SERVE_TIMEOUT: Duration = Duration::from_secs(300);
 
-/// Serves from the source, failing from request number `fail_at` on (if set).
+/// Serves from the source, failing from request number `fail_at` on (if set), each request
+/// `delay` late (a slow link).
 struct Direct {
     source: Arc<PageSource>,
     fail_at: Option<u64>,
     seen: u64,
+    delay: Duration,
 }
 
 impl PageFetcher for Direct {
     fn fetch(&mut self, pid: u32, vaddr: u64, nr_pages: u32, out: &mut Vec<u8>) -> Result<(), LazyError> {
         self.seen += 1;
+        std::thread::sleep(self.delay);
         if self.fail_at.is_some_and(|n| self.seen >= n) {
             return Err(LazyError::Fetch(format!("injected failure at request {}", self.seen)));
         }
@@ -37,11 +40,13 @@ impl PageFetcher for Direct {
 #[derive(Debug, Default)]
 struct Outcome {
     restored: Option<i32>,
-    daemon: Option<i32>,
     restore_returned: Option<Instant>,
     all_pages: Option<Instant>,
     bytes: u64,
     requests: u64,
+    faults: u64,
+    /// The hash the restored copy's forked child computed while pages were still missing.
+    forked_hash: Option<String>,
     fetching: Duration,
     sending: Duration,
     source_bytes: u64,
@@ -58,6 +63,9 @@ struct MigrateAtPostDump<'a> {
     target_images: PathBuf,
     target_logs: PathBuf,
     fail_at: Option<u64>,
+    /// Right after the restore, have the copy fork a child that hashes the memory.
+    fork_hash: bool,
+    delay: Duration,
     outcome: Outcome,
 }
 
@@ -70,15 +78,10 @@ impl MigrateAtPostDump<'_> {
             Arc::new(PageSource::open(&self.source_images, self.workload.pid()).map_err(|e| e.to_string())?);
         self.outcome.lazy_bytes = source.lazy_bytes();
         copy_images(&self.source_images, &self.target_images);
-        let fetcher = Direct { source: Arc::clone(&source), fail_at: self.fail_at, seen: 0 };
-        let mut server = LazyServer::start(
-            self.criu.path(),
-            &self.target_images,
-            &LogTarget::new(&self.target_logs, "lazy-pages.log"),
-            Box::new(fetcher),
-        )
-        .map_err(|e| e.to_string())?;
-        self.outcome.daemon = Some(server.daemon_pid() as i32);
+        let fetcher =
+            Direct { source: Arc::clone(&source), fail_at: self.fail_at, seen: 0, delay: self.delay };
+        let mut server = LazyPager::start(&self.target_images, &self.target_logs, Box::new(fetcher))
+            .map_err(|e| e.to_string())?;
         let opts = RestoreOptions::new(&self.target_images, LogTarget::new(&self.target_logs, "restore.log"))
             .lazy_pages(true);
         let restored =
@@ -86,10 +89,15 @@ impl MigrateAtPostDump<'_> {
         self.outcome.restore_returned = Some(Instant::now());
         self.outcome.restored = Some(restored.pid);
         self.workload.adopt(restored.pid);
+        if self.fork_hash {
+            fs::write(self.workload.path("fork", restored.pid), "").map_err(|e| e.to_string())?;
+            ferry_sys::kill(restored.pid, ferry_sys::Signal::Usr1).map_err(|e| e.to_string())?;
+        }
         let done = server.wait_done(SERVE_TIMEOUT);
         let stats = server.stats();
         self.outcome.bytes = stats.bytes;
         self.outcome.requests = stats.requests;
+        self.outcome.faults = stats.faults;
         self.outcome.fetching = stats.fetching;
         self.outcome.sending = stats.sending;
         self.outcome.source_bytes = source.bytes_served();
@@ -97,6 +105,12 @@ impl MigrateAtPostDump<'_> {
             Ok(_) => {
                 self.outcome.all_pages = Some(Instant::now());
                 server.stop();
+                if self.fork_hash {
+                    let hash = try_poll(Duration::from_secs(60), || {
+                        fs::read_to_string(self.workload.path("hash", restored.pid)).ok()
+                    });
+                    self.outcome.forked_hash = hash.map(|h| h.trim().to_string());
+                }
                 Ok(())
             }
             Err(e) => {
@@ -106,9 +120,9 @@ impl MigrateAtPostDump<'_> {
         }
     }
 
-    /// The fetcher failed: the copy waits for pages while the daemon lives; then see what it
-    /// does once the daemon is gone, and kill it. The source is resumed by the error answer.
-    fn observe_failure(&mut self, pid: i32, server: LazyServer) {
+    /// The fetcher failed: the copy waits for pages while the pager lives; then see what it
+    /// does once the pager is gone, and kill it. The source is resumed by the error answer.
+    fn observe_failure(&mut self, pid: i32, server: LazyPager) {
         let hash_file = self.workload.path("hash", pid);
         let _ = fs::remove_file(&hash_file);
         let _ = ferry_sys::kill(pid, ferry_sys::Signal::Usr1);
@@ -121,7 +135,7 @@ impl MigrateAtPostDump<'_> {
             })
             .collect();
         self.outcome.notes.push(format!(
-            "daemon alive, fetcher failed: hash answered within 2 s: {}, states {states}, cpu ticks in 2.5 s: {:?}",
+            "pager alive, fetcher failed: hash answered within 2 s: {}, states {states}, cpu ticks in 2.5 s: {:?}",
             answered.is_some(),
             cpu_ticks(pid).zip(cpu0).map(|(a, b)| a - b)
         ));
@@ -136,7 +150,7 @@ impl MigrateAtPostDump<'_> {
         let _ = ferry_sys::kill(pid, ferry_sys::Signal::Kill);
         let exit = ferry_sys::wait_child(pid);
         self.outcome.notes.push(format!(
-            "daemon stopped: alive after 5 s {alive}, hash {:?}, exit {exit:?}",
+            "pager stopped: alive after 5 s {alive}, hash {:?}, exit {exit:?}",
             answered.as_deref().map(str::trim)
         ));
     }
@@ -206,11 +220,22 @@ impl<H: NotifyHandler> NotifyHandler for Intruder<H> {
     }
 }
 
-fn run(workload: &Workload, fail_at: Option<u64>, dir: &Path) -> Run {
-    run_with(workload, fail_at, dir, false)
+/// How a run goes: a failure injected, an intruder on CRIU's page server, a fork right after
+/// the restore, a slow link.
+#[derive(Default)]
+struct Plan {
+    fail_at: Option<u64>,
+    intruder: bool,
+    fork_hash: bool,
+    delay: Duration,
 }
 
-fn run_with(workload: &Workload, fail_at: Option<u64>, dir: &Path, intruder: bool) -> Run {
+fn run(workload: &Workload, fail_at: Option<u64>, dir: &Path) -> Run {
+    run_with(workload, dir, Plan { fail_at, ..Plan::default() })
+}
+
+fn run_with(workload: &Workload, dir: &Path, plan: Plan) -> Run {
+    let Plan { fail_at, intruder, fork_hash, delay } = plan;
     let criu = criu();
     let source_images = dir.join("source");
     fs::create_dir_all(&source_images).expect("mkdir");
@@ -222,6 +247,8 @@ fn run_with(workload: &Workload, fail_at: Option<u64>, dir: &Path, intruder: boo
         target_images: dir.join("target"),
         target_logs: dir.join("target-logs"),
         fail_at,
+        fork_hash,
+        delay,
         outcome: Outcome::default(),
     };
     let mut handler = Intruder { inner: PageServerFinisher::new(port, migrate), port, answer: None };
@@ -269,12 +296,13 @@ fn migrate_memhog(mib: u32) {
     assert!(TcpStream::connect((Ipv4Addr::LOCALHOST, r.port)).is_err(), "CRIU's page server still listens");
     let rr = o.restore_returned.expect("restore returned");
     println!(
-        "lazy {mib} MiB: restore returned {} s after dump start; all pages ({} MiB in {} requests) {} s after \
-         restore returned (fetching {:.3} s, sending {:.3} s); dump returned {} s after start; CRIU's page server reachable for {:?} before ferry \
+        "lazy {mib} MiB: restore returned {} s after dump start; all pages ({} MiB in {} requests, {} faults) {} s \
+         after restore returned (fetching {:.3} s, copying {:.3} s); dump returned {} s after start; CRIU's page server reachable for {:?} before ferry \
          connected, closed {:?} after it listened",
         secs(r.started, Some(rr)),
         o.bytes >> 20,
         o.requests,
+        o.faults,
         secs(rr, o.all_pages),
         o.fetching.as_secs_f64(),
         o.sending.as_secs_f64(),
@@ -282,7 +310,7 @@ fn migrate_memhog(mib: u32) {
         fin.exposed,
         fin.session,
     );
-    assert!(!ferry_sys::process_exists(o.daemon.expect("daemon")), "lazy-pages daemon survived");
+    assert!(!dir.path().join("target-logs/lazy-pages.socket").exists(), "the pager's socket was left behind");
     let _ = ferry_sys::kill(restored, ferry_sys::Signal::Kill);
     let _ = ferry_sys::wait_child(restored);
 }
@@ -303,6 +331,28 @@ fn lazy_migration_1gib() {
         return;
     }
     migrate_memhog(1024);
+}
+
+/// The restored copy forks while most of its pages are still at the source: the child (whose
+/// userfaultfd comes with the fork event) must see the same memory.
+#[test]
+fn a_fork_while_pages_are_missing_sees_the_whole_memory() {
+    if !require_privileged() {
+        return;
+    }
+    let w = Workload::start(Sample::MemHog { mib: 64 }, Isolation::PidNamespace).expect("memhog");
+    let original = w.request_hash(w.pid());
+    let dir = tempfile::Builder::new().prefix("ferry-lazy-").tempdir().expect("tempdir");
+    // 64 MiB in 1 MiB pieces 20 ms apart: over a second, so the fork comes early in it.
+    let plan = Plan { fork_hash: true, delay: Duration::from_millis(20), ..Plan::default() };
+    let r = run_with(&w, dir.path(), plan);
+    assert!(r.dump.is_ok(), "dump: {:?}; logs in {}", r.dump, dir.path().display());
+    r.finish.expect("CRIU's page server closed by ferry");
+    let o = &r.outcome;
+    assert_eq!(o.forked_hash.as_deref(), Some(original.as_str()), "the forked child's memory differs");
+    let restored = o.restored.expect("restored");
+    assert_eq!(w.request_hash(restored), original, "the parent's memory differs");
+    println!("fork: {} MiB in {} requests, {} faults", o.bytes >> 20, o.requests, o.faults);
 }
 
 #[test]
@@ -358,7 +408,7 @@ fn another_client_on_criu_page_server_is_detected() {
     let w = Workload::start(Sample::MemHog { mib: 16 }, Isolation::PidNamespace).expect("memhog");
     let source = ProcId::of(w.pid()).expect("source alive");
     let dir = tempfile::Builder::new().prefix("ferry-lazy-").tempdir().expect("tempdir");
-    let r = run_with(&w, None, dir.path(), true);
+    let r = run_with(&w, dir.path(), Plan { intruder: true, ..Plan::default() });
     for n in &r.outcome.notes {
         println!("intruder: {n}");
     }

@@ -1,6 +1,7 @@
 """memhog DIR N_MIB: holds N MiB of random bytes in a page-aligned private anonymous mapping.
 
-On SIGUSR1 writes their sha256 to DIR/hash.<hostpid>. On SIGUSR2 reads a percentage P from
+On SIGUSR1 writes their sha256 to DIR/hash.<hostpid> (computed by a child it forks for it when
+DIR/fork.<hostpid> exists: the child's memory is the parent's, copied at fork). On SIGUSR2 reads a percentage P from
 DIR/rewrite.<hostpid>, overwrites P% of the buffer's pages (distinct pages picked at random) with
 new random bytes and writes how many pages it rewrote to DIR/rewritten.<hostpid>.
 Writes DIR/ready.<hostpid> once the memory is filled."""
@@ -58,5 +59,16 @@ while True:
         rewrite()
     if hash_requested:
         hash_requested = False
-        write_atomic("%s/hash.%d" % (directory, host_pid()), hashlib.sha256(data).hexdigest())
+        me = host_pid()
+        hash_path = "%s/hash.%d" % (directory, me)
+        if os.path.exists("%s/fork.%d" % (directory, me)):
+            child = os.fork()
+            if child == 0:
+                try:
+                    write_atomic(hash_path, hashlib.sha256(data).hexdigest())
+                finally:
+                    os._exit(0)
+            os.waitpid(child, 0)
+        else:
+            write_atomic(hash_path, hashlib.sha256(data).hexdigest())
     time.sleep(0.05)

@@ -14,6 +14,9 @@ use super::LazyError;
 
 const PSTREE_MAGIC: u32 = 0x5027_3030;
 const PAGEMAP_MAGIC: u32 = 0x5608_4025;
+const MM_MAGIC: u32 = 0x5749_2820;
+/// No process has more mappings than this (the kernel's default `vm.max_map_count` is 65530).
+const MAX_VMAS: usize = 1 << 20;
 /// At most this many processes.
 const MAX_PROCESSES: usize = 1 << 16;
 /// No process has more pages than this (2^40 bytes).
@@ -37,6 +40,22 @@ struct PagemapEntry {
     flags: Option<u32>,
     #[prost(uint64, optional, tag = "5")]
     nr_pages: Option<u64>,
+}
+
+/// `vma_entry`, the fields used here.
+#[derive(Clone, PartialEq, Message)]
+struct VmaEntry {
+    #[prost(uint64, required, tag = "1")]
+    start: u64,
+    #[prost(uint64, required, tag = "2")]
+    end: u64,
+}
+
+/// `mm_entry`, the field used here.
+#[derive(Clone, PartialEq, Message)]
+struct MmEntry {
+    #[prost(message, repeated, tag = "14")]
+    vmas: Vec<VmaEntry>,
 }
 
 /// Lazy ranges of one process: start address -> end address (exclusive), adjacent ranges merged.
@@ -154,7 +173,58 @@ pub fn lazy_ranges(dir: &Path, pid: u32) -> Result<LazyRanges, LazyError> {
     Ok(out)
 }
 
+/// The mappings of process `pid` (`mm-<pid>.img`), as sorted, disjoint `(start, end)` pairs;
+/// empty if it has no mm image (a zombie).
+pub fn vmas(dir: &Path, pid: u32) -> Result<Vec<(u64, u64)>, LazyError> {
+    let name = format!("mm-{pid}.img");
+    let Some(data) = read_image(dir, &name, MM_MAGIC)? else { return Ok(Vec::new()) };
+    let bad = |detail: String| LazyError::Images { image: name.clone(), detail };
+    let mm: Vec<MmEntry> = decode(&name, &data)?;
+    let mm = mm.into_iter().next().ok_or_else(|| bad("no mm entry".into()))?;
+    if mm.vmas.len() > MAX_VMAS {
+        return Err(bad(format!("{} mappings", mm.vmas.len())));
+    }
+    let mut out: Vec<(u64, u64)> = mm.vmas.iter().map(|v| (v.start, v.end)).collect();
+    out.sort_unstable();
+    for (i, &(s, e)) in out.iter().enumerate() {
+        let overlaps = i > 0 && out[i - 1].1 > s;
+        if e <= s || !s.is_multiple_of(PAGE_SIZE) || !e.is_multiple_of(PAGE_SIZE) || overlaps {
+            return Err(bad(format!("odd mapping {s:#x}-{e:#x}")));
+        }
+    }
+    Ok(out)
+}
+
+/// The lazy ranges of process `pid`, cut where its mappings end: userfaultfd fills pages
+/// within one mapping at a time. A lazy range outside every mapping is an error.
+pub fn lazy_iovs(dir: &Path, pid: u32) -> Result<Vec<(u64, u64)>, LazyError> {
+    let ranges = lazy_ranges(dir, pid)?;
+    if ranges.is_empty() {
+        return Ok(Vec::new());
+    }
+    split_at_vmas(&ranges, &vmas(dir, pid)?)
+        .map_err(|detail| LazyError::Images { image: format!("mm-{pid}.img"), detail })
+}
+
+fn split_at_vmas(ranges: &LazyRanges, vmas: &[(u64, u64)]) -> Result<Vec<(u64, u64)>, String> {
+    let mut out = Vec::new();
+    for (mut start, end) in ranges.iter() {
+        while start < end {
+            // The mapping holding `start`: the last one starting at or below it.
+            let i = vmas.partition_point(|&(s, _)| s <= start);
+            let Some(&(_, vma_end)) = i.checked_sub(1).map(|i| &vmas[i]).filter(|&&(_, e)| start < e) else {
+                return Err(format!("lazy page {start:#x} lies in no mapping"));
+            };
+            let piece = end.min(vma_end);
+            out.push((start, piece));
+            start = piece;
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -171,5 +241,18 @@ mod tests {
         assert!(!r.covers(0x0, 0x1000));
         assert!(r.covers(0x8000, 0x9000));
         assert!(!r.covers(0x8000, 0xa000));
+    }
+
+    #[test]
+    fn lazy_ranges_are_cut_at_mapping_ends() {
+        let mut r = LazyRanges::default();
+        r.add(0x1000, 0x6000);
+        r.add(0x8000, 0x9000);
+        let vmas = [(0x0, 0x3000), (0x3000, 0x7000), (0x8000, 0xa000)];
+        assert_eq!(
+            split_at_vmas(&r, &vmas).unwrap(),
+            vec![(0x1000, 0x3000), (0x3000, 0x6000), (0x8000, 0x9000)]
+        );
+        assert!(split_at_vmas(&r, &[(0x0, 0x3000)]).is_err(), "a lazy page outside every mapping");
     }
 }

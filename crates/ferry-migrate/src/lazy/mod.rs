@@ -9,33 +9,67 @@
 //!   `/proc/<pid>/mem` of the frozen tasks, refusing anything the images do not mark lazy.
 //!   Once the target has every page, post-dump is answered; [`PageServerFinisher`] then ends
 //!   the session of CRIU's own (now useless) page server at once, so CRIU kills the tree.
-//! - target: [`LazyServer`] runs `criu lazy-pages` with a socket pair as its page-server
-//!   connection and answers its requests through a [`PageFetcher`] (the transport to the
-//!   source); `criu restore --lazy-pages` then starts the tree, which runs while pages arrive.
+//! - target: [`LazyPager`] takes the userfaultfds of `criu restore --lazy-pages` in place of
+//!   CRIU's `lazy-pages` daemon and fills the missing pages itself, from a [`PageFetcher`]
+//!   (the transport to the source) and from pages pushed ahead of demand ([`PageFeeder`]);
+//!   the tree runs while its pages arrive.
 
 mod finisher;
 mod images;
+mod pager;
 pub mod proto;
-mod server;
 mod source;
 
 use std::time::Duration;
 
 pub use finisher::{pick_port, FinishReport, PageServerFinisher};
-pub use images::{lazy_ranges, tree_pids, LazyRanges};
+pub use images::{lazy_iovs, lazy_ranges, tree_pids, vmas, LazyRanges};
+pub use pager::{LazyPager, PageFeeder};
 pub use proto::PAGE_SIZE;
-pub use server::{LazyServer, LazyStats};
 pub use source::PageSource;
 
-/// Largest request served (CRIU's daemon asks for at most 4 MiB).
+/// Largest request served (4 MiB).
 pub const MAX_REQUEST_PAGES: u32 = 16 << 10;
 
-/// Fetches lazy pages for the target's daemon: from the source over the network, or (tests,
+/// What the target's side of post-copy has done so far.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LazyStats {
+    /// Page bytes delivered (into the processes, or to CRIU's daemon).
+    pub bytes: u64,
+    /// Of those, bytes pushed ahead of demand.
+    pub pushed: u64,
+    /// Requests sent to the source.
+    pub requests: u64,
+    /// Page faults handled.
+    pub faults: u64,
+    /// When the first request went out.
+    pub first_request: Option<std::time::Instant>,
+    /// When every page was in.
+    pub finished: Option<std::time::Instant>,
+    /// Time spent waiting for the source.
+    pub fetching: Duration,
+    /// Time spent handing pages over (copying them in, or sending them to CRIU's daemon).
+    pub sending: Duration,
+}
+
+/// Fetches lazy pages for the target's pager: from the source over the network, or (tests,
 /// local use) straight from a [`PageSource`].
 pub trait PageFetcher {
     /// Fills `out` (replacing its content) with exactly `nr_pages` pages at `vaddr` of process
     /// `pid` (its pid in the images). An error ends the serving: the daemon gets no answer.
     fn fetch(&mut self, pid: u32, vaddr: u64, nr_pages: u32, out: &mut Vec<u8>) -> Result<(), LazyError>;
+
+    /// Fills `out` with the pages of every request `(pid, vaddr, nr_pages)`, one after the
+    /// other. A fetcher that can ask for them all before the first answer comes should.
+    fn fetch_many(&mut self, reqs: &[(u32, u64, u32)], out: &mut Vec<u8>) -> Result<(), LazyError> {
+        out.clear();
+        let mut one = Vec::new();
+        for &(pid, vaddr, n) in reqs {
+            self.fetch(pid, vaddr, n, &mut one)?;
+            out.extend_from_slice(&one);
+        }
+        Ok(())
+    }
 }
 
 /// A [`PageSource`] is a fetcher of its own pages.
@@ -63,8 +97,8 @@ pub enum LazyError {
     Fetch(String),
     #[error("page-server protocol: {0}")]
     Protocol(String),
-    #[error("lazy-pages daemon: {0}")]
-    Daemon(String),
+    #[error("the restore ended before it had handed over every process")]
+    RestoreEnded,
     #[error("serving lazy pages failed: {0}")]
     Serve(String),
     #[error("closing CRIU's page server: {0}")]
