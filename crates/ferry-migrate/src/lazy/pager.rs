@@ -595,6 +595,9 @@ impl LazyPager {
                     st.closed = true;
                     if r.is_ok() && st.complete() {
                         st.stats.finished = Some(Instant::now());
+                        // Every lazy page is in: what else faults in those mappings (pages
+                        // never touched before the dump) is the kernel's to zero-fill.
+                        st.tasks.clear();
                     }
                 }
                 looping.changed.notify_all();
@@ -741,7 +744,8 @@ impl Loop {
                     .tasks
                     .iter()
                     .enumerate()
-                    .filter(|(_, t)| !t.done())
+                    // Done ones too: a page never touched before the dump faults as well.
+                    .filter(|(_, t)| !t.gone)
                     .map(|(i, t)| (i, t.uffd.clone()))
                     .collect();
                 let sweep = st.restore_finished && st.push != Push::Expected;
@@ -1012,6 +1016,9 @@ mod tests {
         // The push ends early: the pager fetches the rest itself.
         feeder.end();
         let stats = pager.wait_done(Duration::from_secs(20)).unwrap();
+        // Done: the kernel now fills what was never lazy, while the pager still exists.
+        map.read((62 * P) as usize, &mut b);
+        assert_eq!(b, [0, 0]);
         for i in 0..pages - 8 {
             let mut page = vec![0u8; PAGE];
             map.read((i * P) as usize, &mut page);
