@@ -28,8 +28,9 @@ fn main() -> ExitCode {
         Some("archive") => ferry_store_fuzz::archive,
         Some("wire_frame") => ferry_store_fuzz::wire_frame,
         Some("migrate_msg") => ferry_store_fuzz::migrate_msg,
+        Some("lazy_images") => ferry_store_fuzz::lazy_images,
         _ => {
-            eprintln!("usage: replay manifest|chunk_frame|slots|archive|wire_frame|migrate_msg PATH...");
+            eprintln!("usage: replay manifest|chunk_frame|slots|archive|wire_frame|migrate_msg|lazy_images PATH...");
             return ExitCode::from(2);
         }
     };

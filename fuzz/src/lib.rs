@@ -251,3 +251,20 @@ pub fn migrate_msg(data: &[u8]) {
         assert_eq!(again, data, "a stream batch re-encodes to its bytes");
     }
 }
+
+/// CRIU's pagemap and mm images as post-copy's target reads them (`lazy_iovs_of`). The input
+/// is a little-endian `u32` length, that many bytes of pagemap image, then the mm image.
+pub fn lazy_images(data: &[u8]) {
+    let Some((len, rest)) = data.split_first_chunk::<4>() else { return };
+    let n = (u32::from_le_bytes(*len) as usize).min(rest.len());
+    let (pagemap, mm) = rest.split_at(n);
+    if let Ok(iovs) = ferry_migrate::lazy::lazy_iovs_of(pagemap, mm) {
+        let mut last = 0u64;
+        for &(start, end) in &iovs {
+            assert!(start < end, "an empty or reversed range: {iovs:?}");
+            assert!(start % 4096 == 0 && end % 4096 == 0, "not page aligned: {iovs:?}");
+            assert!(start >= last, "ranges overlap or are out of order: {iovs:?}");
+            last = end;
+        }
+    }
+}

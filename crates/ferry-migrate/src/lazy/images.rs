@@ -142,14 +142,29 @@ pub fn tree_pids(dir: &Path) -> Result<Vec<u32>, LazyError> {
 /// The lazy ranges of process `pid`; empty if it has no pagemap (a zombie).
 pub fn lazy_ranges(dir: &Path, pid: u32) -> Result<LazyRanges, LazyError> {
     let name = format!("pagemap-{pid}.img");
-    let Some(data) = read_image(dir, &name, PAGEMAP_MAGIC)? else {
-        return Ok(LazyRanges::default());
-    };
-    let bad = |detail: String| LazyError::Images { image: name.clone(), detail };
-    let (_, start) = header(&data).map_err(|e| bad(e.to_string()))?;
-    let raw = entries(&data, start).map_err(|e| bad(e.to_string()))?;
+    match read_image(dir, &name, PAGEMAP_MAGIC)? {
+        Some(data) => parse_lazy_ranges(&name, &data),
+        None => Ok(LazyRanges::default()),
+    }
+}
+
+fn check_magic(name: &str, data: &[u8], magic: u32) -> Result<usize, LazyError> {
+    let bad = |detail: String| LazyError::Images { image: name.to_string(), detail };
+    let (found, start) = header(data).map_err(|e| bad(e.to_string()))?;
+    if found != magic {
+        return Err(bad(format!("magic {found:#010x}, expected {magic:#010x}")));
+    }
+    Ok(start)
+}
+
+/// The lazy ranges a pagemap image (`name`, its bytes) marks.
+fn parse_lazy_ranges(name: &str, data: &[u8]) -> Result<LazyRanges, LazyError> {
+    let bad = |detail: String| LazyError::Images { image: name.to_string(), detail };
+    let start = check_magic(name, data, PAGEMAP_MAGIC)?;
+    let raw = entries(data, start).map_err(|e| bad(e.to_string()))?;
     let mut out = LazyRanges::default();
     let mut total = 0u64;
+    let mut last_end = 0u64;
     // The first entry is the `pagemap_head`.
     for entry in raw.into_iter().skip(1) {
         let pe = PagemapEntry::decode(entry).map_err(|e| bad(e.to_string()))?;
@@ -164,11 +179,16 @@ pub fn lazy_ranges(dir: &Path, pid: u32) -> Result<LazyRanges, LazyError> {
         if !pe.vaddr.is_multiple_of(PAGE_SIZE) || pages == 0 || total > MAX_PAGES {
             return Err(bad(format!("odd lazy entry {:#x} (+{pages} pages)", pe.vaddr)));
         }
+        // CRIU writes them in address order; anything else would make ranges overlap.
+        if pe.vaddr < last_end {
+            return Err(bad(format!("lazy entry {:#x} out of order", pe.vaddr)));
+        }
         let end = pe
             .vaddr
             .checked_add(pages * PAGE_SIZE)
             .ok_or_else(|| bad(format!("entry {:#x} wraps", pe.vaddr)))?;
         out.add(pe.vaddr, end);
+        last_end = end;
     }
     Ok(out)
 }
@@ -177,9 +197,16 @@ pub fn lazy_ranges(dir: &Path, pid: u32) -> Result<LazyRanges, LazyError> {
 /// empty if it has no mm image (a zombie).
 pub fn vmas(dir: &Path, pid: u32) -> Result<Vec<(u64, u64)>, LazyError> {
     let name = format!("mm-{pid}.img");
-    let Some(data) = read_image(dir, &name, MM_MAGIC)? else { return Ok(Vec::new()) };
-    let bad = |detail: String| LazyError::Images { image: name.clone(), detail };
-    let mm: Vec<MmEntry> = decode(&name, &data)?;
+    match read_image(dir, &name, MM_MAGIC)? {
+        Some(data) => parse_vmas(&name, &data),
+        None => Ok(Vec::new()),
+    }
+}
+
+fn parse_vmas(name: &str, data: &[u8]) -> Result<Vec<(u64, u64)>, LazyError> {
+    let bad = |detail: String| LazyError::Images { image: name.to_string(), detail };
+    check_magic(name, data, MM_MAGIC)?;
+    let mm: Vec<MmEntry> = decode(name, data)?;
     let mm = mm.into_iter().next().ok_or_else(|| bad("no mm entry".into()))?;
     if mm.vmas.len() > MAX_VMAS {
         return Err(bad(format!("{} mappings", mm.vmas.len())));
@@ -204,6 +231,14 @@ pub fn lazy_iovs(dir: &Path, pid: u32) -> Result<Vec<(u64, u64)>, LazyError> {
     }
     split_at_vmas(&ranges, &vmas(dir, pid)?)
         .map_err(|detail| LazyError::Images { image: format!("mm-{pid}.img"), detail })
+}
+
+/// As [`lazy_iovs`], from the bytes of a pagemap and an mm image (the fuzz target's way in).
+/// The result is sorted, disjoint, page aligned, each piece inside one mapping.
+pub fn lazy_iovs_of(pagemap: &[u8], mm: &[u8]) -> Result<Vec<(u64, u64)>, LazyError> {
+    let ranges = parse_lazy_ranges("pagemap", pagemap)?;
+    let vmas = parse_vmas("mm", mm)?;
+    split_at_vmas(&ranges, &vmas).map_err(|detail| LazyError::Images { image: "mm".into(), detail })
 }
 
 fn split_at_vmas(ranges: &LazyRanges, vmas: &[(u64, u64)]) -> Result<Vec<(u64, u64)>, String> {
@@ -241,6 +276,24 @@ mod tests {
         assert!(!r.covers(0x0, 0x1000));
         assert!(r.covers(0x8000, 0x9000));
         assert!(!r.covers(0x8000, 0xa000));
+    }
+
+    /// Real images of CRIU 4.2.1 lazy dumps (the fuzz target's seeds): an 8 MiB memhog, and a
+    /// 4 GiB one with its pagemap cut after 64 entries (one per MiB).
+    #[test]
+    fn real_lazy_dumps_parse() {
+        for (seed, min) in [
+            (&include_bytes!("../../../../fuzz/corpus/lazy_images/memhog-8m")[..], 8u64 << 20),
+            (&include_bytes!("../../../../fuzz/corpus/lazy_images/memhog-4g")[..], 32 << 20),
+        ] {
+            let n = u32::from_le_bytes(seed[..4].try_into().unwrap()) as usize;
+            let (pagemap, mm) = seed[4..].split_at(n);
+            let iovs = lazy_iovs_of(pagemap, mm).unwrap();
+            let bytes: u64 = iovs.iter().map(|(s, e)| e - s).sum();
+            assert!(bytes >= min, "{bytes} lazy bytes");
+            assert!(iovs.windows(2).all(|w| w[0].1 <= w[1].0));
+            assert!(lazy_iovs_of(mm, pagemap).is_err(), "images swapped: wrong magic");
+        }
     }
 
     #[test]
