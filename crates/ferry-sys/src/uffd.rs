@@ -439,6 +439,52 @@ impl AnonMapping {
     }
 }
 
+impl AnonMapping {
+    /// Moves `len` bytes at `offset` to `dest_offset` of `dest` (`mremap`, fixed address),
+    /// replacing what `dest` had there; `[offset, offset + len)` of this mapping is then a hole
+    /// that must not be touched.
+    pub fn move_to(
+        &self,
+        offset: usize,
+        len: usize,
+        dest: &AnonMapping,
+        dest_offset: usize,
+    ) -> io::Result<()> {
+        assert!(offset.checked_add(len).is_some_and(|end| end <= self.len), "move outside the mapping");
+        assert!(dest_offset.checked_add(len).is_some_and(|end| end <= dest.len), "move outside the target");
+        // SAFETY: both ranges were checked to lie inside mappings this process owns (values of
+        // this type); MREMAP_FIXED replaces only the target range, which `dest` owns.
+        let p = unsafe {
+            libc::mremap(
+                (self.addr + offset) as *mut libc::c_void,
+                len,
+                len,
+                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                (dest.addr + dest_offset) as *mut libc::c_void,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Drops the pages of `[offset, offset + len)` (`madvise(MADV_DONTNEED)`): they read as
+    /// zeros afterwards.
+    pub fn discard(&self, offset: usize, len: usize) -> io::Result<()> {
+        assert!(offset.checked_add(len).is_some_and(|end| end <= self.len), "discard outside the mapping");
+        // SAFETY: the range lies inside this live mapping; MADV_DONTNEED only drops its pages.
+        let rc =
+            unsafe { libc::madvise((self.addr + offset) as *mut libc::c_void, len, libc::MADV_DONTNEED) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+}
+
 impl Drop for AnonMapping {
     fn drop(&mut self) {
         // SAFETY: unmaps exactly the mapping this value made; nothing refers to it afterwards.

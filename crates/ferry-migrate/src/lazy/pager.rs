@@ -1043,6 +1043,72 @@ mod tests {
         assert!(!dir.path().join(LAZY_SOCKET).exists());
     }
 
+    fn hand_over(dir: &Path, uffd: &Uffd) {
+        let restore = UnixStream::connect(dir.join(LAZY_SOCKET)).unwrap();
+        std::io::Write::write_all(&mut &restore, &1i32.to_ne_bytes()).unwrap();
+        ferry_sys::send_with_fd(&restore, &[0], uffd.as_fd()).unwrap();
+        std::io::Write::write_all(&mut &restore, &RESTORE_FINISHED.to_ne_bytes()).unwrap();
+    }
+
+    /// The kernel's own remap and remove events, as a process causes them: pages moved by
+    /// `mremap` are still fetched by their address in the images, pages dropped by `madvise`
+    /// are no longer wanted (and read as zeros).
+    #[test]
+    fn moved_and_dropped_pages_follow_the_kernel_events() {
+        if !ferry_sys::is_root() {
+            return;
+        }
+        let map = ferry_sys::AnonMapping::new((32 * P) as usize).unwrap();
+        let elsewhere = ferry_sys::AnonMapping::new((16 * P) as usize).unwrap();
+        let features = ferry_sys::UFFD_FEATURE_EVENT_FORK
+            | ferry_sys::UFFD_FEATURE_EVENT_REMAP
+            | ferry_sys::UFFD_FEATURE_EVENT_REMOVE
+            | ferry_sys::UFFD_FEATURE_EVENT_UNMAP;
+        let uffd = Uffd::open(features).unwrap();
+        uffd.register_missing(map.addr(), 32 * P).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        let lazy = vec![(1u32, vec![(map.addr(), map.addr() + 32 * P)])];
+        let mut pager =
+            LazyPager::serve(lazy, dir.path(), Box::new(Pattern { base: map.addr(), asked: asked.clone() }))
+                .unwrap();
+        let feeder = pager.feeder(); // holds the sweep back until the end of the test's moves
+        hand_over(dir.path(), &uffd);
+        drop(uffd);
+        let mut page = vec![0u8; PAGE];
+        map.read(PAGE, &mut page);
+        assert_eq!(page, pattern_page(1));
+        // Pages 8..24 move; the first one read at its new place is image page 8.
+        map.move_to(8 * PAGE, 16 * PAGE, &elsewhere, 0).unwrap();
+        elsewhere.read(0, &mut page);
+        assert_eq!(page, pattern_page(8));
+        // Pages 24..28 are dropped: zeros, and never asked for.
+        map.discard(24 * PAGE, 4 * PAGE).unwrap();
+        map.read(25 * PAGE, &mut page);
+        assert_eq!(page, vec![0u8; PAGE]);
+        feeder.end();
+        let stats = pager.wait_done(Duration::from_secs(20)).unwrap();
+        for i in 0..8 {
+            map.read(i * PAGE, &mut page);
+            assert_eq!(page, pattern_page(i as u64), "page {i}");
+        }
+        for i in 0..16 {
+            elsewhere.read(i * PAGE, &mut page);
+            assert_eq!(page, pattern_page(8 + i as u64), "moved page {i}");
+        }
+        for i in 28..32 {
+            map.read(i * PAGE, &mut page);
+            assert_eq!(page, pattern_page(i as u64), "page {i}");
+        }
+        let asked = asked.lock().unwrap().clone();
+        let dropped = map.addr() + 24 * P..map.addr() + 28 * P;
+        assert!(
+            !asked.iter().any(|&(v, n)| v < dropped.end && v + u64::from(n) * P > dropped.start),
+            "dropped pages were asked for: {asked:?}"
+        );
+        assert_eq!(stats.bytes, 28 * P, "every page but the 4 dropped, once");
+    }
+
     #[test]
     fn a_restore_that_hangs_up_early_fails_the_pager() {
         let top = tempfile::tempdir().unwrap();
