@@ -54,6 +54,12 @@ const RESTORE_READ: Duration = Duration::from_secs(10);
 
 const PAGE: usize = PAGE_SIZE as usize;
 
+/// Turns an I/O error into the pager's, saying what it was doing.
+fn io(what: &str) -> impl FnOnce(std::io::Error) -> LazyError {
+    let what = what.to_string();
+    move |source| LazyError::Io { what, source }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Page {
     Missing,
@@ -553,10 +559,6 @@ impl LazyPager {
         work_dir: &Path,
         fetcher: Box<dyn PageFetcher + Send>,
     ) -> Result<LazyPager, LazyError> {
-        let io = |what: &str| {
-            let what = what.to_string();
-            move |source| LazyError::Io { what, source }
-        };
         std::fs::create_dir_all(work_dir).map_err(io("create the restore's work directory"))?;
         let socket = work_dir.join(LAZY_SOCKET);
         match std::fs::remove_file(&socket) {
@@ -707,10 +709,6 @@ impl Loop {
     }
 
     fn run(mut self, listener: UnixListener) -> Result<(), LazyError> {
-        let io = |what: &str| {
-            let what = what.to_string();
-            move |source| LazyError::Io { what, source }
-        };
         // The restore connects first thing.
         let conn = loop {
             if self.stopping() {
@@ -807,10 +805,6 @@ impl Loop {
 
     /// Reads what the restore sent; false once it closed its connection.
     fn read_restore(&mut self, conn: &UnixStream) -> Result<bool, LazyError> {
-        let io = |what: &str| {
-            let what = what.to_string();
-            move |source| LazyError::Io { what, source }
-        };
         let mut word = [0u8; 4];
         let Some(_) = ferry_sys::recv_with_fd(conn, &mut word).map_err(io("read from the restore"))? else {
             let st = self.shared.lock();
