@@ -152,7 +152,7 @@ pub(crate) fn serve(agent: &Agent, mut ch: Channel) -> Result<(), MigrateError> 
                                 requests = stats.requests,
                                 faults = stats.faults,
                                 fetching_s = stats.fetching.as_secs_f64(),
-                                copying_s = stats.sending.as_secs_f64(),
+                                copying_s = stats.copying.as_secs_f64(),
                                 seconds = started.elapsed().as_secs_f64(),
                                 "every page is in"
                             );

@@ -48,7 +48,7 @@ struct Outcome {
     /// The hash the restored copy's forked child computed while pages were still missing.
     forked_hash: Option<String>,
     fetching: Duration,
-    sending: Duration,
+    copying: Duration,
     source_bytes: u64,
     lazy_bytes: u64,
     /// Failure test: what the restored copy did once its pages stopped coming.
@@ -99,7 +99,7 @@ impl MigrateAtPostDump<'_> {
         self.outcome.requests = stats.requests;
         self.outcome.faults = stats.faults;
         self.outcome.fetching = stats.fetching;
-        self.outcome.sending = stats.sending;
+        self.outcome.copying = stats.copying;
         self.outcome.source_bytes = source.bytes_served();
         match done {
             Ok(_) => {
@@ -305,7 +305,7 @@ fn migrate_memhog(mib: u32) {
         o.faults,
         secs(rr, o.all_pages),
         o.fetching.as_secs_f64(),
-        o.sending.as_secs_f64(),
+        o.copying.as_secs_f64(),
         secs(r.started, Some(r.dump_returned)),
         fin.exposed,
         fin.session,

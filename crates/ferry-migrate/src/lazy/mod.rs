@@ -34,7 +34,7 @@ pub const MAX_REQUEST_PAGES: u32 = 16 << 10;
 /// What the target's side of post-copy has done so far.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LazyStats {
-    /// Page bytes delivered (into the processes, or to CRIU's daemon).
+    /// Page bytes copied into the processes.
     pub bytes: u64,
     /// Of those, bytes pushed ahead of demand.
     pub pushed: u64,
@@ -48,15 +48,15 @@ pub struct LazyStats {
     pub finished: Option<std::time::Instant>,
     /// Time spent waiting for the source.
     pub fetching: Duration,
-    /// Time spent handing pages over (copying them in, or sending them to CRIU's daemon).
-    pub sending: Duration,
+    /// Time spent copying pages into the processes (`UFFDIO_COPY`).
+    pub copying: Duration,
 }
 
 /// Fetches lazy pages for the target's pager: from the source over the network, or (tests,
 /// local use) straight from a [`PageSource`].
 pub trait PageFetcher {
     /// Fills `out` (replacing its content) with exactly `nr_pages` pages at `vaddr` of process
-    /// `pid` (its pid in the images). An error ends the serving: the daemon gets no answer.
+    /// `pid` (its pid in the images). An error ends the serving: the faulting tasks keep waiting.
     fn fetch(&mut self, pid: u32, vaddr: u64, nr_pages: u32, out: &mut Vec<u8>) -> Result<(), LazyError>;
 
     /// Fills `out` with the pages of every request `(pid, vaddr, nr_pages)`, one after the

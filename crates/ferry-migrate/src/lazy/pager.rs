@@ -140,6 +140,16 @@ impl Task {
             .map(|i| (i, ((img - self.ranges[i].img) / PAGE_SIZE) as usize))
     }
 
+    /// As [`find_img`](Self::find_img), looking in range `hint` first: the pages of a run lie
+    /// in one range unless an event cut it meanwhile.
+    fn find_img_near(&self, img: u64, hint: Option<usize>) -> Option<(usize, usize)> {
+        hint.and_then(|ri| {
+            let r = self.ranges.get(ri)?;
+            (r.img <= img && img < r.img + r.len()).then(|| (ri, ((img - r.img) / PAGE_SIZE) as usize))
+        })
+        .or_else(|| self.find_img(img))
+    }
+
     fn set(&mut self, (ri, pi): (usize, usize), to: Page) {
         let page = &mut self.ranges[ri].pages[pi];
         match (*page == Page::Present, to == Page::Present) {
@@ -354,16 +364,7 @@ fn fill(shared: &Shared, pid: u32, img: u64, data: &[u8], demand: bool) -> Resul
             let t = &mut st.tasks[ti];
             let mut hint: Option<usize> = None;
             for p in 0..n {
-                let img = img_at + (p * PAGE) as u64;
-                // Runs lie in one range unless an event cut it meanwhile: look up once.
-                let pos = match hint.filter(|&ri| {
-                    let r = &t.ranges[ri];
-                    r.img <= img && img < r.img + r.len()
-                }) {
-                    Some(ri) => Some((ri, ((img - t.ranges[ri].img) / PAGE_SIZE) as usize)),
-                    None => t.find_img(img),
-                };
-                let Some(pos) = pos else { continue };
+                let Some(pos) = t.find_img_near(img_at + (p * PAGE) as u64, hint) else { continue };
                 hint = Some(pos.0);
                 if t.ranges[pos.0].pages[pos.1] != Page::Copying {
                     continue;
@@ -379,7 +380,7 @@ fn fill(shared: &Shared, pid: u32, img: u64, data: &[u8], demand: bool) -> Resul
             st.tasks[ti].forget();
         }
         st.stats.bytes += copied;
-        st.stats.sending += spent;
+        st.stats.copying += spent;
     }
     shared.changed.notify_all();
     for (uffd, at) in wakes {
