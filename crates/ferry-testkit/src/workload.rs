@@ -29,6 +29,9 @@ pub enum Sample {
     /// Holds `mib` MiB of random bytes; SIGUSR1 writes their sha256 to `hash.<pid>`; SIGUSR2
     /// rewrites a share of its pages (see [`Workload::rewrite_pages`]).
     MemHog { mib: u32 },
+    /// A [`Sample::MemHog`] with `threads` more threads, each waking every 10 ms on its own
+    /// stack (a restore that got one wrong kills the process).
+    ThreadedMemHog { mib: u32, threads: u8 },
     /// Holds a unique random marker (64 hex digits) in memory many times over, and 256 KiB of
     /// random bytes; writes them to `marker.<pid>` and `blob.<pid>`; SIGUSR1 writes
     /// `report.<pid>` (JSON: the marker, whether it and the blob are intact).
@@ -44,7 +47,7 @@ impl Sample {
     fn script(self) -> &'static str {
         match self {
             Sample::Counter => "counter.py",
-            Sample::MemHog { .. } => "memhog.py",
+            Sample::MemHog { .. } | Sample::ThreadedMemHog { .. } => "memhog.py",
             Sample::Resources { .. } => "resources.py",
             Sample::TcpEcho { .. } => "tcp_echo.py",
             Sample::Marker => "marker.py",
@@ -55,6 +58,7 @@ impl Sample {
         match self {
             Sample::Counter | Sample::Marker => vec![],
             Sample::MemHog { mib } => vec![mib.to_string()],
+            Sample::ThreadedMemHog { mib, threads } => vec![mib.to_string(), threads.to_string()],
             Sample::Resources { port } | Sample::TcpEcho { port } => vec![port.to_string()],
         }
     }

@@ -1,16 +1,19 @@
-"""memhog DIR N_MIB: holds N MiB of random bytes in a page-aligned private anonymous mapping.
+"""memhog DIR N_MIB [THREADS]: holds N MiB of random bytes in a page-aligned private anonymous mapping.
 
 On SIGUSR1 writes their sha256 to DIR/hash.<hostpid> (computed by a child it forks for it when
 DIR/fork.<hostpid> exists: the child's memory is the parent's, copied at fork). On SIGUSR2 reads a percentage P from
 DIR/rewrite.<hostpid>, overwrites P% of the buffer's pages (distinct pages picked at random) with
 new random bytes and writes how many pages it rewrote to DIR/rewritten.<hostpid>.
-Writes DIR/ready.<hostpid> once the memory is filled."""
+THREADS more threads (default none) wake every 10 ms on their own stacks, so a restore that
+got a thread's stack wrong kills the process. Writes DIR/ready.<hostpid> once the memory is
+filled and the threads run."""
 import hashlib
 import mmap
 import os
 import random
 import signal
 import sys
+import threading
 import time
 
 from _kit import host_pid, read_small, write_atomic
@@ -19,6 +22,7 @@ PAGE = mmap.PAGESIZE
 STEP = 1 << 20
 
 directory, mib = sys.argv[1], int(sys.argv[2])
+threads = int(sys.argv[3]) if len(sys.argv) > 3 else 0
 size = mib << 20
 # Page aligned, unlike a bytes object: rewriting one page of the buffer dirties one page of memory.
 data = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
@@ -48,6 +52,14 @@ def rewrite():
         data[page * PAGE:(page + 1) * PAGE] = os.urandom(PAGE)
     write_atomic("%s/rewritten.%d" % (directory, host_pid()), str(len(chosen)))
 
+
+def tick():
+    while True:
+        time.sleep(0.01)
+
+
+for _ in range(threads):
+    threading.Thread(target=tick, daemon=True).start()
 
 # The handlers must be in place before "ready": the signals' default action would kill us.
 signal.signal(signal.SIGUSR1, on_usr1)
