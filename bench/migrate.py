@@ -31,6 +31,8 @@ Leaves nothing behind: probes, page servers, labs, the private tmpfs; Ctrl-C inc
 
 import argparse
 import datetime
+import glob
+import hashlib
 import json
 import os
 import platform
@@ -691,6 +693,19 @@ def migrate_problem_of(ferry):
     return None
 
 
+def criu_patches():
+    """ferry's CRIU patches in this tree, and whether the installed CRIU was built with exactly
+    these: scripts/setup records the sha256 of their concatenation when it builds CRIU."""
+    paths = sorted(glob.glob(os.path.join(REPO, "scripts", "criu-patches", "*.patch")))
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    stamp = (read("/usr/local/share/ferry/criu-patches.sha256") or "").strip()
+    return {"patches": [os.path.basename(p) for p in paths],
+            "installed_criu_carries_them": (stamp == digest.hexdigest()) if stamp else None}
+
+
 def machine_info(criu, ferry):
     cpu = ""
     for line in (read("/proc/cpuinfo") or "").splitlines():
@@ -700,7 +715,7 @@ def machine_info(criu, ferry):
     criu_ver = re.search(r"Version:\s*(\S+)", cmd_output([criu, "--version"]))
     info = {"kernel": platform.release(), "cpu": cpu, "cores": os.cpu_count(),
             "memory_gib": round(meminfo("MemTotal") / 2**20, 1), "criu": criu_ver.group(1) if criu_ver else None,
-            "criu_path": criu, "python": platform.python_version()}
+            "criu_path": criu, "criu_patches": criu_patches(), "python": platform.python_version()}
     if ferry:
         info["ferry"] = cmd_output([ferry, "--version"]) or None
         info["ferry_path"] = ferry
