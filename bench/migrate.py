@@ -631,13 +631,14 @@ def plot(doc, path):
         sizes = sorted(int(s) for s in results[mode])
         ax.set_xticks(sizes)
         ax.set_xticklabels([f"{s} MiB" if s < 1024 else f"{s // 1024} GiB" for s in sizes])
-        ax.set_ylim(bottom=0)
+        # Log scale: post-copy's tenths of a second and the baseline's tens of seconds both read.
+        ax.set_yscale("log")
         title = "idle" if mode == "idle" else f"dirtying {doc['method']['dirty_rate_pct_per_s']:g} %/s"
         ax.set_title(f"{title}: client-observed downtime")
         ax.set_xlabel("workload memory")
         ax.set_ylabel("longest gap between replies (s)")
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="upper left")
     fig.suptitle(f"live migration between two lab nodes ({doc['machine'].get('git', '?')}, "
                  f"{doc['finished'][:16]} UTC), median with min-max", fontsize=9)
     fig.tight_layout()
