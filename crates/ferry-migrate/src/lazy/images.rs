@@ -278,13 +278,15 @@ mod tests {
         assert!(!r.covers(0x8000, 0xa000));
     }
 
-    /// Real images of CRIU 4.2.1 lazy dumps (the fuzz target's seeds): an 8 MiB memhog, and a
-    /// 4 GiB one with its pagemap cut after 64 entries (one per MiB).
+    /// Real images of CRIU 4.2.1 lazy dumps (the fuzz target's seeds): an 8 MiB memhog, a
+    /// 4 GiB one with its pagemap cut after 64 entries (one per MiB), and a 64 MiB one with two
+    /// threads dumped with ferry's patch 0003 (one entry per run of lazy pages).
     #[test]
     fn real_lazy_dumps_parse() {
         for (seed, min) in [
             (&include_bytes!("../../../../fuzz/corpus/lazy_images/memhog-8m")[..], 8u64 << 20),
             (&include_bytes!("../../../../fuzz/corpus/lazy_images/memhog-4g")[..], 32 << 20),
+            (&include_bytes!("../../../../fuzz/corpus/lazy_images/memhog-64m-threads-runs")[..], 64 << 20),
         ] {
             let n = u32::from_le_bytes(seed[..4].try_into().unwrap()) as usize;
             let (pagemap, mm) = seed[4..].split_at(n);
