@@ -342,6 +342,18 @@ fn lazy_migration_of_a_threaded_tree() {
     migrate_sample(Sample::ThreadedMemHog { mib: 64, threads: 3 }, 64, 4);
 }
 
+/// Memory a lazy dump treats differently, side by side: a private file mapping with pages
+/// copied on write (not lazy), shared anonymous memory (dumped apart), and small anonymous
+/// mappings (lazy) interleaved with small file mappings, which CRIU's pagemap cache scans in
+/// one window (ferry's patch 0003 asks the kernel about file pages there as upstream does).
+#[test]
+fn lazy_migration_keeps_file_shared_and_small_mappings() {
+    if !require_privileged() {
+        return;
+    }
+    migrate_sample(Sample::Mappings, 1, 1);
+}
+
 fn task_count(pid: i32) -> usize {
     fs::read_dir(format!("/proc/{pid}/task")).map_or(0, |d| d.count())
 }

@@ -32,6 +32,10 @@ pub enum Sample {
     /// A [`Sample::MemHog`] with `threads` more threads, each waking every 10 ms on its own
     /// stack (a restore that got one wrong kills the process).
     ThreadedMemHog { mib: u32, threads: u8 },
+    /// A privately mapped file with some pages rewritten, shared anonymous memory, and small
+    /// anonymous mappings interleaved with small file mappings; SIGUSR1 writes the sha256 of
+    /// all of it to `hash.<pid>` (as a memhog does).
+    Mappings,
     /// Holds a unique random marker (64 hex digits) in memory many times over, and 256 KiB of
     /// random bytes; writes them to `marker.<pid>` and `blob.<pid>`; SIGUSR1 writes
     /// `report.<pid>` (JSON: the marker, whether it and the blob are intact).
@@ -48,6 +52,7 @@ impl Sample {
         match self {
             Sample::Counter => "counter.py",
             Sample::MemHog { .. } | Sample::ThreadedMemHog { .. } => "memhog.py",
+            Sample::Mappings => "mappings.py",
             Sample::Resources { .. } => "resources.py",
             Sample::TcpEcho { .. } => "tcp_echo.py",
             Sample::Marker => "marker.py",
@@ -56,7 +61,7 @@ impl Sample {
 
     fn args(self) -> Vec<String> {
         match self {
-            Sample::Counter | Sample::Marker => vec![],
+            Sample::Counter | Sample::Marker | Sample::Mappings => vec![],
             Sample::MemHog { mib } => vec![mib.to_string()],
             Sample::ThreadedMemHog { mib, threads } => vec![mib.to_string(), threads.to_string()],
             Sample::Resources { port } | Sample::TcpEcho { port } => vec![port.to_string()],
@@ -214,7 +219,7 @@ impl Workload {
             .unwrap_or_else(|e| panic!("report of pid {pid} is not JSON ({e}): {text}"))
     }
 
-    /// Sends SIGUSR1 to `pid` (memhog) and returns the sha256 of its memory, in hex.
+    /// Sends SIGUSR1 to `pid` (memhog, mappings) and returns the sha256 of its memory, in hex.
     #[track_caller]
     pub fn request_hash(&self, pid: i32) -> String {
         self.request("hash", pid).trim().to_string()
