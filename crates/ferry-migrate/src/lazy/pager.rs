@@ -25,7 +25,7 @@
 //! tree first, then stop the pager.
 
 use std::collections::BTreeSet;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -47,9 +47,6 @@ const RESTORE_FINISHED: i32 = 0x5253_5446;
 const SWEEP_PAGES: usize = 256;
 /// How often the loop looks at its stop flag while nothing happens.
 const TICK_MS: i32 = 50;
-/// How long the pager keeps looking for the next fault, awake, after serving one (see
-/// [`Loop::wait_ready`]); `FERRY_FAULT_SPIN_US` overrides it, 0 turns it off.
-const FAULT_SPIN: Duration = Duration::from_micros(100);
 /// How long `stop` waits for a loop that is busy in its fetcher.
 const STOP_JOIN: Duration = Duration::from_secs(2);
 /// Longest wait for the rest of a message from the restore.
@@ -595,19 +592,7 @@ impl LazyPager {
         let thread = thread::Builder::new()
             .name("ferry-lazy-pager".into())
             .spawn(move || {
-                let fault_spin = std::env::var("FERRY_FAULT_SPIN_US")
-                    .ok()
-                    .and_then(|v| v.parse::<u64>().ok())
-                    .map_or(FAULT_SPIN, Duration::from_micros);
-                let r = Loop {
-                    shared: looping.clone(),
-                    lazy,
-                    fetcher,
-                    sweep_at: (0, 0),
-                    fault_spin,
-                    spin_until: None,
-                }
-                .run(listener);
+                let r = Loop { shared: looping.clone(), lazy, fetcher, sweep_at: (0, 0) }.run(listener);
                 {
                     let mut st = looping.lock();
                     st.closed = true;
@@ -717,10 +702,6 @@ struct Loop {
     fetcher: Box<dyn PageFetcher + Send>,
     /// Where the sweep goes on: task index, address (now).
     sweep_at: (usize, u64),
-    /// How long to look for the next fault awake after serving one.
-    fault_spin: Duration,
-    /// Until when to look (set when a fault was served).
-    spin_until: Option<Instant>,
 }
 
 impl Loop {
@@ -774,7 +755,8 @@ impl Loop {
                 fds.push(c.as_fd());
             }
             fds.extend(uffds.iter().map(|(_, u)| u.as_fd()));
-            let ready = self.wait_ready(&fds, idle)?;
+            let ready = ferry_sys::poll_readable(&fds, if idle { TICK_MS } else { 0 })
+                .map_err(io("wait for page faults"))?;
             drop(fds);
             let mut ready = ready.into_iter();
             if restore.is_some() && ready.next() == Some(true) {
@@ -816,31 +798,10 @@ impl Loop {
             }
             if !fetch.is_empty() {
                 self.fetch_faults(fetch)?;
-                self.spin_until = Some(Instant::now() + self.fault_spin);
             } else if !idle {
                 self.sweep()?;
             }
         }
-    }
-
-    /// Which of `fds` are readable: at once unless `idle` (then within a tick). Right after a
-    /// fault was served the workload, woken, often faults again within microseconds; polling
-    /// for that awake for a moment (`fault_spin`) spares the pager a sleep and a wakeup, which
-    /// on a small VM is a good part of a fault's round trip (`bench/README.md`).
-    fn wait_ready(&mut self, fds: &[BorrowedFd<'_>], idle: bool) -> Result<Vec<bool>, LazyError> {
-        if !idle {
-            return ferry_sys::poll_readable(fds, 0).map_err(io("wait for page faults"));
-        }
-        if let Some(until) = self.spin_until.take() {
-            while Instant::now() < until {
-                let ready = ferry_sys::poll_readable(fds, 0).map_err(io("wait for page faults"))?;
-                if ready.iter().any(|r| *r) {
-                    return Ok(ready);
-                }
-                std::hint::spin_loop();
-            }
-        }
-        ferry_sys::poll_readable(fds, TICK_MS).map_err(io("wait for page faults"))
     }
 
     /// Reads what the restore sent; false once it closed its connection.
