@@ -5,6 +5,7 @@
 
 mod mount;
 mod process;
+mod retry;
 mod seqpacket;
 mod uffd;
 

@@ -1,5 +1,6 @@
 //! Processes: signals, liveness, reaping, privileges, and keeping one descriptor across exec.
 
+use crate::retry::retry_eintr;
 use std::fs;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd};
@@ -80,17 +81,8 @@ impl ChildExit {
 /// our sibling with `rst_sibling`), and reaps it.
 pub fn wait_child(pid: i32) -> io::Result<ChildExit> {
     let mut status: libc::c_int = 0;
-    loop {
-        // SAFETY: `status` is a valid out-pointer; waitpid only writes an int through it.
-        let rc = unsafe { libc::waitpid(pid, &mut status, 0) };
-        if rc == pid {
-            break;
-        }
-        let err = io::Error::last_os_error();
-        if err.kind() != io::ErrorKind::Interrupted {
-            return Err(err);
-        }
-    }
+    // SAFETY: `status` is a valid out-pointer; waitpid only writes an int through it.
+    retry_eintr(|| unsafe { libc::waitpid(pid, &mut status, 0) })?;
     if libc::WIFEXITED(status) {
         Ok(ChildExit::Exited(libc::WEXITSTATUS(status)))
     } else {

@@ -1,6 +1,7 @@
 //! `SOCK_SEQPACKET` Unix socket pairs: CRIU's RPC (`criu swrk`) reads one protobuf message per
 //! packet, which std's stream and datagram types do not model.
 
+use crate::retry::retry_eintr;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
@@ -28,22 +29,14 @@ impl SeqPacket {
 
     /// Sends one packet, whole.
     pub fn send(&self, packet: &[u8]) -> io::Result<()> {
-        loop {
-            // SAFETY: the pointer and length describe `packet`, which outlives the call.
-            let n = unsafe {
-                libc::send(self.fd.as_raw_fd(), packet.as_ptr().cast(), packet.len(), libc::MSG_NOSIGNAL)
-            };
-            if n >= 0 {
-                return if n as usize == packet.len() {
-                    Ok(())
-                } else {
-                    Err(io::Error::new(io::ErrorKind::WriteZero, "short packet write"))
-                };
-            }
-            let err = io::Error::last_os_error();
-            if err.kind() != io::ErrorKind::Interrupted {
-                return Err(err);
-            }
+        // SAFETY: the pointer and length describe `packet`, which outlives the call.
+        let n = retry_eintr(|| unsafe {
+            libc::send(self.fd.as_raw_fd(), packet.as_ptr().cast(), packet.len(), libc::MSG_NOSIGNAL)
+        })?;
+        if n as usize == packet.len() {
+            Ok(())
+        } else {
+            Err(io::Error::new(io::ErrorKind::WriteZero, "short packet write"))
         }
     }
 
@@ -51,31 +44,21 @@ impl SeqPacket {
     /// A packet larger than `max` is an error rather than silently truncated.
     pub fn recv(&self, max: usize) -> io::Result<Option<Vec<u8>>> {
         let mut buf = vec![0u8; max];
-        loop {
-            // SAFETY: the pointer and length describe `buf`, which outlives the call.
-            let n = unsafe {
-                libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_TRUNC)
-            };
-            if n < 0 {
-                let err = io::Error::last_os_error();
-                if err.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(err);
-            }
-            let n = n as usize;
-            if n == 0 {
-                return Ok(None);
-            }
-            if n > max {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("packet of {n} bytes exceeds the {max}-byte cap"),
-                ));
-            }
-            buf.truncate(n);
-            return Ok(Some(buf));
+        // SAFETY: the pointer and length describe `buf`, which outlives the call.
+        let n = retry_eintr(|| unsafe {
+            libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_TRUNC)
+        })? as usize;
+        if n == 0 {
+            return Ok(None);
         }
+        if n > max {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("packet of {n} bytes exceeds the {max}-byte cap"),
+            ));
+        }
+        buf.truncate(n);
+        Ok(Some(buf))
     }
 }
 

@@ -3,6 +3,7 @@
 //!
 //! Layouts and request numbers are those of `<linux/userfaultfd.h>` (stable kernel ABI).
 
+use crate::retry::retry_eintr;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
@@ -138,18 +139,10 @@ impl Uffd {
     }
 
     fn ioctl(&self, request: u64, arg: *mut libc::c_void) -> io::Result<()> {
-        loop {
-            // SAFETY: every caller passes a pointer to a live, properly laid out struct of the
-            // size encoded in `request`, which the kernel reads and writes only during the call.
-            let rc = unsafe { libc::ioctl(self.fd.as_raw_fd(), request as libc::c_ulong, arg) };
-            if rc == 0 {
-                return Ok(());
-            }
-            let err = io::Error::last_os_error();
-            if err.kind() != io::ErrorKind::Interrupted {
-                return Err(err);
-            }
-        }
+        // SAFETY: every caller passes a pointer to a live, properly laid out struct of the
+        // size encoded in `request`, which the kernel reads and writes only during the call.
+        retry_eintr(|| unsafe { libc::ioctl(self.fd.as_raw_fd(), request as libc::c_ulong, arg) })?;
+        Ok(())
     }
 
     /// Registers `[start, start + len)` of this process for missing-page faults.
@@ -209,16 +202,13 @@ impl Uffd {
         let mut buf = [0u8; MSG_SIZE * 64];
         loop {
             // SAFETY: the pointer and length describe `buf`, which outlives the call.
-            let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-            if n < 0 {
-                let err = io::Error::last_os_error();
-                return match err.kind() {
-                    io::ErrorKind::Interrupted => continue,
-                    io::ErrorKind::WouldBlock => Ok(()),
-                    _ => Err(err),
-                };
-            }
-            let n = n as usize;
+            let n = match retry_eintr(|| unsafe {
+                libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len())
+            }) {
+                Ok(n) => n as usize,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => return Err(e),
+            };
             if n == 0 {
                 return Ok(());
             }
@@ -260,17 +250,9 @@ impl AsFd for Uffd {
 pub fn poll_readable(fds: &[BorrowedFd<'_>], timeout_ms: i32) -> io::Result<Vec<bool>> {
     let mut polls: Vec<libc::pollfd> =
         fds.iter().map(|fd| libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 }).collect();
-    loop {
-        // SAFETY: `polls` is a valid array of `polls.len()` pollfd structs that outlives the call.
-        let rc = unsafe { libc::poll(polls.as_mut_ptr(), polls.len() as libc::nfds_t, timeout_ms) };
-        if rc >= 0 {
-            return Ok(polls.iter().map(|p| p.revents != 0).collect());
-        }
-        let err = io::Error::last_os_error();
-        if err.kind() != io::ErrorKind::Interrupted {
-            return Err(err);
-        }
-    }
+    // SAFETY: `polls` is a valid array of `polls.len()` pollfd structs that outlives the call.
+    retry_eintr(|| unsafe { libc::poll(polls.as_mut_ptr(), polls.len() as libc::nfds_t, timeout_ms) })?;
+    Ok(polls.iter().map(|p| p.revents != 0).collect())
 }
 
 /// Receives exactly `data.len()` bytes, and with them at most one descriptor passed by
@@ -289,14 +271,7 @@ pub fn recv_with_fd(sock: &UnixStream, data: &mut [u8]) -> io::Result<Option<Opt
         msg.msg_control = control.as_mut_ptr().cast();
         msg.msg_controllen = std::mem::size_of_val(&control);
         // SAFETY: `msg` points at `iov` (inside `data`) and `control`, both alive for the call.
-        let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
-        if n < 0 {
-            let err = io::Error::last_os_error();
-            if err.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(err);
-        }
+        let n = retry_eintr(|| unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) })?;
         // SAFETY: `msg` was filled by recvmsg; CMSG_FIRSTHDR/NXTHDR only walk within
         // `msg_control`/`msg_controllen`, which describe `control`.
         let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
@@ -358,20 +333,12 @@ pub fn send_with_fd(sock: &UnixStream, data: &[u8], fd: BorrowedFd<'_>) -> io::R
         (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as usize;
         std::ptr::write_unaligned(libc::CMSG_DATA(cmsg) as *mut RawFd, fd.as_raw_fd());
     }
-    loop {
-        // SAFETY: `msg` points at `iov` (over `data`) and `control`, both alive for the call.
-        let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
-        if n >= 0 {
-            return if n as usize == data.len() {
-                Ok(())
-            } else {
-                Err(io::Error::new(io::ErrorKind::WriteZero, "short write with a descriptor"))
-            };
-        }
-        let err = io::Error::last_os_error();
-        if err.kind() != io::ErrorKind::Interrupted {
-            return Err(err);
-        }
+    // SAFETY: `msg` points at `iov` (over `data`) and `control`, both alive for the call.
+    let n = retry_eintr(|| unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) })?;
+    if n as usize == data.len() {
+        Ok(())
+    } else {
+        Err(io::Error::new(io::ErrorKind::WriteZero, "short write with a descriptor"))
     }
 }
 
