@@ -331,9 +331,10 @@ fn lazy_migration_serves_every_page_and_ends_the_source() {
     migrate_memhog(256);
 }
 
-/// Threads' stack pages are never lazy (CRIU restores them with the threads); the rest of the
-/// memory around them is, in runs (ferry's CRIU patch 0003). The threads wake every 10 ms on
-/// their restored stacks while the pages arrive.
+/// A tree with threads comes back whole: every thread, running (each wakes every 10 ms on its
+/// restored stack while the pages arrive; one that came back wrong kills the process) and the
+/// memory intact. With ferry's CRIU patch 0003 the dump adds the lazy pages in runs, cut at
+/// each thread's stack page.
 #[test]
 fn lazy_migration_of_a_threaded_tree() {
     if !require_privileged() {
@@ -342,10 +343,10 @@ fn lazy_migration_of_a_threaded_tree() {
     migrate_sample(Sample::ThreadedMemHog { mib: 64, threads: 3 }, 64, 4);
 }
 
-/// Memory a lazy dump treats differently, side by side: a private file mapping with pages
-/// copied on write (not lazy), shared anonymous memory (dumped apart), and small anonymous
-/// mappings (lazy) interleaved with small file mappings, which CRIU's pagemap cache scans in
-/// one window (ferry's patch 0003 asks the kernel about file pages there as upstream does).
+/// Memory a lazy dump treats differently, side by side, comes back intact: a private file
+/// mapping with pages copied on write (not lazy), shared anonymous memory (dumped apart), and
+/// small anonymous mappings (lazy) interleaved with small file mappings, which CRIU's pagemap
+/// cache scans in one window.
 #[test]
 fn lazy_migration_keeps_file_shared_and_small_mappings() {
     if !require_privileged() {
