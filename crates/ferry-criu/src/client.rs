@@ -17,7 +17,7 @@ use prost::Message;
 use crate::classify::{classify_log, Cause};
 use crate::error::{CriuError, Operation};
 use crate::notify::{Notify, NotifyHandler, RecordingNotify};
-use crate::options::{DumpOptions, LogTarget, NetworkLock, RestoreOptions, Shared};
+use crate::options::{ContainerDump, DumpOptions, LogTarget, NetworkLock, RestoreOptions, Shared};
 use crate::rpc::{self, ReqType, Request, Response};
 use crate::version::{Version, MIN_VERSION};
 
@@ -166,6 +166,9 @@ impl Criu {
             o.ps = Some(rpc::PageServerInfo { port: Some(i32::from(port)), ..Default::default() });
         }
         apply_shared(&mut o, &opts.shared);
+        if let Some(c) = &opts.container {
+            apply_container(&mut o, c);
+        }
         o.notify_scripts = Some(true);
         let req = Request { r#type: ReqType::Dump as i32, opts: Some(o), ..Default::default() };
         let mut recorder = Forwarding { inner: notify, events: Vec::new() };
@@ -396,6 +399,18 @@ fn apply_shared(o: &mut rpc::Opts, s: &Shared) {
     o.file_locks = Some(s.file_locks);
     o.external = s.external.clone();
     o.network_lock = Some(lock_method(s.network_lock) as i32);
+}
+
+fn apply_container(o: &mut rpc::Opts, c: &ContainerDump) {
+    o.root = Some(c.root.to_string_lossy().into_owned());
+    o.manage_cgroups = Some(true);
+    o.orphan_pts_master = Some(true);
+    o.freeze_cgroup = c.freeze_cgroup.as_ref().map(|p| p.to_string_lossy().into_owned());
+    o.ext_mnt = c
+        .ext_mounts
+        .iter()
+        .map(|(key, val)| rpc::ExtMountMap { key: key.clone(), val: val.clone() })
+        .collect();
 }
 
 fn lock_method(lock: NetworkLock) -> rpc::NetworkLockMethod {

@@ -17,5 +17,7 @@ pub use classify::{classify_log, Cause};
 pub use client::{Criu, DumpOutcome, FeatureSet, RestoreOutcome, DEFAULT_TIMEOUT};
 pub use error::{CriuError, Operation};
 pub use notify::{Notify, NotifyHandler, RecordingNotify};
-pub use options::{DumpOptions, LogLevel, LogTarget, NetworkLock, RestoreOptions, Shared, SharedOptions};
+pub use options::{
+    ContainerDump, DumpOptions, LogLevel, LogTarget, NetworkLock, RestoreOptions, Shared, SharedOptions,
+};
 pub use version::{Version, MIN_VERSION};

@@ -121,7 +121,21 @@ pub struct DumpOptions {
     pub(crate) leave_running: bool,
     pub(crate) lazy_pages: Option<u16>,
     pub(crate) lazy_undrained: bool,
+    pub(crate) container: Option<ContainerDump>,
     pub(crate) shared: Shared,
+}
+
+/// What a dump of a container's tree adds, so that the container runtime's own restore
+/// (`runc restore`) can take the images: the options runc itself would give CRIU.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ContainerDump {
+    /// The container's root filesystem as this host sees it.
+    pub root: PathBuf,
+    /// Mounts whose content is not the container's (bind mounts, masked paths, devices,
+    /// cgroup v1 hierarchies): mount point inside the container, and the key it gets in the images.
+    pub ext_mounts: Vec<(String, String)>,
+    /// The cgroup (v1 freezer) that freezes the whole container at once.
+    pub freeze_cgroup: Option<PathBuf>,
 }
 
 impl DumpOptions {
@@ -132,8 +146,16 @@ impl DumpOptions {
             leave_running: false,
             lazy_pages: None,
             lazy_undrained: false,
+            container: None,
             shared: Shared::new(log),
         }
+    }
+
+    /// Dump a container's tree the way its runtime would (root, external mounts, cgroups,
+    /// orphaned pty masters), so that the runtime can restore it.
+    pub fn container(mut self, c: Option<ContainerDump>) -> Self {
+        self.container = c;
+        self
     }
 
     /// With lazy pages: the caller serves them from the frozen tree's memory itself, so CRIU

@@ -47,6 +47,15 @@ pub struct PageServerInfo {
 }
 
 /// `inherit_fd`: a descriptor of the caller that replaces a resource named `key` on restore.
+/// `ext_mount_map`: a mount outside the tree, by its key in the images.
+#[derive(Clone, PartialEq, Message)]
+pub struct ExtMountMap {
+    #[prost(string, required, tag = "1")]
+    pub key: String,
+    #[prost(string, required, tag = "2")]
+    pub val: String,
+}
+
 #[derive(Clone, PartialEq, Message)]
 pub struct InheritFd {
     #[prost(string, required, tag = "1")]
@@ -86,16 +95,24 @@ pub struct Opts {
     pub work_dir_fd: Option<i32>,
     #[prost(bool, optional, tag = "18")]
     pub link_remap: Option<bool>,
+    #[prost(message, repeated, tag = "23")]
+    pub ext_mnt: Vec<ExtMountMap>,
+    #[prost(bool, optional, tag = "24")]
+    pub manage_cgroups: Option<bool>,
     #[prost(bool, optional, tag = "26")]
     pub rst_sibling: Option<bool>,
     #[prost(message, repeated, tag = "27")]
     pub inherit_fd: Vec<InheritFd>,
     #[prost(string, repeated, tag = "37")]
     pub external: Vec<String>,
+    #[prost(string, optional, tag = "44")]
+    pub freeze_cgroup: Option<String>,
     #[prost(uint32, optional, tag = "45")]
     pub timeout: Option<u32>,
     #[prost(bool, optional, tag = "48")]
     pub lazy_pages: Option<bool>,
+    #[prost(bool, optional, tag = "50")]
+    pub orphan_pts_master: Option<bool>,
     #[prost(bool, optional, tag = "52")]
     pub tcp_close: Option<bool>,
     #[prost(enumeration = "NetworkLockMethod", optional, tag = "64")]

@@ -10,6 +10,8 @@ use ferry_criu::{DumpOptions, LogTarget, Notify, NotifyHandler, SharedOptions};
 use ferry_store::pipeline::Pipeline;
 use ferry_store::{CheckpointInfo, Committed, IngestStats, Pending};
 
+use crate::container::record::{DELETED_FILES_FILE, DESCRIPTORS_FILE, ROOTFS_DIFF_FILE};
+use crate::container::{Container, ContainerRuntime};
 use crate::workload::{runtime_for, WorkloadId};
 use crate::{host_facts, netlock, Context, Error};
 
@@ -94,31 +96,42 @@ pub fn checkpoint_with(
     req: &CheckpointRequest,
     hook: &mut dyn PostDump,
 ) -> Result<CheckpointReport, Error> {
-    let root = runtime_for(&req.workload)?.resolve(&req.workload)?;
+    let subject = Subject::resolve(ctx, &req.workload)?;
     let created = unix_now();
     let name = req
         .name
         .clone()
-        .unwrap_or_else(|| format!("{}-{created}", req.workload.to_string().replace(':', "-")));
+        .unwrap_or_else(|| format!("{}-{created}", req.workload.to_string().replace([':', '/'], "-")));
     let pending = ctx.store.begin(&name)?;
     let mut log = LogTarget::new(ctx.store.logs_dir(), format!("checkpoint-{name}-{created}.log"));
     if let Some(level) = req.log_level {
         log.level = level;
     }
     ctx.criu.cpuinfo_dump(&pending.images_dir(), &log)?;
-    let opts = DumpOptions::new(root.pid, pending.images_dir(), log.clone())
+    let pid = subject.pid();
+    let mut opts = DumpOptions::new(pid, pending.images_dir(), log.clone())
         .leave_running(req.leave_running)
         .lazy_pages(req.lazy_pages)
         // Whoever asks for lazy pages serves them from the frozen tree (ferry-migrate does),
         // never through CRIU's page server.
         .lazy_pages_undrained(req.lazy_pages.is_some())
         .tcp_established(req.tcp_established);
-    let opts = req.external.iter().fold(opts, |o, e| o.external(e.clone()));
+    opts = req.external.iter().fold(opts, |o, e| o.external(e.clone()));
+    let spec = match &subject {
+        Subject::Process(pid) => serde_json::json!({ "kind": "pid", "pid": pid }).to_string(),
+        Subject::Container(_, c) => {
+            opts = c.plan.external.iter().fold(opts, |o, e| o.external(e.clone()));
+            opts = opts.container(Some(c.plan.dump.clone()));
+            write_container_files(c, &pending.images_dir())?;
+            container_summary(c)
+        }
+    };
 
-    let was_stopped = is_stopped(root.pid);
-    tracing::info!(pid = root.pid, %name, "checkpointing");
+    let was_stopped = is_stopped(pid);
+    tracing::info!(pid, %name, workload = %req.workload, "checkpointing");
     let started = Instant::now();
     let pipeline = pending.start_ingest_tapped(&ctx.store, hook.tap())?;
+    subject.hold()?;
     let mut commit = CommitAtPostDump {
         ctx,
         started,
@@ -126,11 +139,12 @@ pub fn checkpoint_with(
         info: CheckpointInfo {
             source: req.workload.to_string(),
             host: host_facts(&ctx.criu_version.to_string()),
-            spec: serde_json::json!({ "kind": "pid", "pid": root.pid }).to_string(),
+            spec,
             tcp_established: req.tcp_established,
             leave_running: req.leave_running,
             ..Default::default()
         },
+        container: subject.container(),
         work: Some((pending, pipeline)),
         outcome: None,
         hook,
@@ -138,9 +152,14 @@ pub fn checkpoint_with(
     let dumped = ctx.criu.dump(&opts, &mut commit);
     let outcome = commit.finish(dumped);
     if outcome.is_err() {
-        resume_if_left_stopped(root.pid, was_stopped);
+        resume_if_left_stopped(pid, was_stopped);
+        subject.release();
     }
     let (committed, dump_seconds) = outcome?;
+    if !req.leave_running {
+        // The container's processes are gone: its runtime forgets it (the checkpoint is it now).
+        subject.remove();
+    }
     let seconds = started.elapsed().as_secs_f64();
     let pruned = match req.keep {
         Some(keep) => prune(ctx, &req.workload.to_string(), keep)?,
@@ -148,7 +167,7 @@ pub fn checkpoint_with(
     };
     Ok(CheckpointReport {
         name,
-        pid: root.pid,
+        pid,
         logical_bytes: committed.checkpoint.logical_size(),
         stats: committed.stats,
         dump_seconds,
@@ -159,6 +178,106 @@ pub fn checkpoint_with(
     })
 }
 
+/// What is dumped: a plain process tree, or a container of a runtime.
+enum Subject {
+    Process(i32),
+    Container(Box<dyn ContainerRuntime>, Box<Container>),
+}
+
+impl Subject {
+    fn resolve(ctx: &Context, workload: &WorkloadId) -> Result<Subject, Error> {
+        match workload {
+            WorkloadId::Pid(_) => Ok(Subject::Process(runtime_for(workload)?.resolve(workload)?.pid)),
+            WorkloadId::Container { kind, id } => {
+                let rt = crate::container::open(kind, &ctx.endpoints)?;
+                let c = rt.inspect(id)?;
+                Ok(Subject::Container(rt, Box::new(c)))
+            }
+        }
+    }
+
+    fn pid(&self) -> i32 {
+        match self {
+            Subject::Process(pid) => *pid,
+            Subject::Container(_, c) => c.plan.init_pid,
+        }
+    }
+
+    fn container(&self) -> Option<Container> {
+        match self {
+            Subject::Process(_) => None,
+            Subject::Container(_, c) => Some((**c).clone()),
+        }
+    }
+
+    fn hold(&self) -> Result<(), Error> {
+        match self {
+            Subject::Process(_) => Ok(()),
+            Subject::Container(rt, c) => rt.hold(c),
+        }
+    }
+
+    fn release(&self) {
+        if let Subject::Container(rt, c) = self {
+            if let Err(e) = rt.release(c) {
+                tracing::warn!(error = %e, "could not give the container back to its runtime's care");
+            }
+        }
+    }
+
+    fn remove(&self) {
+        if let Subject::Container(rt, c) = self {
+            if let Err(e) = rt.remove(&c.record) {
+                tracing::warn!(error = %e, container = %c.record.workload(), "the checkpoint is stored, but the stopped container is still listed by its runtime");
+            }
+        }
+    }
+}
+
+/// The record and runc's descriptors, written before CRIU runs.
+fn write_container_files(c: &Container, images: &Path) -> Result<(), Error> {
+    c.record.write_to(images)?;
+    let descriptors = serde_json::to_vec(&c.plan.descriptors).map_err(|e| Error::Internal(e.to_string()))?;
+    let path = images.join(DESCRIPTORS_FILE);
+    std::fs::write(&path, descriptors)
+        .map_err(|e| Error::Container(format!("cannot write {}: {e}", path.display())))
+}
+
+/// The root filesystem's changes, taken while the tree is frozen (files it holds open must
+/// match what CRIU recorded).
+fn write_rootfs_diff(c: &Container, images: &Path) -> Result<(), Error> {
+    let Some(overlay) = &c.plan.overlay else { return Ok(()) };
+    let t = Instant::now();
+    let stats = crate::container::rootfs::write_diff(
+        &overlay.upper,
+        &c.plan.mount_points,
+        &images.join(ROOTFS_DIFF_FILE),
+        &images.join(DELETED_FILES_FILE),
+    )?;
+    tracing::info!(
+        entries = stats.entries,
+        bytes = stats.bytes,
+        deleted = stats.deleted,
+        seconds = t.elapsed().as_secs_f64(),
+        "root filesystem changes"
+    );
+    Ok(())
+}
+
+/// What the manifest's `spec` says of a container (`ferry list` and `inspect` show it).
+fn container_summary(c: &Container) -> String {
+    let r = &c.record;
+    serde_json::json!({
+        "kind": r.kind,
+        "id": r.id,
+        "name": r.name,
+        "image": r.image,
+        "pid": c.plan.init_pid,
+        "ip": r.network.as_ref().and_then(|n| n.ip),
+    })
+    .to_string()
+}
+
 /// Commits the checkpoint when CRIU reports the dump done, before CRIU kills the tree: if the
 /// commit fails (or ferry dies), CRIU gets no success answer and resumes the tree instead, so a
 /// workload is never lost to a checkpoint that was not stored.
@@ -167,13 +286,24 @@ struct CommitAtPostDump<'a> {
     started: Instant,
     leave_running: bool,
     info: CheckpointInfo,
+    container: Option<Container>,
     work: Option<(Pending, Pipeline)>,
     outcome: Option<Result<(Committed, f64), Error>>,
     hook: &'a mut dyn PostDump,
 }
 
 impl CommitAtPostDump<'_> {
+    /// A container's root filesystem changes, once (at post-dump, while the tree is frozen).
+    fn write_rootfs_diff(&mut self) -> Result<(), Error> {
+        match (self.container.take(), &self.work) {
+            (Some(c), Some((pending, _))) => write_rootfs_diff(&c, &pending.images_dir()),
+            _ => Ok(()),
+        }
+    }
+
     fn commit(&mut self) -> Result<(Committed, f64), Error> {
+        // Only if CRIU sent no post-dump: the tree runs again by now.
+        self.write_rootfs_diff()?;
         let (pending, pipeline) =
             self.work.take().ok_or_else(|| Error::Internal("the checkpoint was committed twice".into()))?;
         let dump_seconds = self.started.elapsed().as_secs_f64();
@@ -210,6 +340,11 @@ impl NotifyHandler for CommitAtPostDump<'_> {
     fn notify(&mut self, event: &Notify, pid: Option<i32>) -> Result<(), String> {
         if *event != Notify::PostDump {
             return self.hook.notify(event, pid);
+        }
+        if let Err(e) = self.write_rootfs_diff() {
+            let answer = e.to_string();
+            self.outcome = Some(Err(e));
+            return Err(answer);
         }
         // With --leave-running the tree runs on whatever happens: do not hold it frozen.
         if self.leave_running {

@@ -1,6 +1,7 @@
 use ferry_criu::{Criu, Version};
 use ferry_store::Store;
 
+use crate::container::Endpoints;
 use crate::Error;
 
 /// What every verb needs: a CRIU that works here, and the store.
@@ -9,6 +10,8 @@ pub struct Context {
     pub criu: Criu,
     pub criu_version: Version,
     pub store: Store,
+    /// Where the container runtimes are reached.
+    pub endpoints: Endpoints,
 }
 
 impl Context {
@@ -16,7 +19,14 @@ impl Context {
     pub fn new(criu: Criu, store: Store) -> Result<Context, Error> {
         require_root()?;
         let criu_version = criu.require_supported().map_err(Error::from)?;
-        Ok(Context { criu, criu_version, store })
+        let endpoints = Endpoints::new(store.root());
+        Ok(Context { criu, criu_version, store, endpoints })
+    }
+
+    /// Reaches container runtimes at `endpoints` (`KIND=PATH` pairs) instead of their defaults.
+    pub fn with_endpoints(mut self, pairs: &[String]) -> Result<Context, Error> {
+        self.endpoints = Endpoints::new(self.store.root()).with(pairs)?;
+        Ok(self)
     }
 }
 

@@ -11,6 +11,22 @@ pub enum Error {
     ProcessNotFound { pid: i32 },
     #[error("{kind} workloads are not supported yet")]
     UnsupportedKind { kind: String },
+    #[error("no container {workload} in {where_}")]
+    ContainerNotFound { workload: String, where_: String },
+    #[error("container {workload} is not running (it is {state})")]
+    ContainerNotRunning { workload: String, state: String },
+    #[error("{workload} already exists")]
+    NameTaken { workload: String },
+    #[error("{0}")]
+    RuntimeUnavailable(Box<Unavailable>),
+    #[error("{0}")]
+    RuntimeFailed(Box<RuntimeFailure>),
+    #[error("{0}")]
+    Container(String),
+    #[error("the checkpoint's container record is invalid: {0}")]
+    BadContainerRecord(String),
+    #[error("{workload} cannot be restored here: {}", reasons.join("; "))]
+    ContainerRefused { workload: String, reasons: Vec<String> },
     #[error("internal error: {0}")]
     Internal(String),
     #[error("the checkpoint was abandoned while the workload was frozen: {0}")]
@@ -21,7 +37,72 @@ pub enum Error {
     Store(#[from] StoreError),
 }
 
+/// A container runtime that does not answer.
+#[derive(Debug)]
+pub struct Unavailable {
+    pub kind: String,
+    pub endpoint: std::path::PathBuf,
+    pub detail: String,
+}
+
+impl std::fmt::Display for Unavailable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} cannot be reached at {}: {}", self.kind, self.endpoint.display(), self.detail)
+    }
+}
+
+/// A container runtime's command or call that failed.
+#[derive(Debug)]
+pub struct RuntimeFailure {
+    pub kind: String,
+    pub action: String,
+    pub detail: String,
+    /// CRIU's log, when CRIU ran.
+    pub log: Option<std::path::PathBuf>,
+}
+
+impl std::fmt::Display for RuntimeFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} failed: {}", self.action, self.detail)
+    }
+}
+
 impl Error {
+    pub fn runtime_unavailable(
+        kind: &str,
+        endpoint: impl Into<std::path::PathBuf>,
+        detail: impl Into<String>,
+    ) -> Error {
+        Error::RuntimeUnavailable(Box::new(Unavailable {
+            kind: kind.to_owned(),
+            endpoint: endpoint.into(),
+            detail: detail.into(),
+        }))
+    }
+
+    pub fn runtime_failed(
+        kind: &str,
+        action: impl Into<String>,
+        detail: impl Into<String>,
+        log: Option<std::path::PathBuf>,
+    ) -> Error {
+        Error::RuntimeFailed(Box::new(RuntimeFailure {
+            kind: kind.to_owned(),
+            action: action.into(),
+            detail: detail.into(),
+            log,
+        }))
+    }
+
+    /// CRIU's log of the failed operation, if there is one.
+    pub fn log_path(&self) -> Option<std::path::PathBuf> {
+        match self {
+            Error::Criu(c) => c.log_path().map(std::path::Path::to_path_buf),
+            Error::RuntimeFailed(f) => f.log.clone(),
+            _ => None,
+        }
+    }
+
     /// What the user can do about it.
     pub fn hint(&self) -> Option<String> {
         match self {
@@ -30,7 +111,25 @@ impl Error {
             Error::ProcessNotFound { .. } => {
                 Some("check the PID with `ps`; the process may have exited".into())
             }
-            Error::UnsupportedKind { .. } => Some("use pid:PID with the PID of the tree's root".into()),
+            Error::UnsupportedKind { .. } => {
+                Some("KIND is one of pid, runc, podman, containerd, docker".into())
+            }
+            Error::ContainerNotFound { workload, .. } => Some(format!(
+                "check the name with the runtime's own listing; `--runtime-endpoint {}=PATH` picks another instance",
+                workload.split(':').next().unwrap_or("KIND")
+            )),
+            Error::ContainerNotRunning { .. } => Some("start it first; only running containers are checkpointed".into()),
+            Error::RuntimeUnavailable(u) => Some(format!(
+                "start {} (or its daemon), or point ferry at it with --runtime-endpoint {}=PATH",
+                u.kind, u.kind
+            )),
+            Error::RuntimeFailed(f) if f.log.is_some() => {
+                Some("CRIU's log (below) says what went wrong; nothing was left behind".into())
+            }
+            Error::RuntimeFailed(_) | Error::Container(_) => None,
+            Error::BadContainerRecord(_) => Some("nothing was restored from it".into()),
+            Error::NameTaken { .. } => Some("restore it under another name with --name NEW, or remove the other one".into()),
+            Error::ContainerRefused { .. } => Some("fix the reasons above, or restore on another host".into()),
             Error::Criu(e) => e.hint(),
             Error::PostDump(_) => Some("the workload was resumed where it was; nothing else changed".into()),
             Error::Internal(_) => Some("this is a bug in ferry; please report it with the log".into()),

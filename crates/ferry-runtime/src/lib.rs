@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 mod checkpoint;
+pub mod container;
 mod context;
 pub mod doctor;
 mod error;
@@ -24,5 +25,5 @@ pub use host::host_facts;
 pub use inspect::{inspect, Inspection};
 pub use process::ProcessRuntime;
 pub use remove::{remove, RemoveReport};
-pub use restore::{restore, RestoreReport, RestoreRequest};
+pub use restore::{restore, restore_container, ContainerRestore, RestoreReport, RestoreRequest};
 pub use workload::{Runtime, TreeRoot, WorkloadId};

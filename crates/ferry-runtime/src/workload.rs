@@ -14,8 +14,6 @@ pub enum WorkloadId {
     Container { kind: String, id: String },
 }
 
-const CONTAINER_KINDS: &[&str] = &["runc", "podman", "containerd", "docker"];
-
 impl FromStr for WorkloadId {
     type Err = Error;
 
@@ -34,10 +32,13 @@ impl FromStr for WorkloadId {
                 }
                 Ok(WorkloadId::Pid(pid))
             }
-            k if CONTAINER_KINDS.contains(&k) => {
+            k if crate::container::is_kind(k) => {
                 Ok(WorkloadId::Container { kind: k.to_owned(), id: id.to_owned() })
             }
-            _ => Err(invalid("KIND must be one of pid, runc, podman, containerd, docker")),
+            _ => Err(invalid(&format!(
+                "KIND must be one of pid, {}",
+                crate::container::KINDS.iter().map(|k| k.name).collect::<Vec<_>>().join(", ")
+            ))),
         }
     }
 }

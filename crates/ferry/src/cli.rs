@@ -24,6 +24,16 @@ pub struct Cli {
     /// The local agent's socket (without --node).
     #[arg(long, global = true, env = "FERRY_SOCKET", default_value = "/run/ferry/ferryd.sock")]
     pub socket: PathBuf,
+    /// Where a container runtime is reached, as KIND=PATH (repeatable): runc's state
+    /// directory (its --root; default /run/runc) or the API socket of podman, containerd or docker.
+    #[arg(
+        long = "runtime-endpoint",
+        global = true,
+        env = "FERRY_RUNTIME_ENDPOINTS",
+        value_delimiter = ',',
+        value_name = "KIND=PATH"
+    )]
+    pub runtime_endpoints: Vec<String>,
     /// More log output (-v info, -vv debug).
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
@@ -41,7 +51,9 @@ pub enum Command {
     },
     /// Checkpoint a running workload into the store (encrypted, signed, deduplicated).
     Checkpoint {
-        /// The workload: pid:PID (the root of a process tree).
+        /// The workload: pid:PID (the root of a process tree), or a container: runc:ID,
+        /// podman:ID, containerd:NAMESPACE/ID, docker:ID (it is stopped and removed from its
+        /// runtime unless --leave-running; `ferry restore` brings it back).
         workload: String,
         /// Name of the checkpoint (default: KIND-ID-UNIXTIME).
         #[arg(long)]
@@ -56,10 +68,14 @@ pub enum Command {
         #[arg(long, value_name = "N")]
         keep: Option<usize>,
     },
-    /// Restore a checkpoint; without --detach, wait for the workload and exit with its status.
+    /// Restore a checkpoint; without --detach, wait for a process tree and exit with its
+    /// status. A container is recreated under its runtime and runs there.
     Restore {
         /// Name of the checkpoint.
         name: String,
+        /// The restored container's name under its runtime (default: the name it had).
+        #[arg(long = "name", value_name = "NEW")]
+        new_name: Option<String>,
         /// Return once the workload runs.
         #[arg(long, short)]
         detach: bool,

@@ -33,7 +33,13 @@ pub fn classify(err: &Error) -> Exit {
     match err {
         Error::NotRoot { .. } => Exit::NotPermitted,
         Error::InvalidWorkload { .. } | Error::UnsupportedKind { .. } => Exit::Usage,
-        Error::ProcessNotFound { .. } => Exit::NotFound,
+        Error::ProcessNotFound { .. } | Error::ContainerNotFound { .. } => Exit::NotFound,
+        Error::ContainerNotRunning { .. } | Error::ContainerRefused { .. } => Exit::Failure,
+        Error::NameTaken { .. } => Exit::Conflict,
+        Error::RuntimeUnavailable(_) => Exit::Environment,
+        Error::RuntimeFailed(_) => Exit::CriuFailed,
+        Error::Container(_) => Exit::Failure,
+        Error::BadContainerRecord(_) => Exit::Damaged,
         Error::Internal(_) | Error::PostDump(_) => Exit::Failure,
         Error::Store(s) => match s {
             StoreError::NotFound(_) => Exit::NotFound,
@@ -78,9 +84,7 @@ pub fn report(what: &str, err: &Error) {
     if let Some(hint) = err.hint() {
         eprintln!("  hint: {hint}");
     }
-    if let Error::Criu(c) = err {
-        if let Some(log) = c.log_path() {
-            eprintln!("  log: {}", log.display());
-        }
+    if let Some(log) = err.log_path() {
+        eprintln!("  log: {}", log.display());
     }
 }

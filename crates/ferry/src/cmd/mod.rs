@@ -30,7 +30,7 @@ pub fn open_store(cli: &Cli) -> Result<Store, Error> {
 pub fn context(cli: &Cli) -> Result<Context, Error> {
     ferry_runtime::require_root()?;
     let criu = Criu::locate(cli.criu.as_deref())?.with_timeout(Duration::from_secs(cli.criu_timeout.max(1)));
-    Context::new(criu, open_store(cli)?)
+    Context::new(criu, open_store(cli)?)?.with_endpoints(&cli.runtime_endpoints)
 }
 
 /// `1.5 GiB`-style sizes.

@@ -9,17 +9,22 @@ use super::context;
 use crate::cli::Cli;
 use crate::Outcome;
 
-pub fn run(cli: &Cli, name: &str, detach: bool, pidfile: Option<&Path>) -> Outcome {
+pub fn run(cli: &Cli, name: &str, new_name: Option<&str>, detach: bool, pidfile: Option<&Path>) -> Outcome {
     let what = || format!("restore of {name} failed");
     let ctx = context(cli).map_err(|e| (what(), e))?;
-    let report =
-        ferry_runtime::restore(&ctx, &RestoreRequest { name: name.to_owned() }).map_err(|e| (what(), e))?;
+    let req = RestoreRequest { name: name.to_owned(), new_name: new_name.map(str::to_owned) };
+    let report = ferry_runtime::restore(&ctx, &req).map_err(|e| (what(), e))?;
     if let Some(path) = pidfile {
         fs::write(path, format!("{}\n", report.pid)).map_err(|source| {
             let err =
                 StoreError::Io { action: "cannot write the pid file", path: path.to_path_buf(), source };
             (format!("restored {name} as pid {}, but", report.pid), Error::Store(err))
         })?;
+    }
+    if let Some(container) = &report.container {
+        // Its runtime runs it now: nothing to wait for.
+        println!("restored {name} as {container} (pid {}) in {:.2}s", report.pid, report.seconds);
+        return crate::ok();
     }
     println!("restored {name} as pid {} in {:.2}s", report.pid, report.seconds);
     if detach {

@@ -1,0 +1,241 @@
+//! The changes a container made to its root filesystem since it started: read from its
+//! overlay's upper directory into `rootfs-diff.tar` (added and changed files) and
+//! `deleted.files` (a JSON list of deleted paths), as Podman lays them out; applied to a new
+//! container's root through its mounted overlay, where deleting makes the whiteouts.
+//!
+//! Both files come out of a checkpoint (maybe an imported archive): every path in them is
+//! hostile. Deletions walk the tree component by component and never follow a symbolic link;
+//! the archive is unpacked by entries that may not leave the root.
+
+use std::fs::{self, File};
+use std::io::{BufWriter, Write};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Component, Path, PathBuf};
+
+use crate::Error;
+
+/// Most deleted paths a checkpoint may list.
+pub const MAX_DELETED: usize = 1 << 20;
+/// Largest `deleted.files`.
+pub const MAX_DELETED_FILE: u64 = 64 << 20;
+const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
+
+/// What [`write_diff`] found.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DiffStats {
+    pub entries: u64,
+    pub bytes: u64,
+    pub deleted: u64,
+}
+
+/// Writes the changes in `upper` into `tar_path` and `deleted_path`, leaving out what lies
+/// under `mount_points` (paths inside the container: their content is not the root's).
+pub fn write_diff(
+    upper: &Path,
+    mount_points: &[String],
+    tar_path: &Path,
+    deleted_path: &Path,
+) -> Result<DiffStats, Error> {
+    let io = |what: &str, p: &Path, e: std::io::Error| {
+        Error::Container(format!("cannot {what} {}: {e}", p.display()))
+    };
+    let file = File::create(tar_path).map_err(|e| io("create", tar_path, e))?;
+    let mut tar = tar::Builder::new(BufWriter::new(file));
+    tar.follow_symlinks(false);
+    let mut stats = DiffStats::default();
+    let mut deleted = Vec::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let dir = upper.join(&rel);
+        let mut entries: Vec<_> = fs::read_dir(&dir)
+            .map_err(|e| io("read", &dir, e))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| io("read", &dir, e))?;
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let rel = rel.join(e.file_name());
+            let inside = format!("/{}", rel.display());
+            if mount_points.iter().any(|m| m == &inside || inside.starts_with(&format!("{m}/"))) {
+                continue;
+            }
+            let path = upper.join(&rel);
+            let meta = fs::symlink_metadata(&path).map_err(|e| io("stat", &path, e))?;
+            if meta.file_type().is_char_device() && meta.rdev() == 0 {
+                deleted.push(inside);
+                continue;
+            }
+            if meta.is_dir() && is_opaque(&path) {
+                // The directory replaced the image's: drop that one first, then recreate it.
+                deleted.push(inside.clone());
+            }
+            tar.append_path_with_name(&path, &rel).map_err(|e| io("archive", &path, e))?;
+            stats.entries += 1;
+            if meta.is_file() {
+                stats.bytes += meta.len();
+            }
+            if meta.is_dir() {
+                stack.push(rel);
+            }
+        }
+    }
+    tar.into_inner().and_then(|mut w| w.flush()).map_err(|e| io("write", tar_path, e))?;
+    stats.deleted = deleted.len() as u64;
+    let json = serde_json::to_vec(&deleted).map_err(|e| Error::Internal(e.to_string()))?;
+    fs::write(deleted_path, json).map_err(|e| io("write", deleted_path, e))?;
+    Ok(stats)
+}
+
+fn is_opaque(dir: &Path) -> bool {
+    matches!(xattr::get(dir, OPAQUE_XATTR), Ok(Some(v)) if v == b"y")
+}
+
+/// Applies a diff to the root filesystem mounted at `root`: deletions first, then the
+/// archive. Either file may be missing (no changes of that sort).
+pub fn apply_diff(root: &Path, tar_path: Option<&Path>, deleted_path: Option<&Path>) -> Result<(), Error> {
+    if let Some(p) = deleted_path {
+        for path in read_deleted(p)? {
+            remove_beneath(root, &path)?;
+        }
+    }
+    if let Some(p) = tar_path {
+        let file =
+            File::open(p).map_err(|e| Error::Container(format!("cannot open {}: {e}", p.display())))?;
+        let mut archive = tar::Archive::new(std::io::BufReader::new(file));
+        archive.set_preserve_permissions(true);
+        archive.set_preserve_ownerships(true);
+        archive.set_preserve_mtime(true);
+        archive.set_overwrite(true);
+        archive.set_unpack_xattrs(false);
+        for entry in archive.entries().map_err(|e| bad_diff(format!("{e}")))? {
+            let mut entry = entry.map_err(|e| bad_diff(format!("{e}")))?;
+            let name = entry.path().map_err(|e| bad_diff(format!("{e}")))?.into_owned();
+            check_relative(&name)?;
+            // unpack_in refuses names that would leave `root` (also through symlinks).
+            let inside = entry.unpack_in(root).map_err(|e| bad_diff(format!("{}: {e}", name.display())))?;
+            if !inside {
+                return Err(bad_diff(format!("{} points outside the root", name.display())));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The list in a `deleted.files`, validated.
+pub fn read_deleted(p: &Path) -> Result<Vec<String>, Error> {
+    let bytes = super::record::read_capped(p, MAX_DELETED_FILE)
+        .map_err(|e| bad_diff(format!("cannot read {}: {e}", p.display())))?;
+    let list: Vec<String> =
+        serde_json::from_slice(&bytes).map_err(|e| bad_diff(format!("deleted.files: {e}")))?;
+    if list.len() > MAX_DELETED {
+        return Err(bad_diff(format!("deleted.files lists more than {MAX_DELETED} paths")));
+    }
+    for p in &list {
+        check_relative(Path::new(p.trim_start_matches('/')))?;
+    }
+    Ok(list)
+}
+
+/// Removes `path` (inside the container) under `root` without following a symbolic link on
+/// the way; a path that is not there is fine.
+fn remove_beneath(root: &Path, path: &str) -> Result<(), Error> {
+    let rel = Path::new(path.trim_start_matches('/'));
+    check_relative(rel)?;
+    let mut at = root.to_path_buf();
+    let parts: Vec<_> = rel.components().collect();
+    for (i, c) in parts.iter().enumerate() {
+        at.push(c.as_os_str());
+        let Ok(meta) = fs::symlink_metadata(&at) else { return Ok(()) };
+        let last = i + 1 == parts.len();
+        if !last && !meta.is_dir() {
+            // A symlink or a file where a directory was: the path is not there.
+            return Ok(());
+        }
+        if last {
+            let removed = if meta.is_dir() { fs::remove_dir_all(&at) } else { fs::remove_file(&at) };
+            removed.map_err(|e| Error::Container(format!("cannot delete {}: {e}", at.display())))?;
+        }
+    }
+    Ok(())
+}
+
+fn check_relative(p: &Path) -> Result<(), Error> {
+    if p.as_os_str().is_empty() || p.components().any(|c| !matches!(c, Component::Normal(_))) {
+        return Err(bad_diff(format!("'{}' is not a plain path inside the root", p.display())));
+    }
+    Ok(())
+}
+
+fn bad_diff(detail: String) -> Error {
+    Error::BadContainerRecord(format!("root filesystem changes: {detail}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn diff_round_trips_through_a_plain_directory() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let upper = dir.path().join("upper");
+        fs::create_dir_all(upper.join("etc/app")).expect("mkdir");
+        fs::write(upper.join("etc/app/new.conf"), b"hello").expect("write");
+        fs::create_dir_all(upper.join("proc")).expect("mkdir");
+        fs::write(upper.join("proc/junk"), b"x").expect("write");
+        std::os::unix::fs::symlink("/etc/passwd", upper.join("link")).expect("symlink");
+        let tar = dir.path().join("diff.tar");
+        let deleted = dir.path().join("deleted.files");
+        let stats = write_diff(&upper, &["/proc".into()], &tar, &deleted).expect("diff");
+        assert_eq!(stats.entries, 4);
+        assert_eq!(read_deleted(&deleted).expect("deleted"), Vec::<String>::new());
+
+        let root = dir.path().join("root");
+        fs::create_dir_all(root.join("var/gone")).expect("mkdir");
+        fs::write(root.join("var/gone/f"), b"old").expect("write");
+        fs::write(&deleted, br#"["/var/gone", "/not/there"]"#).expect("write");
+        apply_diff(&root, Some(&tar), Some(&deleted)).expect("apply");
+        assert_eq!(fs::read(root.join("etc/app/new.conf")).expect("read"), b"hello");
+        assert!(!root.join("var/gone").exists());
+        assert!(!root.join("proc/junk").exists());
+        assert_eq!(fs::read_link(root.join("link")).expect("link"), Path::new("/etc/passwd"));
+    }
+
+    #[test]
+    fn deletions_do_not_follow_symlinks_or_leave_the_root() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let outside = dir.path().join("outside");
+        fs::create_dir_all(outside.join("keep")).expect("mkdir");
+        let root = dir.path().join("root");
+        fs::create_dir_all(&root).expect("mkdir");
+        std::os::unix::fs::symlink(&outside, root.join("esc")).expect("symlink");
+        remove_beneath(&root, "/esc/keep").expect("no error");
+        assert!(outside.join("keep").exists());
+        let deleted = dir.path().join("deleted.files");
+        for bad in [r#"["/../outside/keep"]"#, r#"["/a/../b"]"#, r#"[""]"#, r#"{"a":1}"#] {
+            fs::write(&deleted, bad).expect("write");
+            assert!(apply_diff(&root, None, Some(&deleted)).is_err(), "{bad}");
+        }
+        assert!(outside.join("keep").exists());
+    }
+
+    #[test]
+    fn archive_entries_may_not_escape() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tar_path = dir.path().join("evil.tar");
+        {
+            let mut b = tar::Builder::new(File::create(&tar_path).expect("create"));
+            let mut h = tar::Header::new_gnu();
+            h.set_size(1);
+            h.set_mode(0o644);
+            h.set_entry_type(tar::EntryType::Regular);
+            // Written raw: the builder itself refuses `..`.
+            h.as_old_mut().name[..9].copy_from_slice(b"../escape");
+            h.set_cksum();
+            b.append(&h, &b"x"[..]).expect("append");
+            b.finish().expect("finish");
+        }
+        let root = dir.path().join("root");
+        fs::create_dir_all(&root).expect("mkdir");
+        assert!(apply_diff(&root, Some(&tar_path), None).is_err());
+        assert!(!dir.path().join("escape").exists());
+    }
+}
