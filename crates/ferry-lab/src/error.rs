@@ -57,6 +57,8 @@ pub enum LabError {
     WorkloadDidNotStart { node: String, secs: u64, log: Option<PathBuf> },
     #[error("the workload on {node} ended as soon as it started ({status})")]
     WorkloadExited { node: String, status: String, log: Option<PathBuf> },
+    #[error("the container on {node} did not start: {detail}")]
+    ContainerDidNotStart { node: String, detail: String },
     #[error("no workload of the lab has number {id}")]
     UnknownWorkload { id: u64 },
     #[error("lab down could not remove: {}", left.join(", "))]
@@ -88,6 +90,9 @@ impl LabError {
             LabError::NotUp { select, .. } => format!("`ferry lab up{select}` creates it"),
             LabError::UnknownNode { .. } => "`ferry lab status` lists the nodes".into(),
             LabError::UnknownWorkload { .. } => "`ferry lab status` lists the workloads".into(),
+            LabError::ContainerDidNotStart { .. } => {
+                "check that the node's runtime is up and has the image (`ferry lab status`)".into()
+            }
             LabError::EmptyCommand => "put the command after `--`: ferry lab exec node1 -- CMD ARGS...".into(),
             LabError::CommandNotFound { .. } => "give its full path, or install it".into(),
             LabError::AddressesExhausted { .. } => {

@@ -25,6 +25,9 @@ const KILL_WAIT: Duration = Duration::from_secs(10);
 const GONE_WAIT: Duration = Duration::from_secs(5);
 const POLL: Duration = Duration::from_millis(20);
 
+/// Starts a recorded workload; returns its root's pid and start time.
+type StartFn<'a> = dyn FnMut(&State, &Workload) -> Result<(i32, u64), LabError> + 'a;
+
 /// How `exec` starts a workload.
 #[derive(Debug, Clone, Default)]
 pub struct ExecOptions {
@@ -185,6 +188,44 @@ impl Lab {
         if !sys::program_exists(program) {
             return Err(LabError::CommandNotFound { program: program.to_string_lossy().into_owned() });
         }
+        let command = argv.iter().map(|a| a.as_ref().to_string_lossy().into_owned()).collect();
+        self.add_workload(node, command, opts.log.clone(), None, &mut |state, w| start(state, w, argv, opts))
+    }
+
+    /// Starts a container on `node` as a workload (`container` is its `KIND:NAME`): the lab
+    /// makes its network namespace with the node's next address, `run` starts the container
+    /// in it (given the namespace's path) and returns its init process's host PID.
+    pub fn exec_container(
+        &mut self,
+        node: &str,
+        container: &str,
+        command: Vec<String>,
+        run: &mut dyn FnMut(&Path) -> Result<i32, String>,
+    ) -> Result<Workload, LabError> {
+        sys::preflight()?;
+        let node_name = node.to_owned();
+        self.add_workload(node, command, None, Some(container.to_owned()), &mut |state, w| {
+            attach(&w.netns, &w.veth, w.ip, state)?;
+            let pid = run(&w.netns_path())
+                .map_err(|detail| LabError::ContainerDidNotStart { node: node_name.clone(), detail })?;
+            let start_time = sys::start_time(pid).ok_or_else(|| LabError::ContainerDidNotStart {
+                node: node_name.clone(),
+                detail: format!("its init process {pid} is gone"),
+            })?;
+            Ok((pid, start_time))
+        })
+    }
+
+    /// Records a new workload of `node` before `start` creates it, and its PID after; a
+    /// failed start removes its namespace and record.
+    fn add_workload(
+        &mut self,
+        node: &str,
+        command: Vec<String>,
+        log: Option<PathBuf>,
+        container: Option<String>,
+        start: &mut StartFn<'_>,
+    ) -> Result<Workload, LabError> {
         if !self.config.state_file().exists() {
             return Err(not_up(&self.config));
         }
@@ -209,8 +250,9 @@ impl Lab {
             ip,
             netns: self.config.workload_netns(id),
             veth: self.config.workload_veth(id)?,
-            command: argv.iter().map(|a| a.as_ref().to_string_lossy().into_owned()).collect(),
-            log: opts.log.clone(),
+            command,
+            log,
+            container,
         };
         state.next_workload += 1;
         if let Some(node) = state.nodes.iter_mut().find(|n| n.index == k) {
@@ -219,7 +261,7 @@ impl Lab {
         state.workloads.push(workload.clone());
         // Recorded before its namespace exists: a crash from here on leaves a record.
         state.save(&self.config)?;
-        let started = start(&state, &workload, argv, opts);
+        let started = start(&state, &workload);
         match started {
             Ok((pid, start_time)) => {
                 workload.pid = pid;

@@ -37,6 +37,7 @@ pub fn prepare_arrival(
         veth: config.workload_veth(id)?,
         command: vec!["(arriving)".into()],
         log: None,
+        container: None,
     };
     state.next_workload += 1;
     state.workloads.push(w.clone());
@@ -100,14 +101,22 @@ pub fn set_port(config: &LabConfig, id: u64, up: bool) -> Result<(), LabError> {
 }
 
 /// Records that workload `id` now runs as `pid` (its start time read now), with the command
-/// line of `from` (the record it moved from; the source removes that one when it let go).
-pub fn arrived(config: &LabConfig, id: u64, pid: i32, from: Option<u64>) -> Result<Workload, LabError> {
+/// line of `from` (the record it moved from; the source removes that one when it let go);
+/// `container` is its `KIND:NAME` if a container runtime runs it here.
+pub fn arrived(
+    config: &LabConfig,
+    id: u64,
+    pid: i32,
+    from: Option<u64>,
+    container: Option<String>,
+) -> Result<Workload, LabError> {
     let _lock = StateLock::acquire(config)?;
     let mut state = load(config)?;
     let old = from.and_then(|f| state.workloads.iter().find(|w| w.id == f).cloned());
     let w = state.workloads.iter_mut().find(|w| w.id == id).ok_or(LabError::UnknownWorkload { id })?;
     w.pid = pid;
     w.start_time = sys::start_time(pid).unwrap_or(0);
+    w.container = container;
     if let Some(old) = &old {
         w.command = old.command.clone();
         w.log = old.log.clone();
@@ -115,6 +124,17 @@ pub fn arrived(config: &LabConfig, id: u64, pid: i32, from: Option<u64>) -> Resu
     let moved = w.clone();
     state.save(config)?;
     Ok(moved)
+}
+
+/// Renames the container workload `id` runs (its `KIND:NAME`, once the runtime named it).
+pub fn rename_container(config: &LabConfig, id: u64, container: &str) -> Result<Workload, LabError> {
+    let _lock = StateLock::acquire(config)?;
+    let mut state = load(config)?;
+    let w = state.workloads.iter_mut().find(|w| w.id == id).ok_or(LabError::UnknownWorkload { id })?;
+    w.container = Some(container.to_owned());
+    let renamed = w.clone();
+    state.save(config)?;
+    Ok(renamed)
 }
 
 /// Removes workload `id`'s namespace (killing what runs in it) and its record.

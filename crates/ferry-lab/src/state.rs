@@ -67,12 +67,19 @@ pub struct Workload {
     pub command: Vec<String>,
     /// Where its stdout and stderr go; `None` for /dev/null.
     pub log: Option<PathBuf>,
+    /// A container's `KIND:NAME`, when a container runtime runs it (its root is then the
+    /// container's init process).
+    #[serde(default)]
+    pub container: Option<String>,
 }
 
 impl Workload {
-    /// How ferry names it: `pid:HOSTPID`.
+    /// How ferry names it: `pid:HOSTPID`, or the container's `KIND:NAME`.
     pub fn workload_id(&self) -> String {
-        format!("pid:{}", self.pid)
+        match &self.container {
+            Some(c) => c.clone(),
+            None => format!("pid:{}", self.pid),
+        }
     }
 
     /// True while its root process runs.

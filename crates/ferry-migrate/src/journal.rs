@@ -44,6 +44,10 @@ pub struct Entry {
     /// Packs written for them, released at the end.
     #[serde(default)]
     pub packs: Vec<[u8; 16]>,
+    /// A container's `KIND:NAME` (source: the one leaving; target: the one restored), which
+    /// its runtime must forget when the migration ends that way.
+    #[serde(default)]
+    pub container: Option<String>,
 }
 
 /// The journal directory of an agent.
@@ -138,6 +142,7 @@ mod tests {
             lab_workload: Some(3),
             checkpoints: vec!["m1".into()],
             packs: vec![[1; 16]],
+            container: Some("runc:web".into()),
         };
         j.write(&e).unwrap();
         j.write(&Entry { stage: Stage::Committed, ..e.clone() }).unwrap();

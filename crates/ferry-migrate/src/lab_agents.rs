@@ -29,6 +29,47 @@ pub fn agent_socket(state_dir: &Path, node: &str) -> PathBuf {
     state_dir.join("nodes").join(node).join("ferryd.sock")
 }
 
+/// Where `node`'s private instance of each container runtime keeps its state (its data
+/// beside the node's store, its sockets beside the agent's).
+pub fn runtime_dirs(lab: &Lab, node: &str) -> Result<ferry_runtime::container::InstanceDirs, MigrateError> {
+    let state_dir = lab.config().state_dir();
+    let n = lab.node(node)?;
+    Ok(ferry_runtime::container::InstanceDirs {
+        data: node_dir(state_dir, node).join("runtimes"),
+        run: state_dir.join("nodes").join(node).join("rt"),
+        netns: Some(n.netns_path()),
+        cgroup_parent: format!("/ferry-lab/{}/{node}", lab.config().name().unwrap_or("default")),
+    })
+}
+
+/// `KIND=PATH` for every container runtime of `node` (whether its instance runs or not).
+pub fn runtime_endpoints(lab: &Lab, node: &str) -> Result<Vec<String>, MigrateError> {
+    let dirs = runtime_dirs(lab, node)?;
+    let mut out = Vec::new();
+    for k in ferry_runtime::container::KINDS {
+        let path = ferry_runtime::container::instance_endpoint(k.name, &dirs)?;
+        out.push(format!("{}={}", k.name, path.display()));
+    }
+    Ok(out)
+}
+
+/// Starts `node`'s instance of runtime `kind` unless it runs; returns its endpoint.
+pub fn start_runtime(lab: &Lab, node: &str, kind: &str) -> Result<PathBuf, MigrateError> {
+    let dirs = runtime_dirs(lab, node)?;
+    Ok(ferry_runtime::container::start_instance(kind, &dirs)?)
+}
+
+/// Stops every runtime instance of every node (their containers, daemons and mounts).
+pub fn stop_runtimes(lab: &Lab) {
+    for node in lab.nodes() {
+        if let Ok(dirs) = runtime_dirs(lab, &node.name) {
+            for k in ferry_runtime::container::KINDS {
+                ferry_runtime::container::stop_instance(k.name, &dirs);
+            }
+        }
+    }
+}
+
 /// Starts `node`'s agent (its store prepared by [`start_agents`]), with `env` added to its
 /// environment; does not wait for it.
 pub fn spawn_agent(
@@ -73,6 +114,9 @@ pub fn spawn_agent(
     }
     for other in nodes.iter().filter(|o| o.name != node.name) {
         cmd.arg("--peer").arg(format!("{}={}:{PEER_PORT}", other.name, other.ip));
+    }
+    for endpoint in runtime_endpoints(lab, &node.name)? {
+        cmd.arg("--runtime-endpoint").arg(endpoint);
     }
     cmd.envs(env.iter().copied());
     cmd.stdin(Stdio::null()).stdout(out).stderr(err);

@@ -10,7 +10,7 @@ use ferry_store::replica::ChunkRef;
 use crate::api::Strategy;
 
 /// Version of this protocol (checked in `Hello`).
-pub const PROTOCOL: u32 = 3;
+pub const PROTOCOL: u32 = 4;
 /// Frame kinds.
 pub const KIND_MSG: u16 = 0x4d53;
 pub const KIND_CHUNKS: u16 = 0x4348;
@@ -87,10 +87,11 @@ pub enum Msg {
         lazy: bool,
         external_net: bool,
     },
-    /// The workload runs on the target (network still held).
+    /// The workload runs on the target (network still held); a container as `KIND:NAME`.
     Running {
         pid: i32,
         restore_s: f64,
+        container: Option<String>,
     },
     /// The source is gone: release the network.
     Commit,

@@ -22,6 +22,9 @@ pub(crate) fn run(agent: &Agent) -> Vec<String> {
                 if entry.pid > 0 && ferry_lab::is_alive(entry.pid, entry.start_time) {
                     let _ = ferry_sys::kill(entry.pid, ferry_sys::Signal::Kill);
                 }
+                if let Some(c) = &entry.container {
+                    crate::source::discard_container(agent, c);
+                }
                 if let (Some(lab), Some(id)) = (&agent.config.lab, entry.lab_workload) {
                     let _ = ferry_lab::remove_workload(lab, id);
                 }

@@ -30,23 +30,26 @@ pub(crate) fn migrate(
 ) -> Result<Report, MigrateError> {
     let started = Instant::now();
     let workload: WorkloadId = req.workload.parse()?;
-    let pid = match workload {
-        WorkloadId::Pid(pid) => pid,
-        WorkloadId::Container { kind, .. } => {
-            return Err(ferry_runtime::Error::UnsupportedKind { kind }.into());
+    // A container's tree is its init process's; its own namespaces (runc's keys) are declared
+    // external by the checkpoint itself.
+    let (pid, container) = match &workload {
+        WorkloadId::Pid(pid) => (*pid, None),
+        WorkloadId::Container { kind, id } => {
+            let c = ferry_runtime::container::open(kind, &agent.ctx.endpoints)?.inspect(id)?;
+            (c.plan.init_pid, Some(c.record.workload()))
         }
     };
     if !ferry_sys::process_exists(pid) {
         return Err(ferry_runtime::Error::ProcessNotFound { pid }.into());
     }
     if req.to == agent.config.name {
-        return Err(MigrateError::Refused(format!("{pid} already runs on {}", req.to)));
+        return Err(MigrateError::Refused(format!("{} already runs on {}", req.workload, req.to)));
     }
     let lab_workload = match &agent.config.lab {
         Some(lab) => ferry_lab::workload_by_pid(lab, pid)?,
         None => None,
     };
-    let external_net = own_netns(pid);
+    let external_net = if container.is_some() { None } else { own_netns(pid) };
     let memory = tree_rss(pid);
     let migration = format!("mig-{}-{pid}", unix_ms());
 
@@ -98,6 +101,7 @@ pub(crate) fn migrate(
         lab_workload: lab_workload.as_ref().map(|w| w.id),
         checkpoints: Vec::new(),
         packs: Vec::new(),
+        container: container.clone(),
     };
     let mut run = Run {
         agent,
@@ -110,13 +114,16 @@ pub(crate) fn migrate(
         frozen_at: None,
         port_down: false,
         running: None,
+        running_container: None,
         committed_at: None,
+        pid,
     };
     let result = run.go(&workload, strategy, external_net);
     let phases = std::mem::take(&mut run.phases);
     let bytes = run.bytes;
     let frozen_at = run.frozen_at;
     let new_pid = run.running;
+    let new_container = run.running_container.take();
     let port_down = run.port_down;
     let committed_at = run.committed_at;
     drop(run);
@@ -171,7 +178,7 @@ pub(crate) fn migrate(
         logical_bytes: logical,
         downtime_s: downtime,
         total_s: total,
-        new_workload: format!("pid:{}", new_pid.unwrap_or(0)),
+        new_workload: new_container.unwrap_or_else(|| format!("pid:{}", new_pid.unwrap_or(0))),
         ip: lab_workload.map(|w| w.ip.to_string()),
     })
 }
@@ -190,6 +197,15 @@ pub(crate) fn cleanup(agent: &Agent, entry: &Entry) {
     }
 }
 
+/// Has the runtime of container `workload` (`KIND:NAME`) kill and forget it.
+pub(crate) fn discard_container(agent: &Agent, workload: &str) {
+    let Some((kind, name)) = workload.split_once(':') else { return };
+    match ferry_runtime::container::open(kind, &agent.ctx.endpoints) {
+        Ok(rt) => rt.discard(name),
+        Err(e) => tracing::warn!(%workload, error = %e, "cannot remove the container"),
+    }
+}
+
 /// A migration under way on the source.
 struct Run<'a> {
     agent: &'a Agent,
@@ -202,8 +218,12 @@ struct Run<'a> {
     frozen_at: Option<Instant>,
     port_down: bool,
     running: Option<i32>,
+    /// The container the target restored (`KIND:NAME`).
+    running_container: Option<String>,
     /// Post-copy: the target confirmed the commit (at this instant) before the pages moved.
     committed_at: Option<Instant>,
+    /// Host pid of the tree's root.
+    pid: i32,
 }
 
 impl Run<'_> {
@@ -278,10 +298,7 @@ impl Run<'_> {
             tap,
             streamer,
         };
-        switch.pid = match workload {
-            WorkloadId::Pid(p) => *p,
-            WorkloadId::Container { .. } => 0,
-        };
+        switch.pid = switch.run.pid;
         let result = ferry_runtime::checkpoint_with(&switch.run.agent.ctx, &req, &mut switch);
         let hook_error = switch.error.take();
         // A dump that failed before post-dump: let the stream end before the abort, so that
@@ -383,7 +400,10 @@ impl Switch<'_, '_> {
         let lazy = self.finisher.is_some();
         let restore = Msg::Restore { name, tcp_established: true, lazy, external_net: self.external_net };
         match run.ch.call(&restore, "restore")? {
-            Msg::Running { pid, .. } => run.running = Some(pid),
+            Msg::Running { pid, container, .. } => {
+                run.running = Some(pid);
+                run.running_container = container;
+            }
             other => return Err(unexpected("restore", &other)),
         }
         run.phases.push(PhaseTime { name: "restore".into(), seconds: t.elapsed().as_secs_f64() });

@@ -10,6 +10,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use ferry_criu::{LogTarget, Notify, NotifyHandler, RestoreOptions, SharedOptions};
 
+use ferry_runtime::container::ContainerRecord;
 use ferry_sys::PrivateTmpfs;
 
 use crate::agent::{unexpected, Agent, Channel, COMMIT_WAIT};
@@ -116,7 +117,8 @@ pub(crate) fn serve(agent: &Agent, mut ch: Channel) -> Result<(), MigrateError> 
                 let t = Instant::now();
                 match a.restore(agent, &name, tcp_established, external_net, lazy) {
                     Ok(pid) => {
-                        ch.send(&Msg::Running { pid, restore_s: t.elapsed().as_secs_f64() })?;
+                        let container = a.entry.container.clone();
+                        ch.send(&Msg::Running { pid, restore_s: t.elapsed().as_secs_f64(), container })?;
                         crate::failpoint::check("target-after-running");
                     }
                     Err(e) => return fail(agent, &mut ch, arrival, e),
@@ -251,6 +253,7 @@ impl Arrival {
                 lab_workload: None,
                 checkpoints: Vec::new(),
                 packs: Vec::new(),
+                container: None,
             },
             ip,
             from: None,
@@ -300,6 +303,9 @@ impl Arrival {
             source,
         })?;
         checkpoint.materialize(store, &images)?;
+        if let Some(record) = ContainerRecord::read_from(&images)? {
+            return self.restore_container(agent, name, record, scratch, tcp_established, lazy);
+        }
         let t_images = t0.elapsed();
         if !lazy && has_lazy_pages(&images)? {
             // CRIU would spin forever reading pages that are not in the images.
@@ -380,6 +386,88 @@ impl Arrival {
         Ok(pid)
     }
 
+    /// A container's arrival: its runtime recreates it and restores it from the verified
+    /// images (through ferry's pager for post-copy). The runtime gives no hook just before the
+    /// tree runs, so its port comes up right after the restore returns; the restored sockets
+    /// send nothing new before a client's packet gets through.
+    fn restore_container(
+        &mut self,
+        agent: &Agent,
+        name: &str,
+        record: ContainerRecord,
+        scratch: PrivateTmpfs,
+        tcp_established: bool,
+        lazy: bool,
+    ) -> Result<i32, MigrateError> {
+        let images = scratch.path().join("images");
+        let netns = match (record.network.as_ref().is_some_and(|n| n.external), &agent.config.lab, self.ip) {
+            (false, _, _) => None,
+            (true, Some(lab), Some(ip)) => Some(match &self.netns {
+                Some(path) => path.clone(),
+                None => self.prepare_network(agent, lab, ip)?,
+            }),
+            (true, _, _) => return Err(MigrateError::Refused(
+                "the container's network namespace stays behind and this node can provide one only in a lab"
+                    .into(),
+            )),
+        };
+        let stamp = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+        let work_dir = agent.ctx.store.logs_dir().join(format!("arrive-{name}-{stamp}"));
+        std::fs::create_dir_all(&work_dir).map_err(|source| MigrateError::Io {
+            action: "create",
+            path: work_dir.clone(),
+            source,
+        })?;
+        // Recorded before the runtime knows it: a crash from here on still removes it.
+        self.entry.container = Some(record.workload());
+        agent.journal.write(&self.entry)?;
+        let req = ferry_runtime::ContainerRestore {
+            record: &record,
+            images: &images,
+            name: None,
+            netns: netns.as_deref(),
+            work_dir: &work_dir,
+            lazy,
+            tcp_established,
+        };
+        let restored = if lazy {
+            let fetcher = RemotePages::open(agent, &self.entry.peer, &self.entry.migration)?;
+            let pager = LazyPager::start(&images, &work_dir, Box::new(fetcher))
+                .map_err(|e| MigrateError::Refused(crate::chain(&e)))?;
+            if std::env::var("FERRY_PUSH").map_or(true, |v| v != "off") {
+                let feeder = pager.feeder();
+                crate::pages::start_push(agent, &self.entry.peer, &self.entry.migration, feeder.clone());
+                self.push = Some(feeder);
+            }
+            let victim = agent.config.lab.clone().zip(self.entry.lab_workload);
+            let watch = LazyWatch::start(pager, victim);
+            let restored = ferry_runtime::restore_container(&agent.ctx, &req);
+            let (pager, failed) = watch.stop();
+            self.lazy = Some((pager, scratch));
+            match failed {
+                Some(crate::lazy::LazyError::RestoreEnded) | None => restored?,
+                Some(e) => {
+                    return Err(MigrateError::Refused(format!(
+                        "the pages stopped coming during the restore: {}",
+                        crate::chain(&e)
+                    )))
+                }
+            }
+        } else {
+            let restored = ferry_runtime::restore_container(&agent.ctx, &req);
+            drop(scratch);
+            restored?
+        };
+        if let (Some(lab), Some(id)) = (&agent.config.lab, self.entry.lab_workload) {
+            ferry_lab::set_port(lab, id, true)?;
+        }
+        self.entry.pid = restored.pid;
+        self.entry.start_time = ferry_lab::start_time(restored.pid).unwrap_or(0);
+        self.entry.container = Some(format!("{}:{}", record.kind, restored.name));
+        agent.journal.write(&self.entry)?;
+        Ok(restored.pid)
+    }
+
     /// A namespace for the workload's address (its bridge port down), with the source's
     /// neighbour entries. Made at `Prepare`, while the workload still runs at the source, so
     /// that the freeze does not wait for it.
@@ -410,7 +498,7 @@ impl Arrival {
     fn release(&self, agent: &Agent) -> Result<(), MigrateError> {
         if let (Some(lab), Some(id)) = (&agent.config.lab, self.entry.lab_workload) {
             ferry_lab::set_port(lab, id, true)?;
-            ferry_lab::arrived(lab, id, self.entry.pid, self.from)?;
+            ferry_lab::arrived(lab, id, self.entry.pid, self.from, self.entry.container.clone())?;
         }
         Ok(())
     }
@@ -445,7 +533,10 @@ impl Arrival {
 
     /// Kills what was restored, removes its namespace and checkpoints.
     pub(crate) fn abort(mut self, agent: &Agent) {
-        if self.entry.pid > 0 && ferry_lab::is_alive(self.entry.pid, self.entry.start_time) {
+        if let Some(c) = &self.entry.container {
+            // Its runtime kills it and forgets it (nothing half created stays listed).
+            crate::source::discard_container(agent, c);
+        } else if self.entry.pid > 0 && ferry_lab::is_alive(self.entry.pid, self.entry.start_time) {
             let _ = ferry_sys::kill(self.entry.pid, ferry_sys::Signal::Kill);
         }
         // Only after the tree is dead: without its pager it would read zeros for its pages.

@@ -251,10 +251,28 @@ pub enum LabAction {
         lab: LabSelect,
     },
     /// Start CMD on NODE like a pod: PID 1 of its own pid namespace, in its own network
-    /// namespace with its own address. Prints `pid:HOSTPID IP` as its last line.
+    /// namespace with its own address. Prints `pid:HOSTPID IP` as its last line; with
+    /// --runtime, a container of that runtime (the node's own instance of it) in that
+    /// namespace, and `KIND:NAME IP`.
     Exec {
         /// The node: node1, node2, ...
         node: String,
+        /// Run CMD in a container of this runtime: runc, podman, containerd or docker.
+        #[arg(long, value_name = "KIND")]
+        runtime: Option<String>,
+        /// The container's name (default: w-N). containerd: NAMESPACE/NAME.
+        #[arg(long, value_name = "NAME", requires = "runtime")]
+        id: Option<String>,
+        /// The container's image: a root filesystem directory (imported into every node's
+        /// instance of the runtime as `ferry-lab/DIRNAME`), or an image the runtime has.
+        #[arg(long, requires = "runtime")]
+        image: Option<String>,
+        /// The container's memory limit in MiB.
+        #[arg(long, value_name = "MIB", requires = "runtime")]
+        memory: Option<u64>,
+        /// An environment variable for the container, KEY=VALUE (repeatable).
+        #[arg(long = "env", value_name = "KEY=VALUE", requires = "runtime")]
+        env: Vec<String>,
         /// Append the workload's stdout and stderr to FILE (default: /dev/null). Opened
         /// write-only for appending, which CRIU exempts from its file size check: the log may
         /// grow after a checkpoint and the restore still works.

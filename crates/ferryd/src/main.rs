@@ -51,6 +51,10 @@ struct Cli {
     /// CRIU binary.
     #[arg(long)]
     criu: Option<PathBuf>,
+    /// Where a container runtime is reached, as KIND=PATH (repeatable): runc's state
+    /// directory or the API socket of podman, containerd or docker.
+    #[arg(long = "runtime-endpoint", value_name = "KIND=PATH")]
+    runtime_endpoints: Vec<String>,
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
@@ -75,6 +79,9 @@ struct FileConfig {
     criu: Option<PathBuf>,
     /// PEM of a cluster CA whose certificates are admitted besides pinned keys.
     cluster_ca: Option<PathBuf>,
+    /// Container runtimes' endpoints by kind (`runc = "/run/runc"`).
+    #[serde(default)]
+    runtimes: BTreeMap<String, PathBuf>,
 }
 
 /// Largest config file read.
@@ -91,6 +98,7 @@ struct Settings {
     criu: Option<PathBuf>,
     cluster_ca: Option<PathBuf>,
     peer_timeout: u64,
+    runtime_endpoints: Vec<String>,
 }
 
 fn settings(cli: Cli) -> Result<Settings> {
@@ -127,6 +135,12 @@ fn settings(cli: Cli) -> Result<Settings> {
         criu: cli.criu.or(file.criu),
         cluster_ca: file.cluster_ca,
         peer_timeout: cli.peer_timeout,
+        runtime_endpoints: file
+            .runtimes
+            .iter()
+            .map(|(k, p)| format!("{k}={}", p.display()))
+            .chain(cli.runtime_endpoints)
+            .collect(),
     })
 }
 
@@ -200,7 +214,9 @@ fn run(cli: Cli) -> Result<()> {
     let criu = ferry_criu::Criu::locate(s.criu.as_deref()).context("CRIU not found")?;
     let store = ferry_store::Store::open(&s.store)
         .with_context(|| format!("cannot open the store {}", s.store.display()))?;
-    let ctx = ferry_runtime::Context::new(criu, store).context("this node cannot checkpoint")?;
+    let ctx = ferry_runtime::Context::new(criu, store)
+        .and_then(|c| c.with_endpoints(&s.runtime_endpoints))
+        .context("this node cannot checkpoint")?;
     let keys_dir = ctx.store.keys_dir();
     let (identity, trust) =
         peer_trust(&keys_dir, &s.name, s.cluster_ca.as_deref(), &ctx.store.keys().identity_seed())?;

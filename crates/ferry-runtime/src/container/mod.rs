@@ -59,6 +59,41 @@ pub trait ContainerRuntime: fmt::Debug + Send + Sync {
 
     /// Removes what a failed restore of `name` left behind; nothing there is no error.
     fn discard(&self, name: &str);
+
+    /// For ferry's lab and tests: creates a container and starts it.
+    fn create(&self, req: &CreateSpec<'_>) -> Result<Restored, Error>;
+
+    /// For ferry's lab and tests: makes image `name` from the root filesystem in `rootfs`
+    /// (runc has no images: its containers use the directory itself).
+    fn import_image(&self, rootfs: &Path, name: &str) -> Result<(), Error>;
+}
+
+/// A container to create (ferry's lab and tests).
+#[derive(Debug, Clone, Default)]
+pub struct CreateSpec<'a> {
+    pub name: &'a str,
+    /// The image: its name (a directory's path for runc).
+    pub image: &'a str,
+    pub args: &'a [String],
+    pub env: &'a [String],
+    /// The network namespace to join (default: a new one).
+    pub netns: Option<&'a Path>,
+    /// Memory limit in bytes.
+    pub memory_limit: Option<u64>,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Where a private instance of a runtime keeps its state (ferry's lab gives each node one).
+#[derive(Debug, Clone)]
+pub struct InstanceDirs {
+    /// Persistent state (images, containers' layers).
+    pub data: PathBuf,
+    /// Runtime state and sockets (short paths: socket names are limited to 107 bytes).
+    pub run: PathBuf,
+    /// The network namespace its daemon runs in (a lab node's), if any.
+    pub netns: Option<PathBuf>,
+    /// The cgroup under which its containers' cgroups go.
+    pub cgroup_parent: String,
 }
 
 /// What a restore asks of a runtime.
@@ -230,10 +265,39 @@ pub struct Kind {
     /// Its endpoint when none is configured.
     pub default_endpoint: &'static str,
     open: fn(&Endpoints) -> Box<dyn ContainerRuntime>,
+    /// A private instance's endpoint.
+    instance_endpoint: fn(&InstanceDirs) -> PathBuf,
+    /// Starts a private instance (its daemon, if it has one) and waits until it answers.
+    start_instance: fn(&InstanceDirs) -> Result<(), Error>,
+    /// Stops a private instance: its containers, its daemon, its mounts.
+    stop_instance: fn(&InstanceDirs),
 }
 
 /// Every runtime ferry knows: a new one is a module and a line here.
-pub const KINDS: &[Kind] = &[Kind { name: "runc", default_endpoint: "/run/runc", open: runc::open }];
+pub const KINDS: &[Kind] = &[runc::KIND_ENTRY];
+
+/// The endpoint of a private instance of `kind` in `dirs`.
+pub fn instance_endpoint(kind: &str, dirs: &InstanceDirs) -> Result<PathBuf, Error> {
+    Ok((find_kind(kind)?.instance_endpoint)(dirs))
+}
+
+/// Starts a private instance of `kind` in `dirs` (ferry's lab and tests).
+pub fn start_instance(kind: &str, dirs: &InstanceDirs) -> Result<PathBuf, Error> {
+    let k = find_kind(kind)?;
+    (k.start_instance)(dirs)?;
+    Ok((k.instance_endpoint)(dirs))
+}
+
+/// Stops a private instance of `kind` in `dirs`; nothing there is fine.
+pub fn stop_instance(kind: &str, dirs: &InstanceDirs) {
+    if let Ok(k) = find_kind(kind) {
+        (k.stop_instance)(dirs);
+    }
+}
+
+fn find_kind(kind: &str) -> Result<&'static Kind, Error> {
+    KINDS.iter().find(|k| k.name == kind).ok_or_else(|| Error::UnsupportedKind { kind: kind.to_owned() })
+}
 
 /// True if `kind` names a container runtime.
 pub fn is_kind(kind: &str) -> bool {
@@ -242,11 +306,7 @@ pub fn is_kind(kind: &str) -> bool {
 
 /// The runtime of `kind`, reached through `endpoints`.
 pub fn open(kind: &str, endpoints: &Endpoints) -> Result<Box<dyn ContainerRuntime>, Error> {
-    KINDS
-        .iter()
-        .find(|k| k.name == kind)
-        .map(|k| (k.open)(endpoints))
-        .ok_or_else(|| Error::UnsupportedKind { kind: kind.to_owned() })
+    Ok((find_kind(kind)?.open)(endpoints))
 }
 
 #[cfg(test)]

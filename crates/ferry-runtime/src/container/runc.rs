@@ -17,8 +17,8 @@ use serde::Deserialize;
 
 use super::record::{read_capped, validate_name, DESCRIPTORS_FILE};
 use super::{
-    runc_state, Container, ContainerRecord, ContainerRuntime, Endpoints, NetworkRecord, RestoreSpec,
-    Restored, RootfsRecord, RECORD_VERSION,
+    runc_state, Container, ContainerRecord, ContainerRuntime, CreateSpec, Endpoints, InstanceDirs, Kind,
+    NetworkRecord, RestoreSpec, Restored, RootfsRecord, RECORD_VERSION,
 };
 use crate::Error;
 
@@ -34,8 +34,49 @@ pub struct Runc {
     binary: PathBuf,
 }
 
-pub(super) fn open(endpoints: &Endpoints) -> Box<dyn ContainerRuntime> {
+pub(super) const KIND_ENTRY: Kind = Kind {
+    name: KIND,
+    default_endpoint: "/run/runc",
+    open,
+    instance_endpoint,
+    start_instance,
+    stop_instance,
+};
+
+fn open(endpoints: &Endpoints) -> Box<dyn ContainerRuntime> {
     Box::new(Runc::new(endpoints))
+}
+
+/// runc has no daemon: an instance is a state directory.
+fn instance_endpoint(dirs: &InstanceDirs) -> PathBuf {
+    dirs.run.join("runc")
+}
+
+fn start_instance(dirs: &InstanceDirs) -> Result<(), Error> {
+    let root = instance_endpoint(dirs);
+    fs::create_dir_all(&root).map_err(|e| io_err("create", &root, e))
+}
+
+/// Deletes every container of the instance (`runc delete --force` kills them).
+fn stop_instance(dirs: &InstanceDirs) {
+    let root = instance_endpoint(dirs);
+    let Ok(entries) = fs::read_dir(&root) else { return };
+    let mut endpoints = Endpoints::new(&dirs.data);
+    endpoints.set(KIND, &root);
+    let runc = Runc::new(&endpoints);
+    for e in entries.flatten() {
+        if let Some(name) = e.file_name().to_str() {
+            runc.discard(name);
+        }
+    }
+    // The cgroups its containers were given (runc removed theirs; the parent is ours).
+    let parent = format!("ferry-runc/{}", root_tag(&root));
+    if let Ok(hierarchies) = fs::read_dir("/sys/fs/cgroup") {
+        for h in hierarchies.flatten() {
+            let _ = fs::remove_dir(h.path().join(&parent));
+        }
+    }
+    let _ = fs::remove_dir_all(&root);
 }
 
 /// `runc state`'s answer (the OCI state).
@@ -143,6 +184,12 @@ impl Runc {
         let mut spec = req.spec();
         spec["root"]["path"] = rootfs.to_string_lossy().into_owned().into();
         spec["process"]["terminal"] = false.into();
+        let recorded = spec.pointer("/linux/cgroupsPath").and_then(|p| p.as_str()).unwrap_or("").to_owned();
+        if recorded.starts_with("/ferry-runc/") || cgroup_in_use(&recorded) {
+            // Another instance's (a lab node's), or still held by the frozen original.
+            spec["linux"]["cgroupsPath"] =
+                format!("/ferry-runc/{}/{}", root_tag(&self.root), req.name).into();
+        }
         let config = bundle.join("config.json");
         fs::write(&config, serde_json::to_vec_pretty(&spec).map_err(|e| Error::Internal(e.to_string()))?)
             .map_err(|e| io_err("write", &config, e))?;
@@ -285,16 +332,104 @@ impl ContainerRuntime for Runc {
         let _ = self.cmd().args(["delete", "--force", name]).stdin(Stdio::null()).output();
         self.remove_bundle(name);
     }
+
+    fn create(&self, req: &CreateSpec<'_>) -> Result<Restored, Error> {
+        validate_name("name", req.name, false)?;
+        if self.state(req.name)?.is_some() {
+            return Err(Error::NameTaken { workload: format!("{KIND}:{}", req.name) });
+        }
+        let image = req.image;
+        super::record::validate_host_path("image directory", image)?;
+        let bundle = self.bundle_of(req.name);
+        self.remove_bundle(req.name);
+        let created = self.create_in(req, &bundle);
+        if created.is_err() {
+            self.discard(req.name);
+        }
+        created
+    }
+
+    fn import_image(&self, rootfs: &Path, _name: &str) -> Result<(), Error> {
+        if rootfs.is_dir() {
+            Ok(())
+        } else {
+            Err(Error::Container(format!("{} is not a root filesystem directory", rootfs.display())))
+        }
+    }
+}
+
+impl Runc {
+    fn create_in(&self, req: &CreateSpec<'_>, bundle: &Path) -> Result<Restored, Error> {
+        fs::create_dir_all(&self.root).map_err(|e| io_err("create", &self.root, e))?;
+        fs::create_dir_all(bundle).map_err(|e| io_err("create", bundle, e))?;
+        let rootfs = bundle.join("rootfs");
+        mount_overlay(&[req.image.to_owned()], &bundle.join("upper"), &bundle.join("work"), &rootfs)?;
+        // runc's own default spec, then what the request changes.
+        let out = Command::new(&self.binary)
+            .args(["spec", "--bundle"])
+            .arg(bundle)
+            .output()
+            .map_err(|e| self.unavailable(format!("cannot run {}: {e}", self.binary.display())))?;
+        if !out.status.success() {
+            return Err(Error::runtime_failed(
+                KIND,
+                "runc spec",
+                String::from_utf8_lossy(&out.stderr).trim(),
+                None,
+            ));
+        }
+        let config = bundle.join("config.json");
+        let bytes = read_capped(&config, MAX_SPEC).map_err(|e| io_err("read", &config, e))?;
+        let mut spec: serde_json::Value =
+            serde_json::from_slice(&bytes).map_err(|e| Error::Container(format!("runc spec: {e}")))?;
+        spec["root"] = serde_json::json!({ "path": rootfs, "readonly": false });
+        spec["process"]["terminal"] = false.into();
+        spec["process"]["args"] = serde_json::json!(req.args);
+        if let Some(env) = spec["process"]["env"].as_array_mut() {
+            env.extend(req.env.iter().map(|e| serde_json::Value::from(e.as_str())));
+        }
+        spec["hostname"] = req.name.into();
+        spec["annotations"] = serde_json::json!(req.labels);
+        if let Some(netns) = req.netns {
+            super::set_namespace_path(&mut spec, "network", netns);
+        }
+        if let Some(limit) = req.memory_limit {
+            spec["linux"]["resources"]["memory"] = serde_json::json!({ "limit": limit });
+        }
+        spec["linux"]["cgroupsPath"] = format!("/ferry-runc/{}/{}", root_tag(&self.root), req.name).into();
+        fs::write(&config, serde_json::to_vec_pretty(&spec).map_err(|e| Error::Internal(e.to_string()))?)
+            .map_err(|e| io_err("write", &config, e))?;
+        let pid = run(&self.root, &self.binary, req.name, bundle)?;
+        Ok(Restored { id: req.name.to_owned(), name: req.name.to_owned(), pid })
+    }
+}
+
+/// True if the v1 freezer (or v2) cgroup `path` exists.
+fn cgroup_in_use(path: &str) -> bool {
+    let rel = path.trim_start_matches('/');
+    !rel.is_empty()
+        && ["/sys/fs/cgroup/freezer", "/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+            .iter()
+            .any(|root| Path::new(root).join(rel).join("cgroup.procs").exists())
+}
+
+/// A short tag of a runc root, so that two instances on one host (lab nodes) never share a
+/// cgroup for containers of the same name.
+fn root_tag(root: &Path) -> String {
+    let digest = root
+        .to_string_lossy()
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    format!("{:08x}", digest as u32)
 }
 
 /// Starts a new runc container `name` in `bundle` (whose `config.json` is written) with its
-/// output appended to `stdio.log` there; returns its init PID. For ferry's lab.
-pub fn run(endpoints: &Endpoints, name: &str, bundle: &Path) -> Result<i32, Error> {
-    let runc = Runc::new(endpoints);
-    fs::create_dir_all(&runc.root).map_err(|e| io_err("create", &runc.root, e))?;
+/// output appended to `stdio.log` there; returns its init PID.
+fn run(root: &Path, binary: &Path, name: &str, bundle: &Path) -> Result<i32, Error> {
     let pidfile = bundle.join("runc.pid");
     let runc_log = bundle.join("runc.log");
-    let mut cmd = runc.cmd();
+    let mut cmd = Command::new(binary);
+    cmd.arg("--root").arg(root);
     cmd.arg("--log")
         .arg(&runc_log)
         .args(["--log-format", "json"])
@@ -322,11 +457,17 @@ fn run_with_stdio(
     let (out_r, out_w) = pipe()?;
     let log_file =
         fs::OpenOptions::new().create(true).append(true).open(log).map_err(|e| io_err("open", log, e))?;
+    // `setsid --fork`: the holder's parent exits at once (reaped here), so that a long-lived
+    // caller (an agent) collects no zombies; the holder itself passes to init.
     let mut holder = Command::new("setsid");
-    holder.arg("cat").stdin(Stdio::from(out_r)).stdout(Stdio::from(log_file)).stderr(Stdio::null());
+    holder
+        .args(["--fork", "cat"])
+        .stdin(Stdio::from(out_r))
+        .stdout(Stdio::from(log_file))
+        .stderr(Stdio::null());
     // The holder keeps the write end of the container's stdin open: it never sees EOF.
     ferry_sys::inherit_fd_in_child(&mut holder, in_w.as_fd());
-    holder.spawn().map_err(|e| Error::Container(format!("cannot start the output holder (cat): {e}")))?;
+    holder.status().map_err(|e| Error::Container(format!("cannot start the output holder (cat): {e}")))?;
     drop(in_w);
     let err_w = out_w.try_clone().map_err(|e| Error::Container(format!("cannot duplicate a pipe: {e}")))?;
     cmd.stdin(Stdio::from(in_r)).stdout(Stdio::from(out_w)).stderr(Stdio::from(err_w));

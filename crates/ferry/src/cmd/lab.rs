@@ -27,8 +27,12 @@ pub fn run(cli: &Cli, action: &LabAction) -> Outcome {
             }
             ("lab up failed", result)
         }
-        LabAction::Exec { node, log, command, lab } => {
+        LabAction::Exec { node, log, command, lab, runtime: None, .. } => {
             ("lab exec failed", exec(lab.name.as_deref(), node, log.as_deref(), command))
+        }
+        LabAction::Exec { node, command, lab, runtime: Some(kind), id, image, memory, env, .. } => {
+            let c = ContainerArgs { kind, id: id.as_deref(), image: image.as_deref(), memory: *memory, env };
+            return exec_container(lab.name.as_deref(), node, &c, command);
         }
         LabAction::Down { lab } => ("lab down failed", down(lab.name.as_deref())),
         LabAction::Status { json, lab } => ("lab status failed", status(lab.name.as_deref(), *json)),
@@ -98,8 +102,114 @@ fn exec(name: Option<&str>, node: &str, log: Option<&Path>, command: &[OsString]
     Ok(())
 }
 
+/// What `lab exec --runtime` asks for.
+struct ContainerArgs<'a> {
+    kind: &'a str,
+    id: Option<&'a str>,
+    image: Option<&'a str>,
+    memory: Option<u64>,
+    env: &'a [String],
+}
+
+/// The lab's image directory for containers: busybox and what the demo needs (built by
+/// `scripts/mkrootfs`).
+const DEFAULT_IMAGE: &str = "/var/lib/ferry-lab/images/busybox";
+
+fn exec_container(name: Option<&str>, node: &str, c: &ContainerArgs<'_>, command: &[OsString]) -> Outcome {
+    let what = "lab exec failed";
+    let fail = |e: ferry_migrate::MigrateError| {
+        eprintln!("error: {what}");
+        eprintln!("  cause: {e}");
+        if let Some(h) = e.hint() {
+            eprintln!("  hint: {h}");
+        }
+        Ok(Exit::Failure.into())
+    };
+    let config = match LabConfig::select(name) {
+        Ok(c) => c,
+        Err(e) => return fail(e.into()),
+    };
+    let mut lab = match Lab::load(&config) {
+        Ok(l) => l,
+        Err(e) => return fail(e.into()),
+    };
+    let args: Vec<String> = command.iter().map(|a| a.to_string_lossy().into_owned()).collect();
+    match start_container(&mut lab, node, c, &args) {
+        Ok(w) => {
+            println!("{} {}", w.workload_id(), w.ip);
+            crate::ok()
+        }
+        Err(e) => fail(e),
+    }
+}
+
+fn start_container(
+    lab: &mut Lab,
+    node: &str,
+    c: &ContainerArgs<'_>,
+    args: &[String],
+) -> Result<ferry_lab::Workload, ferry_migrate::MigrateError> {
+    use ferry_migrate::lab_agents;
+    use ferry_runtime::container::{self, CreateSpec, Endpoints};
+    lab.node(node)?;
+    let image_arg = c.image.unwrap_or(DEFAULT_IMAGE);
+    // A directory is an image for runc as it is; the others import it on every node, so that
+    // a migration finds it wherever the container goes.
+    let image = if image_arg.starts_with('/') && c.kind != "runc" {
+        let dir = std::path::Path::new(image_arg);
+        let base =
+            dir.file_name().map(|b| b.to_string_lossy().into_owned()).unwrap_or_else(|| "image".into());
+        let tag = format!("ferry-lab/{base}");
+        let nodes: Vec<String> = lab.nodes().iter().map(|n| n.name.clone()).collect();
+        for n in nodes {
+            let endpoint = lab_agents::start_runtime(lab, &n, c.kind)?;
+            let mut e = Endpoints::new(lab_agents::node_dir(lab.config().state_dir(), &n).join("store"));
+            e.set(c.kind, endpoint);
+            container::open(c.kind, &e)?.import_image(dir, &tag)?;
+        }
+        tag
+    } else {
+        image_arg.to_owned()
+    };
+    let endpoint = lab_agents::start_runtime(lab, node, c.kind)?;
+    let mut endpoints = Endpoints::new(lab_agents::node_dir(lab.config().state_dir(), node).join("store"));
+    endpoints.set(c.kind, endpoint);
+    let rt = container::open(c.kind, &endpoints)?;
+    let name = c.id.map(str::to_owned);
+    let mut created: Option<String> = None;
+    let label = format!("{}:{}", c.kind, name.clone().unwrap_or_else(|| "(new)".into()));
+    let mut run = |netns: &std::path::Path| {
+        let n = name.clone().unwrap_or_else(|| {
+            let ns = netns.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default();
+            format!("w-{}", ns.rsplit('-').next().unwrap_or("0"))
+        });
+        let spec = CreateSpec {
+            name: &n,
+            image: &image,
+            args,
+            env: c.env,
+            netns: Some(netns),
+            memory_limit: c.memory.map(|m| m << 20),
+            labels: Default::default(),
+        };
+        let r = rt.create(&spec).map_err(|e| ferry_migrate::chain(&ferry_migrate::MigrateError::from(e)))?;
+        created = Some(format!("{}:{}", c.kind, r.name));
+        Ok(r.pid)
+    };
+    let w = lab.exec_container(node, &label, args.to_vec(), &mut run)?;
+    // The record names the container as created (its name may have been chosen in `run`).
+    match created {
+        Some(id) if id != label => Ok(ferry_lab::rename_container(lab.config(), w.id, &id)?),
+        _ => Ok(w),
+    }
+}
+
 fn down(name: Option<&str>) -> Result<(), LabError> {
     let config = LabConfig::select(name)?;
+    // The nodes' container runtimes first: their containers, daemons and mounts.
+    if let Ok(lab) = Lab::load(&config) {
+        ferry_migrate::lab_agents::stop_runtimes(&lab);
+    }
     let r = Lab::down(&config)?;
     if r.nothing_found() {
         println!("{} was not up: nothing to remove", title(&config));
@@ -202,6 +312,7 @@ fn classify(err: &LabError) -> Exit {
         | LabError::Io { .. }
         | LabError::WorkloadDidNotStart { .. }
         | LabError::WorkloadExited { .. }
+        | LabError::ContainerDidNotStart { .. }
         | LabError::DownIncomplete { .. } => Exit::Failure,
     }
 }
