@@ -52,6 +52,9 @@ pub enum Msg {
         /// The workload's neighbour entries (address, MAC), installed in its new namespace.
         neighbours: Vec<(std::net::Ipv4Addr, String)>,
         strategy: Strategy,
+        /// A container's record (`ferry-container.json`), checked by the target before anything
+        /// is frozen: runtime up, name free, image and bind mount sources present.
+        container: Option<Vec<u8>>,
     },
     /// The target's X25519 key, for which the data keys are wrapped.
     Prepared {

@@ -32,11 +32,12 @@ pub(crate) fn migrate(
     let workload: WorkloadId = req.workload.parse()?;
     // A container's tree is its init process's; its own namespaces (runc's keys) are declared
     // external by the checkpoint itself.
-    let (pid, container) = match &workload {
-        WorkloadId::Pid(pid) => (*pid, None),
+    let (pid, container, record) = match &workload {
+        WorkloadId::Pid(pid) => (*pid, None, None),
         WorkloadId::Container { kind, id } => {
             let c = ferry_runtime::container::open(kind, &agent.ctx.endpoints)?.inspect(id)?;
-            (c.plan.init_pid, Some(c.record.workload()))
+            let record = serde_json::to_vec(&c.record).map_err(|e| MigrateError::protocol(e.to_string()))?;
+            (c.plan.init_pid, Some(c.record.workload()), Some(record))
         }
     };
     if !ferry_sys::process_exists(pid) {
@@ -78,6 +79,7 @@ pub(crate) fn migrate(
             _ => Vec::new(),
         },
         strategy,
+        container: record,
     };
     let recipient = match ch.call(&prepare, "prepare")? {
         Msg::Prepared { x25519 } => x25519,

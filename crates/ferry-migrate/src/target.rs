@@ -66,9 +66,14 @@ pub(crate) fn serve(agent: &Agent, mut ch: Channel) -> Result<(), MigrateError> 
             }
         };
         match msg {
-            Msg::Prepare { migration, ip, lab_workload, neighbours, .. } => {
+            Msg::Prepare { migration, ip, lab_workload, neighbours, container, .. } => {
                 if ferry_store::validate_name(&migration).is_err() {
                     return fail(agent, &mut ch, arrival, MigrateError::protocol("bad migration id"));
+                }
+                if let Some(record) = container {
+                    if let Err(e) = preflight_container(agent, &record) {
+                        return fail(agent, &mut ch, arrival, e);
+                    }
                 }
                 let mut a = Arrival::new(&migration, &ch.node, ip);
                 a.from = lab_workload;
@@ -207,6 +212,13 @@ pub(crate) fn serve(agent: &Agent, mut ch: Channel) -> Result<(), MigrateError> 
             other => return fail(agent, &mut ch, arrival, unexpected("a migration", &other)),
         }
     }
+}
+
+/// Whether a container could be restored here, asked before the source freezes it.
+fn preflight_container(agent: &Agent, record: &[u8]) -> Result<(), MigrateError> {
+    let record = ContainerRecord::parse(record)?;
+    ferry_runtime::container::preflight(&agent.ctx.endpoints, &record, &record.name)?;
+    Ok(())
 }
 
 /// Tells the source why, and undoes the arrival.

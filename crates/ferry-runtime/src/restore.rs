@@ -117,13 +117,7 @@ pub fn restore_container(ctx: &Context, r: &ContainerRestore<'_>) -> Result<Rest
     crate::container::record::validate_name("name", name, false)?;
     let rt = crate::container::open(&r.record.kind, &ctx.endpoints)?;
     let workload = format!("{}:{name}", r.record.kind);
-    if rt.exists(name)? {
-        return Err(Error::NameTaken { workload });
-    }
-    let reasons = rt.preflight(r.record, name);
-    if !reasons.is_empty() {
-        return Err(Error::ContainerRefused { workload, reasons });
-    }
+    crate::container::preflight(&ctx.endpoints, r.record, name)?;
     std::fs::create_dir_all(r.work_dir)
         .map_err(|e| Error::Container(format!("cannot create {}: {e}", r.work_dir.display())))?;
     let conf = CriuConfig {

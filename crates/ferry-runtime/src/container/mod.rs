@@ -81,6 +81,8 @@ pub struct CreateSpec<'a> {
     /// Memory limit in bytes.
     pub memory_limit: Option<u64>,
     pub labels: BTreeMap<String, String>,
+    /// Bind mounts: host path, path inside.
+    pub mounts: Vec<(String, String)>,
 }
 
 /// Where a private instance of a runtime keeps its state (ferry's lab gives each node one).
@@ -244,6 +246,37 @@ pub fn netns_address(path: &Path) -> (Option<std::net::Ipv4Addr>, Option<String>
         }
     }
     (None, None)
+}
+
+/// Whether `record` can be restored here as `name`: the runtime answers, the name is free,
+/// and nothing it needs is missing (each reason with its fix).
+pub fn preflight(endpoints: &Endpoints, record: &ContainerRecord, name: &str) -> Result<(), Error> {
+    let rt = open(&record.kind, endpoints)?;
+    let workload = format!("{}:{name}", record.kind);
+    if rt.exists(name)? {
+        return Err(Error::NameTaken { workload });
+    }
+    let mut reasons = rt.preflight(record, name);
+    reasons.extend(missing_bind_sources(record));
+    reasons.extend(missing_devices(record));
+    if reasons.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::ContainerRefused { workload, reasons })
+    }
+}
+
+/// A reason for each device of the spec this host lacks.
+pub fn missing_devices(record: &ContainerRecord) -> Vec<String> {
+    let Some(devices) = record.spec.pointer("/linux/devices").and_then(|d| d.as_array()) else {
+        return Vec::new();
+    };
+    devices
+        .iter()
+        .filter_map(|d| d.get("path")?.as_str())
+        .filter(|p| !Path::new(p).exists())
+        .map(|p| format!("the container uses device {p}, which this host lacks: add it, or restore on a host that has it"))
+        .collect()
 }
 
 /// A reason for each bind mount of `record` whose source this host lacks.

@@ -315,7 +315,6 @@ impl ContainerRuntime for Runc {
             )),
             _ => {}
         }
-        problems.extend(super::missing_bind_sources(record));
         problems
     }
 
@@ -392,6 +391,13 @@ impl Runc {
         spec["annotations"] = serde_json::json!(req.labels);
         if let Some(netns) = req.netns {
             super::set_namespace_path(&mut spec, "network", netns);
+        }
+        if let Some(mounts) = spec["mounts"].as_array_mut() {
+            for (src, dst) in &req.mounts {
+                mounts.push(serde_json::json!({
+                    "destination": dst, "type": "bind", "source": src, "options": ["rbind", "rw"]
+                }));
+            }
         }
         if let Some(limit) = req.memory_limit {
             spec["linux"]["resources"]["memory"] = serde_json::json!({ "limit": limit });

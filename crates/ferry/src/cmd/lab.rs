@@ -191,6 +191,7 @@ fn start_container(
             netns: Some(netns),
             memory_limit: c.memory.map(|m| m << 20),
             labels: Default::default(),
+            mounts: Vec::new(),
         };
         let r = rt.create(&spec).map_err(|e| ferry_migrate::chain(&ferry_migrate::MigrateError::from(e)))?;
         created = Some(format!("{}:{}", c.kind, r.name));

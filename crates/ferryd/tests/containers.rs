@@ -1,0 +1,406 @@
+//! Containers of every runtime ferry knows, end to end, against the real runtime (each lab
+//! node with its own instance of it: its own state, images and socket), real CRIU and real
+//! agents: checkpoint and restore, live migration between lab nodes under 50 TCP clients,
+//! refusals before anything is frozen, and clear errors that leave nothing behind.
+//!
+//! Every scenario is written once, over a runtime kind; `runtime_tests!` at the bottom makes
+//! a module of tests per kind. Under CI=true a missing runtime fails its tests (with the
+//! reason); elsewhere the privileged tests skip as the others do.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failing test should stop right there
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use ferry_lab::{TestLab, Workload};
+use ferry_migrate::api::{Event, MigrateRequest, Report, Request, Strategy};
+use ferry_migrate::lab_agents::{self, agent_socket, node_dir};
+use ferry_runtime::container::{self, ContainerRuntime, CreateSpec, Endpoints};
+use ferry_runtime::{CheckpointRequest, Context, RestoreRequest, WorkloadId};
+use ferry_testkit::{poll, require_privileged, try_poll};
+
+/// One lab at a time: each test moves hundreds of MiB on a 2-core machine.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+const PORT: u16 = 7000;
+const IMAGE_DIR: &str = "/var/lib/ferry-lab/images/busybox";
+const IMAGE: &str = "ferry-lab/busybox";
+const CTRLOAD: &str = "/opt/ferry/ctrload.py";
+
+fn ferryd() -> &'static Path {
+    Path::new(env!("CARGO_BIN_EXE_ferryd"))
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// A lab of two nodes with agents, each node with its own instance of runtime `kind` holding
+/// the lab's image.
+struct Fixture {
+    kind: &'static str,
+    lab: TestLab,
+    _serial: std::sync::MutexGuard<'static, ()>,
+}
+
+impl Fixture {
+    fn new(kind: &'static str) -> Option<Fixture> {
+        if !require_privileged() {
+            return None;
+        }
+        let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+        let built = Command::new(repo().join("scripts/mkrootfs")).arg(IMAGE_DIR).output().unwrap();
+        assert!(built.status.success(), "mkrootfs: {}", String::from_utf8_lossy(&built.stderr));
+        let lab = TestLab::up(2).expect("lab up");
+        lab_agents::prepare_stores(lab.lab()).expect("stores");
+        let f = Fixture { kind, lab, _serial: serial };
+        for node in ["node1", "node2"] {
+            let socket = lab_agents::spawn_agent(f.lab.lab(), node, ferryd(), None, &[]).expect("agent");
+            assert!(lab_agents::wait_agent(&socket, Duration::from_secs(30)), "agent of {node}");
+            if let Err(e) = lab_agents::start_runtime(f.lab.lab(), node, kind) {
+                panic!("{kind} does not start on {node}: {e} ({:?})", e.hint());
+            }
+            f.runtime(node).import_image(Path::new(IMAGE_DIR), IMAGE).expect("import the image");
+        }
+        Some(f)
+    }
+
+    fn image(&self) -> &'static str {
+        if self.kind == "runc" {
+            IMAGE_DIR
+        } else {
+            IMAGE
+        }
+    }
+
+    fn endpoints(&self, node: &str) -> Endpoints {
+        let dirs = lab_agents::runtime_dirs(self.lab.lab(), node).unwrap();
+        let mut e = Endpoints::new(self.store_dir(node));
+        e.set(self.kind, container::instance_endpoint(self.kind, &dirs).unwrap());
+        e
+    }
+
+    fn store_dir(&self, node: &str) -> PathBuf {
+        node_dir(self.lab.config().state_dir(), node).join("store")
+    }
+
+    fn runtime(&self, node: &str) -> Box<dyn ContainerRuntime> {
+        container::open(self.kind, &self.endpoints(node)).unwrap()
+    }
+
+    /// ferry's library over `node`'s store and runtime (as the CLI on that node would be).
+    fn ctx(&self, node: &str) -> Context {
+        let criu = ferry_criu::Criu::locate(None).unwrap();
+        let store = ferry_store::Store::open(self.store_dir(node)).unwrap();
+        let mut ctx = Context::new(criu, store).unwrap();
+        ctx.endpoints = self.endpoints(node);
+        ctx
+    }
+
+    /// Starts ctrload (`mib` MiB) in container `name` on `node`, in a lab namespace of its
+    /// own; returns once it answers.
+    fn start(&mut self, node: &str, name: &str, mib: u32, memory_limit: Option<u64>) -> Workload {
+        self.start_with(node, name, mib, memory_limit, Vec::new())
+    }
+
+    fn start_with(
+        &mut self,
+        node: &str,
+        name: &str,
+        mib: u32,
+        memory_limit: Option<u64>,
+        mounts: Vec<(String, String)>,
+    ) -> Workload {
+        let args: Vec<String> =
+            ["/usr/bin/python3", CTRLOAD, "--mib", &mib.to_string(), "--port", &PORT.to_string()]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+        let rt = self.runtime(node);
+        let image = self.image();
+        let workload = format!("{}:{name}", self.kind);
+        let w = self
+            .lab
+            .lab_mut()
+            .exec_container(node, &workload, args.clone(), &mut |netns| {
+                let spec = CreateSpec {
+                    name,
+                    image,
+                    args: &args,
+                    env: &[],
+                    netns: Some(netns),
+                    memory_limit,
+                    labels: [("ferry.test".to_owned(), "yes".to_owned())].into(),
+                    mounts: mounts.clone(),
+                };
+                rt.create(&spec).map(|r| r.pid).map_err(|e| e.to_string())
+            })
+            .expect("start the container");
+        poll(Duration::from_secs(60), "ctrload to answer", || ask(w.ip, "!stats"));
+        w
+    }
+
+    fn migrate(&self, from: &str, name: &str, to: &str, strategy: Strategy) -> Result<Report, String> {
+        let req = Request::Migrate(MigrateRequest {
+            workload: format!("{}:{name}", self.kind),
+            to: to.into(),
+            strategy,
+        });
+        let socket = agent_socket(self.lab.config().state_dir(), from);
+        match ferry_migrate::client::call(&socket, &req, &mut |_| {}) {
+            Ok(Event::Report(r)) => Ok(r),
+            Ok(Event::Failed { message, .. }) => Err(message),
+            Ok(other) => Err(format!("unexpected answer {other:?}")),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    fn exists(&self, node: &str, name: &str) -> bool {
+        self.runtime(node).exists(name).unwrap()
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        // The runtimes' containers, daemons and mounts go before the lab does.
+        lab_agents::stop_runtimes(self.lab.lab());
+    }
+}
+
+/// One request to ctrload; its JSON answer.
+fn ask(ip: Ipv4Addr, line: &str) -> Option<serde_json::Value> {
+    let mut s = TcpStream::connect_timeout(&SocketAddr::from((ip, PORT)), Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
+    s.write_all(format!("{line}\n").as_bytes()).ok()?;
+    let mut answer = String::new();
+    BufReader::new(s).read_line(&mut answer).ok()?;
+    let json = answer.splitn(3, ' ').nth(2)?;
+    serde_json::from_str(json.trim()).ok()
+}
+
+fn checkpoint(
+    ctx: &Context,
+    workload: &str,
+    name: &str,
+) -> Result<ferry_runtime::CheckpointReport, ferry_runtime::Error> {
+    let req = CheckpointRequest {
+        workload: workload.parse::<WorkloadId>().unwrap(),
+        name: Some(name.into()),
+        leave_running: false,
+        tcp_established: false,
+        keep: None,
+        external: Vec::new(),
+        lazy_pages: None,
+        log_level: None,
+    };
+    ferry_runtime::checkpoint(ctx, &req)
+}
+
+/// The memory cgroup limit of `pid`, in bytes.
+fn memory_limit_of(pid: i32) -> u64 {
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let path = cgroups
+        .lines()
+        .find_map(|l| l.split_once(":memory:").map(|(_, p)| p.to_owned()))
+        .expect("a memory cgroup");
+    let file =
+        Path::new("/sys/fs/cgroup/memory").join(path.trim_start_matches('/')).join("memory.limit_in_bytes");
+    std::fs::read_to_string(&file).unwrap().trim().parse().unwrap()
+}
+
+/// What an operation must not leave: CRIU processes of this lab (other developers' may run
+/// on the machine: ours hold files under the lab's directories), private tmpfs mounts in a
+/// store.
+fn assert_nothing_left(f: &Fixture) {
+    let dirs = [ferry_lab::data_dir(f.lab.config().state_dir()), f.lab.config().state_dir().to_path_buf()];
+    let ours = || -> Vec<i32> {
+        let Ok(procs) = std::fs::read_dir("/proc") else { return Vec::new() };
+        procs
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+            .filter(|pid| {
+                std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "criu")
+            })
+            .filter(|pid| {
+                std::fs::read_dir(format!("/proc/{pid}/fd")).into_iter().flatten().flatten().any(|fd| {
+                    std::fs::read_link(fd.path()).is_ok_and(|t| dirs.iter().any(|d| t.starts_with(d)))
+                })
+            })
+            .collect()
+    };
+    let gone = try_poll(Duration::from_secs(10), || ours().is_empty().then_some(()));
+    assert!(gone.is_some(), "criu of this lab still runs: {:?}", ours());
+    for node in ["node1", "node2"] {
+        let tmp = f.store_dir(node).join("tmp");
+        ferry_testkit::assert_no_mounts_under(&tmp);
+    }
+}
+
+// --- the scenarios, one function each, over a runtime kind ---
+
+/// 512 MiB of random memory, a file written and one deleted after start, a memory limit: all
+/// of it as it was after a checkpoint (which removes the container from its runtime) and a
+/// restore under a new name, listed by the runtime as running.
+fn checkpoint_and_restore(kind: &'static str) {
+    let Some(mut f) = Fixture::new(kind) else { return };
+    let limit = 768u64 << 20;
+    let w = f.start("node1", "web", 512, Some(limit));
+    let root = format!("/proc/{}/root", w.pid);
+    std::fs::write(format!("{root}/etc/written-after-start"), b"kept\n").unwrap();
+    std::fs::remove_file(format!("{root}/bin/vi")).unwrap();
+    let before = ask(w.ip, "!sum").unwrap();
+    assert_eq!(before["ok"], true);
+
+    let ctx = f.ctx("node1");
+    let r = checkpoint(&ctx, &format!("{kind}:web"), "web-ck").expect("checkpoint");
+    assert!(r.logical_bytes > 512 << 20, "{} bytes", r.logical_bytes);
+    assert!(!f.exists("node1", "web"), "the runtime still lists the checkpointed container");
+
+    let req = RestoreRequest { name: "web-ck".into(), new_name: Some("web2".into()) };
+    let restored = ferry_runtime::restore(&ctx, &req).expect("restore");
+    assert_eq!(restored.container.as_deref(), Some(format!("{kind}:web2").as_str()));
+    assert!(f.exists("node1", "web2"), "the runtime does not list the restored container");
+    let after = poll(Duration::from_secs(30), "the restored copy to answer", || ask(w.ip, "!sum"));
+    assert_eq!(after["ok"], true, "{after}");
+    assert_eq!(after["sha256"], before["sha256"], "the memory came back");
+    assert!(after["ticks"].as_u64() >= before["ticks"].as_u64(), "{before} -> {after}");
+    let root = format!("/proc/{}/root", restored.pid);
+    assert_eq!(std::fs::read(format!("{root}/etc/written-after-start")).unwrap(), b"kept\n");
+    assert!(std::fs::symlink_metadata(format!("{root}/bin/vi")).is_err(), "a deleted file came back");
+    assert_eq!(memory_limit_of(restored.pid), limit, "the memory limit");
+    // The same name is refused while it is taken.
+    let again = ferry_runtime::restore(
+        &ctx,
+        &RestoreRequest { name: "web-ck".into(), new_name: Some("web2".into()) },
+    );
+    assert!(matches!(again, Err(ferry_runtime::Error::NameTaken { .. })), "{again:?}");
+    assert_nothing_left(&f);
+}
+
+/// 50 clients send continuously while the container moves to the other node: no error, no
+/// lost or duplicated reply, and afterwards only the target's runtime holds it.
+fn migrate_under_clients(kind: &'static str, strategy: Strategy) {
+    let Some(mut f) = Fixture::new(kind) else { return };
+    let w = f.start("node1", "web", 64, None);
+    let before = ask(w.ip, "!sum").unwrap();
+    let probe = Command::new("/usr/bin/python3")
+        .arg(repo().join("tools/probe_client.py"))
+        .args(["echo", &w.ip.to_string(), &PORT.to_string(), "--conns", "50", "--duration", "12"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let r = f.migrate("node1", "web", "node2", strategy).expect("migrate");
+    assert_eq!(r.new_workload, format!("{kind}:web"));
+    let out = probe.wait_with_output().unwrap();
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("probe summary");
+    assert_eq!(summary["conns"], 50, "{summary}");
+    for counter in ["errors", "lost", "dup", "wrong"] {
+        assert_eq!(summary[counter], 0, "{counter} in {summary}");
+    }
+    assert!(!f.exists("node1", "web"), "the source runtime still holds the container");
+    assert!(f.exists("node2", "web"), "the target runtime does not list the container");
+    let after = ask(w.ip, "!sum").unwrap();
+    assert_eq!(after["sha256"], before["sha256"]);
+    assert_nothing_left(&f);
+}
+
+/// Refused before anything is frozen, with the reason: a bind mount whose source the target
+/// lacks (the lab's nodes share a filesystem, so the source is taken away after the start).
+/// The container runs on where it was, and the target keeps nothing.
+fn refuses_missing_bind_source(kind: &'static str) {
+    let Some(mut f) = Fixture::new(kind) else { return };
+    let shared = tempfile::tempdir().unwrap();
+    let src = shared.path().join("data");
+    std::fs::create_dir(&src).unwrap();
+    let w = f.start_with("node1", "web", 16, None, vec![(src.display().to_string(), "/data".into())]);
+    let moved = shared.path().join("moved");
+    std::fs::rename(&src, &moved).unwrap();
+    let ticks = ask(w.ip, "!stats").unwrap()["ticks"].as_u64().unwrap();
+    let err = f.migrate("node1", "web", "node2", Strategy::StopCopy).expect_err("refused");
+    assert!(err.contains("/data") && err.contains(&src.display().to_string()), "{err}");
+    std::thread::sleep(Duration::from_millis(500));
+    let later = ask(w.ip, "!stats").unwrap()["ticks"].as_u64().unwrap();
+    assert!(later > ticks + 2, "the container was frozen: {ticks} -> {later} ticks");
+    assert!(f.exists("node1", "web") && !f.exists("node2", "web"));
+    std::fs::rename(&moved, &src).unwrap();
+}
+
+/// A missing container and a stopped one get clear errors, and nothing is left behind.
+fn clear_errors(kind: &'static str) {
+    let Some(mut f) = Fixture::new(kind) else { return };
+    let ctx = f.ctx("node1");
+    let missing = checkpoint(&ctx, &format!("{kind}:nosuch"), "x1");
+    assert!(matches!(missing, Err(ferry_runtime::Error::ContainerNotFound { .. })), "{missing:?}");
+    let w = f.start("node1", "web", 16, None);
+    ferry_sys::kill(w.pid, ferry_sys::Signal::Kill).unwrap();
+    let stopped =
+        try_poll(Duration::from_secs(20), || match checkpoint(&ctx, &format!("{kind}:web"), "x2") {
+            Err(ferry_runtime::Error::ContainerNotRunning { .. }) => Some(()),
+            _ => None,
+        });
+    assert!(stopped.is_some(), "a stopped container was not reported as such");
+    assert!(ctx.store.list().unwrap().0.is_empty(), "a failed checkpoint left one behind");
+    assert_nothing_left(&f);
+}
+
+/// A runtime whose daemon is down: the error names it and says how to start it.
+fn daemon_down(kind: &'static str) {
+    let Some(f) = Fixture::new(kind) else { return };
+    let dirs = lab_agents::runtime_dirs(f.lab.lab(), "node1").unwrap();
+    container::stop_instance(kind, &dirs);
+    let err = checkpoint(&f.ctx("node1"), &format!("{kind}:web"), "x").expect_err("refused");
+    assert!(matches!(err, ferry_runtime::Error::RuntimeUnavailable(_)), "{err:?}");
+    assert!(err.hint().is_some_and(|h| h.contains(kind)), "{:?}", err.hint());
+    assert_nothing_left(&f);
+}
+
+/// One module of tests per runtime kind.
+macro_rules! runtime_tests {
+    ($($kind:ident: { $($extra:item)* })*) => {$(
+        mod $kind {
+            use super::*;
+
+            #[test]
+            fn checkpoint_and_restore_keep_memory_files_and_limits() {
+                checkpoint_and_restore(stringify!($kind));
+            }
+
+            #[test]
+            fn refuses_a_missing_bind_source_before_freezing() {
+                refuses_missing_bind_source(stringify!($kind));
+            }
+
+            #[test]
+            fn missing_and_stopped_containers_get_clear_errors() {
+                clear_errors(stringify!($kind));
+            }
+
+            $($extra)*
+        }
+    )*};
+}
+
+runtime_tests! {
+    runc: {
+        #[test]
+        fn fifty_clients_through_post_copy() {
+            migrate_under_clients("runc", Strategy::PostCopy);
+        }
+
+        #[test]
+        fn fifty_clients_through_stop_copy() {
+            migrate_under_clients("runc", Strategy::StopCopy);
+        }
+    }
+}
+
+/// Used by the runtimes with a daemon (in their module of `runtime_tests!`).
+#[allow(dead_code)]
+fn daemon_down_test(kind: &'static str) {
+    daemon_down(kind);
+}
