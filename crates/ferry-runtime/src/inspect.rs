@@ -10,6 +10,18 @@ pub struct Inspection {
     pub checkpoint: Checkpoint,
     pub footprint: Footprint,
     pub summary: Summary,
+    /// The container it holds, if it is of one.
+    pub container: Option<ContainerChanges>,
+}
+
+/// A checkpointed container and the changes to its root filesystem it carries.
+#[derive(Debug, Clone)]
+pub struct ContainerChanges {
+    pub record: crate::container::ContainerRecord,
+    /// Bytes of `rootfs-diff.tar` (added and changed files).
+    pub rootfs_diff_bytes: u64,
+    /// Paths deleted since it started.
+    pub deleted: Vec<String>,
 }
 
 pub fn inspect(ctx: &Context, name: &str) -> Result<Inspection, Error> {
@@ -29,5 +41,21 @@ pub fn inspect(ctx: &Context, name: &str) -> Result<Inspection, Error> {
         file: "images".into(),
         detail: e.to_string(),
     })?;
-    Ok(Inspection { checkpoint, footprint, summary })
+    let container = match crate::container::ContainerRecord::read_from(&images)? {
+        Some(record) => {
+            let diff = images.join(crate::container::record::ROOTFS_DIFF_FILE);
+            let deleted = images.join(crate::container::record::DELETED_FILES_FILE);
+            Some(ContainerChanges {
+                record,
+                rootfs_diff_bytes: std::fs::metadata(&diff).map(|m| m.len()).unwrap_or(0),
+                deleted: if deleted.exists() {
+                    crate::container::rootfs::read_deleted(&deleted)?
+                } else {
+                    Vec::new()
+                },
+            })
+        }
+        None => None,
+    };
+    Ok(Inspection { checkpoint, footprint, summary, container })
 }

@@ -22,7 +22,7 @@ pub use checkpoint::{
 pub use context::{require_root, Context};
 pub use error::Error;
 pub use host::host_facts;
-pub use inspect::{inspect, Inspection};
+pub use inspect::{inspect, ContainerChanges, Inspection};
 pub use process::ProcessRuntime;
 pub use remove::{remove, RemoveReport};
 pub use restore::{restore, restore_container, ContainerRestore, RestoreReport, RestoreRequest};

@@ -24,6 +24,11 @@ pub fn run(cli: &Cli, name: &str, json: bool) -> Outcome {
                 "pid": p.pid, "ppid": p.ppid, "threads": p.threads, "comm": p.comm })).collect::<Vec<_>>(),
             "files": i.summary.files.iter().map(|f| serde_json::json!({
                 "pid": f.pid, "fd": f.fd, "kind": f.kind.to_string() })).collect::<Vec<_>>(),
+            "container": i.container.as_ref().map(|c| serde_json::json!({
+                "kind": c.record.kind, "id": c.record.id, "name": c.record.name, "image": c.record.image,
+                "labels": c.record.labels, "network": c.record.network,
+                "rootfs_diff_bytes": c.rootfs_diff_bytes, "deleted": c.deleted,
+                "spec": c.record.spec })),
         });
         println!("{doc}");
         return crate::ok();
@@ -44,6 +49,26 @@ pub fn run(cli: &Cli, name: &str, json: bool) -> Outcome {
     );
     println!("dedup+compression ratio {dedup_ratio:.2}x of non-zero data");
     println!("memory       {}", human_bytes(i.summary.memory_bytes));
+    if let Some(c) = &i.container {
+        let r = &c.record;
+        println!(
+            "container    {}:{} (id {}), image {}",
+            r.kind,
+            r.name,
+            r.id,
+            r.image.as_deref().unwrap_or("(a root directory)")
+        );
+        if let Some(n) = &r.network {
+            let ip = n.ip.map(|i| i.to_string()).unwrap_or_else(|| "no address".into());
+            let own = if n.external { "its own namespace, left behind" } else { "dumped with it" };
+            println!("network      {ip} {} ({own})", n.mac.as_deref().unwrap_or(""));
+        }
+        println!(
+            "root fs      {} of added or changed files, {} deleted",
+            human_bytes(c.rootfs_diff_bytes),
+            c.deleted.len()
+        );
+    }
     println!();
     print!("{}", i.summary);
     crate::ok()
