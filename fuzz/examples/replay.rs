@@ -29,8 +29,9 @@ fn main() -> ExitCode {
         Some("wire_frame") => ferry_store_fuzz::wire_frame,
         Some("migrate_msg") => ferry_store_fuzz::migrate_msg,
         Some("lazy_images") => ferry_store_fuzz::lazy_images,
+        Some("container_record") => ferry_store_fuzz::container_record,
         _ => {
-            eprintln!("usage: replay manifest|chunk_frame|slots|archive|wire_frame|migrate_msg|lazy_images PATH...");
+            eprintln!("usage: replay manifest|chunk_frame|slots|archive|wire_frame|migrate_msg|lazy_images|container_record PATH...");
             return ExitCode::from(2);
         }
     };

@@ -268,3 +268,24 @@ pub fn lazy_images(data: &[u8]) {
         }
     }
 }
+
+/// A container's record (`ferry-container.json`) or its `deleted.files`, as a checkpoint or an
+/// imported archive carries them: first byte 0 for the record, else the deleted list. What is
+/// accepted must be valid by the parsers' own rules and survive a round trip.
+pub fn container_record(data: &[u8]) {
+    use ferry_runtime::container::{rootfs, ContainerRecord};
+    let Some((&which, rest)) = data.split_first() else { return };
+    if which == 0 {
+        if let Ok(r) = ContainerRecord::parse(rest) {
+            let again = serde_json::to_vec(&r).expect("a parsed record encodes");
+            assert_eq!(ContainerRecord::parse(&again).expect("and parses again"), r);
+            for (src, _) in r.bind_sources() {
+                let _ = src.len();
+            }
+        }
+    } else if let Ok(list) = rootfs::parse_deleted(rest) {
+        for p in list {
+            assert!(!p.split('/').any(|c| c == ".."), "{p}");
+        }
+    }
+}

@@ -124,8 +124,16 @@ pub fn apply_diff(root: &Path, tar_path: Option<&Path>, deleted_path: Option<&Pa
 pub fn read_deleted(p: &Path) -> Result<Vec<String>, Error> {
     let bytes = super::record::read_capped(p, MAX_DELETED_FILE)
         .map_err(|e| bad_diff(format!("cannot read {}: {e}", p.display())))?;
+    parse_deleted(&bytes)
+}
+
+/// Parses and validates the content of a `deleted.files`.
+pub fn parse_deleted(bytes: &[u8]) -> Result<Vec<String>, Error> {
+    if bytes.len() as u64 > MAX_DELETED_FILE {
+        return Err(bad_diff(format!("deleted.files is larger than {MAX_DELETED_FILE} bytes")));
+    }
     let list: Vec<String> =
-        serde_json::from_slice(&bytes).map_err(|e| bad_diff(format!("deleted.files: {e}")))?;
+        serde_json::from_slice(bytes).map_err(|e| bad_diff(format!("deleted.files: {e}")))?;
     if list.len() > MAX_DELETED {
         return Err(bad_diff(format!("deleted.files lists more than {MAX_DELETED} paths")));
     }
