@@ -144,7 +144,8 @@ pub fn checkpoint_with(
             leave_running: req.leave_running,
             ..Default::default()
         },
-        container: subject.container(),
+        subject: &subject,
+        diff_written: false,
         work: Some((pending, pipeline)),
         outcome: None,
         hook,
@@ -203,10 +204,18 @@ impl Subject {
         }
     }
 
-    fn container(&self) -> Option<Container> {
+    fn container(&self) -> Option<&Container> {
         match self {
             Subject::Process(_) => None,
-            Subject::Container(_, c) => Some((**c).clone()),
+            Subject::Container(_, c) => Some(c),
+        }
+    }
+
+    /// The tree is stored and about to be killed by CRIU.
+    fn stopping(&self) -> Result<(), Error> {
+        match self {
+            Subject::Process(_) => Ok(()),
+            Subject::Container(rt, c) => rt.stopping(c),
         }
     }
 
@@ -286,7 +295,8 @@ struct CommitAtPostDump<'a> {
     started: Instant,
     leave_running: bool,
     info: CheckpointInfo,
-    container: Option<Container>,
+    subject: &'a Subject,
+    diff_written: bool,
     work: Option<(Pending, Pipeline)>,
     outcome: Option<Result<(Committed, f64), Error>>,
     hook: &'a mut dyn PostDump,
@@ -295,8 +305,11 @@ struct CommitAtPostDump<'a> {
 impl CommitAtPostDump<'_> {
     /// A container's root filesystem changes, once (at post-dump, while the tree is frozen).
     fn write_rootfs_diff(&mut self) -> Result<(), Error> {
-        match (self.container.take(), &self.work) {
-            (Some(c), Some((pending, _))) => write_rootfs_diff(&c, &pending.images_dir()),
+        if std::mem::replace(&mut self.diff_written, true) {
+            return Ok(());
+        }
+        match (self.subject.container(), &self.work) {
+            (Some(c), Some((pending, _))) => write_rootfs_diff(c, &pending.images_dir()),
             _ => Ok(()),
         }
     }
@@ -352,6 +365,11 @@ impl NotifyHandler for CommitAtPostDump<'_> {
         }
         let result = self.commit().and_then(|(committed, secs)| {
             self.hook.after_commit(&committed).map_err(Error::PostDump)?;
+            // The runtime learns the container stops by ferry's doing (no restart), just before
+            // CRIU kills it. Too late to fail: the checkpoint (or the target's copy) is the one.
+            if let Err(e) = self.subject.stopping() {
+                tracing::warn!(error = %e, "the container's runtime was not told it stops");
+            }
             Ok((committed, secs))
         });
         let answer = result.as_ref().map(drop).map_err(|e| e.to_string());

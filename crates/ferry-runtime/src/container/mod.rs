@@ -38,6 +38,13 @@ pub trait ContainerRuntime: fmt::Debug + Send + Sync {
         Ok(())
     }
 
+    /// The checkpoint is stored (and a migration committed) and CRIU is about to kill the
+    /// container's processes: a runtime that cannot be kept from restarting it (`hold`) may
+    /// stop it through its own API here, so that it records a stop rather than a crash.
+    fn stopping(&self, _c: &Container) -> Result<(), Error> {
+        Ok(())
+    }
+
     /// The dump failed and CRIU resumed the processes: undo [`ContainerRuntime::hold`].
     fn release(&self, _c: &Container) -> Result<(), Error> {
         Ok(())
