@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all setup build demo demo-store test lint fuzz bench clean
+.PHONY: all setup build demo demo-process demo-store test lint fuzz bench clean
 
 all: build
 
@@ -12,9 +12,14 @@ setup:
 build: setup
 	$(CARGO) build --release -p ferry -p ferryd
 
-# The main job: Redis under a checking client, moved live between two lab nodes.
+# The main job: Redis in a Podman container, under a checking client, moved live between two
+# lab nodes (each with its own Podman).
 demo: build
 	bash scripts/demo-migrate
+
+# The same with Redis as a plain process tree.
+demo-process: build
+	RUNTIME=pid bash scripts/demo-migrate
 
 # The secure store on one node: checkpoint, inspect, verify, restore.
 demo-store: build

@@ -93,6 +93,33 @@ fn valid_mac(mac: &str) -> bool {
         && mac.split(':').all(|b| b.len() == 2 && b.chars().all(|c| c.is_ascii_hexdigit()))
 }
 
+/// Name of the nftables table that [`guard_resets`] puts in a workload's namespace.
+const RESET_GUARD: &str = "ferry_restore_guard";
+
+/// While `on`, workload `id`'s namespace sends no TCP reset: its port can then be up while
+/// its connections are being restored (a client's packet that arrives before its socket is
+/// back is dropped, not answered with a reset that would end the connection), so that what
+/// the restored tree sends the moment it runs goes out at once. Off removes the table.
+pub fn guard_resets(config: &LabConfig, id: u64, on: bool) -> Result<(), LabError> {
+    let state = load(config)?;
+    let w = state.workloads.iter().find(|w| w.id == id).ok_or(LabError::UnknownWorkload { id })?;
+    let mut cmd = std::process::Command::new(sys::tool("nsenter")?);
+    cmd.arg(format!("--net={}", w.netns_path().display())).arg("--").arg(sys::tool("nft")?);
+    if on {
+        cmd.args(["-f", "-"]);
+        let rules = format!(
+            "table inet {RESET_GUARD} {{\n  chain out {{\n    type filter hook output priority 0; policy accept;\n    tcp flags & rst == rst drop\n  }}\n}}\n"
+        );
+        return sys::run_with_input(cmd, rules.as_bytes()).map(drop);
+    }
+    cmd.args(["delete", "table", "inet", RESET_GUARD]);
+    match sys::run(cmd) {
+        Ok(_) => Ok(()),
+        Err(LabError::Command { stderr, .. }) if stderr.contains("No such file") => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 /// Brings the bridge port of workload `id` up or down.
 pub fn set_port(config: &LabConfig, id: u64, up: bool) -> Result<(), LabError> {
     let state = load(config)?;

@@ -105,6 +105,28 @@ pub(crate) fn run(mut cmd: Command) -> Result<String, LabError> {
     Err(LabError::Command { command, stderr })
 }
 
+/// [`run`] with `input` on the command's standard input.
+pub(crate) fn run_with_input(mut cmd: Command, input: &[u8]) -> Result<String, LabError> {
+    use std::io::Write;
+    let command = describe(&cmd);
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|source| LabError::Spawn { command: command.clone(), source })?;
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(input);
+    }
+    let out =
+        child.wait_with_output().map_err(|source| LabError::Spawn { command: command.clone(), source })?;
+    if out.status.success() {
+        return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr).trim().replace('\n', "; ");
+    Err(LabError::Command { command, stderr })
+}
+
 /// The host's network namespace (where the bridge is), for processes that run in a node's
 /// namespace (the agents of lab nodes): set once, from the lab's reference to it.
 static HOST_NETNS: OnceLock<PathBuf> = OnceLock::new();

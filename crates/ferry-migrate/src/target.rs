@@ -400,8 +400,10 @@ impl Arrival {
 
     /// A container's arrival: its runtime recreates it and restores it from the verified
     /// images (through ferry's pager for post-copy). The runtime gives no hook just before the
-    /// tree runs, so its port comes up right after the restore returns; the restored sockets
-    /// send nothing new before a client's packet gets through.
+    /// tree runs (a process tree's port comes up at CRIU's pre-resume): the port comes up before
+    /// the restore, with the namespace's TCP resets held back until it returns, so that a
+    /// client's early packet is dropped rather than reset, and what the restored sockets send
+    /// when they run (a window probe as they leave repair mode, a reply) leaves at once.
     fn restore_container(
         &mut self,
         agent: &Agent,
@@ -442,6 +444,41 @@ impl Arrival {
             lazy,
             tcp_established,
         };
+        let guarded = match (&agent.config.lab, self.entry.lab_workload) {
+            (Some(lab), Some(id)) => {
+                ferry_lab::guard_resets(lab, id, true)?;
+                ferry_lab::set_port(lab, id, true)?;
+                Some((lab.clone(), id))
+            }
+            _ => None,
+        };
+        let restored = self.restore_container_in(agent, &req, scratch, lazy);
+        if let Some((lab, id)) = &guarded {
+            if let Err(e) = ferry_lab::guard_resets(lab, *id, false) {
+                tracing::warn!(error = %e, "could not remove the reset guard of the arriving container");
+            }
+            if restored.is_err() {
+                let _ = ferry_lab::set_port(lab, *id, false);
+            }
+        }
+        let restored = restored?;
+        self.entry.pid = restored.pid;
+        self.entry.start_time = ferry_lab::start_time(restored.pid).unwrap_or(0);
+        self.entry.container = Some(format!("{}:{}", record.kind, restored.name));
+        agent.journal.write(&self.entry)?;
+        Ok(restored.pid)
+    }
+
+    /// The runtime's restore, with ferry's pager for post-copy.
+    fn restore_container_in(
+        &mut self,
+        agent: &Agent,
+        req: &ferry_runtime::ContainerRestore<'_>,
+        scratch: PrivateTmpfs,
+        lazy: bool,
+    ) -> Result<ferry_runtime::container::Restored, MigrateError> {
+        let images = req.images;
+        let work_dir = req.work_dir;
         let restored = if lazy {
             let fetcher = RemotePages::open(agent, &self.entry.peer, &self.entry.migration)?;
             let pager = LazyPager::start(&images, &work_dir, Box::new(fetcher))
@@ -453,7 +490,7 @@ impl Arrival {
             }
             let victim = agent.config.lab.clone().zip(self.entry.lab_workload);
             let watch = LazyWatch::start(pager, victim);
-            let restored = ferry_runtime::restore_container(&agent.ctx, &req);
+            let restored = ferry_runtime::restore_container(&agent.ctx, req);
             let (pager, failed) = watch.stop();
             self.lazy = Some((pager, scratch));
             match failed {
@@ -466,18 +503,11 @@ impl Arrival {
                 }
             }
         } else {
-            let restored = ferry_runtime::restore_container(&agent.ctx, &req);
+            let restored = ferry_runtime::restore_container(&agent.ctx, req);
             drop(scratch);
             restored?
         };
-        if let (Some(lab), Some(id)) = (&agent.config.lab, self.entry.lab_workload) {
-            ferry_lab::set_port(lab, id, true)?;
-        }
-        self.entry.pid = restored.pid;
-        self.entry.start_time = ferry_lab::start_time(restored.pid).unwrap_or(0);
-        self.entry.container = Some(format!("{}:{}", record.kind, restored.name));
-        agent.journal.write(&self.entry)?;
-        Ok(restored.pid)
+        Ok(restored)
     }
 
     /// A namespace for the workload's address (its bridge port down), with the source's
