@@ -481,7 +481,7 @@ impl Arrival {
         let work_dir = req.work_dir;
         let restored = if lazy {
             let fetcher = RemotePages::open(agent, &self.entry.peer, &self.entry.migration)?;
-            let pager = LazyPager::start(&images, &work_dir, Box::new(fetcher))
+            let pager = LazyPager::start(images, work_dir, Box::new(fetcher))
                 .map_err(|e| MigrateError::Refused(crate::chain(&e)))?;
             if std::env::var("FERRY_PUSH").map_or(true, |v| v != "off") {
                 let feeder = pager.feeder();
