@@ -234,7 +234,19 @@ fn status(name: Option<&str>, json: bool) -> Result<(), LabError> {
         let nodes: Vec<_> = lab
             .nodes()
             .iter()
-            .map(|n| serde_json::json!({ "name": n.name, "ip": n.ip, "netns": n.netns, "veth": n.veth }))
+            .map(|n| {
+                // Where the node's instance of each container runtime is reached.
+                let runtimes: serde_json::Map<String, serde_json::Value> =
+                    ferry_migrate::lab_agents::runtime_endpoints(&lab, &n.name)
+                        .unwrap_or_default()
+                        .into_iter()
+                        .filter_map(|e| e.split_once('=').map(|(k, v)| (k.to_owned(), v.into())))
+                        .collect();
+                serde_json::json!({
+                    "name": n.name, "ip": n.ip, "netns": n.netns, "veth": n.veth, "runtimes": runtimes,
+                    "store": ferry_migrate::lab_agents::node_dir(config.state_dir(), &n.name).join("store"),
+                })
+            })
             .collect();
         let workloads: Vec<_> = lab
             .workloads()
@@ -242,6 +254,7 @@ fn status(name: Option<&str>, json: bool) -> Result<(), LabError> {
             .map(|w| {
                 serde_json::json!({
                     "id": w.workload_id(), "pid": w.pid, "ip": w.ip, "node": w.node, "netns": w.netns,
+                    "container": w.container,
                     "veth": w.veth, "command": w.command, "log": w.log, "running": w.is_running(),
                 })
             })
