@@ -13,30 +13,40 @@
 //! There is no `checkpoint/` entry at all: tools that look for one say that this is not a
 //! plaintext checkpoint archive instead of showing an empty one.
 //!
-//! Plaintext (`--plaintext`): what checkpointctl reads as is.
+//! Plaintext (`--plaintext`): what checkpointctl reads, and (for a container) what `podman
+//! container restore --import` restores.
 //! ```text
 //! ferry/                 directory
 //! ferry/VERSION          "1\n"
 //! ferry/manifest.fmf     the signed manifest (it names every image, and its chunk ids)
+//! ferry/<own>.json       images of ferry's own that are not CRIU's (ferry-container.json)
+//! config.dump            Podman's container config   } written by an [`ExportLayout`]
+//! spec.dump              the OCI runtime spec        } (a container's; none for a process)
 //! checkpoint/            directory
 //! checkpoint/<image>     every CRIU image file, in the manifest's order
+//! rootfs-diff.tar        a container's root file system changes (images the layout puts at
+//! deleted.files            the top, where Podman and CRI-O have them)
 //! stats-dump             CRIU's stats-dump if the checkpoint holds one, else empty
 //! ```
 //! Entries are GNU tar (long names as `L` entries), uncompressed, files 0600, directories
-//! 0700, owner 0, mtime the checkpoint's creation time.
+//! 0700, owner 0, mtime the checkpoint's creation time. An OCI checkpoint image
+//! ([`ExportMode::OciImage`], `oci.rs`) carries exactly this archive as its one layer.
 //!
 //! Import reads the archive twice. The first pass checks every header before anything is
 //! written: a member count cap, size caps per member and in total, only regular files and
 //! directories, relative paths without `.` or `..` components, no setuid/setgid bits, names
-//! only where this layout or Podman's puts them, an end-of-archive marker (so a truncated
-//! archive is refused even when cut between two members), nothing but zeros after it. The
-//! small ferry files are kept from that pass; the second pass streams the images or the pack
+//! only where this layout, Podman's or CRI-O's puts them, an end-of-archive marker (so a
+//! truncated archive is refused even when cut between two members), nothing but zeros after
+//! it. The small ferry files and the container metadata (`config.dump`, `spec.dump`,
+//! `network.status`) are kept from that pass; the second pass streams the images or the pack
 //! and refuses an archive that changed in between. Plaintext only ever goes into the private
 //! tmpfs of a [`Pending`], which is dropped on any error: nothing outside the store is
 //! written, and a refused archive leaves nothing listed. Archives may be zstd-compressed
-//! (as Podman writes them by default); gzip is refused with a hint.
+//! (as Podman writes them by default); gzip is refused with a hint. What the images and the
+//! metadata mean for a container is for an [`ImportHook`] to check (ferry-runtime's), before
+//! anything is sealed; without one, an archive with root file system changes is refused.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -54,6 +64,7 @@ use crate::packs::{decode_idx, KeyId, Location, PackReader, MAX_FRAME};
 use crate::seal::{KeyRing, Opener, SealError, Slots, MAX_SLOTS_FILE};
 use crate::store::{Checkpoint, CheckpointInfo, Committed, Pending, Store};
 use crate::StoreError;
+use ferry_sys::PrivateTmpfs;
 
 /// Largest member an archive may hold (an image or the pack of sealed chunks).
 pub const MAX_ARCHIVE_ENTRY: u64 = 256 << 30;
@@ -69,8 +80,30 @@ const BLOCK: usize = 512;
 /// Caps of the tar extension headers (GNU long name, PAX): read into memory.
 const MAX_LONG_NAME: u64 = 4096;
 const MAX_PAX: u64 = 64 << 10;
-/// Podman's metadata files at the root (`config.dump`, ...): read through, not kept.
-const MAX_CONTAINER_FILE: u64 = 16 << 20;
+/// Podman's and CRI-O's container metadata at the top (`config.dump`, `spec.dump`,
+/// `network.status`): kept in memory for the [`ImportHook`]. Real ones are a few KiB.
+pub const MAX_METADATA_FILE: u64 = 1 << 20;
+/// ferry's own image files under `ferry/` (`*.json`).
+const MAX_OWN_FILE: u64 = 16 << 20;
+/// `deleted.files`: a JSON list of paths.
+const MAX_DELETED_FILE: u64 = 64 << 20;
+/// The files Podman and CRI-O write beside the metadata: logs, statistics, `/dev/shm`'s
+/// content. Read through, never kept.
+const SKIPPED_TOP: &[&str] = &[
+    "stats-dump",
+    "ctr.log",
+    "dump.log",
+    "restore.log",
+    "devshm-checkpoint.tar",
+    "bind.mounts",
+    "io.kubernetes.cri-o.LogPath",
+    "pod.options",
+    "status",
+];
+/// The metadata files kept for the hook.
+pub const METADATA_FILES: &[&str] = &["config.dump", "spec.dump", "network.status"];
+/// Images Podman and CRI-O keep at the top rather than under `checkpoint/`.
+pub const TOP_IMAGES: &[&str] = &["rootfs-diff.tar", "deleted.files"];
 const MAX_VERSION_FILE: u64 = 16;
 /// Size of an index entry and header in `ferry/chunks.idx` (docs/store-format.md).
 const IDX_HEADER: usize = 12;
@@ -89,6 +122,86 @@ pub enum ExportMode {
     Encrypted { recipients: Vec<[u8; 32]> },
     /// The images in the clear, as checkpointctl and Podman read them.
     Plaintext,
+    /// An OCI image layout whose one layer is the plaintext archive (`oci.rs`): a tar of
+    /// the layout, or the layout itself as a directory.
+    OciImage {
+        /// The image's name (`org.opencontainers.image.ref.name`), e.g. `localhost/web:latest`.
+        reference: String,
+        /// Write the layout as a directory (it must not exist) rather than a tar.
+        directory: bool,
+    },
+}
+
+/// How a plaintext export lays out what is not a CRIU image. The store knows nothing of
+/// containers: ferry-runtime decides, from the materialized images.
+pub trait ExportLayout {
+    /// `images` holds the checkpoint's verified images (in a private tmpfs).
+    fn layout(&self, images: &Path, manifest: &ManifestBody) -> Result<Layout, StoreError>;
+}
+
+/// What an [`ExportLayout`] decided.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Layout {
+    /// Files written at the top, before `checkpoint/`: one of [`METADATA_FILES`] each.
+    pub metadata: Vec<(String, Vec<u8>)>,
+    /// Images written at the top instead of under `checkpoint/`: of [`TOP_IMAGES`].
+    pub top: Vec<String>,
+    /// Images written under `ferry/` instead (ferry's own files): `*.json`.
+    pub own: Vec<String>,
+    /// Annotations of an OCI checkpoint image (its manifest's and index entry's).
+    pub annotations: BTreeMap<String, String>,
+}
+
+impl Layout {
+    /// Where image `name` goes in the archive.
+    fn path_of(&self, name: &str) -> String {
+        if self.top.iter().any(|t| t == name) {
+            name.to_owned()
+        } else if self.own.iter().any(|o| o == name) {
+            format!("ferry/{name}")
+        } else {
+            format!("checkpoint/{name}")
+        }
+    }
+
+    fn check(&self, m: &ManifestBody) -> Result<(), StoreError> {
+        let bad = |detail: String| StoreError::Damaged {
+            name: m.name.clone(),
+            file: "export layout".into(),
+            detail,
+        };
+        for (n, data) in &self.metadata {
+            if !METADATA_FILES.contains(&n.as_str()) || data.len() as u64 > MAX_METADATA_FILE {
+                return Err(bad(format!("{n} cannot be written at the top")));
+            }
+        }
+        for t in &self.top {
+            if !TOP_IMAGES.contains(&t.as_str()) {
+                return Err(bad(format!("{t} cannot be written at the top")));
+            }
+        }
+        for o in &self.own {
+            if !o.ends_with(".json") || o == "VERSION" {
+                return Err(bad(format!("{o} cannot be written under ferry/")));
+            }
+        }
+        for name in self.top.iter().chain(&self.own) {
+            if !m.files.iter().any(|f| &f.name == name) {
+                return Err(bad(format!("{name} is not an image of the checkpoint")));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The layout of a checkpoint that is not a container's: every image under `checkpoint/`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PlainImages;
+
+impl ExportLayout for PlainImages {
+    fn layout(&self, _images: &Path, _manifest: &ManifestBody) -> Result<Layout, StoreError> {
+        Ok(Layout::default())
+    }
 }
 
 /// What an export wrote.
@@ -98,47 +211,134 @@ pub struct ExportReport {
     pub bytes: u64,
     /// Image files of the checkpoint.
     pub files: usize,
-    /// `"encrypted"` or `"plaintext"`.
+    /// `"encrypted"`, `"plaintext"` or `"OCI image"`.
     pub mode: &'static str,
 }
 
 /// Writes checkpoint `name` to `out` (replaced if it exists) through a temporary file in the
-/// same directory that is renamed into place; the file is 0600.
+/// same directory that is renamed into place; the file is 0600. Every image goes under
+/// `checkpoint/`; [`export_with`] lets a layout place the rest.
 pub fn export(store: &Store, name: &str, out: &Path, mode: ExportMode) -> Result<ExportReport, StoreError> {
+    export_with(store, name, out, mode, &PlainImages)
+}
+
+/// [`export`], with `layout` deciding where a plaintext export puts what is not a CRIU image.
+pub fn export_with(
+    store: &Store,
+    name: &str,
+    out: &Path,
+    mode: ExportMode,
+    layout: &dyn ExportLayout,
+) -> Result<ExportReport, StoreError> {
     let c = store.get(name)?;
     let manifest = signed_manifest(store, &c)?;
+    if let ExportMode::OciImage { reference, directory } = &mode {
+        let plain = PlainSource::prepare(store, &c, manifest, layout)?;
+        let bytes = crate::oci::write(&plain, reference, out, *directory)?;
+        return Ok(ExportReport { bytes, files: c.manifest.files.len(), mode: "OCI image" });
+    }
     let mut tmp = TempOut::create(out)?;
     let file = tmp.file.try_clone().map_err(io_err("cannot open", &tmp.path))?;
-    let mut tar = Builder::new(BufWriter::with_capacity(COPY_BUF, file));
-    let mtime = c.manifest.created;
     let werr = |e: io::Error| StoreError::Io { action: "cannot write", path: tmp.path.clone(), source: e };
-    put(&mut tar, "ferry/", EntryType::Directory, 0, mtime, io::empty()).map_err(werr)?;
-    put(&mut tar, "ferry/VERSION", EntryType::Regular, FORMAT.len() as u64, mtime, FORMAT).map_err(werr)?;
-    put(&mut tar, "ferry/manifest.fmf", EntryType::Regular, manifest.len() as u64, mtime, &manifest[..])
-        .map_err(werr)?;
     let mode_name = match mode {
         ExportMode::Encrypted { recipients } => {
+            let mut tar = Builder::new(BufWriter::with_capacity(COPY_BUF, file));
+            put_ferry_header(&mut tar, &c, &manifest).map_err(werr)?;
             write_sealed(&mut tar, store, &c, &recipients, &tmp.path)?;
+            finish_tar(tar).map_err(werr)?;
             "encrypted"
         }
         ExportMode::Plaintext => {
-            write_plain(&mut tar, store, &c, &tmp.path)?;
+            let plain = PlainSource::prepare(store, &c, manifest, layout)?;
+            let buffered = plain.write(BufWriter::with_capacity(COPY_BUF, file), &tmp.path)?;
+            let file = buffered.into_inner().map_err(|e| werr(e.into_error()))?;
+            file.sync_all().map_err(werr)?;
             "plaintext"
         }
+        ExportMode::OciImage { .. } => unreachable!("handled above"),
     };
-    let buffered = tar.into_inner().map_err(werr)?;
-    let file = buffered.into_inner().map_err(|e| werr(e.into_error()))?;
-    file.sync_all().map_err(werr)?;
-    let bytes = file.metadata().map_err(io_err("cannot stat", &tmp.path))?.len();
+    let bytes = tmp.file.metadata().map_err(io_err("cannot stat", &tmp.path))?.len();
     tmp.persist(out)?;
     Ok(ExportReport { bytes, files: c.manifest.files.len(), mode: mode_name })
+}
+
+/// `ferry/`, `ferry/VERSION` and `ferry/manifest.fmf`, which every archive starts with.
+fn put_ferry_header<W: Write>(tar: &mut Builder<W>, c: &Checkpoint, manifest: &[u8]) -> io::Result<()> {
+    let mtime = c.manifest.created;
+    put(tar, "ferry/", EntryType::Directory, 0, mtime, io::empty())?;
+    put(tar, "ferry/VERSION", EntryType::Regular, FORMAT.len() as u64, mtime, FORMAT)?;
+    put(tar, "ferry/manifest.fmf", EntryType::Regular, manifest.len() as u64, mtime, manifest)
+}
+
+/// Ends the archive and syncs the file under it.
+fn finish_tar(tar: Builder<BufWriter<File>>) -> io::Result<()> {
+    let buffered = tar.into_inner()?;
+    let file = buffered.into_inner().map_err(|e| e.into_error())?;
+    file.sync_all()
 }
 
 /// Imports the checkpoint in `archive` (encrypted or plaintext, found from its content) as
 /// `name`, or under the name its verified manifest gives. It becomes a local checkpoint:
 /// sealed under a fresh data key of this store (chunks the store already holds are shared)
-/// and signed by this node.
+/// and signed by this node. An archive with a container's root file system changes needs
+/// [`import_with`] and a hook that checks them.
 pub fn import(store: &Store, archive: &Path, name: Option<&str>) -> Result<Committed, StoreError> {
+    import_inner(store, archive, name, None)
+}
+
+/// [`import`], with `hook` checking (and completing) what a container's archive holds.
+pub fn import_with(
+    store: &Store,
+    archive: &Path,
+    name: Option<&str>,
+    hook: &dyn ImportHook,
+) -> Result<Committed, StoreError> {
+    import_inner(store, archive, name, Some(hook))
+}
+
+/// What the container metadata of an archive means: ferry-runtime's business. Both calls
+/// get hostile input; an `Err` refuses the archive (nothing is kept).
+pub trait ImportHook {
+    /// A name for the checkpoint when none is given and no verified manifest has one.
+    fn default_name(&self, meta: &ArchiveMeta) -> Option<String>;
+
+    /// Checks the images now written into `images` (a private tmpfs), and may add files of
+    /// ferry's own there (a container's record, made from the metadata) when `verified` is
+    /// false. Returns the checkpoint's source and spec if it knows them.
+    fn finish(&self, images: &Path, meta: &ArchiveMeta, verified: bool) -> Result<Option<Origin>, HookError>;
+}
+
+/// The container metadata an archive carried at its top (each at most [`MAX_METADATA_FILE`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ArchiveMeta {
+    /// The archive's file name (for messages and the default source).
+    pub archive: String,
+    /// `config.dump`, `spec.dump`, `network.status`, as found.
+    pub files: BTreeMap<String, Vec<u8>>,
+}
+
+/// What the manifest of an imported checkpoint says of where it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    /// The workload, e.g. `podman:web`.
+    pub source: String,
+    /// The spec summary `ferry list` and `inspect` show (JSON text).
+    pub spec: String,
+}
+
+/// Why a hook refused an archive: the member at fault and the reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HookError {
+    pub entry: String,
+    pub detail: String,
+}
+
+fn import_inner(
+    store: &Store,
+    archive: &Path,
+    name: Option<&str>,
+    hook: Option<&dyn ImportHook>,
+) -> Result<Committed, StoreError> {
     let label = archive.display().to_string();
     // Non-blocking, so that a FIFO given as the archive is refused rather than waited on.
     let file = OpenOptions::new()
@@ -150,15 +350,16 @@ pub fn import(store: &Store, archive: &Path, name: Option<&str>) -> Result<Commi
     if !md.is_file() {
         return Err(refused(&label, "", "not a regular file"));
     }
+    let rules = Rules { rootfs: hook.is_some() };
     let scan = {
         let mut tar = TarIn::new(open_stream(&file, &label, archive)?, &label);
-        scan(&mut tar)?
+        scan(&mut tar, rules)?
     };
-    let src = Source { file: &file, label: &label, path: archive, scan: &scan };
+    let src = Source { file: &file, label: &label, path: archive, scan: &scan, rules };
     if scan.encrypted() {
         import_sealed(store, &src, name)
     } else {
-        import_plain(store, &src, name)
+        import_plain(store, &src, name, hook)
     }
 }
 
@@ -281,45 +482,88 @@ impl Read for FrameStream<'_, '_> {
     }
 }
 
-fn write_plain<W: Write>(
-    tar: &mut Builder<W>,
-    store: &Store,
-    c: &Checkpoint,
-    tmp: &Path,
-) -> Result<(), StoreError> {
-    let scratch = store.scratch(&format!("export-{}", c.manifest.name))?;
-    c.materialize(store, scratch.path())?;
-    let mtime = c.manifest.created;
-    let werr = |e: io::Error| StoreError::Io { action: "cannot write", path: tmp.to_path_buf(), source: e };
-    put(tar, "checkpoint/", EntryType::Directory, 0, mtime, io::empty()).map_err(werr)?;
-    for f in &c.manifest.files {
-        let path = scratch.path().join(&f.name);
-        let file = File::open(&path).map_err(io_err("cannot open", &path))?;
-        let len = file.metadata().map_err(io_err("cannot stat", &path))?.len();
-        if len != f.size {
-            return Err(StoreError::Damaged {
-                name: c.manifest.name.clone(),
-                file: f.name.clone(),
-                detail: format!("materialized as {len} bytes, the manifest says {}", f.size),
-            });
-        }
-        // Exactly `size` bytes even if the file changed: the header promised that many.
-        let data = BufReader::with_capacity(COPY_BUF, file).take(f.size);
-        put(tar, &format!("checkpoint/{}", f.name), EntryType::Regular, f.size, mtime, data).map_err(werr)?;
-    }
-    match c.manifest.files.iter().find(|f| f.name == "stats-dump") {
-        Some(f) => {
+/// A checkpoint's images materialized in a private tmpfs, and where a plaintext archive puts
+/// each: what a plaintext export and an OCI image's layer are written from.
+pub(crate) struct PlainSource<'a> {
+    c: &'a Checkpoint,
+    manifest: Vec<u8>,
+    scratch: PrivateTmpfs,
+    pub(crate) layout: Layout,
+}
+
+impl<'a> PlainSource<'a> {
+    fn prepare(
+        store: &Store,
+        c: &'a Checkpoint,
+        manifest: Vec<u8>,
+        layout: &dyn ExportLayout,
+    ) -> Result<PlainSource<'a>, StoreError> {
+        let scratch = store.scratch(&format!("export-{}", c.manifest.name))?;
+        c.materialize(store, scratch.path())?;
+        for f in &c.manifest.files {
             let path = scratch.path().join(&f.name);
-            let file = File::open(&path).map_err(io_err("cannot open", &path))?;
-            put(tar, "stats-dump", EntryType::Regular, f.size, mtime, file.take(f.size)).map_err(werr)?;
+            let len = fs::metadata(&path).map_err(io_err("cannot stat", &path))?.len();
+            if len != f.size {
+                return Err(StoreError::Damaged {
+                    name: c.manifest.name.clone(),
+                    file: f.name.clone(),
+                    detail: format!("materialized as {len} bytes, the manifest says {}", f.size),
+                });
+            }
         }
-        None => put(tar, "stats-dump", EntryType::Regular, 0, mtime, io::empty()).map_err(werr)?,
+        let layout = layout.layout(scratch.path(), &c.manifest)?;
+        layout.check(&c.manifest)?;
+        Ok(PlainSource { c, manifest, scratch, layout })
     }
-    Ok(())
+
+    pub(crate) fn manifest(&self) -> &ManifestBody {
+        &self.c.manifest
+    }
+
+    /// Writes the whole plaintext archive (with its end marker) into `w` and returns `w`;
+    /// `target` names what is written, for errors. The same source always gives the same bytes.
+    pub(crate) fn write<W: Write>(&self, w: W, target: &Path) -> Result<W, StoreError> {
+        let werr =
+            |e: io::Error| StoreError::Io { action: "cannot write", path: target.to_path_buf(), source: e };
+        let mut tar = Builder::new(w);
+        let m = &self.c.manifest;
+        let mtime = m.created;
+        put_ferry_header(&mut tar, self.c, &self.manifest).map_err(werr)?;
+        for name in &self.layout.own {
+            self.put_image(&mut tar, name, &format!("ferry/{name}")).map_err(werr)?;
+        }
+        for (n, data) in &self.layout.metadata {
+            put(&mut tar, n, EntryType::Regular, data.len() as u64, mtime, &data[..]).map_err(werr)?;
+        }
+        put(&mut tar, "checkpoint/", EntryType::Directory, 0, mtime, io::empty()).map_err(werr)?;
+        for f in &m.files {
+            let at = self.layout.path_of(&f.name);
+            if at.starts_with("checkpoint/") {
+                self.put_image(&mut tar, &f.name, &at).map_err(werr)?;
+            }
+        }
+        for name in &self.layout.top {
+            self.put_image(&mut tar, name, name).map_err(werr)?;
+        }
+        match m.files.iter().find(|f| f.name == "stats-dump") {
+            Some(_) => self.put_image(&mut tar, "stats-dump", "stats-dump").map_err(werr)?,
+            None => put(&mut tar, "stats-dump", EntryType::Regular, 0, mtime, io::empty()).map_err(werr)?,
+        }
+        tar.into_inner().map_err(werr)
+    }
+
+    /// Image `name` as member `at`: exactly the manifest's size, even if the file changed.
+    fn put_image<W: Write>(&self, tar: &mut Builder<W>, name: &str, at: &str) -> io::Result<()> {
+        let size = self.c.manifest.files.iter().find(|f| f.name == name).map_or(0, |f| f.size);
+        let path = self.scratch.path().join(name);
+        let file = File::open(&path)?;
+        let data = BufReader::with_capacity(COPY_BUF, file).take(size);
+        put(tar, at, EntryType::Regular, size, self.c.manifest.created, data)
+    }
 }
 
 /// Appends one member; `data` must yield exactly `size` bytes.
-fn put<W: Write>(
+pub(crate) fn put<W: Write>(
     tar: &mut Builder<W>,
     path: &str,
     kind: EntryType,
@@ -354,14 +598,14 @@ fn encode_index(entries: &[(ChunkId, KeyId, u64, u32)]) -> Vec<u8> {
 }
 
 /// The archive being written: removed unless renamed into place.
-struct TempOut {
+pub(crate) struct TempOut {
     path: PathBuf,
     file: File,
     done: bool,
 }
 
 impl TempOut {
-    fn create(out: &Path) -> Result<TempOut, StoreError> {
+    pub(crate) fn create(out: &Path) -> Result<TempOut, StoreError> {
         let dir = match out.parent() {
             Some(p) if !p.as_os_str().is_empty() => p,
             _ => Path::new("."),
@@ -373,7 +617,15 @@ impl TempOut {
         Ok(TempOut { path, file, done: false })
     }
 
-    fn persist(&mut self, out: &Path) -> Result<(), StoreError> {
+    pub(crate) fn file(&self) -> &File {
+        &self.file
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub(crate) fn persist(&mut self, out: &Path) -> Result<(), StoreError> {
         fs::rename(&self.path, out).map_err(io_err("cannot rename into", out))?;
         self.done = true;
         match out.parent() {
@@ -735,42 +987,69 @@ enum FerryFile {
 #[derive(Debug)]
 enum Place {
     Dir,
+    /// An image file (CRIU's under `checkpoint/`, a container's root file system changes at
+    /// the top, ferry's own `*.json` under `ferry/`), by its name in the checkpoint.
     Image(String),
     Ferry(FerryFile),
-    /// Podman's metadata (`config.dump`, ...): checked, then left out.
-    Container,
+    /// Container metadata kept for the hook (`config.dump`, `spec.dump`, `network.status`).
+    Metadata(String),
+    /// Podman's and CRI-O's logs and statistics: checked, then left out.
+    Skipped,
 }
 
-fn place(label: &str, m: &Member) -> Result<Place, StoreError> {
+/// What an import accepts beyond ferry's own layout.
+#[derive(Debug, Clone, Copy)]
+struct Rules {
+    /// Root file system changes (a hook checks them).
+    rootfs: bool,
+}
+
+fn place(label: &str, m: &Member, rules: Rules) -> Result<Place, StoreError> {
     let refuse = |why: String| refused(label, &m.path, why);
     let parts: Vec<&str> = m.path.split('/').collect();
-    let (place, cap) =
-        match (m.kind, parts.as_slice()) {
-            (Kind::Dir, [""] | ["checkpoint"] | ["ferry"]) => (Place::Dir, 0),
-            (Kind::Dir, _) => return Err(refuse("a directory this layout does not have".into())),
-            (Kind::File, ["checkpoint", image]) => {
-                if image.len() > 255 {
-                    return Err(refuse("an image name longer than 255 bytes".into()));
-                }
-                (Place::Image((*image).to_owned()), MAX_ARCHIVE_ENTRY)
-            }
-            (Kind::File, ["ferry", f]) => match *f {
-                "VERSION" => (Place::Ferry(FerryFile::Version), MAX_VERSION_FILE),
-                "manifest.fmf" => (Place::Ferry(FerryFile::Manifest), MAX_MANIFEST_FILE as u64),
-                "slots" => (Place::Ferry(FerryFile::Slots), MAX_SLOTS_FILE as u64),
-                "chunks.idx" => (Place::Ferry(FerryFile::Index), MAX_IDX_FILE),
-                "chunks.pack" => (Place::Ferry(FerryFile::Pack), MAX_ARCHIVE_ENTRY),
-                _ => return Err(refuse("a file ferry does not know in ferry/".into())),
-            },
-            (Kind::File, ["stats-dump" | "config.dump" | "spec.dump" | "network.status"]) => {
-                (Place::Container, MAX_CONTAINER_FILE)
-            }
-            (Kind::File, ["rootfs-diff.tar"]) => return Err(refuse(
-                "changes to a container's root file system are not supported (export with --ignore-rootfs)"
+    let (place, cap) = match (m.kind, parts.as_slice()) {
+        (Kind::Dir, [""] | ["checkpoint"] | ["ferry"] | ["artifacts"]) => (Place::Dir, 0),
+        (Kind::Dir, ["volumes"]) | (Kind::File, ["volumes", ..]) => {
+            return Err(refuse(
+                "the archive carries the content of volumes, which ferry does not import \
+                 (checkpoint with podman's --ignore-volumes)"
                     .into(),
-            )),
-            (Kind::File, _) => return Err(refuse("a file where this layout has none".into())),
-        };
+            ))
+        }
+        (Kind::Dir, _) => return Err(refuse("a directory this layout does not have".into())),
+        (Kind::File, ["checkpoint", image]) => {
+            if image.len() > 255 {
+                return Err(refuse("an image name longer than 255 bytes".into()));
+            }
+            (Place::Image((*image).to_owned()), MAX_ARCHIVE_ENTRY)
+        }
+        (Kind::File, ["ferry", f]) => match *f {
+            "VERSION" => (Place::Ferry(FerryFile::Version), MAX_VERSION_FILE),
+            "manifest.fmf" => (Place::Ferry(FerryFile::Manifest), MAX_MANIFEST_FILE as u64),
+            "slots" => (Place::Ferry(FerryFile::Slots), MAX_SLOTS_FILE as u64),
+            "chunks.idx" => (Place::Ferry(FerryFile::Index), MAX_IDX_FILE),
+            "chunks.pack" => (Place::Ferry(FerryFile::Pack), MAX_ARCHIVE_ENTRY),
+            own if own.ends_with(".json") && own.len() <= 255 => (Place::Image(own.to_owned()), MAX_OWN_FILE),
+            _ => return Err(refuse("a file ferry does not know in ferry/".into())),
+        },
+        (Kind::File, [top]) if METADATA_FILES.contains(top) => {
+            (Place::Metadata((*top).to_owned()), MAX_METADATA_FILE)
+        }
+        (Kind::File, [top]) if SKIPPED_TOP.contains(top) => (Place::Skipped, MAX_ARCHIVE_ENTRY),
+        (Kind::File, ["artifacts", _]) => (Place::Skipped, MAX_METADATA_FILE),
+        (Kind::File, [top]) if TOP_IMAGES.contains(top) => {
+            if !rules.rootfs {
+                return Err(refuse(
+                    "changes to a container's root file system need a container-aware import \
+                     (export with --ignore-rootfs)"
+                        .into(),
+                ));
+            }
+            let cap = if *top == "deleted.files" { MAX_DELETED_FILE } else { MAX_ARCHIVE_ENTRY };
+            (Place::Image((*top).to_owned()), cap)
+        }
+        (Kind::File, _) => return Err(refuse("a file where this layout has none".into())),
+    };
     if m.size > cap {
         return Err(refuse(format!("{} bytes, over the {cap} byte cap for it", m.size)));
     }
@@ -787,7 +1066,12 @@ struct Scan {
     slots: Option<Vec<u8>>,
     idx: Option<Vec<u8>>,
     pack: Option<u64>,
+    /// Image files by their name in the checkpoint, and sizes.
     images: Vec<(String, u64)>,
+    /// Container metadata for the hook.
+    metadata: BTreeMap<String, Vec<u8>>,
+    /// Bytes of Podman's `devshm-checkpoint.tar` (the container's `/dev/shm`), left out.
+    devshm: u64,
 }
 
 impl Scan {
@@ -796,22 +1080,35 @@ impl Scan {
     }
 }
 
-fn scan<R: Read>(tar: &mut TarIn<'_, R>) -> Result<Scan, StoreError> {
+fn scan<R: Read>(tar: &mut TarIn<'_, R>, rules: Rules) -> Result<Scan, StoreError> {
     let label = tar.label;
     let mut s = Scan::default();
     let mut seen = HashSet::new();
+    let mut image_names = HashSet::new();
     while let Some(m) = tar.next()? {
         if !seen.insert(m.path.clone()) {
             return Err(refused(label, &m.path, "it appears twice"));
         }
-        match place(label, &m)? {
-            Place::Dir | Place::Container => {}
-            Place::Image(name) => s.images.push((name, m.size)),
+        match place(label, &m, rules)? {
+            Place::Dir => {}
+            Place::Skipped => {
+                if m.path == "devshm-checkpoint.tar" {
+                    s.devshm = m.size;
+                }
+            }
+            Place::Image(name) => {
+                if !image_names.insert(name.clone()) {
+                    return Err(refused(label, &m.path, format!("a second image named {name}")));
+                }
+                s.images.push((name, m.size));
+            }
             Place::Ferry(FerryFile::Pack) => s.pack = Some(m.size),
+            Place::Metadata(name) => {
+                let data = read_member(tar, &m)?;
+                s.metadata.insert(name, data);
+            }
             Place::Ferry(f) => {
-                // Grown as data arrives: a truncated archive cannot make it allocate its claim.
-                let mut data = Vec::with_capacity(usize::try_from(m.size.min(1 << 20)).unwrap_or(0));
-                tar.read_to_end(&mut data).map_err(|e| tar.read_err(e))?;
+                let data = read_member(tar, &m)?;
                 let slot = match f {
                     FerryFile::Version => &mut s.version,
                     FerryFile::Manifest => &mut s.manifest,
@@ -859,12 +1156,21 @@ fn scan<R: Read>(tar: &mut TarIn<'_, R>) -> Result<Scan, StoreError> {
     Ok(s)
 }
 
+/// The data of the current member (capped by [`place`] before the call).
+fn read_member<R: Read>(tar: &mut TarIn<'_, R>, m: &Member) -> Result<Vec<u8>, StoreError> {
+    // Grown as data arrives: a truncated archive cannot make it allocate its claim.
+    let mut data = Vec::with_capacity(usize::try_from(m.size.min(1 << 20)).unwrap_or(0));
+    tar.read_to_end(&mut data).map_err(|e| tar.read_err(e))?;
+    Ok(data)
+}
+
 /// The archive being imported, and what its first pass found.
 struct Source<'a> {
     file: &'a File,
     label: &'a str,
     path: &'a Path,
     scan: &'a Scan,
+    rules: Rules,
 }
 
 impl Source<'_> {
@@ -881,7 +1187,7 @@ impl Source<'_> {
                 return Err(refused(self.label, &m.path, "the archive changed while it was read"));
             }
             i += 1;
-            let place = place(self.label, &m)?;
+            let place = place(self.label, &m, self.rules)?;
             each(&mut tar, &m, &place)?;
         }
         if i != self.scan.members.len() {
@@ -1031,7 +1337,12 @@ fn create_images(pending: &Pending, m: &ManifestBody) -> Result<Vec<(File, PathB
     Ok(out)
 }
 
-fn import_plain(store: &Store, src: &Source<'_>, name: Option<&str>) -> Result<Committed, StoreError> {
+fn import_plain(
+    store: &Store,
+    src: &Source<'_>,
+    name: Option<&str>,
+    hook: Option<&dyn ImportHook>,
+) -> Result<Committed, StoreError> {
     let s = src.scan;
     let manifest = match &s.manifest {
         Some(bytes) => match decode_verified(bytes, &store.trusted()?) {
@@ -1046,15 +1357,20 @@ fn import_plain(store: &Store, src: &Source<'_>, name: Option<&str>) -> Result<C
             None
         }
     };
+    if s.devshm > 1024 {
+        tracing::warn!(archive = %src.label, bytes = s.devshm, "devshm-checkpoint.tar is not imported: the container's /dev/shm starts empty");
+    }
+    let meta = ArchiveMeta {
+        archive: src.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+        files: s.metadata.clone(),
+    };
     let name = match (name, &manifest) {
         (Some(n), _) => n.to_owned(),
         (None, Some(m)) => m.name.clone(),
-        (None, None) => {
-            return Err(StoreError::InvalidName {
-                name: String::new(),
-                why: "the archive carries no verified ferry manifest to take a name from: give one",
-            })
-        }
+        (None, None) => hook.and_then(|h| h.default_name(&meta)).ok_or(StoreError::InvalidName {
+            name: String::new(),
+            why: "the archive carries no verified ferry manifest to take a name from: give one",
+        })?,
     };
     crate::validate_name(&name)?;
     if let Some(m) = &manifest {
@@ -1094,19 +1410,20 @@ fn import_plain(store: &Store, src: &Source<'_>, name: Option<&str>) -> Result<C
         }
         Ok(())
     })?;
-    let info = match &manifest {
+    let mut info = match &manifest {
         Some(m) => {
             check_against(store, src, &dir, m)?;
             info_from(m)
         }
-        None => CheckpointInfo {
-            source: format!(
-                "archive:{}",
-                src.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
-            ),
-            ..CheckpointInfo::default()
-        },
+        None => CheckpointInfo { source: format!("archive:{}", meta.archive), ..CheckpointInfo::default() },
     };
+    if let Some(h) = hook {
+        let origin = h.finish(&dir, &meta, manifest.is_some()).map_err(|e| src.refuse(&e.entry, e.detail))?;
+        if let (Some(o), None) = (origin, &manifest) {
+            info.source = o.source;
+            info.spec = o.spec;
+        }
+    }
     commit(store, pending, info)
 }
 
@@ -1177,7 +1494,7 @@ fn commit(store: &Store, pending: Pending, info: CheckpointInfo) -> Result<Commi
 /// size and the ferry files' placement checked, nothing written. For fuzzing the tar reader.
 pub fn check_archive(data: &[u8]) -> Result<(), StoreError> {
     let mut tar = TarIn::new(data, "fuzz input");
-    scan(&mut tar).map(drop)
+    scan(&mut tar, Rules { rootfs: true }).map(drop)
 }
 
 #[cfg(test)]
@@ -1447,6 +1764,288 @@ mod tests {
         assert_eq!(materialized(&f.store, "ctr"), expected());
     }
 
+    /// A container's checkpoint: CRIU's images, runc's descriptors, ferry's record and the
+    /// root file system changes.
+    fn container_images() -> Vec<(&'static str, Vec<u8>)> {
+        let mut v = images();
+        v.push(("descriptors.json", b"[\"/dev/null\"]".to_vec()));
+        v.push(("ferry-container.json", b"{\"kind\":\"test\"}".to_vec()));
+        v.push(("rootfs-diff.tar", random(10_000, 7)));
+        v.push(("deleted.files", b"[\"/etc/motd\"]".to_vec()));
+        v
+    }
+
+    /// Places like ferry-runtime does for a container; writes two metadata files.
+    struct TestLayout;
+
+    impl ExportLayout for TestLayout {
+        fn layout(&self, images: &Path, m: &ManifestBody) -> Result<Layout, StoreError> {
+            assert!(images.join("ferry-container.json").exists());
+            let mut annotations = BTreeMap::new();
+            annotations.insert("io.podman.annotations.checkpoint.name".to_owned(), m.name.clone());
+            Ok(Layout {
+                metadata: vec![
+                    ("config.dump".into(), b"{\"id\":\"x\"}".to_vec()),
+                    ("spec.dump".into(), b"{}".to_vec()),
+                ],
+                top: vec!["rootfs-diff.tar".into(), "deleted.files".into()],
+                own: vec!["ferry-container.json".into()],
+                annotations,
+            })
+        }
+    }
+
+    /// Records what it saw; adds a record when the archive had none (or refuses).
+    #[derive(Default)]
+    struct TestHook {
+        refuse: bool,
+        seen: std::cell::RefCell<Vec<(ArchiveMeta, bool)>>,
+    }
+
+    impl ImportHook for TestHook {
+        fn default_name(&self, meta: &ArchiveMeta) -> Option<String> {
+            meta.files.contains_key("config.dump").then(|| "from-config".to_owned())
+        }
+
+        fn finish(
+            &self,
+            images: &Path,
+            meta: &ArchiveMeta,
+            verified: bool,
+        ) -> Result<Option<Origin>, HookError> {
+            self.seen.borrow_mut().push((meta.clone(), verified));
+            if self.refuse {
+                return Err(HookError {
+                    entry: "rootfs-diff.tar".into(),
+                    detail: "a path leaves the root".into(),
+                });
+            }
+            if !verified && !images.join("ferry-container.json").exists() {
+                fs::write(images.join("ferry-container.json"), b"{\"made\":1}").unwrap();
+            }
+            Ok(Some(Origin { source: "podman:web".into(), spec: "{}".into() }))
+        }
+    }
+
+    #[test]
+    fn a_layout_places_container_files_and_import_puts_them_back() {
+        let f = Fixture::new();
+        checkpoint(&f.store, "ctr", &container_images());
+        let out = f.path("ctr.tar");
+        let r = export_with(&f.store, "ctr", &out, ExportMode::Plaintext, &TestLayout).unwrap();
+        assert_eq!(r.mode, "plaintext");
+        let names: Vec<String> = listing(&out).into_iter().map(|(p, _, _, _)| p).collect();
+        assert_eq!(
+            &names[..5],
+            ["ferry/", "ferry/VERSION", "ferry/manifest.fmf", "ferry/ferry-container.json", "config.dump"]
+        );
+        for top in
+            ["spec.dump", "rootfs-diff.tar", "deleted.files", "stats-dump", "checkpoint/descriptors.json"]
+        {
+            assert!(names.iter().any(|n| n == top), "{top} in {names:?}");
+        }
+        for gone in
+            ["checkpoint/ferry-container.json", "checkpoint/rootfs-diff.tar", "checkpoint/deleted.files"]
+        {
+            assert!(!names.iter().any(|n| n == gone), "{gone} in {names:?}");
+        }
+        assert_eq!(entry_data(&out, "config.dump"), b"{\"id\":\"x\"}");
+
+        // Without a container-aware hook, root file system changes are refused.
+        let b = Fixture::peer_of(&f.store);
+        let err = import(&b.store, &out, None).unwrap_err();
+        assert!(err.to_string().contains("root file system"), "{err}");
+        b.assert_untouched(0);
+
+        // With one: the verified manifest's images, every one back in place.
+        let hook = TestHook::default();
+        let got = import_with(&b.store, &out, None, &hook).unwrap();
+        assert_eq!(got.checkpoint.manifest.name, "ctr");
+        assert_eq!(got.checkpoint.manifest.source, "pid:4242", "a verified manifest's source stays");
+        let want: BTreeMap<String, Vec<u8>> =
+            container_images().into_iter().map(|(n, d)| (n.to_owned(), d)).collect();
+        assert_eq!(materialized(&b.store, "ctr"), want);
+        let seen = hook.seen.borrow();
+        assert!(seen[0].1, "verified");
+        assert_eq!(seen[0].0.files.keys().collect::<Vec<_>>(), ["config.dump", "spec.dump"]);
+    }
+
+    /// A Podman export (`podman container checkpoint --export`), member for member.
+    fn podman_export() -> Vec<u8> {
+        let mut t = Builder::new(Vec::new());
+        put(&mut t, "artifacts/", EntryType::Directory, 0, 0, io::empty()).unwrap();
+        for (p, d) in [
+            ("devshm-checkpoint.tar", &[0u8; 1536][..]),
+            ("config.dump", b"{\"id\":\"abc\",\"name\":\"web\"}"),
+            ("spec.dump", b"{\"ociVersion\":\"1.0.2\"}"),
+            ("network.status", b"null"),
+            ("stats-dump", b"x"),
+            ("ctr.log", b"log"),
+        ] {
+            put(&mut t, p, EntryType::Regular, d.len() as u64, 0, d).unwrap();
+        }
+        put(&mut t, "checkpoint/", EntryType::Directory, 0, 0, io::empty()).unwrap();
+        for (n, d) in images() {
+            put(&mut t, &format!("checkpoint/{n}"), EntryType::Regular, d.len() as u64, 0, &d[..]).unwrap();
+        }
+        let diff = random(3000, 5);
+        put(&mut t, "rootfs-diff.tar", EntryType::Regular, diff.len() as u64, 0, &diff[..]).unwrap();
+        put(&mut t, "deleted.files", EntryType::Regular, 2, 0, &b"[]"[..]).unwrap();
+        t.into_inner().unwrap()
+    }
+
+    #[test]
+    fn a_podman_export_imports_through_the_hook() {
+        let f = Fixture::new();
+        let out = f.path("web.tar.zst");
+        fs::write(&out, zstd::encode_all(&podman_export()[..], 3).unwrap()).unwrap();
+        let hook = TestHook::default();
+        let got = import_with(&f.store, &out, None, &hook).unwrap();
+        let m = &got.checkpoint.manifest;
+        assert_eq!((m.name.as_str(), m.source.as_str()), ("from-config", "podman:web"));
+        let files = materialized(&f.store, "from-config");
+        assert_eq!(files["ferry-container.json"], b"{\"made\":1}");
+        assert_eq!(files["rootfs-diff.tar"], random(3000, 5));
+        assert_eq!(files["deleted.files"], b"[]");
+        assert!(!files.contains_key("ctr.log") && !files.contains_key("config.dump"));
+        let seen = hook.seen.borrow();
+        assert!(!seen[0].1);
+        assert_eq!(seen[0].0.archive, "web.tar.zst");
+        assert_eq!(seen[0].0.files["network.status"], b"null");
+
+        // A hook's refusal leaves nothing.
+        let g = Fixture::new();
+        let refusing = TestHook { refuse: true, ..TestHook::default() };
+        let err = import_with(&g.store, &out, Some("x"), &refusing).unwrap_err();
+        assert!(
+            matches!(&err, StoreError::Tampered { file, detail } if file.contains("rootfs-diff.tar") && detail.contains("leaves")),
+            "{err}"
+        );
+        g.assert_untouched(0);
+    }
+
+    #[test]
+    fn container_archives_that_do_not_fit_are_refused() {
+        let f = Fixture::new();
+        let hook = TestHook::default();
+        let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+            ("volumes", with(|t| file(t, "volumes/data.tar", b"x")), "volumes"),
+            (
+                "big spec",
+                with(|t| raw(t, b"spec.dump", EntryType::Regular, 0o644, MAX_METADATA_FILE + 1, b"", b"")),
+                "cap",
+            ),
+            (
+                "two diffs",
+                with(|t| {
+                    file(t, "rootfs-diff.tar", b"x");
+                    file(t, "checkpoint/rootfs-diff.tar", b"y");
+                }),
+                "second image",
+            ),
+            ("odd ferry file", with(|t| file(t, "ferry/x.img", b"x")), "ferry does not know"),
+        ];
+        for (label, bytes, why) in cases {
+            let p = f.path("hostile.tar");
+            fs::write(&p, &bytes).unwrap();
+            let err = import_with(&f.store, &p, Some("victim"), &hook).expect_err(label);
+            assert!(err.to_string().contains(why), "{label}: {err}");
+            f.assert_untouched(0);
+        }
+    }
+
+    /// The members of a tar held in memory.
+    fn members(bytes: &[u8]) -> BTreeMap<String, Vec<u8>> {
+        let mut a = tar::Archive::new(bytes);
+        a.entries()
+            .unwrap()
+            .map(|e| {
+                let mut e = e.unwrap();
+                let mut v = Vec::new();
+                e.read_to_end(&mut v).unwrap();
+                (String::from_utf8(e.path_bytes().into_owned()).unwrap(), v)
+            })
+            .collect()
+    }
+
+    fn sha256(b: &[u8]) -> String {
+        hex(ring::digest::digest(&ring::digest::SHA256, b).as_ref())
+    }
+
+    /// Follows index.json to the manifest, its config and its one layer, checking digests.
+    fn check_oci(
+        blobs: &BTreeMap<String, Vec<u8>>,
+        index: &[u8],
+        name: &str,
+    ) -> (serde_json::Value, Vec<u8>) {
+        let index: serde_json::Value = serde_json::from_slice(index).unwrap();
+        let entry = &index["manifests"][0];
+        assert_eq!(entry["annotations"]["org.opencontainers.image.ref.name"], "localhost/ferry/ctr:latest");
+        assert_eq!(entry["annotations"]["io.podman.annotations.checkpoint.name"], name);
+        let blob = |d: &serde_json::Value| {
+            let d = d.as_str().unwrap().strip_prefix("sha256:").unwrap();
+            let b = blobs[d].clone();
+            assert_eq!(sha256(&b), d);
+            b
+        };
+        let manifest: serde_json::Value = serde_json::from_slice(&blob(&entry["digest"])).unwrap();
+        assert_eq!(manifest["annotations"]["io.podman.annotations.checkpoint.name"], name);
+        let config: serde_json::Value = serde_json::from_slice(&blob(&manifest["config"]["digest"])).unwrap();
+        let layer = blob(&manifest["layers"][0]["digest"]);
+        assert_eq!(manifest["layers"][0]["mediaType"], "application/vnd.oci.image.layer.v1.tar");
+        assert_eq!(config["rootfs"]["diff_ids"][0], manifest["layers"][0]["digest"]);
+        (manifest, layer)
+    }
+
+    #[test]
+    fn an_oci_image_carries_the_plaintext_archive_as_its_layer() {
+        let f = Fixture::new();
+        checkpoint(&f.store, "ctr", &container_images());
+        let plain = f.path("ctr.tar");
+        export_with(&f.store, "ctr", &plain, ExportMode::Plaintext, &TestLayout).unwrap();
+        let want_layer = fs::read(&plain).unwrap();
+
+        let out = f.path("ctr.oci.tar");
+        let mode = ExportMode::OciImage { reference: "localhost/ferry/ctr:latest".into(), directory: false };
+        let r = export_with(&f.store, "ctr", &out, mode, &TestLayout).unwrap();
+        assert_eq!((r.mode, r.bytes), ("OCI image", fs::metadata(&out).unwrap().len()));
+        let all = members(&fs::read(&out).unwrap());
+        assert_eq!(all["oci-layout"], br#"{"imageLayoutVersion":"1.0.0"}"#);
+        let blobs: BTreeMap<String, Vec<u8>> = all
+            .iter()
+            .filter_map(|(k, v)| Some((k.strip_prefix("blobs/sha256/")?.to_owned(), v.clone())))
+            .filter(|(k, _)| !k.is_empty())
+            .collect();
+        let (_, layer) = check_oci(&blobs, &all["index.json"], "ctr");
+        assert_eq!(layer, want_layer, "the layer is the plaintext archive");
+
+        // As a directory.
+        let dir = f.path("ctr-layout");
+        let mode = ExportMode::OciImage { reference: "localhost/ferry/ctr:latest".into(), directory: true };
+        export_with(&f.store, "ctr", &dir, mode.clone(), &TestLayout).unwrap();
+        let blobs: BTreeMap<String, Vec<u8>> = fs::read_dir(dir.join("blobs/sha256"))
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                (e.file_name().to_string_lossy().into_owned(), fs::read(e.path()).unwrap())
+            })
+            .collect();
+        assert_eq!(blobs.len(), 3);
+        let (_, layer) = check_oci(&blobs, &fs::read(dir.join("index.json")).unwrap(), "ctr");
+        assert_eq!(layer, want_layer);
+        assert_eq!(fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);
+        // Never into an existing directory; nothing left behind by the refusal.
+        assert!(export_with(&f.store, "ctr", &dir, mode, &TestLayout).is_err());
+        assert_eq!(count(f.dir.path()), 4, "store, ctr.tar, ctr.oci.tar, ctr-layout: no temporary left");
+        // A bad image name is refused before anything is written.
+        let bad = ExportMode::OciImage { reference: "Not Valid".into(), directory: false };
+        assert!(matches!(
+            export_with(&f.store, "ctr", &f.path("bad.tar"), bad, &TestLayout),
+            Err(StoreError::InvalidName { .. })
+        ));
+        assert!(!f.path("bad.tar").exists());
+    }
+
     #[test]
     fn plaintext_images_must_match_a_verified_manifest() {
         let f = Fixture::new();
@@ -1652,7 +2251,7 @@ mod tests {
             ("duplicate", with(|t| file(t, "checkpoint/core-1.img", b"other")), "twice"),
             (
                 "big config",
-                with(|t| raw(t, b"config.dump", EntryType::Regular, 0o644, MAX_CONTAINER_FILE + 1, b"", b"")),
+                with(|t| raw(t, b"config.dump", EntryType::Regular, 0o644, MAX_METADATA_FILE + 1, b"", b"")),
                 "cap",
             ),
             (

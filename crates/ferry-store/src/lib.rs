@@ -9,6 +9,7 @@
 //! - `catalog`: the current manifest of each name (rollback detection).
 //! - `store`: the whole, as the rest of ferry uses it.
 //! - `replica`: a checkpoint copied to another node's store (migration), missing chunks only.
+//! - `archive` (`oci`): a checkpoint as one file, to take elsewhere (`ferry export`, `import`).
 #![forbid(unsafe_code)]
 
 pub mod archive;
@@ -18,6 +19,7 @@ mod fsutil;
 pub mod keys;
 pub mod manifest;
 mod name;
+mod oci;
 pub mod packs;
 pub mod pipeline;
 pub mod replica;
