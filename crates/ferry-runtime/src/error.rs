@@ -27,6 +27,8 @@ pub enum Error {
     BadContainerRecord(String),
     #[error("{workload} cannot be restored here: {}", reasons.join("; "))]
     ContainerRefused { workload: String, reasons: Vec<String> },
+    #[error("{0}")]
+    Usage(String),
     #[error("internal error: {0}")]
     Internal(String),
     #[error("the checkpoint was abandoned while the workload was frozen: {0}")]
@@ -132,6 +134,7 @@ impl Error {
             Error::ContainerRefused { .. } => Some("fix the reasons above, or restore on another host".into()),
             Error::Criu(e) => e.hint(),
             Error::PostDump(_) => Some("the workload was resumed where it was; nothing else changed".into()),
+            Error::Usage(_) => None,
             Error::Internal(_) => Some("this is a bug in ferry; please report it with the log".into()),
             Error::Store(StoreError::NotFound(_)) => Some("`ferry list` shows the checkpoints".into()),
             Error::Store(StoreError::Exists(_)) => Some("choose another --name, or `ferry rm` the old one".into()),

@@ -3,6 +3,7 @@
 //! runtimes follow), and `doctor.rs`, which says whether this host can do any of it.
 #![forbid(unsafe_code)]
 
+pub mod archive;
 mod checkpoint;
 pub mod container;
 mod context;

@@ -205,7 +205,7 @@ impl ExportLayout for PlainImages {
 }
 
 /// What an export wrote.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExportReport {
     /// Size of the archive file.
     pub bytes: u64,
@@ -213,6 +213,8 @@ pub struct ExportReport {
     pub files: usize,
     /// `"encrypted"`, `"plaintext"` or `"OCI image"`.
     pub mode: &'static str,
+    /// An OCI image's id (the digest of its config, as container engines name images).
+    pub image_id: Option<String>,
 }
 
 /// Writes checkpoint `name` to `out` (replaced if it exists) through a temporary file in the
@@ -234,8 +236,9 @@ pub fn export_with(
     let manifest = signed_manifest(store, &c)?;
     if let ExportMode::OciImage { reference, directory } = &mode {
         let plain = PlainSource::prepare(store, &c, manifest, layout)?;
-        let bytes = crate::oci::write(&plain, reference, out, *directory)?;
-        return Ok(ExportReport { bytes, files: c.manifest.files.len(), mode: "OCI image" });
+        let (bytes, image_id) = crate::oci::write(&plain, reference, out, *directory)?;
+        let files = c.manifest.files.len();
+        return Ok(ExportReport { bytes, files, mode: "OCI image", image_id: Some(image_id) });
     }
     let mut tmp = TempOut::create(out)?;
     let file = tmp.file.try_clone().map_err(io_err("cannot open", &tmp.path))?;
@@ -259,7 +262,7 @@ pub fn export_with(
     };
     let bytes = tmp.file.metadata().map_err(io_err("cannot stat", &tmp.path))?.len();
     tmp.persist(out)?;
-    Ok(ExportReport { bytes, files: c.manifest.files.len(), mode: mode_name })
+    Ok(ExportReport { bytes, files: c.manifest.files.len(), mode: mode_name, image_id: None })
 }
 
 /// `ferry/`, `ferry/VERSION` and `ferry/manifest.fmf`, which every archive starts with.
@@ -1348,22 +1351,23 @@ fn import_plain(
         Some(bytes) => match decode_verified(bytes, &store.trusted()?) {
             Ok((m, _)) => Some(m),
             Err(e) => {
-                tracing::warn!(archive = %src.label, "the archive's ferry manifest does not verify ({e}); importing its images with default metadata");
+                tracing::warn!(archive = %src.label, "the archive's ferry manifest does not verify ({e})");
                 None
             }
         },
-        None => {
-            tracing::warn!(archive = %src.label, "the archive has no ferry manifest; importing its images with default metadata");
-            None
-        }
+        None => None,
     };
-    if s.devshm > 1024 {
+    // (An empty directory's tar is 1536 bytes.)
+    if s.devshm > 1536 {
         tracing::warn!(archive = %src.label, bytes = s.devshm, "devshm-checkpoint.tar is not imported: the container's /dev/shm starts empty");
     }
     let meta = ArchiveMeta {
         archive: src.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
         files: s.metadata.clone(),
     };
+    if manifest.is_none() && s.metadata.is_empty() {
+        tracing::warn!(archive = %src.label, "importing the images with default metadata");
+    }
     let name = match (name, &manifest) {
         (Some(n), _) => n.to_owned(),
         (None, Some(m)) => m.name.clone(),
@@ -2016,8 +2020,10 @@ mod tests {
             .filter_map(|(k, v)| Some((k.strip_prefix("blobs/sha256/")?.to_owned(), v.clone())))
             .filter(|(k, _)| !k.is_empty())
             .collect();
-        let (_, layer) = check_oci(&blobs, &all["index.json"], "ctr");
+        let (manifest, layer) = check_oci(&blobs, &all["index.json"], "ctr");
         assert_eq!(layer, want_layer, "the layer is the plaintext archive");
+        let config_digest = manifest["config"]["digest"].as_str().unwrap().trim_start_matches("sha256:");
+        assert_eq!(r.image_id.as_deref(), Some(config_digest), "an image's id is its config's digest");
 
         // As a directory.
         let dir = f.path("ctr-layout");

@@ -36,13 +36,14 @@ const INDEX_TYPE: &str = "application/vnd.oci.image.index.v1+json";
 const LAYOUT_FILE: &[u8] = br#"{"imageLayoutVersion":"1.0.0"}"#;
 const BUF: usize = 1 << 20;
 
-/// Writes the image of `plain` named `reference` to `out`; returns the bytes written.
+/// Writes the image of `plain` named `reference` to `out`; returns the bytes written and the
+/// image's id (its config's digest, as engines name an image).
 pub(crate) fn write(
     plain: &PlainSource<'_>,
     reference: &str,
     out: &Path,
     directory: bool,
-) -> Result<u64, StoreError> {
+) -> Result<(u64, String), StoreError> {
     check_reference(reference)?;
     if directory {
         write_dir(plain, reference, out)
@@ -110,6 +111,12 @@ struct Documents {
 }
 
 impl Documents {
+    fn image_id(&self) -> String {
+        Blob::of(&self.config).file_name().to_owned()
+    }
+}
+
+impl Documents {
     fn new(plain: &PlainSource<'_>, reference: &str, layer: &Blob) -> Documents {
         let m = plain.manifest();
         let created = rfc3339(m.created);
@@ -156,7 +163,7 @@ impl Documents {
     }
 }
 
-fn write_tar(plain: &PlainSource<'_>, reference: &str, out: &Path) -> Result<u64, StoreError> {
+fn write_tar(plain: &PlainSource<'_>, reference: &str, out: &Path) -> Result<(u64, String), StoreError> {
     // First pass: the layer's digest and size, written nowhere.
     let (layer, _) = plain.write(Hashing::new(io::sink()), out)?.blob();
     let docs = Documents::new(plain, reference, &layer);
@@ -208,10 +215,10 @@ fn write_tar(plain: &PlainSource<'_>, reference: &str, out: &Path) -> Result<u64
     file.sync_all().map_err(werr)?;
     let bytes = file.metadata().map_err(io_err("cannot stat", &target))?.len();
     tmp.persist(out)?;
-    Ok(bytes)
+    Ok((bytes, docs.image_id()))
 }
 
-fn write_dir(plain: &PlainSource<'_>, reference: &str, out: &Path) -> Result<u64, StoreError> {
+fn write_dir(plain: &PlainSource<'_>, reference: &str, out: &Path) -> Result<(u64, String), StoreError> {
     if fs::symlink_metadata(out).is_ok() {
         return Err(StoreError::Io {
             action: "will not write an image layout into an existing",
@@ -246,7 +253,7 @@ fn write_dir(plain: &PlainSource<'_>, reference: &str, out: &Path) -> Result<u64
     sync_dir(&blobs)?;
     sync_dir(&tmp.path)?;
     tmp.persist(out)?;
-    Ok(bytes)
+    Ok((bytes, docs.image_id()))
 }
 
 fn write_file(path: &Path, data: &[u8]) -> Result<(), StoreError> {

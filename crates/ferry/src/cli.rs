@@ -101,26 +101,43 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Write a checkpoint as an archive in the Podman/CRI-O layout (encrypted unless --plaintext).
+    /// Write a checkpoint as an archive in the Podman/CRI-O layout (encrypted unless
+    /// --plaintext); a container's, in the clear, is what `podman container restore --import`
+    /// restores. With --oci-image (and --plaintext), a checkpoint OCI image instead.
     Export {
         name: String,
-        /// The archive to write.
+        /// The archive to write; with --oci-image, an OCI image layout as a tar (what `podman
+        /// load` reads), or as a directory when it ends in `/`.
         #[arg(short, long)]
         output: PathBuf,
-        /// Write CRIU's images in the clear, as checkpointctl reads them. Anyone who can read
-        /// the file can read the process's memory.
+        /// Write CRIU's images in the clear, as checkpointctl and Podman read them. Anyone who
+        /// can read the file can read the process's memory.
         #[arg(long)]
         plaintext: bool,
+        /// Write a checkpoint OCI image (as `podman container checkpoint --create-image` and
+        /// `checkpointctl build` make them), for `podman load` and `podman container restore
+        /// IMAGE`. It is plaintext by nature: it needs --plaintext too.
+        #[arg(long)]
+        oci_image: bool,
+        /// The OCI image's name (default: localhost/ferry/NAME:latest).
+        #[arg(long, value_name = "IMAGE", requires = "oci_image")]
+        tag: Option<String>,
+        /// The Podman image holding the container's root file system, for a container whose
+        /// checkpoint names none (runc's).
+        #[arg(long, value_name = "IMAGE")]
+        rootfs_image: Option<String>,
         /// Encrypt for this recipient (as named by `ferry keys add-recipient`) instead of for
         /// this node and all recipients; repeat for several.
         #[arg(long = "for", value_name = "RECIPIENT")]
         recipients: Vec<String>,
     },
-    /// Import an archive written by `ferry export` (or a plaintext checkpoint archive).
+    /// Import an archive written by `ferry export`, or a container checkpoint archive written by
+    /// `podman container checkpoint --export` or the kubelet (CRI-O's layout).
     Import {
-        /// The archive.
+        /// The archive (uncompressed or zstd).
         file: PathBuf,
-        /// Name for the imported checkpoint (default: the name in its manifest).
+        /// Name for the imported checkpoint (default: the name in its manifest; for a Podman or
+        /// kubelet archive, KIND-CONTAINER-TIME).
         #[arg(long)]
         name: Option<String>,
     },

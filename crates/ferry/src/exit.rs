@@ -32,7 +32,7 @@ impl From<Exit> for ExitCode {
 pub fn classify(err: &Error) -> Exit {
     match err {
         Error::NotRoot { .. } => Exit::NotPermitted,
-        Error::InvalidWorkload { .. } | Error::UnsupportedKind { .. } => Exit::Usage,
+        Error::InvalidWorkload { .. } | Error::UnsupportedKind { .. } | Error::Usage(_) => Exit::Usage,
         Error::ProcessNotFound { .. } | Error::ContainerNotFound { .. } => Exit::NotFound,
         Error::ContainerNotRunning { .. } | Error::ContainerRefused { .. } => Exit::Failure,
         Error::NameTaken { .. } => Exit::Conflict,

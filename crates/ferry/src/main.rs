@@ -38,8 +38,15 @@ fn main() -> ExitCode {
         Command::Inspect { name, json } => cmd::inspect::run(&cli, name, *json),
         Command::Rm { names, shred } => cmd::rm::run(&cli, names, *shred),
         Command::Gc => cmd::gc::run(&cli),
-        Command::Export { name, output, plaintext, recipients } => {
-            cmd::archive::export(&cli, name, output, *plaintext, recipients)
+        Command::Export { name, output, plaintext, oci_image, tag, rootfs_image, recipients } => {
+            let how = cmd::archive::How {
+                plaintext: *plaintext,
+                oci_image: *oci_image,
+                tag: tag.as_deref(),
+                rootfs_image: rootfs_image.as_deref(),
+                only_for: recipients,
+            };
+            cmd::archive::export(&cli, name, output, &how)
         }
         Command::Import { file, name } => cmd::archive::import(&cli, file, name.as_deref()),
         Command::Keys { action } => cmd::keys::run(&cli, action),

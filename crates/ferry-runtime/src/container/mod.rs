@@ -9,6 +9,7 @@
 //! [`record`]), runc's `descriptors.json`, and its root filesystem's changes ([`rootfs`]).
 
 pub mod criu_conf;
+pub mod formats;
 pub mod record;
 pub mod rootfs;
 pub mod runc;
@@ -315,6 +316,11 @@ pub struct Kind {
 
 /// Every runtime ferry knows: a new one is a module and a line here.
 pub const KINDS: &[Kind] = &[runc::KIND_ENTRY];
+
+/// The kinds a container record may name: a checkpoint of a kind this build has no module
+/// for (an imported Podman archive) is kept, inspected and exported; only its restore needs
+/// the module.
+pub const KIND_NAMES: &[&str] = &["runc", "podman", "containerd", "docker"];
 
 /// The endpoint of a private instance of `kind` in `dirs`.
 pub fn instance_endpoint(kind: &str, dirs: &InstanceDirs) -> Result<PathBuf, Error> {

@@ -120,7 +120,7 @@ impl ContainerRecord {
                 self.version
             )));
         }
-        if !super::is_kind(&self.kind) {
+        if !super::KIND_NAMES.contains(&self.kind.as_str()) {
             return Err(bad(format!("unknown container kind '{}'", trunc(&self.kind))));
         }
         validate_name("id", &self.id, true)?;

@@ -120,6 +120,52 @@ pub fn apply_diff(root: &Path, tar_path: Option<&Path>, deleted_path: Option<&Pa
     Ok(())
 }
 
+/// Most entries a `rootfs-diff.tar` may hold.
+pub const MAX_DIFF_ENTRIES: u64 = 1 << 22;
+
+/// Checks a `rootfs-diff.tar` (maybe from an imported archive) without unpacking it: every
+/// entry a plain relative path, a file, directory, symbolic or hard link (to a plain path
+/// inside) or FIFO; no devices. [`apply_diff`] checks again as it unpacks.
+pub fn check_diff(p: &Path) -> Result<DiffStats, Error> {
+    let file = File::open(p).map_err(|e| bad_diff(format!("cannot open {}: {e}", p.display())))?;
+    let mut archive = tar::Archive::new(file);
+    let mut stats = DiffStats::default();
+    for entry in archive.entries_with_seek().map_err(|e| bad_diff(e.to_string()))? {
+        let entry = entry.map_err(|e| bad_diff(e.to_string()))?;
+        stats.entries += 1;
+        if stats.entries > MAX_DIFF_ENTRIES {
+            return Err(bad_diff(format!("more than {MAX_DIFF_ENTRIES} entries")));
+        }
+        let name = entry.path().map_err(|e| bad_diff(e.to_string()))?.into_owned();
+        check_relative(&name)?;
+        let kind = entry.header().entry_type();
+        match kind {
+            tar::EntryType::Regular | tar::EntryType::Continuous => stats.bytes += entry.size(),
+            tar::EntryType::Directory | tar::EntryType::Symlink | tar::EntryType::Fifo => {}
+            tar::EntryType::Link => {
+                let target = entry
+                    .link_name()
+                    .map_err(|e| bad_diff(e.to_string()))?
+                    .ok_or_else(|| bad_diff(format!("{}: a hard link to nothing", name.display())))?;
+                check_relative(&target)?;
+            }
+            other => {
+                return Err(bad_diff(format!(
+                    "{}: {} entries are not accepted",
+                    name.display(),
+                    match other {
+                        tar::EntryType::Char => "character device",
+                        tar::EntryType::Block => "block device",
+                        tar::EntryType::GNUSparse => "sparse file",
+                        _ => "unknown",
+                    }
+                )))
+            }
+        }
+    }
+    Ok(stats)
+}
+
 /// The list in a `deleted.files`, validated.
 pub fn read_deleted(p: &Path) -> Result<Vec<String>, Error> {
     let bytes = super::record::read_capped(p, MAX_DELETED_FILE)
@@ -223,6 +269,51 @@ mod tests {
             assert!(apply_diff(&root, None, Some(&deleted)).is_err(), "{bad}");
         }
         assert!(outside.join("keep").exists());
+    }
+
+    /// A tar with one raw entry: any name, type and link.
+    fn raw_tar(path: &Path, name: &[u8], kind: tar::EntryType, link: &[u8]) {
+        let mut b = tar::Builder::new(File::create(path).expect("create"));
+        let mut h = tar::Header::new_gnu();
+        h.set_size(if kind == tar::EntryType::Regular { 1 } else { 0 });
+        h.set_mode(0o644);
+        h.set_entry_type(kind);
+        h.as_old_mut().name[..name.len()].copy_from_slice(name);
+        h.as_old_mut().linkname[..link.len()].copy_from_slice(link);
+        h.set_cksum();
+        let data: &[u8] = if kind == tar::EntryType::Regular { b"x" } else { b"" };
+        b.append(&h, data).expect("append");
+        b.finish().expect("finish");
+    }
+
+    #[test]
+    fn a_diff_is_checked_before_it_is_used() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let upper = dir.path().join("upper");
+        fs::create_dir_all(upper.join("etc")).expect("mkdir");
+        fs::write(upper.join("etc/a"), b"hello").expect("write");
+        std::os::unix::fs::symlink("/etc/a", upper.join("abs-link")).expect("symlink");
+        let tar_path = dir.path().join("diff.tar");
+        write_diff(&upper, &[], &tar_path, &dir.path().join("deleted.files")).expect("diff");
+        let stats = check_diff(&tar_path).expect("a diff ferry wrote passes");
+        assert_eq!((stats.entries, stats.bytes), (3, 5));
+        let bad = dir.path().join("bad.tar");
+        for (name, kind, link, why) in [
+            (&b"../escape"[..], tar::EntryType::Regular, &b""[..], "not a plain path"),
+            (b"/etc/passwd", tar::EntryType::Regular, b"", "not a plain path"),
+            (b"a/../../b", tar::EntryType::Directory, b"", "not a plain path"),
+            (b"dev/sda", tar::EntryType::Block, b"", "block device"),
+            (b"dev/tty", tar::EntryType::Char, b"", "character device"),
+            (b"h", tar::EntryType::Link, b"../../etc/shadow", "not a plain path"),
+            (b"h", tar::EntryType::Link, b"/etc/shadow", "not a plain path"),
+        ] {
+            raw_tar(&bad, name, kind, link);
+            let err = check_diff(&bad).expect_err(why);
+            assert!(err.to_string().contains(why), "{why}: {err}");
+        }
+        fs::write(&bad, b"not a tar at all, long enough to be read as one header block........")
+            .expect("write");
+        assert!(check_diff(&bad).is_err());
     }
 
     #[test]
