@@ -69,19 +69,20 @@ pub fn export(cli: &Cli, name: &str, out: &Path, how: &How<'_>) -> Outcome {
         };
         ExportMode::Encrypted { recipients }
     };
-    if how.plaintext {
-        eprintln!(
-            "warning: {} will hold the process's memory in the clear: anyone who can read it can read \
-             every secret the process had",
-            out.display()
-        );
-    }
     let reference = match &mode {
         ExportMode::OciImage { reference, .. } => Some(reference.clone()),
         _ => None,
     };
     let req = ExportRequest { name, out, mode, rootfs_image: how.rootfs_image };
     let r = ferry_runtime::archive::export(&store, &req).map_err(|e| (what(), e))?;
+    if how.plaintext {
+        // After the fact, so that a refused export's stderr starts with its error.
+        eprintln!(
+            "warning: {} holds the process's memory in the clear: anyone who can read it can read \
+             every secret the process had",
+            out.display()
+        );
+    }
     println!(
         "exported {name} to {} ({}, {} image files, {})",
         out.display(),
@@ -94,7 +95,8 @@ pub fn export(cli: &Cli, name: &str, out: &Path, how: &How<'_>) -> Outcome {
         if out.as_os_str().as_bytes().ends_with(b"/") {
             let dir = out.to_string_lossy();
             println!(
-                "image {short} (as {reference}): `podman pull oci:{}`, then `podman container restore {short}`",
+                "image {short} (as {reference}): `podman pull oci:{}` (Podman 4 names it after the \
+                 directory, whose path must then be lowercase), then `podman container restore {short}`",
                 dir.trim_end_matches('/')
             );
         } else {
