@@ -55,8 +55,23 @@ fn body(files: usize, extents: usize) -> ManifestBody {
     }
 }
 
+/// `gen_corpus` writes every seed; `gen_corpus container_record archive` only the seeds of the
+/// container formats (the others are left as they are).
 fn main() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus");
+    let only: Vec<String> = std::env::args().skip(1).collect();
+    if !only.is_empty() {
+        for t in &only {
+            match t.as_str() {
+                "container_record" => container_seeds(&root),
+                "archive" => archive_seeds(&root),
+                other => panic!("gen_corpus: {other}: only container_record and archive are written alone"),
+            }
+        }
+        return;
+    }
+    container_seeds(&root);
+    archive_seeds(&root);
     let k = node();
 
     let dir = root.join("manifest");
@@ -135,4 +150,106 @@ fn main() {
     ferry_wire::frame::write_frame(&mut raw, 0xffff, &[0; 100]).expect("writes");
     write(&dir, "above-small-cap", &raw);
     println!("seed corpus written to {}", root.display());
+}
+
+/// Podman 4's `config.dump` (trimmed; the old host's paths kept, as Podman writes them).
+const PODMAN_CONFIG: &str = r#"{"id": "54afcbe79e1572275246f2d32624812d396ea9410d849d1d5f1c2ecf8dab407b",
+ "name": "web", "rootfsImageID": "10ab2a76fde08deda52d3c1da1b25d4b1469590484cce792df52de62affb293a",
+ "rootfsImageName": "localhost/ferry-lab/busybox:latest", "labels": {"app": "web"},
+ "ShmDir": "/var/lib/containers/storage/overlay-containers/54af/userdata/shm",
+ "conmonPidFile": "/run/containers/storage/overlay-containers/54af/userdata/conmon.pid",
+ "idMappingsOptions": {"HostUIDMapping": true, "HostGIDMapping": true},
+ "cgroupParent": "/libpod_parent", "runtime": "runc", "stopSignal": 15, "createNetNS": true}"#;
+const PODMAN_SPEC: &str = r#"{"ociVersion": "1.0.2-dev", "process": {"args": ["/bin/sh"]},
+ "linux": {"namespaces": [{"type": "pid"}, {"type": "network", "path": "/run/netns/netns-1"}],
+           "cgroupsPath": "/libpod_parent/libpod-54af"},
+ "annotations": {"io.container.manager": "libpod", "org.criu.config": "/etc/evil.conf"}}"#;
+const PODMAN_NETWORK: &str = r#"{"podman": {"interfaces": {"eth0": {"subnets": [{"ipnet": "10.88.0.5/16",
+ "gateway": "10.88.0.1"}], "mac_address": "0a:58:0a:58:00:05"}}}}"#;
+/// CRI-O's `config.dump` and `spec.dump` of a kubelet checkpoint.
+const CRIO_CONFIG: &str = r#"{"id": "6b2c5e1f0b0e4f6a9d7c3b2a1f0e9d8c7b6a5f4e3d2c1b0a9f8e7d6c5b4a3f2e",
+ "name": "k8s_counter_counters_default_2f1c_0", "rootfsImage": "busybox",
+ "rootfsImageRef": "3f57d9401f8d42f986df300f0c69192fc41da28ccc8d797829467780db3dd741",
+ "rootfsImageName": "docker.io/library/busybox:latest", "runtime": "runc",
+ "createdTime": "2026-12-06T20:00:00Z", "checkpointedTime": "2026-12-06T21:00:00Z",
+ "restoredTime": "0001-01-01T00:00:00Z", "restored": false}"#;
+const CRIO_SPEC: &str = r#"{"ociVersion": "1.0.2-dev", "process": {"args": ["/bin/sh", "-c", "count"]},
+ "linux": {"namespaces": [{"type": "network", "path": "/var/run/netns/7d6c"}]},
+ "annotations": {"io.container.manager": "cri-o", "io.kubernetes.container.name": "counter",
+  "io.kubernetes.pod.name": "counters", "io.kubernetes.pod.namespace": "default",
+  "io.kubernetes.cri-o.IP.0": "10.85.0.12",
+  "io.kubernetes.cri-o.Labels": "{\"io.kubernetes.pod.name\":\"counters\"}"}}"#;
+
+/// Input of `container_record` mode 2: config and spec lengths, the two, network.status.
+fn dumps_seed(config: &str, spec: &str, network: &str) -> Vec<u8> {
+    let mut v = vec![2u8];
+    v.extend_from_slice(&(config.len() as u32).to_le_bytes());
+    v.extend_from_slice(&(spec.len() as u32).to_le_bytes());
+    v.extend_from_slice(config.as_bytes());
+    v.extend_from_slice(spec.as_bytes());
+    v.extend_from_slice(network.as_bytes());
+    v
+}
+
+fn container_seeds(root: &Path) {
+    let dir = root.join("container_record");
+    write(&dir, "dumps-podman", &dumps_seed(PODMAN_CONFIG, PODMAN_SPEC, PODMAN_NETWORK));
+    write(&dir, "dumps-podman-null-network", &dumps_seed(PODMAN_CONFIG, PODMAN_SPEC, "null"));
+    write(&dir, "dumps-crio", &dumps_seed(CRIO_CONFIG, CRIO_SPEC, ""));
+    let hostile_labels = CRIO_SPEC.replace(r#"{\"io.kubernetes"#, r#"[\"io.kubernetes"#);
+    write(&dir, "dumps-crio-bad-labels", &dumps_seed(CRIO_CONFIG, &hostile_labels, ""));
+    let hostile_name = PODMAN_CONFIG.replace(r#""name": "web""#, r#""name": "../../etc""#);
+    write(&dir, "dumps-podman-bad-name", &dumps_seed(&hostile_name, PODMAN_SPEC, ""));
+}
+
+/// A tar of `entries` (a name ending in `/` is a directory).
+fn tar_of(entries: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, data) in entries {
+        let mut h = tar::Header::new_gnu();
+        let dir = name.ends_with('/');
+        h.set_entry_type(if dir { tar::EntryType::Directory } else { tar::EntryType::Regular });
+        h.set_mode(if dir { 0o755 } else { 0o644 });
+        h.set_size(data.len() as u64);
+        b.append_data(&mut h, name, *data).expect("append");
+    }
+    b.into_inner().expect("tar")
+}
+
+/// Archives in the layouts `ferry import` takes besides its own: Podman's export and CRI-O's
+/// (the kubelet's), with their root file system changes.
+fn archive_seeds(root: &Path) {
+    let dir = root.join("archive");
+    let diff = tar_of(&[("root/", b""), ("root/new.txt", b"hello\n")]);
+    let podman = tar_of(&[
+        ("artifacts/", b""),
+        ("devshm-checkpoint.tar", &[0u8; 1536]),
+        ("config.dump", PODMAN_CONFIG.as_bytes()),
+        ("spec.dump", PODMAN_SPEC.as_bytes()),
+        ("network.status", PODMAN_NETWORK.as_bytes()),
+        ("stats-dump", b"\x01\x02"),
+        ("ctr.log", b"2026-12-06T21:00:00Z stdout F tick\n"),
+        ("checkpoint/", b""),
+        ("checkpoint/inventory.img", b"inventory"),
+        ("checkpoint/descriptors.json", b"[\"/dev/null\",\"pipe:[1]\",\"pipe:[1]\"]"),
+        ("checkpoint/pages-1.img", &[7u8; 4096]),
+        ("rootfs-diff.tar", &diff),
+        ("deleted.files", b"[\"/data\"]"),
+    ]);
+    write(&dir, "podman-export.tar", &podman);
+    let crio = tar_of(&[
+        ("./", b""),
+        ("stats-dump", b"\x01"),
+        ("dump.log", b"(00.000000) Dumping finished successfully\n"),
+        ("checkpoint/", b""),
+        ("checkpoint/inventory.img", b"inventory"),
+        ("checkpoint/pages-1.img", &[7u8; 4096]),
+        ("config.dump", CRIO_CONFIG.as_bytes()),
+        ("spec.dump", CRIO_SPEC.as_bytes()),
+        ("bind.mounts", b"[]"),
+        ("rootfs-diff.tar", &diff),
+        ("deleted.files", b"[]"),
+        ("io.kubernetes.cri-o.LogPath", b"tick\n"),
+    ]);
+    write(&dir, "kubelet-checkpoint.tar", &crio);
 }

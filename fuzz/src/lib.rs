@@ -269,9 +269,12 @@ pub fn lazy_images(data: &[u8]) {
     }
 }
 
-/// A container's record (`ferry-container.json`) or its `deleted.files`, as a checkpoint or an
-/// imported archive carries them: first byte 0 for the record, else the deleted list. What is
-/// accepted must be valid by the parsers' own rules and survive a round trip.
+/// A container's record (`ferry-container.json`), its `deleted.files`, or the container
+/// metadata of a Podman or kubelet (CRI-O) archive, as a checkpoint or an imported archive
+/// carries them. First byte: 0, the record; 2, `config.dump` and `spec.dump` (then
+/// `network.status`) mapped to a record: two little-endian `u32` lengths (config, spec), the
+/// two documents, and the rest as `network.status` if any; anything else, the deleted list.
+/// What is accepted must be valid by the parsers' own rules and survive a round trip.
 pub fn container_record(data: &[u8]) {
     use ferry_runtime::container::{rootfs, ContainerRecord};
     let Some((&which, rest)) = data.split_first() else { return };
@@ -283,9 +286,39 @@ pub fn container_record(data: &[u8]) {
                 let _ = src.len();
             }
         }
+    } else if which == 2 {
+        container_dumps(rest);
     } else if let Ok(list) = rootfs::parse_deleted(rest) {
         for p in list {
             assert!(!p.split('/').any(|c| c == ".."), "{p}");
         }
     }
+}
+
+/// `config.dump` + `spec.dump` (+ `network.status`) to a record, and back to Podman's files.
+fn container_dumps(data: &[u8]) {
+    use ferry_runtime::container::formats::{
+        config_dump, image_annotations, record_from_dumps, spec_dump, ImageFacts,
+    };
+    use ferry_runtime::container::ContainerRecord;
+    let Some((config_len, rest)) = data.split_first_chunk::<4>() else { return };
+    let Some((spec_len, rest)) = rest.split_first_chunk::<4>() else { return };
+    let config_len = (u32::from_le_bytes(*config_len) as usize).min(rest.len());
+    let (config, rest) = rest.split_at(config_len);
+    let spec_len = (u32::from_le_bytes(*spec_len) as usize).min(rest.len());
+    let (spec, network) = rest.split_at(spec_len);
+    let network = (!network.is_empty()).then_some(network);
+    let Ok((record, _engine)) = record_from_dumps(config, spec, network) else { return };
+    record.validate().expect("a record made from dumps is valid");
+    assert_eq!(record.kind, "podman");
+    assert!(!record.annotations().contains_key("org.criu.config"), "the archive's CRIU config is dropped");
+    let bytes = serde_json::to_vec(&record).expect("a made record encodes");
+    assert_eq!(ContainerRecord::parse(&bytes).expect("and parses as any record"), record);
+    let made = config_dump(&record, None).expect("a podman record has a config.dump");
+    assert!(made.is_object());
+    assert!(made.get("conmonPidFile").is_none() && made.get("ShmDir").is_none(), "no old host's paths");
+    assert!(spec_dump(&record).pointer("/annotations/org.criu.config").is_none());
+    let facts = ImageFacts { checkpoint: "fuzz", criu_version: "4.2.1", kernel: "6.1" };
+    let a = image_annotations(&record, &made, &facts);
+    assert_eq!(a.get("io.podman.annotations.checkpoint.runtime.name").map(String::as_str), Some("runc"));
 }
