@@ -801,6 +801,13 @@ fn timings_of_a_512_mib_container() {
         &args,
     ]);
     let sum = |name: &str| -> serde_json::Value {
+        // Podman 4.3.1 restores a `--network none` container into a namespace whose loopback
+        // is down: bring it up from outside, as the container may not.
+        let pid = podman.run(&["inspect", name, "--format", "{{.State.Pid}}"]);
+        let _ = Command::new("nsenter")
+            .arg(format!("--net=/proc/{pid}/ns/net"))
+            .args(["ip", "link", "set", "lo", "up"])
+            .status();
         let py = "import socket,json;s=socket.create_connection(('127.0.0.1',7000));s.sendall(b'!sum\\n');\
                   print(s.makefile().readline().split(' ',2)[2])";
         let out = podman.try_run(&["exec", name, "/usr/bin/python3", "-c", py]);
