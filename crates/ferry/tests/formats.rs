@@ -471,6 +471,12 @@ fn a_runc_checkpoint_exported_for_podman_restores_there() {
     if let Some(parent) = config["cgroupParent"].as_str() {
         podman.track_cgroup(parent);
     }
+    // ferry takes its own plaintext export back as it was: the signed manifest's images.
+    ferry.run(&["import", s(&out), "--name", "web-again"]).assert_ok();
+    ferry.run(&["verify", "web-again"]).assert_ok();
+    let again = ferry.inspect_json("web-again");
+    assert_eq!(again["container"], i["container"], "the same container, record and changes");
+    assert_eq!(again["source"], "runc:web");
 
     let t = Instant::now();
     podman.run(&["container", "restore", "--import", s(&out)]);
