@@ -155,6 +155,30 @@ impl Podman {
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
 
+    /// `podman container restore ARGS`; on failure, panics with the errors of CRIU's restore
+    /// logs (Podman keeps them in the container's directory).
+    #[track_caller]
+    fn restore(&self, args: &[&str]) {
+        let mut all = vec!["container", "restore"];
+        all.extend_from_slice(args);
+        let out = self.try_run(&all);
+        if out.status.success() {
+            return;
+        }
+        let mut logs = String::new();
+        let found =
+            Command::new("find").arg(self.state.path()).args(["-name", "restore.log"]).output().unwrap();
+        for log in String::from_utf8_lossy(&found.stdout).lines() {
+            let text = fs::read_to_string(log).unwrap_or_default();
+            logs.push_str(&format!("--- {log}\n"));
+            for l in text.lines().filter(|l| l.contains("Error") || l.contains("rror (")) {
+                logs.push_str(l);
+                logs.push('\n');
+            }
+        }
+        panic!("podman {}: {}\n{logs}", all.join(" "), String::from_utf8_lossy(&out.stderr));
+    }
+
     /// The lab's root file system as image [`IMAGE`].
     fn import_lab_image(&self) {
         let mut tar = Command::new("tar")
@@ -421,7 +445,7 @@ fn a_podman_export_imports_as_a_container_checkpoint() {
 
     // And what ferry exports of it, Podman restores: the container goes on where it was.
     podman.run(&["rm", "-f", "counter"]);
-    podman.run(&["container", "restore", "--import", s(&back)]);
+    podman.restore(&["--import", s(&back)]);
     assert!(podman.running("counter"), "podman ps lists it running");
     poll(Duration::from_secs(30), "the restored counter to go on", || {
         (podman.ticks("counter") > before).then_some(())
@@ -479,7 +503,7 @@ fn a_runc_checkpoint_exported_for_podman_restores_there() {
     assert_eq!(again["source"], "runc:web");
 
     let t = Instant::now();
-    podman.run(&["container", "restore", "--import", s(&out)]);
+    podman.restore(&["--import", s(&out)]);
     eprintln!("podman restored ferry's export in {:.2}s", t.elapsed().as_secs_f64());
     assert!(podman.running("web"), "podman ps lists it running");
     let at_restore = podman.ticks("web");
@@ -657,7 +681,7 @@ fn an_oci_checkpoint_image_restores_under_podman() {
         podman.track_cgroup(parent);
     }
 
-    podman.run(&["container", "restore", reference]);
+    podman.restore(&[reference]);
     assert!(podman.running("img"), "podman ps lists it running");
     let at_restore = podman.ticks("img");
     assert!(at_restore >= 3, "the counter kept its count ({at_restore})");
@@ -679,7 +703,7 @@ fn an_oci_checkpoint_image_restores_under_podman() {
     let hint = done.stdout.lines().find(|l| l.starts_with("image ")).expect("the image's id");
     let id = hint.split_whitespace().nth(1).unwrap().to_owned();
     podman.run(&["pull", &format!("oci:{}", dir.display())]);
-    podman.run(&["container", "restore", &id]);
+    podman.restore(&[&id]);
     assert!(podman.running("img"), "podman ps lists it running");
 }
 
