@@ -158,7 +158,13 @@ impl ImportHook for ContainerImport {
     }
 
     fn finish(&self, images: &Path, meta: &ArchiveMeta, verified: bool) -> Result<Option<Origin>, HookError> {
-        let refuse = |entry: &str, e: Error| HookError { entry: entry.to_owned(), detail: e.to_string() };
+        let refuse = |entry: &str, e: Error| HookError {
+            entry: entry.to_owned(),
+            detail: match e {
+                Error::BadContainerRecord(d) => d,
+                other => other.to_string(),
+            },
+        };
         let diff = images.join(ROOTFS_DIFF_FILE);
         let deleted = images.join(DELETED_FILES_FILE);
         if diff.exists() {
