@@ -397,6 +397,22 @@ runtime_tests! {
             migrate_under_clients("runc", Strategy::StopCopy);
         }
     }
+    containerd: {
+        #[test]
+        fn fifty_clients_through_stop_copy() {
+            migrate_under_clients("containerd", Strategy::StopCopy);
+        }
+
+        #[test]
+        fn fifty_clients_through_post_copy() {
+            migrate_under_clients("containerd", Strategy::PostCopy);
+        }
+
+        #[test]
+        fn a_daemon_that_is_down_gets_a_clear_error() {
+            daemon_down_test("containerd");
+        }
+    }
 }
 
 /// Used by the runtimes with a daemon (in their module of `runtime_tests!`).

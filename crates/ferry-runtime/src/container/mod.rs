@@ -8,6 +8,7 @@
 //! What travels beside CRIU's images: the container's record (spec, image, labels, network:
 //! [`record`]), runc's `descriptors.json`, and its root filesystem's changes ([`rootfs`]).
 
+pub mod containerd;
 pub mod criu_conf;
 pub mod formats;
 pub mod record;
@@ -315,7 +316,7 @@ pub struct Kind {
 }
 
 /// Every runtime ferry knows: a new one is a module and a line here.
-pub const KINDS: &[Kind] = &[runc::KIND_ENTRY];
+pub const KINDS: &[Kind] = &[runc::KIND_ENTRY, containerd::KIND_ENTRY];
 
 /// The kinds a container record may name: a checkpoint of a kind this build has no module
 /// for (an imported Podman archive) is kept, inspected and exported; only its restore needs
