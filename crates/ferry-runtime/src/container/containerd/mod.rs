@@ -217,6 +217,7 @@ impl Containerd {
         let ns = rec.namespace.as_str();
         let name = req_.name;
         let record = req_.record;
+        let t0 = Instant::now();
         let mut spec = req_.spec();
         let recorded_cgroup =
             spec.pointer("/linux/cgroupsPath").and_then(|p| p.as_str()).unwrap_or("").to_owned();
@@ -257,6 +258,7 @@ impl Containerd {
         let mounts = api
             .prepare(ns, None, name, &rec.snapshot_parent)
             .map_err(|s| api.error("snapshots.Prepare", &s))?;
+        let t_record = t0.elapsed();
         let (diff, deleted) = (req_.rootfs_diff(), req_.deleted_files());
         if diff.is_some() || deleted.is_some() {
             spec::apply_to_snapshot(
@@ -288,12 +290,13 @@ impl Containerd {
             options: Some(task_options.to_any()),
             ..Default::default()
         };
-        let started = Instant::now();
+        let t_rootfs = t0.elapsed();
         let r = req(ns, None, create).map_err(|s| api.error("tasks.Create", &s))?;
         api.call("tasks.Create", CALL_LIMIT, |ch| async move { TasksClient::new(ch).create(r).await })
             .map_err(|s| {
                 Error::runtime_failed(KIND, "tasks.Create", s.message(), Some(req_.log.to_path_buf()))
             })?;
+        let t_task = t0.elapsed();
         let r = req(ns, None, StartRequest { container_id: name.into(), exec_id: String::new() })
             .map_err(|s| api.error("tasks.Start", &s))?;
         let pid = api
@@ -307,7 +310,16 @@ impl Containerd {
                 )
             })?
             .pid;
-        tracing::info!(container = %format!("{ns}/{name}"), pid, ms = started.elapsed().as_millis() as u64, "containerd restored the task");
+        let ms = |d: Duration| d.as_millis() as u64;
+        tracing::info!(
+            container = %format!("{ns}/{name}"),
+            pid,
+            record_ms = ms(t_record),
+            rootfs_ms = ms(t_rootfs - t_record),
+            task_create_ms = ms(t_task - t_rootfs),
+            task_start_ms = ms(t0.elapsed() - t_task),
+            "containerd restored the container"
+        );
         if let Some(v) = restart {
             if let Err(s) = self.set_label(api, ns, name, RESTART_STATUS_LABEL, Some(&v)) {
                 tracing::warn!(error = %s.message(), "could not give the container back its restart label");
