@@ -157,7 +157,10 @@ pub fn checkpoint_with(
         subject.release();
     }
     let (committed, dump_seconds) = outcome?;
-    if !req.leave_running {
+    if req.leave_running {
+        // The container runs on: its runtime takes care of it again.
+        subject.release();
+    } else {
         // The container's processes are gone: its runtime forgets it (the checkpoint is it now).
         subject.remove();
     }

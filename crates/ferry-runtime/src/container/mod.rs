@@ -47,7 +47,8 @@ pub trait ContainerRuntime: fmt::Debug + Send + Sync {
         Ok(())
     }
 
-    /// The dump failed and CRIU resumed the processes: undo [`ContainerRuntime::hold`].
+    /// CRIU resumed the processes (the dump failed, or it left them running): undo
+    /// [`ContainerRuntime::hold`].
     fn release(&self, _c: &Container) -> Result<(), Error> {
         Ok(())
     }
