@@ -2,7 +2,7 @@
 //! containerd's own defaults, and a restored one's cgroup; and the root filesystem changes of a
 //! restore, written into the new container's snapshot before its task exists.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use containerd_client::types::Mount;
@@ -145,9 +145,11 @@ pub(super) fn new_spec(req: &CreateSpec<'_>, id: &str, img: &ImageConfig, cgroup
 }
 
 /// Applies a checkpoint's root filesystem changes to a prepared snapshot (not mounted by
-/// anyone yet): mounted at `target` for the time it takes, so that deleting makes the
-/// overlay's whiteouts and opaque directories, through [`super::super::rootfs::apply_diff`]
-/// and its checks of hostile paths.
+/// anyone yet), through [`super::super::rootfs::apply_diff`] and its checks of hostile paths.
+/// Without deletions the archive goes straight into the overlay's upper directory (a file or
+/// directory there overrides the image's, as a copy-up would); deletions need the overlay
+/// itself, mounted at `target` for the time it takes, so that deleting makes its whiteouts
+/// and opaque directories.
 pub(super) fn apply_to_snapshot(
     mounts: &[Mount],
     target: &Path,
@@ -157,6 +159,15 @@ pub(super) fn apply_to_snapshot(
     let [m] = mounts else {
         return Err(Error::Container(format!("containerd gave {} mounts for one snapshot", mounts.len())));
     };
+    let deletions = match deleted {
+        Some(p) => !super::super::rootfs::read_deleted(p)?.is_empty(),
+        None => false,
+    };
+    if !deletions {
+        if let Some(upper) = upper_dir(m) {
+            return super::super::rootfs::apply_diff(&upper, diff, None);
+        }
+    }
     std::fs::create_dir_all(target).map_err(|e| io_err("create", target, e))?;
     let fstype = if m.r#type == "bind" { "none" } else { m.r#type.as_str() };
     let out = Command::new("mount")
@@ -176,6 +187,17 @@ pub(super) fn apply_to_snapshot(
     let _ = std::fs::remove_dir(target);
     applied?;
     unmounted.map_err(|e| io_err("unmount", target, e))
+}
+
+/// The directory a snapshot's writes go to: an overlay's upper directory, or the bound
+/// directory of a snapshot without parent.
+fn upper_dir(m: &Mount) -> Option<PathBuf> {
+    let dir = match m.r#type.as_str() {
+        "overlay" => m.options.iter().find_map(|o| o.strip_prefix("upperdir="))?,
+        "bind" => m.source.as_str(),
+        _ => return None,
+    };
+    Some(PathBuf::from(dir)).filter(|p| p.is_absolute() && p.is_dir())
 }
 
 #[cfg(test)]
@@ -212,6 +234,62 @@ mod tests {
             restored_cgroup("system.slice:ctd:web", "default", "web", "w", None),
             "system.slice:ctd:web"
         );
+    }
+
+    #[test]
+    fn writes_go_to_the_snapshots_upper_directory() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let up = dir.path().display().to_string();
+        let overlay = Mount {
+            r#type: "overlay".into(),
+            source: "overlay".into(),
+            options: vec!["index=off".into(), format!("upperdir={up}"), "lowerdir=/a:/b".into()],
+            ..Default::default()
+        };
+        assert_eq!(upper_dir(&overlay), Some(dir.path().to_path_buf()));
+        let bind = Mount {
+            r#type: "bind".into(),
+            source: up.clone(),
+            options: vec!["rbind".into()],
+            ..Default::default()
+        };
+        assert_eq!(upper_dir(&bind), Some(dir.path().to_path_buf()));
+        let other =
+            Mount { r#type: "overlay".into(), options: vec!["upperdir=rel".into()], ..Default::default() };
+        assert_eq!(upper_dir(&other), None);
+        // Without deletions the archive is unpacked there, mounting nothing.
+        let tar_path = dir.path().join("d.tar");
+        // Owned by whoever runs the test (the archive's owners are restored).
+        let owner = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(dir.path()).expect("stat"));
+        let group = std::os::unix::fs::MetadataExt::gid(&std::fs::metadata(dir.path()).expect("stat"));
+        {
+            let mut b = tar::Builder::new(std::fs::File::create(&tar_path).expect("create"));
+            let mut d = tar::Header::new_gnu();
+            d.set_size(0);
+            d.set_mode(0o755);
+            d.set_entry_type(tar::EntryType::Directory);
+            d.set_uid(owner.into());
+            d.set_gid(group.into());
+            d.set_mtime(0);
+            b.append_data(&mut d, "etc", std::io::empty()).expect("append");
+            let mut h = tar::Header::new_gnu();
+            h.set_size(2);
+            h.set_mode(0o644);
+            h.set_entry_type(tar::EntryType::Regular);
+            h.set_uid(owner.into());
+            h.set_gid(group.into());
+            h.set_mtime(0);
+            b.append_data(&mut h, "etc/new", &b"hi"[..]).expect("append");
+            b.finish().expect("finish");
+        }
+        let deleted = dir.path().join("deleted.files");
+        std::fs::write(&deleted, b"[]").expect("write");
+        let upper = dir.path().join("upper");
+        std::fs::create_dir(&upper).expect("mkdir");
+        let m = Mount { r#type: "bind".into(), source: upper.display().to_string(), ..Default::default() };
+        apply_to_snapshot(&[m], &dir.path().join("mnt"), Some(&tar_path), Some(&deleted)).expect("apply");
+        assert_eq!(std::fs::read(upper.join("etc/new")).expect("read"), b"hi");
+        assert!(!dir.path().join("mnt").exists());
     }
 
     #[test]
