@@ -249,6 +249,7 @@ pub(super) fn import(api: &Api, ns: &str, rootfs: &Path, name: &str, tmp: &Path)
         return Err(Error::Container(format!("{} is not a root filesystem directory", rootfs.display())));
     }
     let name = normalize(name)?;
+    let started = std::time::Instant::now();
     std::fs::create_dir_all(tmp).map_err(|e| io_err("create", tmp, e))?;
     let layer_path = tmp.join(format!("ferry-layer-{}-{}.tar", std::process::id(), unique()));
     let _remove = RemoveOnDrop(layer_path.clone());
@@ -311,6 +312,10 @@ pub(super) fn import(api: &Api, ns: &str, rootfs: &Path, name: &str, tmp: &Path)
         api.call("leases.Delete", CALL_LIMIT, |ch| async move { LeasesClient::new(ch).delete(r).await })
     {
         tracing::warn!(error = %s.message(), "could not end the import's lease (it expires in an hour)");
+    }
+    if imported.is_ok() {
+        let ms = started.elapsed().as_millis() as u64;
+        tracing::info!(image = %name, layer_bytes = layer_size, ms, "imported an image into containerd");
     }
     imported
 }
