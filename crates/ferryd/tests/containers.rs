@@ -412,6 +412,11 @@ runtime_tests! {
         fn a_daemon_that_is_down_gets_a_clear_error() {
             daemon_down_test("containerd");
         }
+
+        #[test]
+        fn a_container_of_another_namespace_migrates_there() {
+            migrate_namespaced("containerd", "prod/web");
+        }
     }
 }
 
@@ -419,4 +424,21 @@ runtime_tests! {
 #[allow(dead_code)]
 fn daemon_down_test(kind: &'static str) {
     daemon_down(kind);
+}
+
+/// A container named `NAMESPACE/ID` (containerd) moves into the same namespace on the target,
+/// and the source's namespace no longer holds it.
+#[allow(dead_code)]
+fn migrate_namespaced(kind: &'static str, name: &str) {
+    let Some(mut f) = Fixture::new(kind) else { return };
+    let w = f.start("node1", name, 16, None);
+    let before = ask(w.ip, "!sum").unwrap();
+    let r = f.migrate("node1", name, "node2", Strategy::PostCopy).expect("migrate");
+    assert_eq!(r.new_workload, format!("{kind}:{name}"));
+    assert!(!f.exists("node1", name) && f.exists("node2", name));
+    let bare = name.rsplit('/').next().unwrap();
+    assert!(!f.exists("node2", bare), "restored into another namespace");
+    let after = poll(Duration::from_secs(30), "the migrated copy to answer", || ask(w.ip, "!sum"));
+    assert_eq!(after["sha256"], before["sha256"]);
+    assert_nothing_left(&f);
 }

@@ -66,6 +66,8 @@ struct DescriptorJson {
     media_type: String,
     digest: String,
     #[serde(default)]
+    size: i64,
+    #[serde(default)]
     platform: Option<PlatformJson>,
 }
 
@@ -85,6 +87,8 @@ struct IndexJson {
 #[derive(Debug, Deserialize)]
 struct ManifestJson {
     config: DescriptorJson,
+    #[serde(default)]
+    layers: Vec<DescriptorJson>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -140,21 +144,23 @@ pub(super) fn normalize(name: &str) -> Result<String, Error> {
 }
 
 /// Image `name` in namespace `ns` (as given, or normalized): its config and chain id.
-pub(super) fn resolve(api: &Api, ns: &str, name: &str) -> Result<Resolved, Error> {
-    let mut image = None;
+/// Image `name` in namespace `ns` (as given, or normalized), if it is there.
+pub(super) fn find(api: &Api, ns: &str, name: &str) -> Result<Option<Image>, Error> {
     for candidate in [Some(name.to_owned()), normalize(name).ok()].into_iter().flatten() {
         let r = req(ns, None, GetImageRequest { name: candidate.clone() })
             .map_err(|s| api.error("images.Get", &s))?;
         match api.call("images.Get", CALL_LIMIT, |ch| async move { ImagesClient::new(ch).get(r).await }) {
-            Ok(found) => {
-                image = found.image;
-                break;
-            }
+            Ok(found) => return Ok(found.image),
             Err(s) if not_found(&s) => continue,
             Err(s) => return Err(api.error("images.Get", &s)),
         }
     }
-    let image = image.ok_or_else(|| {
+    Ok(None)
+}
+
+/// Image `name` in namespace `ns`: its config and chain id.
+pub(super) fn resolve(api: &Api, ns: &str, name: &str) -> Result<Resolved, Error> {
+    let image = find(api, ns, name)?.ok_or_else(|| {
         Error::Container(format!(
             "containerd has no image {name} in namespace {ns}: import it first (ferry's lab does it with `lab exec --runtime containerd`)"
         ))
@@ -192,6 +198,120 @@ pub(super) fn resolve(api: &Api, ns: &str, name: &str) -> Result<Resolved, Error
         },
         chain_id: chain_id(&config.rootfs.diff_ids),
     })
+}
+
+/// Copies image `name` from namespace `from` into namespace `to`, content and unpacked
+/// layers (containerd keeps both per namespace): ferry's lab imports its images into
+/// `default`, and a container of another namespace needs its image there.
+pub(super) fn copy(api: &Api, from: &str, to: &str, name: &str, tmp: &Path) -> Result<(), Error> {
+    let started = std::time::Instant::now();
+    let image = find(api, from, name)?
+        .ok_or_else(|| Error::Container(format!("containerd has no image {name} in namespace {from}")))?;
+    let target = image.target.clone().unwrap_or_default();
+    if target.media_type != MEDIA_MANIFEST && target.media_type != DOCKER_MANIFEST {
+        return Err(Error::Container(format!(
+            "image {} is a {}: ferry copies single manifests between namespaces; import it into {to} (ctr -n {to} images import)",
+            image.name, target.media_type
+        )));
+    }
+    let manifest = read_blob(api, from, &target.digest)?;
+    let m: ManifestJson = serde_json::from_slice(&manifest)
+        .map_err(|e| Error::Container(format!("blob {}: {e}", target.digest)))?;
+    let config = read_blob(api, from, &m.config.digest)?;
+    let c: ConfigJson = serde_json::from_slice(&config)
+        .map_err(|e| Error::Container(format!("blob {}: {e}", m.config.digest)))?;
+    if c.rootfs.diff_ids.len() != m.layers.len() {
+        return Err(Error::Container(format!(
+            "image {}: its config and manifest differ in layers",
+            image.name
+        )));
+    }
+    let as_desc = |d: &DescriptorJson| Descriptor {
+        media_type: d.media_type.clone(),
+        digest: d.digest.clone(),
+        size: d.size,
+        annotations: HashMap::new(),
+    };
+    std::fs::create_dir_all(tmp).map_err(|e| io_err("create", tmp, e))?;
+    with_lease(api, to, |lease| {
+        for l in &m.layers {
+            let path = tmp.join(format!("ferry-copy-{}-{}.blob", std::process::id(), unique()));
+            let _remove = RemoveOnDrop(path.clone());
+            read_blob_to(api, from, &l.digest, &path)?;
+            let file = File::open(&path).map_err(|e| io_err("open", &path, e))?;
+            write_blob(api, to, lease, &as_desc(l), file, gc_labels(api, from, &l.digest)?)?;
+        }
+        let config_desc = as_desc(&m.config);
+        write_blob(
+            api,
+            to,
+            lease,
+            &config_desc,
+            std::io::Cursor::new(config),
+            gc_labels(api, from, &m.config.digest)?,
+        )?;
+        write_blob(
+            api,
+            to,
+            lease,
+            &target,
+            std::io::Cursor::new(manifest),
+            gc_labels(api, from, &target.digest)?,
+        )?;
+        let copy = Image { name: image.name.clone(), target: Some(target.clone()), ..Default::default() };
+        let r = req(to, Some(lease), CreateImageRequest { image: Some(copy), source_date_epoch: None })
+            .map_err(|s| api.error("images.Create", &s))?;
+        match api.call("images.Create", CALL_LIMIT, |ch| async move { ImagesClient::new(ch).create(r).await })
+        {
+            Ok(_) => {}
+            Err(s) if s.code() == Code::AlreadyExists => {}
+            Err(s) => return Err(api.error("images.Create", &s)),
+        }
+        let mut parent = String::new();
+        for (i, l) in m.layers.iter().enumerate() {
+            let chain = chain_id(&c.rootfs.diff_ids[..=i]);
+            unpack(api, to, lease, &as_desc(l), &c.rootfs.diff_ids[i], &parent, &chain)?;
+            parent = chain;
+        }
+        Ok(())
+    })?;
+    let ms = started.elapsed().as_millis() as u64;
+    tracing::info!(image = %image.name, from, to, ms, "copied an image between containerd's namespaces");
+    Ok(())
+}
+
+/// The garbage collector's labels of a blob (its references to other blobs and snapshots).
+fn gc_labels(api: &Api, ns: &str, digest: &str) -> Result<HashMap<String, String>, Error> {
+    let r =
+        req(ns, None, InfoRequest { digest: digest.into() }).map_err(|s| api.error("content.Info", &s))?;
+    let info = api
+        .call("content.Info", CALL_LIMIT, |ch| async move { ContentClient::new(ch).info(r).await })
+        .map_err(|s| api.error("content.Info", &s))?;
+    Ok(info
+        .info
+        .map(|i| i.labels)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("containerd.io/gc.ref."))
+        .collect())
+}
+
+/// A blob of the content store into file `path`.
+fn read_blob_to(api: &Api, ns: &str, digest: &str, path: &Path) -> Result<(), Error> {
+    let mut file = BufWriter::new(File::create(path).map_err(|e| io_err("create", path, e))?);
+    let r = req(ns, None, ReadContentRequest { digest: digest.into(), offset: 0, size: 0 })
+        .map_err(|s| api.error("content.Read", &s))?;
+    let ch = api.channel();
+    let file = api
+        .block_on("content.Read", IMPORT_LIMIT, async move {
+            let mut stream = ContentClient::new(ch).read(r).await?.into_inner();
+            while let Some(m) = stream.message().await? {
+                file.write_all(&m.data).map_err(|e| Status::internal(e.to_string()))?;
+            }
+            Ok(file)
+        })
+        .map_err(|s| api.error("content.Read", &s))?;
+    file.into_inner().map(drop).map_err(|e| io_err("write", path, e.into_error()))
 }
 
 /// The chain id of layers with these diff ids (the name of their committed snapshot).
@@ -278,41 +398,19 @@ pub(super) fn import(api: &Api, ns: &str, rootfs: &Path, name: &str, tmp: &Path)
     let manifest_desc = desc(MEDIA_MANIFEST, sha256_digest(&manifest), manifest.len());
     let chain = chain_id(std::slice::from_ref(&layer_digest));
 
-    // Everything written goes under a lease until the image refers to it.
-    let lease = format!("ferry-import-{}-{}", std::process::id(), unique());
-    let r = req(
-        ns,
-        None,
-        CreateLeaseRequest {
-            id: lease.clone(),
-            labels: [(
-                "containerd.io/gc.expire".to_owned(),
-                rfc3339(SystemTime::now() + Duration::from_secs(3600)),
-            )]
-            .into(),
-        },
-    )
-    .map_err(|s| api.error("leases.Create", &s))?;
-    api.call("leases.Create", CALL_LIMIT, |ch| async move { LeasesClient::new(ch).create(r).await })
-        .map_err(|s| api.error("leases.Create", &s))?;
-    let imported = import_in(
-        api,
-        ns,
-        &lease,
-        &name,
-        &layer_path,
-        [&layer_desc, &config_desc, &manifest_desc],
-        &config,
-        &manifest,
-        &chain,
-    );
-    let r = req(ns, None, DeleteLeaseRequest { id: lease, sync: false })
-        .map_err(|s| api.error("leases.Delete", &s))?;
-    if let Err(s) =
-        api.call("leases.Delete", CALL_LIMIT, |ch| async move { LeasesClient::new(ch).delete(r).await })
-    {
-        tracing::warn!(error = %s.message(), "could not end the import's lease (it expires in an hour)");
-    }
+    let imported = with_lease(api, ns, |lease| {
+        import_in(
+            api,
+            ns,
+            lease,
+            &name,
+            &layer_path,
+            [&layer_desc, &config_desc, &manifest_desc],
+            &config,
+            &manifest,
+            &chain,
+        )
+    });
     if imported.is_ok() {
         let ms = started.elapsed().as_millis() as u64;
         tracing::info!(image = %name, layer_bytes = layer_size, ms, "imported an image into containerd");
@@ -377,16 +475,53 @@ fn import_in(
         }
         Err(s) => return Err(api.error("images.Create", &s)),
     }
-    unpack(api, ns, lease, layer, chain)
+    unpack(api, ns, lease, layer, &layer.digest, "", chain)
 }
 
-/// Unpacks the one layer into the committed snapshot `chain`, unless it is there.
-fn unpack(api: &Api, ns: &str, lease: &str, layer: &Descriptor, chain: &str) -> Result<(), Error> {
+/// Runs `f` with a lease of namespace `ns`: everything written under it stays until the image
+/// refers to it (containerd's garbage collector would take it before).
+fn with_lease<T>(api: &Api, ns: &str, f: impl FnOnce(&str) -> Result<T, Error>) -> Result<T, Error> {
+    let lease = format!("ferry-{}-{}", std::process::id(), unique());
+    let expire = rfc3339(SystemTime::now() + Duration::from_secs(3600));
+    let r = req(
+        ns,
+        None,
+        CreateLeaseRequest {
+            id: lease.clone(),
+            labels: [("containerd.io/gc.expire".to_owned(), expire)].into(),
+        },
+    )
+    .map_err(|s| api.error("leases.Create", &s))?;
+    api.call("leases.Create", CALL_LIMIT, |ch| async move { LeasesClient::new(ch).create(r).await })
+        .map_err(|s| api.error("leases.Create", &s))?;
+    let out = f(&lease);
+    let r = req(ns, None, DeleteLeaseRequest { id: lease, sync: false })
+        .map_err(|s| api.error("leases.Delete", &s))?;
+    if let Err(s) =
+        api.call("leases.Delete", CALL_LIMIT, |ch| async move { LeasesClient::new(ch).delete(r).await })
+    {
+        tracing::warn!(error = %s.message(), "could not end a lease of containerd's (it expires in an hour)");
+    }
+    out
+}
+
+/// Unpacks `layer` (whose uncompressed digest is `diff_id`) over the committed snapshot
+/// `parent` into the committed snapshot `chain`, unless that is there.
+fn unpack(
+    api: &Api,
+    ns: &str,
+    lease: &str,
+    layer: &Descriptor,
+    diff_id: &str,
+    parent: &str,
+    chain: &str,
+) -> Result<(), Error> {
     if api.snapshot_parent(ns, SNAPSHOTTER, chain).map_err(|s| api.error("snapshots.Stat", &s))?.is_some() {
         return Ok(());
     }
     let key = format!("ferry-extract-{}-{} {chain}", std::process::id(), unique());
-    let mounts = api.prepare(ns, Some(lease), &key, "").map_err(|s| api.error("snapshots.Prepare", &s))?;
+    let mounts =
+        api.prepare(ns, Some(lease), &key, parent).map_err(|s| api.error("snapshots.Prepare", &s))?;
     let r = req(
         ns,
         Some(lease),
@@ -402,9 +537,12 @@ fn unpack(api: &Api, ns: &str, lease: &str, layer: &Descriptor, chain: &str) -> 
             return Err(api.error("diff.Apply", &s));
         }
     };
-    if applied != layer.digest {
+    if applied != diff_id {
         let _ = api.remove_snapshot(ns, SNAPSHOTTER, &key);
-        return Err(Error::Container(format!("the layer unpacked as {applied}, not {}", layer.digest)));
+        return Err(Error::Container(format!(
+            "the layer {} unpacked as {applied}, not {diff_id}",
+            layer.digest
+        )));
     }
     let r = req(
         ns,

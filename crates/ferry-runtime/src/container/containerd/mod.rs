@@ -150,6 +150,29 @@ impl Containerd {
         Ok(format!("file://{}", log.display()))
     }
 
+    /// Whether image `image` with layers `chain` could be copied into namespace `ns` from the
+    /// default one, where ferry's lab imports its images (done here, before anything is frozen,
+    /// rather than during the restore).
+    fn copied_from_default(&self, api: &Api, ns: &str, image: Option<&str>, chain: &str) -> bool {
+        let Some(image) = image.filter(|_| ns != DEFAULT_NAMESPACE) else { return false };
+        match image::resolve(api, DEFAULT_NAMESPACE, image) {
+            Ok(found) if found.chain_id == chain => {}
+            _ => return false,
+        }
+        match image::copy(api, DEFAULT_NAMESPACE, ns, image, &self.tmp_dir()) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(%image, %ns, error = %e, "could not copy the image into the container's namespace");
+                false
+            }
+        }
+    }
+
+    /// Scratch space on disk for image layers.
+    fn tmp_dir(&self) -> PathBuf {
+        self.instance.as_ref().map(|i| i.tmp_dir.clone()).unwrap_or_else(std::env::temp_dir)
+    }
+
     fn cgroup_parent(&self) -> Option<&str> {
         self.instance.as_ref().map(|i| i.cgroup_parent.as_str())
     }
@@ -329,6 +352,13 @@ impl Containerd {
     }
 
     fn create_in(&self, api: &Api, req_: &CreateSpec<'_>, ns: &str, id: &str) -> Result<Restored, Error> {
+        if ns != DEFAULT_NAMESPACE
+            && image::find(api, ns, req_.image)?.is_none()
+            && image::find(api, DEFAULT_NAMESPACE, req_.image)?.is_some()
+        {
+            // Images are imported into the default namespace (`import_image`).
+            image::copy(api, DEFAULT_NAMESPACE, ns, req_.image, &self.tmp_dir())?;
+        }
         let img = image::resolve(api, ns, req_.image)?;
         let spec = spec::new_spec(req_, id, &img.config, &spec::new_cgroup(ns, id, self.cgroup_parent()));
         let spec_bytes = serde_json::to_vec(&spec).map_err(|e| Error::Internal(e.to_string()))?;
@@ -526,6 +556,7 @@ impl ContainerRuntime for Containerd {
             let image = record.image.as_deref().unwrap_or("(unnamed)");
             match api.snapshot_parent(ns, &rec.snapshotter, &rec.snapshot_parent) {
                 Ok(Some(_)) => {}
+                Ok(None) if self.copied_from_default(&api, ns, record.image.as_deref(), &rec.snapshot_parent) => {}
                 Ok(None) => reasons.push(format!(
                     "the image {image} (layers {}) is not unpacked in containerd's namespace {ns} here: import it into that namespace first (ctr -n {ns} images import)",
                     rec.snapshot_parent
@@ -573,11 +604,11 @@ impl ContainerRuntime for Containerd {
     }
 
     /// Into the default namespace, under the name as containerd's clients normalize it
-    /// (`ferry-lab/busybox` is `docker.io/ferry-lab/busybox:latest`).
+    /// (`ferry-lab/busybox` is `docker.io/ferry-lab/busybox:latest`); `create` copies it into
+    /// another namespace when a container there needs it.
     fn import_image(&self, rootfs: &Path, name: &str) -> Result<(), Error> {
         let api = self.connect()?;
-        let tmp = self.instance.as_ref().map(|i| i.tmp_dir.clone()).unwrap_or_else(std::env::temp_dir);
-        image::import(&api, DEFAULT_NAMESPACE, rootfs, name, &tmp)
+        image::import(&api, DEFAULT_NAMESPACE, rootfs, name, &self.tmp_dir())
     }
 }
 
