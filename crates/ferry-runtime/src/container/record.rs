@@ -49,7 +49,7 @@ pub struct ContainerRecord {
     pub spec: serde_json::Value,
     /// How its root filesystem is made.
     pub rootfs: RootfsRecord,
-    /// Its labels (annotations for runc and containerd).
+    /// Its labels (the runtime's labels; the spec's annotations for runc, which has none).
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
     /// Its own network namespace, when it has one that is not the host's.
@@ -164,7 +164,11 @@ impl ContainerRecord {
 
     /// `KIND:NAME`, how the user names the container.
     pub fn workload(&self) -> String {
-        format!("{}:{}", self.kind, self.name)
+        // An id with a namespace (containerd's `NS/ID`) keeps it, unless it is the default one.
+        match self.id.split_once('/') {
+            Some((ns, _)) if ns != "default" => format!("{}:{ns}/{}", self.kind, self.name),
+            _ => format!("{}:{}", self.kind, self.name),
+        }
     }
 
     /// The spec's annotations.
@@ -285,6 +289,9 @@ mod tests {
         assert_eq!(r.bind_sources(), vec![("/srv/data".to_owned(), "/data".to_owned())]);
         assert_eq!(r.annotations().get("a").map(String::as_str), Some("b"));
         assert_eq!(r.workload(), "runc:web");
+        let ns = |id: &str| ContainerRecord { kind: "containerd".into(), id: id.into(), ..sample() }.workload();
+        assert_eq!(ns("prod/web"), "containerd:prod/web");
+        assert_eq!(ns("default/web"), "containerd:web");
     }
 
     #[test]
