@@ -64,6 +64,13 @@ pub trait ContainerRuntime: fmt::Debug + Send + Sync {
     /// fix): the image missing, a bind mount's source missing.
     fn preflight(&self, record: &ContainerRecord, name: &str) -> Vec<String>;
 
+    /// Sources of the bind mounts the runtime makes anew for every container it creates
+    /// (Docker's `resolv.conf`, `hosts`, `hostname`, `/dev/shm` under its data root): the
+    /// target need not have the source's.
+    fn own_bind_sources(&self, _record: &ContainerRecord) -> Vec<String> {
+        Vec::new()
+    }
+
     /// Recreates the container under the runtime and restores it from the images.
     fn restore(&self, req: &RestoreSpec<'_>) -> Result<Restored, Error>;
 
@@ -267,7 +274,7 @@ pub fn preflight(endpoints: &Endpoints, record: &ContainerRecord, name: &str) ->
         return Err(Error::NameTaken { workload });
     }
     let mut reasons = rt.preflight(record, name);
-    reasons.extend(missing_bind_sources(record));
+    reasons.extend(missing_bind_sources(record, &rt.own_bind_sources(record)));
     reasons.extend(missing_devices(record));
     if reasons.is_empty() {
         Ok(())
@@ -289,12 +296,13 @@ pub fn missing_devices(record: &ContainerRecord) -> Vec<String> {
         .collect()
 }
 
-/// A reason for each bind mount of `record` whose source this host lacks.
-pub fn missing_bind_sources(record: &ContainerRecord) -> Vec<String> {
+/// A reason for each bind mount of `record` whose source this host lacks (but those the
+/// runtime makes itself: `own`).
+pub fn missing_bind_sources(record: &ContainerRecord, own: &[String]) -> Vec<String> {
     record
         .bind_sources()
         .into_iter()
-        .filter(|(src, _)| !Path::new(src).exists())
+        .filter(|(src, _)| !own.contains(src) && !Path::new(src).exists())
         .map(|(src, dst)| {
             format!("bind mount {dst} needs {src} on this host, which is missing: create it (its content is not copied)")
         })
