@@ -1,7 +1,10 @@
 //! The changes a container made to its root filesystem since it started: read from its
 //! overlay's upper directory into `rootfs-diff.tar` (added and changed files) and
 //! `deleted.files` (a JSON list of deleted paths), as Podman lays them out; applied to a new
-//! container's root through its mounted overlay, where deleting makes the whiteouts.
+//! container's root through its mounted overlay, where deleting makes the whiteouts
+//! ([`apply_diff`]), or straight into the upper directory of an overlay that is not mounted yet
+//! (a Docker container created and not started: [`apply_diff_to_upper`]), where ferry writes
+//! the whiteouts and opaque directories itself.
 //!
 //! Both files come out of a checkpoint (maybe an imported archive): every path in them is
 //! hostile. Deletions walk the tree component by component and never follow a symbolic link;
@@ -9,7 +12,7 @@
 
 use std::fs::{self, File};
 use std::io::{BufWriter, Write};
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt};
 use std::path::{Component, Path, PathBuf};
 
 use crate::Error;
@@ -98,22 +101,107 @@ pub fn apply_diff(root: &Path, tar_path: Option<&Path>, deleted_path: Option<&Pa
         }
     }
     if let Some(p) = tar_path {
-        let file =
-            File::open(p).map_err(|e| Error::Container(format!("cannot open {}: {e}", p.display())))?;
-        let mut archive = tar::Archive::new(std::io::BufReader::new(file));
-        archive.set_preserve_permissions(true);
-        archive.set_preserve_ownerships(true);
-        archive.set_preserve_mtime(true);
-        archive.set_overwrite(true);
-        archive.set_unpack_xattrs(false);
-        for entry in archive.entries().map_err(|e| bad_diff(format!("{e}")))? {
-            let mut entry = entry.map_err(|e| bad_diff(format!("{e}")))?;
-            let name = entry.path().map_err(|e| bad_diff(format!("{e}")))?.into_owned();
-            check_relative(&name)?;
-            // unpack_in refuses names that would leave `root` (also through symlinks).
-            let inside = entry.unpack_in(root).map_err(|e| bad_diff(format!("{}: {e}", name.display())))?;
-            if !inside {
-                return Err(bad_diff(format!("{} points outside the root", name.display())));
+        unpack(root, p)?;
+    }
+    Ok(())
+}
+
+/// Unpacks the archive of changes into `root`; returns the directories it held (relative).
+/// No extended attribute is unpacked (an overlay's own would name the source's inodes).
+fn unpack(root: &Path, tar_path: &Path) -> Result<Vec<PathBuf>, Error> {
+    let file = File::open(tar_path)
+        .map_err(|e| Error::Container(format!("cannot open {}: {e}", tar_path.display())))?;
+    let mut archive = tar::Archive::new(std::io::BufReader::new(file));
+    archive.set_preserve_permissions(true);
+    archive.set_preserve_ownerships(true);
+    archive.set_preserve_mtime(true);
+    archive.set_overwrite(true);
+    archive.set_unpack_xattrs(false);
+    let mut dirs = Vec::new();
+    for entry in archive.entries().map_err(|e| bad_diff(format!("{e}")))? {
+        let mut entry = entry.map_err(|e| bad_diff(format!("{e}")))?;
+        let name = entry.path().map_err(|e| bad_diff(format!("{e}")))?.into_owned();
+        check_relative(&name)?;
+        let is_dir = entry.header().entry_type().is_dir();
+        // unpack_in refuses names that would leave `root` (also through symlinks).
+        let inside = entry.unpack_in(root).map_err(|e| bad_diff(format!("{}: {e}", name.display())))?;
+        if !inside {
+            return Err(bad_diff(format!("{} points outside the root", name.display())));
+        }
+        if is_dir {
+            dirs.push(name.components().collect());
+        }
+    }
+    Ok(dirs)
+}
+
+/// Applies a diff to `upper`, the upper directory of an overlay that is not mounted (a
+/// container created and not yet started): the archive first, then each deleted path as
+/// overlayfs marks it, a whiteout (a character device 0:0) where the path is not in the
+/// archive, the attribute `trusted.overlay.opaque=y` on a directory the archive recreated
+/// (the image's content under it stays hidden). A deleted path under one already deleted, or
+/// under something that is not a directory, is hidden already. Nothing follows a symbolic
+/// link; parents that are missing are made (0755).
+pub fn apply_diff_to_upper(
+    upper: &Path,
+    tar_path: Option<&Path>,
+    deleted_path: Option<&Path>,
+) -> Result<(), Error> {
+    let dirs = match tar_path {
+        Some(p) => unpack(upper, p)?,
+        None => Vec::new(),
+    };
+    let Some(p) = deleted_path else { return Ok(()) };
+    let mut deleted: Vec<PathBuf> = read_deleted(p)?
+        .iter()
+        .map(|d| Path::new(d.trim_start_matches('/')).components().collect())
+        .collect();
+    // Parents before their children: a deleted directory hides what was under it.
+    deleted.sort();
+    deleted.dedup();
+    for rel in deleted {
+        mark_deleted(upper, &rel, dirs.contains(&rel))?;
+    }
+    Ok(())
+}
+
+fn mark_deleted(upper: &Path, rel: &Path, recreated: bool) -> Result<(), Error> {
+    check_relative(rel)?;
+    let io = |what: &str, p: &Path, e: std::io::Error| {
+        Error::Container(format!("cannot {what} {}: {e}", p.display()))
+    };
+    let parts: Vec<_> = rel.components().collect();
+    let mut at = upper.to_path_buf();
+    for (i, c) in parts.iter().enumerate() {
+        at.push(c.as_os_str());
+        let last = i + 1 == parts.len();
+        let meta = match fs::symlink_metadata(&at) {
+            Ok(m) => Some(m),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(io("stat", &at, e)),
+        };
+        match (last, meta) {
+            (false, Some(m)) if m.is_dir() => {}
+            // A whiteout, a file or a link: what lies below is hidden already.
+            (false, Some(_)) => return Ok(()),
+            (false, None) => {
+                fs::DirBuilder::new().mode(0o755).create(&at).map_err(|e| io("create", &at, e))?;
+            }
+            (true, Some(m)) => {
+                if m.is_dir() && recreated {
+                    xattr::set(&at, OPAQUE_XATTR, b"y").map_err(|e| io("mark opaque", &at, e))?;
+                }
+                // Else the archive's entry replaces the image's: nothing to hide.
+            }
+            (true, None) => {
+                rustix::fs::mknodat(
+                    rustix::fs::CWD,
+                    &at,
+                    rustix::fs::FileType::CharacterDevice,
+                    rustix::fs::Mode::empty(),
+                    rustix::fs::makedev(0, 0),
+                )
+                .map_err(|e| io("make a whiteout at", &at, e.into()))?;
             }
         }
     }
@@ -316,6 +404,91 @@ mod tests {
         assert!(check_diff(&bad).is_err());
     }
 
+    /// Whiteouts and `trusted.*` attributes need root (CAP_MKNOD, CAP_SYS_ADMIN).
+    fn privileged() -> bool {
+        ferry_sys::is_root()
+    }
+
+    fn is_whiteout(p: &Path) -> bool {
+        fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_char_device() && m.rdev() == 0)
+    }
+
+    #[test]
+    fn an_upper_dir_round_trips_into_an_unmounted_overlay() {
+        if !privileged() {
+            eprintln!("skipped: whiteouts need root");
+            return;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        // The source's upper directory, as overlayfs leaves it.
+        let a = dir.path().join("a");
+        fs::create_dir_all(a.join("etc/app")).expect("mkdir");
+        fs::write(a.join("etc/app/new.conf"), b"hello").expect("write");
+        fs::create_dir_all(a.join("bin")).expect("mkdir");
+        for wo in ["bin/vi", "gone"] {
+            rustix::fs::mknodat(
+                rustix::fs::CWD,
+                a.join(wo),
+                rustix::fs::FileType::CharacterDevice,
+                rustix::fs::Mode::empty(),
+                rustix::fs::makedev(0, 0),
+            )
+            .expect("whiteout");
+        }
+        fs::create_dir_all(a.join("usr/sbin")).expect("mkdir");
+        fs::write(a.join("usr/sbin/x"), b"x").expect("write");
+        xattr::set(a.join("usr/sbin"), OPAQUE_XATTR, b"y").expect("opaque");
+        xattr::set(a.join("etc"), "trusted.overlay.origin", b"\x00handle").expect("origin");
+        let tar = dir.path().join("diff.tar");
+        let deleted = dir.path().join("deleted.files");
+        write_diff(&a, &[], &tar, &deleted).expect("diff");
+        let mut listed = read_deleted(&deleted).expect("deleted");
+        listed.sort();
+        assert_eq!(listed, vec!["/bin/vi", "/gone", "/usr/sbin"]);
+
+        // The target's upper directory: empty, the overlay not mounted.
+        let b = dir.path().join("b");
+        fs::create_dir_all(&b).expect("mkdir");
+        apply_diff_to_upper(&b, Some(&tar), Some(&deleted)).expect("apply");
+        assert_eq!(fs::read(b.join("etc/app/new.conf")).expect("read"), b"hello");
+        assert!(is_whiteout(&b.join("bin/vi")) && is_whiteout(&b.join("gone")));
+        assert_eq!(xattr::get(b.join("usr/sbin"), OPAQUE_XATTR).expect("xattr"), Some(b"y".to_vec()));
+        assert_eq!(fs::read(b.join("usr/sbin/x")).expect("read"), b"x");
+        assert_eq!(
+            xattr::get(b.join("etc"), "trusted.overlay.origin").expect("xattr"),
+            None,
+            "overlay's own attributes stay behind"
+        );
+        assert_eq!(xattr::get(b.join("etc/app"), OPAQUE_XATTR).expect("xattr"), None);
+    }
+
+    #[test]
+    fn whiteouts_go_under_real_directories_only() {
+        if !privileged() {
+            eprintln!("skipped: whiteouts need root");
+            return;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let outside = dir.path().join("outside");
+        fs::create_dir_all(&outside).expect("mkdir");
+        let upper = dir.path().join("upper");
+        fs::create_dir_all(&upper).expect("mkdir");
+        std::os::unix::fs::symlink(&outside, upper.join("esc")).expect("symlink");
+        let deleted = dir.path().join("deleted.files");
+        fs::write(&deleted, br#"["/esc/x", "/d/e/f", "/d", "/new/dir/file"]"#).expect("write");
+        apply_diff_to_upper(&upper, None, Some(&deleted)).expect("apply");
+        assert_eq!(fs::read_dir(&outside).expect("dir").count(), 0, "a whiteout went through a symlink");
+        assert!(is_whiteout(&upper.join("d")), "a deleted directory is one whiteout");
+        assert!(is_whiteout(&upper.join("new/dir/file")));
+        let mode = fs::metadata(upper.join("new/dir")).expect("stat").permissions();
+        assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o755);
+        for bad in [r#"["/../outside/x"]"#, r#"["/a/../b"]"#, r#"[""]"#] {
+            fs::write(&deleted, bad).expect("write");
+            assert!(apply_diff_to_upper(&upper, None, Some(&deleted)).is_err(), "{bad}");
+        }
+        assert_eq!(fs::read_dir(&outside).expect("dir").count(), 0);
+    }
+
     #[test]
     fn archive_entries_may_not_escape() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -335,6 +508,7 @@ mod tests {
         let root = dir.path().join("root");
         fs::create_dir_all(&root).expect("mkdir");
         assert!(apply_diff(&root, Some(&tar_path), None).is_err());
+        assert!(apply_diff_to_upper(&root, Some(&tar_path), None).is_err());
         assert!(!dir.path().join("escape").exists());
     }
 }
