@@ -10,6 +10,7 @@
 
 pub mod containerd;
 pub mod criu_conf;
+pub mod docker;
 pub mod formats;
 pub mod record;
 pub mod rootfs;
@@ -325,7 +326,7 @@ pub struct Kind {
 }
 
 /// Every runtime ferry knows: a new one is a module and a line here.
-pub const KINDS: &[Kind] = &[runc::KIND_ENTRY, containerd::KIND_ENTRY];
+pub const KINDS: &[Kind] = &[runc::KIND_ENTRY, containerd::KIND_ENTRY, docker::KIND_ENTRY];
 
 /// The kinds a container record may name: a checkpoint of a kind this build has no module
 /// for (an imported Podman archive) is kept, inspected and exported; only its restore needs
