@@ -54,6 +54,9 @@ impl Fixture {
         let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
         let built = Command::new(repo().join("scripts/mkrootfs")).arg(IMAGE_DIR).output().unwrap();
         assert!(built.status.success(), "mkrootfs: {}", String::from_utf8_lossy(&built.stderr));
+        if kind == "docker" {
+            build_docker_wrapper();
+        }
         let lab = TestLab::up(2).expect("lab up");
         lab_agents::prepare_stores(lab.lab()).expect("stores");
         let f = Fixture { kind, lab, _serial: serial };
@@ -168,6 +171,18 @@ impl Drop for Fixture {
         // The runtimes' containers, daemons and mounts go before the lab does.
         lab_agents::stop_runtimes(self.lab.lab());
     }
+}
+
+/// `ferry-runc`, the runtime each node's dockerd runs containers with (a binary of the `ferry`
+/// crate, which this test does not build by itself); found beside the test's own binary.
+fn build_docker_wrapper() {
+    let mut cargo = Command::new(env!("CARGO"));
+    cargo.args(["build", "-p", "ferry", "--bin", "ferry-runc"]);
+    if !cfg!(debug_assertions) {
+        cargo.arg("--release");
+    }
+    let out = cargo.current_dir(repo()).output().unwrap();
+    assert!(out.status.success(), "cargo build ferry-runc: {}", String::from_utf8_lossy(&out.stderr));
 }
 
 /// One request to ctrload; its JSON answer.
@@ -286,9 +301,12 @@ fn migrate_under_clients(kind: &'static str, strategy: Strategy) {
     let Some(mut f) = Fixture::new(kind) else { return };
     let w = f.start("node1", "web", 64, None);
     let before = ask(w.ip, "!sum").unwrap();
+    // A request still unanswered when the probe stops counts as an error: pre-copy's first
+    // round (a checkpoint of the running container, shipped whole) comes before the freeze.
+    let duration = if strategy == Strategy::PreCopy { "20" } else { "12" };
     let probe = Command::new("/usr/bin/python3")
         .arg(repo().join("tools/probe_client.py"))
-        .args(["echo", &w.ip.to_string(), &PORT.to_string(), "--conns", "50", "--duration", "12"])
+        .args(["echo", &w.ip.to_string(), &PORT.to_string(), "--conns", "50", "--duration", duration])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -416,6 +434,22 @@ runtime_tests! {
         #[test]
         fn a_container_of_another_namespace_migrates_there() {
             migrate_namespaced("containerd", "prod/web");
+        }
+    }
+    docker: {
+        #[test]
+        fn fifty_clients_through_pre_copy() {
+            migrate_under_clients("docker", Strategy::PreCopy);
+        }
+
+        #[test]
+        fn fifty_clients_through_post_copy() {
+            migrate_under_clients("docker", Strategy::PostCopy);
+        }
+
+        #[test]
+        fn a_daemon_that_is_down_gets_a_clear_error() {
+            daemon_down_test("docker");
         }
     }
 }
