@@ -285,6 +285,13 @@ pub(super) fn stop(dirs: &InstanceDirs) {
         unmount_under(base);
     }
     remove_cgroups(&l.cgroup_parent);
+    // Docker made the parent's ancestors too (the lab's, the node's): gone once empty (a
+    // cgroup another runtime still uses is not removed).
+    let mut above = Path::new(&l.cgroup_parent).parent();
+    while let Some(a) = above.filter(|a| a.parent().is_some()) {
+        remove_empty_cgroup(&a.to_string_lossy());
+        above = a.parent();
+    }
     for d in [&l.run, &l.data] {
         if d.exists() {
             if let Err(e) = fs::remove_dir_all(d) {
@@ -369,6 +376,15 @@ fn remove_cgroups(parent: &str) {
         if top.is_dir() {
             remove_cgroup_tree(&top);
         }
+    }
+}
+
+/// Removes `path` in every hierarchy where it is empty.
+fn remove_empty_cgroup(path: &str) {
+    let rel = path.trim_start_matches('/');
+    let Ok(hierarchies) = fs::read_dir("/sys/fs/cgroup") else { return };
+    for h in hierarchies.flatten() {
+        let _ = fs::remove_dir(h.path().join(rel));
     }
 }
 

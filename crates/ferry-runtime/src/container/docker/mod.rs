@@ -193,8 +193,10 @@ impl DockerRuntime {
         f.write_all(&text).map_err(|e| io_err("write", &path, e))
     }
 
+    /// The id of the container named `name` (or whose id it is): never one whose id merely
+    /// starts with it, as Docker's own lookup would also answer.
     fn container_id(&self, api: &Api, name: &str) -> Result<Option<String>, Error> {
-        Ok(api.inspect(name)?.and_then(|c| c.id))
+        Ok(api.inspect(name)?.filter(|c| is_named(c, name)).and_then(|c| c.id))
     }
 }
 
@@ -326,6 +328,11 @@ fn netns_path(spec: &serde_json::Value) -> Option<PathBuf> {
         .map(PathBuf::from)
 }
 
+/// True if `c` is the container named `name`, or `name` is its full id.
+fn is_named(c: &ContainerInspectResponse, name: &str) -> bool {
+    c.name.as_deref().map(|n| n.trim_start_matches('/')) == Some(name) || c.id.as_deref() == Some(name)
+}
+
 fn container_state(c: &ContainerInspectResponse) -> (bool, String) {
     let s = c.state.as_ref();
     let status = s.and_then(|s| s.status).map(|st| st.to_string()).unwrap_or_else(|| "unknown".into());
@@ -441,13 +448,18 @@ impl ContainerRuntime for DockerRuntime {
     }
 
     fn remove(&self, record: &ContainerRecord) -> Result<(), Error> {
-        self.api()?.remove(&record.id)?;
+        let api = self.api()?;
+        api.remove(&record.id)?;
         self.forget_held(&record.id);
+        if let Some((_, dir)) = api.info().ok().as_ref().and_then(wrapper_runtime) {
+            wrapper::forget(&dir, &record.id);
+        }
         Ok(())
     }
 
     fn exists(&self, name: &str) -> Result<bool, Error> {
-        Ok(self.api()?.inspect(name)?.is_some())
+        let api = self.api()?;
+        Ok(self.container_id(&api, name)?.is_some())
     }
 
     fn own_bind_sources(&self, record: &ContainerRecord) -> Vec<String> {
@@ -504,7 +516,7 @@ impl ContainerRuntime for DockerRuntime {
         let id = api.create(req.name, body)?;
         tracing::debug!(container = %req.name, seconds = t.elapsed().as_secs_f64(), "created");
         let restored = self.restore_created(&api, req, &rec, &id, &root, &wrap_dir, netns_path(&spec));
-        wrapper::finish(&wrap_dir, &id);
+        wrapper::after_start(&wrap_dir, &id);
         let stub = checkpoint_dir(&root, &id);
         if stub.exists() && api.delete_checkpoint(&id, CHECKPOINT).is_err() {
             let _ = fs::remove_dir_all(&stub);
@@ -513,6 +525,7 @@ impl ContainerRuntime for DockerRuntime {
             if let Err(e) = api.remove(&id) {
                 tracing::warn!(container = %id, error = %e, "cannot remove the container of a failed restore");
             }
+            wrapper::forget(&wrap_dir, &id);
         }
         restored
     }
@@ -527,7 +540,7 @@ impl ContainerRuntime for DockerRuntime {
             tracing::warn!(container = %name, error = %e, "cannot remove a Docker container");
         }
         if let Some((_, dir)) = api.info().ok().as_ref().and_then(wrapper_runtime) {
-            wrapper::finish(&dir, &id);
+            wrapper::forget(&dir, &id);
         }
         self.forget_held(&id);
     }
@@ -535,7 +548,7 @@ impl ContainerRuntime for DockerRuntime {
     fn create(&self, req: &CreateSpec<'_>) -> Result<Restored, Error> {
         validate_name("name", req.name, false)?;
         let api = self.api()?;
-        if api.inspect(req.name)?.is_some() {
+        if self.container_id(&api, req.name)?.is_some() {
             return Err(Error::NameTaken { workload: format!("{KIND}:{}", req.name) });
         }
         let info = api.info()?;
@@ -579,7 +592,10 @@ impl ContainerRuntime for DockerRuntime {
             Ok(Restored { id: id.clone(), name: req.name.to_owned(), pid })
         })();
         if let Some(dir) = &wrap_dir {
-            wrapper::finish(dir, &id);
+            match &started {
+                Ok(_) => wrapper::after_start(dir, &id),
+                Err(_) => wrapper::forget(dir, &id),
+            }
         }
         if started.is_err() {
             let _ = api.remove(&id);
@@ -630,11 +646,8 @@ impl DockerRuntime {
             req.deleted_files().as_deref(),
         )?;
         let diff_s = t.elapsed().as_secs_f64();
-        wrapper::write_request(
-            wrap_dir,
-            id,
-            &wrapper::Request { netns, criu_config: Some(req.criu_config.to_path_buf()) },
-        )?;
+        let conf = wrapper::copy_criu_conf(wrap_dir, id, req.criu_config)?;
+        wrapper::write_request(wrap_dir, id, &wrapper::Request { netns, criu_config: Some(conf) })?;
         // Docker checks that the checkpoint directory exists and hands it (through containerd,
         // which unpacks it into a directory of its own) to `runc restore --image-path`, which
         // reads only `descriptors.json` there; CRIU reads the images where ferry's CRIU
@@ -820,6 +833,15 @@ mod tests {
             serde_json::from_value(serde_json::json!({"Runtimes": {"runc": {"path": "runc"}}}))
                 .expect("info");
         assert_eq!(wrapper_runtime(&info), None);
+    }
+
+    #[test]
+    fn names_are_matched_whole() {
+        let c: ContainerInspectResponse =
+            serde_json::from_value(serde_json::json!({"Id": "abc123def", "Name": "/web"})).expect("inspect");
+        assert!(is_named(&c, "web") && is_named(&c, "abc123def"));
+        assert!(!is_named(&c, "abc"), "an id prefix is not a name");
+        assert!(!is_named(&c, "we"));
     }
 
     #[test]

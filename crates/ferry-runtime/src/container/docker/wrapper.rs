@@ -12,7 +12,9 @@
 //! IPv6 off there), and for a restore the `org.criu.config` annotation (CRIU then reads the
 //! images from ferry's verified tmpfs, never from Docker's storage). It then runs the real runc
 //! with the same arguments. For a restore it also notes where containerd unpacked Docker's
-//! checkpoint (`DIR/ID.restored`): containerd never removes that directory, ferry does.
+//! checkpoint (`DIR/ID.restored`): containerd never removes that directory, ferry does. The
+//! network namespace part of a request stays until ferry forgets the container, so that
+//! Docker's own later starts and restores of it keep it in that namespace.
 //!
 //! Every other call, and any container without a request, goes to runc untouched.
 
@@ -244,30 +246,89 @@ pub fn seen_path(dir: &Path, id: &str) -> PathBuf {
     dir.join(format!("{id}.restored"))
 }
 
+/// `DIR/ID.criu.conf`: the container's copy of ferry's CRIU configuration for its restore.
+/// runc keeps the annotation in its state for the container's life and hands the file to
+/// every later CRIU run of it (`docker checkpoint create` too): the copy is removed once the
+/// restore is done, and CRIU takes a missing file as an empty one.
+pub fn criu_conf_path(dir: &Path, id: &str) -> PathBuf {
+    dir.join(format!("{id}.criu.conf"))
+}
+
+/// Copies ferry's CRIU configuration `from` for the restore of container `id`; returns the
+/// copy's path (for the request).
+pub fn copy_criu_conf(dir: &Path, id: &str, from: &Path) -> Result<PathBuf, Error> {
+    if !valid_id(id) {
+        return Err(Error::Container(format!("'{id}' is not a Docker container id")));
+    }
+    make_dir(dir)?;
+    let text = read_capped(from, MAX_REQUEST)
+        .map_err(|e| Error::Container(format!("cannot read {}: {e}", from.display())))?;
+    let path = criu_conf_path(dir, id);
+    write_atomic(&path, &text, 0o600)
+        .map_err(|e| Error::Container(format!("cannot write {}: {e}", path.display())))?;
+    Ok(path)
+}
+
+fn make_dir(dir: &Path) -> Result<(), Error> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| Error::Container(format!("cannot create {}: {e}", dir.display())))
+}
+
 /// Leaves `req` for container `id` in the wrapper's directory `dir` (0600, atomically).
 pub fn write_request(dir: &Path, id: &str, req: &Request) -> Result<(), Error> {
     if !valid_id(id) {
         return Err(Error::Container(format!("'{id}' is not a Docker container id")));
     }
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|e| Error::Container(format!("cannot create {}: {e}", dir.display())))?;
+    make_dir(dir)?;
     let text = serde_json::to_vec(req).map_err(|e| Error::Internal(e.to_string()))?;
     let path = request_path(dir, id);
     write_atomic(&path, &text, 0o600)
         .map_err(|e| Error::Container(format!("cannot write {}: {e}", path.display())))
 }
 
-/// Removes the request for `id` and cleans up after its restore: the directory containerd
-/// unpacked Docker's checkpoint stub into (only if it is one: named `ctrd-checkpoint*`, plain
-/// files only).
-pub fn finish(dir: &Path, id: &str) {
+/// After a restore of `id` (or a start): cleans up after containerd (the directory it unpacked
+/// Docker's checkpoint stub into: only if it is one, named `ctrd-checkpoint*` with plain files
+/// only), removes the copy of the CRIU configuration, and keeps of the request only the
+/// network namespace, so that Docker's later creates and restores of the container (`docker
+/// restart`, `docker start --checkpoint`) put it back into the same one; the CRIU
+/// configuration was for this restore alone.
+pub fn after_start(dir: &Path, id: &str) {
     if !valid_id(id) {
         return;
     }
+    clean_seen(dir, id);
+    let _ = std::fs::remove_file(criu_conf_path(dir, id));
+    let path = request_path(dir, id);
+    let Ok(bytes) = read_capped(&path, MAX_REQUEST) else { return };
+    match serde_json::from_slice::<Request>(&bytes) {
+        Ok(Request { netns: Some(netns), criu_config: Some(_) }) => {
+            let kept = Request { netns: Some(netns), criu_config: None };
+            if let Err(e) = write_request(dir, id, &kept) {
+                tracing::warn!(error = %e, "cannot rewrite the wrapper's request");
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+        Ok(Request { netns: Some(_), criu_config: None }) => {}
+        _ => {
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+}
+
+/// The container `id` is gone: its request, and what the wrapper saw of its restores.
+pub fn forget(dir: &Path, id: &str) {
+    if !valid_id(id) {
+        return;
+    }
+    clean_seen(dir, id);
+    let _ = std::fs::remove_file(criu_conf_path(dir, id));
     let _ = std::fs::remove_file(request_path(dir, id));
+}
+
+fn clean_seen(dir: &Path, id: &str) {
     let seen = seen_path(dir, id);
     if let Ok(bytes) = read_capped(&seen, MAX_REQUEST) {
         if let Some(p) = serde_json::from_slice::<Seen>(&bytes).ok().and_then(|s| s.image_path) {
@@ -403,8 +464,13 @@ mod tests {
         );
         let inv = parse(&args(&call));
         assert_eq!(prepare(&inv), Ok(false), "no request: runc runs untouched");
-        let req = Request { netns: Some("/run/netns/a".into()), criu_config: Some("/w/c.conf".into()) };
+        let conf = dir.path().join("criu.conf");
+        std::fs::write(&conf, b"images-dir /i\n").expect("write");
+        let copy = copy_criu_conf(&wrap, "cid", &conf).expect("copy");
+        assert_eq!(copy, criu_conf_path(&wrap, "cid"));
+        let req = Request { netns: Some("/run/netns/a".into()), criu_config: Some(copy.clone()) };
         assert!(write_request(&wrap, "../x", &req).is_err());
+        assert!(copy_criu_conf(&wrap, "../x", &conf).is_err());
         write_request(&wrap, "cid", &req).expect("request");
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(request_path(&wrap, "cid")).expect("stat").permissions().mode();
@@ -413,11 +479,23 @@ mod tests {
         let text = std::fs::read(bundle.join("config.json")).expect("read");
         let written: serde_json::Value = serde_json::from_slice(&text).expect("json");
         assert_eq!(written["linux"]["namespaces"][0]["path"], "/run/netns/a");
-        assert_eq!(written["annotations"]["org.criu.config"], "/w/c.conf");
+        assert_eq!(written["annotations"]["org.criu.config"], copy.to_string_lossy().as_ref());
         assert!(seen_path(&wrap, "cid").exists());
-        finish(&wrap, "cid");
+        after_start(&wrap, "cid");
         assert!(!unpacked.exists(), "containerd's copy of the stub stays");
-        assert!(!request_path(&wrap, "cid").exists() && !seen_path(&wrap, "cid").exists());
+        assert!(!copy.exists(), "later checkpoints of the container would read the restore's configuration");
+        assert!(!seen_path(&wrap, "cid").exists());
+        // Docker's later starts and restores of it go to the same namespace, without CRIU's
+        // configuration.
+        let kept = std::fs::read(request_path(&wrap, "cid")).expect("request");
+        let kept: Request = serde_json::from_slice(&kept).expect("json");
+        assert_eq!(kept, Request { netns: Some("/run/netns/a".into()), criu_config: None });
+        forget(&wrap, "cid");
+        assert_eq!(std::fs::read_dir(&wrap).expect("dir").count(), 0);
+        // Without a namespace nothing stays.
+        write_request(&wrap, "c2", &Request { netns: None, criu_config: Some("/w/c.conf".into()) })
+            .expect("request");
+        after_start(&wrap, "c2");
         assert_eq!(std::fs::read_dir(&wrap).expect("dir").count(), 0);
     }
 
