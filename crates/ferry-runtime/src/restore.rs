@@ -138,8 +138,13 @@ pub fn restore_container(ctx: &Context, r: &ContainerRestore<'_>) -> Result<Rest
         netns: r.netns,
     };
     tracing::info!(%workload, "restoring a container");
-    rt.restore(&spec).inspect_err(|e| {
+    let restored = rt.restore(&spec).inspect_err(|e| {
         tracing::warn!(%workload, error = %e, "the restore failed: removing what it created");
         rt.discard(name);
-    })
+    });
+    // The spec keeps naming the file for the container's whole life, and runc hands it to every
+    // later CRIU run (a `runc checkpoint`, a runtime's own checkpoint): gone, CRIU reads it as
+    // empty, instead of pointing such a run at this restore's images.
+    let _ = std::fs::remove_file(&conf_path);
+    restored
 }

@@ -289,7 +289,8 @@ mod tests {
         assert_eq!(r.bind_sources(), vec![("/srv/data".to_owned(), "/data".to_owned())]);
         assert_eq!(r.annotations().get("a").map(String::as_str), Some("b"));
         assert_eq!(r.workload(), "runc:web");
-        let ns = |id: &str| ContainerRecord { kind: "containerd".into(), id: id.into(), ..sample() }.workload();
+        let ns =
+            |id: &str| ContainerRecord { kind: "containerd".into(), id: id.into(), ..sample() }.workload();
         assert_eq!(ns("prod/web"), "containerd:prod/web");
         assert_eq!(ns("default/web"), "containerd:web");
     }
