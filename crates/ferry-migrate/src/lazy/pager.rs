@@ -477,6 +477,8 @@ fn handle_events(st: &mut State, ti: usize, events: Vec<UffdEvent>, actions: &mu
 #[derive(Debug)]
 pub struct LazyPager {
     shared: Arc<Shared>,
+    /// Bytes of every lazy range of the images.
+    total: u64,
     done: mpsc::Receiver<Result<(), LazyError>>,
     outcome: Option<Result<(), String>>,
     /// The outcome was the restore hanging up early (CRIU failed; its error says why).
@@ -561,6 +563,7 @@ impl LazyPager {
         fetcher: Box<dyn PageFetcher + Send>,
     ) -> Result<LazyPager, LazyError> {
         std::fs::create_dir_all(work_dir).map_err(io("create the restore's work directory"))?;
+        let total = lazy.iter().flat_map(|(_, iovs)| iovs.iter()).map(|(s, e)| e - s).sum();
         let socket = work_dir.join(LAZY_SOCKET);
         match std::fs::remove_file(&socket) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
@@ -609,6 +612,7 @@ impl LazyPager {
             .map_err(io("start the pager thread"))?;
         Ok(LazyPager {
             shared,
+            total,
             done,
             outcome: None,
             restore_ended: false,
@@ -626,6 +630,11 @@ impl LazyPager {
             st.push = Push::Expected;
         }
         PageFeeder { shared: self.shared.clone() }
+    }
+
+    /// Bytes of every lazy range of the images (what the pager fills, at most).
+    pub fn lazy_bytes(&self) -> u64 {
+        self.total
     }
 
     /// What was done so far.
