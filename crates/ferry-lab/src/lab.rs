@@ -546,7 +546,7 @@ fn wait_for<T>(limit: Duration, mut check: impl FnMut() -> Option<T>) -> Option<
 fn kill_all(ids: &BTreeSet<sys::NsId>, recorded: &[(i32, u64)]) -> (BTreeSet<i32>, Vec<i32>) {
     let me = std::process::id() as i32;
     let mut killed = BTreeSet::new();
-    let mut holders = BTreeSet::new();
+    let mut holders: BTreeSet<std::path::PathBuf> = BTreeSet::new();
     let deadline = Instant::now() + KILL_WAIT;
     loop {
         let mut victims: BTreeSet<i32> = sys::pids_in_netns(ids).into_iter().collect();
@@ -556,6 +556,9 @@ fn kill_all(ids: &BTreeSet<sys::NsId>, recorded: &[(i32, u64)]) -> (BTreeSet<i32
             // ferry's holders that held them, empty now.
             for dir in holders {
                 let _ = wait_for(KILL_WAIT, || fs::remove_dir(&dir).ok());
+                if let Some(parent) = dir.parent() {
+                    let _ = fs::remove_dir(parent);
+                }
             }
             return (killed, Vec::new());
         }

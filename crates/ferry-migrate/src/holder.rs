@@ -57,10 +57,14 @@ pub(crate) fn plan(migration: &str, root: i32) -> Held {
 pub(crate) fn hold(held: &Held, root: i32) -> Result<Vec<(i32, u64)>, MigrateError> {
     let t = Instant::now();
     let parent = held.cgroup.parent().unwrap_or(Path::new(FREEZER));
-    fs::create_dir_all(parent).map_err(io("create", parent))?;
-    match fs::create_dir(&held.cgroup) {
-        Err(e) if e.kind() != ErrorKind::AlreadyExists => return Err(io("create", &held.cgroup)(e)),
-        _ => {}
+    // The parent is removed by whoever empties it last: it may go between the two steps.
+    for attempt in 0..3 {
+        fs::create_dir_all(parent).map_err(io("create", parent))?;
+        match fs::create_dir(&held.cgroup) {
+            Err(e) if e.kind() == ErrorKind::NotFound && attempt < 2 => continue,
+            Err(e) if e.kind() != ErrorKind::AlreadyExists => return Err(io("create", &held.cgroup)(e)),
+            _ => break,
+        }
     }
     let tree = tree_of(root);
     let procs = held.cgroup.join("cgroup.procs");
@@ -177,12 +181,20 @@ pub(crate) fn release(held: &Held) -> Result<(), MigrateError> {
 fn remove(cgroup: &Path) -> Result<(), MigrateError> {
     let deadline = Instant::now() + WAIT;
     loop {
-        match fs::remove_dir(cgroup) {
-            Ok(()) => return Ok(()),
-            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
-            Err(e) if Instant::now() >= deadline => return Err(io("remove", cgroup)(e)),
-            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        let removed = fs::remove_dir(cgroup);
+        if !cgroup.exists() {
+            // `ferry-hold` itself goes with its last holder (it stays while others hold).
+            if let Some(parent) = cgroup.parent() {
+                let _ = fs::remove_dir(parent);
+            }
+            return Ok(());
         }
+        if let Err(e) = removed {
+            if Instant::now() >= deadline {
+                return Err(io("remove", cgroup)(e));
+            }
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 

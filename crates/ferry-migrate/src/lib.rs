@@ -9,6 +9,7 @@ pub mod auto;
 pub mod client;
 mod error;
 pub mod failpoint;
+pub mod guard;
 mod holder;
 pub mod journal;
 pub mod lab_agents;

@@ -24,6 +24,7 @@ use ferry_runtime::container::ContainerRecord;
 use ferry_sys::PrivateTmpfs;
 
 use crate::api::Strategy;
+use crate::guard::Guard;
 use crate::journal::{Entry, Phase, Role};
 use crate::lazy::{LazyPager, PageFeeder};
 use crate::node::Node;
@@ -242,6 +243,8 @@ pub(crate) struct Arrival {
     push: Option<PageFeeder>,
     /// Recorded as this node's workload (lab record updated).
     released: bool,
+    /// Post-copy: kills the workload if this agent dies before it has all its pages.
+    guard: Option<Arc<Guard>>,
 }
 
 impl Arrival {
@@ -261,6 +264,7 @@ impl Arrival {
             netns: None,
             push: None,
             released: false,
+            guard: None,
         }
     }
 
@@ -274,6 +278,7 @@ impl Arrival {
             netns: None,
             push: None,
             released: false,
+            guard: None,
         }
     }
 
@@ -372,7 +377,7 @@ impl Arrival {
         if let Some(fd) = netns {
             opts = opts.inherit_fd(NETNS_KEY, fd);
         }
-        let mut switch = SwitchAtResume::new(node, &self.entry);
+        let mut switch = SwitchAtResume::new(node, &self.entry, self.guard.clone());
         let outcome = match server {
             None => {
                 let outcome = node.ctx.criu.restore(&opts, &mut switch);
@@ -421,6 +426,9 @@ impl Arrival {
             "restore steps"
         );
         let pid = outcome.pid;
+        if let Some(g) = &self.guard {
+            g.watch(pid, ferry_lab::start_time(pid).unwrap_or(0));
+        }
         // The restored root is our child: reap it whenever it ends.
         std::thread::spawn(move || {
             let _ = ferry_sys::wait_child(pid);
@@ -449,7 +457,24 @@ impl Arrival {
     ) -> Result<LazyPager, MigrateError> {
         let fetcher =
             RemotePages::open(node, &self.entry.peer, &self.entry.migration, self.entry.recover_timeout())?;
-        let pager = LazyPager::start(images, work_dir, Box::new(fetcher))
+        // The guard first: it must hold every userfaultfd the restore hands over.
+        self.guard = match &node.config.guard {
+            Some(program) => match Guard::spawn(program, &self.entry.migration) {
+                Ok(g) => {
+                    if let Some(netns) = &self.netns {
+                        g.watch_netns(netns);
+                    }
+                    Some(g)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "no guard: if this agent dies before every page is in, the workload reads zeros for the rest until it is killed at the next start");
+                    None
+                }
+            },
+            None => None,
+        };
+        let keeper = self.guard.as_ref().map(Guard::keeper);
+        let pager = LazyPager::start_kept(images, work_dir, Box::new(fetcher), keeper)
             .map_err(|e| MigrateError::Refused(crate::chain(&e)))?;
         // FERRY_PUSH=off in the target agent's environment: pages on demand and fetched by the
         // pager alone (to measure what the push buys).
@@ -545,6 +570,9 @@ impl Arrival {
         let restored = restored?;
         self.entry.pid = restored.pid;
         self.entry.start_time = ferry_lab::start_time(restored.pid).unwrap_or(0);
+        if let Some(g) = &self.guard {
+            g.watch(self.entry.pid, self.entry.start_time);
+        }
         self.entry.container = Some(format!("{}:{}", record.kind, restored.name));
         if guarded.is_none() {
             self.switch_now(node)?;
@@ -798,12 +826,15 @@ impl Arrival {
         self.lazy.as_ref().map(|(server, _)| server.lazy_bytes())
     }
 
-    /// The workload has everything it needs: the pager and the images go.
+    /// The workload has everything it needs: the pager, its guard and the images go.
     fn done(&mut self, node: &Node) {
         self.push = None;
         if let Some((server, scratch)) = self.lazy.take() {
             server.stop();
             drop(scratch);
+        }
+        if let Some(g) = self.guard.take() {
+            g.release();
         }
         node.metrics.arrivals_ok.fetch_add(1, Ordering::Relaxed);
         tracing::info!(migration = %self.entry.migration, pid = self.entry.pid, "arrived");
@@ -822,6 +853,9 @@ impl Arrival {
         if let Some((server, scratch)) = self.lazy.take() {
             server.stop();
             drop(scratch);
+        }
+        if let Some(g) = self.guard.take() {
+            g.release();
         }
     }
 
@@ -927,16 +961,21 @@ struct SwitchAtResume<'a> {
     entry: Entry,
     /// The switch was journaled (and the port brought up).
     switched: bool,
+    /// Post-copy: told the restored root as soon as it exists (`setup-namespaces`).
+    guard: Option<Arc<Guard>>,
 }
 
 impl<'a> SwitchAtResume<'a> {
-    fn new(node: &'a Node, entry: &Entry) -> Self {
-        SwitchAtResume { node, entry: entry.clone(), switched: false }
+    fn new(node: &'a Node, entry: &Entry, guard: Option<Arc<Guard>>) -> Self {
+        SwitchAtResume { node, entry: entry.clone(), switched: false, guard }
     }
 }
 
 impl NotifyHandler for SwitchAtResume<'_> {
-    fn notify(&mut self, event: &Notify, _pid: Option<i32>) -> Result<(), String> {
+    fn notify(&mut self, event: &Notify, pid: Option<i32>) -> Result<(), String> {
+        if let (Notify::SetupNamespaces, Some(pid), Some(g)) = (event, pid, &self.guard) {
+            g.watch(pid, ferry_lab::start_time(pid).unwrap_or(0));
+        }
         if *event != Notify::PreResume {
             return Ok(());
         }

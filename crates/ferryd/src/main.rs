@@ -182,6 +182,11 @@ fn with_timeouts(stream: &ferry_wire::TlsStream, timeout: Duration) {
 }
 
 fn main() -> std::process::ExitCode {
+    // `ferryd guard MIGRATION`: a post-copy arrival's guard, started by the agent itself.
+    let args: Vec<String> = std::env::args().collect();
+    if args.len() == 3 && args[1] == "guard" {
+        return ferry_migrate::guard::run(&args[2]);
+    }
     let cli = Cli::parse();
     init_logs(cli.log_json);
     match run(cli) {
@@ -238,7 +243,7 @@ fn run(cli: Cli) -> Result<()> {
         peers: s.peers.clone(),
         journal,
         lab,
-        guard: None,
+        guard: std::env::current_exe().ok().map(|exe| vec![exe.display().to_string(), "guard".to_owned()]),
         peer_timeout,
     };
     let dialer = TlsDialer { endpoint: endpoint.clone(), timeout: peer_timeout, keys_dir: keys_dir.clone() };

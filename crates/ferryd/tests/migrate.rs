@@ -920,8 +920,12 @@ fn post_copy_with_the_target_agent_killed_in_the_pages_phase_resumes_the_source_
         if let Event::Phase(p) = ev {
             if p == "post-copy: pages" {
                 // The target's agent dies: its pager with it. The workload's copy there cannot
-                // get its missing pages any more: its guard kills it at once.
+                // get its missing pages any more: its guard kills it at once (before the
+                // userfaultfds close: it never reads a zero page for a missing one).
                 f.kill_agent("node2");
+                poll(Duration::from_secs(10), "the guard to kill the arriving copy", || {
+                    f.copies().into_iter().all(is_held).then_some(())
+                });
             } else if p.starts_with("post-copy: pages (reconnecting") && !restarted {
                 restarted = true;
                 f.restart("node2", &[]);
@@ -936,6 +940,7 @@ fn post_copy_with_the_target_agent_killed_in_the_pages_phase_resumes_the_source_
         other => panic!("expected the source's copy resumed: {other:?}"),
     }
     assert!(f.agent_log("node2").contains("THE WORKLOAD WAS LOST"), "said loudly");
+    assert!(f.agent_log("node2").contains("guard"), "the guard killed the copy");
     // The source's copy runs again, in its state at the freeze; nothing is left on node2.
     f.assert_one_counter_on(w.ip, "node1");
     assert!(ferry_lab::is_alive(w.pid, w.start_time), "the original process runs on");
