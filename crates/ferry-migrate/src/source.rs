@@ -529,6 +529,10 @@ impl Run<'_> {
         let source = self.node.page_source(&migration);
         let total = source.as_ref().map(|s| s.lazy_bytes());
         if self.ch_ok {
+            // The target reports every PROGRESS_EVERY: a longer silence is a cut link (or a
+            // dead agent), noticed in seconds rather than after the peer timeout.
+            let silence = (crate::target::PROGRESS_EVERY * 3).min(self.node.config.peer_timeout);
+            self.ch.set_read_timeout(silence);
             loop {
                 match self.ch.recv("post-copy pages") {
                     Ok(Msg::PagesProgress { bytes }) => {
