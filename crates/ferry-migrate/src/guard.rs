@@ -46,6 +46,7 @@ const KILL_WAIT: Duration = Duration::from_secs(10);
 #[derive(Debug)]
 pub(crate) struct Guard {
     sock: Mutex<UnixStream>,
+    /// The guard process, until it is released.
     child: Mutex<Option<Child>>,
     migration: String,
 }
@@ -109,10 +110,9 @@ impl Guard {
     /// The arrival no longer needs guarding (every page is in, or the agent undid it): the
     /// guard closes its copies and exits.
     pub(crate) fn release(&self) {
+        let Some(mut child) = self.child.lock().ok().and_then(|mut c| c.take()) else { return };
         self.send(RELEASE, 0, 0, None);
-        if let Some(mut child) = self.child.lock().ok().and_then(|mut c| c.take()) {
-            let _ = child.wait();
-        }
+        let _ = child.wait();
     }
 }
 

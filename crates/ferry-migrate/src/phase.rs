@@ -17,11 +17,11 @@
 //!             at post-dump (CRIU holds the tree):
 //!             Offer, chunks, ChunksDone --------------> journal (T, Transfer); Stored
 //!             the tree into ferry's freezer cgroup
-//!  Switching  journal (S, Switching: held pids)
-//!             Restore{lazy, ...} ---------------------> CRIU restores (post-copy: T's pager
-//!                                                       opens `Pages` to S)
-//!                                                       pre-resume: journal (T, Switched),
-//!                                                       port up, the tree runs: THE SWITCH
+//!  Switching  Restore{lazy, ...} ---------------------> CRIU restores (post-copy: T's pager
+//!             journal (S, Switching: held pids)         opens `Pages` to S)
+//!             SwitchRecorded -------------------------> pre-resume: once SwitchRecorded is in,
+//!                                                       journal (T, Switched), port up, the
+//!                                                       tree runs: THE SWITCH
 //!  Switched                             <-------------- Running{pid}
 //!             journal (S, Switched)
 //!             Commit ---------------------------------> the workload recorded as T's
@@ -44,7 +44,7 @@
 //! | (any) | `Hello`, a probe | `Hello`, `ProbeAck`, `Error` |
 //! | Prepare | `Prepare`, pre-copy's `Offer`..`ChunksDone`, `Abort` | `Prepared`, `Lacking`, `Stored`, `Aborted` |
 //! | Transfer | `Offer`..`ChunksDone`, `Restore`, `Abort` | `Lacking`, `Stored`, `Aborted` |
-//! | Switching | (waits) | `Running`, or `Error` (then T's copy never ran) |
+//! | Switching | `SwitchRecorded` (or `Abort`) | `Running`, or `Error` (then T's copy never ran) |
 //! | Switched | `Commit` | `Committed`; post-copy: `PagesProgress`, then `PagesDone` or `PagesLost` |
 //! | Done, Lost | `Forget` | (nothing) |
 //!
@@ -53,8 +53,10 @@
 //! how S learns what T did when their control connection is gone) and `Forget`.
 //!
 //! **The switch is the commit point.** T's copy runs with its network up only after T has
-//! journaled `Switched`; S journals `Switching` (and has its frozen tree in a freezer cgroup of
-//! its own, out of reach of CRIU's resume) before it asks T to restore. From then on S never
+//! journaled `Switched`, and only after S has said (`SwitchRecorded`) that it journaled
+//! `Switching` (with its frozen tree in a freezer cgroup of its own, out of reach of CRIU's
+//! resume); S's journal write overlaps T's restore, so neither side's record costs the freeze
+//! more than T's one write. From then on S never
 //! lets its copy run again unless T says that its copy never ran (T has no record of the
 //! migration, or it undid it before the switch), or unless T declared the workload lost and
 //! the user asked for `--on-failure=resume-source`. Before the switch any failure resumes S's

@@ -98,7 +98,10 @@ pub enum Msg {
         lazy: bool,
         external_net: bool,
     },
-    /// The workload runs on the target (network still held); a container as `KIND:NAME`.
+    /// The source has journaled `Switching` (sent right after `Restore`): the target may
+    /// switch. It waits for this before its copy runs.
+    SwitchRecorded,
+    /// The workload runs on the target (network up: it switched); a container as `KIND:NAME`.
     Running {
         pid: i32,
         restore_s: f64,

@@ -386,11 +386,6 @@ impl Run<'_> {
             }
         }
         failpoint::check("source-before-switch");
-        // Switching: the target may switch at any moment from the Restore on.
-        self.entry.phase = Phase::Switching;
-        if let Err(e) = self.write_journal() {
-            return Ended::Undone(e);
-        }
         if let Err(e) = self.switch() {
             match self.switched_after_all(&e) {
                 Some(true) => {
@@ -449,7 +444,9 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// Switching: asks the target to restore; its `Running` says it has switched.
+    /// Switching: asks the target to restore; journals that the target may switch (while the
+    /// target materializes and restores: the target waits for `SwitchRecorded` before its copy
+    /// runs, so the write costs the freeze nothing); the target's `Running` says it switched.
     fn switch(&mut self) -> Result<(), MigrateError> {
         let t = Instant::now();
         (self.events)(Event::Phase("restore on the target".into()));
@@ -459,7 +456,15 @@ impl Run<'_> {
             lazy: self.strategy == Strategy::PostCopy,
             external_net: self.external_net.is_some(),
         };
-        match self.ch.call(&restore, "restore")? {
+        self.ch.send(&restore)?;
+        self.entry.phase = Phase::Switching;
+        if let Err(e) = self.write_journal() {
+            // The target must not switch: it fails its restore on anything but our word.
+            let _ = self.ch.send(&Msg::Abort { reason: format!("the source cannot journal: {e}") });
+            return Err(e);
+        }
+        self.ch.send(&Msg::SwitchRecorded)?;
+        match self.ch.recv("restore")? {
             Msg::Running { pid, container, .. } => {
                 self.running = Some(pid);
                 self.running_container = container;

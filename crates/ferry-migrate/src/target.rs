@@ -105,7 +105,7 @@ pub(crate) fn serve(node: &Node, mut ch: Channel) -> Result<(), MigrateError> {
                     return fail(node, &mut ch, None, MigrateError::protocol("restore before prepare"));
                 };
                 let t = Instant::now();
-                match a.restore(node, &name, tcp_established, external_net, lazy) {
+                match a.restore(node, &mut ch, &name, tcp_established, external_net, lazy) {
                     Ok(pid) => {
                         let container = a.entry.container.clone();
                         let running = Msg::Running { pid, restore_s: t.elapsed().as_secs_f64(), container };
@@ -289,6 +289,21 @@ impl Arrival {
         if let (Some(lab), Some(ip)) = (node.config.lab.clone(), self.ip) {
             self.prepare_network(node, &lab, ip)?;
         }
+        // Post-copy: the arrival's guard, started now (a process start is no business of the
+        // freeze).
+        if let (Strategy::PostCopy, Some(program)) = (self.entry.strategy, &node.config.guard) {
+            match Guard::spawn(program, &self.entry.migration) {
+                Ok(g) => {
+                    if let Some(netns) = &self.netns {
+                        g.watch_netns(netns);
+                    }
+                    self.guard = Some(g);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "no guard: if this agent dies before every page is in, the workload reads zeros for the rest until it is killed at the next start")
+                }
+            }
+        }
         Ok(())
     }
 
@@ -323,6 +338,7 @@ impl Arrival {
     fn restore(
         &mut self,
         node: &Node,
+        ch: &mut Channel,
         name: &str,
         tcp_established: bool,
         external_net: bool,
@@ -356,7 +372,7 @@ impl Arrival {
         })?;
         checkpoint.materialize(store, &images)?;
         if let Some(record) = ContainerRecord::read_from(&images)? {
-            return self.restore_container(node, name, record, scratch, tcp_established, lazy);
+            return self.restore_container(node, ch, name, record, scratch, tcp_established, lazy);
         }
         let t_images = t0.elapsed();
         if !lazy && has_lazy_pages(&images)? {
@@ -377,7 +393,7 @@ impl Arrival {
         if let Some(fd) = netns {
             opts = opts.inherit_fd(NETNS_KEY, fd);
         }
-        let mut switch = SwitchAtResume::new(node, &self.entry, self.guard.clone());
+        let mut switch = SwitchAtResume::new(node, ch, &self.entry, self.guard.clone());
         let outcome = match server {
             None => {
                 let outcome = node.ctx.criu.restore(&opts, &mut switch);
@@ -437,7 +453,8 @@ impl Arrival {
         self.entry.start_time = ferry_lab::start_time(pid).unwrap_or(0);
         if !switch.switched {
             // No pre-resume came (an older CRIU): the switch is now.
-            self.switch_now(node)?;
+            drop(switch);
+            self.switch_now(node, ch)?;
         }
         self.entry.phase = Phase::Switched;
         if let Err(e) = node.journal.write(&self.entry) {
@@ -457,22 +474,7 @@ impl Arrival {
     ) -> Result<LazyPager, MigrateError> {
         let fetcher =
             RemotePages::open(node, &self.entry.peer, &self.entry.migration, self.entry.recover_timeout())?;
-        // The guard first: it must hold every userfaultfd the restore hands over.
-        self.guard = match &node.config.guard {
-            Some(program) => match Guard::spawn(program, &self.entry.migration) {
-                Ok(g) => {
-                    if let Some(netns) = &self.netns {
-                        g.watch_netns(netns);
-                    }
-                    Some(g)
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "no guard: if this agent dies before every page is in, the workload reads zeros for the rest until it is killed at the next start");
-                    None
-                }
-            },
-            None => None,
-        };
+        // The guard (started at Prepare) must hold every userfaultfd the restore hands over.
         let keeper = self.guard.as_ref().map(Guard::keeper);
         let pager = LazyPager::start_kept(images, work_dir, Box::new(fetcher), keeper)
             .map_err(|e| MigrateError::Refused(crate::chain(&e)))?;
@@ -486,8 +488,10 @@ impl Arrival {
         Ok(pager)
     }
 
-    /// The switch, where no pre-resume hook came: journaled, then the port up.
-    fn switch_now(&mut self, node: &Node) -> Result<(), MigrateError> {
+    /// The switch, where no pre-resume hook came: once the source has recorded it may happen,
+    /// journaled, then the port up.
+    fn switch_now(&mut self, node: &Node, ch: &mut Channel) -> Result<(), MigrateError> {
+        source_recorded_the_switch(ch)?;
         self.entry.phase = Phase::Switched;
         node.journal.write(&self.entry)?;
         if let (Some(lab), Some(id)) = (&node.config.lab, self.entry.lab_workload) {
@@ -498,14 +502,17 @@ impl Arrival {
 
     /// A container's arrival: its runtime recreates it and restores it from the verified
     /// images (through ferry's pager for post-copy). The runtime gives no hook just before the
-    /// tree runs (a process tree's switch comes at CRIU's pre-resume): the switch is journaled
-    /// and the port comes up before the restore, with the namespace's TCP resets held back until
-    /// it returns, so that a client's early packet is dropped rather than reset, and what the
-    /// restored sockets send when they run (a window probe as they leave repair mode, a reply)
-    /// leaves at once. A restore that fails takes the switch back (its copy is discarded).
+    /// tree runs (a process tree's switch comes at CRIU's pre-resume): once the source has
+    /// recorded that it may happen, the switch is journaled and the port comes up before the
+    /// restore, with the namespace's TCP resets held back until it returns, so that a client's
+    /// early packet is dropped rather than reset, and what the restored sockets send when they
+    /// run (a window probe as they leave repair mode, a reply) leaves at once. A restore that
+    /// fails takes the switch back (its copy is discarded).
+    #[allow(clippy::too_many_arguments)]
     fn restore_container(
         &mut self,
         node: &Node,
+        ch: &mut Channel,
         name: &str,
         record: ContainerRecord,
         scratch: PrivateTmpfs,
@@ -544,6 +551,7 @@ impl Arrival {
         };
         let guarded = match (&node.config.lab, self.entry.lab_workload) {
             (Some(lab), Some(id)) => {
+                source_recorded_the_switch(ch)?;
                 ferry_lab::guard_resets(lab, id, true)?;
                 let switched =
                     ferry_lab::set_port(lab, id, true).map_err(MigrateError::from).and_then(|()| {
@@ -575,7 +583,7 @@ impl Arrival {
         }
         self.entry.container = Some(format!("{}:{}", record.kind, restored.name));
         if guarded.is_none() {
-            self.switch_now(node)?;
+            self.switch_now(node, ch)?;
         } else if let Err(e) = node.journal.write(&self.entry) {
             // Switched already: the copy stays the workload.
             tracing::error!(error = %e, "could not journal the restored container");
@@ -950,14 +958,26 @@ impl LazyWatch {
     }
 }
 
-/// The switch, at CRIU's `pre-resume` (just before the restored tree runs): journaled, then
-/// the workload's bridge port up. Its first packets (a reply it owed a client, say) then leave
-/// at once: a restored socket starts with a one-second retransmission timeout, so a reply
-/// dropped at a port still down would cost a client a whole second. The journal write (a few
-/// milliseconds) is what makes this the commit point: a source that lost sight of this node
-/// asks it, and never resumes its copy while this record says `Switched`.
+/// Waits for the source's word that it has journaled `Switching` (it sends it right after
+/// `Restore`, its journal write overlapping the restore here: normally it is in by now). Only
+/// then may this node switch: a source that died first would resume its copy.
+fn source_recorded_the_switch(ch: &mut Channel) -> Result<(), MigrateError> {
+    match ch.recv("switching")? {
+        Msg::SwitchRecorded => Ok(()),
+        other => Err(unexpected("switching", &other)),
+    }
+}
+
+/// The switch, at CRIU's `pre-resume` (just before the restored tree runs): once the source
+/// has recorded that it may happen, journaled, then the workload's bridge port up. Its first
+/// packets (a reply it owed a client, say) then leave at once: a restored socket starts with a
+/// one-second retransmission timeout, so a reply dropped at a port still down would cost a
+/// client a whole second. The journal write (a few milliseconds) is what makes this the commit
+/// point: a source that lost sight of this node asks it, and never resumes its copy while this
+/// record says `Switched`.
 struct SwitchAtResume<'a> {
     node: &'a Node,
+    ch: &'a mut Channel,
     entry: Entry,
     /// The switch was journaled (and the port brought up).
     switched: bool,
@@ -966,8 +986,8 @@ struct SwitchAtResume<'a> {
 }
 
 impl<'a> SwitchAtResume<'a> {
-    fn new(node: &'a Node, entry: &Entry, guard: Option<Arc<Guard>>) -> Self {
-        SwitchAtResume { node, entry: entry.clone(), switched: false, guard }
+    fn new(node: &'a Node, ch: &'a mut Channel, entry: &Entry, guard: Option<Arc<Guard>>) -> Self {
+        SwitchAtResume { node, ch, entry: entry.clone(), switched: false, guard }
     }
 }
 
@@ -979,6 +999,7 @@ impl NotifyHandler for SwitchAtResume<'_> {
         if *event != Notify::PreResume {
             return Ok(());
         }
+        source_recorded_the_switch(self.ch).map_err(|e| e.to_string())?;
         self.entry.phase = Phase::Switched;
         self.node.journal.write(&self.entry).map_err(|e| e.to_string())?;
         self.switched = true;
