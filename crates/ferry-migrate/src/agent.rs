@@ -46,6 +46,8 @@ impl Agent {
             public_key: n.ctx.store.keys().public().to_text(),
             migrations_ok: load(&n.metrics.migrations_ok),
             migrations_failed: load(&n.metrics.migrations_failed),
+            migrations_lost: load(&n.metrics.migrations_lost),
+            arrivals_lost: load(&n.metrics.arrivals_lost),
         }
     }
 

@@ -190,6 +190,9 @@ pub struct NodeStatus {
     pub public_key: String,
     pub migrations_ok: u64,
     pub migrations_failed: u64,
+    /// Workloads lost after the switch: migrations this node sent, and arrivals it killed.
+    pub migrations_lost: u64,
+    pub arrivals_lost: u64,
 }
 
 /// What the agent sends back.

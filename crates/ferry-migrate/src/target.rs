@@ -746,12 +746,12 @@ impl Arrival {
     /// Lost after the switch: the copy killed (its missing pages will never come), said
     /// loudly with the point, journaled (kept for the source), the source told if it listens.
     fn lost(mut self, node: &Node, mut ch: Option<&mut Channel>, reason: String) {
-        let (got, total) = (self.pages_so_far(), self.lazy_total());
-        let at = format!(
-            "post-copy pages, {} of {} MiB in",
-            got >> 20,
-            total.map_or_else(|| "?".to_owned(), |t| (t >> 20).to_string())
-        );
+        let at = match self.lazy_total() {
+            Some(total) => {
+                format!("post-copy pages, {} of {} MiB in", self.pages_so_far() >> 20, total >> 20)
+            }
+            None => "post-copy pages".to_owned(),
+        };
         tracing::error!(
             migration = %self.entry.migration,
             workload = ?self.entry.container.clone().unwrap_or_else(|| format!("pid:{}", self.entry.pid)),

@@ -887,6 +887,10 @@ fn post_copy_with_the_source_gone_for_good_loses_the_workload_loudly() {
     let why = lost.lost.clone().unwrap_or_default();
     assert!(why.contains("post-copy pages") && why.contains("unreachable"), "{why}");
     assert!(f.agent_log("node2").contains("THE WORKLOAD WAS LOST"), "said loudly");
+    match ferry_migrate::client::call(&f.socket("node2"), &Request::Status, &mut |_| {}) {
+        Ok(Event::Status(s)) => assert_eq!(s.arrivals_lost, 1, "{s:?}"),
+        other => panic!("status: {other:?}"),
+    }
     let running: Vec<i32> = f.copies().into_iter().filter(|p| !is_held(*p)).collect();
     assert!(running.is_empty(), "no copy runs: {running:?}");
     // The source's copy was never resumed: still frozen in its holder.

@@ -76,7 +76,7 @@ pub fn run(cli: &Cli, req: MigrateRequest, report_json: Option<&Path>) -> ExitCo
             if resumed {
                 eprintln!("  the workload runs again at the source, from its state at the freeze: what it did on {to} since the switch is LOST");
             } else {
-                eprintln!("  THE WORKLOAD WAS LOST: it runs on no node (restore it from a checkpoint of your own, or start it again)");
+                eprintln!("  THE WORKLOAD WAS LOST: no copy of it runs, unless the cause says otherwise (restore it from a checkpoint of your own, or start it again)");
             }
             Exit::Lost.into()
         }
@@ -102,13 +102,20 @@ pub fn status(cli: &Cli, json: bool) -> ExitCode {
                 println!(
                     "{:#}",
                     serde_json::json!({"name": s.name, "listen": s.listen, "peers": s.peers, "public_key": s.public_key,
-                        "migrations_ok": s.migrations_ok, "migrations_failed": s.migrations_failed})
+                        "migrations_ok": s.migrations_ok, "migrations_failed": s.migrations_failed,
+                        "migrations_lost": s.migrations_lost, "arrivals_lost": s.arrivals_lost})
                 );
             } else {
                 println!("node {} listening on {}", s.name, s.listen);
                 println!("  key        {}", s.public_key);
                 println!("  peers      {}", s.peers.join(", "));
                 println!("  migrations {} done, {} failed", s.migrations_ok, s.migrations_failed);
+                if s.migrations_lost + s.arrivals_lost > 0 {
+                    println!(
+                        "  LOST after the switch: {} workloads sent, {} arriving",
+                        s.migrations_lost, s.arrivals_lost
+                    );
+                }
             }
             Exit::Ok.into()
         }
