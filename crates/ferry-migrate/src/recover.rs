@@ -21,8 +21,10 @@ use crate::{holder, MigrateError};
 /// How long `settle` waits for an unreachable target before it takes a workload that did not
 /// reach the switch to be its own again.
 const SETTLE_WAIT: Duration = Duration::from_secs(60);
-/// How often a held tree whose target is silent is asked about again.
+/// How often a held tree whose target is silent (past a recover timeout) is asked about again.
 const HELD_RETRY: Duration = Duration::from_secs(30);
+/// How often a target that may have switched is asked how it stands.
+const ASK_AGAIN: Duration = Duration::from_secs(1);
 
 pub(crate) fn run(node: &Node) -> Vec<String> {
     holder::sweep_empty();
@@ -58,13 +60,13 @@ pub(crate) fn run(node: &Node) -> Vec<String> {
                     Err(e) => format!("{}: the held tree's pages cannot be served: {e}", entry.phase),
                 }
             }
-            (Role::Source, Phase::Switching) => {
-                "the target may have switched: the tree stays held until it says".into()
+            (Role::Source, Phase::Switching) | (Role::Source, Phase::Switched) => {
+                "the target may run it: the tree stays held until it says how it stands".into()
             }
-            (Role::Source, Phase::Switched) | (Role::Source, Phase::Done) => {
-                // The target runs the workload with all its memory: the held tree goes.
+            (Role::Source, Phase::Done) => {
+                // The target has it all: the held tree goes.
                 end_source(node, &entry, false);
-                "switched: the source's copy is gone".into()
+                "done: the source's copy is gone".into()
             }
             (Role::Source, Phase::Lost) => {
                 let resume = entry.on_failure == OnFailure::ResumeSource;
@@ -85,10 +87,18 @@ pub(crate) fn run(node: &Node) -> Vec<String> {
                 Arrival::from_entry(entry).lost_with_agent(node);
                 "switched, post-copy: its pager died with this agent: the workload was lost".into()
             }
-            (Role::Target, Phase::Switched) => match Arrival::from_entry(entry).keep(node) {
-                Ok(()) => "switched: the workload runs here".into(),
-                Err(e) => format!("switched: the workload runs here, but could not be recorded: {e}"),
-            },
+            (Role::Target, Phase::Switched) => {
+                let mut a = Arrival::from_entry(entry);
+                if a.copy_runs(node) {
+                    match a.keep(node) {
+                        Ok(()) => "switched: the workload runs here".into(),
+                        Err(e) => format!("switched: the workload runs here, but could not be recorded: {e}"),
+                    }
+                } else {
+                    a.lost_with_agent(node);
+                    "switched, but its copy does not run: the workload was lost here".into()
+                }
+            }
             (Role::Target, Phase::Done) | (Role::Target, Phase::Lost) => {
                 "kept until the source says to forget it".into()
             }
@@ -177,27 +187,6 @@ pub(crate) fn settle_entry(node: &Arc<Node>, mut entry: Entry) {
                 settle_unswitched(node, &entry);
                 return;
             }
-            Phase::Switching => match switched(node, &entry) {
-                Some(true) => {
-                    entry.phase = Phase::Switched;
-                    let _ = node.journal.write(&entry);
-                    if entry.strategy != Strategy::PostCopy {
-                        end_source(node, &entry, false);
-                    }
-                }
-                Some(false) => {
-                    tracing::warn!(migration = %m, "the target's copy never ran: the source's copy resumes");
-                    node.stop_serving_pages_of(&m);
-                    if let Some(held) = &entry.held {
-                        if let Err(e) = holder::release(held) {
-                            tracing::error!(error = %e, "could not let the held tree go");
-                        }
-                    }
-                    settle_unswitched(node, &entry);
-                    return;
-                }
-                None => std::thread::sleep(HELD_RETRY),
-            },
             Phase::Switched if entry.strategy == Strategy::PostCopy => {
                 let source = node.page_source(&m);
                 match await_verdict(node, &entry, source.as_deref()) {
@@ -224,7 +213,44 @@ pub(crate) fn settle_entry(node: &Arc<Node>, mut entry: Entry) {
                     }
                 }
             }
-            Phase::Switched | Phase::Done | Phase::Lost => {
+            Phase::Switching | Phase::Switched => {
+                match node.arrival_status(&entry) {
+                    Ok((Some(Phase::Switched), _)) if entry.strategy == Strategy::PostCopy => {
+                        // Switched: its pages are served from here (below).
+                        entry.phase = Phase::Switched;
+                        let _ = node.journal.write(&entry);
+                    }
+                    Ok((Some(Phase::Switched | Phase::Done), _)) => {
+                        tracing::info!(migration = %m, "the target runs the workload: the held tree goes");
+                        end_source(node, &entry, false);
+                    }
+                    Ok((Some(Phase::Lost), lost)) => {
+                        tracing::error!(migration = %m, lost = ?lost, "THE WORKLOAD WAS LOST after the switch (the target's copy is gone)");
+                        entry.phase = Phase::Lost;
+                        entry.lost = lost;
+                        end_source(node, &entry, entry.on_failure == OnFailure::ResumeSource);
+                    }
+                    Ok((None, _)) if entry.phase == Phase::Switching => {
+                        tracing::warn!(migration = %m, "the target's copy never ran: the source's copy resumes");
+                        node.stop_serving_pages_of(&m);
+                        if let Some(held) = &entry.held {
+                            if let Err(e) = holder::release(held) {
+                                tracing::error!(error = %e, "could not let the held tree go");
+                            }
+                        }
+                        settle_unswitched(node, &entry);
+                        return;
+                    }
+                    Ok((None, _)) => {
+                        // Switched, and the target keeps no record: it was told to forget (a
+                        // crash here before this journal caught up).
+                        end_source(node, &entry, false);
+                    }
+                    // Restoring (undecided), or unreachable: the tree stays held.
+                    _ => std::thread::sleep(ASK_AGAIN),
+                }
+            }
+            Phase::Done | Phase::Lost => {
                 // Done with the tree (`run` or above): the target may forget.
                 forget_then_remove(node, &entry);
                 return;
@@ -248,15 +274,6 @@ fn forget_then_remove(node: &Arc<Node>, entry: &Entry) {
         }
     }
     node.journal.remove(&entry.migration);
-}
-
-/// Whether the target switched (`None`: it cannot be reached, or has not decided yet).
-fn switched(node: &Node, entry: &Entry) -> Option<bool> {
-    match node.arrival_status(entry) {
-        Ok((None, _)) => Some(false),
-        Ok((Some(p), _)) if p.past_switch() => Some(true),
-        _ => None,
-    }
 }
 
 /// Not switched, the source's copy runs again (CRIU resumed it): waits until the target holds

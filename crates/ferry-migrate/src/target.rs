@@ -892,6 +892,29 @@ impl Arrival {
         node.journal.remove(&self.entry.migration);
     }
 
+    /// Recovery: whether the switched copy runs (the journaled root, with its start time; a
+    /// container whose restore was under way is asked of its runtime).
+    pub(crate) fn copy_runs(&mut self, node: &Node) -> bool {
+        if self.entry.pid > 0 {
+            return ferry_lab::is_alive(self.entry.pid, self.entry.start_time);
+        }
+        let Some((kind, name)) = self.entry.container.as_deref().and_then(|c| c.split_once(':')) else {
+            return false;
+        };
+        let pid = ferry_runtime::container::open(kind, &node.ctx.endpoints)
+            .and_then(|rt| rt.inspect(name))
+            .map(|c| c.plan.init_pid);
+        match pid {
+            Ok(pid) if pid > 0 => {
+                self.entry.pid = pid;
+                self.entry.start_time = ferry_lab::start_time(pid).unwrap_or(0);
+                let _ = node.journal.write(&self.entry);
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Recovery, switched (stop-copy or pre-copy): the copy runs; it is recorded as this
     /// node's, and the record stays until the source says to forget it.
     pub(crate) fn keep(mut self, node: &Node) -> Result<(), MigrateError> {
@@ -900,11 +923,17 @@ impl Arrival {
         Ok(())
     }
 
-    /// Recovery, switched, post-copy: the pager died with the agent that ran it, so the
-    /// copy's missing pages can never be filled: it is killed (if its guard has not) and the
-    /// workload declared lost.
+    /// Recovery, switched: post-copy, the pager died with the agent that ran it, so the copy's
+    /// missing pages can never be filled: it is killed (if its guard has not) and the workload
+    /// declared lost; any strategy, a copy that does not run (it died, or its restore never
+    /// finished) is lost too. The source then kills its held copy, or resumes it if asked to.
     pub(crate) fn lost_with_agent(self, node: &Node) {
-        self.lost(node, None, "the target's agent stopped during the pages phase: the pages it had not received can no longer be filled in".into());
+        let reason = if self.entry.strategy == Strategy::PostCopy {
+            "the target's agent stopped during the pages phase: the pages it had not received can no longer be filled in"
+        } else {
+            "the target's copy was not running when its agent started again"
+        };
+        self.lost(node, None, reason.into());
     }
 }
 
@@ -993,8 +1022,13 @@ impl<'a> SwitchAtResume<'a> {
 
 impl NotifyHandler for SwitchAtResume<'_> {
     fn notify(&mut self, event: &Notify, pid: Option<i32>) -> Result<(), String> {
-        if let (Notify::SetupNamespaces, Some(pid), Some(g)) = (event, pid, &self.guard) {
-            g.watch(pid, ferry_lab::start_time(pid).unwrap_or(0));
+        if let (Notify::SetupNamespaces, Some(pid)) = (event, pid) {
+            // The restored root: in the switch's record, and watched by the guard.
+            self.entry.pid = pid;
+            self.entry.start_time = ferry_lab::start_time(pid).unwrap_or(0);
+            if let Some(g) = &self.guard {
+                g.watch(pid, self.entry.start_time);
+            }
         }
         if *event != Notify::PreResume {
             return Ok(());
