@@ -413,7 +413,8 @@ impl Run<'_> {
                 tracing::error!(error = %e, "could not journal the switch");
             }
             failpoint::check("source-after-commit");
-            return self.kill_held(|| Ended::Moved { logical: committed.checkpoint.logical_size() });
+            // The held tree dies just before CRIU is answered (`AtPostDump::before_kill`).
+            return Ended::Moved { logical: committed.checkpoint.logical_size() };
         }
         self.commit_post_copy();
         failpoint::check("source-after-commit");
@@ -586,7 +587,7 @@ impl Run<'_> {
                 if let Err(e) = self.write_journal() {
                     tracing::error!(error = %e, "could not journal the end of the pages phase");
                 }
-                self.kill_held(|| Ended::Moved { logical })
+                Ended::Moved { logical }
             }
             Verdict::Lost { at, reason } => {
                 let reason = format!("{} could not get every page and killed its copy: {reason}", self.entry.peer);
@@ -616,18 +617,7 @@ impl Run<'_> {
             // the freezer); `lost` then takes it out.
             return Ended::Lost { reason, at, resumed: true };
         }
-        self.kill_held(|| Ended::Lost { reason, at, resumed: false })
-    }
-
-    /// Kills the held tree (it dies while CRIU still holds it; CRIU then reaps it when
-    /// answered). Without a holder CRIU kills it when answered.
-    fn kill_held(&mut self, ended: impl FnOnce() -> Ended) -> Ended {
-        if let Some(held) = &self.entry.held {
-            if let Err(e) = holder::doom(held) {
-                tracing::error!(error = %e, "could not kill the held tree");
-            }
-        }
-        ended()
+        Ended::Lost { reason, at, resumed: false }
     }
 
     /// Moved: the report; the source's leftovers go.
@@ -883,6 +873,16 @@ impl PostDump for AtPostDump<'_, '_> {
 
     fn tap(&mut self) -> Option<Tap> {
         self.tap.take()
+    }
+
+    fn before_kill(&mut self) {
+        // Moved, or lost without resuming: the held tree dies while CRIU still holds it
+        // (SIGKILL while frozen, then thawed); CRIU reaps it when answered.
+        if let Some(held) = &self.run.entry.held {
+            if let Err(e) = holder::doom(held) {
+                tracing::error!(error = %e, "could not kill the held tree");
+            }
+        }
     }
 
     fn after_commit(&mut self, committed: &Committed) -> Result<(), String> {
