@@ -15,6 +15,7 @@ pub mod journal;
 pub mod lab_agents;
 pub mod lazy;
 mod node;
+mod outcome;
 mod pages;
 mod peer;
 pub mod phase;

@@ -14,7 +14,7 @@ use crate::api::{OnFailure, Strategy};
 use crate::journal::{Entry, Phase, Role};
 use crate::lazy::{HeldBy, PageSource};
 use crate::node::Node;
-use crate::source::{await_verdict, forget_later, Verdict};
+use crate::outcome::{await_verdict, forget_later, Verdict};
 use crate::target::Arrival;
 use crate::{holder, MigrateError};
 

@@ -27,14 +27,12 @@ use crate::api::{Event, MigrateRequest, OnFailure, PhaseTime, Progress, Report, 
 use crate::journal::{Entry, Phase, Role};
 use crate::lazy::{PageServerFinisher, PageSource};
 use crate::node::Node;
+use crate::outcome::{await_verdict, forget_later, Verdict};
 use crate::peer::{unexpected, Channel};
 use crate::proto::{Msg, NETNS_KEY};
 use crate::{auto, failpoint, holder, ship, MigrateError};
 
-/// Beyond the recover timeout, how much longer a source waits for a silent target after the
-/// switch: the target gives up after the recover timeout itself, so it decides first.
-const VERDICT_MARGIN: Duration = Duration::from_secs(10);
-/// How often a source without its control connection asks the target how it stands.
+/// How often a source asks the target whether it switched.
 const ASK_EVERY: Duration = Duration::from_millis(500);
 
 pub(crate) fn migrate(
@@ -82,16 +80,6 @@ enum Ended {
     /// The target cannot say what it did: the source's copy stays frozen in its holder, and
     /// the journal keeps the migration for recovery to settle with the target.
     Held { reason: String, at: String },
-}
-
-/// What the target said (or did not) after the switch of a post-copy migration.
-pub(crate) enum Verdict {
-    /// Every page is there.
-    Done,
-    /// It killed its copy.
-    Lost { at: String, reason: String },
-    /// Nothing from it for longer than the recover timeout (and a margin).
-    Unreachable { reason: String },
 }
 
 /// The Prepare phase: resolves the workload, connects, chooses the strategy, and has the
@@ -740,65 +728,6 @@ type HoldResult = Result<Vec<(i32, u64)>, MigrateError>;
 
 fn lost(node: &str, phase: &str) -> MigrateError {
     MigrateError::Lost { node: node.to_owned(), phase: phase.to_owned() }
-}
-
-/// After the switch of a post-copy migration, without a control connection: asks the target
-/// how it stands until it says the pages are all there or it gave up, or until neither it
-/// nor its pager has been heard of for longer than the recover timeout (and a margin).
-pub(crate) fn await_verdict(node: &Node, entry: &Entry, source: Option<&PageSource>) -> Verdict {
-    let bound = entry.recover_timeout() + VERDICT_MARGIN;
-    let mut heard = Instant::now();
-    let mut why = String::from("no answer");
-    loop {
-        match node.arrival_status(entry) {
-            Ok((Some(Phase::Done), _)) => return Verdict::Done,
-            Ok((Some(Phase::Lost), lost)) => {
-                let lost = lost.unwrap_or_default();
-                let (at, reason) = lost.split_once(": ").unwrap_or(("post-copy pages", &lost));
-                return Verdict::Lost { at: at.to_owned(), reason: reason.to_owned() };
-            }
-            Ok((None, _)) => {
-                return Verdict::Lost {
-                    at: "post-copy pages".into(),
-                    reason: format!("{} has no record of the migration any more", entry.peer),
-                }
-            }
-            Ok((Some(_), _)) => heard = Instant::now(),
-            Err(e) => why = crate::chain(&e),
-        }
-        if let Some(last) = source.and_then(PageSource::last_served) {
-            heard = heard.max(last);
-        }
-        if heard.elapsed() > bound {
-            return Verdict::Unreachable {
-                reason: format!(
-                    "{} was unreachable for {} s after the switch ({why})",
-                    entry.peer,
-                    bound.as_secs()
-                ),
-            };
-        }
-        std::thread::sleep(ASK_EVERY);
-    }
-}
-
-/// Tells `peer`, in the background, that it may forget `migration`, until it listens (for up
-/// to ten minutes; after that its record stays until the next start of this agent finds
-/// nothing to settle, and it is dropped by hand).
-pub(crate) fn forget_later(node: Arc<Node>, peer: String, migration: String) {
-    std::thread::spawn(move || {
-        let deadline = Instant::now() + Duration::from_secs(600);
-        while Instant::now() < deadline {
-            match node.tell_forget(&peer, &migration) {
-                Ok(()) => return,
-                Err(e) => {
-                    tracing::debug!(error = %e, %peer, %migration, "cannot tell the target to forget yet")
-                }
-            }
-            std::thread::sleep(Duration::from_secs(2));
-        }
-        tracing::warn!(%peer, %migration, "the target never heard that it may forget the migration");
-    });
 }
 
 /// Batches (about 1 MiB each) of sealed frames that may wait for the chunk stream; when the
