@@ -546,26 +546,62 @@ fn wait_for<T>(limit: Duration, mut check: impl FnMut() -> Option<T>) -> Option<
 fn kill_all(ids: &BTreeSet<sys::NsId>, recorded: &[(i32, u64)]) -> (BTreeSet<i32>, Vec<i32>) {
     let me = std::process::id() as i32;
     let mut killed = BTreeSet::new();
+    let mut holders: BTreeSet<std::path::PathBuf> = BTreeSet::new();
     let deadline = Instant::now() + KILL_WAIT;
     loop {
         let mut victims: BTreeSet<i32> = sys::pids_in_netns(ids).into_iter().collect();
         victims.extend(recorded.iter().filter(|(p, s)| sys::is_alive(*p, *s)).map(|(p, _)| *p));
         victims.remove(&me);
         if victims.is_empty() {
+            // ferry's holders that held them, empty now.
+            for dir in holders {
+                let _ = wait_for(KILL_WAIT, || fs::remove_dir(&dir).ok());
+                if let Some(parent) = dir.parent() {
+                    let _ = fs::remove_dir(parent);
+                }
+            }
             return (killed, Vec::new());
         }
         if Instant::now() >= deadline {
             return (killed, victims.into_iter().collect());
         }
-        for pid in victims {
+        for pid in &victims {
             // PID 1 of a pid namespace ignores SIGTERM; SIGKILL also takes its whole namespace.
-            if ferry_sys::kill(pid, Signal::Kill).is_ok() {
-                killed.insert(pid);
+            if ferry_sys::kill(*pid, Signal::Kill).is_ok() {
+                killed.insert(*pid);
             }
+        }
+        // A frozen process (a migration's source copy, held by ferry after the switch) keeps
+        // its SIGKILL pending until it is thawed.
+        for pid in &victims {
+            holders.extend(thaw_if_frozen(*pid));
         }
         sleep(POLL);
     }
 }
+
+/// Thaws the cgroup v1 freezer cgroup `pid` is in if it is frozen; returns it if it is one of
+/// ferry's holders (`/ferry-hold/...`), to be removed once empty.
+fn thaw_if_frozen(pid: i32) -> Option<std::path::PathBuf> {
+    let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let path = text.lines().find_map(|l| {
+        let mut parts = l.splitn(3, ':');
+        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        controllers.split(',').any(|c| c == "freezer").then(|| path.to_owned())
+    })?;
+    if path == "/" {
+        return None;
+    }
+    let dir = std::path::Path::new(FREEZER).join(path.trim_start_matches('/'));
+    let state = dir.join("freezer.state");
+    if fs::read_to_string(&state).is_ok_and(|s| s.trim() != "THAWED") {
+        let _ = fs::write(&state, "THAWED");
+    }
+    path.starts_with("/ferry-hold/").then_some(dir)
+}
+
+/// The cgroup v1 freezer hierarchy.
+const FREEZER: &str = "/sys/fs/cgroup/freezer";
 
 /// Removes everything of the lab: recorded in `state`, or found by name.
 /// Bind-mounts this process's network namespace (the host's, where the bridge is) on the

@@ -49,14 +49,69 @@ impl FromStr for Strategy {
     }
 }
 
+/// What happens to a post-copy migration that cannot finish after the switch (the target's
+/// copy could not get the rest of its memory and was killed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum OnFailure {
+    /// The workload is lost: the source's frozen copy is killed too. Nothing it did on the
+    /// target is undone by running an older state of it.
+    #[default]
+    Lost,
+    /// The source's frozen copy resumes, in the state it had at the freeze: whatever the
+    /// workload did on the target since the switch (writes it acknowledged included) is lost.
+    ResumeSource,
+}
+
+impl fmt::Display for OnFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            OnFailure::Lost => "lost",
+            OnFailure::ResumeSource => "resume-source",
+        })
+    }
+}
+
+impl FromStr for OnFailure {
+    type Err = String;
+    fn from_str(s: &str) -> Result<OnFailure, String> {
+        match s {
+            "lost" => Ok(OnFailure::Lost),
+            "resume-source" => Ok(OnFailure::ResumeSource),
+            _ => Err(format!("unknown --on-failure '{s}': lost or resume-source")),
+        }
+    }
+}
+
+/// How long, by default, a post-copy migration that lost its link (or a restarting agent)
+/// waits for it to come back before the workload is declared lost.
+pub const DEFAULT_RECOVER_TIMEOUT_S: u32 = 60;
+
 /// `ferry migrate`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MigrateRequest {
-    /// `pid:PID` of the tree's root on this node.
+    /// `pid:PID` of the tree's root on this node, or a container (`KIND:NAME`).
     pub workload: String,
     /// The target node's name.
     pub to: String,
     pub strategy: Strategy,
+    /// After the switch, how long the agents try to reach each other again (a lost link, a
+    /// restarting agent) while the target's faulting threads wait, before the workload is
+    /// declared lost.
+    pub recover_timeout_s: u32,
+    /// What a post-copy migration that cannot finish does.
+    pub on_failure: OnFailure,
+}
+
+impl Default for MigrateRequest {
+    fn default() -> MigrateRequest {
+        MigrateRequest {
+            workload: String::new(),
+            to: String::new(),
+            strategy: Strategy::Auto,
+            recover_timeout_s: DEFAULT_RECOVER_TIMEOUT_S,
+            on_failure: OnFailure::Lost,
+        }
+    }
 }
 
 /// A request on the local socket.
@@ -135,6 +190,9 @@ pub struct NodeStatus {
     pub public_key: String,
     pub migrations_ok: u64,
     pub migrations_failed: u64,
+    /// Workloads lost after the switch: migrations this node sent, and arrivals it killed.
+    pub migrations_lost: u64,
+    pub arrivals_lost: u64,
 }
 
 /// What the agent sends back.
@@ -149,5 +207,14 @@ pub enum Event {
     Failed {
         message: String,
         hint: Option<String>,
+    },
+    /// The migration passed the switch and then could not finish: the workload was lost (or,
+    /// with `--on-failure=resume-source`, runs again at the source from its frozen state).
+    Lost {
+        message: String,
+        /// The phase (and step) where it happened.
+        at: String,
+        /// The source's copy was resumed.
+        resumed: bool,
     },
 }

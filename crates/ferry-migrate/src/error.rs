@@ -28,6 +28,16 @@ pub enum MigrateError {
     Remote { node: String, message: String },
     #[error("refused: {0}")]
     Refused(String),
+    /// Past the switch, the migration could not finish: the target's copy was killed.
+    #[error("{}", lost_text(reason, at, *resumed))]
+    WorkloadLost {
+        /// Why (e.g. the source was unreachable past the recover timeout).
+        reason: String,
+        /// Where: the phase and step.
+        at: String,
+        /// The source's frozen copy was resumed (`--on-failure=resume-source`).
+        resumed: bool,
+    },
     #[error("cannot {action} {}: {source}", path.display())]
     Io {
         action: &'static str,
@@ -49,12 +59,28 @@ impl MigrateError {
             MigrateError::Runtime(e) => return e.hint(),
             MigrateError::Criu(e) => return e.hint(),
             MigrateError::Lab(e) => return e.hint(),
+            MigrateError::WorkloadLost { resumed: false, .. } => {
+                "restore it from a checkpoint of your own, or start it again; `--on-failure=resume-source` resumes the source's frozen copy instead (losing what happened since the switch)".into()
+            }
+            MigrateError::WorkloadLost { resumed: true, .. } => {
+                "the workload runs again at the source, in its state at the freeze".into()
+            }
             _ => return None,
         })
     }
 
     pub(crate) fn protocol(detail: impl Into<String>) -> MigrateError {
         MigrateError::Protocol(detail.into())
+    }
+}
+
+fn lost_text(reason: &str, at: &str, resumed: bool) -> String {
+    if resumed {
+        format!(
+            "the migration failed after the switch ({at}): {reason}; the source's copy was resumed from its state at the freeze: what the workload did on the target since the switch is lost"
+        )
+    } else {
+        format!("THE WORKLOAD WAS LOST after the switch ({at}): {reason}")
     }
 }
 

@@ -1,6 +1,7 @@
 //! The journal: one small file per migration in progress, written (and synced) before each
 //! step that the other side relies on, so that an agent restarted after a crash knows what it
-//! had done and finishes or undoes it (see `Agent::recover`).
+//! had done and finishes or undoes it (see `recover`). Both sides record the same
+//! [`Phase`]s (`phase` has the protocol).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -9,32 +10,38 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::api::{OnFailure, Strategy, DEFAULT_RECOVER_TIMEOUT_S};
+pub use crate::phase::{Phase, Role};
 use crate::MigrateError;
 
 /// Cap on a journal file: a few hundred bytes in practice.
 const MAX_ENTRY: u64 = 64 << 10;
 
-/// Where a migration stands on this node.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Stage {
-    /// Source: the workload is being frozen and shipped; if we die now, CRIU resumes it.
-    Frozen,
-    /// Source: the target runs it; from here on the target's copy is the one to keep.
-    Committed,
-    /// Target: a namespace (and maybe a restored tree) exists for it, not yet committed.
-    Arriving,
-    /// Target: the source confirmed; network released.
-    Arrived,
+/// The source's frozen tree, held in a freezer cgroup of ferry's from the switch on (see
+/// `holder`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Held {
+    /// The freezer cgroup (a directory under the freezer hierarchy).
+    pub cgroup: PathBuf,
+    /// The freezer cgroup the tree was in before (relative to the hierarchy's root), where it
+    /// goes back if it is resumed.
+    pub origin: String,
+    /// The held processes: host pid and start time.
+    #[serde(default)]
+    pub pids: Vec<(i32, u64)>,
 }
 
 /// One migration's record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
     pub migration: String,
-    pub stage: Stage,
+    pub role: Role,
+    pub phase: Phase,
     /// The other node.
     pub peer: String,
-    /// Source: the tree's root (pid and start time, so that a reused pid is never killed).
+    pub strategy: Strategy,
+    /// Source: the tree's root; target: the restored root (pid and start time, so that a
+    /// reused pid is never killed).
     pub pid: i32,
     pub start_time: u64,
     /// Lab workload number (source: the old one; target: the arriving one).
@@ -48,6 +55,54 @@ pub struct Entry {
     /// its runtime must forget when the migration ends that way.
     #[serde(default)]
     pub container: Option<String>,
+    /// Source: where the frozen tree is held from the switch on.
+    #[serde(default)]
+    pub held: Option<Held>,
+    /// How long a lost peer is waited for after the switch.
+    #[serde(default = "default_recover")]
+    pub recover_timeout_s: u32,
+    /// Source: what a migration that cannot finish does.
+    #[serde(default)]
+    pub on_failure: OnFailure,
+    /// Lost: why, and at which point.
+    #[serde(default)]
+    pub lost: Option<String>,
+}
+
+fn default_recover() -> u32 {
+    DEFAULT_RECOVER_TIMEOUT_S
+}
+
+impl Entry {
+    /// A fresh record of `migration` with `peer`.
+    pub fn new(migration: &str, role: Role, peer: &str, strategy: Strategy) -> Entry {
+        Entry {
+            migration: migration.to_owned(),
+            role,
+            phase: Phase::Prepare,
+            peer: peer.to_owned(),
+            strategy,
+            pid: 0,
+            start_time: 0,
+            lab_workload: None,
+            checkpoints: Vec::new(),
+            packs: Vec::new(),
+            container: None,
+            held: None,
+            recover_timeout_s: DEFAULT_RECOVER_TIMEOUT_S,
+            on_failure: OnFailure::Lost,
+            lost: None,
+        }
+    }
+
+    /// The recover timeout as a duration.
+    pub fn recover_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(u64::from(self.recover_timeout_s.max(1)))
+    }
+
+    pub fn post_copy(&self) -> bool {
+        self.strategy == Strategy::PostCopy
+    }
 }
 
 /// The journal directory of an agent.
@@ -134,21 +189,25 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let j = Journal::open(dir.path()).unwrap();
         let e = Entry {
-            migration: "m1".into(),
-            stage: Stage::Frozen,
-            peer: "node2".into(),
+            phase: Phase::Transfer,
             pid: 42,
             start_time: 7,
             lab_workload: Some(3),
             checkpoints: vec!["m1".into()],
             packs: vec![[1; 16]],
             container: Some("runc:web".into()),
+            held: Some(Held {
+                cgroup: "/sys/fs/cgroup/freezer/x".into(),
+                origin: "/".into(),
+                pids: vec![(42, 7)],
+            }),
+            ..Entry::new("m1", Role::Source, "node2", Strategy::PostCopy)
         };
         j.write(&e).unwrap();
-        j.write(&Entry { stage: Stage::Committed, ..e.clone() }).unwrap();
+        j.write(&Entry { phase: Phase::Switched, ..e.clone() }).unwrap();
         fs::write(dir.path().join("bad.json"), b"{not json").unwrap();
         let all = Journal::open(dir.path()).unwrap().entries();
-        assert_eq!(all, vec![Entry { stage: Stage::Committed, ..e }]);
+        assert_eq!(all, vec![Entry { phase: Phase::Switched, ..e }]);
         j.remove("m1");
         assert!(j.read("m1").is_none());
     }

@@ -1,16 +1,21 @@
 //! The protocol between agents, over mutual TLS: control messages (postcard) and batches of
-//! sealed chunks, each in its own frame kind. Control is strictly request/response on one
-//! connection; post-copy pages, and the chunks streamed while the source still dumps, use a
-//! connection of their own each.
+//! sealed chunks, each in its own frame kind. Control is request/response on one connection
+//! (after the switch of a post-copy migration the target reports on it unasked); post-copy
+//! pages, and the chunks streamed while the source still dumps, use a connection of their own
+//! each. The sequence, and who may send what in which phase, is in `phase`.
 
 use serde::{Deserialize, Serialize};
 
 use ferry_store::replica::ChunkRef;
 
 use crate::api::Strategy;
+use crate::phase::Phase;
 
 /// Version of this protocol (checked in `Hello`).
-pub const PROTOCOL: u32 = 4;
+pub const PROTOCOL: u32 = 5;
+/// Key under which a workload's network namespace is declared external to CRIU (it stays
+/// behind; the target provides one with the same address).
+pub(crate) const NETNS_KEY: &str = "ferry-net";
 /// Frame kinds.
 pub const KIND_MSG: u16 = 0x4d53;
 pub const KIND_CHUNKS: u16 = 0x4348;
@@ -55,6 +60,9 @@ pub enum Msg {
         /// A container's record (`ferry-container.json`), checked by the target before anything
         /// is frozen: runtime up, name free, image and bind mount sources present.
         container: Option<Vec<u8>>,
+        /// After the switch, how long the target waits for a lost source (its faulting threads
+        /// paused) before it declares the workload lost.
+        recover_timeout_s: u32,
     },
     /// The target's X25519 key, for which the data keys are wrapped.
     Prepared {
@@ -90,7 +98,10 @@ pub enum Msg {
         lazy: bool,
         external_net: bool,
     },
-    /// The workload runs on the target (network still held); a container as `KIND:NAME`.
+    /// The source has journaled `Switching` (sent right after `Restore`): the target may
+    /// switch. It waits for this before its copy runs.
+    SwitchRecorded,
+    /// The workload runs on the target (network up: it switched); a container as `KIND:NAME`.
     Running {
         pid: i32,
         restore_s: f64,
@@ -104,21 +115,22 @@ pub enum Msg {
         reason: String,
     },
     Aborted,
-    /// Which outcome a migration had on the source (asked after a lost connection).
-    Outcome {
-        migration: String,
-    },
-    OutcomeIs {
-        committed: bool,
-        known: bool,
-    },
-    /// Whether the target still holds an arrival of a migration (asked by a restarted source).
+    /// Where the target stands with a migration (asked on a connection of its own: by a
+    /// source whose control connection is gone, or that restarted).
     ArrivalStatus {
         migration: String,
     },
+    /// The target's journaled phase of it (`None`: no record: it never switched, or it undid
+    /// its arrival before the switch); for `Lost`, why and where.
     ArrivalIs {
-        holding: bool,
+        phase: Option<Phase>,
+        lost: Option<String>,
     },
+    /// The source has acted on the outcome: the target may forget the migration.
+    Forget {
+        migration: String,
+    },
+    Forgotten,
     /// Opens the post-copy page channel of a migration (a connection of its own).
     Pages {
         migration: String,
@@ -139,6 +151,12 @@ pub enum Msg {
     PagesDone {
         bytes: u64,
         requests: u64,
+    },
+    /// Post-copy: the target could not get every page and killed its copy: the workload is
+    /// lost (`at`: the point, `reason`: why).
+    PagesLost {
+        at: String,
+        reason: String,
     },
     /// Opens the chunk stream of a migration (a connection of its own, while the source
     /// dumps): KIND_STREAM frames follow, then `StreamEnd`.

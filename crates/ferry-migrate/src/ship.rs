@@ -14,9 +14,10 @@ use ferry_store::pipeline::TappedFrames;
 use ferry_store::replica::{ChunkRef, Shipment};
 use ferry_store::Store;
 
-use crate::agent::{unexpected, Agent, Channel};
 use crate::api::{Event, Progress};
-use crate::journal::Stage;
+use crate::journal::{Phase, Role};
+use crate::node::Node;
+use crate::peer::{unexpected, Channel};
 use crate::proto::{
     batch_header, decode_batch, decode_stream, stream_header, Msg, BATCH_BYTES, KIND_CHUNKS, KIND_STREAM,
     MANIFEST_PART, REFS_PER_FRAME,
@@ -84,10 +85,11 @@ impl Streamer {
 
 /// Takes in a chunk stream (after `Stream` was read) for an arrival from the same peer;
 /// answers `Streamed` once the chunks are durable here.
-pub(crate) fn receive_stream(agent: &Agent, ch: &mut Channel, migration: &str) -> Result<(), MigrateError> {
+pub(crate) fn receive_stream(agent: &Node, ch: &mut Channel, migration: &str) -> Result<(), MigrateError> {
     let phase = "receiving a chunk stream";
-    let arriving =
-        agent.journal.read(migration).is_some_and(|e| e.stage == Stage::Arriving && e.peer == ch.node);
+    let arriving = agent.journal.read(migration).is_some_and(|e| {
+        e.role == Role::Target && matches!(e.phase, Phase::Prepare | Phase::Transfer) && e.peer == ch.node
+    });
     if !arriving {
         let e = MigrateError::Refused(format!("no migration {migration} from {} is arriving here", ch.node));
         let _ = ch.send(&Msg::Error { message: e.to_string() });

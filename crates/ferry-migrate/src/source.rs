@@ -1,41 +1,101 @@
-//! The source side of a migration: choose the strategy, ship a running checkpoint first
-//! (pre-copy), freeze and dump; while CRIU waits at post-dump, ship what the target lacks and
-//! have it restore; only when the target runs the workload is the source's copy let go.
+//! The source side of a migration, phase by phase (`phase` has the protocol):
+//!
+//! - [`prepare`]: the workload resolved, the target asked to make room, the strategy chosen;
+//! - `Run::precopy` (pre-copy): a checkpoint of the running workload shipped first;
+//! - `Run::freeze`: CRIU freezes and dumps the tree and holds it at post-dump, where the
+//!   rest happens: `Run::transfer` (what the target lacks), the tree into ferry's freezer
+//!   (`holder`), `Run::switch` (the target restores and runs it: the commit point), and for
+//!   post-copy `Run::pages` (the target fetches the memory from the held tree);
+//! - the end: `Run::finish` (moved), `Run::undo` (failed before the switch: the source's copy
+//!   runs again), or `Run::lost` (failed after it).
+//!
+//! Before the switch any failure resumes the source's copy; after it the source never does so
+//! on its own (see `phase`).
 
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ferry_criu::{NotifyHandler, RecordingNotify};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
-
 use ferry_runtime::{CheckpointRequest, PostDump, WorkloadId};
 use ferry_store::pipeline::Tap;
 use ferry_store::Committed;
 
-use crate::agent::{unexpected, Agent, Channel};
-use crate::api::{Event, MigrateRequest, PhaseTime, Progress, Report, Strategy};
-use crate::journal::{Entry, Stage};
+use crate::api::{Event, MigrateRequest, OnFailure, PhaseTime, Progress, Report, Strategy};
+use crate::journal::{Entry, Phase, Role};
 use crate::lazy::{PageServerFinisher, PageSource};
-use crate::proto::Msg;
-use crate::{auto, failpoint, ship, MigrateError};
+use crate::node::Node;
+use crate::outcome::{await_verdict, forget_later, Verdict};
+use crate::peer::{unexpected, Channel};
+use crate::proto::{Msg, NETNS_KEY};
+use crate::{auto, failpoint, holder, ship, MigrateError};
 
-/// Key under which the workload's network namespace is declared external to CRIU.
-pub(crate) const NETNS_KEY: &str = "ferry-net";
+/// How often a source asks the target whether it switched.
+const ASK_EVERY: Duration = Duration::from_millis(500);
 
 pub(crate) fn migrate(
-    agent: &Agent,
+    node: &Arc<Node>,
     req: &MigrateRequest,
     events: &mut dyn FnMut(Event),
 ) -> Result<Report, MigrateError> {
     let started = Instant::now();
+    let mut run = prepare(node, req, events)?;
+    if run.strategy == Strategy::PreCopy {
+        if let Err(e) = run.precopy() {
+            run.undo();
+            return Err(e);
+        }
+    }
+    match run.freeze() {
+        Ended::Moved { logical } => run.finish(logical, started),
+        Ended::Undone(e) => {
+            run.undo();
+            Err(e)
+        }
+        Ended::Lost { reason, at, resumed } => {
+            run.lost(resumed);
+            Err(MigrateError::WorkloadLost { reason, at, resumed })
+        }
+        Ended::Held { reason, at } => {
+            // Settled in the background (and at the next start, from the journal).
+            let (node, entry) = (node.clone(), run.entry.clone());
+            std::thread::spawn(move || crate::recover::settle_entry(&node, entry));
+            Err(MigrateError::WorkloadLost { reason, at, resumed: false })
+        }
+    }
+}
+
+/// How the part from the freeze on ended.
+enum Ended {
+    /// Before the switch: the source's copy runs again (CRIU resumed it; the holder lets it
+    /// go in `undo`).
+    Undone(MigrateError),
+    /// The target runs the workload with all its memory; the source's copy is gone.
+    Moved { logical: u64 },
+    /// Past the switch the workload could not be kept; `resumed`: the source's copy runs
+    /// again (`--on-failure=resume-source`).
+    Lost { reason: String, at: String, resumed: bool },
+    /// The target cannot say what it did: the source's copy stays frozen in its holder, and
+    /// the journal keeps the migration for recovery to settle with the target.
+    Held { reason: String, at: String },
+}
+
+/// The Prepare phase: resolves the workload, connects, chooses the strategy, and has the
+/// target make room for it.
+fn prepare<'a>(
+    node: &'a Arc<Node>,
+    req: &'a MigrateRequest,
+    events: &'a mut dyn FnMut(Event),
+) -> Result<Run<'a>, MigrateError> {
     let workload: WorkloadId = req.workload.parse()?;
     // A container's tree is its init process's; its own namespaces (runc's keys) are declared
     // external by the checkpoint itself.
     let (pid, container, record) = match &workload {
         WorkloadId::Pid(pid) => (*pid, None, None),
         WorkloadId::Container { kind, id } => {
-            let c = ferry_runtime::container::open(kind, &agent.ctx.endpoints)?.inspect(id)?;
+            let c = ferry_runtime::container::open(kind, &node.ctx.endpoints)?.inspect(id)?;
             let record = serde_json::to_vec(&c.record).map_err(|e| MigrateError::protocol(e.to_string()))?;
             (c.plan.init_pid, Some(c.record.workload()), Some(record))
         }
@@ -43,10 +103,10 @@ pub(crate) fn migrate(
     if !ferry_sys::process_exists(pid) {
         return Err(ferry_runtime::Error::ProcessNotFound { pid }.into());
     }
-    if req.to == agent.config.name {
+    if req.to == node.config.name {
         return Err(MigrateError::Refused(format!("{} already runs on {}", req.workload, req.to)));
     }
-    let lab_workload = match &agent.config.lab {
+    let lab_workload = match &node.config.lab {
         Some(lab) => ferry_lab::workload_by_pid(lab, pid)?,
         None => None,
     };
@@ -55,7 +115,7 @@ pub(crate) fn migrate(
     let migration = format!("mig-{}-{pid}", unix_ms());
 
     events(Event::Phase(format!("connecting to {}", req.to)));
-    let mut ch = agent.connect(&req.to)?;
+    let mut ch = node.connect(&req.to)?;
     let (strategy, reason) = match req.strategy {
         Strategy::Auto => {
             events(Event::Phase("measuring memory, dirty rate and link".into()));
@@ -68,221 +128,167 @@ pub(crate) fn migrate(
         }
         s => (s, format!("asked for {s}")),
     };
+    if strategy == Strategy::PostCopy && !holder::available() {
+        return Err(MigrateError::Refused(format!(
+            "post-copy holds the frozen tree in a cgroup v1 freezer until the target has every page, and this host has none at {}",
+            holder::FREEZER
+        )));
+    }
     tracing::info!(%migration, pid, to = %req.to, %strategy, %reason, "migrating");
     let prepare = Msg::Prepare {
         migration: migration.clone(),
         workload: req.workload.clone(),
         ip: lab_workload.as_ref().map(|w| w.ip),
         lab_workload: lab_workload.as_ref().map(|w| w.id),
-        neighbours: match (&agent.config.lab, &lab_workload) {
+        neighbours: match (&node.config.lab, &lab_workload) {
             (Some(lab), Some(w)) => ferry_lab::neighbours(lab, w.id).unwrap_or_default(),
             _ => Vec::new(),
         },
         strategy,
         container: record,
+        recover_timeout_s: req.recover_timeout_s,
     };
     let recipient = match ch.call(&prepare, "prepare")? {
         Msg::Prepared { x25519 } => x25519,
         other => return Err(unexpected("prepare", &other)),
     };
     let trusted =
-        ferry_store::keys::recipients(&agent.ctx.store.keys_dir()).map_err(ferry_store::StoreError::from)?;
+        ferry_store::keys::recipients(&node.ctx.store.keys_dir()).map_err(ferry_store::StoreError::from)?;
     if !trusted.iter().any(|(_, p)| p.x25519 == recipient) {
         return Err(MigrateError::Refused(format!(
             "node {}'s key is not trusted here: `ferry node trust {} KEY` (its `ferry keys show`)",
             req.to, req.to
         )));
     }
-
-    let mut entry = Entry {
-        migration: migration.clone(),
-        stage: Stage::Frozen,
-        peer: req.to.clone(),
+    let entry = Entry {
         pid,
         start_time: ferry_lab::start_time(pid).unwrap_or(0),
         lab_workload: lab_workload.as_ref().map(|w| w.id),
-        checkpoints: Vec::new(),
-        packs: Vec::new(),
-        container: container.clone(),
+        container,
+        recover_timeout_s: req.recover_timeout_s,
+        on_failure: req.on_failure,
+        ..Entry::new(&migration, Role::Source, &req.to, strategy)
     };
-    let mut run = Run {
-        agent,
-        ch: &mut ch,
+    Ok(Run {
+        node,
+        req,
+        ch,
+        ch_ok: true,
         events,
+        workload,
+        strategy,
+        reason,
         recipient,
-        entry: &mut entry,
+        entry,
+        external_net,
+        lab_ip: lab_workload.map(|w| w.ip.to_string()),
         phases: Vec::new(),
         bytes: 0,
         frozen_at: None,
+        committed_at: None,
         port_down: false,
         running: None,
         running_container: None,
-        committed_at: None,
-        pid,
-    };
-    let result = run.go(&workload, strategy, external_net);
-    let phases = std::mem::take(&mut run.phases);
-    let bytes = run.bytes;
-    let frozen_at = run.frozen_at;
-    let new_pid = run.running;
-    let new_container = run.running_container.take();
-    let port_down = run.port_down;
-    let committed_at = run.committed_at;
-    drop(run);
-    let logical = match result {
-        Ok(l) => l,
-        Err(e) => {
-            // CRIU resumed the workload (or never stopped it): undo the rest.
-            let _ = ch.send(&Msg::Abort { reason: e.to_string() });
-            if port_down {
-                if let (Some(lab), Some(id)) = (&agent.config.lab, entry.lab_workload) {
-                    let _ = ferry_lab::set_port(lab, id, true);
-                }
-            }
-            cleanup(agent, &entry);
-            agent.journal.remove(&migration);
-            return Err(e);
-        }
-    };
-    let mut phases = phases;
-    let downtime = match (committed_at, frozen_at) {
-        // Post-copy committed before the pages moved: the downtime ended there.
-        (Some(c), Some(f)) => c.duration_since(f).as_secs_f64(),
-        _ => {
-            // The source tree is gone; the target holds the workload with its network down.
-            let t_commit = Instant::now();
-            let committed = ch.call(&Msg::Commit, "commit");
-            let downtime = frozen_at.map_or(0.0, |t| t.elapsed().as_secs_f64());
-            if let Err(e) = committed {
-                // The journal says committed: the target learns it when it asks (`Outcome`).
-                tracing::error!(%migration, error = %e, "the target did not confirm the commit; it will ask again");
-                return Err(e);
-            }
-            phases.push(PhaseTime { name: "commit".into(), seconds: t_commit.elapsed().as_secs_f64() });
-            downtime
-        }
-    };
-    if let (Some(lab), Some(id)) = (&agent.config.lab, entry.lab_workload) {
-        let _ = ferry_lab::remove_workload(lab, id);
-    }
-    cleanup(agent, &entry);
-    agent.journal.remove(&migration);
-    let total = started.elapsed().as_secs_f64();
-    Ok(Report {
-        migration,
-        workload: req.workload.clone(),
-        from: agent.config.name.clone(),
-        to: req.to.clone(),
-        strategy,
-        reason,
-        phases,
-        bytes_sent: bytes,
-        logical_bytes: logical,
-        downtime_s: downtime,
-        total_s: total,
-        new_workload: new_container.unwrap_or_else(|| format!("pid:{}", new_pid.unwrap_or(0))),
-        ip: lab_workload.map(|w| w.ip.to_string()),
     })
-}
-
-/// Removes the checkpoints made for the migration from this node's store, and the packs
-/// written for them.
-pub(crate) fn cleanup(agent: &Agent, entry: &Entry) {
-    for name in &entry.checkpoints {
-        if let Err(e) = ferry_runtime::remove(&agent.ctx.store, name, false) {
-            tracing::debug!(%name, error = %e, "could not remove a migration checkpoint");
-        }
-    }
-    match agent.ctx.store.release_packs(&entry.packs) {
-        Ok(freed) => tracing::debug!(freed, "released the migration's packs"),
-        Err(e) => tracing::warn!(error = %e, "could not release the migration's packs (`ferry gc` will)"),
-    }
-}
-
-/// Has the runtime of container `workload` (`KIND:NAME`) kill and forget it.
-pub(crate) fn discard_container(agent: &Agent, workload: &str) {
-    let Some((kind, name)) = workload.split_once(':') else { return };
-    match ferry_runtime::container::open(kind, &agent.ctx.endpoints) {
-        Ok(rt) => rt.discard(name),
-        Err(e) => tracing::warn!(%workload, error = %e, "cannot remove the container"),
-    }
 }
 
 /// A migration under way on the source.
 struct Run<'a> {
-    agent: &'a Agent,
-    ch: &'a mut Channel,
+    node: &'a Arc<Node>,
+    req: &'a MigrateRequest,
+    ch: Channel,
+    /// False once the control connection failed: after the switch the rest goes through
+    /// connections of their own.
+    ch_ok: bool,
     events: &'a mut dyn FnMut(Event),
+    workload: WorkloadId,
+    strategy: Strategy,
+    reason: String,
     recipient: [u8; 32],
-    entry: &'a mut Entry,
+    entry: Entry,
+    /// The inode of the workload's own network namespace, which stays behind.
+    external_net: Option<u64>,
+    lab_ip: Option<String>,
     phases: Vec<PhaseTime>,
     bytes: u64,
     frozen_at: Option<Instant>,
+    /// Post-copy: the target confirmed the commit (at this instant) before the pages moved.
+    committed_at: Option<Instant>,
     port_down: bool,
     running: Option<i32>,
     /// The container the target restored (`KIND:NAME`).
     running_container: Option<String>,
-    /// Post-copy: the target confirmed the commit (at this instant) before the pages moved.
-    committed_at: Option<Instant>,
-    /// Host pid of the tree's root.
-    pid: i32,
 }
 
 impl Run<'_> {
-    /// Returns the logical size of the final checkpoint.
-    fn go(
-        &mut self,
-        workload: &WorkloadId,
-        strategy: Strategy,
-        external_net: Option<u64>,
-    ) -> Result<u64, MigrateError> {
-        let migration = self.entry.migration.clone();
-        let external: Vec<String> =
-            external_net.map(|ino| format!("net[{ino}]:{NETNS_KEY}")).into_iter().collect();
-        if strategy == Strategy::PreCopy {
-            let t = Instant::now();
-            (self.events)(Event::Phase("pre-copy: checkpoint while running".into()));
-            let name = format!("{migration}-pre");
-            self.entry.checkpoints.push(name.clone());
-            self.agent.journal.write(self.entry)?;
-            let req = CheckpointRequest {
-                workload: workload.clone(),
-                name: Some(name.clone()),
-                leave_running: true,
-                tcp_established: true,
-                keep: None,
-                external: external.clone(),
-                lazy_pages: None,
-                log_level: Some(ferry_criu::LogLevel::Info),
-            };
-            let report = ferry_runtime::checkpoint(&self.agent.ctx, &req)?;
-            self.entry.packs.extend(report.packs);
-            (self.events)(Event::Phase("pre-copy: transfer".into()));
-            let shipped =
-                ship::send(&self.agent.ctx.store, self.ch, &name, &self.recipient, "pre-copy", self.events)?;
-            self.bytes += shipped.bytes;
-            self.phases.push(PhaseTime { name: "pre-copy".into(), seconds: t.elapsed().as_secs_f64() });
-        }
-        self.entry.checkpoints.push(migration.clone());
-        self.agent.journal.write(self.entry)?;
+    fn write_journal(&self) -> Result<(), MigrateError> {
+        self.node.journal.write(&self.entry)
+    }
+
+    fn external(&self) -> Vec<String> {
+        self.external_net.map(|ino| format!("net[{ino}]:{NETNS_KEY}")).into_iter().collect()
+    }
+
+    /// Pre-copy: a checkpoint taken while the workload runs crosses first.
+    fn precopy(&mut self) -> Result<(), MigrateError> {
+        let t = Instant::now();
+        (self.events)(Event::Phase("pre-copy: checkpoint while running".into()));
+        let name = format!("{}-pre", self.entry.migration);
+        self.entry.checkpoints.push(name.clone());
+        self.write_journal()?;
         let req = CheckpointRequest {
-            workload: workload.clone(),
+            workload: self.workload.clone(),
+            name: Some(name.clone()),
+            leave_running: true,
+            tcp_established: true,
+            keep: None,
+            external: self.external(),
+            lazy_pages: None,
+            log_level: Some(ferry_criu::LogLevel::Info),
+        };
+        let report = ferry_runtime::checkpoint(&self.node.ctx, &req)?;
+        self.entry.packs.extend(report.packs);
+        (self.events)(Event::Phase("pre-copy: transfer".into()));
+        let shipped =
+            ship::send(&self.node.ctx.store, &mut self.ch, &name, &self.recipient, "pre-copy", self.events)?;
+        self.bytes += shipped.bytes;
+        self.phases.push(PhaseTime { name: "pre-copy".into(), seconds: t.elapsed().as_secs_f64() });
+        Ok(())
+    }
+
+    /// The Transfer phase and everything after it, which happens while CRIU holds the frozen
+    /// tree at post-dump (`AtPostDump`).
+    fn freeze(&mut self) -> Ended {
+        let migration = self.entry.migration.clone();
+        self.entry.phase = Phase::Transfer;
+        self.entry.checkpoints.push(migration.clone());
+        self.entry.held = holder::available().then(|| holder::plan(&migration, self.entry.pid));
+        if self.entry.held.is_none() {
+            tracing::warn!("no cgroup v1 freezer: a source agent that dies while the target restores lets CRIU resume the workload");
+        }
+        if let Err(e) = self.write_journal() {
+            return Ended::Undone(e);
+        }
+        let lazy = self.strategy == Strategy::PostCopy;
+        let port = if lazy {
+            match crate::lazy::pick_port() {
+                Ok(p) => Some(p),
+                Err(e) => return Ended::Undone(MigrateError::protocol(e.to_string())),
+            }
+        } else {
+            None
+        };
+        let req = CheckpointRequest {
+            workload: self.workload.clone(),
             name: Some(migration.clone()),
             leave_running: false,
             tcp_established: true,
             keep: None,
-            external,
-            lazy_pages: None,
+            external: self.external(),
+            lazy_pages: port,
             // The workload is frozen while CRIU writes its log: no line per page-pipe entry.
             log_level: Some(ferry_criu::LogLevel::Info),
         };
-        let lazy = strategy == Strategy::PostCopy;
-        let port = if lazy {
-            Some(crate::lazy::pick_port().map_err(|e| MigrateError::protocol(e.to_string()))?)
-        } else {
-            None
-        };
-        let req = CheckpointRequest { lazy_pages: port, ..req };
         // Stop-copy and pre-copy: what the dump seals goes to the target at once, on a
         // connection of its own. Post-copy dumps hardly any pages: nothing worth streaming.
         // FERRY_STREAM=off in the agent's environment turns it off (to measure what it buys).
@@ -290,42 +296,51 @@ impl Run<'_> {
         let (tap, streamer) = if stream { self.start_stream(&migration) } else { (None, None) };
         (self.events)(Event::Phase("freeze and dump".into()));
         self.frozen_at = Some(Instant::now());
-        let finisher = port.map(|p| PageServerFinisher::new(p, RecordingNotify::default()));
-        let mut switch = Switch {
+        let ctx = &self.node.ctx;
+        let mut hooks = AtPostDump {
             run: self,
-            external_net: external_net.is_some(),
-            error: None,
-            finisher,
-            pid: 0,
+            finisher: port.map(|p| PageServerFinisher::new(p, RecordingNotify::default())),
             tap,
             streamer,
+            hold: None,
+            ended: None,
+            logical: 0,
         };
-        switch.pid = switch.run.pid;
-        let result = ferry_runtime::checkpoint_with(&switch.run.agent.ctx, &req, &mut switch);
-        let hook_error = switch.error.take();
+        let result = ferry_runtime::checkpoint_with(ctx, &req, &mut hooks);
         // A dump that failed before post-dump: let the stream end before the abort, so that
         // the target has stored (and can release) what it got.
-        switch.finish_stream();
-        if let Ok(mut pages) = switch.run.agent.pages.lock() {
-            pages.remove(&migration);
-        }
-        if let Some(f) = switch.finisher.as_mut() {
+        hooks.finish_stream();
+        if let Some(f) = hooks.finisher.as_mut() {
             match f.finish() {
                 Ok(r) => tracing::debug!(exposed = ?r.exposed, "CRIU's lazy page server closed"),
                 Err(e) => tracing::warn!(error = %e, "CRIU's lazy page server"),
             }
         }
-        match (result, hook_error) {
-            (Ok(report), _) => Ok(report.logical_bytes),
-            (Err(_), Some(e)) => Err(e),
-            (Err(e), None) => Err(e.into()),
+        let (ended, logical) = (hooks.ended.take(), hooks.logical);
+        if let Some(h) = hooks.hold.take() {
+            // Post-dump never came to where it is joined: whatever it held is let go in undo.
+            let _ = h.join();
+        }
+        if !matches!(ended, Some(Ended::Held { .. })) {
+            self.node.stop_serving_pages_of(&migration);
+        }
+        match (ended, result) {
+            (None, Ok(report)) => Ended::Moved { logical: report.logical_bytes },
+            (None, Err(e)) => Ended::Undone(e.into()),
+            (Some(Ended::Moved { .. }), Err(e)) => {
+                // The tree was killed before CRIU was answered; what failed after is CRIU's.
+                tracing::warn!(error = %e, "CRIU failed after the switch (the workload runs on the target)");
+                Ended::Moved { logical }
+            }
+            (Some(Ended::Moved { .. }), Ok(report)) => Ended::Moved { logical: report.logical_bytes },
+            (Some(other), _) => other,
         }
     }
 
     /// Opens the chunk stream to the target; without one (it could not connect) the chunks
     /// all go after the dump, as the offer asks for them.
     fn start_stream(&mut self, migration: &str) -> (Option<Tap>, Option<ship::Streamer>) {
-        let opened = self.agent.connect(&self.ch.node).and_then(|ch| {
+        let opened = self.node.connect(&self.ch.node).and_then(|ch| {
             let (tap, frames) = Tap::new(STREAM_QUEUE);
             ship::Streamer::start(ch, migration.to_owned(), frames).map(|s| (tap, s))
         });
@@ -337,6 +352,382 @@ impl Run<'_> {
             }
         }
     }
+
+    /// At post-dump, the checkpoint committed: the rest of the migration. Before the switch
+    /// an error resumes the source's copy; after it, nothing does on its own.
+    fn after_dump(&mut self, committed: &Committed, hold: Option<JoinHandle<HoldResult>>) -> Ended {
+        // Transfer: what the target lacks crosses.
+        if let Err(e) = self.transfer(committed) {
+            return Ended::Undone(e);
+        }
+        // The frozen tree into ferry's freezer before the target may run its copy: from here
+        // on neither CRIU (on a failure, or when this agent dies) nor anyone else can resume it.
+        if let Some(h) = hold {
+            match h.join() {
+                Ok(Ok(pids)) => {
+                    if let Some(held) = self.entry.held.as_mut() {
+                        held.pids = pids;
+                    }
+                }
+                Ok(Err(e)) => return Ended::Undone(e),
+                Err(_) => return Ended::Undone(MigrateError::protocol("the holder thread panicked")),
+            }
+        }
+        failpoint::check("source-before-switch");
+        if let Err(e) = self.switch() {
+            match self.switched_after_all(&e) {
+                Some(true) => {
+                    tracing::warn!(error = %e, "the control connection failed, but the target switched: going on");
+                    self.ch_ok = false;
+                }
+                Some(false) => return Ended::Undone(e),
+                None => {
+                    return Ended::Held {
+                        reason: format!(
+                            "{} cannot be reached to say whether its copy runs ({}): the source's copy stays frozen here until it can",
+                            self.entry.peer,
+                            crate::chain(&e)
+                        ),
+                        at: "switching".into(),
+                    }
+                }
+            }
+        }
+        // Switched: the target's copy is the workload.
+        self.entry.phase = Phase::Switched;
+        if self.strategy != Strategy::PostCopy {
+            if let Err(e) = self.write_journal() {
+                // The journal still says Switching: a restart asks the target, which says Switched.
+                tracing::error!(error = %e, "could not journal the switch");
+            }
+            failpoint::check("source-after-commit");
+            // The held tree dies just before CRIU is answered (`AtPostDump::before_kill`).
+            return Ended::Moved { logical: committed.checkpoint.logical_size() };
+        }
+        self.commit_post_copy();
+        failpoint::check("source-after-commit");
+        let verdict = self.pages();
+        self.conclude(verdict, committed.checkpoint.logical_size())
+    }
+
+    /// Transfer: ships what the target lacks (after the chunk stream's end).
+    fn transfer(&mut self, committed: &Committed) -> Result<(), MigrateError> {
+        self.entry.packs.extend(committed.packs.iter().copied());
+        if let (Some(lab), Some(id)) = (&self.node.config.lab, self.entry.lab_workload) {
+            ferry_lab::set_port(lab, id, false)?;
+            self.port_down = true;
+        }
+        if failpoint::check("source-before-transfer") == Some(failpoint::Action::Cut) {
+            return Err(MigrateError::Lost {
+                node: self.ch.node.clone(),
+                phase: "transfer (failpoint)".into(),
+            });
+        }
+        let t = Instant::now();
+        (self.events)(Event::Phase("transfer".into()));
+        let name = committed.checkpoint.name().to_owned();
+        let shipped =
+            ship::send(&self.node.ctx.store, &mut self.ch, &name, &self.recipient, "transfer", self.events)?;
+        self.bytes += shipped.bytes;
+        self.phases.push(PhaseTime { name: "transfer".into(), seconds: t.elapsed().as_secs_f64() });
+        Ok(())
+    }
+
+    /// Switching: asks the target to restore; journals that the target may switch (while the
+    /// target materializes and restores: the target waits for `SwitchRecorded` before its copy
+    /// runs, so the write costs the freeze nothing); the target's `Running` says it switched.
+    fn switch(&mut self) -> Result<(), MigrateError> {
+        let t = Instant::now();
+        (self.events)(Event::Phase("restore on the target".into()));
+        let restore = Msg::Restore {
+            name: self.entry.migration.clone(),
+            tcp_established: true,
+            lazy: self.strategy == Strategy::PostCopy,
+            external_net: self.external_net.is_some(),
+        };
+        self.ch.send(&restore)?;
+        self.entry.phase = Phase::Switching;
+        if let Err(e) = self.write_journal() {
+            // The target must not switch: it fails its restore on anything but our word.
+            let _ = self.ch.send(&Msg::Abort { reason: format!("the source cannot journal: {e}") });
+            return Err(e);
+        }
+        self.ch.send(&Msg::SwitchRecorded)?;
+        match self.ch.recv("restore")? {
+            Msg::Running { pid, container, .. } => {
+                self.running = Some(pid);
+                self.running_container = container;
+            }
+            other => return Err(unexpected("restore", &other)),
+        }
+        self.phases.push(PhaseTime { name: "restore".into(), seconds: t.elapsed().as_secs_f64() });
+        failpoint::check("source-before-commit");
+        Ok(())
+    }
+
+    /// The control connection failed while the target restored: did it switch? Its journal
+    /// says (it records the switch before its copy runs, and keeps the record): `Some(true)`
+    /// it did, `Some(false)` it never did (no record: it undid its arrival), `None` it could
+    /// not be reached within the recover timeout.
+    fn switched_after_all(&mut self, e: &MigrateError) -> Option<bool> {
+        tracing::warn!(error = %e, "the restore on the target failed or was cut: asking it whether it switched");
+        let deadline = Instant::now() + self.entry.recover_timeout();
+        loop {
+            match self.node.arrival_status(&self.entry) {
+                Ok((None, _)) => return Some(false),
+                Ok((Some(p), _)) if p.past_switch() => return Some(true),
+                // Still restoring: it decides soon.
+                Ok((Some(_), _)) => {}
+                Err(e) => tracing::debug!(error = %e, "the target cannot be asked yet"),
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(ASK_EVERY);
+        }
+    }
+
+    /// Post-copy, switched: the target records the workload as its own and starts pulling its
+    /// memory (its network is up since the switch: the downtime ends at its answer).
+    fn commit_post_copy(&mut self) {
+        let sent = self.ch_ok && self.ch.send(&Msg::Commit).is_ok();
+        // The journal write overlaps the target's work.
+        if let Err(e) = self.write_journal() {
+            tracing::error!(error = %e, "could not journal the switch (the journal says Switching: a restart asks the target)");
+        }
+        if !sent {
+            self.ch_ok = false;
+            return;
+        }
+        match self.ch.recv("commit") {
+            Ok(Msg::Committed) => self.committed_at = Some(Instant::now()),
+            Ok(other) => {
+                tracing::warn!(error = %unexpected("commit", &other), "going on without the control connection");
+                self.ch_ok = false;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the target did not confirm the commit; going on without the control connection");
+                self.ch_ok = false;
+            }
+        }
+    }
+
+    /// Switched, post-copy: the target pulls the memory from the held tree (pages served by
+    /// `pages` on connections of their own) and reports on the control connection; without
+    /// it, the target is asked how it stands until it says, or until it has been silent past
+    /// the recover timeout.
+    fn pages(&mut self) -> Verdict {
+        let t = Instant::now();
+        (self.events)(Event::Phase("post-copy: pages".into()));
+        let migration = self.entry.migration.clone();
+        let source = self.node.page_source(&migration);
+        let total = source.as_ref().map(|s| s.lazy_bytes());
+        if self.ch_ok {
+            // The target reports every PROGRESS_EVERY: a longer silence is a cut link (or a
+            // dead agent), noticed in seconds rather than after the peer timeout.
+            let silence = (crate::target::PROGRESS_EVERY * 3).min(self.node.config.peer_timeout);
+            self.ch.set_read_timeout(silence);
+            loop {
+                match self.ch.recv("post-copy pages") {
+                    Ok(Msg::PagesProgress { bytes }) => {
+                        (self.events)(Event::Progress(Progress {
+                            phase: "post-copy pages".into(),
+                            done: bytes,
+                            total: total.unwrap_or(bytes),
+                        }));
+                    }
+                    Ok(Msg::PagesDone { bytes, requests }) => {
+                        tracing::info!(bytes, requests, "the target has every page");
+                        self.bytes += bytes;
+                        self.phases
+                            .push(PhaseTime { name: "pages".into(), seconds: t.elapsed().as_secs_f64() });
+                        return Verdict::Done;
+                    }
+                    Ok(Msg::PagesLost { at, reason }) => return Verdict::Lost { at, reason },
+                    Ok(other) => {
+                        tracing::warn!(error = %unexpected("post-copy pages", &other), "ignoring the control connection");
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, peer = %self.entry.peer, "the control connection is gone during the pages phase: the target's faulting threads wait while it reconnects");
+                        break;
+                    }
+                }
+            }
+            self.ch_ok = false;
+        }
+        (self.events)(Event::Phase(format!("post-copy: pages (reconnecting with {})", self.entry.peer)));
+        let verdict = await_verdict(self.node, &self.entry, source.as_deref());
+        if let (Verdict::Done, Some(s)) = (&verdict, &source) {
+            self.bytes += s.bytes_served();
+        }
+        self.phases.push(PhaseTime { name: "pages".into(), seconds: t.elapsed().as_secs_f64() });
+        verdict
+    }
+
+    /// Acts on the target's verdict: the journal first, then the held tree killed (done, or
+    /// lost), resumed after CRIU lets it go (lost, with `--on-failure=resume-source`), or kept
+    /// frozen (the target silent, and resuming asked for: it may still run its copy).
+    fn conclude(&mut self, verdict: Verdict, logical: u64) -> Ended {
+        match verdict {
+            Verdict::Done => {
+                self.entry.phase = Phase::Done;
+                if let Err(e) = self.write_journal() {
+                    tracing::error!(error = %e, "could not journal the end of the pages phase");
+                }
+                Ended::Moved { logical }
+            }
+            Verdict::Lost { at, reason } => {
+                let reason = format!("{} could not get every page and killed its copy: {reason}", self.entry.peer);
+                self.lost_after_switch(reason, at)
+            }
+            Verdict::Unreachable { reason } if self.entry.on_failure == OnFailure::ResumeSource => {
+                Ended::Held { reason: format!("{reason}; the source's copy stays frozen here until {} says whether its copy still runs (then it is resumed or dropped)", self.entry.peer), at: "post-copy pages".into() }
+            }
+            Verdict::Unreachable { reason } => {
+                let reason = format!(
+                    "{reason}: unless it had every page by then (the workload then runs there), it has killed its copy"
+                );
+                self.lost_after_switch(reason, "post-copy pages".into())
+            }
+        }
+    }
+
+    fn lost_after_switch(&mut self, reason: String, at: String) -> Ended {
+        tracing::error!(migration = %self.entry.migration, %at, %reason, "THE WORKLOAD WAS LOST after the switch");
+        self.entry.phase = Phase::Lost;
+        self.entry.lost = Some(format!("{at}: {reason}"));
+        if let Err(e) = self.write_journal() {
+            tracing::error!(error = %e, "could not journal the loss");
+        }
+        if self.entry.on_failure == OnFailure::ResumeSource && self.entry.held.is_some() {
+            // Answered with an error, CRIU unlocks the connections and lets the tree go (into
+            // the freezer); `lost` then takes it out.
+            return Ended::Lost { reason, at, resumed: true };
+        }
+        Ended::Lost { reason, at, resumed: false }
+    }
+
+    /// Moved: the report; the source's leftovers go.
+    fn finish(mut self, logical: u64, started: Instant) -> Result<Report, MigrateError> {
+        let migration = self.entry.migration.clone();
+        let downtime = match (self.committed_at, self.frozen_at) {
+            // Post-copy committed before the pages moved: the downtime ended there.
+            (Some(c), Some(f)) => c.duration_since(f).as_secs_f64(),
+            _ => {
+                let t_commit = Instant::now();
+                let committed = if self.ch_ok {
+                    self.ch.call(&Msg::Commit, "commit")
+                } else {
+                    Err(lost(&self.entry.peer, "commit"))
+                };
+                let downtime = self.frozen_at.map_or(0.0, |t| t.elapsed().as_secs_f64());
+                match committed {
+                    Ok(Msg::Committed) => {}
+                    other => {
+                        // The target switched and keeps its record until told to forget it.
+                        let e = match other {
+                            Ok(m) => unexpected("commit", &m),
+                            Err(e) => e,
+                        };
+                        tracing::error!(%migration, error = %e, "the target did not confirm the commit; it runs the workload and is told later");
+                        self.leave(false);
+                        forget_later(self.node.clone(), self.entry.peer.clone(), migration);
+                        return Err(e);
+                    }
+                }
+                self.phases
+                    .push(PhaseTime { name: "commit".into(), seconds: t_commit.elapsed().as_secs_f64() });
+                downtime
+            }
+        };
+        let told = self.strategy != Strategy::PostCopy || (self.ch_ok && self.forget_on_control());
+        self.leave(false);
+        if !told {
+            forget_later(self.node.clone(), self.entry.peer.clone(), migration.clone());
+        }
+        Ok(Report {
+            migration,
+            workload: self.req.workload.clone(),
+            from: self.node.config.name.clone(),
+            to: self.req.to.clone(),
+            strategy: self.strategy,
+            reason: self.reason.clone(),
+            phases: std::mem::take(&mut self.phases),
+            bytes_sent: self.bytes,
+            logical_bytes: logical,
+            downtime_s: downtime,
+            total_s: started.elapsed().as_secs_f64(),
+            new_workload: self
+                .running_container
+                .take()
+                .unwrap_or_else(|| format!("pid:{}", self.running.unwrap_or(0))),
+            ip: self.lab_ip.clone(),
+        })
+    }
+
+    /// `Forget` on the control connection; false if it could not be said there.
+    fn forget_on_control(&mut self) -> bool {
+        let forget = Msg::Forget { migration: self.entry.migration.clone() };
+        matches!(self.ch.call(&forget, "forget"), Ok(Msg::Forgotten))
+    }
+
+    /// The source's part of a migration past the switch is over: the held tree's cgroup, the
+    /// old namespace (its port down since the transfer) and record, the checkpoints, the
+    /// journal entry. With `resumed` the source's copy runs again instead, with its address.
+    fn leave(&mut self, resumed: bool) {
+        if let Some(held) = &self.entry.held {
+            let done = if resumed { holder::release(held) } else { holder::kill(held) };
+            if let Err(e) = done {
+                tracing::error!(error = %e, "the holder");
+            }
+        }
+        if let (Some(lab), Some(id)) = (&self.node.config.lab, self.entry.lab_workload) {
+            if resumed {
+                let _ = ferry_lab::set_port(lab, id, true);
+            } else {
+                let _ = ferry_lab::remove_workload(lab, id);
+            }
+        }
+        self.node.cleanup(&self.entry);
+        self.node.journal.remove(&self.entry.migration);
+    }
+
+    /// Failed before the switch: the source's copy runs again (CRIU resumed it; the holder, if
+    /// it got it, lets it go), the target undoes its arrival, the address comes back.
+    fn undo(&mut self) {
+        if let Some(held) = &self.entry.held {
+            if let Err(e) = holder::release(held) {
+                tracing::error!(error = %e, "could not let the held tree go");
+            }
+        }
+        if self.ch_ok {
+            let _ = self.ch.send(&Msg::Abort { reason: "the source gave up".into() });
+        }
+        if self.port_down {
+            if let (Some(lab), Some(id)) = (&self.node.config.lab, self.entry.lab_workload) {
+                let _ = ferry_lab::set_port(lab, id, true);
+            }
+        }
+        self.node.cleanup(&self.entry);
+        self.node.journal.remove(&self.entry.migration);
+    }
+
+    /// Lost after the switch: the target's copy is gone; the source's either (killed) or runs
+    /// again (resumed). The target is told it may forget the migration.
+    fn lost(&mut self, resumed: bool) {
+        if !(self.ch_ok && self.forget_on_control()) {
+            forget_later(self.node.clone(), self.entry.peer.clone(), self.entry.migration.clone());
+        }
+        self.leave(resumed);
+    }
+}
+
+/// The result of the holder's thread: the processes it froze.
+type HoldResult = Result<Vec<(i32, u64)>, MigrateError>;
+
+fn lost(node: &str, phase: &str) -> MigrateError {
+    MigrateError::Lost { node: node.to_owned(), phase: phase.to_owned() }
 }
 
 /// Batches (about 1 MiB each) of sealed frames that may wait for the chunk stream; when the
@@ -344,20 +735,22 @@ impl Run<'_> {
 const STREAM_QUEUE: usize = 64;
 
 /// What runs while CRIU holds the frozen tree at post-dump.
-struct Switch<'r, 'a> {
+struct AtPostDump<'r, 'a> {
     run: &'r mut Run<'a>,
-    external_net: bool,
-    error: Option<MigrateError>,
     /// Post-copy: ends CRIU's own lazy page server (ferry served the pages).
     finisher: Option<PageServerFinisher<RecordingNotify>>,
-    /// Host pid of the tree's root.
-    pid: i32,
     /// The chunk stream's end of the pipeline, handed over when CRIU starts.
     tap: Option<Tap>,
     streamer: Option<ship::Streamer>,
+    /// The holder's thread, started at post-dump, joined before the switch.
+    hold: Option<JoinHandle<HoldResult>>,
+    /// How it ended, decided at post-dump.
+    ended: Option<Ended>,
+    /// The checkpoint's logical size.
+    logical: u64,
 }
 
-impl Switch<'_, '_> {
+impl AtPostDump<'_, '_> {
     /// Waits for the chunk stream to end (the pipeline has finished: nothing more comes).
     fn finish_stream(&mut self) {
         self.tap = None;
@@ -373,94 +766,25 @@ impl Switch<'_, '_> {
         }
         self.run.phases.push(PhaseTime { name: "stream".into(), seconds: t.elapsed().as_secs_f64() });
     }
-
-    fn switch(&mut self, committed: &Committed) -> Result<(), MigrateError> {
-        let dumped = self.run.frozen_at.map_or(0.0, |t| t.elapsed().as_secs_f64());
-        self.run.phases.push(PhaseTime { name: "dump".into(), seconds: dumped });
-        self.finish_stream();
-        let run = &mut *self.run;
-        run.entry.packs.extend(committed.packs.iter().copied());
-        if let (Some(lab), Some(id)) = (&run.agent.config.lab, run.entry.lab_workload) {
-            ferry_lab::set_port(lab, id, false)?;
-            run.port_down = true;
-        }
-        if failpoint::check("source-before-transfer") == Some(failpoint::Action::Cut) {
-            return Err(MigrateError::Lost {
-                node: run.ch.node.clone(),
-                phase: "transfer (failpoint)".into(),
-            });
-        }
-        let t = Instant::now();
-        (run.events)(Event::Phase("transfer".into()));
-        let name = committed.checkpoint.name().to_owned();
-        let shipped =
-            ship::send(&run.agent.ctx.store, run.ch, &name, &run.recipient, "transfer", run.events)?;
-        run.bytes += shipped.bytes;
-        run.phases.push(PhaseTime { name: "transfer".into(), seconds: t.elapsed().as_secs_f64() });
-        let t = Instant::now();
-        (run.events)(Event::Phase("restore on the target".into()));
-        let lazy = self.finisher.is_some();
-        let restore = Msg::Restore { name, tcp_established: true, lazy, external_net: self.external_net };
-        match run.ch.call(&restore, "restore")? {
-            Msg::Running { pid, container, .. } => {
-                run.running = Some(pid);
-                run.running_container = container;
-            }
-            other => return Err(unexpected("restore", &other)),
-        }
-        run.phases.push(PhaseTime { name: "restore".into(), seconds: t.elapsed().as_secs_f64() });
-        failpoint::check("source-before-commit");
-        if !lazy {
-            // From here on the target's copy is the one to keep, even if this agent dies now.
-            run.entry.stage = Stage::Committed;
-            run.agent.journal.write(run.entry)?;
-            failpoint::check("source-after-commit");
-            return Ok(());
-        }
-        // Post-copy: the target runs the workload now, its memory still here (frozen). Its
-        // network goes up at once; the pages follow on demand and in the background.
-        match run.ch.call(&Msg::Commit, "commit")? {
-            Msg::Committed => run.committed_at = Some(Instant::now()),
-            other => return Err(unexpected("commit", &other)),
-        }
-        let t = Instant::now();
-        (run.events)(Event::Phase("post-copy: pages".into()));
-        let total =
-            run.agent.pages.lock().ok().and_then(|p| p.get(&run.entry.migration).map(|s| s.lazy_bytes()));
-        loop {
-            match run.ch.recv("post-copy pages")? {
-                Msg::PagesProgress { bytes } => {
-                    let total = total.unwrap_or(bytes);
-                    (run.events)(Event::Progress(Progress {
-                        phase: "post-copy pages".into(),
-                        done: bytes,
-                        total,
-                    }));
-                }
-                Msg::PagesDone { bytes, requests } => {
-                    tracing::info!(bytes, requests, "the target has every page");
-                    run.bytes += bytes;
-                    break;
-                }
-                other => return Err(unexpected("post-copy pages", &other)),
-            }
-        }
-        run.phases.push(PhaseTime { name: "pages".into(), seconds: t.elapsed().as_secs_f64() });
-        run.entry.stage = Stage::Committed;
-        run.agent.journal.write(run.entry)?;
-        Ok(())
-    }
 }
 
-impl PostDump for Switch<'_, '_> {
+impl PostDump for AtPostDump<'_, '_> {
     fn before_commit(&mut self, images: &Path) -> Result<(), String> {
+        // The tree goes into the holder while the checkpoint crosses.
+        if let Some(held) = self.run.entry.held.clone() {
+            let root = self.run.entry.pid;
+            let spawned = std::thread::Builder::new()
+                .name("ferry-hold".into())
+                .spawn(move || holder::hold(&held, root))
+                .map_err(|e| e.to_string())?;
+            self.hold = Some(spawned);
+        }
         if self.finisher.is_none() {
             return Ok(());
         }
         // The frozen tree's pages are served from here until the target has them all.
-        let source = PageSource::open(images, self.pid).map_err(|e| e.to_string())?;
-        let mut pages = self.run.agent.pages.lock().map_err(|_| "page registry poisoned".to_string())?;
-        pages.insert(self.run.entry.migration.clone(), Arc::new(source));
+        let source = PageSource::open(images, self.run.entry.pid).map_err(|e| e.to_string())?;
+        self.run.node.serve_pages_of(&self.run.entry.migration, Arc::new(source));
         Ok(())
     }
 
@@ -480,12 +804,33 @@ impl PostDump for Switch<'_, '_> {
         self.tap.take()
     }
 
+    fn before_kill(&mut self) {
+        // Moved, or lost without resuming: the held tree dies while CRIU still holds it
+        // (SIGKILL while frozen, then thawed); CRIU reaps it when answered.
+        if let Some(held) = &self.run.entry.held {
+            if let Err(e) = holder::doom(held) {
+                tracing::error!(error = %e, "could not kill the held tree");
+            }
+        }
+    }
+
     fn after_commit(&mut self, committed: &Committed) -> Result<(), String> {
-        self.switch(committed).map_err(|e| {
-            let text = e.to_string();
-            self.error = Some(e);
-            text
-        })
+        let dumped = self.run.frozen_at.map_or(0.0, |t| t.elapsed().as_secs_f64());
+        self.run.phases.push(PhaseTime { name: "dump".into(), seconds: dumped });
+        self.finish_stream();
+        self.logical = committed.checkpoint.logical_size();
+        let hold = self.hold.take();
+        let ended = self.run.after_dump(committed, hold);
+        // CRIU's answer: success lets it kill the tree (dead already, when held); an error
+        // resumes it, which the freezer keeps from running where it must not.
+        let answer = match &ended {
+            Ended::Moved { .. } | Ended::Lost { resumed: false, .. } => Ok(()),
+            Ended::Undone(e) => Err(e.to_string()),
+            Ended::Lost { resumed: true, reason, .. } => Err(format!("resuming the source: {reason}")),
+            Ended::Held { reason, .. } => Err(format!("holding the source: {reason}")),
+        };
+        self.ended = Some(ended);
+        answer
     }
 }
 
@@ -499,26 +844,8 @@ fn own_netns(pid: i32) -> Option<u64> {
 
 /// Resident memory of the tree rooted at `root`, in bytes.
 pub(crate) fn tree_rss(root: i32) -> u64 {
-    let mut parent_of = Vec::new();
-    if let Ok(dir) = std::fs::read_dir("/proc") {
-        for e in dir.flatten() {
-            let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
-            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
-            let ppid =
-                stat.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().nth(1)?.parse::<i32>().ok());
-            if let Some(ppid) = ppid {
-                parent_of.push((pid, ppid));
-            }
-        }
-    }
-    let mut tree = vec![root];
-    let mut i = 0;
-    while i < tree.len() {
-        let p = tree[i];
-        tree.extend(parent_of.iter().filter(|(_, pp)| *pp == p).map(|(c, _)| *c));
-        i += 1;
-    }
-    tree.iter()
+    holder::tree_of(root)
+        .iter()
         .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
         .filter_map(|s| {
             s.lines()

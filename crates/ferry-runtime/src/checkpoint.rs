@@ -52,6 +52,11 @@ pub trait PostDump {
         Ok(())
     }
 
+    /// After `after_commit` returned Ok and a container's runtime was told it stops, just
+    /// before CRIU is answered and kills the tree: a caller that also holds the tree (a
+    /// migration's freezer cgroup, in which CRIU's kill would wait forever) kills it here.
+    fn before_kill(&mut self) {}
+
     /// Any other notification of CRIU's (e.g. `status-ready` of a lazy dump's page server).
     fn notify(&mut self, _event: &Notify, _pid: Option<i32>) -> Result<(), String> {
         Ok(())
@@ -373,6 +378,7 @@ impl NotifyHandler for CommitAtPostDump<'_> {
             if let Err(e) = self.subject.stopping() {
                 tracing::warn!(error = %e, "the container's runtime was not told it stops");
             }
+            self.hook.before_kill();
             Ok((committed, secs))
         });
         let answer = result.as_ref().map(drop).map_err(|e| e.to_string());

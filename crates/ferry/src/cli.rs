@@ -168,6 +168,18 @@ pub enum Command {
         /// auto, stop-copy, pre-copy or post-copy.
         #[arg(long, default_value = "auto")]
         strategy: ferry_migrate::api::Strategy,
+        /// After the switch (the workload runs on the target), how long the agents try to
+        /// reach each other again when the link or an agent fails, the target's faulting
+        /// threads waiting meanwhile, before the workload is declared lost (exit code 10).
+        #[arg(long, value_name = "SECS", default_value_t = ferry_migrate::api::DEFAULT_RECOVER_TIMEOUT_S,
+              value_parser = clap::value_parser!(u32).range(1..=86400))]
+        recover_timeout: u32,
+        /// What a post-copy migration that cannot finish after the switch does: `lost` (the
+        /// workload is lost: no older state of it runs again) or `resume-source` (the source's
+        /// frozen copy resumes in its state at the freeze: whatever the workload did on the
+        /// target since the switch, writes it acknowledged included, is lost).
+        #[arg(long, value_name = "WHAT", default_value = "lost")]
+        on_failure: ferry_migrate::api::OnFailure,
         /// Also write the report (phases, bytes, downtime) as JSON to FILE.
         #[arg(long, value_name = "FILE")]
         report_json: Option<PathBuf>,

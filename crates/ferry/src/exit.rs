@@ -20,6 +20,9 @@ pub enum Exit {
     CriuFailed = 7,
     Conflict = 8,
     NoKey = 9,
+    /// A migration failed after the switch: the workload was lost (or, asked for, runs again
+    /// at the source from its state at the freeze).
+    Lost = 10,
 }
 
 impl From<Exit> for ExitCode {

@@ -51,8 +51,15 @@ fn main() -> ExitCode {
         Command::Import { file, name } => cmd::archive::import(&cli, file, name.as_deref()),
         Command::Keys { action } => cmd::keys::run(&cli, action),
         Command::Lab { action } => cmd::lab::run(&cli, action),
-        Command::Migrate { workload, to, strategy, report_json } => {
-            return cmd::migrate::run(&cli, workload, to, *strategy, report_json.as_deref());
+        Command::Migrate { workload, to, strategy, recover_timeout, on_failure, report_json } => {
+            let req = ferry_migrate::api::MigrateRequest {
+                workload: workload.clone(),
+                to: to.clone(),
+                strategy: *strategy,
+                recover_timeout_s: *recover_timeout,
+                on_failure: *on_failure,
+            };
+            return cmd::migrate::run(&cli, req, report_json.as_deref());
         }
         Command::Node { action } => match action {
             cli::NodeAction::Status { json } => return cmd::migrate::status(&cli, *json),

@@ -182,6 +182,11 @@ fn with_timeouts(stream: &ferry_wire::TlsStream, timeout: Duration) {
 }
 
 fn main() -> std::process::ExitCode {
+    // `ferryd guard MIGRATION`: a post-copy arrival's guard, started by the agent itself.
+    let args: Vec<String> = std::env::args().collect();
+    if args.len() == 3 && args[1] == "guard" {
+        return ferry_migrate::guard::run(&args[2]);
+    }
     let cli = Cli::parse();
     init_logs(cli.log_json);
     match run(cli) {
@@ -231,14 +236,16 @@ fn run(cli: Cli) -> Result<()> {
         None => None,
     };
     let journal = s.store.join("journal");
+    let peer_timeout = Duration::from_secs(s.peer_timeout.max(1));
     let config = AgentConfig {
         name: s.name.clone(),
         listen: s.listen.to_string(),
         peers: s.peers.clone(),
         journal,
         lab,
+        guard: std::env::current_exe().ok().map(|exe| vec![exe.display().to_string(), "guard".to_owned()]),
+        peer_timeout,
     };
-    let peer_timeout = Duration::from_secs(s.peer_timeout.max(1));
     let dialer = TlsDialer { endpoint: endpoint.clone(), timeout: peer_timeout, keys_dir: keys_dir.clone() };
     let agent = Arc::new(Agent::new(config, ctx, Box::new(dialer))?);
     for line in agent.recover() {
@@ -415,6 +422,9 @@ fn serve_local(mut conn: UnixStream, agent: &Agent) {
             let result = agent.migrate(&m, &mut |ev| send(&ev));
             match result {
                 Ok(report) => send(&Event::Report(report)),
+                Err(ferry_migrate::MigrateError::WorkloadLost { reason, at, resumed }) => {
+                    send(&Event::Lost { message: reason, at, resumed })
+                }
                 Err(e) => send(&Event::Failed { message: ferry_migrate::chain(&e), hint: e.hint() }),
             }
         }
@@ -428,7 +438,7 @@ fn serve_metrics(l: TcpListener, agent: &Agent) {
         let _ = conn.set_read_timeout(Some(Duration::from_secs(2)));
         let mut buf = [0u8; 1024];
         let _ = conn.read(&mut buf);
-        let body = agent.metrics.render(agent.name());
+        let body = agent.metrics().render(agent.name());
         let _ = write!(
             conn,
             "HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n{body}",

@@ -47,6 +47,7 @@ fn migrate(lab: &TestLab, from: &str, pid: i32, to: &str) -> Result<String, Stri
         workload: format!("pid:{pid}"),
         to: to.into(),
         strategy: Strategy::StopCopy,
+        ..Default::default()
     });
     match ferry_migrate::client::call(&agent_socket(lab.config().state_dir(), from), &req, &mut |_| {}) {
         Ok(Event::Report(r)) => Ok(r.new_workload),

@@ -151,6 +151,7 @@ impl Fixture {
             workload: format!("{}:{name}", self.kind),
             to: to.into(),
             strategy,
+            ..Default::default()
         });
         let socket = agent_socket(self.lab.config().state_dir(), from);
         match ferry_migrate::client::call(&socket, &req, &mut |_| {}) {

@@ -14,7 +14,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use ferry_lab::{ExecOptions, TestLab, Workload};
-use ferry_migrate::api::{Event, MigrateRequest, Report, Request, Strategy};
+use ferry_migrate::api::{Event, MigrateRequest, OnFailure, Report, Request, Strategy};
+use ferry_migrate::journal::Phase;
 use ferry_migrate::lab_agents::{self, agent_socket, node_dir, METRICS_PORT, PEER_PORT};
 use ferry_testkit::{poll, require_privileged};
 
@@ -77,8 +78,8 @@ impl Fixture {
 
     fn migrate(&self, from: &str, pid: i32, to: &str, strategy: Strategy) -> Result<Report, String> {
         let req =
-            Request::Migrate(MigrateRequest { workload: format!("pid:{pid}"), to: to.into(), strategy });
-        match ferry_migrate::client::call(&self.socket(from), &req, &mut |_| {}) {
+            MigrateRequest { workload: format!("pid:{pid}"), to: to.into(), strategy, ..Default::default() };
+        match self.migrate_with(from, req, &mut |_| {}) {
             Ok(Event::Report(r)) => Ok(r),
             Ok(Event::Failed { message, .. }) => Err(message),
             Ok(other) => Err(format!("unexpected answer {other:?}")),
@@ -86,8 +87,73 @@ impl Fixture {
         }
     }
 
-    /// Host pids of memload processes in the lab's network namespaces, with the node each
-    /// namespace belongs to by the lab's record.
+    /// A migration asked of `from`'s agent, `on_event` seeing its progress; the last event.
+    fn migrate_with(
+        &self,
+        from: &str,
+        req: MigrateRequest,
+        on_event: &mut dyn FnMut(&Event),
+    ) -> Result<Event, ferry_migrate::MigrateError> {
+        ferry_migrate::client::call(&self.socket(from), &Request::Migrate(req), on_event)
+    }
+
+    /// Starts counterd with `mib` MiB on `node`; returns once it answers.
+    fn counterd(&mut self, node: &str, mib: u32) -> Workload {
+        let log = node_dir(self.lab.config().state_dir(), node).join("counterd.log");
+        let argv: Vec<String> = vec![
+            "/usr/bin/python3".into(),
+            tools().join("counterd.py").display().to_string(),
+            "--mib".into(),
+            mib.to_string(),
+            "--port".into(),
+            PORT.to_string(),
+        ];
+        let w = self.lab.lab_mut().exec(node, &argv, &ExecOptions { log: Some(log) }).expect("exec counterd");
+        poll(Duration::from_secs(60), "counterd to answer", || counter(w.ip, "get"));
+        w
+    }
+
+    /// Exactly one running copy of counterd, on `node` by the lab's record; its memory checks
+    /// out; returns its counter.
+    fn assert_one_counter_on(&self, ip: Ipv4Addr, node: &str) -> u64 {
+        let mut seen = Vec::new();
+        let one = ferry_testkit::try_poll(Duration::from_secs(30), || {
+            seen = self.copies().into_iter().filter(|p| !is_held(*p)).collect();
+            (seen.len() == 1).then_some(())
+        });
+        assert!(one.is_some(), "not exactly one running copy of the workload: {seen:?}");
+        let lab = ferry_lab::Lab::load(self.lab.config()).unwrap();
+        let running: Vec<&Workload> =
+            lab.workloads().iter().filter(|w| w.ip == ip && w.is_running()).collect();
+        assert_eq!(running.len(), 1, "lab record: {:?}", lab.workloads());
+        assert_eq!(running[0].node, node, "the workload runs on {}, expected {node}", running[0].node);
+        assert_eq!(running[0].pid, seen[0], "the recorded pid is the running copy");
+        let sum = poll(Duration::from_secs(60), "the workload to answer", || counter_json(ip, "!sum"));
+        assert_eq!(sum["ok"], serde_json::Value::Bool(true), "memory checks out: {sum}");
+        sum["counter"].as_u64().unwrap()
+    }
+
+    /// The journal entries left on `node`.
+    fn journal(&self, node: &str) -> Vec<ferry_migrate::journal::Entry> {
+        let dir = node_dir(self.lab.config().state_dir(), node).join("store/journal");
+        std::fs::read_dir(dir)
+            .map(|d| {
+                d.flatten()
+                    .filter_map(|e| serde_json::from_slice(&std::fs::read(e.path()).ok()?).ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Kills `node`'s agent with SIGKILL (whatever it is doing).
+    fn kill_agent(&self, node: &str) {
+        let socket = self.socket(node);
+        for pid in agent_pids(&socket) {
+            let _ = ferry_sys::kill(pid, ferry_sys::Signal::Kill);
+        }
+    }
+
+    /// Host pids of workload processes (memload, counterd) in the lab's network namespaces.
     fn copies(&self) -> Vec<i32> {
         let prefix = self.lab.config().netns_prefix();
         let ours: Vec<(u64, u64)> = std::fs::read_dir("/run/netns")
@@ -104,7 +170,8 @@ impl Fixture {
                 // The workload itself, not the `unshare` that launched it on its first node.
                 let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
                 let cmd = String::from_utf8_lossy(&cmd);
-                cmd.starts_with("/usr/bin/python3") && cmd.contains("memload.py")
+                cmd.starts_with("/usr/bin/python3")
+                    && (cmd.contains("memload.py") || cmd.contains("counterd.py"))
             })
             .filter(|pid| {
                 std::fs::metadata(format!("/proc/{pid}/ns/net"))
@@ -224,6 +291,110 @@ fn ask(ip: Ipv4Addr, line: &str) -> Option<serde_json::Value> {
     serde_json::from_str(json.trim()).ok()
 }
 
+/// One request to counterd; its answer (a number).
+fn counter(ip: Ipv4Addr, line: &str) -> Option<u64> {
+    counter_line(ip, line)?.trim().parse().ok()
+}
+
+/// One request to counterd; its answer (JSON).
+fn counter_json(ip: Ipv4Addr, line: &str) -> Option<serde_json::Value> {
+    serde_json::from_str(counter_line(ip, line)?.trim()).ok()
+}
+
+fn counter_line(ip: Ipv4Addr, line: &str) -> Option<String> {
+    let mut s = TcpStream::connect_timeout(&SocketAddr::from((ip, PORT)), Duration::from_secs(2)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(60))).ok()?;
+    s.write_all(format!("{line}\n").as_bytes()).ok()?;
+    let mut answer = String::new();
+    BufReader::new(s).read_line(&mut answer).ok()?;
+    Some(answer)
+}
+
+/// True if `pid` is held frozen in one of ferry's freezer cgroups (a source's copy after the
+/// switch): it is not a running copy.
+fn is_held(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .is_ok_and(|c| c.lines().any(|l| l.contains(":freezer:/ferry-hold/")))
+}
+
+/// Clients of counterd, each on its own connection sending `inc` and reading the answer in a
+/// loop: the highest value any of them had acknowledged (read), and their errors.
+struct Clients {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<(u64, u64, Vec<String>)>>,
+}
+
+#[derive(Debug)]
+struct ClientsSummary {
+    /// The highest counter value a client read.
+    max_acked: u64,
+    requests: u64,
+    errors: Vec<String>,
+}
+
+impl Clients {
+    fn start(ip: Ipv4Addr, n: usize) -> Clients {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let threads = (0..n)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let (mut max, mut requests, mut errors) = (0u64, 0u64, Vec::new());
+                    let conn =
+                        TcpStream::connect_timeout(&SocketAddr::from((ip, PORT)), Duration::from_secs(5));
+                    let Ok(conn) = conn else {
+                        errors.push("connect".to_owned());
+                        return (max, requests, errors);
+                    };
+                    let _ = conn.set_read_timeout(Some(Duration::from_secs(90)));
+                    let _ = conn.set_nodelay(true);
+                    let mut reader = BufReader::new(conn.try_clone().unwrap());
+                    let mut writer = conn;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        if let Err(e) = writer.write_all(b"inc\n") {
+                            errors.push(format!("write: {e}"));
+                            break;
+                        }
+                        let mut line = String::new();
+                        match reader.read_line(&mut line) {
+                            Ok(0) => {
+                                errors.push("closed".to_owned());
+                                break;
+                            }
+                            Ok(_) => match line.trim().parse::<u64>() {
+                                Ok(v) => {
+                                    max = max.max(v);
+                                    requests += 1;
+                                }
+                                Err(_) => errors.push(format!("answer {line:?}")),
+                            },
+                            Err(e) => {
+                                errors.push(format!("read: {e}"));
+                                break;
+                            }
+                        }
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                    (max, requests, errors)
+                })
+            })
+            .collect();
+        Clients { stop, threads }
+    }
+
+    fn stop(self) -> ClientsSummary {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut sum = ClientsSummary { max_acked: 0, requests: 0, errors: Vec::new() };
+        for t in self.threads {
+            let (max, requests, errors) = t.join().unwrap();
+            sum.max_acked = sum.max_acked.max(max);
+            sum.requests += requests;
+            sum.errors.extend(errors);
+        }
+        sum
+    }
+}
+
 #[test]
 fn stop_copy_moves_memory_address_and_record_and_counts_it() {
     let Some(mut f) = Fixture::new(2, &no_env) else { return };
@@ -313,25 +484,56 @@ fn post_copy_switches_before_the_memory_moves_and_keeps_clients() {
 }
 
 #[test]
-fn post_copy_with_a_failed_page_channel_resumes_the_source() {
-    let env = failing("node1", "source-serve-pages=cut");
+fn post_copy_whose_pages_never_come_is_lost_or_resumed_as_asked() {
+    // Every page channel is cut as it opens, and nothing is pushed: the pages never come.
+    let env = |n: &str| match n {
+        "node1" => vec![("FERRY_FAILPOINTS", "source-serve-pages=cut".to_owned())],
+        _ => vec![("FERRY_PUSH", "off".to_owned())],
+    };
     let Some(mut f) = Fixture::new(2, &env) else { return };
     let w = f.memload("node1", 64, None);
     // Once in a while (seen once in a dozen full runs, cause not found yet) CRIU's lazy dump
-    // writes every page into the images: nothing is then served through the page channel, the
-    // failpoint is never reached and the migration succeeds. Then the workload is moved back
-    // and the test tries again.
+    // writes every page into the images: nothing is then served through the page channel and
+    // the migration succeeds. Then the workload is moved back and the test tries again.
     let mut current = w.clone();
     for _ in 0..3 {
-        let r = f.migrate("node1", current.pid, "node2", Strategy::PostCopy);
-        let Ok(r) = r else { return assert_stays_on_node1(&f, &current, r, "node node2 failed") };
-        eprintln!("no page went through the page channel ({r:?}): moving back, trying again");
-        f.assert_one_copy_on(w.ip, "node2");
-        let back = f.migrate("node2", r.new_workload[4..].parse().unwrap(), "node1", Strategy::StopCopy);
-        let back = back.expect("migrate back");
+        let req = MigrateRequest {
+            workload: format!("pid:{}", current.pid),
+            to: "node2".into(),
+            strategy: Strategy::PostCopy,
+            recover_timeout_s: 3,
+            on_failure: OnFailure::ResumeSource,
+        };
+        match f.migrate_with("node1", req, &mut |_| {}) {
+            // Past the switch: the target gave up after 3 s and killed its copy; the source's
+            // frozen copy resumed, as asked.
+            Ok(Event::Lost { resumed: true, at, message }) => {
+                assert!(at.contains("post-copy pages"), "{at}: {message}");
+                assert!(message.contains("unreachable") || message.contains("refused"), "{message}");
+            }
+            // Before the switch (a page faulted on during the restore): undone.
+            Ok(Event::Failed { message, .. }) => assert!(message.contains("node2"), "{message}"),
+            Ok(Event::Report(r)) => {
+                eprintln!("no page went through the page channel ({r:?}): moving back, trying again");
+                f.assert_one_copy_on(w.ip, "node2");
+                let back =
+                    f.migrate("node2", r.new_workload[4..].parse().unwrap(), "node1", Strategy::StopCopy);
+                let back = back.expect("migrate back");
+                f.assert_one_copy_on(w.ip, "node1");
+                current.pid = back.new_workload[4..].parse().unwrap();
+                current.start_time = ferry_testkit::start_time(current.pid).unwrap_or(0);
+                continue;
+            }
+            other => panic!("unexpected outcome {other:?}"),
+        }
         f.assert_one_copy_on(w.ip, "node1");
-        current.pid = back.new_workload[4..].parse().unwrap();
-        current.start_time = ferry_testkit::start_time(current.pid).unwrap_or(0);
+        assert!(ferry_lab::is_alive(current.pid, current.start_time), "the original process runs on");
+        let lab = ferry_lab::Lab::load(f.lab.config()).unwrap();
+        assert!(lab.workloads().iter().all(|x| x.node == "node1"), "{:?}", lab.workloads());
+        poll(Duration::from_secs(30), "both journals to empty", || {
+            (f.journal("node1").is_empty() && f.journal("node2").is_empty()).then_some(())
+        });
+        return;
     }
     panic!("the page channel was never used in three post-copy migrations");
 }
@@ -393,6 +595,7 @@ fn a_link_cut_during_the_transfer_resumes_the_source() {
         workload: format!("pid:{}", w.pid),
         to: "node2".into(),
         strategy: Strategy::StopCopy,
+        ..Default::default()
     });
     let mut cut = false;
     let r = ferry_migrate::client::call(&f.socket("node1"), &req, &mut |ev| {
@@ -507,17 +710,248 @@ fn a_target_that_dies_after_restoring_commits_when_it_comes_back() {
 }
 
 #[test]
-fn a_source_that_dies_before_committing_keeps_the_workload() {
+fn a_source_that_dies_before_the_switch_keeps_the_workload() {
+    let env = failing("node1", "source-before-switch=exit");
+    let Some(mut f) = Fixture::new(2, &env) else { return };
+    let w = f.memload("node1", 64, None);
+    let r = f.migrate("node1", w.pid, "node2", Strategy::StopCopy);
+    assert!(r.is_err(), "the source agent died");
+    // CRIU resumed the workload (into ferry's freezer) when the agent's end of its socket
+    // closed; the restarted agent lets it go, brings its address back and tells the target,
+    // which undoes its copy.
+    f.restart("node1", &[]);
+    f.assert_one_copy_on(w.ip, "node1");
+    assert!(ferry_lab::is_alive(w.pid, w.start_time), "the original process runs on");
+    assert!(!is_held(w.pid));
+    poll(Duration::from_secs(30), "both journals to empty", || {
+        (f.journal("node1").is_empty() && f.journal("node2").is_empty()).then_some(())
+    });
+}
+
+#[test]
+fn a_source_that_dies_after_the_target_switched_leaves_the_workload_there() {
     let env = failing("node1", "source-before-commit=exit");
     let Some(mut f) = Fixture::new(2, &env) else { return };
     let w = f.memload("node1", 64, None);
     let r = f.migrate("node1", w.pid, "node2", Strategy::StopCopy);
     assert!(r.is_err(), "the source agent died");
-    // CRIU resumed the workload when the agent's end of its socket closed; the restarted
-    // agent brings its address back and tells the target, which undoes its copy.
+    // The target had switched (its copy ran with its network up) when the source died: that
+    // copy is the workload. CRIU let the source's copy go, into ferry's freezer: it never runs.
+    assert!(is_held(w.pid), "the source's copy is held frozen");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(ferry_sys::process_state(w.pid), Some('D'), "the source's copy is frozen");
     f.restart("node1", &[]);
-    f.assert_one_copy_on(w.ip, "node1");
+    // The restarted source asks the target, which says it switched: the held copy goes.
+    poll(Duration::from_secs(30), "both journals to empty", || {
+        (f.journal("node1").is_empty() && f.journal("node2").is_empty()).then_some(())
+    });
+    assert!(!ferry_lab::is_alive(w.pid, w.start_time), "the source's copy is gone");
+    f.assert_one_copy_on(w.ip, "node2");
+}
+
+/// A post-copy migration of counterd (256 MiB) with `clients` clients incrementing its
+/// counter, `during_pages` called once when the pages phase begins; the migration's last
+/// event (or the error if the source agent went away), and the clients (still running).
+fn post_copy_under_clients(
+    f: &Fixture,
+    w: &Workload,
+    clients: usize,
+    recover_timeout_s: u32,
+    on_failure: OnFailure,
+    during_pages: &mut dyn FnMut(&Fixture),
+) -> (Result<Event, ferry_migrate::MigrateError>, Clients) {
+    let c = Clients::start(w.ip, clients);
+    std::thread::sleep(Duration::from_secs(1));
+    let req = MigrateRequest {
+        workload: format!("pid:{}", w.pid),
+        to: "node2".into(),
+        strategy: Strategy::PostCopy,
+        recover_timeout_s,
+        on_failure,
+    };
+    let mut fired = false;
+    let r = f.migrate_with("node1", req, &mut |ev| {
+        if !fired && matches!(ev, Event::Phase(p) if p == "post-copy: pages") {
+            fired = true;
+            during_pages(f);
+        }
+    });
+    assert!(fired, "the pages phase was reached: {r:?}");
+    (r, c)
+}
+
+/// Waits until both agents have forgotten the migration (the end of the pages phase, after
+/// whatever happened); the clients run on a second more, then stop.
+fn settled(f: &Fixture, clients: Clients) -> ClientsSummary {
+    poll(Duration::from_secs(120), "both journals to empty", || {
+        (f.journal("node1").is_empty() && f.journal("node2").is_empty()).then_some(())
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    clients.stop()
+}
+
+/// No journal entry, holder or frozen process of the migration is left.
+fn assert_nothing_left(f: &Fixture, w: &Workload) {
+    assert!(f.journal("node1").is_empty() && f.journal("node2").is_empty());
+    assert!(!ferry_lab::is_alive(w.pid, w.start_time), "the source's copy is gone");
+    let held: Vec<i32> = f.copies().into_iter().filter(|p| is_held(*p)).collect();
+    assert!(held.is_empty(), "held processes left: {held:?}");
+}
+
+#[test]
+fn a_threaded_server_moves_post_copy_without_a_client_error() {
+    let env =
+        |n: &str| if n == "node2" { vec![("FERRY_PUSH_DELAY_MS", "1000".to_owned())] } else { Vec::new() };
+    let Some(mut f) = Fixture::new(2, &env) else { return };
+    let w = f.counterd("node1", 256);
+    let (r, clients) = post_copy_under_clients(&f, &w, 8, 60, OnFailure::Lost, &mut |_| {});
+    assert!(matches!(r, Ok(Event::Report(_))), "{r:?}");
+    let clients = settled(&f, clients);
+    assert!(clients.errors.is_empty(), "{clients:?}");
+    assert!(clients.requests > 100, "{clients:?}");
+    let counter = f.assert_one_counter_on(w.ip, "node2");
+    assert!(counter >= clients.max_acked, "counter {counter} < acknowledged {}", clients.max_acked);
+    assert_nothing_left(&f, &w);
+}
+
+#[test]
+fn post_copy_survives_the_source_agent_killed_in_the_pages_phase() {
+    // The push starts 3 s after the switch: the source dies with most pages still there.
+    let env =
+        |n: &str| if n == "node2" { vec![("FERRY_PUSH_DELAY_MS", "3000".to_owned())] } else { Vec::new() };
+    let Some(mut f) = Fixture::new(2, &env) else { return };
+    let w = f.counterd("node1", 256);
+    let (r, clients) = post_copy_under_clients(&f, &w, 8, 60, OnFailure::Lost, &mut |f| {
+        f.kill_agent("node1");
+        // Restarted at once: its journal has the migration, its freezer the tree.
+        f.restart("node1", &[]);
+    });
+    assert!(r.is_err(), "the agent answering the request died: {r:?}");
+    let clients = settled(&f, clients);
+    assert!(f.agent_log("node1").contains("serving the"), "the restarted agent serves the pages again");
+    assert!(clients.errors.is_empty(), "{clients:?}");
+    let counter = f.assert_one_counter_on(w.ip, "node2");
+    assert!(counter >= clients.max_acked, "counter {counter} < acknowledged {}", clients.max_acked);
+    assert_nothing_left(&f, &w);
+}
+
+#[test]
+fn post_copy_survives_a_link_cut_in_the_pages_phase() {
+    // Agents give up a silent connection after 3 s; the link stays down 6 s.
+    let env = |n: &str| {
+        let mut e = vec![("FERRY_PEER_TIMEOUT", "3".to_owned())];
+        if n == "node2" {
+            e.push(("FERRY_PUSH_DELAY_MS", "3000".to_owned()));
+        }
+        e
+    };
+    let Some(mut f) = Fixture::new(2, &env) else { return };
+    let w = f.counterd("node1", 256);
+    let veth = f.lab.lab().node("node2").unwrap().veth.clone();
+    let link = move |state: &str| {
+        Command::new("ip").args(["link", "set", &veth, state]).status().is_ok_and(|s| s.success())
+    };
+    let up = link.clone();
+    let mut restore = None;
+    let (r, clients) = post_copy_under_clients(&f, &w, 8, 60, OnFailure::Lost, &mut |_| {
+        assert!(link("down"));
+        let up = up.clone();
+        restore = Some(std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(6));
+            up("up")
+        }));
+    });
+    assert!(restore.unwrap().join().unwrap(), "the link came back");
+    assert!(matches!(r, Ok(Event::Report(_))), "{r:?}");
+    let clients = settled(&f, clients);
+    // The faulting threads waited while the page channel was dialled again.
+    assert!(f.agent_log("node2").contains("the pages flow again"), "the target reconnected");
+    assert!(clients.errors.is_empty(), "{clients:?}");
+    let counter = f.assert_one_counter_on(w.ip, "node2");
+    assert!(counter >= clients.max_acked, "counter {counter} < acknowledged {}", clients.max_acked);
+    assert_nothing_left(&f, &w);
+}
+
+#[test]
+fn post_copy_with_the_source_gone_for_good_loses_the_workload_loudly() {
+    let env =
+        |n: &str| if n == "node2" { vec![("FERRY_PUSH_DELAY_MS", "3000".to_owned())] } else { Vec::new() };
+    let Some(mut f) = Fixture::new(2, &env) else { return };
+    let w = f.counterd("node1", 256);
+    let (r, clients) = post_copy_under_clients(&f, &w, 4, 5, OnFailure::Lost, &mut |f| f.kill_agent("node1"));
+    assert!(r.is_err(), "the agent answering the request died: {r:?}");
+    // Past the 5 s recover timeout the target kills its copy and says so.
+    let lost = poll(Duration::from_secs(60), "the target to declare the workload lost", || {
+        f.journal("node2").into_iter().find(|e| e.phase == Phase::Lost)
+    });
+    let why = lost.lost.clone().unwrap_or_default();
+    assert!(why.contains("post-copy pages") && why.contains("unreachable"), "{why}");
+    assert!(f.agent_log("node2").contains("THE WORKLOAD WAS LOST"), "said loudly");
+    match ferry_migrate::client::call(&f.socket("node2"), &Request::Status, &mut |_| {}) {
+        Ok(Event::Status(s)) => assert_eq!(s.arrivals_lost, 1, "{s:?}"),
+        other => panic!("status: {other:?}"),
+    }
+    let running: Vec<i32> = f.copies().into_iter().filter(|p| !is_held(*p)).collect();
+    assert!(running.is_empty(), "no copy runs: {running:?}");
+    // The source's copy was never resumed: still frozen in its holder.
+    assert!(is_held(w.pid), "the source's copy is held");
+    assert_eq!(ferry_sys::process_state(w.pid), Some('D'), "the source's copy is frozen");
+    // An agent started again there later hears of the loss, kills the held copy, and both
+    // forget the migration.
+    f.restart("node1", &[]);
+    let clients = settled(&f, clients);
+    assert!(!clients.errors.is_empty(), "the clients lost their server");
+    assert_nothing_left(&f, &w);
+    let lab = ferry_lab::Lab::load(f.lab.config()).unwrap();
+    assert!(lab.workloads().iter().all(|x| x.ip != w.ip), "{:?}", lab.workloads());
+}
+
+#[test]
+fn post_copy_with_the_target_agent_killed_in_the_pages_phase_resumes_the_source_when_asked() {
+    let env =
+        |n: &str| if n == "node2" { vec![("FERRY_PUSH_DELAY_MS", "3000".to_owned())] } else { Vec::new() };
+    let Some(mut f) = Fixture::new(2, &env) else { return };
+    let w = f.counterd("node1", 256);
+    let mut restarted = false;
+    let req = MigrateRequest {
+        workload: format!("pid:{}", w.pid),
+        to: "node2".into(),
+        strategy: Strategy::PostCopy,
+        recover_timeout_s: 30,
+        on_failure: OnFailure::ResumeSource,
+    };
+    let r = f.migrate_with("node1", req, &mut |ev| {
+        if let Event::Phase(p) = ev {
+            if p == "post-copy: pages" {
+                // The target's agent dies: its pager with it. The workload's copy there cannot
+                // get its missing pages any more: its guard kills it at once (before the
+                // userfaultfds close: it never reads a zero page for a missing one).
+                f.kill_agent("node2");
+                poll(Duration::from_secs(10), "the guard to kill the arriving copy", || {
+                    f.copies().into_iter().all(is_held).then_some(())
+                });
+            } else if p.starts_with("post-copy: pages (reconnecting") && !restarted {
+                restarted = true;
+                f.restart("node2", &[]);
+            }
+        }
+    });
+    assert!(restarted, "the source noticed and waited: {r:?}");
+    match r {
+        Ok(Event::Lost { resumed: true, message, .. }) => {
+            assert!(message.contains("agent stopped"), "{message}")
+        }
+        other => panic!("expected the source's copy resumed: {other:?}"),
+    }
+    assert!(f.agent_log("node2").contains("THE WORKLOAD WAS LOST"), "said loudly");
+    assert!(f.agent_log("node2").contains("guard"), "the guard killed the copy");
+    // The source's copy runs again, in its state at the freeze; nothing is left on node2.
+    f.assert_one_counter_on(w.ip, "node1");
     assert!(ferry_lab::is_alive(w.pid, w.start_time), "the original process runs on");
+    assert!(!is_held(w.pid));
+    poll(Duration::from_secs(30), "both journals to empty", || {
+        (f.journal("node1").is_empty() && f.journal("node2").is_empty()).then_some(())
+    });
 }
 
 #[test]

@@ -24,9 +24,9 @@ use std::time::Duration;
 
 pub use finisher::{pick_port, FinishReport, PageServerFinisher};
 pub use images::{lazy_iovs, lazy_iovs_of, lazy_ranges, tree_pids, vmas, LazyRanges};
-pub use pager::{LazyPager, PageFeeder};
+pub use pager::{Keeper, LazyPager, PageFeeder};
 pub use proto::PAGE_SIZE;
-pub use source::PageSource;
+pub use source::{HeldBy, PageSource};
 
 /// Largest request served (4 MiB).
 pub const MAX_REQUEST_PAGES: u32 = 16 << 10;

@@ -25,7 +25,7 @@
 //! tree first, then stop the pager.
 
 use std::collections::BTreeSet;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -202,6 +202,25 @@ impl Task {
     }
 }
 
+/// Something that keeps a copy of each userfaultfd the pager gets (a restored process's, or a
+/// forked child's): while any copy is open, a fault on a missing page waits rather than reads
+/// zeros. The target's guard is one: it outlives an agent that dies, and kills the tree
+/// before the userfaultfds close (see `guard`).
+#[derive(Clone)]
+pub struct Keeper(pub Arc<dyn Fn(BorrowedFd<'_>) + Send + Sync>);
+
+impl Keeper {
+    fn keep(&self, fd: BorrowedFd<'_>) {
+        (self.0)(fd)
+    }
+}
+
+impl std::fmt::Debug for Keeper {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Keeper")
+    }
+}
+
 /// Whether pages are pushed, which decides when the pager fetches the rest itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Push {
@@ -216,6 +235,8 @@ enum Push {
 #[derive(Debug)]
 struct State {
     tasks: Vec<Task>,
+    /// Is handed every userfaultfd as it comes (see [`Keeper`]).
+    keeper: Option<Keeper>,
     restore_finished: bool,
     push: Push,
     /// The push may start (the workload runs here, its network up).
@@ -443,6 +464,9 @@ fn handle_events(st: &mut State, ti: usize, events: Vec<UffdEvent>, actions: &mu
                 let left = ranges.iter().map(Range::not_present).sum();
                 let child = Task { pid: t.pid, uffd: Arc::new(uffd), ranges, left, gone: false };
                 tracing::debug!(pid = t.pid, left, "a restored process forked");
+                if let Some(k) = &st.keeper {
+                    k.keep(child.uffd.as_fd());
+                }
                 st.tasks.push(child);
             }
             UffdEvent::Remap { from, to, len } => {
@@ -477,6 +501,8 @@ fn handle_events(st: &mut State, ti: usize, events: Vec<UffdEvent>, actions: &mu
 #[derive(Debug)]
 pub struct LazyPager {
     shared: Arc<Shared>,
+    /// Bytes of every lazy range of the images.
+    total: u64,
     done: mpsc::Receiver<Result<(), LazyError>>,
     outcome: Option<Result<(), String>>,
     /// The outcome was the restore hanging up early (CRIU failed; its error says why).
@@ -547,11 +573,21 @@ impl LazyPager {
         work_dir: &Path,
         fetcher: Box<dyn PageFetcher + Send>,
     ) -> Result<LazyPager, LazyError> {
+        Self::start_kept(images_dir, work_dir, fetcher, None)
+    }
+
+    /// As [`start`](Self::start), handing every userfaultfd to `keeper` as it comes.
+    pub fn start_kept(
+        images_dir: &Path,
+        work_dir: &Path,
+        fetcher: Box<dyn PageFetcher + Send>,
+        keeper: Option<Keeper>,
+    ) -> Result<LazyPager, LazyError> {
         let mut lazy = Vec::new();
         for pid in tree_pids(images_dir)? {
             lazy.push((pid, lazy_iovs(images_dir, pid)?));
         }
-        Self::serve(lazy, work_dir, fetcher)
+        Self::serve(lazy, work_dir, fetcher, keeper)
     }
 
     /// As [`start`](Self::start), with the lazy ranges of each process given.
@@ -559,8 +595,10 @@ impl LazyPager {
         lazy: Vec<(u32, Vec<(u64, u64)>)>,
         work_dir: &Path,
         fetcher: Box<dyn PageFetcher + Send>,
+        keeper: Option<Keeper>,
     ) -> Result<LazyPager, LazyError> {
         std::fs::create_dir_all(work_dir).map_err(io("create the restore's work directory"))?;
+        let total = lazy.iter().flat_map(|(_, iovs)| iovs.iter()).map(|(s, e)| e - s).sum();
         let socket = work_dir.join(LAZY_SOCKET);
         match std::fs::remove_file(&socket) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
@@ -578,6 +616,7 @@ impl LazyPager {
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 tasks: Vec::new(),
+                keeper,
                 restore_finished: false,
                 push: Push::None,
                 push_allowed: false,
@@ -609,6 +648,7 @@ impl LazyPager {
             .map_err(io("start the pager thread"))?;
         Ok(LazyPager {
             shared,
+            total,
             done,
             outcome: None,
             restore_ended: false,
@@ -626,6 +666,11 @@ impl LazyPager {
             st.push = Push::Expected;
         }
         PageFeeder { shared: self.shared.clone() }
+    }
+
+    /// Bytes of every lazy range of the images (what the pager fills, at most).
+    pub fn lazy_bytes(&self) -> u64 {
+        self.total
     }
 
     /// What was done so far.
@@ -839,7 +884,11 @@ impl Loop {
         if st.tasks.iter().any(|t| t.pid == pid) {
             return Err(LazyError::Protocol(format!("the restore sent process {pid} twice")));
         }
-        st.tasks.push(Task::new(pid, Uffd::from_fd(fd), &iovs));
+        let task = Task::new(pid, Uffd::from_fd(fd), &iovs);
+        if let Some(k) = &st.keeper {
+            k.keep(task.uffd.as_fd());
+        }
+        st.tasks.push(task);
         Ok(true)
     }
 
@@ -984,9 +1033,13 @@ mod tests {
         let asked = Arc::new(Mutex::new(Vec::new()));
         // The last 8 pages are not lazy: a fault there gets a zero page.
         let lazy = vec![(1u32, vec![(map.addr(), map.addr() + (pages - 8) * P)])];
-        let mut pager =
-            LazyPager::serve(lazy, dir.path(), Box::new(Pattern { base: map.addr(), asked: asked.clone() }))
-                .unwrap();
+        let mut pager = LazyPager::serve(
+            lazy,
+            dir.path(),
+            Box::new(Pattern { base: map.addr(), asked: asked.clone() }),
+            None,
+        )
+        .unwrap();
         let feeder = pager.feeder();
 
         let restore = UnixStream::connect(dir.path().join(LAZY_SOCKET)).unwrap();
@@ -1065,9 +1118,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let asked = Arc::new(Mutex::new(Vec::new()));
         let lazy = vec![(1u32, vec![(map.addr(), map.addr() + 32 * P)])];
-        let mut pager =
-            LazyPager::serve(lazy, dir.path(), Box::new(Pattern { base: map.addr(), asked: asked.clone() }))
-                .unwrap();
+        let mut pager = LazyPager::serve(
+            lazy,
+            dir.path(),
+            Box::new(Pattern { base: map.addr(), asked: asked.clone() }),
+            None,
+        )
+        .unwrap();
         let feeder = pager.feeder(); // holds the sweep back until the end of the test's moves
         hand_over(dir.path(), &uffd);
         drop(uffd);
@@ -1112,7 +1169,7 @@ mod tests {
         let dir = top.path().join("w".repeat(120));
         let asked = Arc::new(Mutex::new(Vec::new()));
         let mut pager =
-            LazyPager::serve(vec![(1, vec![])], &dir, Box::new(Pattern { base: 0, asked })).unwrap();
+            LazyPager::serve(vec![(1, vec![])], &dir, Box::new(Pattern { base: 0, asked }), None).unwrap();
         assert!(dir.join(LAZY_SOCKET).exists());
         let d = std::fs::File::open(&dir).unwrap();
         let path = format!("/proc/self/fd/{}/{LAZY_SOCKET}", std::os::fd::AsRawFd::as_raw_fd(&d));
@@ -1145,6 +1202,7 @@ mod tests {
         let mut t = task(&[(0x10 * P, 0x14 * P)]);
         let mut st = State {
             tasks: vec![],
+            keeper: None,
             restore_finished: true,
             push: Push::None,
             push_allowed: false,

@@ -5,6 +5,8 @@ use std::fs::{self, File};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Instant;
 
 use super::images::{lazy_ranges, tree_pids, LazyRanges};
 use super::proto::PAGE_SIZE;
@@ -30,12 +32,33 @@ pub struct PageSource {
     tasks: BTreeMap<u32, Task>,
     bytes: AtomicU64,
     requests: AtomicU64,
+    /// When a request was last served.
+    last: Mutex<Option<Instant>>,
+}
+
+/// Who holds the tree frozen, which [`PageSource::open_with`] checks of every process.
+#[derive(Debug, Clone, Copy)]
+pub enum HeldBy<'a> {
+    /// CRIU, at post-dump (the tasks are ptrace-stopped: state `t`).
+    Criu,
+    /// A freezer cgroup (this directory of the hierarchy, which every process must be in).
+    Freezer(&'a Path),
 }
 
 impl PageSource {
     /// Opens the source for the lazy dump in `images_dir` of the tree rooted at host pid
     /// `root_host_pid`. Call it at post-dump: the images are complete and the tasks frozen.
     pub fn open(images_dir: &Path, root_host_pid: i32) -> Result<PageSource, LazyError> {
+        Self::open_with(images_dir, root_host_pid, HeldBy::Criu)
+    }
+
+    /// As [`open`](Self::open), for a tree held frozen by `held` (an agent that restarted
+    /// finds the tree of a migration in its freezer cgroup, no longer stopped by CRIU).
+    pub fn open_with(
+        images_dir: &Path,
+        root_host_pid: i32,
+        held: HeldBy<'_>,
+    ) -> Result<PageSource, LazyError> {
         let pids = tree_pids(images_dir)?;
         let host = host_pids_by_ns_pid(root_host_pid)?;
         let root = pids[0];
@@ -53,17 +76,34 @@ impl PageSource {
             let host_pid = *host.get(&pid).ok_or_else(|| {
                 LazyError::Tree(format!("process {pid} of the images is not in the tree of {root_host_pid}"))
             })?;
-            let state = process_state(host_pid);
-            if state != Some('t') {
-                return Err(LazyError::Tree(format!(
-                    "process {pid} (host {host_pid}) is not frozen by CRIU (state {state:?})"
-                )));
+            match held {
+                HeldBy::Criu => {
+                    let state = process_state(host_pid);
+                    if state != Some('t') {
+                        return Err(LazyError::Tree(format!(
+                            "process {pid} (host {host_pid}) is not frozen by CRIU (state {state:?})"
+                        )));
+                    }
+                }
+                HeldBy::Freezer(cgroup) => {
+                    if !in_cgroup(host_pid, cgroup) {
+                        return Err(LazyError::Tree(format!(
+                            "process {pid} (host {host_pid}) is not held in {}",
+                            cgroup.display()
+                        )));
+                    }
+                }
             }
             let mem = File::open(format!("/proc/{host_pid}/mem"))
                 .map_err(|e| LazyError::Io { what: format!("open /proc/{host_pid}/mem"), source: e })?;
             tasks.insert(pid, Task { host_pid, ranges, mem });
         }
-        Ok(PageSource { tasks, bytes: AtomicU64::new(0), requests: AtomicU64::new(0) })
+        Ok(PageSource {
+            tasks,
+            bytes: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            last: Mutex::new(None),
+        })
     }
 
     /// Reads `nr_pages` pages at `vaddr` of process `pid` (its pid in the images) into `out`
@@ -106,7 +146,15 @@ impl PageSource {
         }
         self.bytes.fetch_add(len, Ordering::Relaxed);
         self.requests.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut last) = self.last.lock() {
+            *last = Some(Instant::now());
+        }
         Ok(())
+    }
+
+    /// When a request was last served (the target was heard of then).
+    pub fn last_served(&self) -> Option<Instant> {
+        self.last.lock().ok().and_then(|l| *l)
     }
 
     /// Bytes served so far.
@@ -175,6 +223,13 @@ fn children_of(pid: i32) -> Vec<i32> {
         out.extend(text.split_whitespace().filter_map(|c| c.parse::<i32>().ok()));
     }
     out
+}
+
+/// True if `pid` is in the freezer cgroup at `cgroup` (a directory of the hierarchy).
+fn in_cgroup(pid: i32, cgroup: &Path) -> bool {
+    fs::read_to_string(cgroup.join("cgroup.procs"))
+        .map(|procs| procs.split_whitespace().any(|p| p.parse() == Ok(pid)))
+        .unwrap_or(false)
 }
 
 /// The state letter of `/proc/<pid>/stat`.

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
-use ferry_migrate::api::{Event, MigrateRequest, Request, Strategy};
+use ferry_migrate::api::{Event, MigrateRequest, Request};
 use ferry_migrate::MigrateError;
 
 use crate::cli::Cli;
@@ -26,16 +26,24 @@ pub fn agent_socket(cli: &Cli) -> Result<PathBuf, MigrateError> {
     }
 }
 
-pub fn run(cli: &Cli, workload: &str, to: &str, strategy: Strategy, report_json: Option<&Path>) -> ExitCode {
-    let what = format!("migration of {workload} to {to} failed");
+pub fn run(cli: &Cli, req: MigrateRequest, report_json: Option<&Path>) -> ExitCode {
+    let what = format!("migration of {} to {} failed", req.workload, req.to);
     let socket = match agent_socket(cli) {
         Ok(s) => s,
         Err(e) => return fail(&what, &e.to_string(), e.hint()),
     };
-    let req = Request::Migrate(MigrateRequest { workload: workload.into(), to: to.into(), strategy });
+    let to = req.to.clone();
+    let req = Request::Migrate(req);
     let started = Instant::now();
     let mut bar = Bar::new();
-    let last = ferry_migrate::client::call(&socket, &req, &mut |ev| bar.show(ev, started));
+    // The last phase the agent reported: where the migration was if the agent goes away.
+    let mut phase = String::new();
+    let last = ferry_migrate::client::call(&socket, &req, &mut |ev| {
+        if let Event::Phase(p) = ev {
+            phase = p.clone();
+        }
+        bar.show(ev, started)
+    });
     bar.clear();
     match last {
         Ok(Event::Report(r)) => {
@@ -62,7 +70,23 @@ pub fn run(cli: &Cli, workload: &str, to: &str, strategy: Strategy, report_json:
             Exit::Ok.into()
         }
         Ok(Event::Failed { message, hint }) => fail(&what, &message, hint),
+        Ok(Event::Lost { message, at, resumed }) => {
+            eprintln!("error: {what} after the switch ({at})");
+            eprintln!("  cause: {message}");
+            if resumed {
+                eprintln!("  the workload runs again at the source, from its state at the freeze: what it did on {to} since the switch is LOST");
+            } else {
+                eprintln!("  THE WORKLOAD WAS LOST: no copy of it runs, unless the cause says otherwise (restore it from a checkpoint of your own, or start it again)");
+            }
+            Exit::Lost.into()
+        }
         Ok(other) => fail(&what, &format!("the agent answered {other:?}"), None),
+        Err(MigrateError::Lost { .. }) if phase.starts_with("post-copy: pages") => {
+            eprintln!("error: the agent went away during the post-copy pages phase, after the switch");
+            eprintln!("  the workload runs on {to}; its memory still comes from this node's frozen copy, which an agent started again serves");
+            eprintln!("  hint: start ferryd again here within the recover timeout, or {to} kills the workload and reports it lost");
+            Exit::Failure.into()
+        }
         Err(e) => fail(&what, &e.to_string(), e.hint()),
     }
 }
@@ -78,13 +102,20 @@ pub fn status(cli: &Cli, json: bool) -> ExitCode {
                 println!(
                     "{:#}",
                     serde_json::json!({"name": s.name, "listen": s.listen, "peers": s.peers, "public_key": s.public_key,
-                        "migrations_ok": s.migrations_ok, "migrations_failed": s.migrations_failed})
+                        "migrations_ok": s.migrations_ok, "migrations_failed": s.migrations_failed,
+                        "migrations_lost": s.migrations_lost, "arrivals_lost": s.arrivals_lost})
                 );
             } else {
                 println!("node {} listening on {}", s.name, s.listen);
                 println!("  key        {}", s.public_key);
                 println!("  peers      {}", s.peers.join(", "));
                 println!("  migrations {} done, {} failed", s.migrations_ok, s.migrations_failed);
+                if s.migrations_lost + s.arrivals_lost > 0 {
+                    println!(
+                        "  LOST after the switch: {} workloads sent, {} arriving",
+                        s.migrations_lost, s.arrivals_lost
+                    );
+                }
             }
             Exit::Ok.into()
         }
