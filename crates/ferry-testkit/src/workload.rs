@@ -60,10 +60,9 @@ impl Sample {
     fn program(self) -> (PathBuf, Vec<String>) {
         match self {
             Sample::Guarded { .. } => (PathBuf::from(env!("FERRY_TESTKIT_GUARDED")), vec![]),
-            _ => (
-                PathBuf::from(PYTHON),
-                vec!["-B".into(), self.script_path().to_string_lossy().into_owned()],
-            ),
+            _ => {
+                (PathBuf::from(PYTHON), vec!["-B".into(), self.script_path().to_string_lossy().into_owned()])
+            }
         }
     }
 
@@ -87,6 +86,16 @@ impl Sample {
             Sample::Resources { port } | Sample::TcpEcho { port } => vec![port.to_string()],
             Sample::Guarded { mib, threads } => vec![mib.to_string(), threads.to_string()],
         }
+    }
+
+    /// The whole command line that starts the workload reporting into `dir` (for launchers
+    /// other than [`Workload::start`], such as a lab node's).
+    pub fn command(self, dir: &Path) -> Vec<String> {
+        let (program, mut argv) = self.program();
+        argv.insert(0, program.to_string_lossy().into_owned());
+        argv.push(dir.to_string_lossy().into_owned());
+        argv.extend(self.args());
+        argv
     }
 
     /// Path of the workload's script (a C workload: its source) in this crate's source tree.
