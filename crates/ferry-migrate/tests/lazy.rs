@@ -159,7 +159,9 @@ impl MigrateAtPostDump<'_> {
 impl NotifyHandler for MigrateAtPostDump<'_> {
     fn notify(&mut self, event: &Notify, _pid: Option<i32>) -> Result<(), String> {
         match event {
-            Notify::PostDump => self.migrate(),
+            Notify::PostDump => {
+                self.migrate().inspect_err(|e| self.outcome.notes.push(format!("post-dump: {e}")))
+            }
             _ => Ok(()),
         }
     }
@@ -281,13 +283,17 @@ fn migrate_memhog(mib: u32) {
 /// Migrates `sample` (a memhog of `mib` MiB with `tasks` threads in all) lazily and checks its
 /// memory, its threads and that the source is gone.
 fn migrate_sample(sample: Sample, mib: u32, tasks: usize) {
-    let w = Workload::start(sample, Isolation::PidNamespace).expect("memhog");
+    migrate_sample_started(Workload::start(sample, Isolation::PidNamespace).expect("memhog"), mib, tasks);
+}
+
+/// As [`migrate_sample`], for a workload already running.
+fn migrate_sample_started(w: Workload, mib: u32, tasks: usize) {
     assert_eq!(task_count(w.pid()), tasks, "the workload's threads before the move");
     let original = w.request_hash(w.pid());
     let source = ProcId::of(w.pid()).expect("source alive");
     let dir = tempfile::Builder::new().prefix("ferry-lazy-").tempdir().expect("tempdir");
     let r = run(&w, None, dir.path());
-    assert!(r.dump.is_ok(), "dump: {:?}; logs in {}", r.dump, dir.path().display());
+    assert!(r.dump.is_ok(), "dump: {:?} {:?}", r.dump, r.outcome.notes);
     let fin = r.finish.expect("CRIU's page server closed by ferry");
     let o = &r.outcome;
     let restored = o.restored.expect("restored");
@@ -353,6 +359,22 @@ fn lazy_migration_keeps_file_shared_and_small_mappings() {
         return;
     }
     migrate_sample(Sample::Mappings, 1, 1);
+}
+
+/// Guard regions (`madvise(MADV_GUARD_INSTALL)`, kernel 6.13+), as glibc 2.42 and later put at
+/// the bottom of every thread stack: CRIU's mm image lists them after the mappings, as entries of
+/// their own lying inside those mappings. The process comes back with its memory, its threads on
+/// their guarded stacks, and every guard in place (the hash line counts the guard pages the
+/// kernel reports).
+#[test]
+fn lazy_migration_keeps_guard_regions() {
+    if !require_privileged() {
+        return;
+    }
+    let w =
+        Workload::start(Sample::Guarded { mib: 16, threads: 2 }, Isolation::PidNamespace).expect("guarded");
+    assert!(w.request_hash(w.pid()).ends_with(" guards:4/4"), "the guards before the move");
+    migrate_sample_started(w, 16, 3);
 }
 
 fn task_count(pid: i32) -> usize {

@@ -450,6 +450,20 @@ impl AnonMapping {
             Err(io::Error::last_os_error())
         }
     }
+
+    /// Makes `[offset, offset + len)` read-only (`mprotect(PROT_READ)`): the kernel splits the
+    /// mapping there, and tells no userfaultfd.
+    pub fn read_only(&self, offset: usize, len: usize) -> io::Result<()> {
+        assert!(offset.checked_add(len).is_some_and(|end| end <= self.len), "mprotect outside the mapping");
+        // SAFETY: the range lies inside this live mapping; taking write access away touches no
+        // memory (this value writes only through `write`, which the caller then must not use there).
+        let rc = unsafe { libc::mprotect((self.addr + offset) as *mut libc::c_void, len, libc::PROT_READ) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
 }
 
 impl Drop for AnonMapping {

@@ -45,11 +45,30 @@ pub enum Sample {
     Resources { port: u16 },
     /// TCP echo server on `port` keeping its connections; SIGUSR1 writes `report.<pid>`.
     TcpEcho { port: u16 },
+    /// A C program (`workloads/guarded.c`) holding `mib` MiB of pseudo-random bytes in a private
+    /// anonymous mapping with guard regions (`MADV_GUARD_INSTALL`, kernel 6.13+) at its first page
+    /// and in its middle, and `threads` more threads on 8 MiB stacks of their own whose lowest page
+    /// is a guard region (as glibc 2.42 and later make thread stacks). SIGUSR1 writes `hash.<pid>`:
+    /// `fnv64:HASH guards:PRESENT/INSTALLED` (see [`Workload::request_hash`]). Where the kernel
+    /// has no guard regions it exits at once, having written `unsupported.<pid>`.
+    Guarded { mib: u32, threads: u8 },
 }
 
 impl Sample {
+    /// The program and its arguments before the report directory: Python and the script, or a
+    /// C workload's binary (built by the kit's build script).
+    fn program(self) -> (PathBuf, Vec<String>) {
+        match self {
+            Sample::Guarded { .. } => (PathBuf::from(env!("FERRY_TESTKIT_GUARDED")), vec![]),
+            _ => {
+                (PathBuf::from(PYTHON), vec!["-B".into(), self.script_path().to_string_lossy().into_owned()])
+            }
+        }
+    }
+
     fn script(self) -> &'static str {
         match self {
+            Sample::Guarded { .. } => "guarded.c",
             Sample::Counter => "counter.py",
             Sample::MemHog { .. } | Sample::ThreadedMemHog { .. } => "memhog.py",
             Sample::Mappings => "mappings.py",
@@ -65,10 +84,21 @@ impl Sample {
             Sample::MemHog { mib } => vec![mib.to_string()],
             Sample::ThreadedMemHog { mib, threads } => vec![mib.to_string(), threads.to_string()],
             Sample::Resources { port } | Sample::TcpEcho { port } => vec![port.to_string()],
+            Sample::Guarded { mib, threads } => vec![mib.to_string(), threads.to_string()],
         }
     }
 
-    /// Path of the workload's script in this crate's source tree.
+    /// The whole command line that starts the workload reporting into `dir` (for launchers
+    /// other than [`Workload::start`], such as a lab node's).
+    pub fn command(self, dir: &Path) -> Vec<String> {
+        let (program, mut argv) = self.program();
+        argv.insert(0, program.to_string_lossy().into_owned());
+        argv.push(dir.to_string_lossy().into_owned());
+        argv.extend(self.args());
+        argv
+    }
+
+    /// Path of the workload's script (a C workload: its source) in this crate's source tree.
     pub fn script_path(self) -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("workloads").join(self.script())
     }
@@ -117,7 +147,8 @@ impl Workload {
         };
         // setsid: CRIU cannot dump a task whose session leader lies outside the dumped tree.
         // The launched process is no group leader, so setsid execs in place without forking.
-        cmd.args([PYTHON, "-B"]).arg(sample.script_path()).arg(dir.path()).args(sample.args());
+        let (program, before) = sample.program();
+        cmd.arg(program).args(before).arg(dir.path()).args(sample.args());
         // Nothing but /dev/null: CRIU cannot restore pipes or terminals it did not dump.
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
         // A working directory of its own: dumping a task of a child pid namespace that sees the
@@ -148,7 +179,7 @@ impl Workload {
         Ok(workload)
     }
 
-    /// Host pid of the tree root (the Python process).
+    /// Host pid of the tree root (the Python process, or the C workload).
     pub fn pid(&self) -> i32 {
         self.root.pid
     }
@@ -219,7 +250,8 @@ impl Workload {
             .unwrap_or_else(|e| panic!("report of pid {pid} is not JSON ({e}): {text}"))
     }
 
-    /// Sends SIGUSR1 to `pid` (memhog, mappings) and returns the sha256 of its memory, in hex.
+    /// Sends SIGUSR1 to `pid` (memhog, mappings, guarded) and returns the hash of its memory: the
+    /// sha256 in hex, or for [`Sample::Guarded`] its hash line.
     #[track_caller]
     pub fn request_hash(&self, pid: i32) -> String {
         self.request("hash", pid).trim().to_string()
@@ -257,8 +289,8 @@ impl Workload {
     /// Host pids of every live process running this workload's script on its report directory:
     /// the original and every restored copy, whoever restored them.
     pub fn instances(&self) -> Vec<i32> {
-        let script = self.sample.script_path();
-        let want = [PYTHON.as_bytes(), script.as_os_str().as_bytes(), self.dir().as_os_str().as_bytes()];
+        let (program, before) = self.sample.program();
+        let dir = self.dir().as_os_str().as_bytes();
         let Ok(entries) = fs::read_dir("/proc") else {
             return Vec::new();
         };
@@ -268,11 +300,11 @@ impl Workload {
             .filter(|pid| {
                 let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
                 let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-                // python3 -B SCRIPT DIR ...: the launcher (unshare, setsid) names them too but
+                // PROGRAM [-B SCRIPT] DIR ...: the launcher (unshare, setsid) names them too but
                 // runs another program.
-                args.first() == Some(&want[0])
-                    && args.contains(&want[1])
-                    && args.contains(&want[2])
+                args.first() == Some(&program.as_os_str().as_bytes())
+                    && before.iter().all(|b| args.contains(&b.as_bytes()))
+                    && args.contains(&dir)
                     && ferry_sys::process_exists(*pid)
             })
             .collect();

@@ -483,6 +483,37 @@ fn post_copy_switches_before_the_memory_moves_and_keeps_clients() {
     assert!(field(done, "bytes") >= 256 << 20, "{done}");
 }
 
+/// A process with guard regions (`madvise(MADV_GUARD_INSTALL)`), as glibc 2.42 and later put
+/// under every thread stack: ferry-testkit's `guarded` workload (16 MiB with two guards, two
+/// threads on guarded stacks) moves post-copy with its memory, its threads and its guards.
+#[test]
+fn post_copy_moves_a_process_with_guard_regions() {
+    let Some(mut f) = Fixture::new(2, &no_env) else { return };
+    let dir = tempfile::Builder::new().prefix("ferry-guarded-").tempdir().unwrap();
+    let argv = ferry_testkit::Sample::Guarded { mib: 16, threads: 2 }.command(dir.path());
+    let log = node_dir(f.lab.config().state_dir(), "node1").join("guarded.log");
+    let w = f.lab.lab_mut().exec("node1", &argv, &ExecOptions { log: Some(log) }).expect("exec guarded");
+    let hash = |pid: i32| -> String {
+        let file = dir.path().join(format!("hash.{pid}"));
+        let _ = std::fs::remove_file(&file);
+        ferry_sys::kill(pid, ferry_sys::Signal::Usr1).unwrap();
+        poll(Duration::from_secs(30), "the hash", || std::fs::read_to_string(&file).ok())
+    };
+    poll(Duration::from_secs(30), "guarded to be ready", || {
+        dir.path().join(format!("ready.{}", w.pid)).exists().then_some(())
+    });
+    let before = hash(w.pid);
+    assert!(before.ends_with(" guards:4/4"), "{before}");
+    let r = f.migrate("node1", w.pid, "node2", Strategy::PostCopy).expect("migrate");
+    assert_eq!(r.strategy, Strategy::PostCopy);
+    let moved: i32 = r.new_workload[4..].parse().unwrap();
+    eprintln!("guarded: moved post-copy, downtime {:.3} s, {} bytes sent", r.downtime_s, r.bytes_sent);
+    assert_eq!(hash(moved), before, "the memory and the guards after the move");
+    let threads = std::fs::read_dir(format!("/proc/{moved}/task")).unwrap().count();
+    assert_eq!(threads, 3, "the main thread and both on guarded stacks");
+    assert!(!ferry_sys::process_exists(w.pid), "the source copy is gone");
+}
+
 #[test]
 fn post_copy_whose_pages_never_come_is_lost_or_resumed_as_asked() {
     // Every page channel is cut as it opens, and nothing is pushed: the pages never come.

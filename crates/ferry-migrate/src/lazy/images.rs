@@ -1,6 +1,18 @@
-//! What the page source needs from a lazy dump's images: the processes of `pstree.img` and, per
+//! What post-copy needs from a lazy dump's images: the processes of `pstree.img` and, per
 //! process, the ranges its `pagemap-<pid>.img` marks lazy (`PE_LAZY`: left out of the images,
-//! still in the frozen task). Images are hostile input: sizes and counts are capped.
+//! still in the frozen task), and (target side) the address space of `mm-<pid>.img` they are cut
+//! at and checked against. Images are hostile input: sizes and counts are capped.
+//!
+//! CRIU's mm image is not a list of mappings: each entry's `status` says what it is, and CRIU's
+//! restore acts on an entry by its status bits alone, never by its position in the list. Since
+//! CRIU 4.2, guard regions (`madvise(MADV_GUARD_INSTALL)`, kernel 6.13+: PTE markers, no
+//! `vm_area_struct` of their own) are written as entries with the status `VMA_AREA_GUARD` only,
+//! after every mapping (`collect_madv_guards`, criu/mem.c), each lying inside the mapping(s) it
+//! guards; the restorer maps the mappings, then installs each guard over its range
+//! (`restore_madv_guard_regions`, criu/pie/restorer.c). A guard page holds nothing: the dump
+//! skips it (`should_dump_page`), so no pagemap entry covers one. The parser here reads the
+//! status and the mapping flags as CRIU does: the mappings are the entries without
+//! `VMA_AREA_GUARD` (sorted and disjoint, as `/proc/PID/smaps` lists them), the guards apart.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -49,6 +61,74 @@ struct VmaEntry {
     start: u64,
     #[prost(uint64, required, tag = "2")]
     end: u64,
+    /// `mmap` flags (`MAP_*`).
+    #[prost(uint32, required, tag = "6")]
+    flags: u32,
+    /// CRIU's `VMA_*` status bits (criu/include/image.h).
+    #[prost(uint32, required, tag = "7")]
+    status: u32,
+}
+
+/// `VMA_AREA_VSYSCALL`, `VMA_AREA_VDSO`, `VMA_AREA_VVAR`: the kernel's own mappings.
+const VMA_AREA_KERNEL: u32 = (1 << 2) | (1 << 3) | (1 << 12);
+/// `VMA_AREA_GUARD`: not a mapping; a guard region inside one (CRIU 4.2+).
+const VMA_AREA_GUARD: u32 = 1 << 16;
+const MAP_PRIVATE: u32 = 0x02;
+const MAP_ANONYMOUS: u32 = 0x20;
+const MAP_LOCKED: u32 = 0x2000;
+const MAP_HUGETLB: u32 = 0x40000;
+
+impl VmaEntry {
+    /// CRIU's `vma_entry_can_be_lazy` (criu/include/vma.h): the mappings whose pages a lazy
+    /// dump may leave out and whose range a lazy restore registers with userfaultfd.
+    fn can_be_lazy(&self) -> bool {
+        self.flags & MAP_ANONYMOUS != 0
+            && self.flags & MAP_PRIVATE != 0
+            && self.flags & (MAP_LOCKED | MAP_HUGETLB) == 0
+            && self.status & VMA_AREA_KERNEL == 0
+    }
+}
+
+/// One mapping of a process as its mm image describes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mapping {
+    pub start: u64,
+    pub end: u64,
+    /// Its pages may be lazy: the restore registers it with userfaultfd.
+    pub lazy: bool,
+}
+
+/// A process's address space as CRIU's mm image describes it: its mappings, sorted and
+/// disjoint, and its guard regions (sorted, merged, each inside mapped memory).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Layout {
+    pub mappings: Vec<Mapping>,
+    pub guards: Vec<(u64, u64)>,
+}
+
+impl Layout {
+    /// The mapping holding `addr`.
+    fn mapping_at(&self, addr: u64) -> Option<&Mapping> {
+        let i = self.mappings.partition_point(|m| m.start <= addr).checked_sub(1)?;
+        Some(&self.mappings[i]).filter(|m| addr < m.end)
+    }
+
+    /// The first guard region that `[start, end)` meets.
+    fn guard_in(&self, start: u64, end: u64) -> Option<(u64, u64)> {
+        let i = self.guards.partition_point(|&(_, e)| e <= start);
+        self.guards.get(i).copied().filter(|&(s, _)| s < end)
+    }
+
+    /// True when `[start, end)` is mapped throughout (by one mapping or adjacent ones).
+    fn mapped(&self, mut start: u64, end: u64) -> bool {
+        while start < end {
+            match self.mapping_at(start) {
+                Some(m) => start = m.end,
+                None => return false,
+            }
+        }
+        true
+    }
 }
 
 /// `mm_entry`, the field used here.
@@ -193,17 +273,17 @@ fn parse_lazy_ranges(name: &str, data: &[u8]) -> Result<LazyRanges, LazyError> {
     Ok(out)
 }
 
-/// The mappings of process `pid` (`mm-<pid>.img`), as sorted, disjoint `(start, end)` pairs;
-/// empty if it has no mm image (a zombie).
-pub fn vmas(dir: &Path, pid: u32) -> Result<Vec<(u64, u64)>, LazyError> {
+/// The address space of process `pid` (`mm-<pid>.img`); empty if it has no mm image (a
+/// zombie).
+pub fn layout(dir: &Path, pid: u32) -> Result<Layout, LazyError> {
     let name = format!("mm-{pid}.img");
     match read_image(dir, &name, MM_MAGIC)? {
-        Some(data) => parse_vmas(&name, &data),
-        None => Ok(Vec::new()),
+        Some(data) => parse_layout(&name, &data),
+        None => Ok(Layout::default()),
     }
 }
 
-fn parse_vmas(name: &str, data: &[u8]) -> Result<Vec<(u64, u64)>, LazyError> {
+fn parse_layout(name: &str, data: &[u8]) -> Result<Layout, LazyError> {
     let bad = |detail: String| LazyError::Images { image: name.to_string(), detail };
     check_magic(name, data, MM_MAGIC)?;
     let mm: Vec<MmEntry> = decode(name, data)?;
@@ -211,25 +291,52 @@ fn parse_vmas(name: &str, data: &[u8]) -> Result<Vec<(u64, u64)>, LazyError> {
     if mm.vmas.len() > MAX_VMAS {
         return Err(bad(format!("{} mappings", mm.vmas.len())));
     }
-    let mut out: Vec<(u64, u64)> = mm.vmas.iter().map(|v| (v.start, v.end)).collect();
-    out.sort_unstable();
-    for (i, &(s, e)) in out.iter().enumerate() {
-        let overlaps = i > 0 && out[i - 1].1 > s;
-        if e <= s || !s.is_multiple_of(PAGE_SIZE) || !e.is_multiple_of(PAGE_SIZE) || overlaps {
-            return Err(bad(format!("odd mapping {s:#x}-{e:#x}")));
+    let mut out = Layout::default();
+    for v in &mm.vmas {
+        let (s, e) = (v.start, v.end);
+        if e <= s || !s.is_multiple_of(PAGE_SIZE) || !e.is_multiple_of(PAGE_SIZE) {
+            return Err(bad(format!("odd entry {s:#x}-{e:#x} (status {:#x})", v.status)));
+        }
+        if v.status & VMA_AREA_GUARD != 0 {
+            out.guards.push((s, e));
+        } else {
+            out.mappings.push(Mapping { start: s, end: e, lazy: v.can_be_lazy() });
         }
     }
+    out.mappings.sort_unstable_by_key(|m| m.start);
+    for w in out.mappings.windows(2) {
+        if w[0].end > w[1].start {
+            return Err(bad(format!(
+                "mappings {:#x}-{:#x} and {:#x}-{:#x} overlap",
+                w[0].start, w[0].end, w[1].start, w[1].end
+            )));
+        }
+    }
+    out.guards.sort_unstable();
+    let mut merged: Vec<(u64, u64)> = Vec::with_capacity(out.guards.len());
+    for &(s, e) in &out.guards {
+        match merged.last_mut() {
+            Some(last) if last.1 >= s => last.1 = last.1.max(e),
+            _ => merged.push((s, e)),
+        }
+    }
+    // CRIU's restore installs each guard with madvise, which fails outside mapped memory.
+    if let Some(&(s, e)) = merged.iter().find(|&&(s, e)| !out.mapped(s, e)) {
+        return Err(bad(format!("guard region {s:#x}-{e:#x} outside the mappings")));
+    }
+    out.guards = merged;
     Ok(out)
 }
 
 /// The lazy ranges of process `pid`, cut where its mappings end: userfaultfd fills pages
-/// within one mapping at a time. A lazy range outside every mapping is an error.
+/// within one mapping at a time. A lazy range outside every mapping, in a mapping the restore
+/// does not register with userfaultfd, or over a guard region is an error.
 pub fn lazy_iovs(dir: &Path, pid: u32) -> Result<Vec<(u64, u64)>, LazyError> {
     let ranges = lazy_ranges(dir, pid)?;
     if ranges.is_empty() {
         return Ok(Vec::new());
     }
-    split_at_vmas(&ranges, &vmas(dir, pid)?)
+    split_at_mappings(&ranges, &layout(dir, pid)?)
         .map_err(|detail| LazyError::Images { image: format!("mm-{pid}.img"), detail })
 }
 
@@ -237,20 +344,28 @@ pub fn lazy_iovs(dir: &Path, pid: u32) -> Result<Vec<(u64, u64)>, LazyError> {
 /// The result is sorted, disjoint, page aligned, each piece inside one mapping.
 pub fn lazy_iovs_of(pagemap: &[u8], mm: &[u8]) -> Result<Vec<(u64, u64)>, LazyError> {
     let ranges = parse_lazy_ranges("pagemap", pagemap)?;
-    let vmas = parse_vmas("mm", mm)?;
-    split_at_vmas(&ranges, &vmas).map_err(|detail| LazyError::Images { image: "mm".into(), detail })
+    let layout = parse_layout("mm", mm)?;
+    split_at_mappings(&ranges, &layout).map_err(|detail| LazyError::Images { image: "mm".into(), detail })
 }
 
-fn split_at_vmas(ranges: &LazyRanges, vmas: &[(u64, u64)]) -> Result<Vec<(u64, u64)>, String> {
+fn split_at_mappings(ranges: &LazyRanges, layout: &Layout) -> Result<Vec<(u64, u64)>, String> {
     let mut out = Vec::new();
     for (mut start, end) in ranges.iter() {
+        if let Some((gs, ge)) = layout.guard_in(start, end) {
+            return Err(format!("lazy pages {start:#x}-{end:#x} over guard region {gs:#x}-{ge:#x}"));
+        }
         while start < end {
-            // The mapping holding `start`: the last one starting at or below it.
-            let i = vmas.partition_point(|&(s, _)| s <= start);
-            let Some(&(_, vma_end)) = i.checked_sub(1).map(|i| &vmas[i]).filter(|&&(_, e)| start < e) else {
+            let Some(m) = layout.mapping_at(start) else {
                 return Err(format!("lazy page {start:#x} lies in no mapping"));
             };
-            let piece = end.min(vma_end);
+            if !m.lazy {
+                return Err(format!(
+                    "lazy page {start:#x} lies in mapping {:#x}-{:#x}, which a lazy restore does not \
+                     register with userfaultfd",
+                    m.start, m.end
+                ));
+            }
+            let piece = end.min(m.end);
             out.push((start, piece));
             start = piece;
         }
@@ -279,17 +394,21 @@ mod tests {
     }
 
     /// Real images of CRIU 4.2.1 lazy dumps (the fuzz target's seeds): an 8 MiB memhog, a
-    /// 4 GiB one with its pagemap cut after 64 entries (one per MiB), and a 64 MiB one with two
-    /// threads dumped with ferry's patch 0003 (one entry per run of lazy pages).
+    /// 4 GiB one with its pagemap cut after 64 entries (one per MiB), a 64 MiB one with two
+    /// threads dumped with ferry's patch 0003 (one entry per run of lazy pages), and the
+    /// testkit's `guarded` workload (8 MiB, two threads; patch 0003) with four guard regions.
     #[test]
     fn real_lazy_dumps_parse() {
         for (seed, min) in [
+            (
+                &include_bytes!("../../../../fuzz/corpus/lazy_images/guarded-8m-threads")[..],
+                (8u64 << 20) - 2 * PAGE_SIZE,
+            ),
             (&include_bytes!("../../../../fuzz/corpus/lazy_images/memhog-8m")[..], 8u64 << 20),
             (&include_bytes!("../../../../fuzz/corpus/lazy_images/memhog-4g")[..], 32 << 20),
             (&include_bytes!("../../../../fuzz/corpus/lazy_images/memhog-64m-threads-runs")[..], 64 << 20),
         ] {
-            let n = u32::from_le_bytes(seed[..4].try_into().unwrap()) as usize;
-            let (pagemap, mm) = seed[4..].split_at(n);
+            let (pagemap, mm) = split_seed(seed);
             let iovs = lazy_iovs_of(pagemap, mm).unwrap();
             let bytes: u64 = iovs.iter().map(|(s, e)| e - s).sum();
             assert!(bytes >= min, "{bytes} lazy bytes");
@@ -298,16 +417,100 @@ mod tests {
         }
     }
 
+    fn split_seed(seed: &[u8]) -> (&[u8], &[u8]) {
+        let n = u32::from_le_bytes(seed[..4].try_into().unwrap()) as usize;
+        seed[4..].split_at(n)
+    }
+
+    /// An mm image holding `vmas` (start, end, flags, status), as CRIU writes one.
+    fn mm_image(vmas: &[(u64, u64, u32, u32)]) -> Vec<u8> {
+        let mm = MmEntry {
+            vmas: vmas
+                .iter()
+                .map(|&(start, end, flags, status)| VmaEntry { start, end, flags, status })
+                .collect(),
+        };
+        let body = mm.encode_to_vec();
+        let mut out = ferry_criu::image::IMG_COMMON_MAGIC.to_le_bytes().to_vec();
+        out.extend_from_slice(&MM_MAGIC.to_le_bytes());
+        out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        out.extend_from_slice(&body);
+        out
+    }
+
+    /// CRIU 4.2 writes guard regions as entries of the mm image with the status
+    /// `VMA_AREA_GUARD`, after the mappings, lying inside the mappings they guard. The seed:
+    /// one at the start and one in the middle of the `guarded` workload's 8 MiB buffer, one at
+    /// the bottom of each of its two threads' 8 MiB stacks (the kernel merged adjacent ones of
+    /// those mappings into one). They are guards, not mappings, and the lazy pages go around
+    /// them.
+    #[test]
+    fn guard_regions_are_not_mappings() {
+        let (pagemap, mm) =
+            split_seed(include_bytes!("../../../../fuzz/corpus/lazy_images/guarded-8m-threads"));
+        let layout = parse_layout("mm", mm).unwrap();
+        assert_eq!(layout.guards.len(), 4, "{layout:?}");
+        for &(s, e) in &layout.guards {
+            assert_eq!(e - s, PAGE_SIZE);
+            let m = layout.mapping_at(s).unwrap();
+            assert!(m.lazy && m.end - m.start >= 8 << 20, "a guard inside an 8 MiB anonymous mapping: {m:?}");
+        }
+        let iovs = lazy_iovs_of(pagemap, mm).unwrap();
+        assert!(iovs.iter().all(|&(s, e)| layout.guard_in(s, e).is_none()), "lazy pages over a guard");
+
+        // The same layout, made up: mappings (sorted or not), guards after them, overlapping.
+        let anon = MAP_PRIVATE | MAP_ANONYMOUS;
+        let regular = 1 | (1 << 9);
+        let img = mm_image(&[
+            (0x10000, 0x20000, anon, regular),
+            (0x1000, 0x3000, 0x02, regular | (1 << 6)), // a private file mapping
+            (0x10000, 0x11000, 0, VMA_AREA_GUARD),
+            (0x18000, 0x19000, 0, VMA_AREA_GUARD),
+            (0x17000, 0x18000, 0, VMA_AREA_GUARD),
+        ]);
+        let l = parse_layout("mm", &img).unwrap();
+        assert_eq!(
+            l.mappings,
+            vec![Mapping { start: 0x1000, end: 0x3000, lazy: false }, anon_m(0x10000, 0x20000)]
+        );
+        assert_eq!(l.guards, vec![(0x10000, 0x11000), (0x17000, 0x19000)]);
+        // Mappings may not overlap each other, nor may a guard lie outside them.
+        let bad = mm_image(&[(0x10000, 0x20000, anon, regular), (0x1f000, 0x21000, anon, regular)]);
+        assert!(parse_layout("mm", &bad).is_err(), "overlapping mappings");
+        let bad = mm_image(&[(0x10000, 0x20000, anon, regular), (0x1f000, 0x21000, 0, VMA_AREA_GUARD)]);
+        assert!(parse_layout("mm", &bad).is_err(), "a guard reaching past its mapping");
+        let good = mm_image(&[
+            (0x10000, 0x20000, anon, regular),
+            (0x20000, 0x30000, anon, regular),
+            (0x1f000, 0x21000, 0, VMA_AREA_GUARD),
+        ]);
+        assert!(parse_layout("mm", &good).is_ok(), "a guard over two adjacent mappings");
+    }
+
+    fn anon_m(start: u64, end: u64) -> Mapping {
+        Mapping { start, end, lazy: true }
+    }
+
     #[test]
     fn lazy_ranges_are_cut_at_mapping_ends() {
         let mut r = LazyRanges::default();
         r.add(0x1000, 0x6000);
         r.add(0x8000, 0x9000);
-        let vmas = [(0x0, 0x3000), (0x3000, 0x7000), (0x8000, 0xa000)];
+        let layout = Layout {
+            mappings: vec![anon_m(0x0, 0x3000), anon_m(0x3000, 0x7000), anon_m(0x8000, 0xa000)],
+            guards: vec![],
+        };
         assert_eq!(
-            split_at_vmas(&r, &vmas).unwrap(),
+            split_at_mappings(&r, &layout).unwrap(),
             vec![(0x1000, 0x3000), (0x3000, 0x6000), (0x8000, 0x9000)]
         );
-        assert!(split_at_vmas(&r, &[(0x0, 0x3000)]).is_err(), "a lazy page outside every mapping");
+        let short = Layout { mappings: vec![anon_m(0x0, 0x3000)], guards: vec![] };
+        assert!(split_at_mappings(&r, &short).is_err(), "a lazy page outside every mapping");
+        let mut locked = layout.clone();
+        locked.mappings[1].lazy = false;
+        assert!(split_at_mappings(&r, &locked).is_err(), "a lazy page where the restore registers none");
+        let mut guarded = layout;
+        guarded.guards.push((0x5000, 0x6000));
+        assert!(split_at_mappings(&r, &guarded).is_err(), "a lazy page over a guard");
     }
 }

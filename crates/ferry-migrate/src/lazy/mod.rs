@@ -23,7 +23,7 @@ mod source;
 use std::time::Duration;
 
 pub use finisher::{pick_port, FinishReport, PageServerFinisher};
-pub use images::{lazy_iovs, lazy_iovs_of, lazy_ranges, tree_pids, vmas, LazyRanges};
+pub use images::{layout, lazy_iovs, lazy_iovs_of, lazy_ranges, tree_pids, Layout, LazyRanges, Mapping};
 pub use pager::{Keeper, LazyPager, PageFeeder};
 pub use proto::PAGE_SIZE;
 pub use source::{HeldBy, PageSource};

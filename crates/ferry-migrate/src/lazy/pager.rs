@@ -333,15 +333,20 @@ fn fill(shared: &Shared, pid: u32, img: u64, data: &[u8], demand: bool) -> Resul
     let mut failure = None;
     for job in &jobs {
         let mut k = 0usize;
+        // One page per copy from the first refusal of a longer run on: the process may have
+        // split the mapping since (mprotect, mlock, madvise: no event says so), and a copy
+        // fills within one mapping only.
+        let mut by_page = false;
         while k < job.pages {
-            let bytes = &data[job.offset + k * PAGE..job.offset + job.pages * PAGE];
+            let end = if by_page { k + 1 } else { job.pages };
+            let bytes = &data[job.offset + k * PAGE..job.offset + end * PAGE];
             let at = job.at + (k * PAGE) as u64;
             let img_at = job.img + (k * PAGE) as u64;
             match job.uffd.copy(at, bytes) {
                 Ok(Fill::Done) => {
-                    outcomes.push((job.task, img_at, job.pages - k, Page::Present));
+                    outcomes.push((job.task, img_at, end - k, Page::Present));
                     copied += bytes.len() as u64;
-                    k = job.pages;
+                    k = end;
                 }
                 Ok(Fill::Exists { filled }) => {
                     // The page after those filled is there already: count it as present.
@@ -356,6 +361,7 @@ fn fill(shared: &Shared, pid: u32, img: u64, data: &[u8], demand: bool) -> Resul
                     copied += filled;
                     k += n;
                 }
+                Ok(Fill::Retry { .. }) if !by_page && end - k > 1 => by_page = true,
                 Ok(Fill::Retry { .. }) => {
                     // The mapping is moving: the page goes back to missing, and a thread
                     // waiting on it is woken so that it faults again where it is now.
@@ -1160,6 +1166,53 @@ mod tests {
             "dropped pages were asked for: {asked:?}"
         );
         assert_eq!(stats.bytes, 28 * P, "every page but the 4 dropped, once");
+    }
+
+    /// A process may split a mapping whose pages are still missing (`mprotect`, `mlock`, most
+    /// `madvise` advice), and no event says so; `UFFDIO_COPY` fills within one mapping only. The
+    /// runs that now cross a mapping end still go in, page by page, and nothing spins.
+    #[test]
+    fn a_mapping_split_while_pages_are_missing_is_filled() {
+        if !ferry_testkit::require_privileged() {
+            return;
+        }
+        let map = ferry_sys::AnonMapping::new((32 * P) as usize).unwrap();
+        let features = ferry_sys::UFFD_FEATURE_EVENT_FORK
+            | ferry_sys::UFFD_FEATURE_EVENT_REMAP
+            | ferry_sys::UFFD_FEATURE_EVENT_REMOVE
+            | ferry_sys::UFFD_FEATURE_EVENT_UNMAP;
+        let uffd = Uffd::open(features).unwrap();
+        uffd.register_missing(map.addr(), 32 * P).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        let lazy = vec![(1u32, vec![(map.addr(), map.addr() + 32 * P)])];
+        let mut pager = LazyPager::serve(
+            lazy,
+            dir.path(),
+            Box::new(Pattern { base: map.addr(), asked: asked.clone() }),
+            None,
+        )
+        .unwrap();
+        let feeder = pager.feeder(); // holds the sweep back until the split
+        hand_over(dir.path(), &uffd);
+        drop(uffd);
+        // Three mappings now: pages 0..10, 10..12 (read-only), 12..32.
+        map.read_only((10 * P) as usize, (2 * P) as usize).unwrap();
+        // A push of all 32 pages in one frame crosses both ends.
+        let mut pushed = Vec::new();
+        for i in 0..16 {
+            pushed.extend_from_slice(&pattern_page(i));
+        }
+        assert!(feeder.feed(1, map.addr(), &pushed));
+        feeder.end();
+        let stats = pager.wait_done(Duration::from_secs(20)).unwrap();
+        let mut page = vec![0u8; PAGE];
+        for i in 0..32 {
+            map.read(i * PAGE, &mut page);
+            assert_eq!(page, pattern_page(i as u64), "page {i}");
+        }
+        assert_eq!(stats.bytes, 32 * P, "every page once");
+        assert_eq!(stats.pushed, 16 * P, "the push's pages went in, across the split");
     }
 
     #[test]
