@@ -20,7 +20,7 @@ pub use clean::{
     rules_for_port, FirewallGuard,
 };
 pub use ferry_sys::Signal;
-pub use net::{fetch_greeting, free_port, LineClient};
+pub use net::{fetch_greeting, free_port, LineClient, Probe};
 pub use poll::{poll, try_poll, WAIT};
 pub use privileged::{
     criu_path, criu_version, parse_criu_version, privileged_missing, require_privileged, CRIU_MIN,

@@ -62,3 +62,37 @@ impl LineClient {
         self.recv()
     }
 }
+
+/// tools/probe_client.py in echo mode against `ip:port`: `conns` connections sending and
+/// checking continuously until [`Probe::finish`], however long what it watches takes (a fixed
+/// duration fails a slow migration on a loaded machine: a request still unanswered when the
+/// probe stops counts as an error).
+#[derive(Debug)]
+pub struct Probe {
+    child: std::process::Child,
+    dir: tempfile::TempDir,
+}
+
+impl Probe {
+    pub fn echo(probe_client: &std::path::Path, ip: std::net::Ipv4Addr, port: u16, conns: u32) -> Probe {
+        let dir = tempfile::tempdir().expect("a temporary directory for the probe");
+        let child = std::process::Command::new("/usr/bin/python3")
+            .arg(probe_client)
+            .args(["echo", &ip.to_string(), &port.to_string(), "--conns", &conns.to_string()])
+            .arg("--stop-file")
+            .arg(dir.path().join("stop"))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .expect("start tools/probe_client.py");
+        Probe { child, dir }
+    }
+
+    /// Lets it run `settle` longer, stops it and returns its JSON summary.
+    pub fn finish(self, settle: std::time::Duration) -> serde_json::Value {
+        std::thread::sleep(settle);
+        std::fs::write(self.dir.path().join("stop"), b"").expect("write the probe's stop file");
+        let out = self.child.wait_with_output().expect("wait for the probe");
+        serde_json::from_slice(&out.stdout).expect("the probe's JSON summary")
+    }
+}

@@ -11,7 +11,7 @@
 use std::io::{BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -20,7 +20,7 @@ use ferry_migrate::api::{Event, MigrateRequest, Report, Request, Strategy};
 use ferry_migrate::lab_agents::{self, agent_socket, node_dir};
 use ferry_runtime::container::{self, ContainerRuntime, CreateSpec, Endpoints};
 use ferry_runtime::{CheckpointRequest, Context, RestoreRequest, WorkloadId};
-use ferry_testkit::{poll, require_privileged, try_poll};
+use ferry_testkit::{poll, require_privileged, try_poll, Probe};
 
 /// One lab at a time: each test moves hundreds of MiB on a 2-core machine.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -302,21 +302,11 @@ fn migrate_under_clients(kind: &'static str, strategy: Strategy) {
     let Some(mut f) = Fixture::new(kind) else { return };
     let w = f.start("node1", "web", 64, None);
     let before = ask(w.ip, "!sum").unwrap();
-    // A request still unanswered when the probe stops counts as an error: pre-copy's first
-    // round (a checkpoint of the running container, shipped whole) comes before the freeze.
-    let duration = if strategy == Strategy::PreCopy { "20" } else { "12" };
-    let probe = Command::new("/usr/bin/python3")
-        .arg(repo().join("tools/probe_client.py"))
-        .args(["echo", &w.ip.to_string(), &PORT.to_string(), "--conns", "50", "--duration", duration])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
+    let probe = Probe::echo(&repo().join("tools/probe_client.py"), w.ip, PORT, 50);
     std::thread::sleep(Duration::from_secs(3));
     let r = f.migrate("node1", "web", "node2", strategy).expect("migrate");
     assert_eq!(r.new_workload, format!("{kind}:web"));
-    let out = probe.wait_with_output().unwrap();
-    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("probe summary");
+    let summary = probe.finish(Duration::from_secs(2));
     assert_eq!(summary["conns"], 50, "{summary}");
     for counter in ["errors", "lost", "dup", "wrong"] {
         assert_eq!(summary[counter], 0, "{counter} in {summary}");

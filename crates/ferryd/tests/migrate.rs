@@ -9,7 +9,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -17,7 +17,7 @@ use ferry_lab::{ExecOptions, TestLab, Workload};
 use ferry_migrate::api::{Event, MigrateRequest, OnFailure, Report, Request, Strategy};
 use ferry_migrate::journal::Phase;
 use ferry_migrate::lab_agents::{self, agent_socket, node_dir, METRICS_PORT, PEER_PORT};
-use ferry_testkit::{poll, require_privileged};
+use ferry_testkit::{poll, require_privileged, Probe};
 
 /// One migration test at a time: each moves hundreds of MiB on a 2-core machine.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -257,23 +257,15 @@ fn failing(node: &'static str, spec: &'static str) -> impl Fn(&str) -> Vec<(&'st
     move |n: &str| if n == node { vec![("FERRY_FAILPOINTS", spec.to_owned())] } else { Vec::new() }
 }
 
-/// tools/probe_client.py in echo mode against the workload at `ip`: `conns` connections for
-/// `secs` seconds.
-fn start_probe(ip: Ipv4Addr, conns: u32, secs: u32) -> std::process::Child {
-    Command::new("/usr/bin/python3")
-        .arg(tools().join("probe_client.py"))
-        .args(["echo", &ip.to_string(), &PORT.to_string()])
-        .args(["--conns", &conns.to_string(), "--duration", &secs.to_string()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap()
+/// tools/probe_client.py in echo mode against the workload at `ip`, `conns` connections,
+/// until it is finished.
+fn start_probe(ip: Ipv4Addr, conns: u32) -> Probe {
+    Probe::echo(&tools().join("probe_client.py"), ip, PORT, conns)
 }
 
-/// The probe's summary, checked for `counters` all 0.
-fn probe_summary(probe: std::process::Child, counters: &[&str]) -> serde_json::Value {
-    let out = probe.wait_with_output().unwrap();
-    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).expect("probe summary");
+/// The probe's summary, two seconds after what it watched ended, checked for `counters` all 0.
+fn probe_summary(probe: Probe, counters: &[&str]) -> serde_json::Value {
+    let summary = probe.finish(Duration::from_secs(2));
     for counter in counters {
         assert_eq!(summary[*counter], 0, "{counter} in {summary}");
     }
@@ -440,7 +432,7 @@ fn stop_copy_moves_memory_address_and_record_and_counts_it() {
 fn fifty_tcp_clients_see_no_error_through_a_pre_copy_migration() {
     let Some(mut f) = Fixture::new(2, &no_env) else { return };
     let w = f.memload("node1", 128, Some(10));
-    let probe = start_probe(w.ip, 50, 14);
+    let probe = start_probe(w.ip, 50);
     std::thread::sleep(Duration::from_secs(3));
     let r = f.migrate("node1", w.pid, "node2", Strategy::PreCopy).expect("migrate");
     let pre = r.phases.iter().find(|p| p.name == "pre-copy").expect("a pre-copy phase");
@@ -457,7 +449,7 @@ fn post_copy_switches_before_the_memory_moves_and_keeps_clients() {
     let env = |n: &str| if n == "node2" { vec![("FERRY_PUSH_DELAY_MS", "0".to_owned())] } else { Vec::new() };
     let Some(mut f) = Fixture::new(2, &env) else { return };
     let w = f.memload("node1", 256, Some(5));
-    let probe = start_probe(w.ip, 10, 10);
+    let probe = start_probe(w.ip, 10);
     std::thread::sleep(Duration::from_secs(2));
     let r = f.migrate("node1", w.pid, "node2", Strategy::PostCopy).expect("migrate");
     assert_eq!(r.strategy, Strategy::PostCopy);
