@@ -423,6 +423,11 @@ runtime_tests! {
         }
 
         #[test]
+        fn refuses_an_image_the_target_lacks_before_freezing() {
+            refuses_missing_image("containerd");
+        }
+
+        #[test]
         fn a_container_of_another_namespace_migrates_there() {
             migrate_namespaced("containerd", "prod/web");
         }
@@ -442,6 +447,11 @@ runtime_tests! {
         fn a_daemon_that_is_down_gets_a_clear_error() {
             daemon_down_test("docker");
         }
+
+        #[test]
+        fn refuses_an_image_the_target_lacks_before_freezing() {
+            refuses_missing_image("docker");
+        }
     }
 }
 
@@ -449,6 +459,43 @@ runtime_tests! {
 #[allow(dead_code)]
 fn daemon_down_test(kind: &'static str) {
     daemon_down(kind);
+}
+
+/// An image only the source's runtime has (the lab's nodes each have their own image store):
+/// refused before anything is frozen, saying which image, and the container runs on.
+#[allow(dead_code)]
+fn refuses_missing_image(kind: &'static str) {
+    let Some(mut f) = Fixture::new(kind) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let rootfs = dir.path().join("only-node1");
+    let built = Command::new(repo().join("scripts/mkrootfs")).arg(&rootfs).arg("--minimal").output().unwrap();
+    assert!(built.status.success(), "mkrootfs: {}", String::from_utf8_lossy(&built.stderr));
+    // Content of its own, so that no image of the target matches it by id or layers.
+    std::fs::write(rootfs.join("etc/only-node1"), format!("{:?}\n", std::time::SystemTime::now())).unwrap();
+    f.runtime("node1").import_image(&rootfs, "ferry-lab/only-node1").expect("import on node1");
+    let args: Vec<String> =
+        ["/bin/sh", "-c", "while true; do sleep 1; done"].iter().map(|s| s.to_string()).collect();
+    let rt = f.runtime("node1");
+    let w = f
+        .lab
+        .lab_mut()
+        .exec_container("node1", &format!("{kind}:solo"), args.clone(), &mut |netns| {
+            let spec = CreateSpec {
+                name: "solo",
+                image: "ferry-lab/only-node1",
+                args: &args,
+                netns: Some(netns),
+                ..Default::default()
+            };
+            rt.create(&spec).map(|r| r.pid).map_err(|e| e.to_string())
+        })
+        .expect("start the container");
+    let err = f.migrate("node1", "solo", "node2", Strategy::StopCopy).expect_err("refused");
+    assert!(err.contains("only-node1"), "the refusal names the image: {err}");
+    assert!(ferry_sys::process_exists(w.pid), "the container stopped");
+    assert_eq!(ferry_sys::process_state(w.pid), Some('S'), "the container is not running freely");
+    assert!(f.exists("node1", "solo") && !f.exists("node2", "solo"));
+    assert_nothing_left(&f);
 }
 
 /// A container named `NAMESPACE/ID` (containerd) moves into the same namespace on the target,

@@ -371,6 +371,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_device_this_host_lacks_is_a_reason() {
+        let mut r = record::tests_support::sample();
+        r.spec = serde_json::json!({"linux": {"devices": [{"path": "/dev/null"}, {"path": "/dev/ferry-no-such-gpu0"}]}});
+        let reasons = missing_devices(&r);
+        assert_eq!(reasons.len(), 1, "{reasons:?}");
+        assert!(reasons[0].contains("/dev/ferry-no-such-gpu0"));
+    }
+
+    #[test]
     fn endpoints_parse_and_default() {
         let e = Endpoints::new("/var/lib/ferry").with(&["runc=/run/x".into(), "".into()]).expect("parse");
         assert_eq!(e.get("runc"), PathBuf::from("/run/x"));
