@@ -455,7 +455,7 @@ mod tests {
         let opaque = |p: &Path| opaque_dirs.iter().any(|o| o == p);
         let tar = dir.path().join("diff.tar");
         let deleted = dir.path().join("deleted.files");
-        write_diff_with(&upper, &[image.clone()], &[], &tar, &deleted, &opaque).expect("diff");
+        write_diff_with(&upper, std::slice::from_ref(&image), &[], &tar, &deleted, &opaque).expect("diff");
         let list = read_deleted(&deleted).expect("deleted");
         assert_eq!(list, ["/sbin/ifconfig", "/usr/lib/x/c", "/usr/lib/x/keep/a", "/usr/lib/x/old"]);
 

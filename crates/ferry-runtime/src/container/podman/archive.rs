@@ -22,8 +22,11 @@ use crate::container::record::{DELETED_FILES_FILE, DESCRIPTORS_FILE, ROOTFS_DIFF
 /// to decide whether a checkpoint is complete). It holds no memory.
 pub(crate) const INVENTORY: &str = "inventory.img";
 
-/// What a restore removes from the recorded `config.dump`: paths of the source's Podman.
+/// What a restore removes from the recorded `config.dump`: paths of the source's Podman, and
+/// a root filesystem from a host directory (ferry restores containers of images only).
 const SOURCE_ONLY: &[&str] = &[
+    "rootfs",
+    "rootfs_overlay",
     "conmonPidFile",
     "pid_file",
     "ShmDir",
@@ -161,12 +164,12 @@ fn entrypoint(ins: &Value, spec: &Value, cmd: &[Value]) -> Option<Vec<Value>> {
 
 /// The `config.dump` a restore of `recorded` as `name` gives Podman: the source's paths
 /// dropped, the spec of the restore, this instance's cgroup parent (Podman's default when
-/// there is none), and the recorded id kept only when `keep_id` (otherwise Podman makes one,
-/// asked with `name=`).
+/// there is none), and `id` (the record's, when it is kept) or none (Podman makes one, asked
+/// with `name=`).
 pub(crate) fn restore_config(
     recorded: &Value,
     name: &str,
-    keep_id: bool,
+    id: Option<&str>,
     spec: &Value,
     cgroup_parent: Option<&str>,
 ) -> Value {
@@ -176,9 +179,7 @@ pub(crate) fn restore_config(
     }
     c.insert("spec".into(), spec.clone());
     c.insert("name".into(), name.into());
-    if !keep_id {
-        c.insert("id".into(), "".into());
-    }
+    c.insert("id".into(), id.unwrap_or("").into());
     match cgroup_parent {
         Some(p) => c.insert("cgroupParent".into(), p.into()),
         None => c.remove("cgroupParent"),
@@ -312,7 +313,9 @@ mod tests {
         let recorded = config_dump(&inspection(), &spec());
         let mut new_spec = spec();
         new_spec["annotations"] = json!({"org.criu.config": "/w/criu.conf"});
-        let c = restore_config(&recorded, "web2", false, &new_spec, Some("/ferry-lab/x/node2"));
+        let mut hostile = recorded.clone();
+        hostile["rootfs"] = "/".into();
+        let c = restore_config(&hostile, "web2", None, &new_spec, Some("/ferry-lab/x/node2"));
         for key in SOURCE_ONLY {
             assert!(c.get(*key).is_none(), "{key} kept");
         }
@@ -321,7 +324,13 @@ mod tests {
         assert_eq!(c["cgroupParent"], "/ferry-lab/x/node2");
         assert_eq!(c["spec"]["annotations"]["org.criu.config"], "/w/criu.conf");
         assert_eq!(c["rootfsImageID"], "4b1f32f4");
-        let c = restore_config(&recorded, "cnt", true, &new_spec, None);
+        let c = restore_config(
+            &recorded,
+            "cnt",
+            Some("64123825905b0632c174d2985414f96fc6023624037c01f3ef7e550381ca37f2"),
+            &new_spec,
+            None,
+        );
         assert_eq!(c["id"], recorded["id"]);
         assert!(c.get("cgroupParent").is_none());
     }

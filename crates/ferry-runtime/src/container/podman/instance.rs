@@ -343,15 +343,38 @@ fn remove_cgroups(parent: &str) {
     }
 }
 
+/// Removes a cgroup of the instance's (a container's, or its conmons'), ending what still
+/// runs in it (a cleanup that conmon started late): it may take a moment to be empty.
 fn remove_cgroup_tree(dir: &Path) {
+    let started = Instant::now();
+    loop {
+        kill_members(dir);
+        if remove_tree_once(dir) || started.elapsed() > Duration::from_secs(5) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn kill_members(dir: &Path) {
     if let Ok(children) = fs::read_dir(dir) {
-        for c in children.flatten() {
-            if c.path().is_dir() {
-                remove_cgroup_tree(&c.path());
-            }
+        for c in children.flatten().filter(|c| c.path().is_dir()) {
+            kill_members(&c.path());
         }
     }
-    let _ = fs::remove_dir(dir);
+    let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+    for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+        let _ = ferry_sys::kill(pid, ferry_sys::Signal::Kill);
+    }
+}
+
+fn remove_tree_once(dir: &Path) -> bool {
+    if let Ok(children) = fs::read_dir(dir) {
+        for c in children.flatten().filter(|c| c.path().is_dir()) {
+            remove_tree_once(&c.path());
+        }
+    }
+    fs::remove_dir(dir).is_ok() || !dir.exists()
 }
 
 /// Before ferry's Podman first runs: is `/var/lib/containers` someone else's?
@@ -383,15 +406,18 @@ fn forget_varlib() {
     // `cache/blob-info-cache-v1.boltdb` and nothing else (bolt may keep a lock file beside it).
     let only_cache = names(varlib).iter().all(|n| n == "cache")
         && names(&varlib.join("cache")).iter().all(|n| n.starts_with(BLOB_CACHE_PREFIX));
-    if only_cache {
-        if let Err(e) = fs::remove_dir_all(varlib) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!(error = %e, "cannot remove /var/lib/containers (Podman's image cache)");
-                return;
-            }
+    if !only_cache {
+        // Someone's Podman keeps more there now: theirs; a later stop looks again.
+        tracing::info!("/var/lib/containers holds more than Podman's image cache: left as it is");
+        return;
+    }
+    match fs::remove_dir_all(varlib) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot remove /var/lib/containers (Podman's image cache)");
+            return;
         }
-    } else {
-        tracing::info!("/var/lib/containers holds more than Podman's image cache now: left as it is");
     }
     let _ = fs::remove_file(VARLIB_NOTE);
 }

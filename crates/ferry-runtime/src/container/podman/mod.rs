@@ -11,7 +11,8 @@
 //! exit for a crash and applies the restart policy (`always`: a second copy within 0.2 s);
 //! Podman 4.3.1 cannot change a policy, so `hold` does nothing and `stopping` kills the
 //! container through the API (`POST /libpod/containers/ID/kill?signal=SIGKILL`) just before
-//! CRIU kills it: Podman records a stop by the user and leaves it stopped.
+//! CRIU kills it: Podman records a stop by the user and leaves it stopped (ferry waits for
+//! the kill to land, not for Podman's answer, which waits for an exit CRIU holds back).
 //!
 //! **What travels.** The record's `spec` is the container's `config.json` (inspect's
 //! `OCIConfigPath`) without the mounts Podman makes for every container from its own
@@ -37,7 +38,10 @@
 //! Podman applies to the new root itself. runc's CRIU then reads every image from ferry's
 //! directory, as the configuration file says. Podman needs the container's image under its
 //! name *and* with its id: [`ContainerRuntime::import_image`] therefore builds images
-//! deterministically ([`image`]), so that every host gets the same id.
+//! deterministically ([`image`]), so that every host gets the same id. Once restored, the
+//! container keeps the `org.criu.config` annotation (Podman stores the spec it was given) and
+//! runc would hand the file to CRIU again at Podman's own next checkpoint: ferry empties the
+//! file after the restore, and leaves the annotation out of the records it takes.
 
 mod archive;
 mod http;
@@ -67,6 +71,11 @@ const MAX_SPEC: u64 = 4 << 20;
 const MAX_ANSWER: usize = 16 << 20;
 /// Calls that answer at once.
 const SHORT: Duration = Duration::from_secs(60);
+/// What the CRIU configuration file of a restore says once the restore is done.
+const SPENT_CRIU_CONFIG: &str =
+    "# ferry restored a container from here; Podman's own checkpoints and restores of it read this file too\n";
+/// How long a kill through the API may take to land (`stopping`).
+const STOPPING_WAIT: Duration = Duration::from_secs(10);
 /// Calls that run CRIU or copy an image.
 const LONG: Duration = Duration::from_secs(900);
 
@@ -337,6 +346,10 @@ impl ContainerRuntime for Podman {
             })
             .collect();
         drop_podman_mounts(&mut spec, &userdata);
+        // ferry's own restore left it (it names a file of that restore's).
+        if let Some(a) = spec.get_mut("annotations").and_then(Value::as_object_mut) {
+            a.remove(super::criu_conf::ANNOTATION);
+        }
         config_dump["spec"] = spec.clone();
         let root = self.runc_root_of(&full_id)?;
         let plan = runc_state::dump_plan(root, &full_id).map_err(|e| match e {
@@ -378,9 +391,59 @@ impl ContainerRuntime for Podman {
         Ok(())
     }
 
+    /// Kills the container through the API, so that Podman records a stop by its user (and
+    /// no restart). Podman answers a SIGKILL only once the container's exit is reported, which
+    /// cannot happen while CRIU holds the tree (it waits 5 s, then gives up): the answer is read
+    /// aside, and the kill is seen landing instead, as the init process dying. Podman holds the
+    /// container's lock from before that kill until it has saved the stop, so conmon's cleanup
+    /// (which applies the restart policy) sees the stop.
     fn stopping(&self, c: &Container) -> Result<(), Error> {
         let target = format!("{API}/containers/{}/kill?signal=SIGKILL", encode(&c.record.id));
-        self.expect_ok("POST", &target, Body::None, SHORT).map(drop)
+        let client = self.client.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let asked = target.clone();
+        std::thread::spawn(move || {
+            let answer = client.call("POST", &asked, Body::None, 1 << 20, SHORT);
+            match &answer {
+                Ok(r) if r.ok() => tracing::debug!("podman reported the kill done"),
+                Ok(r) => tracing::debug!(answer = %r.message(), "podman's answer to the kill"),
+                Err(e) => tracing::debug!(error = %e, "podman's answer to the kill"),
+            }
+            let _ = tx.send(answer);
+        });
+        let pid = c.plan.init_pid;
+        let started = std::time::Instant::now();
+        loop {
+            if !ferry_sys::process_state(pid).is_some_and(|s| s != 'Z' && s != 'X') {
+                tracing::debug!(seconds = started.elapsed().as_secs_f64(), "podman killed the container");
+                return Ok(());
+            }
+            let failed = match rx.try_recv() {
+                Ok(Ok(r)) if !r.ok() => Some(r.message()),
+                Ok(Err(e)) => Some(e.to_string()),
+                _ => None,
+            };
+            if let Some(detail) = failed {
+                return Err(Error::runtime_failed(
+                    KIND,
+                    format!("podman kill {}", c.record.name),
+                    detail,
+                    None,
+                ));
+            }
+            if started.elapsed() > STOPPING_WAIT {
+                return Err(Error::runtime_failed(
+                    KIND,
+                    format!("podman kill {}", c.record.name),
+                    format!(
+                        "the container's init (pid {pid}) did not die within {} s",
+                        STOPPING_WAIT.as_secs()
+                    ),
+                    None,
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
     }
 
     fn remove(&self, record: &ContainerRecord) -> Result<(), Error> {
@@ -435,8 +498,8 @@ impl ContainerRuntime for Podman {
         // The same id when the name is the same and the id free (a migration, a checkpoint
         // that stopped it); otherwise Podman gives it a new one (`name=`).
         let keep_id = req.name == record.name && self.inspect_json(&record.id)?.is_none();
-        let config =
-            archive::restore_config(recorded, req.name, keep_id, &spec, self.cgroup_parent.as_deref());
+        let id = keep_id.then_some(record.id.as_str());
+        let config = archive::restore_config(recorded, req.name, id, &spec, self.cgroup_parent.as_deref());
         let mut target = format!("{API}/containers/{}/restore?import=true", encode(req.name));
         if !keep_id {
             target.push_str(&format!("&name={}", encode(req.name)));
@@ -446,7 +509,17 @@ impl ContainerRuntime for Podman {
         let r = self.call("POST", &target, Body::Stream("application/x-tar", &mut produce), LONG)?;
         let log = req.log.exists().then(|| req.log.to_path_buf());
         if !r.ok() {
-            return Err(Error::runtime_failed(KIND, "podman container restore --import", r.message(), log));
+            let mut detail = r.message();
+            if let Some(line) = log.as_deref().and_then(criu_error) {
+                detail.push_str(&format!("; CRIU: {line}"));
+            }
+            return Err(Error::runtime_failed(KIND, "podman container restore --import", detail, log));
+        }
+        // The container keeps the annotation (Podman stores the spec it was given), and runc
+        // hands the file to CRIU again at the container's next `podman container checkpoint`
+        // or restore: from now on it must ask for nothing (the images it names are gone).
+        if let Err(e) = fs::write(req.criu_config, SPENT_CRIU_CONFIG) {
+            tracing::warn!(path = %req.criu_config.display(), error = %e, "cannot empty the restore's CRIU configuration");
         }
         let id = id_of(&r)?;
         let (name, pid) = self.running_pid(&id).map_err(|e| {
@@ -494,6 +567,17 @@ impl ContainerRuntime for Podman {
         let _ = fs::remove_dir_all(&tmp);
         done
     }
+}
+
+/// The first error CRIU logged (its log's last 4 MiB are read).
+fn criu_error(log: &Path) -> Option<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = fs::File::open(log).ok()?;
+    let len = f.metadata().ok()?.len();
+    f.seek(SeekFrom::Start(len.saturating_sub(4 << 20))).ok()?;
+    let mut bytes = Vec::new();
+    f.take(4 << 20).read_to_end(&mut bytes).ok()?;
+    ferry_criu::classify::first_error_line(&String::from_utf8_lossy(&bytes))
 }
 
 pub(crate) fn io_err(action: &str, path: &Path, e: std::io::Error) -> Error {
