@@ -455,6 +455,17 @@ impl ContainerRuntime for Podman {
         Ok(self.inspect_json(name)?.is_some_and(|c| c["Name"] == name || c["Id"] == name))
     }
 
+    /// Podman's import drops the mounts at its own destinations (whatever their source: an
+    /// archive of Podman's own export still names the source host's files) and makes them anew.
+    fn own_bind_sources(&self, record: &ContainerRecord) -> Vec<String> {
+        record
+            .bind_sources()
+            .into_iter()
+            .filter(|(_, dst)| PODMAN_MOUNTS.contains(&dst.as_str()))
+            .map(|(src, _)| src)
+            .collect()
+    }
+
     fn preflight(&self, record: &ContainerRecord, _name: &str) -> Vec<String> {
         let Some(config) = record.runtime.get("config_dump").filter(|c| c.is_object()) else {
             return vec![
