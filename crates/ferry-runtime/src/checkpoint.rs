@@ -267,6 +267,7 @@ fn write_rootfs_diff(c: &Container, images: &Path) -> Result<(), Error> {
     let t = Instant::now();
     let stats = crate::container::rootfs::write_diff(
         &overlay.upper,
+        &overlay.lower,
         &c.plan.mount_points,
         &images.join(ROOTFS_DIFF_FILE),
         &images.join(DELETED_FILES_FILE),

@@ -453,6 +453,27 @@ runtime_tests! {
             refuses_missing_image("docker");
         }
     }
+    podman: {
+        #[test]
+        fn fifty_clients_through_post_copy() {
+            migrate_under_clients("podman", Strategy::PostCopy);
+        }
+
+        #[test]
+        fn fifty_clients_through_pre_copy() {
+            migrate_under_clients("podman", Strategy::PreCopy);
+        }
+
+        #[test]
+        fn a_daemon_that_is_down_gets_a_clear_error() {
+            daemon_down_test("podman");
+        }
+
+        #[test]
+        fn restart_always_is_not_restarted_and_a_remade_directory_keeps_its_content() {
+            podman_restart_policy_and_remade_directory();
+        }
+    }
 }
 
 /// Used by the runtimes with a daemon (in their module of `runtime_tests!`).
@@ -513,4 +534,133 @@ fn migrate_namespaced(kind: &'static str, name: &str) {
     let after = poll(Duration::from_secs(30), "the migrated copy to answer", || ask(w.ip, "!sum"));
     assert_eq!(after["sha256"], before["sha256"]);
     assert_nothing_left(&f);
+}
+
+/// One call to a Podman API at `socket` (through curl: the test speaks to Podman as its users
+/// do, not through ferry's client); the JSON values of the answer (an event stream has several).
+fn podman_api(
+    socket: &Path,
+    method: &str,
+    path: &str,
+    body: Option<&serde_json::Value>,
+) -> Result<Vec<serde_json::Value>, String> {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "--fail-with-body", "--unix-socket"]).arg(socket).args(["-X", method]);
+    if let Some(b) = body {
+        cmd.args(["-H", "Content-Type: application/json", "--data-binary"]).arg(b.to_string());
+    }
+    let out = cmd.arg(format!("http://podman/v4.0.0/libpod{path}")).output().map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(format!(
+            "{method} {path}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    serde_json::Deserializer::from_slice(&out.stdout)
+        .into_iter::<serde_json::Value>()
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{method} {path}: {e}"))
+}
+
+/// Podman cannot change a restart policy: a container with `always` that a checkpoint stops
+/// must be recorded as stopped by its user (ferry kills it through the API just before CRIU
+/// does), or Podman starts a second copy. Its root filesystem has a directory that was
+/// removed and made again (opaque in the overlay): Podman's import unpacks the changes before
+/// it deletes, so the new content must survive that order.
+fn podman_restart_policy_and_remade_directory() {
+    // A directory of the image that ctrload does not use.
+    const REMADE: &str = "/usr/lib/python3.11/email";
+    let Some(mut f) = Fixture::new("podman") else { return };
+    let dirs = lab_agents::runtime_dirs(f.lab.lab(), "node1").unwrap();
+    let socket = container::instance_endpoint("podman", &dirs).unwrap();
+    let script = format!(
+        "rm -rf {REMADE} && mkdir {REMADE} && echo remade > {REMADE}/z && exec /usr/bin/python3 {CTRLOAD} --mib 16 --port {PORT}"
+    );
+    let args = vec!["/bin/sh".to_owned(), "-c".to_owned(), script];
+    let w = f
+        .lab
+        .lab_mut()
+        .exec_container("node1", "podman:web", args.clone(), &mut |netns| {
+            let body = serde_json::json!({
+                "name": "web", "image": format!("localhost/{IMAGE}:latest"), "command": args,
+                "netns": {"nsmode": "path", "value": netns}, "cgroup_parent": dirs.cgroup_parent,
+                "restart_policy": "always",
+            });
+            podman_api(&socket, "POST", "/containers/create", Some(&body))?;
+            podman_api(&socket, "POST", "/containers/web/start", None)?;
+            let ins = podman_api(&socket, "GET", "/containers/web/json", None)?;
+            ins[0]["State"]["Pid"].as_i64().map(|p| p as i32).ok_or_else(|| "no pid".to_owned())
+        })
+        .expect("start the container");
+    poll(Duration::from_secs(60), "ctrload to answer", || ask(w.ip, "!stats"));
+    let id = podman_api(&socket, "GET", "/containers/web/json", None).unwrap()[0]["Id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let before = ask(w.ip, "!sum").unwrap();
+
+    // The policy is live in this instance: a container whose init is killed (as CRIU kills a
+    // dumped tree) is started again (conmon's exit command finds the instance's state).
+    let bystander = serde_json::json!({
+        "name": "bystander", "image": format!("localhost/{IMAGE}:latest"), "command": ["/bin/sleep", "1000"],
+        "netns": {"nsmode": "none"}, "cgroup_parent": dirs.cgroup_parent, "restart_policy": "always",
+    });
+    podman_api(&socket, "POST", "/containers/create", Some(&bystander)).unwrap();
+    podman_api(&socket, "POST", "/containers/bystander/start", None).unwrap();
+    let pid = podman_api(&socket, "GET", "/containers/bystander/json", None).unwrap()[0]["State"]["Pid"]
+        .as_i64()
+        .unwrap();
+    ferry_sys::kill(pid as i32, ferry_sys::Signal::Kill).unwrap();
+    poll(Duration::from_secs(20), "podman to restart the killed container", || {
+        let c = podman_api(&socket, "GET", "/containers/bystander/json", None).ok()?;
+        (c[0]["RestartCount"].as_u64()? >= 1 && c[0]["State"]["Status"] == "running").then_some(())
+    });
+
+    let ctx = f.ctx("node1");
+    checkpoint(&ctx, "podman:web", "web-ck").expect("checkpoint");
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(!f.exists("node1", "web"), "podman still lists the checkpointed container");
+    assert!(ask(w.ip, "!stats").is_none(), "a copy of the container answers after the checkpoint");
+    let filters = query_encode(&format!(r#"{{"container":["{id}"]}}"#));
+    let events =
+        podman_api(&socket, "GET", &format!("/events?stream=false&filters={filters}"), None).unwrap();
+    let actions: Vec<String> = events
+        .iter()
+        .filter_map(|e| e["Action"].as_str().or(e["Status"].as_str()).map(str::to_owned))
+        .collect();
+    // Told by ferry (a kill through its API) before CRIU killed it: no second start.
+    assert!(actions.iter().any(|a| a == "kill"), "podman was not told: {actions:?}");
+    assert_eq!(actions.iter().filter(|a| a.as_str() == "start").count(), 1, "started again: {actions:?}");
+    assert!(!actions.iter().any(|a| a == "restart"), "restarted: {actions:?}");
+    eprintln!("podman's events of the checkpointed container: {actions:?}");
+
+    let restored = ferry_runtime::restore(&ctx, &RestoreRequest { name: "web-ck".into(), new_name: None })
+        .expect("restore");
+    assert_eq!(restored.container.as_deref(), Some("podman:web"));
+    let after = poll(Duration::from_secs(30), "the restored copy to answer", || ask(w.ip, "!sum"));
+    assert_eq!(after["sha256"], before["sha256"]);
+    let ins = podman_api(&socket, "GET", "/containers/web/json", None).unwrap();
+    assert_eq!(ins[0]["Id"], id.as_str(), "the same name keeps the same id");
+    assert_eq!(ins[0]["State"]["Status"], "running");
+    assert_eq!(ins[0]["HostConfig"]["RestartPolicy"]["Name"], "always");
+    let root = format!("/proc/{}/root", restored.pid);
+    assert_eq!(
+        std::fs::read(format!("{root}{REMADE}/z")).unwrap(),
+        b"remade\n",
+        "the remade directory's file"
+    );
+    assert!(
+        std::fs::symlink_metadata(format!("{root}{REMADE}/__init__.py")).is_err(),
+        "the image's content came back"
+    );
+    assert!(std::fs::symlink_metadata(format!("{root}/bin/sh")).is_ok());
+    assert_nothing_left(&f);
+}
+
+/// Percent-encodes a query value.
+fn query_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| if b.is_ascii_alphanumeric() { (b as char).to_string() } else { format!("%{b:02X}") })
+        .collect()
 }

@@ -12,6 +12,7 @@ pub mod containerd;
 pub mod criu_conf;
 pub mod docker;
 pub mod formats;
+pub mod podman;
 pub mod record;
 pub mod rootfs;
 pub mod runc;
@@ -326,7 +327,8 @@ pub struct Kind {
 }
 
 /// Every runtime ferry knows: a new one is a module and a line here.
-pub const KINDS: &[Kind] = &[runc::KIND_ENTRY, containerd::KIND_ENTRY, docker::KIND_ENTRY];
+pub const KINDS: &[Kind] =
+    &[runc::KIND_ENTRY, containerd::KIND_ENTRY, docker::KIND_ENTRY, podman::KIND_ENTRY];
 
 /// The kinds a container record may name: a checkpoint of a kind this build has no module
 /// for (an imported Podman archive) is kept, inspected and exported; only its restore needs

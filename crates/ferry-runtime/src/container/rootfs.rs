@@ -6,10 +6,17 @@
 //! (a Docker container created and not started: [`apply_diff_to_upper`]), where ferry writes
 //! the whiteouts and opaque directories itself.
 //!
+//! No path is both deleted and in the archive, so that the two may be applied in either
+//! order: ferry deletes first, Podman's import unpacks first. A directory that was removed
+//! and made again (opaque in the upper directory) is therefore not listed as deleted (that
+//! would delete its new content after Podman unpacked it): what it hid of the image is,
+//! entry by entry.
+//!
 //! Both files come out of a checkpoint (maybe an imported archive): every path in them is
 //! hostile. Deletions walk the tree component by component and never follow a symbolic link;
 //! the archive is unpacked by entries that may not leave the root.
 
+use std::collections::BTreeSet;
 use std::fs::{self, File};
 use std::io::{BufWriter, Write};
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt};
@@ -31,13 +38,26 @@ pub struct DiffStats {
     pub deleted: u64,
 }
 
-/// Writes the changes in `upper` into `tar_path` and `deleted_path`, leaving out what lies
-/// under `mount_points` (paths inside the container: their content is not the root's).
+/// Writes the changes in `upper` (over the image's `lower` directories, topmost first) into
+/// `tar_path` and `deleted_path`, leaving out what lies under `mount_points` (paths inside
+/// the container: their content is not the root's).
 pub fn write_diff(
     upper: &Path,
+    lower: &[PathBuf],
     mount_points: &[String],
     tar_path: &Path,
     deleted_path: &Path,
+) -> Result<DiffStats, Error> {
+    write_diff_with(upper, lower, mount_points, tar_path, deleted_path, &is_opaque)
+}
+
+fn write_diff_with(
+    upper: &Path,
+    lower: &[PathBuf],
+    mount_points: &[String],
+    tar_path: &Path,
+    deleted_path: &Path,
+    opaque: &dyn Fn(&Path) -> bool,
 ) -> Result<DiffStats, Error> {
     let io = |what: &str, p: &Path, e: std::io::Error| {
         Error::Container(format!("cannot {what} {}: {e}", p.display()))
@@ -58,7 +78,7 @@ pub fn write_diff(
         for e in entries {
             let rel = rel.join(e.file_name());
             let inside = format!("/{}", rel.display());
-            if mount_points.iter().any(|m| m == &inside || inside.starts_with(&format!("{m}/"))) {
+            if under_mount(mount_points, &inside) {
                 continue;
             }
             let path = upper.join(&rel);
@@ -67,9 +87,9 @@ pub fn write_diff(
                 deleted.push(inside);
                 continue;
             }
-            if meta.is_dir() && is_opaque(&path) {
-                // The directory replaced the image's: drop that one first, then recreate it.
-                deleted.push(inside.clone());
+            if meta.is_dir() && opaque(&path) {
+                // The directory replaced the image's: what the image had there goes.
+                hide_lower(upper, lower, &rel, mount_points, opaque, &mut deleted);
             }
             tar.append_path_with_name(&path, &rel).map_err(|e| io("archive", &path, e))?;
             stats.entries += 1;
@@ -82,6 +102,8 @@ pub fn write_diff(
         }
     }
     tar.into_inner().and_then(|mut w| w.flush()).map_err(|e| io("write", tar_path, e))?;
+    deleted.sort();
+    deleted.dedup();
     stats.deleted = deleted.len() as u64;
     let json = serde_json::to_vec(&deleted).map_err(|e| Error::Internal(e.to_string()))?;
     fs::write(deleted_path, json).map_err(|e| io("write", deleted_path, e))?;
@@ -90,6 +112,68 @@ pub fn write_diff(
 
 fn is_opaque(dir: &Path) -> bool {
     matches!(xattr::get(dir, OPAQUE_XATTR), Ok(Some(v)) if v == b"y")
+}
+
+fn under_mount(mount_points: &[String], inside: &str) -> bool {
+    mount_points.iter().any(|m| m == inside || inside.starts_with(&format!("{m}/")))
+}
+
+fn is_whiteout(meta: &fs::Metadata) -> bool {
+    meta.file_type().is_char_device() && meta.rdev() == 0
+}
+
+/// Lists as deleted what the image's layers have under `rel`, which the upper directory made
+/// opaque, unless the upper directory has an entry of that name (it is in the archive; a
+/// directory there hides the image's content below it in turn).
+fn hide_lower(
+    upper: &Path,
+    lower: &[PathBuf],
+    rel: &Path,
+    mount_points: &[String],
+    opaque: &dyn Fn(&Path) -> bool,
+    deleted: &mut Vec<String>,
+) {
+    let mut seen = BTreeSet::new();
+    let mut lower_dirs = BTreeSet::new();
+    for layer in lower {
+        let dir = layer.join(rel);
+        match fs::symlink_metadata(&dir) {
+            Ok(m) if m.is_dir() => {}
+            // Not a directory in this layer: the deeper ones are hidden by it.
+            Ok(_) => break,
+            Err(_) => continue,
+        }
+        let mut names: Vec<_> =
+            fs::read_dir(&dir).into_iter().flatten().flatten().map(|e| e.file_name()).collect();
+        names.sort();
+        for name in names {
+            if !seen.insert(name.clone()) {
+                continue;
+            }
+            let Ok(meta) = fs::symlink_metadata(dir.join(&name)) else { continue };
+            if is_whiteout(&meta) {
+                continue;
+            }
+            if meta.is_dir() {
+                lower_dirs.insert(name.clone());
+            }
+            let r = rel.join(&name);
+            let inside = format!("/{}", r.display());
+            if under_mount(mount_points, &inside) {
+                continue;
+            }
+            match fs::symlink_metadata(upper.join(&r)) {
+                Err(_) => deleted.push(inside),
+                Ok(u) if u.is_dir() && lower_dirs.contains(&name) => {
+                    hide_lower(upper, lower, &r, mount_points, opaque, deleted)
+                }
+                Ok(_) => {}
+            }
+        }
+        if opaque(&dir) {
+            break;
+        }
+    }
 }
 
 /// Applies a diff to the root filesystem mounted at `root`: deletions first, then the
@@ -326,7 +410,7 @@ mod tests {
         std::os::unix::fs::symlink("/etc/passwd", upper.join("link")).expect("symlink");
         let tar = dir.path().join("diff.tar");
         let deleted = dir.path().join("deleted.files");
-        let stats = write_diff(&upper, &["/proc".into()], &tar, &deleted).expect("diff");
+        let stats = write_diff(&upper, &[], &["/proc".into()], &tar, &deleted).expect("diff");
         assert_eq!(stats.entries, 4);
         assert_eq!(read_deleted(&deleted).expect("deleted"), Vec::<String>::new());
 
@@ -339,6 +423,65 @@ mod tests {
         assert!(!root.join("var/gone").exists());
         assert!(!root.join("proc/junk").exists());
         assert_eq!(fs::read_link(root.join("link")).expect("link"), Path::new("/etc/passwd"));
+    }
+
+    /// `rm -rf /sbin; mkdir /sbin; echo y > /sbin/z` and `rm -rf /usr/lib/x; mkdir -p
+    /// /usr/lib/x/keep` over an image: applied in ferry's order (delete, unpack) and in
+    /// Podman's (unpack, delete), the result is the container's view.
+    #[test]
+    fn a_recreated_directory_survives_either_order() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let image = dir.path().join("image");
+        for d in ["sbin", "usr/lib/x/keep", "usr/lib/x/old", "etc"] {
+            fs::create_dir_all(image.join(d)).expect("mkdir");
+        }
+        for f in [
+            "sbin/ifconfig",
+            "sbin/route",
+            "usr/lib/x/keep/a",
+            "usr/lib/x/old/b",
+            "usr/lib/x/c",
+            "etc/passwd",
+        ] {
+            fs::write(image.join(f), b"image").expect("write");
+        }
+        let upper = dir.path().join("upper");
+        fs::create_dir_all(upper.join("sbin")).expect("mkdir");
+        fs::write(upper.join("sbin/z"), b"y").expect("write");
+        fs::write(upper.join("sbin/route"), b"new route").expect("write");
+        fs::create_dir_all(upper.join("usr/lib/x/keep")).expect("mkdir");
+        fs::write(upper.join("usr/lib/x/keep/new"), b"n").expect("write");
+        let opaque_dirs = [upper.join("sbin"), upper.join("usr/lib/x")];
+        let opaque = |p: &Path| opaque_dirs.iter().any(|o| o == p);
+        let tar = dir.path().join("diff.tar");
+        let deleted = dir.path().join("deleted.files");
+        write_diff_with(&upper, std::slice::from_ref(&image), &[], &tar, &deleted, &opaque).expect("diff");
+        let list = read_deleted(&deleted).expect("deleted");
+        assert_eq!(list, ["/sbin/ifconfig", "/usr/lib/x/c", "/usr/lib/x/keep/a", "/usr/lib/x/old"]);
+
+        let copy = |to: &Path| {
+            let out = std::process::Command::new("cp").arg("-a").arg(&image).arg(to).output().expect("cp");
+            assert!(out.status.success());
+        };
+        let check = |root: &Path| {
+            assert_eq!(fs::read(root.join("sbin/z")).expect("z"), b"y");
+            assert_eq!(fs::read(root.join("sbin/route")).expect("route"), b"new route");
+            assert!(!root.join("sbin/ifconfig").exists());
+            assert_eq!(fs::read(root.join("usr/lib/x/keep/new")).expect("new"), b"n");
+            for gone in ["usr/lib/x/keep/a", "usr/lib/x/old", "usr/lib/x/c"] {
+                assert!(!root.join(gone).exists(), "{gone}");
+            }
+            assert!(root.join("etc/passwd").exists());
+        };
+        let ferry = dir.path().join("ferry");
+        copy(&ferry);
+        apply_diff(&ferry, Some(&tar), Some(&deleted)).expect("apply");
+        check(&ferry);
+        let podman = dir.path().join("podman");
+        copy(&podman);
+        apply_diff(&podman, Some(&tar), None).expect("unpack");
+        apply_diff(&podman, None, Some(&deleted)).expect("delete");
+        check(&podman);
     }
 
     #[test]
@@ -382,7 +525,7 @@ mod tests {
         fs::write(upper.join("etc/a"), b"hello").expect("write");
         std::os::unix::fs::symlink("/etc/a", upper.join("abs-link")).expect("symlink");
         let tar_path = dir.path().join("diff.tar");
-        write_diff(&upper, &[], &tar_path, &dir.path().join("deleted.files")).expect("diff");
+        write_diff(&upper, &[], &[], &tar_path, &dir.path().join("deleted.files")).expect("diff");
         let stats = check_diff(&tar_path).expect("a diff ferry wrote passes");
         assert_eq!((stats.entries, stats.bytes), (3, 5));
         let bad = dir.path().join("bad.tar");
@@ -439,12 +582,16 @@ mod tests {
         fs::write(a.join("usr/sbin/x"), b"x").expect("write");
         xattr::set(a.join("usr/sbin"), OPAQUE_XATTR, b"y").expect("opaque");
         xattr::set(a.join("etc"), "trusted.overlay.origin", b"\x00handle").expect("origin");
+        // The image under it: /usr/sbin was removed and made again.
+        let image = dir.path().join("image");
+        fs::create_dir_all(image.join("usr/sbin")).expect("mkdir");
+        fs::write(image.join("usr/sbin/old"), b"old").expect("write");
         let tar = dir.path().join("diff.tar");
         let deleted = dir.path().join("deleted.files");
-        write_diff(&a, &[], &tar, &deleted).expect("diff");
+        write_diff(&a, std::slice::from_ref(&image), &[], &tar, &deleted).expect("diff");
         let mut listed = read_deleted(&deleted).expect("deleted");
         listed.sort();
-        assert_eq!(listed, vec!["/bin/vi", "/gone", "/usr/sbin"]);
+        assert_eq!(listed, vec!["/bin/vi", "/gone", "/usr/sbin/old"]);
 
         // The target's upper directory: empty, the overlay not mounted.
         let b = dir.path().join("b");
@@ -452,7 +599,7 @@ mod tests {
         apply_diff_to_upper(&b, Some(&tar), Some(&deleted)).expect("apply");
         assert_eq!(fs::read(b.join("etc/app/new.conf")).expect("read"), b"hello");
         assert!(is_whiteout(&b.join("bin/vi")) && is_whiteout(&b.join("gone")));
-        assert_eq!(xattr::get(b.join("usr/sbin"), OPAQUE_XATTR).expect("xattr"), Some(b"y".to_vec()));
+        assert!(is_whiteout(&b.join("usr/sbin/old")), "what the remade directory hid");
         assert_eq!(fs::read(b.join("usr/sbin/x")).expect("read"), b"x");
         assert_eq!(
             xattr::get(b.join("etc"), "trusted.overlay.origin").expect("xattr"),
@@ -460,6 +607,15 @@ mod tests {
             "overlay's own attributes stay behind"
         );
         assert_eq!(xattr::get(b.join("etc/app"), OPAQUE_XATTR).expect("xattr"), None);
+
+        // Podman's own export lists a remade directory itself (and its new content in the
+        // archive): the directory is made opaque.
+        let c = dir.path().join("c");
+        fs::create_dir_all(&c).expect("mkdir");
+        fs::write(&deleted, br#"["/usr/sbin"]"#).expect("write");
+        apply_diff_to_upper(&c, Some(&tar), Some(&deleted)).expect("apply");
+        assert_eq!(xattr::get(c.join("usr/sbin"), OPAQUE_XATTR).expect("xattr"), Some(b"y".to_vec()));
+        assert_eq!(fs::read(c.join("usr/sbin/x")).expect("read"), b"x");
     }
 
     #[test]
