@@ -473,6 +473,11 @@ runtime_tests! {
         fn restart_always_is_not_restarted_and_a_remade_directory_keeps_its_content() {
             podman_restart_policy_and_remade_directory();
         }
+
+        #[test]
+        fn refuses_an_image_the_target_lacks_before_freezing() {
+            refuses_missing_image("podman");
+        }
     }
 }
 
