@@ -478,6 +478,11 @@ runtime_tests! {
         fn refuses_an_image_the_target_lacks_before_freezing() {
             refuses_missing_image("podman");
         }
+
+        #[test]
+        fn its_own_export_imports_into_ferry_and_restores() {
+            podman_export_imports_and_restores();
+        }
     }
 }
 
@@ -566,6 +571,49 @@ fn podman_api(
         .into_iter::<serde_json::Value>()
         .collect::<Result<_, _>>()
         .map_err(|e| format!("{method} {path}: {e}"))
+}
+
+/// What `podman container checkpoint --export` writes (the API's `checkpoint?export=true`),
+/// `ferry import` takes and `ferry restore` restores under another node's Podman.
+fn podman_export_imports_and_restores() {
+    let Some(mut f) = Fixture::new("podman") else { return };
+    let w = f.start("node1", "web", 32, None);
+    let root = format!("/proc/{}/root", w.pid);
+    std::fs::write(format!("{root}/etc/written-after-start"), b"kept\n").unwrap();
+    let before = ask(w.ip, "!sum").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("web.tar");
+    let socket =
+        container::instance_endpoint("podman", &lab_agents::runtime_dirs(f.lab.lab(), "node1").unwrap())
+            .unwrap();
+    let out = Command::new("curl")
+        .args(["-sS", "--fail", "--unix-socket"])
+        .arg(&socket)
+        .args(["-X", "POST", "-o"])
+        .arg(&archive)
+        .arg("http://podman/v4.0.0/libpod/containers/web/checkpoint?export=true")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "podman's export: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        !ferry_sys::process_exists(w.pid) || ask(w.ip, "!stats").is_none(),
+        "podman's checkpoint stops it"
+    );
+
+    let ctx = f.ctx("node2");
+    let imported =
+        ferry_runtime::archive::import(&ctx.store, &archive, Some("web-imported")).expect("ferry import");
+    assert_eq!(imported.checkpoint.manifest.source, "podman:web");
+    let restored =
+        ferry_runtime::restore(&ctx, &RestoreRequest { name: "web-imported".into(), new_name: None })
+            .expect("ferry restore of Podman's archive");
+    assert_eq!(restored.container.as_deref(), Some("podman:web"));
+    assert!(f.exists("node2", "web"), "node2's Podman does not list the restored container");
+    let after = poll(Duration::from_secs(30), "the restored copy to answer", || ask(w.ip, "!sum"));
+    assert_eq!(after["sha256"], before["sha256"], "the memory came back");
+    let root = format!("/proc/{}/root", restored.pid);
+    assert_eq!(std::fs::read(format!("{root}/etc/written-after-start")).unwrap(), b"kept\n");
+    assert_nothing_left(&f);
 }
 
 /// Podman cannot change a restart policy: a container with `always` that a checkpoint stops
