@@ -28,7 +28,7 @@ use ferry_testkit::{poll, require_privileged, Ferry};
 static SERIAL: Mutex<()> = Mutex::new(());
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
-const IMAGE_DIR: &str = "/var/lib/ferry-lab/images/busybox";
+const IMAGE_DIR: &str = "/var/cache/ferry/images/busybox";
 /// The lab's root file system as a Podman image: the same files as runc's containers see.
 const IMAGE: &str = "localhost/ferry-lab/busybox:latest";
 const CTRLOAD: &str = "/opt/ferry/ctrload.py";

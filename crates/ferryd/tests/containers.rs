@@ -26,7 +26,7 @@ use ferry_testkit::{poll, require_privileged, try_poll, Probe};
 static SERIAL: Mutex<()> = Mutex::new(());
 
 const PORT: u16 = 7000;
-const IMAGE_DIR: &str = "/var/lib/ferry-lab/images/busybox";
+const IMAGE_DIR: &str = "/var/cache/ferry/images/busybox";
 const IMAGE: &str = "ferry-lab/busybox";
 const CTRLOAD: &str = "/opt/ferry/ctrload.py";
 

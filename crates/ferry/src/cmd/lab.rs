@@ -112,8 +112,8 @@ struct ContainerArgs<'a> {
 }
 
 /// The lab's image directory for containers: busybox and what the demo needs (built by
-/// `scripts/mkrootfs`).
-const DEFAULT_IMAGE: &str = "/var/lib/ferry-lab/images/busybox";
+/// `scripts/mkrootfs`; outside every lab's own directories, which `lab down` removes).
+const DEFAULT_IMAGE: &str = "/var/cache/ferry/images/busybox";
 
 fn exec_container(name: Option<&str>, node: &str, c: &ContainerArgs<'_>, command: &[OsString]) -> Outcome {
     let what = "lab exec failed";
@@ -153,6 +153,12 @@ fn start_container(
     use ferry_runtime::container::{self, CreateSpec, Endpoints};
     lab.node(node)?;
     let image_arg = c.image.unwrap_or(DEFAULT_IMAGE);
+    if c.image.is_none() && !std::path::Path::new(DEFAULT_IMAGE).is_dir() {
+        return Err(ferry_runtime::Error::Container(format!(
+            "the lab's image {DEFAULT_IMAGE} is not built: run scripts/mkrootfs (or give --image)"
+        ))
+        .into());
+    }
     // A directory is an image for runc as it is; the others import it on every node, so that
     // a migration finds it wherever the container goes.
     let image = if image_arg.starts_with('/') && c.kind != "runc" {

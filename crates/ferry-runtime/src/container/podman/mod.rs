@@ -418,6 +418,13 @@ impl ContainerRuntime for Podman {
                 tracing::debug!(seconds = started.elapsed().as_secs_f64(), "podman killed the container");
                 return Ok(());
             }
+            // A tree held frozen (a migration's holder cgroup) dies only once ferry thaws it,
+            // after this returns: podman's SIGKILL pending is enough, podman then records the
+            // stop as the tree dies.
+            if sigkill_pending(pid) {
+                tracing::debug!(seconds = started.elapsed().as_secs_f64(), "podman's SIGKILL is pending");
+                return Ok(());
+            }
             let failed = match rx.try_recv() {
                 Ok(Ok(r)) if !r.ok() => Some(r.message()),
                 Ok(Err(e)) => Some(e.to_string()),
@@ -593,4 +600,15 @@ fn criu_error(log: &Path) -> Option<String> {
 
 pub(crate) fn io_err(action: &str, path: &Path, e: std::io::Error) -> Error {
     Error::Container(format!("cannot {action} {}: {e}", path.display()))
+}
+
+/// True if SIGKILL is pending for `pid` (its own or its thread group's pending set).
+fn sigkill_pending(pid: i32) -> bool {
+    const SIGKILL_BIT: u64 = 1 << (9 - 1);
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else { return false };
+    status
+        .lines()
+        .filter_map(|l| l.strip_prefix("SigPnd:").or_else(|| l.strip_prefix("ShdPnd:")))
+        .filter_map(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .any(|mask| mask & SIGKILL_BIT != 0)
 }
