@@ -78,12 +78,13 @@ pub(crate) fn serve(node: &Node, mut ch: Channel) -> Result<(), MigrateError> {
                 if ferry_store::validate_name(&migration).is_err() {
                     return fail(node, &mut ch, arrival, MigrateError::protocol("bad migration id"));
                 }
-                if let Some(record) = container {
-                    if let Err(e) = preflight_container(node, &record) {
+                if let Some(record) = &container {
+                    if let Err(e) = preflight_container(node, record) {
                         return fail(node, &mut ch, arrival, e);
                     }
                 }
                 let mut a = Arrival::new(&migration, &ch.node, ip, strategy, recover_timeout_s);
+                a.container_arrival = container.is_some();
                 a.from = lab_workload;
                 a.neighbours = neighbours;
                 if let Err(e) = a.prepare(node) {
@@ -245,6 +246,8 @@ pub(crate) struct Arrival {
     released: bool,
     /// Post-copy: kills the workload if this agent dies before it has all its pages.
     guard: Option<Arc<Guard>>,
+    /// The source announced a container (its record came with `Prepare`).
+    container_arrival: bool,
 }
 
 impl Arrival {
@@ -265,6 +268,7 @@ impl Arrival {
             push: None,
             released: false,
             guard: None,
+            container_arrival: false,
         }
     }
 
@@ -279,6 +283,7 @@ impl Arrival {
             push: None,
             released: false,
             guard: None,
+            container_arrival: false,
         }
     }
 
@@ -552,7 +557,10 @@ impl Arrival {
         let guarded = match (&node.config.lab, self.entry.lab_workload) {
             (Some(lab), Some(id)) => {
                 source_recorded_the_switch(ch)?;
-                ferry_lab::guard_resets(lab, id, true)?;
+                if !self.container_arrival {
+                    // A container the source did not announce at Prepare: the guard now, then.
+                    ferry_lab::guard_resets(lab, id, true)?;
+                }
                 let switched =
                     ferry_lab::set_port(lab, id, true).map_err(MigrateError::from).and_then(|()| {
                         self.entry.phase = Phase::Switched;
@@ -645,6 +653,11 @@ impl Arrival {
         node.journal.write(&self.entry)?;
         if let Err(e) = ferry_lab::set_neighbours(lab, w.id, &self.neighbours) {
             tracing::warn!(error = %e, "could not carry the workload's neighbour entries over");
+        }
+        // A container's port comes up before its runtime restores it, with resets held back
+        // (`restore_container`): the guard goes in now, so that the freeze does not wait for it.
+        if self.container_arrival {
+            ferry_lab::guard_resets(lab, w.id, true)?;
         }
         self.netns = Some(w.netns_path());
         Ok(w.netns_path())

@@ -113,6 +113,7 @@ pub struct ContainerRestore<'a> {
 
 /// Recreates a container under its runtime and restores it; a failure leaves nothing behind.
 pub fn restore_container(ctx: &Context, r: &ContainerRestore<'_>) -> Result<Restored, Error> {
+    let t0 = Instant::now();
     let name = r.name.unwrap_or(&r.record.name);
     crate::container::record::validate_name("name", name, false)?;
     let rt = crate::container::open(&r.record.kind, &ctx.endpoints)?;
@@ -137,6 +138,7 @@ pub fn restore_container(ctx: &Context, r: &ContainerRestore<'_>) -> Result<Rest
         scratch: r.work_dir,
         netns: r.netns,
     };
+    let t_checked = t0.elapsed();
     tracing::info!(%workload, "restoring a container");
     let restored = rt.restore(&spec).inspect_err(|e| {
         tracing::warn!(%workload, error = %e, "the restore failed: removing what it created");
@@ -146,5 +148,20 @@ pub fn restore_container(ctx: &Context, r: &ContainerRestore<'_>) -> Result<Rest
     // later CRIU run (a `runc checkpoint`, a runtime's own checkpoint): gone, CRIU reads it as
     // empty, instead of pointing such a run at this restore's images.
     let _ = std::fs::remove_file(&conf_path);
+    // Where a container's restore spends its time: ferry's checks, the runtime's restore, and
+    // within it CRIU's (its log's last timestamp).
+    tracing::info!(
+        %workload,
+        checks_s = t_checked.as_secs_f64(),
+        runtime_s = (t0.elapsed() - t_checked).as_secs_f64(),
+        criu_s = criu_log_seconds(&conf.log_path()).unwrap_or(-1.0),
+        "container restore steps"
+    );
     restored
+}
+
+/// The last timestamp of a CRIU log (`(SS.UUUUUU)` at the start of its lines): how long CRIU ran.
+fn criu_log_seconds(log: &Path) -> Option<f64> {
+    let text = std::fs::read_to_string(log).ok()?;
+    text.lines().rev().find_map(|l| l.strip_prefix('(')?.split_once(')')?.0.trim().parse().ok())
 }
