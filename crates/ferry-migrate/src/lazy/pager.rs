@@ -531,10 +531,12 @@ impl PageFeeder {
         self.shared.changed.notify_all();
     }
 
-    /// Waits until [`allow`](Self::allow); false if the pager ended first.
+    /// Waits until [`allow`](Self::allow) and until the pager has every process of the
+    /// restore (a page pushed for a process it does not know yet would be dropped and asked
+    /// for again); false if the pager ended first.
     pub fn wait_allowed(&self) -> bool {
         let mut st = self.shared.lock();
-        while !st.push_allowed && !st.closed {
+        while !(st.push_allowed && st.restore_finished) && !st.closed {
             st = match self.shared.changed.wait_timeout(st, Duration::from_millis(200)) {
                 Ok((g, _)) => g,
                 Err(e) => e.into_inner().0,
@@ -870,6 +872,8 @@ impl Loop {
             let mut st = self.shared.lock();
             st.restore_finished = true;
             tracing::debug!(tasks = st.tasks.len(), "lazy restore finished");
+            drop(st);
+            self.shared.changed.notify_all();
             return Ok(true);
         }
         if pid <= 0 {
@@ -1198,7 +1202,10 @@ mod tests {
         drop(uffd);
         // Three mappings now: pages 0..10, 10..12 (read-only), 12..32.
         map.read_only((10 * P) as usize, (2 * P) as usize).unwrap();
-        // A push of all 32 pages in one frame crosses both ends.
+        // Pushed pages are for processes the pager knows: wait until it has read the hand-over.
+        feeder.allow();
+        assert!(feeder.wait_allowed());
+        // One frame of pages 0..16 crosses both ends of the read-only part.
         let mut pushed = Vec::new();
         for i in 0..16 {
             pushed.extend_from_slice(&pattern_page(i));
