@@ -8,7 +8,9 @@
 //! The tree must be PID 1 of its own pid namespace (`unshare --pid --fork`): the copy is
 //! restored into a fresh one while the source still holds its pids. Prints `restored HOSTPID`
 //! once every page is in and the source is gone, and returns; the restored root is then
-//! adopted by init. Logs and images in DIR. `FERRY_CRIU` picks the CRIU binary.
+//! adopted by init. Logs and images in DIR. `FERRY_CRIU` picks the CRIU binary;
+//! `LAZY_LOCAL_RESTORE_CRIU`, if set, the one the restore runs (the sweep's wrapper that gives the
+//! copy what another host would: see tools/zdtm-sweep).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -25,6 +27,7 @@ use ferry_migrate::lazy::{pick_port, LazyPager, PageServerFinisher, PageSource};
 const SERVE_TIMEOUT: Duration = Duration::from_secs(120);
 
 struct AtPostDump<'a> {
+    /// The restore's CRIU (the dump's unless `LAZY_LOCAL_RESTORE_CRIU` says otherwise).
     criu: &'a Criu,
     root: i32,
     tcp_established: bool,
@@ -106,8 +109,14 @@ fn run(root: i32, dir: &Path, tcp_established: bool) -> Result<i32, String> {
         .lazy_pages(Some(port))
         .lazy_pages_undrained(true)
         .tcp_established(tcp_established);
+    let restore_criu = match std::env::var_os("LAZY_LOCAL_RESTORE_CRIU") {
+        Some(p) => Criu::locate(Some(Path::new(&p)))
+            .map_err(|e| e.to_string())?
+            .with_timeout(Duration::from_secs(300)),
+        None => criu.clone(),
+    };
     let at_post_dump =
-        AtPostDump { criu: &criu, root, tcp_established, dir: dir.to_path_buf(), restored: None };
+        AtPostDump { criu: &restore_criu, root, tcp_established, dir: dir.to_path_buf(), restored: None };
     let mut handler = PageServerFinisher::new(port, at_post_dump);
     let dumped = criu.dump(&opts, &mut handler);
     let finished = handler.finish();
