@@ -770,6 +770,13 @@ impl AtPostDump<'_, '_> {
 
 impl PostDump for AtPostDump<'_, '_> {
     fn before_commit(&mut self, images: &Path) -> Result<(), String> {
+        // The frozen tree's pages are served from here until the target has them all. Opened
+        // before the hold: it checks that CRIU stops every task (state `t`), and a task the
+        // freezer has taken reads as `D`.
+        let source = match self.finisher {
+            Some(_) => Some(PageSource::open(images, self.run.entry.pid).map_err(|e| e.to_string())?),
+            None => None,
+        };
         // The tree goes into the holder while the checkpoint crosses.
         if let Some(held) = self.run.entry.held.clone() {
             let root = self.run.entry.pid;
@@ -779,12 +786,9 @@ impl PostDump for AtPostDump<'_, '_> {
                 .map_err(|e| e.to_string())?;
             self.hold = Some(spawned);
         }
-        if self.finisher.is_none() {
-            return Ok(());
+        if let Some(source) = source {
+            self.run.node.serve_pages_of(&self.run.entry.migration, Arc::new(source));
         }
-        // The frozen tree's pages are served from here until the target has them all.
-        let source = PageSource::open(images, self.run.entry.pid).map_err(|e| e.to_string())?;
-        self.run.node.serve_pages_of(&self.run.entry.migration, Arc::new(source));
         Ok(())
     }
 
