@@ -536,7 +536,7 @@ impl PageFeeder {
     /// for again); false if the pager ended first.
     pub fn wait_allowed(&self) -> bool {
         let mut st = self.shared.lock();
-        while !(st.push_allowed && st.restore_finished) && !st.closed {
+        while !(st.closed || (st.push_allowed && st.restore_finished)) {
             st = match self.shared.changed.wait_timeout(st, Duration::from_millis(200)) {
                 Ok((g, _)) => g,
                 Err(e) => e.into_inner().0,
