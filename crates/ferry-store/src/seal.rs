@@ -5,16 +5,17 @@
 //! against each other (a chunk's id does not depend on its frame):
 //! - **2, AES-256-GCM**, written where the CPU has AES and carry-less multiply instructions
 //!   ([`FrameFormat::preferred`]): ring's AES-256-GCM seals 4 KiB chunks in 0.30 of the time
-//!   of format 1 on this project's machines (`examples/seal_bench.rs`, docs/store-format.md). GCM's 96-bit nonce is too
-//!   short to leave to chance with room to spare, so each [`Sealer`] draws a random 128-bit salt,
-//!   derives its own chunk key `BLAKE3-derive_key("ferry 2026 chunk key", DK || salt)` once,
-//!   and numbers its frames 0, 1, 2, ...: no nonce can repeat under a chunk key, and two
-//!   sealers share a chunk key only if they draw the same salt for the same data key. After
-//!   2^32 AES blocks (64 GiB) under one chunk key the sealer draws a new salt.
+//!   of format 1 on this project's machines (`examples/seal_bench.rs`, docs/store-format.md).
+//!   GCM's 96-bit nonce is too short to leave to chance with room to spare, so each [`Sealer`]
+//!   draws a random 128-bit salt, derives its own chunk key
+//!   `BLAKE3-derive_key("ferry 2026 chunk key", DK || salt)` once, and numbers its frames 0,
+//!   1, 2, ...: no nonce can repeat under a chunk key, and two sealers share a chunk key only
+//!   if they draw the same salt for the same data key. After 2^32 AES blocks (64 GiB) under
+//!   one chunk key the sealer draws a new salt.
 //! - **1, XChaCha20-Poly1305**, random 192-bit nonces: HChaCha20 (RustCrypto's `chacha20`) for
 //!   the per-nonce subkey, then ring's ChaCha20-Poly1305 (draft-irtf-cfrg-xchacha). Written
-//!   where AES has no hardware support (a software AES would be slower and would need
-//!   constant-time care), and by ferry before format 2.
+//!   where AES has no hardware support (ring's constant-time software AES is slower than
+//!   ChaCha20 there), and by ferry before format 2.
 //!
 //! [`Sealer::seal`] runs once per 4 KiB page for GiBs, so it allocates nothing and makes no
 //! syscall per call: salts and nonces come from a ChaCha20 CSPRNG seeded once from the OS,
@@ -80,7 +81,7 @@ const CHUNK_KEY_CONTEXT: &str = "ferry 2026 chunk key";
 pub enum SealError {
     #[error("bad chunk frame: {0}")]
     BadFrame(&'static str),
-    #[error("chunk frame of format {0}, which this ferry cannot read (it reads 1 and 2): written by a newer ferry?")]
+    #[error("chunk frame of format {0}: this ferry reads formats 1 and 2 (written by a newer ferry?)")]
     UnsupportedVersion(u8),
     #[error("chunk sealed with unknown data key {}", hex(.0))]
     UnknownKey([u8; 16]),
