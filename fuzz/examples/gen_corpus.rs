@@ -5,7 +5,7 @@ use std::path::Path;
 
 use ferry_store::keys::NodeKeys;
 use ferry_store::manifest::{encode_signed, Extent, FileRecord, HostInfo, ManifestBody};
-use ferry_store::seal::{DataKey, Sealer, Slots};
+use ferry_store::seal::{DataKey, FrameFormat, Sealer, Slots};
 use ferry_store_fuzz::{node, seal_raw, Probe, DATA_KEY};
 
 fn write(dir: &Path, name: &str, data: &[u8]) {
@@ -55,8 +55,8 @@ fn body(files: usize, extents: usize) -> ManifestBody {
     }
 }
 
-/// `gen_corpus` writes every seed; `gen_corpus container_record archive` only the seeds of the
-/// container formats (the others are left as they are).
+/// `gen_corpus` writes every seed; `gen_corpus container_record archive chunk_frame` only the
+/// seeds of those targets (the others are left as they are).
 fn main() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("corpus");
     let only: Vec<String> = std::env::args().skip(1).collect();
@@ -65,7 +65,10 @@ fn main() {
             match t.as_str() {
                 "container_record" => container_seeds(&root),
                 "archive" => archive_seeds(&root),
-                other => panic!("gen_corpus: {other}: only container_record and archive are written alone"),
+                "chunk_frame" => chunk_frame_seeds(&root),
+                other => {
+                    panic!("gen_corpus: {other}: only container_record, archive and chunk_frame are written alone")
+                }
             }
         }
         return;
@@ -82,41 +85,8 @@ fn main() {
         write(&dir, &format!("body-{i}"), &postcard::to_allocvec(&b).expect("encodes"));
     }
 
-    let dir = root.join("chunk_frame");
-    let mut x = 0x9e37_79b9_7f4a_7c15u64;
-    let random: Vec<u8> = (0..4096)
-        .map(|_| {
-            // xorshift64: incompressible enough for zstd to give up.
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x >> 24) as u8
-        })
-        .collect();
-    let text: Vec<u8> = b"ferry checkpoint restore page ".iter().cycle().take(4096).copied().collect();
+    chunk_frame_seeds(&root);
     let dk = DataKey::from_bytes(&DATA_KEY);
-    for (i, plain) in [&random[..], &text[..], b"tiny", b""].into_iter().enumerate() {
-        let id = k.chunk_id(plain);
-        let mut frame = vec![0u8];
-        frame.extend_from_slice(&id);
-        Sealer::new(&dk).seal(&id, plain, &mut frame);
-        write(&dir, &format!("frame-{i}"), &frame);
-        let mut rt = vec![2u8];
-        rt.extend_from_slice(plain);
-        write(&dir, &format!("roundtrip-{i}"), &rt);
-    }
-    // Mode 1: authenticated payloads, raw and zstd.
-    let z = zstd::bulk::compress(&text, 1).expect("zstd");
-    for (i, (flags, plain_len, payload)) in
-        [(0u8, 4096u32, &random[..]), (1, 4096, &z[..]), (1, 100, &z[..])].into_iter().enumerate()
-    {
-        let mut v = vec![1u8, flags];
-        v.extend_from_slice(&plain_len.to_le_bytes());
-        v.extend_from_slice(payload);
-        write(&dir, &format!("payload-{i}"), &v);
-        // Sanity: the helper builds what the target builds.
-        let _ = seal_raw(flags, plain_len, payload, &k.chunk_id(payload));
-    }
 
     let dir = root.join("slots");
     let other = NodeKeys::generate().public().x25519;
@@ -252,4 +222,53 @@ fn archive_seeds(root: &Path) {
         ("io.kubernetes.cri-o.LogPath", b"tick\n"),
     ]);
     write(&dir, "kubelet-checkpoint.tar", &crio);
+}
+
+/// Frames of both formats, authenticated payloads for both, plaintexts to round-trip.
+fn chunk_frame_seeds(root: &Path) {
+    let k = node();
+    let dir = root.join("chunk_frame");
+    let dk = DataKey::from_bytes(&DATA_KEY);
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let random: Vec<u8> = (0..4096)
+        .map(|_| {
+            // xorshift64: incompressible enough for zstd to give up.
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            (x >> 24) as u8
+        })
+        .collect();
+    let text: Vec<u8> = b"ferry checkpoint restore page ".iter().cycle().take(4096).copied().collect();
+    for (i, plain) in [&random[..], &text[..], b"tiny", b""].into_iter().enumerate() {
+        let id = k.chunk_id(plain);
+        // Format 2 (what ferry writes now) and format 1 (what it wrote before, still read).
+        for (format, name) in
+            [(FrameFormat::Aes256Gcm, "frame"), (FrameFormat::XChaCha20Poly1305, "frame-v1")]
+        {
+            let mut frame = vec![0u8];
+            frame.extend_from_slice(&id);
+            Sealer::with_format(&dk, format).seal(&id, plain, &mut frame);
+            write(&dir, &format!("{name}-{i}"), &frame);
+        }
+        let mut rt = vec![2u8];
+        rt.extend_from_slice(plain);
+        write(&dir, &format!("roundtrip-{i}"), &rt);
+    }
+    // Modes 1 (format 1) and 3 (format 2): authenticated payloads, raw and zstd.
+    let z = zstd::bulk::compress(&text, 1).expect("zstd");
+    for (i, (flags, plain_len, payload)) in
+        [(0u8, 4096u32, &random[..]), (1, 4096, &z[..]), (1, 100, &z[..])].into_iter().enumerate()
+    {
+        for (mode, format, name) in
+            [(1u8, FrameFormat::XChaCha20Poly1305, "payload"), (3, FrameFormat::Aes256Gcm, "payload-v2")]
+        {
+            let mut v = vec![mode, flags];
+            v.extend_from_slice(&plain_len.to_le_bytes());
+            v.extend_from_slice(payload);
+            write(&dir, &format!("{name}-{i}"), &v);
+            // Sanity: the helper builds what the target builds.
+            let _ = seal_raw(format, flags, plain_len, payload, &k.chunk_id(payload));
+        }
+    }
 }

@@ -8,11 +8,14 @@
 
 use std::sync::OnceLock;
 
+use aes_gcm::Aes256Gcm;
 use chacha20poly1305::aead::{AeadInPlace, KeyInit};
 use chacha20poly1305::XChaCha20Poly1305;
 use ferry_store::keys::NodeKeys;
 use ferry_store::manifest::{decode_verified, encode_signed};
-use ferry_store::seal::{frame_len, DataKey, KeyRing, Opener, Sealer, Slots, HEADER_LEN, MAX_PLAIN};
+use ferry_store::seal::{
+    frame_len, DataKey, FrameFormat, KeyRing, Opener, Sealer, Slots, HEADER_LEN, MAX_PLAIN,
+};
 
 /// The fixed node: `node.key` bytes with Ed25519 seed 1.., X25519 secret 2.., hash key 3...
 pub fn node() -> &'static NodeKeys {
@@ -73,15 +76,16 @@ pub fn manifest(data: &[u8]) {
 
 /// Input: a mode byte, then
 /// - 0: chunk id (32) || frame, opened as read from a pack;
-/// - 1: flags (1), plain_len (4), payload: a frame sealed here with the fixed data key around
-///   the payload, so the fuzzer controls what is decompressed after authentication;
-/// - 2: a plaintext, sealed and opened again.
+/// - 1 (format 1) and 3 (format 2): flags (1), plain_len (4), payload: a frame sealed here with
+///   the fixed data key around the payload, so the fuzzer controls what is decompressed after
+///   authentication;
+/// - 2: a plaintext, sealed in both formats and opened again.
 pub fn chunk_frame(data: &[u8]) {
     let Some((&mode, rest)) = data.split_first() else {
         return;
     };
     let mut opener = Opener::new(ring(), node().hash_key());
-    match mode % 3 {
+    match mode % 4 {
         0 => {
             if rest.len() < 32 {
                 return;
@@ -94,7 +98,7 @@ pub fn chunk_frame(data: &[u8]) {
                 assert_eq!(node().chunk_id(&plain), id);
             }
         }
-        1 => {
+        m @ (1 | 3) => {
             if rest.len() < 5 {
                 return;
             }
@@ -102,7 +106,8 @@ pub fn chunk_frame(data: &[u8]) {
             let plain_len = u32::from_le_bytes([rest[1], rest[2], rest[3], rest[4]]);
             let payload = &rest[5..];
             let id = node().chunk_id(payload);
-            let frame = seal_raw(flags, plain_len, payload, &id);
+            let format = if m == 1 { FrameFormat::XChaCha20Poly1305 } else { FrameFormat::Aes256Gcm };
+            let frame = seal_raw(format, flags, plain_len, payload, &id);
             let r = opener.open(&id, &frame);
             if let Ok(p) = &r {
                 assert_eq!(p.len(), plain_len as usize);
@@ -116,24 +121,29 @@ pub fn chunk_frame(data: &[u8]) {
                 return;
             }
             let id = node().chunk_id(rest);
-            let mut out = Vec::new();
-            Sealer::new(&DataKey::from_bytes(&DATA_KEY)).seal(&id, rest, &mut out);
-            assert_eq!(frame_len(&out).expect("sealed frame has a length"), out.len());
-            assert_eq!(opener.open(&id, &out).expect("sealed frame opens"), rest);
+            for format in [FrameFormat::XChaCha20Poly1305, FrameFormat::Aes256Gcm] {
+                let mut out = Vec::new();
+                Sealer::with_format(&DataKey::from_bytes(&DATA_KEY), format).seal(&id, rest, &mut out);
+                assert_eq!(out[4], format.version());
+                assert_eq!(frame_len(&out).expect("sealed frame has a length"), out.len());
+                assert_eq!(opener.open(&id, &out).expect("sealed frame opens"), rest);
+            }
         }
     }
 }
 
 /// A frame with any header fields, sealed correctly (per docs/store-format.md) with the fixed
-/// data key: the reference XChaCha20-Poly1305, not ferry-store's own.
-pub fn seal_raw(flags: u8, plain_len: u32, payload: &[u8], id: &[u8; 32]) -> Vec<u8> {
+/// data key: the reference XChaCha20-Poly1305 or AES-256-GCM (RustCrypto's), not
+/// ferry-store's own.
+pub fn seal_raw(format: FrameFormat, flags: u8, plain_len: u32, payload: &[u8], id: &[u8; 32]) -> Vec<u8> {
     let dk = DataKey::from_bytes(&DATA_KEY);
     let mut f = Vec::with_capacity(HEADER_LEN + payload.len() + 16);
     f.extend_from_slice(b"FRYC");
-    f.push(1);
+    f.push(format.version());
     f.push(flags);
     f.extend_from_slice(&[0, 0]);
     f.extend_from_slice(&dk.id());
+    // Format 1: the XChaCha20 nonce; format 2: salt (16) || frame number (8).
     let nonce = [9u8; 24];
     f.extend_from_slice(&nonce);
     f.extend_from_slice(&plain_len.to_le_bytes());
@@ -141,9 +151,19 @@ pub fn seal_raw(flags: u8, plain_len: u32, payload: &[u8], id: &[u8; 32]) -> Vec
     let mut aad = f.clone();
     aad.extend_from_slice(id);
     let mut body = payload.to_vec();
-    let tag = XChaCha20Poly1305::new((&DATA_KEY).into())
-        .encrypt_in_place_detached((&nonce).into(), &aad, &mut body)
-        .expect("small payload");
+    let tag = match format {
+        FrameFormat::XChaCha20Poly1305 => XChaCha20Poly1305::new((&DATA_KEY).into())
+            .encrypt_in_place_detached((&nonce).into(), &aad, &mut body)
+            .expect("small payload"),
+        FrameFormat::Aes256Gcm => {
+            let chunk_key =
+                blake3::derive_key("ferry 2026 chunk key", &[&DATA_KEY[..], &nonce[..16]].concat());
+            let gcm_nonce = [&nonce[16..], &[0u8; 4][..]].concat();
+            Aes256Gcm::new((&chunk_key).into())
+                .encrypt_in_place_detached(gcm_nonce[..].into(), &aad, &mut body)
+                .expect("small payload")
+        }
+    };
     f.extend_from_slice(&body);
     f.extend_from_slice(&tag);
     f

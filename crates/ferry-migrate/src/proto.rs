@@ -11,8 +11,9 @@ use ferry_store::replica::ChunkRef;
 use crate::api::Strategy;
 use crate::phase::Phase;
 
-/// Version of this protocol (checked in `Hello`).
-pub const PROTOCOL: u32 = 5;
+/// Version of this protocol (checked in `Hello`). 6: chunks may be sealed in frame format 2
+/// (AES-256-GCM), which a ferry of protocol 5 cannot open.
+pub const PROTOCOL: u32 = 6;
 /// Key under which a workload's network namespace is declared external to CRIU (it stays
 /// behind; the target provides one with the same address).
 pub(crate) const NETNS_KEY: &str = "ferry-net";

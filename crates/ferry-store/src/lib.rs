@@ -2,7 +2,7 @@
 //! compressed chunks (docs/store-format.md has every format).
 //!
 //! - `keys`: the node's signing, key-agreement and chunk-hashing keys; recipients.
-//! - `seal`: chunk frames (XChaCha20-Poly1305, zstd), data keys and their slots.
+//! - `seal`: chunk frames (AES-256-GCM, or XChaCha20-Poly1305; zstd), data keys and their slots.
 //! - `manifest`: the signed description of a checkpoint.
 //! - `packs`: where sealed chunks live.
 //! - `pipeline`: CRIU's images to chunks, while CRIU writes them.

@@ -1,27 +1,41 @@
-//! Sealing chunks (compress, then XChaCha20-Poly1305 under the checkpoint's data key) and
-//! wrapping data keys for recipients (key slots). Formats: docs/store-format.md.
+//! Sealing chunks (compress, then an AEAD under the checkpoint's data key) and wrapping data
+//! keys for recipients (key slots). Formats: docs/store-format.md.
+//!
+//! Two chunk frame formats; both are opened, so checkpoints of either restore and dedup
+//! against each other (a chunk's id does not depend on its frame):
+//! - **2, AES-256-GCM**, written where the CPU has AES and carry-less multiply instructions
+//!   ([`FrameFormat::preferred`]): ring's AES-256-GCM seals 4 KiB chunks in 0.30 of the time
+//!   of format 1 on this project's machines (`examples/seal_bench.rs`, docs/store-format.md).
+//!   GCM's 96-bit nonce is too short to leave to chance with room to spare, so each [`Sealer`]
+//!   draws a random 128-bit salt, derives its own chunk key
+//!   `BLAKE3-derive_key("ferry 2026 chunk key", DK || salt)` once, and numbers its frames 0,
+//!   1, 2, ...: no nonce can repeat under a chunk key, and two sealers share a chunk key only
+//!   if they draw the same salt for the same data key. After 2^32 AES blocks (64 GiB) under
+//!   one chunk key the sealer draws a new salt.
+//! - **1, XChaCha20-Poly1305**, random 192-bit nonces: HChaCha20 (RustCrypto's `chacha20`) for
+//!   the per-nonce subkey, then ring's ChaCha20-Poly1305 (draft-irtf-cfrg-xchacha). Written
+//!   where AES has no hardware support (ring's constant-time software AES is slower than
+//!   ChaCha20 there), and by ferry before format 2.
 //!
 //! [`Sealer::seal`] runs once per 4 KiB page for GiBs, so it allocates nothing and makes no
-//! syscall per call: nonces come from a ChaCha20 CSPRNG seeded once from the OS (192-bit
-//! random nonces do not collide in practice), and the zstd context is reused.
-//!
-//! XChaCha20-Poly1305 is HChaCha20 (RustCrypto's `chacha20`) for the per-nonce subkey, then
-//! ring's ChaCha20-Poly1305 (draft-irtf-cfrg-xchacha): ring's fused assembly seals 4 KiB
-//! about 2.5 times as fast as RustCrypto's `chacha20poly1305` here (2.3 vs 0.9 GiB/s), which
-//! is what makes 1 GiB/s per core possible. Tests check it against `chacha20poly1305`.
+//! syscall per call: salts and nonces come from a ChaCha20 CSPRNG seeded once from the OS,
+//! the zstd context and the chunk key are reused. An [`Opener`] keeps the chunk keys of the
+//! last salts it met (a sealer's frames lie together in packs). Key slots stay
+//! XChaCha20-Poly1305: one per key and recipient, speed does not matter there. Tests check
+//! frames and slots against RustCrypto's `aes-gcm` and `chacha20poly1305`.
 
 use std::fmt;
 
 use chacha20::cipher::consts::U10;
 use rand_chacha::ChaCha20Rng;
 use rand_core::{OsRng, RngCore, SeedableRng};
-use ring::aead::{Aad, LessSafeKey, Nonce, Tag, UnboundKey, CHACHA20_POLY1305};
+use ring::aead::{Aad, LessSafeKey, Nonce, Tag, UnboundKey, AES_256_GCM, CHACHA20_POLY1305};
 use x25519_dalek::{PublicKey, StaticSecret};
 use zeroize::{Zeroize, Zeroizing};
 
 use crate::keys::{hex, ChunkId};
 
-/// Bytes of a frame before its body.
+/// Bytes of a frame before its body (the same in both formats).
 pub const HEADER_LEN: usize = 56;
 /// Largest plaintext of one chunk.
 pub const MAX_PLAIN: usize = 4 << 20;
@@ -31,8 +45,15 @@ pub const MAX_BODY: usize = MAX_PLAIN + (64 << 10);
 pub const MAX_FRAME: usize = HEADER_LEN + MAX_BODY;
 const TAG_LEN: usize = 16;
 const FRAME_MAGIC: &[u8; 4] = b"FRYC";
-const FRAME_VERSION: u8 = 1;
 const FLAG_ZSTD: u8 = 1;
+/// Format 2: the salt that picks a sealer's chunk key, then its frame number, fill the 24
+/// bytes that hold format 1's nonce.
+const SALT_LEN: usize = 16;
+/// AES blocks (16 bytes) one chunk key may encrypt: 64 GiB keeps GCM's bound for a key
+/// (blocks² / 2^129) below 2^-65.
+const MAX_GCM_BLOCKS: u64 = 1 << 32;
+/// Chunk keys an [`Opener`] keeps.
+const GCM_CACHE: usize = 16;
 
 /// zstd level, measured on 4 KiB pages (`throughput` test, one core): -1 seals random pages
 /// at 1.5 GiB/s (level 1: 1.05) and real heap pages at 710 MiB/s (level 1: 490), storing
@@ -54,11 +75,14 @@ pub const MAX_SLOTS_FILE: usize = 8 + MAX_SLOT_KEYS * (18 + MAX_SLOTS_PER_KEY * 
 
 const KEY_ID_CONTEXT: &str = "ferry 2026 data key id";
 const KEY_WRAP_CONTEXT: &str = "ferry 2026 key wrap";
+const CHUNK_KEY_CONTEXT: &str = "ferry 2026 chunk key";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SealError {
     #[error("bad chunk frame: {0}")]
     BadFrame(&'static str),
+    #[error("chunk frame of format {0}: this ferry reads formats 1 and 2 (written by a newer ferry?)")]
+    UnsupportedVersion(u8),
     #[error("chunk sealed with unknown data key {}", hex(.0))]
     UnknownKey([u8; 16]),
     #[error("chunk failed authentication (corrupted, tampered with, or stored under another id)")]
@@ -77,6 +101,55 @@ pub enum SealError {
     SlotAuthFailed,
     #[error("no key slot for this node's key opens data key {}", hex(.0))]
     NoSlot([u8; 16]),
+}
+
+/// The AEAD of a chunk frame; its discriminant is the frame's version byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameFormat {
+    /// XChaCha20-Poly1305 under the data key, random 192-bit nonce.
+    XChaCha20Poly1305 = 1,
+    /// AES-256-GCM under a sealer's chunk key (data key and salt), numbered nonces.
+    Aes256Gcm = 2,
+}
+
+impl FrameFormat {
+    /// AES-256-GCM where the CPU has AES and carry-less multiply instructions (ring uses them
+    /// when present), XChaCha20-Poly1305 elsewhere.
+    pub fn preferred() -> FrameFormat {
+        if hardware_aes() {
+            FrameFormat::Aes256Gcm
+        } else {
+            FrameFormat::XChaCha20Poly1305
+        }
+    }
+
+    pub fn version(self) -> u8 {
+        self as u8
+    }
+
+    fn from_version(v: u8) -> Result<FrameFormat, SealError> {
+        match v {
+            1 => Ok(FrameFormat::XChaCha20Poly1305),
+            2 => Ok(FrameFormat::Aes256Gcm),
+            other => Err(SealError::UnsupportedVersion(other)),
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn hardware_aes() -> bool {
+    std::arch::is_x86_feature_detected!("aes") && std::arch::is_x86_feature_detected!("pclmulqdq")
+}
+
+#[cfg(target_arch = "aarch64")]
+fn hardware_aes() -> bool {
+    // Rust's "aes" feature on aarch64 is FEAT_AES together with FEAT_PMULL.
+    std::arch::is_aarch64_feature_detected!("aes")
+}
+
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+fn hardware_aes() -> bool {
+    false
 }
 
 /// A checkpoint's data key. Wiped when dropped.
@@ -120,11 +193,54 @@ fn key_id_of(key: &[u8; 32]) -> [u8; 16] {
     id
 }
 
+/// Format 2's chunk key of data key `dk` and `salt`.
+fn chunk_key(dk: &[u8; 32], salt: &[u8; SALT_LEN]) -> LessSafeKey {
+    let mut material = Zeroizing::new([0u8; 32 + SALT_LEN]);
+    material[..32].copy_from_slice(dk);
+    material[32..].copy_from_slice(salt);
+    let key = Zeroizing::new(blake3::derive_key(CHUNK_KEY_CONTEXT, material.as_ref()));
+    // ring refuses only a key of the wrong length.
+    LessSafeKey::new(UnboundKey::new(&AES_256_GCM, key.as_ref()).expect("a 32-byte AES-256 key"))
+}
+
+/// Format 2's GCM nonce from the header's 24 nonce bytes (salt || frame number u64): the
+/// frame number, little-endian, then 4 zero bytes.
+fn gcm_nonce(field: &[u8; 24]) -> Nonce {
+    let mut n = [0u8; 12];
+    n[..8].copy_from_slice(&field[SALT_LEN..]);
+    Nonce::assume_unique_for_key(n)
+}
+
+/// A sealer's current format-2 chunk key.
+struct GcmKey {
+    salt: [u8; SALT_LEN],
+    key: LessSafeKey,
+    /// Number of the next frame: the nonce.
+    next: u64,
+    /// AES blocks encrypted under `key` so far.
+    blocks: u64,
+}
+
+impl GcmKey {
+    fn draw(dk: &[u8; 32], rng: &mut ChaCha20Rng) -> GcmKey {
+        let mut salt = [0u8; SALT_LEN];
+        rng.fill_bytes(&mut salt);
+        GcmKey { salt, key: chunk_key(dk, &salt), next: 0, blocks: 0 }
+    }
+}
+
+enum Cipher {
+    XChaCha,
+    // Boxed: ring's AES key with its GHASH table is 576 bytes.
+    Gcm(Box<GcmKey>),
+}
+
 /// Seals chunks under one data key. One per thread; not to be used in a forked child
-/// (parent and child would draw the same nonces).
+/// (parent and child would draw the same nonces, or number frames alike under one key).
 pub struct Sealer {
     key_id: [u8; 16],
     key: Zeroizing<[u8; 32]>,
+    cipher: Cipher,
     rng: ChaCha20Rng,
     // None if zstd could not allocate its context: chunks are then stored uncompressed.
     zstd: Option<zstd::bulk::Compressor<'static>>,
@@ -134,7 +250,10 @@ pub struct Sealer {
 
 impl fmt::Debug for Sealer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Sealer").field("key_id", &hex(&self.key_id)).finish_non_exhaustive()
+        f.debug_struct("Sealer")
+            .field("key_id", &hex(&self.key_id))
+            .field("format", &self.format())
+            .finish_non_exhaustive()
     }
 }
 
@@ -145,15 +264,34 @@ impl Drop for Sealer {
 }
 
 impl Sealer {
+    /// A sealer of frames in [`FrameFormat::preferred`].
     pub fn new(key: &DataKey) -> Sealer {
+        Self::with_format(key, FrameFormat::preferred())
+    }
+
+    /// A sealer of frames in `format` (tests and measurements of either format).
+    pub fn with_format(key: &DataKey, format: FrameFormat) -> Sealer {
         let mut seed = Zeroizing::new([0u8; 32]);
         OsRng.fill_bytes(seed.as_mut());
+        let mut rng = ChaCha20Rng::from_seed(*seed);
+        let cipher = match format {
+            FrameFormat::XChaCha20Poly1305 => Cipher::XChaCha,
+            FrameFormat::Aes256Gcm => Cipher::Gcm(Box::new(GcmKey::draw(&key.key, &mut rng))),
+        };
         Sealer {
             key_id: key.id,
             key: key.key.clone(),
-            rng: ChaCha20Rng::from_seed(*seed),
+            cipher,
+            rng,
             zstd: zstd::bulk::Compressor::new(ZSTD_LEVEL).ok(),
             scratch: Vec::new(),
+        }
+    }
+
+    pub fn format(&self) -> FrameFormat {
+        match self.cipher {
+            Cipher::XChaCha => FrameFormat::XChaCha20Poly1305,
+            Cipher::Gcm(_) => FrameFormat::Aes256Gcm,
         }
     }
 
@@ -177,14 +315,14 @@ impl Sealer {
     ) -> bool {
         assert!(plaintext.len() <= MAX_PLAIN, "chunk of {} bytes exceeds 4 MiB", plaintext.len());
         let compressed = if try_compress { self.compress(plaintext) } else { None };
+        let nonce = self.next_nonce(compressed.unwrap_or(plaintext.len()));
         let (flags, payload) = match compressed {
             Some(n) => (FLAG_ZSTD, &self.scratch[..n]),
             None => (0, plaintext),
         };
-        let mut nonce = [0u8; 24];
-        self.rng.fill_bytes(&mut nonce);
         // Both fit in u32: they are at most MAX_PLAIN + 16.
         let header = Header {
+            format: self.format(),
             flags,
             key_id: self.key_id,
             nonce,
@@ -198,18 +336,46 @@ impl Sealer {
         out.extend_from_slice(payload);
         let aad = aad(&header, id);
         let body = &mut out[start + HEADER_LEN..];
-        match xseal(&self.key, &nonce, &aad, body) {
+        let sealed = match &self.cipher {
+            Cipher::XChaCha => xseal(&self.key, &nonce, &aad, body),
+            Cipher::Gcm(g) => {
+                tag_of(g.key.seal_in_place_separate_tag(gcm_nonce(&nonce), Aad::from(&aad), body))
+            }
+        };
+        match sealed {
             Ok(tag) => {
                 out.extend_from_slice(&tag);
                 flags == FLAG_ZSTD
             }
-            Err(_) => {
-                // Only for messages over 256 GiB; never leave plaintext in `out`.
+            Err(()) => {
+                // Only for messages over 64 GiB; never leave plaintext in `out`.
                 out[start..].zeroize();
                 out.truncate(start);
-                panic!("XChaCha20-Poly1305 refused a {} byte chunk", payload.len());
+                panic!("{:?} refused a {} byte chunk", self.format(), payload.len());
             }
         }
+    }
+
+    /// The 24 nonce bytes of the next frame, whose payload is `payload_len` bytes: format 1's
+    /// random nonce, or format 2's salt and frame number (a new chunk key first if this frame
+    /// would take the current one past [`MAX_GCM_BLOCKS`]).
+    fn next_nonce(&mut self, payload_len: usize) -> [u8; 24] {
+        let mut nonce = [0u8; 24];
+        match &mut self.cipher {
+            Cipher::XChaCha => self.rng.fill_bytes(&mut nonce),
+            Cipher::Gcm(g) => {
+                // The counter blocks of the payload, and one for the tag.
+                let blocks = payload_len.div_ceil(16) as u64 + 1;
+                if g.blocks + blocks > MAX_GCM_BLOCKS {
+                    **g = GcmKey::draw(&self.key, &mut self.rng);
+                }
+                g.blocks += blocks;
+                nonce[..SALT_LEN].copy_from_slice(&g.salt);
+                nonce[SALT_LEN..].copy_from_slice(&g.next.to_le_bytes());
+                g.next += 1;
+            }
+        }
+        nonce
     }
 
     /// Compresses into `scratch`; the length if it saved at least 1/8.
@@ -230,6 +396,13 @@ impl Sealer {
     }
 }
 
+fn tag_of(tag: Result<Tag, ring::error::Unspecified>) -> Result<[u8; TAG_LEN], ()> {
+    let tag = tag.map_err(|_| ())?;
+    let mut t = [0u8; TAG_LEN];
+    t.copy_from_slice(tag.as_ref());
+    Ok(t)
+}
+
 /// ring's key and nonce for XChaCha20 nonce `nonce`: key HChaCha20(key, nonce[..16]), nonce
 /// 0000 || nonce[16..].
 fn xchacha_key(key: &[u8; 32], nonce: &[u8; 24]) -> Result<(LessSafeKey, Nonce), ()> {
@@ -244,10 +417,7 @@ fn xchacha_key(key: &[u8; 32], nonce: &[u8; 24]) -> Result<(LessSafeKey, Nonce),
 /// XChaCha20-Poly1305 in place; the tag.
 fn xseal(key: &[u8; 32], nonce: &[u8; 24], aad: &[u8], buf: &mut [u8]) -> Result<[u8; TAG_LEN], ()> {
     let (k, n) = xchacha_key(key, nonce)?;
-    let tag = k.seal_in_place_separate_tag(n, Aad::from(aad), buf).map_err(|_| ())?;
-    let mut t = [0u8; TAG_LEN];
-    t.copy_from_slice(tag.as_ref());
-    Ok(t)
+    tag_of(k.seal_in_place_separate_tag(n, Aad::from(aad), buf))
 }
 
 /// Checks the tag, then decrypts in place (on failure `buf` is left unspecified, never
@@ -273,8 +443,10 @@ fn aad(header: &[u8; HEADER_LEN], id: &ChunkId) -> [u8; HEADER_LEN + 32] {
 }
 
 struct Header {
+    format: FrameFormat,
     flags: u8,
     key_id: [u8; 16],
+    /// Format 1: the XChaCha20 nonce; format 2: salt (16) || frame number (u64).
     nonce: [u8; 24],
     plain_len: u32,
     body_len: u32,
@@ -284,7 +456,7 @@ impl Header {
     fn to_bytes(&self) -> [u8; HEADER_LEN] {
         let mut h = [0u8; HEADER_LEN];
         h[0..4].copy_from_slice(FRAME_MAGIC);
-        h[4] = FRAME_VERSION;
+        h[4] = self.format.version();
         h[5] = self.flags;
         // h[6..8]: reserved, 0
         h[8..24].copy_from_slice(&self.key_id);
@@ -306,9 +478,7 @@ impl Header {
         if &raw[0..4] != FRAME_MAGIC {
             return Err(SealError::BadFrame("bad magic"));
         }
-        if raw[4] != FRAME_VERSION {
-            return Err(SealError::BadFrame("unsupported version"));
-        }
+        let format = FrameFormat::from_version(raw[4])?;
         let flags = raw[5];
         if flags & !FLAG_ZSTD != 0 {
             return Err(SealError::BadFrame("unknown flags"));
@@ -339,7 +509,7 @@ impl Header {
         key_id.copy_from_slice(&raw[8..24]);
         let mut nonce = [0u8; 24];
         nonce.copy_from_slice(&raw[24..48]);
-        Ok((Header { flags, key_id, nonce, plain_len, body_len }, raw))
+        Ok((Header { format, flags, key_id, nonce, plain_len, body_len }, raw))
     }
 }
 
@@ -387,10 +557,65 @@ impl KeyRing {
     }
 }
 
-/// Opens chunk frames. One per thread.
+/// The chunk keys of the last [`GCM_CACHE`] (data key, salt) pairs an opener met: a miss
+/// costs a BLAKE3 derivation and an AES key schedule, about as much as opening a 4 KiB chunk.
+#[derive(Default)]
+struct GcmCache {
+    entries: Vec<([u8; 16], [u8; SALT_LEN], LessSafeKey)>,
+    /// The entry replaced next once the cache is full.
+    next: usize,
+}
+
+impl GcmCache {
+    fn get(&mut self, dk: &DataKey, salt: &[u8; SALT_LEN]) -> &LessSafeKey {
+        let i = match self.entries.iter().position(|(id, s, _)| *id == dk.id && s == salt) {
+            Some(i) => i,
+            None => {
+                let entry = (dk.id, *salt, chunk_key(&dk.key, salt));
+                if self.entries.len() < GCM_CACHE {
+                    self.entries.push(entry);
+                    self.entries.len() - 1
+                } else {
+                    let i = self.next;
+                    self.entries[i] = entry;
+                    self.next = (i + 1) % GCM_CACHE;
+                    i
+                }
+            }
+        };
+        &self.entries[i].2
+    }
+}
+
+/// Checks the tag of a frame with header `h` sealed under `dk`, then decrypts `buf` in place
+/// (on failure `buf` is left unspecified, never returned).
+fn decrypt(
+    cache: &mut GcmCache,
+    dk: &DataKey,
+    h: &Header,
+    aad: &[u8],
+    buf: &mut [u8],
+    tag: &[u8; TAG_LEN],
+) -> Result<(), SealError> {
+    match h.format {
+        FrameFormat::XChaCha20Poly1305 => xopen(&dk.key, &h.nonce, aad, buf, tag),
+        FrameFormat::Aes256Gcm => {
+            let mut salt = [0u8; SALT_LEN];
+            salt.copy_from_slice(&h.nonce[..SALT_LEN]);
+            cache
+                .get(dk, &salt)
+                .open_in_place_separate_tag(gcm_nonce(&h.nonce), Aad::from(aad), Tag::from(*tag), buf, 0..)
+                .map_err(|_| SealError::AuthFailed)?;
+            Ok(())
+        }
+    }
+}
+
+/// Opens chunk frames of either format. One per thread.
 pub struct Opener<'a> {
     ring: &'a KeyRing,
     hash_key: &'a [u8; 32],
+    gcm: GcmCache,
     zstd: Option<zstd::bulk::Decompressor<'static>>,
     // Decrypted, still compressed plaintext; wiped on drop.
     scratch: Vec<u8>,
@@ -410,7 +635,13 @@ impl Drop for Opener<'_> {
 
 impl<'a> Opener<'a> {
     pub fn new(ring: &'a KeyRing, hash_key: &'a [u8; 32]) -> Self {
-        Opener { ring, hash_key, zstd: zstd::bulk::Decompressor::new().ok(), scratch: Vec::new() }
+        Opener {
+            ring,
+            hash_key,
+            gcm: GcmCache::default(),
+            zstd: zstd::bulk::Decompressor::new().ok(),
+            scratch: Vec::new(),
+        }
     }
 
     /// The plaintext of chunk `id` from its `frame` (exactly one frame, nothing after it).
@@ -430,12 +661,12 @@ impl<'a> Opener<'a> {
         let plain_len = h.plain_len as usize;
         let mut plain = if h.flags & FLAG_ZSTD == 0 {
             let mut p = ct.to_vec();
-            xopen(&key.key, &h.nonce, &aad, &mut p, &t)?;
+            decrypt(&mut self.gcm, key, &h, &aad, &mut p, &t)?;
             p
         } else {
             self.scratch.clear();
             self.scratch.extend_from_slice(ct);
-            xopen(&key.key, &h.nonce, &aad, &mut self.scratch, &t)?;
+            decrypt(&mut self.gcm, key, &h, &aad, &mut self.scratch, &t)?;
             let zstd = self.zstd.as_mut().ok_or(SealError::Decompress)?;
             // The output slice is the bound: zstd cannot write past plain_len.
             let mut p = vec![0u8; plain_len];
@@ -736,17 +967,44 @@ mod tests {
         Fixture { keys, dk, ring }
     }
 
+    const FORMATS: [FrameFormat; 2] = [FrameFormat::XChaCha20Poly1305, FrameFormat::Aes256Gcm];
+
     fn seal_one(f: &Fixture, plain: &[u8]) -> (ChunkId, Vec<u8>) {
+        seal_as(f, FrameFormat::preferred(), plain)
+    }
+
+    fn seal_as(f: &Fixture, format: FrameFormat, plain: &[u8]) -> (ChunkId, Vec<u8>) {
         let id = f.keys.chunk_id(plain);
         let mut out = Vec::new();
-        Sealer::new(&f.dk).seal(&id, plain, &mut out);
+        Sealer::with_format(&f.dk, format).seal(&id, plain, &mut out);
         (id, out)
+    }
+
+    #[test]
+    fn new_frames_are_aes_gcm_where_the_cpu_has_aes() {
+        let f = fixture();
+        let (id, frame) = seal_one(&f, &random_bytes(4096, 20));
+        assert_eq!(frame[4], FrameFormat::preferred().version());
+        assert_eq!(Sealer::new(&f.dk).format(), FrameFormat::preferred());
+        // The machines ferry runs on (x86-64 with AES-NI) must get the faster format.
+        #[cfg(target_arch = "x86_64")]
+        assert_eq!(
+            FrameFormat::preferred() == FrameFormat::Aes256Gcm,
+            std::arch::is_x86_feature_detected!("aes") && std::arch::is_x86_feature_detected!("pclmulqdq")
+        );
+        assert_eq!(Opener::new(&f.ring, f.keys.hash_key()).open(&id, &frame).unwrap().len(), 4096);
     }
 
     #[test]
     fn round_trips_raw_and_compressed() {
         let f = fixture();
         let mut opener = Opener::new(&f.ring, f.keys.hash_key());
+        for format in FORMATS {
+            round_trip(&f, &mut opener, format);
+        }
+    }
+
+    fn round_trip(f: &Fixture, opener: &mut Opener<'_>, format: FrameFormat) {
         for (plain, compressed) in [
             (random_bytes(4096, 1), false),
             (compressible(4096, 2), true),
@@ -755,7 +1013,8 @@ mod tests {
             (Vec::new(), false),
             (vec![0xab; 63], false),
         ] {
-            let (id, frame) = seal_one(&f, &plain);
+            let (id, frame) = seal_as(f, format, &plain);
+            assert_eq!(frame[4], format.version());
             assert_eq!(frame[5] & FLAG_ZSTD != 0, compressed, "len {}", plain.len());
             assert_eq!(frame_len(&frame).unwrap(), frame.len());
             if compressed {
@@ -769,8 +1028,14 @@ mod tests {
 
     #[test]
     fn appends_frames_and_uses_fresh_nonces() {
+        for format in FORMATS {
+            appends_with_fresh_nonces(format);
+        }
+    }
+
+    fn appends_with_fresh_nonces(format: FrameFormat) {
         let f = fixture();
-        let mut s = Sealer::new(&f.dk);
+        let mut s = Sealer::with_format(&f.dk, format);
         let p = random_bytes(4096, 4);
         let id = f.keys.chunk_id(&p);
         let mut out = b"prefix".to_vec();
@@ -790,8 +1055,10 @@ mod tests {
     fn any_flipped_byte_fails() {
         let f = fixture();
         let mut o = Opener::new(&f.ring, f.keys.hash_key());
-        for plain in [random_bytes(300, 5), compressible(4096, 6)] {
-            let (id, frame) = seal_one(&f, &plain);
+        for (format, plain) in
+            FORMATS.into_iter().flat_map(|v| [(v, random_bytes(300, 5)), (v, compressible(4096, 6))])
+        {
+            let (id, frame) = seal_as(&f, format, &plain);
             for i in 0..frame.len() {
                 for bit in [0x01, 0x80] {
                     let mut bad = frame.clone();
@@ -811,17 +1078,148 @@ mod tests {
     #[test]
     fn frames_swapped_between_ids_fail() {
         let f = fixture();
-        let (id_a, frame_a) = seal_one(&f, &random_bytes(4096, 7));
-        let (id_b, frame_b) = seal_one(&f, &random_bytes(4096, 8));
         let mut o = Opener::new(&f.ring, f.keys.hash_key());
-        assert!(matches!(o.open(&id_a, &frame_b), Err(SealError::AuthFailed)));
-        assert!(matches!(o.open(&id_b, &frame_a), Err(SealError::AuthFailed)));
+        for format in FORMATS {
+            let (id_a, frame_a) = seal_as(&f, format, &random_bytes(4096, 7));
+            let (id_b, frame_b) = seal_as(&f, format, &random_bytes(4096, 8));
+            assert!(matches!(o.open(&id_a, &frame_b), Err(SealError::AuthFailed)));
+            assert!(matches!(o.open(&id_b, &frame_a), Err(SealError::AuthFailed)));
+        }
+    }
+
+    #[test]
+    fn a_frame_relabelled_as_the_other_format_fails() {
+        // The version byte is in the aad, and the two formats use different keys anyway.
+        let f = fixture();
+        let mut o = Opener::new(&f.ring, f.keys.hash_key());
+        for (format, other) in [(FORMATS[0], FORMATS[1]), (FORMATS[1], FORMATS[0])] {
+            let (id, mut frame) = seal_as(&f, format, &random_bytes(4096, 21));
+            frame[4] = other.version();
+            assert!(matches!(o.open(&id, &frame), Err(SealError::AuthFailed)));
+        }
+    }
+
+    #[test]
+    fn unknown_versions_are_refused_by_name() {
+        let f = fixture();
+        let (id, frame) = seal_one(&f, &random_bytes(100, 22));
+        let mut o = Opener::new(&f.ring, f.keys.hash_key());
+        for v in [0u8, 3, 255] {
+            let mut bad = frame.clone();
+            bad[4] = v;
+            assert!(matches!(frame_len(&bad), Err(SealError::UnsupportedVersion(x)) if x == v));
+            let e = o.open(&id, &bad).unwrap_err();
+            assert!(e.to_string().contains(&format!("format {v}")), "{e}");
+        }
+    }
+
+    /// Frames sealed by ferry before format 2 existed (the fuzz seed corpus of 2026-11-25:
+    /// mode byte, chunk id, frame; data key [4; 32], hash key [3; 32]).
+    #[test]
+    fn format_1_frames_written_before_format_2_still_open() {
+        let mut ring = KeyRing::new();
+        ring.insert(DataKey::from_bytes(&[4; 32]));
+        let mut o = Opener::new(&ring, &[3; 32]);
+        let text: Vec<u8> = b"ferry checkpoint restore page ".iter().cycle().take(4096).copied().collect();
+        for (seed, zstd) in [
+            (&include_bytes!("../testdata/chunk-v1-raw.seed")[..], false),
+            (&include_bytes!("../testdata/chunk-v1-zstd.seed")[..], true),
+        ] {
+            let id: ChunkId = seed[1..33].try_into().unwrap();
+            let frame = &seed[33..];
+            assert_eq!((frame[4], frame[5] == FLAG_ZSTD), (1, zstd));
+            // The keyed hash was checked against the id: this is the plaintext that was sealed.
+            let plain = o.open(&id, frame).unwrap();
+            assert_eq!(plain.len(), 4096);
+            if zstd {
+                assert_eq!(plain, text);
+            }
+        }
+    }
+
+    #[test]
+    fn gcm_nonces_count_up_under_a_salt_of_each_sealer() {
+        let f = fixture();
+        let p = random_bytes(4096, 23);
+        let id = f.keys.chunk_id(&p);
+        let mut salts = std::collections::HashSet::new();
+        let mut o = Opener::new(&f.ring, f.keys.hash_key());
+        for _ in 0..4 {
+            let mut s = Sealer::with_format(&f.dk, FrameFormat::Aes256Gcm);
+            let mut frames = Vec::new();
+            for _ in 0..100 {
+                let mut out = Vec::new();
+                s.seal(&id, &p, &mut out);
+                frames.push(out);
+            }
+            let salt = &frames[0][24..40];
+            for (n, fr) in frames.iter().enumerate() {
+                assert_eq!(&fr[24..40], salt);
+                assert_eq!(fr[40..48], (n as u64).to_le_bytes());
+                assert_eq!(o.open(&id, fr).unwrap(), p);
+            }
+            assert!(salts.insert(salt.to_vec()), "two sealers drew the same salt");
+        }
+    }
+
+    #[test]
+    fn a_sealer_draws_a_new_salt_before_its_key_encrypts_64_gib() {
+        let f = fixture();
+        let p = random_bytes(4096, 24);
+        let id = f.keys.chunk_id(&p);
+        let mut s = Sealer::with_format(&f.dk, FrameFormat::Aes256Gcm);
+        let (mut a, mut b, mut c) = (Vec::new(), Vec::new(), Vec::new());
+        s.seal_with(&id, &p, &mut a, false);
+        // 4096 bytes take 257 blocks: this one still fits, the next does not.
+        if let Cipher::Gcm(g) = &mut s.cipher {
+            g.blocks = MAX_GCM_BLOCKS - 2 * 257 + 1;
+        }
+        s.seal_with(&id, &p, &mut b, false);
+        s.seal_with(&id, &p, &mut c, false);
+        assert_eq!(a[24..40], b[24..40]);
+        assert_eq!(b[40..48], 1u64.to_le_bytes());
+        assert_ne!(b[24..40], c[24..40], "same salt past the budget");
+        assert_eq!(c[40..48], 0u64.to_le_bytes());
+        let Cipher::Gcm(g) = &s.cipher else { panic!("format changed") };
+        assert_eq!(g.blocks, 257);
+        let mut o = Opener::new(&f.ring, f.keys.hash_key());
+        for fr in [&a, &b, &c] {
+            assert_eq!(o.open(&id, fr).unwrap(), p);
+        }
+    }
+
+    #[test]
+    fn frames_of_more_sealers_than_the_opener_caches_open() {
+        let f = fixture();
+        let mut sealers: Vec<Sealer> =
+            (0..GCM_CACHE + 5).map(|_| Sealer::with_format(&f.dk, FrameFormat::Aes256Gcm)).collect();
+        let mut frames = Vec::new();
+        for round in 0..3u64 {
+            for (i, s) in sealers.iter_mut().enumerate() {
+                let p = random_bytes(512, 1000 * round + i as u64);
+                let (id, mut out) = (f.keys.chunk_id(&p), Vec::new());
+                s.seal(&id, &p, &mut out);
+                frames.push((id, out, p));
+            }
+        }
+        let mut o = Opener::new(&f.ring, f.keys.hash_key());
+        // In order, then backwards: every lookup misses a full cache, or hits it.
+        for (id, fr, p) in frames.iter().chain(frames.iter().rev()) {
+            assert_eq!(&o.open(id, fr).unwrap(), p);
+        }
+        assert_eq!(o.gcm.entries.len(), GCM_CACHE);
     }
 
     #[test]
     fn wrong_or_unknown_data_key_fails() {
+        for format in FORMATS {
+            wrong_or_unknown_key(format);
+        }
+    }
+
+    fn wrong_or_unknown_key(format: FrameFormat) {
         let f = fixture();
-        let (id, frame) = seal_one(&f, &random_bytes(4096, 9));
+        let (id, frame) = seal_as(&f, format, &random_bytes(4096, 9));
         let empty = KeyRing::new();
         let mut o = Opener::new(&empty, f.keys.hash_key());
         assert!(matches!(o.open(&id, &frame), Err(SealError::UnknownKey(k)) if k == f.dk.id()));
@@ -842,16 +1240,24 @@ mod tests {
         let f = fixture();
         let plain = random_bytes(100, 10);
         let id = NodeKeys::generate().chunk_id(&plain);
-        let mut frame = Vec::new();
-        Sealer::new(&f.dk).seal(&id, &plain, &mut frame);
         let mut o = Opener::new(&f.ring, f.keys.hash_key());
-        assert!(matches!(o.open(&id, &frame), Err(SealError::HashMismatch)));
+        for format in FORMATS {
+            let mut frame = Vec::new();
+            Sealer::with_format(&f.dk, format).seal(&id, &plain, &mut frame);
+            assert!(matches!(o.open(&id, &frame), Err(SealError::HashMismatch)));
+        }
     }
 
     #[test]
     fn hostile_frames_are_refused_without_panic() {
+        for format in FORMATS {
+            hostile_frames(format);
+        }
+    }
+
+    fn hostile_frames(format: FrameFormat) {
         let f = fixture();
-        let (id, frame) = seal_one(&f, &compressible(4096, 11));
+        let (id, frame) = seal_as(&f, format, &compressible(4096, 11));
         let mut o = Opener::new(&f.ring, f.keys.hash_key());
         for n in 0..frame.len() {
             assert!(o.open(&id, &frame[..n]).is_err());
@@ -986,13 +1392,62 @@ mod tests {
         assert_eq!(k.id(), d[..16]);
     }
 
+    /// Format 2 by the formulas of docs/store-format.md, with RustCrypto's AES-GCM: what we
+    /// seal it opens, and what it seals we open.
+    #[test]
+    fn format_2_frames_are_standard_aes256gcm() {
+        use aes_gcm::aead::{AeadInPlace, KeyInit};
+        use aes_gcm::Aes256Gcm;
+        let f = fixture();
+        let reference_key = |salt: &[u8]| {
+            let k = blake3::derive_key("ferry 2026 chunk key", &[&f.dk.key[..], salt].concat());
+            Aes256Gcm::new((&k).into())
+        };
+        let nonce_of = |n: &[u8]| [&n[16..24], &[0u8; 4][..]].concat();
+        for plain in [random_bytes(1000, 13), compressible(4096, 14), Vec::new()] {
+            let (id, frame) = seal_as(&f, FrameFormat::Aes256Gcm, &plain);
+            let hdr: [u8; HEADER_LEN] = frame[..HEADER_LEN].try_into().unwrap();
+            let (body, tag) = frame[HEADER_LEN..].split_at(frame.len() - HEADER_LEN - TAG_LEN);
+            let mut body = body.to_vec();
+            reference_key(&hdr[24..40])
+                .decrypt_in_place_detached(
+                    nonce_of(&hdr[24..48])[..].into(),
+                    &aad(&hdr, &id),
+                    &mut body,
+                    tag.into(),
+                )
+                .unwrap();
+            if frame[5] == FLAG_ZSTD {
+                body = zstd::bulk::decompress(&body, plain.len()).unwrap();
+            }
+            assert_eq!(body, plain);
+        }
+
+        let plain = random_bytes(4096, 15);
+        let id = f.keys.chunk_id(&plain);
+        let mut hdr = Vec::new();
+        hdr.extend_from_slice(b"FRYC\x02\0\0\0");
+        hdr.extend_from_slice(&f.dk.id());
+        hdr.extend_from_slice(&[0x5a; 16]); // salt
+        hdr.extend_from_slice(&7u64.to_le_bytes());
+        hdr.extend_from_slice(&4096u32.to_le_bytes());
+        hdr.extend_from_slice(&(4096u32 + 16).to_le_bytes());
+        let hdr: [u8; HEADER_LEN] = hdr.try_into().unwrap();
+        let mut body = plain.clone();
+        let tag = reference_key(&[0x5a; 16])
+            .encrypt_in_place_detached(nonce_of(&hdr[24..48])[..].into(), &aad(&hdr, &id), &mut body)
+            .unwrap();
+        let frame = [&hdr[..], &body[..], &tag[..]].concat();
+        assert_eq!(Opener::new(&f.ring, f.keys.hash_key()).open(&id, &frame).unwrap(), plain);
+    }
+
     #[test]
     fn frames_and_slots_are_standard_xchacha20poly1305() {
         use chacha20poly1305::aead::{AeadInPlace, KeyInit};
         use chacha20poly1305::XChaCha20Poly1305;
         let f = fixture();
         let plain = random_bytes(1000, 12);
-        let (id, frame) = seal_one(&f, &plain);
+        let (id, frame) = seal_as(&f, FrameFormat::XChaCha20Poly1305, &plain);
         let mut hdr = [0u8; HEADER_LEN];
         hdr.copy_from_slice(&frame[..HEADER_LEN]);
         let (body, tag) = frame[HEADER_LEN..].split_at(frame.len() - HEADER_LEN - TAG_LEN);
@@ -1023,8 +1478,9 @@ mod tests {
     }
 
     /// The CPU floor of the secure path, per GiB of random 4 KiB pages, on one core: the
-    /// keyed BLAKE3 chunk id and XChaCha20-Poly1305 sealing (no compression), each alone, from
-    /// pages already in cache (the ingest reads them from CRIU's images first, which costs more).
+    /// keyed BLAKE3 chunk id and sealing in the preferred format (no compression), each alone,
+    /// from pages already in cache (the ingest reads them from CRIU's images first, which costs
+    /// more). `examples/seal_bench.rs` compares the formats.
     /// `cargo test --release -p ferry-store seal::tests::floor_per_gib -- --ignored --nocapture`
     #[test]
     #[ignore = "benchmark; run in release"]
@@ -1049,7 +1505,8 @@ mod tests {
         }
         let seal = t.elapsed().as_secs_f64();
         println!(
-            "per GiB on one core: keyed BLAKE3 {hash:.3} s, XChaCha20-Poly1305 {seal:.3} s, both {:.3} s ({fold})",
+            "per GiB on one core: keyed BLAKE3 {hash:.3} s, {:?} {seal:.3} s, both {:.3} s ({fold})",
+            sealer.format(),
             hash + seal
         );
         assert!(hash > 0.0 && seal > 0.0);

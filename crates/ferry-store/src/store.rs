@@ -1009,3 +1009,71 @@ pub fn rotate_keys(root: &Path) -> Result<keys::NodePublic, StoreError> {
     }
     Ok(new.public())
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a failing test should stop right there
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::archive::{export, import, ExportMode};
+    use crate::testutil::{checkpoint, frame_versions, materialized, peer_store, random, reseal_as_format_1};
+
+    /// Pages of which the first differs with `seed`, four equal compressible ones, a core file.
+    fn images(seed: u64) -> Vec<(&'static str, Vec<u8>)> {
+        let mut pages = random(4096, 100 + seed);
+        pages.extend(random(31 * 4096, 1));
+        pages.extend(vec![7u8; 4 * 4096]);
+        vec![("pages-1.img", pages), ("core-1.img", random(900, 2))]
+    }
+
+    fn expected(seed: u64) -> BTreeMap<String, Vec<u8>> {
+        images(seed).into_iter().map(|(n, d)| (n.to_owned(), d)).collect()
+    }
+
+    /// A store written before frame format 2: its checkpoints verify and restore, a new
+    /// checkpoint dedups against their chunks, migration ships them as they are, and an
+    /// import seals them again in the new format.
+    #[test]
+    fn format_1_checkpoints_are_read_and_shared_with_format_2() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = Store::open(dir.path().join("a")).unwrap();
+        checkpoint(&a, "old", &images(0));
+        let n = reseal_as_format_1(&a, "old");
+        assert_eq!(frame_versions(&a, "old"), BTreeMap::from([(1, n)]));
+        a.get("old").unwrap().verify(&a).unwrap();
+        assert_eq!(materialized(&a, "old"), expected(0));
+
+        // One page changed: one new chunk, in the new format; the rest is the old frames.
+        let new = checkpoint(&a, "new", &images(1));
+        assert_eq!(new.stats.new_chunks, 1);
+        let new_version = crate::seal::FrameFormat::preferred().version();
+        assert_eq!(frame_versions(&a, "new"), BTreeMap::from([(1, n - 1), (new_version, 1)]));
+        assert_eq!(new.checkpoint.manifest.key_ids.len(), 2, "carries the old data key");
+        assert_eq!(materialized(&a, "new"), expected(1));
+
+        // Migration: the frames cross as they are sealed, both formats.
+        let b = peer_store(&dir.path().join("b"), &a);
+        let shipment = a.shipment("new", &b.keys().public().x25519).unwrap();
+        let mut reader = a.chunk_reader().unwrap();
+        let mut rx = b.receiver().unwrap();
+        let mut buf = Vec::new();
+        for i in b.lacking(&shipment.chunks).unwrap() {
+            let c = shipment.chunks[i as usize];
+            reader.read(&c, &mut buf).unwrap();
+            rx.add(c, &buf).unwrap();
+        }
+        rx.finish(&shipment).unwrap();
+        assert_eq!(frame_versions(&b, "new"), frame_versions(&a, "new"));
+        assert_eq!(materialized(&b, "new"), expected(1));
+
+        // Export and import: opened, then sealed again under the importer's fresh data key.
+        let c = peer_store(&dir.path().join("c"), &a);
+        let out = dir.path().join("old.tar");
+        export(&a, "old", &out, ExportMode::Encrypted { recipients: vec![c.keys().public().x25519] })
+            .unwrap();
+        import(&c, &out, None).unwrap();
+        assert_eq!(frame_versions(&c, "old"), BTreeMap::from([(new_version, n)]));
+        assert_eq!(materialized(&c, "old"), expected(0));
+    }
+}

@@ -3,11 +3,13 @@
 #![allow(clippy::unwrap_used)] // a failing test should stop right there
 
 use std::collections::BTreeMap;
-use std::fs;
+use std::fs::{self, OpenOptions};
+use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use crate::keys::{add_recipient, NodeKeys};
 use crate::manifest::HostInfo;
+use crate::seal::{FrameFormat, Opener, Sealer};
 use crate::{CheckpointInfo, Committed, Store};
 
 /// A store at `root` whose node shares `other`'s hash key and trusts it (as recipient `a`).
@@ -66,4 +68,43 @@ pub(crate) fn materialized(store: &Store, name: &str) -> BTreeMap<String, Vec<u8
             (e.file_name().to_string_lossy().into_owned(), fs::read(e.path()).unwrap())
         })
         .collect()
+}
+
+/// Seals every chunk of checkpoint `name` again in frame format 1 (XChaCha20-Poly1305), in
+/// place: the store as a ferry of before format 2 would have written it. Returns the number
+/// of frames rewritten.
+pub(crate) fn reseal_as_format_1(store: &Store, name: &str) -> usize {
+    let c = store.get(name).unwrap();
+    let ring = c.key_ring(store).unwrap();
+    let locations = store.chunk_locations(&c).unwrap();
+    let packs = store.packs().unwrap();
+    let mut reader = packs.reader();
+    let mut opener = Opener::new(&ring, store.keys().hash_key());
+    let (mut frame, mut old) = (Vec::new(), Vec::new());
+    for (id, loc) in &locations {
+        reader.read_at(*loc, &mut frame).unwrap();
+        let plain = opener.open(id, &frame).unwrap();
+        let mut sealer = Sealer::with_format(ring.get(&loc.key).unwrap(), FrameFormat::XChaCha20Poly1305);
+        old.clear();
+        // zstd is deterministic: the same choice gives the same length, so the frame fits.
+        sealer.seal_with(id, &plain, &mut old, frame[5] & 1 == 1);
+        assert_eq!(old.len(), frame.len());
+        let pack = OpenOptions::new().write(true).open(packs.pack_path(&loc.pack, "pack")).unwrap();
+        pack.write_all_at(&old, loc.offset).unwrap();
+    }
+    locations.len()
+}
+
+/// How many of checkpoint `name`'s chunks this store holds in each frame format (version).
+pub(crate) fn frame_versions(store: &Store, name: &str) -> BTreeMap<u8, usize> {
+    let c = store.get(name).unwrap();
+    let locations = store.chunk_locations(&c).unwrap();
+    let mut reader = store.packs().unwrap().reader();
+    let mut frame = Vec::new();
+    let mut out = BTreeMap::new();
+    for (_, loc) in locations {
+        reader.read_at(loc, &mut frame).unwrap();
+        *out.entry(frame[4]).or_default() += 1;
+    }
+    out
 }
