@@ -319,3 +319,21 @@ impl Node {
         }
     }
 }
+
+/// A checkpoint's images, verified, in a private tmpfs of the store's (named after `label`):
+/// what a restore (`target`) and a restarted source serving pages (`recover`) read.
+pub(crate) fn images_in_scratch(
+    store: &ferry_store::Store,
+    label: &str,
+    checkpoint: &ferry_store::Checkpoint,
+) -> Result<(ferry_sys::PrivateTmpfs, PathBuf), MigrateError> {
+    let scratch = store.scratch(label)?;
+    let images = scratch.path().join("images");
+    std::fs::create_dir(&images).map_err(|source| MigrateError::Io {
+        action: "create",
+        path: images.clone(),
+        source,
+    })?;
+    checkpoint.materialize(store, &images)?;
+    Ok((scratch, images))
+}

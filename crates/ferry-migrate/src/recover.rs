@@ -118,14 +118,9 @@ fn serve_again(node: &Node, entry: &Entry) -> Result<u64, MigrateError> {
     }
     let name = &entry.migration;
     let store = &node.ctx.store;
-    let scratch = store.scratch(&format!("serve-{name}"))?;
-    let images = scratch.path().join("images");
-    std::fs::create_dir(&images).map_err(|source| MigrateError::Io {
-        action: "create",
-        path: images.clone(),
-        source,
-    })?;
-    store.get(name)?.materialize(store, &images)?;
+    // The images are needed until the source is open (it reads them), not after.
+    let (_scratch, images) =
+        crate::node::images_in_scratch(store, &format!("serve-{name}"), &store.get(name)?)?;
     let source = PageSource::open_with(&images, entry.pid, HeldBy::Freezer(&held.cgroup))
         .map_err(|e| MigrateError::Refused(crate::chain(&e)))?;
     let bytes = source.lazy_bytes();

@@ -258,18 +258,8 @@ impl Arrival {
         strategy: Strategy,
         recover_timeout_s: u32,
     ) -> Arrival {
-        Arrival {
-            entry: Entry { recover_timeout_s, ..Entry::new(migration, Role::Target, source, strategy) },
-            ip,
-            from: None,
-            lazy: None,
-            neighbours: Vec::new(),
-            netns: None,
-            push: None,
-            released: false,
-            guard: None,
-            container_arrival: false,
-        }
+        let entry = Entry { recover_timeout_s, ..Entry::new(migration, Role::Target, source, strategy) };
+        Arrival { ip, ..Arrival::from_entry(entry) }
     }
 
     pub(crate) fn from_entry(entry: Entry) -> Arrival {
@@ -368,14 +358,8 @@ impl Arrival {
         } else {
             None
         };
-        let scratch = store.scratch(&format!("arrive-{name}"))?;
-        let images = scratch.path().join("images");
-        std::fs::create_dir(&images).map_err(|source| MigrateError::Io {
-            action: "create",
-            path: images.clone(),
-            source,
-        })?;
-        checkpoint.materialize(store, &images)?;
+        let (scratch, images) =
+            crate::node::images_in_scratch(store, &format!("arrive-{name}"), &checkpoint)?;
         if let Some(record) = ContainerRecord::read_from(&images)? {
             return self.restore_container(node, ch, name, record, scratch, tcp_established, lazy);
         }
