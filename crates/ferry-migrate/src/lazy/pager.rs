@@ -1102,6 +1102,28 @@ mod tests {
         assert!(!dir.path().join(LAZY_SOCKET).exists());
     }
 
+    /// A pager over the first `pages` pages of `map` (all lazy), registered with a userfaultfd
+    /// (with every event) that the test hands over: the userfaultfd, the pager's directory, the
+    /// requests its source saw, the pager.
+    #[allow(clippy::type_complexity)]
+    fn pager_over(
+        map: &ferry_sys::AnonMapping,
+        pages: u64,
+    ) -> (Uffd, tempfile::TempDir, Arc<Mutex<Vec<(u64, u32)>>>, LazyPager) {
+        let features = ferry_sys::UFFD_FEATURE_EVENT_FORK
+            | ferry_sys::UFFD_FEATURE_EVENT_REMAP
+            | ferry_sys::UFFD_FEATURE_EVENT_REMOVE
+            | ferry_sys::UFFD_FEATURE_EVENT_UNMAP;
+        let uffd = Uffd::open(features).unwrap();
+        uffd.register_missing(map.addr(), pages * P).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        let lazy = vec![(1u32, vec![(map.addr(), map.addr() + pages * P)])];
+        let source = Box::new(Pattern { base: map.addr(), asked: asked.clone() });
+        let pager = LazyPager::serve(lazy, dir.path(), source, None).unwrap();
+        (uffd, dir, asked, pager)
+    }
+
     fn hand_over(dir: &Path, uffd: &Uffd) {
         let restore = UnixStream::connect(dir.join(LAZY_SOCKET)).unwrap();
         std::io::Write::write_all(&mut &restore, &1i32.to_ne_bytes()).unwrap();
@@ -1119,22 +1141,7 @@ mod tests {
         }
         let map = ferry_sys::AnonMapping::new((32 * P) as usize).unwrap();
         let elsewhere = ferry_sys::AnonMapping::new((16 * P) as usize).unwrap();
-        let features = ferry_sys::UFFD_FEATURE_EVENT_FORK
-            | ferry_sys::UFFD_FEATURE_EVENT_REMAP
-            | ferry_sys::UFFD_FEATURE_EVENT_REMOVE
-            | ferry_sys::UFFD_FEATURE_EVENT_UNMAP;
-        let uffd = Uffd::open(features).unwrap();
-        uffd.register_missing(map.addr(), 32 * P).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let asked = Arc::new(Mutex::new(Vec::new()));
-        let lazy = vec![(1u32, vec![(map.addr(), map.addr() + 32 * P)])];
-        let mut pager = LazyPager::serve(
-            lazy,
-            dir.path(),
-            Box::new(Pattern { base: map.addr(), asked: asked.clone() }),
-            None,
-        )
-        .unwrap();
+        let (uffd, dir, asked, mut pager) = pager_over(&map, 32);
         let feeder = pager.feeder(); // holds the sweep back until the end of the test's moves
         hand_over(dir.path(), &uffd);
         drop(uffd);
@@ -1181,22 +1188,7 @@ mod tests {
             return;
         }
         let map = ferry_sys::AnonMapping::new((32 * P) as usize).unwrap();
-        let features = ferry_sys::UFFD_FEATURE_EVENT_FORK
-            | ferry_sys::UFFD_FEATURE_EVENT_REMAP
-            | ferry_sys::UFFD_FEATURE_EVENT_REMOVE
-            | ferry_sys::UFFD_FEATURE_EVENT_UNMAP;
-        let uffd = Uffd::open(features).unwrap();
-        uffd.register_missing(map.addr(), 32 * P).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let asked = Arc::new(Mutex::new(Vec::new()));
-        let lazy = vec![(1u32, vec![(map.addr(), map.addr() + 32 * P)])];
-        let mut pager = LazyPager::serve(
-            lazy,
-            dir.path(),
-            Box::new(Pattern { base: map.addr(), asked: asked.clone() }),
-            None,
-        )
-        .unwrap();
+        let (uffd, dir, _asked, mut pager) = pager_over(&map, 32);
         let feeder = pager.feeder(); // holds the sweep back until the split
         hand_over(dir.path(), &uffd);
         drop(uffd);
