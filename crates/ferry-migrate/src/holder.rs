@@ -234,23 +234,7 @@ fn freezer_cgroup_of(pid: i32) -> Option<String> {
 
 /// `root` and every process below it.
 pub(crate) fn tree_of(root: i32) -> Vec<i32> {
-    let mut tree = vec![root];
-    let mut i = 0;
-    while i < tree.len() {
-        let pid = tree[i];
-        if let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) {
-            for t in tasks.flatten() {
-                let text = fs::read_to_string(t.path().join("children")).unwrap_or_default();
-                for c in text.split_whitespace().filter_map(|c| c.parse::<i32>().ok()) {
-                    if !tree.contains(&c) {
-                        tree.push(c);
-                    }
-                }
-            }
-        }
-        i += 1;
-    }
-    tree
+    ferry_sys::process_tree(root)
 }
 
 /// Holders left on this host whose processes are all gone (a crash between a kill and the

@@ -13,7 +13,7 @@ pub mod guard;
 mod holder;
 pub mod journal;
 pub mod lab_agents;
-pub mod lazy;
+pub use ferry_lazy as lazy;
 mod node;
 mod outcome;
 mod pages;

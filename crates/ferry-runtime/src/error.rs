@@ -31,6 +31,8 @@ pub enum Error {
     Usage(String),
     #[error("internal error: {0}")]
     Internal(String),
+    #[error("ferry's pager could not fill the restored memory: {0}")]
+    Pager(String),
     #[error("the checkpoint was abandoned while the workload was frozen: {0}")]
     PostDump(String),
     #[error(transparent)]
@@ -134,6 +136,11 @@ impl Error {
             Error::ContainerRefused { .. } => Some("fix the reasons above, or restore on another host".into()),
             Error::Criu(e) => e.hint(),
             Error::PostDump(_) => Some("the workload was resumed where it was; nothing else changed".into()),
+            Error::Pager(_) => Some(
+                "the restored tree was killed (it must not run with memory missing); `ferry verify NAME` checks the \
+                 checkpoint"
+                    .into(),
+            ),
             Error::Usage(_) => None,
             Error::Internal(_) => Some("this is a bug in ferry; please report it with the log".into()),
             Error::Store(StoreError::NotFound(_)) => Some("`ferry list` shows the checkpoints".into()),

@@ -12,6 +12,7 @@ mod error;
 mod host;
 mod inspect;
 mod netlock;
+mod paged;
 mod process;
 mod remove;
 mod restore;

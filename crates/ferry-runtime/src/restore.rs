@@ -6,13 +6,14 @@
 //! returns, on every path.
 
 use std::path::PathBuf;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use std::path::Path;
 
 use ferry_criu::{LogTarget, RecordingNotify, RestoreOptions, SharedOptions};
 
 use crate::container::{ContainerRecord, CriuConfig, RestoreSpec, Restored};
+use crate::paged::{self, PagePlan, PushAtResume};
 use crate::{Context, Error};
 
 #[derive(Debug, Clone, Default)]
@@ -20,6 +21,8 @@ pub struct RestoreRequest {
     pub name: String,
     /// A container's name under its runtime (default: the name it had).
     pub new_name: Option<String>,
+    /// Let the tree run before its memory is complete (the pages it touches first come first).
+    pub lazy: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -29,9 +32,14 @@ pub struct RestoreReport {
     pub pid: i32,
     /// The restored container (`KIND:NAME`), if the checkpoint is of one.
     pub container: Option<String>,
-    /// Time to verify and decrypt the images.
+    /// Time to verify and decrypt the images (through the pager: every image but the pages).
     pub verify_seconds: f64,
+    /// Until the restored tree runs.
     pub seconds: f64,
+    /// Until its memory is complete (through the pager; otherwise as `seconds`).
+    pub complete_seconds: f64,
+    /// Page bytes copied in by ferry's pager (0: CRIU read the pages from the images).
+    pub paged_bytes: u64,
     pub log: PathBuf,
 }
 
@@ -45,10 +53,21 @@ pub fn restore(ctx: &Context, req: &RestoreRequest) -> Result<RestoreReport, Err
         path: images.clone(),
         source,
     })?;
-    checkpoint.materialize(&ctx.store, &images)?;
+    let stamp = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+    // A process tree's pages go through ferry's pager; a container's runtime reads images.
+    let container = checkpoint.manifest.files.iter().any(|f| f.name == crate::container::record::RECORD_FILE);
+    if !container {
+        checkpoint.materialize_except(&ctx.store, &images, &paged::is_pages_image)?;
+        if let Some(plan) = PagePlan::prepare(&checkpoint, &ctx.store, &images)? {
+            return restore_paged(ctx, req, &checkpoint, &images, &plan, started, stamp);
+        }
+        // Not suited after all: the pages images in full, then CRIU reads them.
+        paged::write_pages_images(&checkpoint, &ctx.store, &images)?;
+    } else {
+        checkpoint.materialize(&ctx.store, &images)?;
+    }
     let verify_seconds = started.elapsed().as_secs_f64();
 
-    let stamp = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
     if let Some(record) = ContainerRecord::read_from(&images)? {
         let work_dir = ctx.store.logs_dir().join(format!("restore-{}-{stamp}", req.name));
         let restored = restore_container(
@@ -64,11 +83,14 @@ pub fn restore(ctx: &Context, req: &RestoreRequest) -> Result<RestoreReport, Err
             },
         )?;
         drop(scratch);
+        let seconds = started.elapsed().as_secs_f64();
         return Ok(RestoreReport {
             pid: restored.pid,
             container: Some(format!("{}:{}", record.kind, restored.name)),
             verify_seconds,
-            seconds: started.elapsed().as_secs_f64(),
+            seconds,
+            complete_seconds: seconds,
+            paged_bytes: 0,
             log: work_dir.join(crate::container::criu_conf::LOG_FILE),
         });
     }
@@ -85,11 +107,104 @@ pub fn restore(ctx: &Context, req: &RestoreRequest) -> Result<RestoreReport, Err
     tracing::info!(name = %req.name, "restoring");
     let outcome = ctx.criu.restore(&opts, &mut RecordingNotify::default())?;
     drop(scratch);
+    let seconds = started.elapsed().as_secs_f64();
     Ok(RestoreReport {
         pid: outcome.pid,
         container: None,
         verify_seconds,
-        seconds: started.elapsed().as_secs_f64(),
+        seconds,
+        complete_seconds: seconds,
+        paged_bytes: 0,
+        log: log.path(),
+    })
+}
+
+/// A process tree's restore whose pages go from the store through ferry's pager (`paged`).
+fn restore_paged(
+    ctx: &Context,
+    req: &RestoreRequest,
+    checkpoint: &ferry_store::Checkpoint,
+    images: &Path,
+    plan: &PagePlan,
+    started: Instant,
+    stamp: u128,
+) -> Result<RestoreReport, Error> {
+    if req.new_name.is_some() {
+        return Err(Error::InvalidWorkload {
+            input: req.name.clone(),
+            why: "--name renames containers; this checkpoint is of a process tree".into(),
+        });
+    }
+    let verify_seconds = started.elapsed().as_secs_f64();
+    let work_dir = paged::work_dir(&ctx.store.logs_dir(), &req.name, stamp);
+    std::fs::create_dir_all(&work_dir).map_err(|source| ferry_store::StoreError::Io {
+        action: "cannot create",
+        path: work_dir.clone(),
+        source,
+    })?;
+    let log = LogTarget::new(&work_dir, "restore.log");
+    let with_log =
+        |e: ferry_lazy::LazyError| Error::Pager(format!("{e} (CRIU's log: {})", log.path().display()));
+    let mut pager = plan.start_pager(&work_dir).map_err(with_log)?;
+    let feeder = pager.feeder();
+    let opts = RestoreOptions::new(images, log.clone())
+        .tcp_established(checkpoint.manifest.tcp_established)
+        .restore_sibling(true)
+        .lazy_pages(true);
+    tracing::info!(name = %req.name, lazy = req.lazy, bytes = plan.bytes, "restoring through the pager");
+    let mut at_resume = PushAtResume {
+        plan,
+        feeder: feeder.clone(),
+        pager: &mut pager,
+        lazy: req.lazy,
+        root: None,
+        failure: None,
+        resumed: None,
+    };
+    let restored = ctx.criu.restore(&opts, &mut at_resume);
+    let (failure, resumed) = (at_resume.failure.take(), at_resume.resumed);
+    let outcome = match (restored, failure) {
+        (Ok(o), _) => o,
+        // The pager's or a chunk's failure is what the user needs to read, not CRIU's echo of it.
+        (Err(_), Some(f)) => {
+            pager.stop();
+            return Err(f);
+        }
+        (Err(e), None) => {
+            pager.stop();
+            return Err(e.into());
+        }
+    };
+    let seconds = resumed.map_or(started.elapsed(), |r| r - started).as_secs_f64();
+    if req.lazy {
+        // The tree runs: the pages it touches come first, the rest in address order.
+        let pushed = std::thread::scope(|s| {
+            let push = s.spawn(|| plan.push(&feeder, paged::threads()));
+            let done = pager.wait_done(Duration::from_secs(3600));
+            (push.join(), done)
+        });
+        let failed = match pushed {
+            (Ok(Ok(())), Ok(_)) => None,
+            (Ok(Err(e)), _) => Some(Error::from(e)),
+            (_, Err(e)) => Some(Error::Pager(format!("{e} (CRIU's log: {})", log.path().display()))),
+            (Err(_), _) => Some(Error::Pager("the push thread panicked".into())),
+        };
+        if let Some(e) = failed {
+            // Its memory cannot be completed: the tree must not go on with pages missing.
+            paged::kill_tree(outcome.pid);
+            let _ = ferry_sys::wait_child(outcome.pid);
+            pager.stop();
+            return Err(e);
+        }
+    }
+    let stats = pager.stop();
+    Ok(RestoreReport {
+        pid: outcome.pid,
+        container: None,
+        verify_seconds,
+        seconds,
+        complete_seconds: started.elapsed().as_secs_f64(),
+        paged_bytes: stats.bytes,
         log: log.path(),
     })
 }

@@ -22,6 +22,7 @@ mod name;
 mod oci;
 pub mod packs;
 pub mod pipeline;
+mod reader;
 pub mod replica;
 pub mod seal;
 mod store;
@@ -32,6 +33,7 @@ pub use error::StoreError;
 pub use manifest::HostInfo;
 pub use name::validate_name;
 pub use pipeline::IngestStats;
+pub use reader::{Cursor, ImageReader};
 pub use store::{
     rotate_keys, Checkpoint, CheckpointInfo, Committed, Footprint, GcReport, Pending, Store, VerifyReport,
 };

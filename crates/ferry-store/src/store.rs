@@ -33,6 +33,7 @@ use crate::manifest::{
 };
 use crate::packs::{hex, Entry, KeyId, Location, PackReader, PackSet, PackWriter};
 use crate::pipeline::{IngestStats, Pipeline};
+use crate::reader::ImageReader;
 use crate::seal::{unwrap_key, wrap_key, DataKey, KeyRing, Opener, Slots, MAX_SLOTS_FILE};
 use crate::{validate_name, StoreError};
 
@@ -737,16 +738,43 @@ impl Checkpoint {
 
     /// Opens and checks every chunk without writing anything.
     pub fn verify(&self, store: &Store) -> Result<VerifyReport, StoreError> {
-        self.for_each_chunk(store, None)
+        self.for_each_chunk(store, None, &|_| false)
     }
 
     /// Writes the images into `dir`, checking every chunk on the way. On error `dir` holds a
     /// partial copy that the caller must discard (it is a tmpfs that is dropped).
     pub fn materialize(&self, store: &Store, dir: &Path) -> Result<VerifyReport, StoreError> {
-        self.for_each_chunk(store, Some(dir))
+        self.for_each_chunk(store, Some(dir), &|_| false)
     }
 
-    fn for_each_chunk(&self, store: &Store, out: Option<&Path>) -> Result<VerifyReport, StoreError> {
+    /// As [`materialize`](Self::materialize), except that the files `skip` names are created
+    /// at their size but left empty (holes): the caller fills what it needs of them from an
+    /// [`ImageReader`].
+    pub fn materialize_except(
+        &self,
+        store: &Store,
+        dir: &Path,
+        skip: &dyn Fn(&str) -> bool,
+    ) -> Result<VerifyReport, StoreError> {
+        self.for_each_chunk(store, Some(dir), skip)
+    }
+
+    /// Random access to the checkpoint's files, every chunk checked as it is read.
+    pub fn image_reader(&self, store: &Store) -> Result<ImageReader, StoreError> {
+        let ring = self.key_ring(store)?;
+        let (known, dir) = {
+            let packs = store.packs()?;
+            (packs.known(), packs.dir().to_path_buf())
+        };
+        Ok(ImageReader::new(&self.manifest, ring, *store.keys.hash_key(), known, dir))
+    }
+
+    fn for_each_chunk(
+        &self,
+        store: &Store,
+        out: Option<&Path>,
+        skip: &dyn Fn(&str) -> bool,
+    ) -> Result<VerifyReport, StoreError> {
         let ring = self.key_ring(store)?;
         let (known, dir) = {
             let packs = store.packs()?;
@@ -766,7 +794,8 @@ impl Checkpoint {
                 files.push(file);
             }
         }
-        let work = work_list(&self.manifest.files);
+        let mut work = work_list(&self.manifest.files);
+        work.retain(|w| !skip(&self.manifest.files[w.file].name));
         let total_bytes: u64 = work.iter().map(|w| u64::from(w.len)).sum();
         let parts = split_work(&work, threads());
         let hash_key = store.keys.hash_key();

@@ -44,6 +44,27 @@ pub fn kill(pid: i32, sig: Signal) -> io::Result<()> {
     }
 }
 
+/// `root` and every process below it (its threads' children, recursively), root first.
+pub fn process_tree(root: i32) -> Vec<i32> {
+    let mut tree = vec![root];
+    let mut i = 0;
+    while i < tree.len() {
+        let pid = tree[i];
+        if let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) {
+            for t in tasks.flatten() {
+                let text = fs::read_to_string(t.path().join("children")).unwrap_or_default();
+                for c in text.split_whitespace().filter_map(|c| c.parse::<i32>().ok()) {
+                    if !tree.contains(&c) {
+                        tree.push(c);
+                    }
+                }
+            }
+        }
+        i += 1;
+    }
+    tree
+}
+
 /// True while `/proc/PID` exists and the process is not a zombie.
 pub fn process_exists(pid: i32) -> bool {
     matches!(process_state(pid), Some(s) if s != 'Z' && s != 'X')

@@ -76,12 +76,17 @@ pub enum Command {
         /// The restored container's name under its runtime (default: the name it had).
         #[arg(long = "name", value_name = "NEW")]
         new_name: Option<String>,
-        /// Return once the workload runs.
+        /// Return once the workload runs (through the pager: once its memory is complete).
         #[arg(long, short)]
         detach: bool,
         /// Write the restored root's host PID to this file.
         #[arg(long)]
         pidfile: Option<PathBuf>,
+        /// Let a process tree run before its memory is complete: the pages it touches come
+        /// first, the rest follow. A chunk that fails its check then kills the tree (by
+        /// default every chunk is checked before the tree runs).
+        #[arg(long)]
+        lazy: bool,
     },
     /// List checkpoints.
     List {

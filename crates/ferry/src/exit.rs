@@ -43,7 +43,7 @@ pub fn classify(err: &Error) -> Exit {
         Error::RuntimeFailed(_) => Exit::CriuFailed,
         Error::Container(_) => Exit::Failure,
         Error::BadContainerRecord(_) => Exit::Damaged,
-        Error::Internal(_) | Error::PostDump(_) => Exit::Failure,
+        Error::Internal(_) | Error::PostDump(_) | Error::Pager(_) => Exit::Failure,
         Error::Store(s) => match s {
             StoreError::NotFound(_) => Exit::NotFound,
             StoreError::Exists(_) | StoreError::Busy | StoreError::KeyShared { .. } => Exit::Conflict,

@@ -30,8 +30,8 @@ fn main() -> ExitCode {
                 keep: *keep,
             },
         ),
-        Command::Restore { name, new_name, detach, pidfile } => {
-            cmd::restore::run(&cli, name, new_name.as_deref(), *detach, pidfile.as_deref())
+        Command::Restore { name, new_name, detach, pidfile, lazy } => {
+            cmd::restore::run(&cli, name, new_name.as_deref(), *detach, pidfile.as_deref(), *lazy)
         }
         Command::List { json } => cmd::list::run(&cli, *json),
         Command::Verify { names } => cmd::verify::run(&cli, names),

@@ -9,10 +9,17 @@ use super::context;
 use crate::cli::Cli;
 use crate::Outcome;
 
-pub fn run(cli: &Cli, name: &str, new_name: Option<&str>, detach: bool, pidfile: Option<&Path>) -> Outcome {
+pub fn run(
+    cli: &Cli,
+    name: &str,
+    new_name: Option<&str>,
+    detach: bool,
+    pidfile: Option<&Path>,
+    lazy: bool,
+) -> Outcome {
     let what = || format!("restore of {name} failed");
     let ctx = context(cli).map_err(|e| (what(), e))?;
-    let req = RestoreRequest { name: name.to_owned(), new_name: new_name.map(str::to_owned) };
+    let req = RestoreRequest { name: name.to_owned(), new_name: new_name.map(str::to_owned), lazy };
     let report = ferry_runtime::restore(&ctx, &req).map_err(|e| (what(), e))?;
     if let Some(path) = pidfile {
         fs::write(path, format!("{}\n", report.pid)).map_err(|source| {
@@ -26,7 +33,17 @@ pub fn run(cli: &Cli, name: &str, new_name: Option<&str>, detach: bool, pidfile:
         println!("restored {name} as {container} (pid {}) in {:.2}s", report.pid, report.seconds);
         return crate::ok();
     }
-    println!("restored {name} as pid {} in {:.2}s", report.pid, report.seconds);
+    if report.paged_bytes > 0 {
+        println!(
+            "restored {name} as pid {}: running after {:.2}s, memory complete after {:.2}s ({:.1} MiB through ferry's pager)",
+            report.pid,
+            report.seconds,
+            report.complete_seconds,
+            report.paged_bytes as f64 / f64::from(1u32 << 20)
+        );
+    } else {
+        println!("restored {name} as pid {} in {:.2}s", report.pid, report.seconds);
+    }
     if detach {
         return crate::ok();
     }

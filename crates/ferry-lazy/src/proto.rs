@@ -17,8 +17,11 @@ pub const CMD_CLOSE: u32 = 0x1023;
 pub const CMD_FORCE_CLOSE: u32 = 0x1024;
 /// `pagemap_entry` flag: the pages are present (in the image).
 pub const PE_PRESENT: u32 = 1 << 2;
-/// `pagemap_entry` flag: the pages are left out of the images, to be fetched lazily.
+/// `pagemap_entry` flag: the pages are left out of the images, to be fetched lazily (with
+/// `PE_PRESENT`: in the images, and a lazy restore may still leave them to its daemon).
 pub const PE_LAZY: u32 = 1 << 1;
+/// `pagemap_entry` flag: the pages are in the parent checkpoint's images.
+pub const PE_PARENT: u32 = 1 << 0;
 
 /// One page-server header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,4 +1,5 @@
-//! Post-copy migration with lazy pages, served by ferry rather than by CRIU.
+//! Lazy pages served by ferry rather than by CRIU: post-copy migration, and a restore from the
+//! store whose pages go straight from the sealed chunks into the restored processes.
 //!
 //! CRIU's own remote lazy mode cannot work on hosts without `CAP_SYS_RESOURCE` (its page
 //! server sizes a pipe beyond `fs.pipe-max-size`), listens unauthenticated on every address,
@@ -13,6 +14,7 @@
 //!   CRIU's `lazy-pages` daemon and fills the missing pages itself, from a [`PageFetcher`]
 //!   (the transport to the source) and from pages pushed ahead of demand ([`PageFeeder`]);
 //!   the tree runs while its pages arrive.
+#![forbid(unsafe_code)]
 
 mod finisher;
 mod images;
@@ -23,7 +25,10 @@ mod source;
 use std::time::Duration;
 
 pub use finisher::{pick_port, FinishReport, PageServerFinisher};
-pub use images::{layout, lazy_iovs, lazy_iovs_of, lazy_ranges, tree_pids, Layout, LazyRanges, Mapping};
+pub use images::{
+    layout, lazy_iovs, lazy_iovs_of, lazy_ranges, parse_stored_pages, stored_lazy_iovs, stored_pages,
+    tree_pids, Layout, LazyRanges, Mapping, StoredPages,
+};
 pub use pager::{Keeper, LazyPager, PageFeeder};
 pub use proto::PAGE_SIZE;
 pub use source::{HeldBy, PageSource};
@@ -105,4 +110,19 @@ pub enum LazyError {
     Finish(String),
     #[error("no end after {0:?}")]
     Timeout(Duration),
+}
+
+/// An error and its sources, as one line.
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        let t = s.to_string();
+        if !text.contains(&t) {
+            text.push_str(": ");
+            text.push_str(&t);
+        }
+        src = s.source();
+    }
+    text
 }

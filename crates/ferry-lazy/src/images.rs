@@ -21,7 +21,7 @@ use std::path::Path;
 use ferry_criu::image::{entries, header, MAX_IMAGE};
 use prost::Message;
 
-use super::proto::{PAGE_SIZE, PE_LAZY, PE_PRESENT};
+use super::proto::{PAGE_SIZE, PE_LAZY, PE_PARENT, PE_PRESENT};
 use super::LazyError;
 
 const PSTREE_MAGIC: u32 = 0x5027_3030;
@@ -41,6 +41,13 @@ struct PstreeEntry {
     pid: u32,
 }
 
+/// `pagemap_head`: the first entry of a pagemap image.
+#[derive(Clone, PartialEq, Message)]
+struct PagemapHead {
+    #[prost(uint32, required, tag = "1")]
+    pages_id: u32,
+}
+
 /// `pagemap_entry`.
 #[derive(Clone, PartialEq, Message)]
 struct PagemapEntry {
@@ -48,6 +55,9 @@ struct PagemapEntry {
     vaddr: u64,
     #[prost(uint32, required, tag = "2")]
     compat_nr_pages: u32,
+    /// Before `PE_PARENT`: the pages are in the parent checkpoint's images.
+    #[prost(bool, optional, tag = "3")]
+    in_parent: Option<bool>,
     #[prost(uint32, optional, tag = "4")]
     flags: Option<u32>,
     #[prost(uint64, optional, tag = "5")]
@@ -273,6 +283,102 @@ fn parse_lazy_ranges(name: &str, data: &[u8]) -> Result<LazyRanges, LazyError> {
     Ok(out)
 }
 
+/// Where the pages of one process lie in its `pages-<id>.img`, for a restore that takes the
+/// lazy ones from elsewhere (ferry's store) and only the others from the image.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StoredPages {
+    /// The `pages-<id>.img` the pagemap points at.
+    pub pages_file: String,
+    /// Lazy runs: (address, bytes, offset in the pages image), in address order.
+    pub lazy: Vec<(u64, u64, u64)>,
+    /// Runs CRIU's restore reads from the pages image: (offset, bytes).
+    pub eager: Vec<(u64, u64)>,
+}
+
+impl StoredPages {
+    /// The offset in the pages image of lazy bytes `[vaddr, vaddr + len)`, if one lazy run
+    /// holds them all.
+    pub fn offset_of(&self, vaddr: u64, len: u64) -> Option<u64> {
+        let i = self.lazy.partition_point(|&(a, _, _)| a <= vaddr).checked_sub(1)?;
+        let (a, n, off) = self.lazy[i];
+        (vaddr.checked_add(len)? <= a + n).then_some(off + (vaddr - a))
+    }
+}
+
+/// The stored-pages plan of process `pid` of a full dump (every page in the images): CRIU
+/// marks the pages a lazy restore may leave to a lazy-pages daemon `PE_LAZY` as well as
+/// `PE_PRESENT`, so the pagemap says both where each run lies in the pages image and which
+/// runs the restore will skip. `None` for a process without a pagemap (a zombie).
+pub fn stored_pages(dir: &Path, pid: u32) -> Result<Option<StoredPages>, LazyError> {
+    let name = format!("pagemap-{pid}.img");
+    match read_image(dir, &name, PAGEMAP_MAGIC)? {
+        Some(data) => parse_stored_pages(&name, &data).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// As [`stored_pages`], from a pagemap image's bytes.
+pub fn parse_stored_pages(name: &str, data: &[u8]) -> Result<StoredPages, LazyError> {
+    let bad = |detail: String| LazyError::Images { image: name.to_string(), detail };
+    let start = check_magic(name, data, PAGEMAP_MAGIC)?;
+    let raw = entries(data, start).map_err(|e| bad(e.to_string()))?;
+    let head = raw.first().ok_or_else(|| bad("no pagemap head".into()))?;
+    let head = PagemapHead::decode(*head).map_err(|e| bad(e.to_string()))?;
+    let mut out = StoredPages { pages_file: format!("pages-{}.img", head.pages_id), ..Default::default() };
+    let (mut offset, mut total, mut last_end) = (0u64, 0u64, 0u64);
+    for entry in raw.into_iter().skip(1) {
+        let pe = PagemapEntry::decode(entry).map_err(|e| bad(e.to_string()))?;
+        let flags = pe.flags.unwrap_or(0);
+        if pe.in_parent == Some(true) || flags & PE_PARENT != 0 {
+            return Err(bad(format!("entry {:#x} is in a parent checkpoint's images", pe.vaddr)));
+        }
+        let pages = pe.nr_pages.unwrap_or(u64::from(pe.compat_nr_pages));
+        total = total.saturating_add(pages);
+        if !pe.vaddr.is_multiple_of(PAGE_SIZE) || pages == 0 || total > MAX_PAGES {
+            return Err(bad(format!("odd entry {:#x} (+{pages} pages)", pe.vaddr)));
+        }
+        if pe.vaddr < last_end {
+            return Err(bad(format!("entry {:#x} out of order", pe.vaddr)));
+        }
+        let len = pages * PAGE_SIZE;
+        last_end = pe.vaddr.checked_add(len).ok_or_else(|| bad(format!("entry {:#x} wraps", pe.vaddr)))?;
+        if flags & PE_PRESENT == 0 {
+            // A zero or lazy-only entry: nothing of it in the pages image.
+            if flags & PE_LAZY != 0 {
+                return Err(bad(format!("lazy entry {:#x} is not in the images", pe.vaddr)));
+            }
+            continue;
+        }
+        if flags & PE_LAZY != 0 {
+            match out.lazy.last_mut() {
+                Some((a, n, o)) if *a + *n == pe.vaddr && *o + *n == offset => *n += len,
+                _ => out.lazy.push((pe.vaddr, len, offset)),
+            }
+        } else {
+            match out.eager.last_mut() {
+                Some((o, n)) if *o + *n == offset => *n += len,
+                _ => out.eager.push((offset, len)),
+            }
+        }
+        offset += len;
+    }
+    Ok(out)
+}
+
+/// The lazy runs of a [`StoredPages`] plan as the pager's ranges: cut where the mappings of
+/// `mm-<pid>.img` end, each inside a mapping the restore registers with userfaultfd.
+pub fn stored_lazy_iovs(dir: &Path, pid: u32, plan: &StoredPages) -> Result<Vec<(u64, u64)>, LazyError> {
+    let mut ranges = LazyRanges::default();
+    for &(a, n, _) in &plan.lazy {
+        ranges.add(a, a + n);
+    }
+    if ranges.is_empty() {
+        return Ok(Vec::new());
+    }
+    split_at_mappings(&ranges, &layout(dir, pid)?)
+        .map_err(|detail| LazyError::Images { image: format!("mm-{pid}.img"), detail })
+}
+
 /// The address space of process `pid` (`mm-<pid>.img`); empty if it has no mm image (a
 /// zombie).
 pub fn layout(dir: &Path, pid: u32) -> Result<Layout, LazyError> {
@@ -401,12 +507,12 @@ mod tests {
     fn real_lazy_dumps_parse() {
         for (seed, min) in [
             (
-                &include_bytes!("../../../../fuzz/corpus/lazy_images/guarded-8m-threads")[..],
+                &include_bytes!("../../../fuzz/corpus/lazy_images/guarded-8m-threads")[..],
                 (8u64 << 20) - 2 * PAGE_SIZE,
             ),
-            (&include_bytes!("../../../../fuzz/corpus/lazy_images/memhog-8m")[..], 8u64 << 20),
-            (&include_bytes!("../../../../fuzz/corpus/lazy_images/memhog-4g")[..], 32 << 20),
-            (&include_bytes!("../../../../fuzz/corpus/lazy_images/memhog-64m-threads-runs")[..], 64 << 20),
+            (&include_bytes!("../../../fuzz/corpus/lazy_images/memhog-8m")[..], 8u64 << 20),
+            (&include_bytes!("../../../fuzz/corpus/lazy_images/memhog-4g")[..], 32 << 20),
+            (&include_bytes!("../../../fuzz/corpus/lazy_images/memhog-64m-threads-runs")[..], 64 << 20),
         ] {
             let (pagemap, mm) = split_seed(seed);
             let iovs = lazy_iovs_of(pagemap, mm).unwrap();
@@ -446,8 +552,7 @@ mod tests {
     /// them.
     #[test]
     fn guard_regions_are_not_mappings() {
-        let (pagemap, mm) =
-            split_seed(include_bytes!("../../../../fuzz/corpus/lazy_images/guarded-8m-threads"));
+        let (pagemap, mm) = split_seed(include_bytes!("../../../fuzz/corpus/lazy_images/guarded-8m-threads"));
         let layout = parse_layout("mm", mm).unwrap();
         assert_eq!(layout.guards.len(), 4, "{layout:?}");
         for &(s, e) in &layout.guards {

@@ -37,7 +37,7 @@ use ferry_sys::{Fill, Uffd, UffdEvent};
 
 use super::images::{lazy_iovs, tree_pids};
 use super::proto::PAGE_SIZE;
-use super::{LazyError, LazyStats, PageFetcher, MAX_REQUEST_PAGES};
+use super::{chain, LazyError, LazyStats, PageFetcher, MAX_REQUEST_PAGES};
 
 /// The socket's name in the restore's work directory (`LAZY_PAGES_SOCK_NAME`).
 const LAZY_SOCKET: &str = "lazy-pages.socket";
@@ -598,7 +598,16 @@ impl LazyPager {
         Self::serve(lazy, work_dir, fetcher, keeper)
     }
 
-    /// As [`start`](Self::start), with the lazy ranges of each process given.
+    /// As [`start`](Self::start), with the lazy ranges of each process given (pid in the
+    /// images, its ranges sorted, disjoint, each inside one mapping the restore registers).
+    pub fn start_ranges(
+        lazy: Vec<(u32, Vec<(u64, u64)>)>,
+        work_dir: &Path,
+        fetcher: Box<dyn PageFetcher + Send>,
+    ) -> Result<LazyPager, LazyError> {
+        Self::serve(lazy, work_dir, fetcher, None)
+    }
+
     fn serve(
         lazy: Vec<(u32, Vec<(u64, u64)>)>,
         work_dir: &Path,
@@ -697,7 +706,7 @@ impl LazyPager {
                         let _ = t.join();
                     }
                     self.restore_ended = matches!(r, Err(LazyError::RestoreEnded));
-                    self.outcome = Some(r.map_err(|e| crate::chain(&e)));
+                    self.outcome = Some(r.map_err(|e| chain(&e)));
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => return Err(LazyError::Timeout(timeout)),
                 Err(mpsc::RecvTimeoutError::Disconnected) => {

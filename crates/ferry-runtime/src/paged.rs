@@ -1,0 +1,343 @@
+//! A process tree's restore through ferry's pager: the anonymous pages never become an image
+//! file. Everything else is verified and written into the private tmpfs as before; CRIU then
+//! restores with lazy pages, handing each process's userfaultfd to ferry's pager
+//! (`ferry-lazy`), and the pages go from the sealed chunks, each checked as it is opened,
+//! straight into the processes (`UFFDIO_COPY`).
+//!
+//! A full dump marks the pages a lazy restore may leave to its daemon `PE_LAZY` as well as
+//! `PE_PRESENT`: the pagemap says where each run lies in the pages image and which runs CRIU
+//! will skip. The pages image is written as a sparse file holding only the runs CRIU reads
+//! itself (pages of file mappings, locked memory, the current stack pages).
+//!
+//! Two modes:
+//! - default: at CRIU's `pre-resume` (every task restored and stopped, nothing of the workload
+//!   has run) every lazy page is opened, checked and copied in; only then does the tree run.
+//!   A chunk whose check fails makes ferry answer `pre-resume` with an error, and CRIU kills
+//!   the tree before it runs. So nothing of a tampered checkpoint ever runs.
+//! - lazy: the tree runs at once; the pages are pushed in address order while the pager serves
+//!   faults first. A chunk whose check fails is never copied in: ferry kills the tree and the
+//!   restore fails.
+
+use std::collections::HashMap;
+use std::fs::OpenOptions;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ferry_criu::{Notify, NotifyHandler};
+use ferry_lazy::{LazyError, LazyPager, PageFeeder, PageFetcher, StoredPages, PAGE_SIZE};
+use ferry_store::{Checkpoint, ImageReader, Store, StoreError};
+
+use crate::Error;
+
+/// Pushed in pieces of this size: big enough to cost one `UFFDIO_COPY` per piece.
+const PIECE: u64 = 1 << 20;
+/// A restore whose pages are not all in after this long has failed.
+const COMPLETE_TIMEOUT: Duration = Duration::from_secs(3600);
+
+/// The lazy pages of one checkpoint, where they are in its files.
+#[derive(Debug)]
+pub(crate) struct PagePlan {
+    reader: Arc<ImageReader>,
+    /// Per process (pid in the images): its pages image (file index) and where its pages are.
+    procs: HashMap<u32, (usize, StoredPages)>,
+    /// The pager's ranges per process.
+    ranges: Vec<(u32, Vec<(u64, u64)>)>,
+    /// Lazy bytes in all.
+    pub(crate) bytes: u64,
+}
+
+/// True for the files whose content a paged restore writes itself: the pages images.
+pub(crate) fn is_pages_image(name: &str) -> bool {
+    name.starts_with("pages-") && name.ends_with(".img")
+}
+
+impl PagePlan {
+    /// Reads the plan from the images already written into `images` (every file but the pages
+    /// images, which are holes of their size) and writes into the pages images what CRIU reads
+    /// itself. `Ok(None)`: this checkpoint's images do not suit a restore through the pager
+    /// (the reason is logged); the caller writes the images out instead.
+    pub(crate) fn prepare(
+        checkpoint: &Checkpoint,
+        store: &Store,
+        images: &Path,
+    ) -> Result<Option<PagePlan>, Error> {
+        let reader = Arc::new(checkpoint.image_reader(store)?);
+        let pids = match ferry_lazy::tree_pids(images) {
+            Ok(p) => p,
+            Err(e) => return Ok(not_suited(&e)),
+        };
+        let mut procs = HashMap::new();
+        let mut ranges = Vec::new();
+        let mut bytes = 0u64;
+        let mut own_pages = Vec::new();
+        for pid in pids {
+            let plan = match ferry_lazy::stored_pages(images, pid) {
+                Ok(Some(p)) => p,
+                Ok(None) => continue,
+                Err(e) => return Ok(not_suited(&e)),
+            };
+            let iovs = match ferry_lazy::stored_lazy_iovs(images, pid, &plan) {
+                Ok(i) => i,
+                Err(e) => return Ok(not_suited(&e)),
+            };
+            let Some(file) = reader.file(&plan.pages_file) else {
+                if plan.lazy.is_empty() && plan.eager.is_empty() {
+                    continue;
+                }
+                return Err(StoreError::Damaged {
+                    name: checkpoint.name().to_owned(),
+                    file: plan.pages_file.clone(),
+                    detail: format!("pagemap-{pid}.img names it, the checkpoint lacks it"),
+                }
+                .into());
+            };
+            let len = reader.size(file);
+            if plan.lazy.iter().any(|&(_, n, o)| o + n > len) || plan.eager.iter().any(|&(o, n)| o + n > len)
+            {
+                return Err(StoreError::Damaged {
+                    name: checkpoint.name().to_owned(),
+                    file: plan.pages_file.clone(),
+                    detail: format!("pagemap-{pid}.img points past its end ({len} bytes)"),
+                }
+                .into());
+            }
+            bytes += iovs.iter().map(|(s, e)| e - s).sum::<u64>();
+            write_runs(&reader, images, file, &plan.pages_file, &plan.eager)?;
+            own_pages.push(plan.pages_file.clone());
+            ranges.push((pid, iovs));
+            procs.insert(pid, (file, plan));
+        }
+        // Pages images no process pagemap names (shared memory's) are CRIU's to read whole.
+        for name in std::fs::read_dir(images).map_err(io_error(images))?.flatten() {
+            let name = name.file_name().to_string_lossy().into_owned();
+            if is_pages_image(&name) && !own_pages.contains(&name) {
+                if let Some(file) = reader.file(&name) {
+                    write_runs(&reader, images, file, &name, &[(0, reader.size(file))])?;
+                }
+            }
+        }
+        Ok(Some(PagePlan { reader, procs, ranges, bytes }))
+    }
+
+    /// The pager for this plan, serving the restore whose work directory is `work_dir`.
+    pub(crate) fn start_pager(&self, work_dir: &Path) -> Result<LazyPager, LazyError> {
+        let fetcher = StoreFetcher { reader: self.reader.clone(), procs: self.procs.clone() };
+        LazyPager::start_ranges(self.ranges.clone(), work_dir, Box::new(fetcher))
+    }
+
+    /// Every lazy page in pieces, in address order per process: (pid, address, bytes).
+    fn pieces(&self) -> Vec<(u32, u64, u64)> {
+        let mut out = Vec::new();
+        for (pid, iovs) in &self.ranges {
+            for &(s, e) in iovs {
+                let mut a = s;
+                while a < e {
+                    let n = PIECE.min(e - a);
+                    out.push((*pid, a, n));
+                    a += n;
+                }
+            }
+        }
+        out
+    }
+
+    /// Opens every lazy page and copies it in through `feeder`, on `threads` threads. Stops at
+    /// the first chunk that fails its check (nothing of it is copied) and returns its error.
+    pub(crate) fn push(&self, feeder: &PageFeeder, threads: usize) -> Result<(), StoreError> {
+        let pieces = self.pieces();
+        let next = AtomicUsize::new(0);
+        let failed: Mutex<Option<StoreError>> = Mutex::new(None);
+        if !feeder.wait_allowed() {
+            return Ok(());
+        }
+        std::thread::scope(|s| {
+            for _ in 0..threads.max(1) {
+                s.spawn(|| {
+                    let mut cur = self.reader.cursor();
+                    let mut buf = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(&(pid, vaddr, len)) = pieces.get(i) else { break };
+                        if failed.lock().map(|f| f.is_some()).unwrap_or(true) {
+                            break;
+                        }
+                        let Some((file, plan)) = self.procs.get(&pid) else { continue };
+                        let Some(off) = plan.offset_of(vaddr, len) else { continue };
+                        buf.resize(len as usize, 0);
+                        if let Err(e) = cur.read(*file, off, &mut buf) {
+                            if let Ok(mut f) = failed.lock() {
+                                f.get_or_insert(e);
+                            }
+                            break;
+                        }
+                        if !feeder.feed(pid, vaddr, &buf) {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        feeder.end();
+        match failed.into_inner() {
+            Ok(Some(e)) => Err(e),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Writes every pages image of `images` whole (a restore that does not go through the pager).
+pub(crate) fn write_pages_images(checkpoint: &Checkpoint, store: &Store, images: &Path) -> Result<(), Error> {
+    let reader = checkpoint.image_reader(store)?;
+    for f in &checkpoint.manifest.files {
+        if let (true, Some(file)) = (is_pages_image(&f.name), reader.file(&f.name)) {
+            write_runs(&reader, images, file, &f.name, &[(0, f.size)])?;
+        }
+    }
+    Ok(())
+}
+
+fn not_suited(e: &LazyError) -> Option<PagePlan> {
+    tracing::info!(error = %e, "these images do not suit a restore through the pager: writing them out");
+    None
+}
+
+fn io_error(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
+    move |source| StoreError::Io { action: "cannot write", path: path.to_path_buf(), source }.into()
+}
+
+/// Writes runs `(offset, bytes)` of file `file` into its hole in `images`.
+fn write_runs(
+    reader: &ImageReader,
+    images: &Path,
+    file: usize,
+    name: &str,
+    runs: &[(u64, u64)],
+) -> Result<(), Error> {
+    if runs.is_empty() {
+        return Ok(());
+    }
+    let path = images.join(name);
+    let out = OpenOptions::new().write(true).open(&path).map_err(io_error(&path))?;
+    let mut cur = reader.cursor();
+    let mut buf = Vec::new();
+    for &(off, len) in runs {
+        let mut at = off;
+        while at < off + len {
+            let n = (off + len - at).min(4 << 20);
+            buf.resize(n as usize, 0);
+            cur.read(file, at, &mut buf)?;
+            out.write_all_at(&buf, at).map_err(io_error(&path))?;
+            at += n;
+        }
+    }
+    Ok(())
+}
+
+/// The pager's way to pages it is asked for: read from the store, each chunk checked.
+struct StoreFetcher {
+    reader: Arc<ImageReader>,
+    procs: HashMap<u32, (usize, StoredPages)>,
+}
+
+impl PageFetcher for StoreFetcher {
+    fn fetch(&mut self, pid: u32, vaddr: u64, nr_pages: u32, out: &mut Vec<u8>) -> Result<(), LazyError> {
+        self.fetch_many(&[(pid, vaddr, nr_pages)], out)
+    }
+
+    fn fetch_many(&mut self, reqs: &[(u32, u64, u32)], out: &mut Vec<u8>) -> Result<(), LazyError> {
+        out.clear();
+        let mut cur = self.reader.cursor();
+        for &(pid, vaddr, n) in reqs {
+            let len = u64::from(n) * PAGE_SIZE;
+            let refused = |why: &str| LazyError::Refused { pid, vaddr, nr_pages: n, why: why.into() };
+            let (file, plan) =
+                self.procs.get(&pid).ok_or_else(|| refused("no such process in the images"))?;
+            // A request may span runs that are adjacent in memory but not in the image.
+            let start = out.len();
+            out.resize(start + len as usize, 0);
+            let mut a = vaddr;
+            while a < vaddr + len {
+                let i = plan.lazy.partition_point(|&(s, _, _)| s <= a).checked_sub(1);
+                let (s, l, o) = i.map(|i| plan.lazy[i]).ok_or_else(|| refused("not a lazy page"))?;
+                if a >= s + l {
+                    return Err(refused("not a lazy page"));
+                }
+                let hi = (s + l).min(vaddr + len);
+                let at = start + (a - vaddr) as usize;
+                cur.read(*file, o + (a - s), &mut out[at..at + (hi - a) as usize])
+                    .map_err(|e| LazyError::Fetch(e.to_string()))?;
+                a = hi;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// When the tree runs: at once (`lazy`), or once every page is in (default).
+pub(crate) struct PushAtResume<'a> {
+    pub(crate) plan: &'a PagePlan,
+    pub(crate) feeder: PageFeeder,
+    pub(crate) pager: &'a mut LazyPager,
+    pub(crate) lazy: bool,
+    /// The restored root, once CRIU names it.
+    pub(crate) root: Option<i32>,
+    /// Why the push failed (a chunk's check, or the pager).
+    pub(crate) failure: Option<Error>,
+    /// When the tree was let run.
+    pub(crate) resumed: Option<Instant>,
+}
+
+impl NotifyHandler for PushAtResume<'_> {
+    fn notify(&mut self, event: &Notify, pid: Option<i32>) -> Result<(), String> {
+        if let (Notify::SetupNamespaces | Notify::PostRestore, Some(pid)) = (event, pid) {
+            self.root.get_or_insert(pid);
+        }
+        if *event != Notify::PreResume {
+            return Ok(());
+        }
+        self.feeder.allow();
+        if !self.lazy {
+            if let Err(e) = self.plan.push(&self.feeder, threads()) {
+                let text = e.to_string();
+                self.failure = Some(e.into());
+                return Err(format!("{text}: the restored tree is not let run"));
+            }
+            if let Err(e) = self.pager.wait_done(COMPLETE_TIMEOUT) {
+                let text = e.to_string();
+                self.failure = Some(Error::Pager(text.clone()));
+                return Err(text);
+            }
+        }
+        self.resumed = Some(Instant::now());
+        Ok(())
+    }
+}
+
+/// Push threads: one per core, at least one.
+pub(crate) fn threads() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 8)
+}
+
+/// Kills every process of the restored tree below and including `root` (the pager failed: its
+/// pages cannot all come). A process forking meanwhile is caught by the next round.
+pub(crate) fn kill_tree(root: i32) {
+    for _ in 0..10 {
+        let tree = ferry_sys::process_tree(root);
+        let alive: Vec<i32> = tree.into_iter().filter(|&p| ferry_sys::process_exists(p)).collect();
+        if alive.is_empty() {
+            return;
+        }
+        for p in alive {
+            let _ = ferry_sys::kill(p, ferry_sys::Signal::Kill);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The directory of one restore through the pager: CRIU's log and the pager's socket.
+pub(crate) fn work_dir(logs: &Path, name: &str, stamp: u128) -> PathBuf {
+    logs.join(format!("restore-{name}-{stamp}"))
+}
