@@ -221,14 +221,12 @@ fn parse_ns_pids(status: &str) -> Option<Vec<i32>> {
 /// The start time of `pid` (field 22 of /proc/PID/stat): with the pid, it names one process
 /// for good, so that a pid reused later is never signalled.
 pub fn start_time(pid: i32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name may hold spaces and parentheses: fields resume after the last ')'.
-    stat[stat.rfind(')')? + 1..].split_whitespace().nth(19)?.parse().ok()
+    ferry_sys::process_start_time(pid)
 }
 
 /// True while the process `pid` started at `start` runs (not a zombie).
 pub fn is_alive(pid: i32, start: u64) -> bool {
-    pid > 0 && ferry_sys::process_exists(pid) && start_time(pid) == Some(start)
+    ferry_sys::process_is(pid, start)
 }
 
 /// Interfaces of the root namespace.

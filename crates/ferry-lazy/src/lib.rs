@@ -17,6 +17,7 @@
 #![forbid(unsafe_code)]
 
 mod finisher;
+pub mod guard;
 mod images;
 mod pager;
 pub mod proto;

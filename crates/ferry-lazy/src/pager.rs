@@ -545,6 +545,20 @@ impl PageFeeder {
         !st.closed
     }
 
+    /// Waits until the restore has handed over the userfaultfd of every process of `pids`
+    /// (pids in the images), so that pages pushed before the restore finishes (its tasks
+    /// restored but not yet let run) reach each of them; false if the pager ended first.
+    pub fn wait_handed_over(&self, pids: &[u32]) -> bool {
+        let mut st = self.shared.lock();
+        while !(st.closed || pids.iter().all(|p| st.tasks.iter().any(|t| t.pid == *p))) {
+            st = match self.shared.changed.wait_timeout(st, Duration::from_millis(200)) {
+                Ok((g, _)) => g,
+                Err(e) => e.into_inner().0,
+            };
+        }
+        !st.closed
+    }
+
     /// Copies pushed pages (process `pid` in the images, image address `vaddr`) into the
     /// processes still missing them. False once the pager has ended: stop pushing.
     pub fn feed(&self, pid: u32, vaddr: u64, pages: &[u8]) -> bool {
@@ -604,8 +618,9 @@ impl LazyPager {
         lazy: Vec<(u32, Vec<(u64, u64)>)>,
         work_dir: &Path,
         fetcher: Box<dyn PageFetcher + Send>,
+        keeper: Option<Keeper>,
     ) -> Result<LazyPager, LazyError> {
-        Self::serve(lazy, work_dir, fetcher, None)
+        Self::serve(lazy, work_dir, fetcher, keeper)
     }
 
     fn serve(
@@ -908,6 +923,8 @@ impl Loop {
             k.keep(task.uffd.as_fd());
         }
         st.tasks.push(task);
+        drop(st);
+        self.shared.changed.notify_all();
         Ok(true)
     }
 

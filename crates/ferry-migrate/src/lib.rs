@@ -9,7 +9,7 @@ pub mod auto;
 pub mod client;
 mod error;
 pub mod failpoint;
-pub mod guard;
+pub use ferry_lazy::guard;
 mod holder;
 pub mod journal;
 pub mod lab_agents;

@@ -27,7 +27,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ferry_criu::{Notify, NotifyHandler};
-use ferry_lazy::{LazyError, LazyPager, PageFeeder, PageFetcher, StoredPages, PAGE_SIZE};
+use ferry_lazy::guard::Guard;
+use ferry_lazy::{Keeper, LazyError, LazyPager, PageFeeder, PageFetcher, StoredPages, PAGE_SIZE};
 use ferry_store::{Checkpoint, ImageReader, Store, StoreError};
 
 use crate::Error;
@@ -35,7 +36,7 @@ use crate::Error;
 /// Pushed in pieces of this size: big enough to cost one `UFFDIO_COPY` per piece.
 const PIECE: u64 = 1 << 20;
 /// A restore whose pages are not all in after this long has failed.
-const COMPLETE_TIMEOUT: Duration = Duration::from_secs(3600);
+pub(crate) const COMPLETE_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// The lazy pages of one checkpoint, where they are in its files.
 #[derive(Debug)]
@@ -85,6 +86,7 @@ impl PagePlan {
             };
             let Some(file) = reader.file(&plan.pages_file) else {
                 if plan.lazy.is_empty() && plan.eager.is_empty() {
+                    ranges.push((pid, Vec::new()));
                     continue;
                 }
                 return Err(StoreError::Damaged {
@@ -123,9 +125,13 @@ impl PagePlan {
     }
 
     /// The pager for this plan, serving the restore whose work directory is `work_dir`.
-    pub(crate) fn start_pager(&self, work_dir: &Path) -> Result<LazyPager, LazyError> {
+    pub(crate) fn start_pager(
+        &self,
+        work_dir: &Path,
+        keeper: Option<Keeper>,
+    ) -> Result<LazyPager, LazyError> {
         let fetcher = StoreFetcher { reader: self.reader.clone(), procs: self.procs.clone() };
-        LazyPager::start_ranges(self.ranges.clone(), work_dir, Box::new(fetcher))
+        LazyPager::start_ranges(self.ranges.clone(), work_dir, Box::new(fetcher), keeper)
     }
 
     /// Every lazy page in pieces, in address order per process: (pid, address, bytes).
@@ -144,15 +150,18 @@ impl PagePlan {
         out
     }
 
+    /// The processes whose pages the pager fills (pids in the images).
+    pub(crate) fn pids(&self) -> Vec<u32> {
+        self.ranges.iter().map(|(p, _)| *p).collect()
+    }
+
     /// Opens every lazy page and copies it in through `feeder`, on `threads` threads. Stops at
     /// the first chunk that fails its check (nothing of it is copied) and returns its error.
+    /// The caller has waited until the pager may take them.
     pub(crate) fn push(&self, feeder: &PageFeeder, threads: usize) -> Result<(), StoreError> {
         let pieces = self.pieces();
         let next = AtomicUsize::new(0);
         let failed: Mutex<Option<StoreError>> = Mutex::new(None);
-        if !feeder.wait_allowed() {
-            return Ok(());
-        }
         std::thread::scope(|s| {
             for _ in 0..threads.max(1) {
                 s.spawn(|| {
@@ -276,43 +285,55 @@ impl PageFetcher for StoreFetcher {
     }
 }
 
-/// When the tree runs: at once (`lazy`), or once every page is in (default).
-pub(crate) struct PushAtResume<'a> {
+/// When the pages go in: before the tree may run, at CRIU's `post-restore` (default), or
+/// from `pre-resume` on, while it runs (`lazy`).
+pub(crate) struct PushAtRestore<'a> {
     pub(crate) plan: &'a PagePlan,
     pub(crate) feeder: PageFeeder,
-    pub(crate) pager: &'a mut LazyPager,
     pub(crate) lazy: bool,
     /// The restored root, once CRIU names it.
     pub(crate) root: Option<i32>,
+    /// A lazy restore's guard, told the root before it runs.
+    pub(crate) guard: Option<Arc<Guard>>,
     /// Why the push failed (a chunk's check, or the pager).
     pub(crate) failure: Option<Error>,
     /// When the tree was let run.
     pub(crate) resumed: Option<Instant>,
 }
 
-impl NotifyHandler for PushAtResume<'_> {
+impl NotifyHandler for PushAtRestore<'_> {
     fn notify(&mut self, event: &Notify, pid: Option<i32>) -> Result<(), String> {
         if let (Notify::SetupNamespaces | Notify::PostRestore, Some(pid)) = (event, pid) {
-            self.root.get_or_insert(pid);
-        }
-        if *event != Notify::PreResume {
-            return Ok(());
-        }
-        self.feeder.allow();
-        if !self.lazy {
-            if let Err(e) = self.plan.push(&self.feeder, threads()) {
-                let text = e.to_string();
-                self.failure = Some(e.into());
-                return Err(format!("{text}: the restored tree is not let run"));
-            }
-            if let Err(e) = self.pager.wait_done(COMPLETE_TIMEOUT) {
-                let text = e.to_string();
-                self.failure = Some(Error::Pager(text.clone()));
-                return Err(text);
+            if self.root.is_none() {
+                self.root = Some(pid);
+                if let Some(g) = &self.guard {
+                    g.watch(pid, ferry_sys::process_start_time(pid).unwrap_or(0));
+                }
             }
         }
-        self.resumed = Some(Instant::now());
-        Ok(())
+        match event {
+            // Every task is restored and waits; none has run. An error here makes CRIU kill
+            // the tree (one at pre-resume would not: CRIU 4.2 only logs it and resumes).
+            Notify::PostRestore if !self.lazy => {
+                if !self.feeder.wait_handed_over(&self.plan.pids()) {
+                    let why = "the pager ended before the restore handed it every process".to_owned();
+                    self.failure = Some(Error::Pager(why.clone()));
+                    return Err(why);
+                }
+                if let Err(e) = self.plan.push(&self.feeder, threads()) {
+                    let text = e.to_string();
+                    self.failure = Some(e.into());
+                    return Err(format!("{text}: the restored tree is not let run"));
+                }
+                Ok(())
+            }
+            Notify::PreResume => {
+                self.feeder.allow();
+                self.resumed = Some(Instant::now());
+                Ok(())
+            }
+            _ => Ok(()),
+        }
     }
 }
 

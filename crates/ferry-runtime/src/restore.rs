@@ -6,14 +6,14 @@
 //! returns, on every path.
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use std::path::Path;
 
 use ferry_criu::{LogTarget, RecordingNotify, RestoreOptions, SharedOptions};
 
 use crate::container::{ContainerRecord, CriuConfig, RestoreSpec, Restored};
-use crate::paged::{self, PagePlan, PushAtResume};
+use crate::paged::{self, PagePlan, PushAtRestore};
 use crate::{Context, Error};
 
 #[derive(Debug, Clone, Default)]
@@ -23,6 +23,10 @@ pub struct RestoreRequest {
     pub new_name: Option<String>,
     /// Let the tree run before its memory is complete (the pages it touches first come first).
     pub lazy: bool,
+    /// With `lazy`: the program (and its first arguments) of the guard that kills the tree if
+    /// this process dies before every page is in (`ferry guard`; the checkpoint's name is
+    /// appended). Without one, such a death leaves the tree reading zeros for missing pages.
+    pub guard: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone)]
@@ -145,19 +149,25 @@ fn restore_paged(
     let log = LogTarget::new(&work_dir, "restore.log");
     let with_log =
         |e: ferry_lazy::LazyError| Error::Pager(format!("{e} (CRIU's log: {})", log.path().display()));
-    let mut pager = plan.start_pager(&work_dir).map_err(with_log)?;
+    // Lazy: the tree runs before its pages are all in; should this process die meanwhile, the
+    // guard keeps the userfaultfds open (no zeros) and kills the tree.
+    let guard = match (&req.guard, req.lazy) {
+        (Some(program), true) => Some(ferry_lazy::guard::Guard::spawn(program, &req.name).map_err(with_log)?),
+        _ => None,
+    };
+    let mut pager = plan.start_pager(&work_dir, guard.as_ref().map(|g| g.keeper())).map_err(with_log)?;
     let feeder = pager.feeder();
     let opts = RestoreOptions::new(images, log.clone())
         .tcp_established(checkpoint.manifest.tcp_established)
         .restore_sibling(true)
         .lazy_pages(true);
     tracing::info!(name = %req.name, lazy = req.lazy, bytes = plan.bytes, "restoring through the pager");
-    let mut at_resume = PushAtResume {
+    let mut at_resume = PushAtRestore {
         plan,
         feeder: feeder.clone(),
-        pager: &mut pager,
         lazy: req.lazy,
         root: None,
+        guard: guard.clone(),
         failure: None,
         resumed: None,
     };
@@ -179,8 +189,9 @@ fn restore_paged(
     if req.lazy {
         // The tree runs: the pages it touches come first, the rest in address order.
         let pushed = std::thread::scope(|s| {
-            let push = s.spawn(|| plan.push(&feeder, paged::threads()));
-            let done = pager.wait_done(Duration::from_secs(3600));
+            let push =
+                s.spawn(|| if feeder.wait_allowed() { plan.push(&feeder, paged::threads()) } else { Ok(()) });
+            let done = pager.wait_done(paged::COMPLETE_TIMEOUT);
             (push.join(), done)
         });
         let failed = match pushed {
@@ -197,7 +208,19 @@ fn restore_paged(
             return Err(e);
         }
     }
+    // Default: every page went in before the tree ran; the pager ends once CRIU has said the
+    // restore is over (it fetches anything the push missed, checked the same way).
+    let completed = if req.lazy { Ok(()) } else { pager.wait_done(paged::COMPLETE_TIMEOUT).map(|_| ()) };
+    if let Err(e) = completed {
+        paged::kill_tree(outcome.pid);
+        let _ = ferry_sys::wait_child(outcome.pid);
+        pager.stop();
+        return Err(Error::Pager(format!("{e} (CRIU's log: {})", log.path().display())));
+    }
     let stats = pager.stop();
+    if let Some(g) = guard {
+        g.release();
+    }
     Ok(RestoreReport {
         pid: outcome.pid,
         container: None,

@@ -65,6 +65,19 @@ pub fn process_tree(root: i32) -> Vec<i32> {
     tree
 }
 
+/// The start time of `pid` (clock ticks after boot, field 22 of `/proc/PID/stat`): with the
+/// pid, it names one process even after the pid is reused.
+pub fn process_start_time(pid: i32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses: fields resume after the last ')'.
+    stat[stat.rfind(')')? + 1..].split_whitespace().nth(19)?.parse().ok()
+}
+
+/// True while the process `pid` started at `start` runs (not a zombie).
+pub fn process_is(pid: i32, start: u64) -> bool {
+    pid > 0 && process_exists(pid) && process_start_time(pid) == Some(start)
+}
+
 /// True while `/proc/PID` exists and the process is not a zombie.
 pub fn process_exists(pid: i32) -> bool {
     matches!(process_state(pid), Some(s) if s != 'Z' && s != 'X')

@@ -189,6 +189,10 @@ pub enum Command {
         #[arg(long, value_name = "FILE")]
         report_json: Option<PathBuf>,
     },
+    /// A `restore --lazy`'s guard (started by ferry itself): kills the restored tree if the
+    /// restore dies before every page is in.
+    #[command(hide = true)]
+    Guard { name: String },
     /// This node as its agent sees it, and whom it trusts.
     Node {
         #[command(subcommand)]

@@ -19,6 +19,7 @@ fn main() -> ExitCode {
     ferry_sys::private_umask();
     init_logging(cli.verbose);
     let outcome = match &cli.command {
+        Command::Guard { name } => return ferry_lazy::guard::run(name),
         Command::Doctor { json } => cmd::doctor::run(&cli, *json),
         Command::Checkpoint { workload, name, leave_running, tcp_established, keep } => cmd::checkpoint::run(
             &cli,

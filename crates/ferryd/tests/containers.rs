@@ -275,7 +275,8 @@ fn checkpoint_and_restore(kind: &'static str) {
     assert!(r.logical_bytes > 512 << 20, "{} bytes", r.logical_bytes);
     assert!(!f.exists("node1", "web"), "the runtime still lists the checkpointed container");
 
-    let req = RestoreRequest { name: "web-ck".into(), new_name: Some("web2".into()), lazy: false };
+    let req =
+        RestoreRequest { name: "web-ck".into(), new_name: Some("web2".into()), lazy: false, guard: None };
     let restored = ferry_runtime::restore(&ctx, &req).expect("restore");
     assert_eq!(restored.container.as_deref(), Some(format!("{kind}:web2").as_str()));
     assert!(f.exists("node1", "web2"), "the runtime does not list the restored container");
@@ -290,7 +291,7 @@ fn checkpoint_and_restore(kind: &'static str) {
     // The same name is refused while it is taken.
     let again = ferry_runtime::restore(
         &ctx,
-        &RestoreRequest { name: "web-ck".into(), new_name: Some("web2".into()), lazy: false },
+        &RestoreRequest { name: "web-ck".into(), new_name: Some("web2".into()), lazy: false, guard: None },
     );
     assert!(matches!(again, Err(ferry_runtime::Error::NameTaken { .. })), "{again:?}");
     assert_nothing_left(&f);
@@ -606,7 +607,7 @@ fn podman_export_imports_and_restores() {
     assert_eq!(imported.checkpoint.manifest.source, "podman:web");
     let restored = ferry_runtime::restore(
         &ctx,
-        &RestoreRequest { name: "web-imported".into(), new_name: None, lazy: false },
+        &RestoreRequest { name: "web-imported".into(), new_name: None, lazy: false, guard: None },
     )
     .expect("ferry restore of Podman's archive");
     assert_eq!(restored.container.as_deref(), Some("podman:web"));
@@ -690,9 +691,11 @@ fn podman_restart_policy_and_remade_directory() {
     assert!(!actions.iter().any(|a| a == "restart"), "restarted: {actions:?}");
     eprintln!("podman's events of the checkpointed container: {actions:?}");
 
-    let restored =
-        ferry_runtime::restore(&ctx, &RestoreRequest { name: "web-ck".into(), new_name: None, lazy: false })
-            .expect("restore");
+    let restored = ferry_runtime::restore(
+        &ctx,
+        &RestoreRequest { name: "web-ck".into(), new_name: None, lazy: false, guard: None },
+    )
+    .expect("restore");
     assert_eq!(restored.container.as_deref(), Some("podman:web"));
     let after = poll(Duration::from_secs(30), "the restored copy to answer", || ask(w.ip, "!sum"));
     assert_eq!(after["sha256"], before["sha256"]);

@@ -1,8 +1,10 @@
-//! A post-copy arrival's guard: a small process of its own (ferryd started as `ferryd guard
-//! MIGRATION`) that outlives the target's agent and kills the arriving workload if the agent
-//! dies before the workload has all its pages.
+//! A lazy restore's guard: a small process of its own (`ferryd guard MIGRATION` for a
+//! post-copy arrival, `ferry guard NAME` for `ferry restore --lazy`) that outlives the process
+//! serving the pages (the target's agent, or `ferry restore`) and kills the restored workload
+//! if that process dies before the workload has all its pages. Below, "the agent" is that
+//! process.
 //!
-//! Why: the target's pager, inside the agent, holds the restored processes' userfaultfds.
+//! Why: the pager, inside the agent, holds the restored processes' userfaultfds.
 //! When the last copy of a userfaultfd closes, the kernel serves the pages still missing as
 //! zero pages: a workload whose agent died would run on with zeros where its memory was (a
 //! Python heap crashes; plain data is silently wrong). The guard holds a copy of every
@@ -26,8 +28,7 @@ use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::lazy::Keeper;
-use crate::MigrateError;
+use crate::{Keeper, LazyError};
 
 /// Every message: a tag byte, padding, two u64 (little-endian).
 const MSG: usize = 24;
@@ -44,7 +45,7 @@ const KILL_WAIT: Duration = Duration::from_secs(10);
 
 /// The agent's end of a guard.
 #[derive(Debug)]
-pub(crate) struct Guard {
+pub struct Guard {
     sock: Mutex<UnixStream>,
     /// The guard process, until it is released.
     child: Mutex<Option<Child>>,
@@ -53,8 +54,8 @@ pub(crate) struct Guard {
 
 impl Guard {
     /// Starts `program` (its first element the executable) with `migration` appended.
-    pub(crate) fn spawn(program: &[String], migration: &str) -> Result<Arc<Guard>, MigrateError> {
-        let io = |source| MigrateError::Io { action: "start", path: program[0].clone().into(), source };
+    pub fn spawn(program: &[String], migration: &str) -> Result<Arc<Guard>, LazyError> {
+        let io = |source| LazyError::Io { what: format!("start the guard {}", program[0]), source };
         let (ours, theirs) = UnixStream::pair().map_err(io)?;
         let mut cmd = Command::new(&program[0]);
         cmd.args(&program[1..])
@@ -87,18 +88,18 @@ impl Guard {
     }
 
     /// What the pager hands each userfaultfd to.
-    pub(crate) fn keeper(self: &Arc<Self>) -> Keeper {
+    pub fn keeper(self: &Arc<Self>) -> Keeper {
         let g = self.clone();
         Keeper(Arc::new(move |fd| g.send(KEEP, 0, 0, Some(fd))))
     }
 
     /// A process the guard kills if it is abandoned (checked by its start time).
-    pub(crate) fn watch(&self, pid: i32, start_time: u64) {
+    pub fn watch(&self, pid: i32, start_time: u64) {
         self.send(WATCH, pid as u64, start_time, None);
     }
 
     /// A network namespace whose processes the guard kills if it is abandoned.
-    pub(crate) fn watch_netns(&self, path: &Path) {
+    pub fn watch_netns(&self, path: &Path) {
         match std::fs::metadata(path) {
             Ok(md) => self.send(NETNS, md.dev(), md.ino(), None),
             Err(e) => {
@@ -109,7 +110,7 @@ impl Guard {
 
     /// The arrival no longer needs guarding (every page is in, or the agent undid it): the
     /// guard closes its copies and exits.
-    pub(crate) fn release(&self) {
+    pub fn release(&self) {
         let Some(mut child) = self.child.lock().ok().and_then(|mut c| c.take()) else { return };
         self.send(RELEASE, 0, 0, None);
         let _ = child.wait();
@@ -122,12 +123,12 @@ impl Drop for Guard {
     }
 }
 
-/// The guard process: `ferryd guard MIGRATION`, its stdin the agent's socket.
+/// The guard process (`ferryd guard MIGRATION`, `ferry guard NAME`), its stdin the agent's socket.
 pub fn run(migration: &str) -> ExitCode {
     let sock = match std::io::stdin().as_fd().try_clone_to_owned() {
         Ok(fd) => UnixStream::from(fd),
         Err(e) => {
-            eprintln!("ferryd guard {migration}: no socket on stdin: {e}");
+            eprintln!("guard {migration}: no socket on stdin: {e}");
             return ExitCode::FAILURE;
         }
     };
@@ -153,7 +154,7 @@ pub fn run(migration: &str) -> ExitCode {
         }
     }
     eprintln!(
-        "ferryd guard {migration}: the agent died before the workload had all its pages: killing it ({} processes watched, {} namespaces; its missing pages can no longer come)",
+        "guard {migration}: the process serving its pages died before the workload had all its pages: killing it ({} processes watched, {} namespaces; its missing pages can no longer come)",
         pids.len(),
         namespaces.len()
     );
@@ -164,7 +165,7 @@ pub fn run(migration: &str) -> ExitCode {
             break;
         }
         if Instant::now() >= deadline {
-            eprintln!("ferryd guard {migration}: processes {victims:?} would not die");
+            eprintln!("guard {migration}: processes {victims:?} would not die");
             break;
         }
         for pid in victims {
@@ -182,8 +183,8 @@ pub fn run(migration: &str) -> ExitCode {
 fn victims(pids: &[(i32, u64)], namespaces: &[(u64, u64)]) -> Vec<i32> {
     let mut out = Vec::new();
     for &(pid, start) in pids {
-        if ferry_lab::is_alive(pid, start) {
-            out.extend(crate::holder::tree_of(pid));
+        if ferry_sys::process_is(pid, start) {
+            out.extend(ferry_sys::process_tree(pid));
         }
     }
     if !namespaces.is_empty() {
