@@ -320,11 +320,17 @@ impl NotifyHandler for PushAtRestore<'_> {
                     self.failure = Some(Error::Pager(why.clone()));
                     return Err(why);
                 }
+                let t = Instant::now();
                 if let Err(e) = self.plan.push(&self.feeder, threads()) {
                     let text = e.to_string();
                     self.failure = Some(e.into());
                     return Err(format!("{text}: the restored tree is not let run"));
                 }
+                tracing::info!(
+                    bytes = self.plan.bytes,
+                    seconds = t.elapsed().as_secs_f64(),
+                    "every page checked and copied in"
+                );
                 Ok(())
             }
             Notify::PreResume => {

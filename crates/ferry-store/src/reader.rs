@@ -169,6 +169,14 @@ impl Cursor<'_> {
         for (k, (id, len, loc)) in locs.iter().enumerate() {
             let at = f.starts[first + k];
             let frame = &span[(loc.offset - l0.offset) as usize..][..loc.len as usize];
+            if pos <= at && at + u64::from(*len) <= end {
+                // The whole chunk is wanted: opened straight into place.
+                let dst = &mut out[(at - base) as usize..(at - base + u64::from(*len)) as usize];
+                if let Err(e) = self.opener.open_into(id, frame, dst) {
+                    return Err(self.damaged(&f.name, at, format!("chunk {}: {e}", hex(&id[..8]))));
+                }
+                continue;
+            }
             let plain = match self.opener.open(id, frame) {
                 Ok(p) if p.len() == *len as usize => p,
                 Ok(p) => {

@@ -687,6 +687,54 @@ impl<'a> Opener<'a> {
     }
 }
 
+impl Opener<'_> {
+    /// As [`open`](Self::open), into `out`, which must be exactly as long as the chunk's
+    /// plaintext: nothing is allocated on the way. On failure `out` is zeroed.
+    pub fn open_into(&mut self, id: &ChunkId, frame: &[u8], out: &mut [u8]) -> Result<(), SealError> {
+        let r = self.open_into_unchecked(id, frame, out);
+        if r.is_err() {
+            out.zeroize();
+        }
+        r
+    }
+
+    fn open_into_unchecked(&mut self, id: &ChunkId, frame: &[u8], out: &mut [u8]) -> Result<(), SealError> {
+        let (h, raw) = Header::parse(frame)?;
+        if frame.len() != HEADER_LEN + h.body_len as usize {
+            return Err(SealError::BadFrame("frame length does not match its header"));
+        }
+        if h.plain_len as usize != out.len() {
+            return Err(SealError::BadFrame("plaintext length is not the one asked for"));
+        }
+        let key = self.ring.get(&h.key_id).ok_or(SealError::UnknownKey(h.key_id))?;
+        let body = &frame[HEADER_LEN..];
+        let (ct, tag) = body.split_at(body.len() - TAG_LEN);
+        let aad = aad(&raw, id);
+        let mut t = [0u8; TAG_LEN];
+        t.copy_from_slice(tag);
+        if h.flags & FLAG_ZSTD == 0 {
+            if ct.len() != out.len() {
+                return Err(SealError::BadFrame("plaintext length is not the one asked for"));
+            }
+            out.copy_from_slice(ct);
+            decrypt(&mut self.gcm, key, &h, &aad, out, &t)?;
+        } else {
+            self.scratch.clear();
+            self.scratch.extend_from_slice(ct);
+            decrypt(&mut self.gcm, key, &h, &aad, &mut self.scratch, &t)?;
+            let zstd = self.zstd.as_mut().ok_or(SealError::Decompress)?;
+            match zstd.decompress_to_buffer(&self.scratch, out) {
+                Ok(n) if n == out.len() => {}
+                _ => return Err(SealError::Decompress),
+            }
+        }
+        if blake3::keyed_hash(self.hash_key, out) != blake3::Hash::from_bytes(*id) {
+            return Err(SealError::HashMismatch);
+        }
+        Ok(())
+    }
+}
+
 /// Wraps `dk` for the recipient X25519 key. A small-order key, which `NodePublic` never
 /// holds, yields an all-zero slot that nobody can open (rather than a slot anyone could):
 /// use [`try_wrap_key`] to get the error instead.
