@@ -68,6 +68,11 @@ impl<H: NotifyHandler> PageServerFinisher<H> {
         &self.inner
     }
 
+    /// The wrapped handler, given back.
+    pub fn into_inner(self) -> H {
+        self.inner
+    }
+
     pub fn inner_mut(&mut self) -> &mut H {
         &mut self.inner
     }

@@ -365,6 +365,110 @@ pub fn parse_stored_pages(name: &str, data: &[u8]) -> Result<StoredPages, LazyEr
     Ok(out)
 }
 
+/// One run of a full dump's pages image, in pagemap order, made from a lazy dump: pages CRIU
+/// wrote into its pages image, or lazy pages still in the frozen process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageRun {
+    /// The next `len` bytes of the lazy dump's pages image.
+    Image { len: u64 },
+    /// `len` bytes at `vaddr` of the process's memory.
+    Memory { vaddr: u64, len: u64 },
+}
+
+/// What turns a lazy dump's images of one process into a full dump's: the pages image's
+/// content as runs, and the pagemap with every lazy entry marked present as well (which is how
+/// a full dump marks the pages a lazy restore may leave to its daemon).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LazyDumpPages {
+    pub pages_file: String,
+    pub runs: Vec<PageRun>,
+    /// The rewritten `pagemap-<pid>.img`.
+    pub pagemap: Vec<u8>,
+}
+
+impl LazyDumpPages {
+    /// Bytes the runs read from memory.
+    pub fn memory_bytes(&self) -> u64 {
+        self.runs.iter().map(|r| if let PageRun::Memory { len, .. } = r { *len } else { 0 }).sum()
+    }
+}
+
+/// `pagemap_entry`, every field (for rewriting one).
+#[derive(Clone, PartialEq, Message)]
+struct FullPagemapEntry {
+    #[prost(uint64, required, tag = "1")]
+    vaddr: u64,
+    #[prost(uint32, required, tag = "2")]
+    compat_nr_pages: u32,
+    #[prost(bool, optional, tag = "3")]
+    in_parent: Option<bool>,
+    #[prost(uint32, optional, tag = "4")]
+    flags: Option<u32>,
+    #[prost(uint64, optional, tag = "5")]
+    nr_pages: Option<u64>,
+}
+
+/// The full-dump form of process `pid`'s pages in a lazy dump's images (`None`: no pagemap, a
+/// zombie).
+pub fn complete_lazy_dump(dir: &Path, pid: u32) -> Result<Option<LazyDumpPages>, LazyError> {
+    let name = format!("pagemap-{pid}.img");
+    match read_image(dir, &name, PAGEMAP_MAGIC)? {
+        Some(data) => parse_lazy_dump(&name, &data).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// As [`complete_lazy_dump`], from a pagemap image's bytes.
+pub fn parse_lazy_dump(name: &str, data: &[u8]) -> Result<LazyDumpPages, LazyError> {
+    let bad = |detail: String| LazyError::Images { image: name.to_string(), detail };
+    let start = check_magic(name, data, PAGEMAP_MAGIC)?;
+    let raw = entries(data, start).map_err(|e| bad(e.to_string()))?;
+    let head = raw.first().ok_or_else(|| bad("no pagemap head".into()))?;
+    let pages_id = PagemapHead::decode(*head).map_err(|e| bad(e.to_string()))?.pages_id;
+    let mut out = LazyDumpPages { pages_file: format!("pages-{pages_id}.img"), ..Default::default() };
+    out.pagemap.extend_from_slice(&data[..start]);
+    let put = |bytes: &[u8], out: &mut Vec<u8>| {
+        out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+        out.extend_from_slice(bytes);
+    };
+    put(head, &mut out.pagemap);
+    let (mut total, mut last_end) = (0u64, 0u64);
+    for entry in raw.into_iter().skip(1) {
+        let mut pe = FullPagemapEntry::decode(entry).map_err(|e| bad(e.to_string()))?;
+        let flags = pe.flags.unwrap_or(0);
+        if pe.in_parent == Some(true) || flags & PE_PARENT != 0 {
+            return Err(bad(format!("entry {:#x} is in a parent checkpoint's images", pe.vaddr)));
+        }
+        let pages = pe.nr_pages.unwrap_or(u64::from(pe.compat_nr_pages));
+        total = total.saturating_add(pages);
+        if !pe.vaddr.is_multiple_of(PAGE_SIZE) || pages == 0 || total > MAX_PAGES || pe.vaddr < last_end {
+            return Err(bad(format!("odd entry {:#x} (+{pages} pages)", pe.vaddr)));
+        }
+        let len = pages * PAGE_SIZE;
+        last_end = pe.vaddr.checked_add(len).ok_or_else(|| bad(format!("entry {:#x} wraps", pe.vaddr)))?;
+        let run = if flags & PE_PRESENT != 0 {
+            Some(PageRun::Image { len })
+        } else if flags & PE_LAZY != 0 {
+            pe.flags = Some(flags | PE_PRESENT);
+            Some(PageRun::Memory { vaddr: pe.vaddr, len })
+        } else {
+            None
+        };
+        match (out.runs.last_mut(), run) {
+            (Some(PageRun::Image { len: l }), Some(PageRun::Image { len })) => *l += len,
+            (Some(PageRun::Memory { vaddr: a, len: l }), Some(PageRun::Memory { vaddr, len }))
+                if *a + *l == vaddr =>
+            {
+                *l += len
+            }
+            (_, Some(r)) => out.runs.push(r),
+            (_, None) => {}
+        }
+        put(&pe.encode_to_vec(), &mut out.pagemap);
+    }
+    Ok(out)
+}
+
 /// The lazy runs of a [`StoredPages`] plan as the pager's ranges: cut where the mappings of
 /// `mm-<pid>.img` end, each inside a mapping the restore registers with userfaultfd.
 pub fn stored_lazy_iovs(dir: &Path, pid: u32, plan: &StoredPages) -> Result<Vec<(u64, u64)>, LazyError> {

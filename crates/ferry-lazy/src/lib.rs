@@ -27,8 +27,9 @@ use std::time::Duration;
 
 pub use finisher::{pick_port, FinishReport, PageServerFinisher};
 pub use images::{
-    layout, lazy_iovs, lazy_iovs_of, lazy_ranges, parse_stored_pages, stored_lazy_iovs, stored_pages,
-    tree_pids, Layout, LazyRanges, Mapping, StoredPages,
+    complete_lazy_dump, layout, lazy_iovs, lazy_iovs_of, lazy_ranges, parse_lazy_dump, parse_stored_pages,
+    stored_lazy_iovs, stored_pages, tree_pids, Layout, LazyDumpPages, LazyRanges, Mapping, PageRun,
+    StoredPages,
 };
 pub use pager::{Keeper, LazyPager, PageFeeder};
 pub use proto::PAGE_SIZE;

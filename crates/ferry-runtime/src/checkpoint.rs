@@ -83,6 +83,9 @@ pub struct CheckpointReport {
     pub logical_bytes: u64,
     pub stats: IngestStats,
     pub dump_seconds: f64,
+    /// With `leave_running`: how long the tree stayed frozen (CRIU's dump and ferry's copy of
+    /// its pages), when ferry knows it.
+    pub frozen_seconds: Option<f64>,
     pub seconds: f64,
     pub log: PathBuf,
     /// Older checkpoints removed by `keep`.
@@ -114,12 +117,21 @@ pub fn checkpoint_with(
     }
     ctx.criu.cpuinfo_dump(&pending.images_dir(), &log)?;
     let pid = subject.pid();
+    // A process tree's pages skip the images: ferry reads them from the frozen tree at
+    // post-dump (`paged_dump`), through a lazy dump whose page server it closes at once.
+    let paged_port = match (&subject, req.lazy_pages, pages_through_images()) {
+        (Subject::Process(_), None, false) => {
+            Some(ferry_lazy::pick_port().map_err(|e| Error::Internal(e.to_string()))?)
+        }
+        _ => None,
+    };
+    let lazy_port = req.lazy_pages.or(paged_port);
     let mut opts = DumpOptions::new(pid, pending.images_dir(), log.clone())
         .leave_running(req.leave_running)
-        .lazy_pages(req.lazy_pages)
-        // Whoever asks for lazy pages serves them from the frozen tree (ferry-migrate does),
-        // never through CRIU's page server.
-        .lazy_pages_undrained(req.lazy_pages.is_some())
+        .lazy_pages(lazy_port)
+        // Whoever asks for lazy pages serves them from the frozen tree (ferry-migrate does,
+        // and so does a paged checkpoint), never through CRIU's page server.
+        .lazy_pages_undrained(lazy_port.is_some())
         .tcp_established(req.tcp_established);
     opts = req.external.iter().fold(opts, |o, e| o.external(e.clone()));
     let spec = match &subject {
@@ -135,7 +147,7 @@ pub fn checkpoint_with(
     let was_stopped = is_stopped(pid);
     tracing::info!(pid, %name, workload = %req.workload, "checkpointing");
     let started = Instant::now();
-    let pipeline = pending.start_ingest_tapped(&ctx.store, hook.tap())?;
+    let pipeline = pending.start_ingest_with(&ctx.store, hook.tap(), paged_port.is_none())?;
     subject.hold()?;
     let mut commit = CommitAtPostDump {
         ctx,
@@ -154,8 +166,27 @@ pub fn checkpoint_with(
         work: Some((pending, pipeline)),
         outcome: None,
         hook,
+        paged: paged_port.map(|_| pid),
+        copy: None,
+        frozen: None,
     };
-    let dumped = ctx.criu.dump(&opts, &mut commit);
+    let (dumped, commit) = match paged_port {
+        Some(port) => {
+            let mut finisher = ferry_lazy::PageServerFinisher::new(port, commit);
+            let dumped = ctx.criu.dump(&opts, &mut finisher);
+            // CRIU's page server should have served ferry's session; had another client got
+            // in first, it found no pages there (they are left out of CRIU's pipes).
+            if let Err(e) = finisher.finish() {
+                tracing::warn!(error = %e, "CRIU's page server was not closed by ferry's own session");
+            }
+            (dumped, finisher.into_inner())
+        }
+        None => {
+            let dumped = ctx.criu.dump(&opts, &mut commit);
+            (dumped, commit)
+        }
+    };
+    let frozen_seconds = commit.frozen;
     let outcome = commit.finish(dumped);
     if outcome.is_err() {
         resume_if_left_stopped(pid, was_stopped);
@@ -180,6 +211,7 @@ pub fn checkpoint_with(
         logical_bytes: committed.checkpoint.logical_size(),
         stats: committed.stats,
         dump_seconds,
+        frozen_seconds,
         seconds,
         log: log.path(),
         pruned,
@@ -309,6 +341,12 @@ struct CommitAtPostDump<'a> {
     work: Option<(Pending, Pipeline)>,
     outcome: Option<Result<(Committed, f64), Error>>,
     hook: &'a mut dyn PostDump,
+    /// A paged checkpoint: the host pid of the root whose pages ferry reads at post-dump.
+    paged: Option<i32>,
+    /// A paged `--leave-running` checkpoint: the pages copied while the tree was frozen.
+    copy: Option<crate::paged_dump::MemoryCopy>,
+    /// A paged `--leave-running` checkpoint: from the start until the tree was let run.
+    frozen: Option<f64>,
 }
 
 impl CommitAtPostDump<'_> {
@@ -329,6 +367,13 @@ impl CommitAtPostDump<'_> {
         let (pending, pipeline) =
             self.work.take().ok_or_else(|| Error::Internal("the checkpoint was committed twice".into()))?;
         let dump_seconds = self.started.elapsed().as_secs_f64();
+        if let Some(copy) = self.copy.take() {
+            crate::paged_dump::feed_copy(copy, &pipeline)?;
+        } else if let Some(root) = self.paged {
+            let t = Instant::now();
+            let bytes = crate::paged_dump::feed_from_frozen(&pending.images_dir(), root, &pipeline)?;
+            tracing::info!(bytes, seconds = t.elapsed().as_secs_f64(), "pages read from the frozen tree");
+        }
         if !self.leave_running {
             self.hook.before_commit(&pending.images_dir()).map_err(Error::PostDump)?;
         }
@@ -368,8 +413,20 @@ impl NotifyHandler for CommitAtPostDump<'_> {
             self.outcome = Some(Err(e));
             return Err(answer);
         }
-        // With --leave-running the tree runs on whatever happens: do not hold it frozen.
+        // With --leave-running the tree runs on whatever happens: do not hold it frozen (a
+        // paged checkpoint's pages are copied first; the copy is sealed once it runs again).
         if self.leave_running {
+            if let (Some(root), Some((pending, _))) = (self.paged, &self.work) {
+                match crate::paged_dump::copy_from_frozen(&pending.images_dir(), root) {
+                    Ok(copy) => self.copy = Some(copy),
+                    Err(e) => {
+                        let answer = e.to_string();
+                        self.outcome = Some(Err(e));
+                        return Err(answer);
+                    }
+                }
+                self.frozen = Some(self.started.elapsed().as_secs_f64());
+            }
             return Ok(());
         }
         let result = self.commit().and_then(|(committed, secs)| {
@@ -412,6 +469,13 @@ fn resume_if_left_stopped(pid: i32, was_stopped: bool) {
         tracing::warn!(pid, "the dump failed and left the process stopped: resuming it");
         let _ = ferry_sys::kill(pid, ferry_sys::Signal::Cont);
     }
+}
+
+/// `FERRY_PAGE_IMAGES=1`: a process tree's checkpoint has CRIU write its pages into image
+/// files, as before paged checkpoints (for comparison, and as a way around a workload whose
+/// lazy dump fails).
+fn pages_through_images() -> bool {
+    std::env::var_os("FERRY_PAGE_IMAGES").is_some_and(|v| v == "1")
 }
 
 fn unix_now() -> u64 {

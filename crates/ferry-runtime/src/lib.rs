@@ -13,6 +13,7 @@ mod host;
 mod inspect;
 mod netlock;
 mod paged;
+mod paged_dump;
 mod process;
 mod remove;
 mod restore;

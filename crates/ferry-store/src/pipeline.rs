@@ -117,6 +117,63 @@ pub struct Pipeline {
     writer: Option<JoinHandle<Result<Written, StoreError>>>,
     segments: Option<SyncSender<Segment>>,
     names: Arc<Mutex<Vec<String>>>,
+    /// Files given through [`Pipeline::feed`], with their sizes.
+    fed: Mutex<Vec<(usize, u64)>>,
+}
+
+/// A page image given to the pipeline by its caller rather than read from the images
+/// directory (see [`Pipeline::feed`]).
+#[derive(Debug)]
+pub struct Feed<'a> {
+    pipeline: &'a Pipeline,
+    idx: usize,
+    seq: u64,
+    size: u64,
+    pending: Vec<u8>,
+}
+
+impl Feed<'_> {
+    /// Appends `data` to the file.
+    pub fn write(&mut self, mut data: &[u8]) -> Result<(), StoreError> {
+        while !data.is_empty() {
+            let n = (SEGMENT - self.pending.len()).min(data.len());
+            self.pending.extend_from_slice(&data[..n]);
+            data = &data[n..];
+            if self.pending.len() == SEGMENT {
+                self.flush()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends a whole segment the caller filled (no copy when it is segment-sized and
+    /// nothing is pending).
+    pub fn write_owned(&mut self, data: Vec<u8>) -> Result<(), StoreError> {
+        if self.pending.is_empty() && data.len() == SEGMENT {
+            self.pending = data;
+            return self.flush();
+        }
+        self.write(&data)
+    }
+
+    fn flush(&mut self) -> Result<(), StoreError> {
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        let data = std::mem::replace(&mut self.pending, Vec::with_capacity(SEGMENT));
+        self.size += data.len() as u64;
+        let tx = self.pipeline.segments.as_ref().ok_or_else(|| internal("pipeline finished"))?;
+        send(tx, Segment { file: self.idx, seq: self.seq, data, chunk: PAGE })?;
+        self.seq += 1;
+        Ok(())
+    }
+
+    /// The file is complete.
+    pub fn finish(mut self) -> Result<u64, StoreError> {
+        self.flush()?;
+        self.pipeline.fed.lock().map_err(|_| internal("fed lock poisoned"))?.push((self.idx, self.size));
+        Ok(self.size)
+    }
 }
 
 #[derive(Debug)]
@@ -139,7 +196,25 @@ struct Shared {
 }
 
 impl Pipeline {
+    /// A page image named `name` that the caller writes itself: cut into pages, sealed and
+    /// recorded as that file; a file of that name in the images directory is then ignored.
+    /// Only for a pipeline that does not follow page images (`follow` false at start).
+    pub fn feed(&self, name: &str) -> Result<Feed<'_>, StoreError> {
+        let idx = {
+            let mut n = self.names.lock().map_err(|_| internal("names lock poisoned"))?;
+            if n.iter().any(|x| x == name) {
+                return Err(internal("a file fed twice"));
+            }
+            n.push(name.to_owned());
+            n.len() - 1
+        };
+        Ok(Feed { pipeline: self, idx, seq: 0, size: 0, pending: Vec::with_capacity(SEGMENT) })
+    }
+
     /// Starts following `dir`. `existing` answers whether the store already holds a chunk.
+    /// Without `follow`, page images are not tailed: they are ingested whole at the end like
+    /// any other image, unless given through [`feed`](Self::feed).
+    #[allow(clippy::too_many_arguments)]
     pub fn start(
         dir: PathBuf,
         keys: Arc<NodeKeys>,
@@ -148,6 +223,7 @@ impl Pipeline {
         usable: HashSet<KeyId>,
         workers: usize,
         tap: Option<Tap>,
+        follow: bool,
     ) -> Result<Pipeline, StoreError> {
         let stop = Arc::new(AtomicBool::new(false));
         let (seg_tx, seg_rx) = sync_channel::<Segment>(QUEUE);
@@ -174,7 +250,10 @@ impl Pipeline {
         let follower_dir = dir.clone();
         let follower_names = names.clone();
         let follower = spawn("ferry-follow", move || {
-            follow(&follower_dir, &follower_stop, &follower_tx, &follower_names)
+            if !follow {
+                return Ok(Vec::new());
+            }
+            self::follow(&follower_dir, &follower_stop, &follower_tx, &follower_names)
         })?;
         Ok(Pipeline {
             dir,
@@ -184,6 +263,7 @@ impl Pipeline {
             writer: Some(writer),
             segments: Some(seg_tx),
             names,
+            fed: Mutex::new(Vec::new()),
         })
     }
 
@@ -201,6 +281,9 @@ impl Pipeline {
                 if let Some((_, size)) = followed.iter().find(|(n, _)| n == name) {
                     sizes.insert(idx, *size);
                 }
+            }
+            for (idx, size) in self.fed.lock().map_err(|_| internal("fed lock poisoned"))?.iter() {
+                sizes.insert(*idx, *size);
             }
             for entry in fs::read_dir(&self.dir).map_err(io_err("cannot read", &self.dir))? {
                 let entry = entry.map_err(io_err("cannot read", &self.dir))?;

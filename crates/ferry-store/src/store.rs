@@ -568,6 +568,17 @@ impl Pending {
         store: &Store,
         tap: Option<crate::pipeline::Tap>,
     ) -> Result<Pipeline, StoreError> {
+        self.start_ingest_with(store, tap, true)
+    }
+
+    /// Like [`Pending::start_ingest_tapped`]; without `follow` the page images are not tailed
+    /// while CRIU writes them: the caller gives them with [`Pipeline::feed`].
+    pub fn start_ingest_with(
+        &self,
+        store: &Store,
+        tap: Option<crate::pipeline::Tap>,
+        follow: bool,
+    ) -> Result<Pipeline, StoreError> {
         let usable = store.usable_keys()?;
         let packs = store.packs()?;
         Pipeline::start(
@@ -578,6 +589,7 @@ impl Pending {
             usable,
             threads(),
             tap,
+            follow,
         )
     }
 

@@ -27,7 +27,11 @@ pub fn run(cli: &Cli, a: Args) -> Outcome {
         log_level: None,
     };
     let r = ferry_runtime::checkpoint(&ctx, &req).map_err(|e| (what(), e))?;
-    let state = if a.leave_running { "left running" } else { "stopped" };
+    let state = match (a.leave_running, r.frozen_seconds) {
+        (true, Some(f)) => format!("frozen for {f:.2}s, left running"),
+        (true, None) => "left running".to_owned(),
+        (false, _) => "stopped".to_owned(),
+    };
     println!(
         "checkpointed {workload} as {} in {:.2}s (dump {:.2}s, workload {state})",
         r.name, r.seconds, r.dump_seconds
