@@ -603,6 +603,77 @@ mod tests {
         assert!(!r.covers(0x8000, 0xa000));
     }
 
+    /// A pagemap image: magic, head, then `(vaddr, pages, flags)` entries.
+    fn pagemap(pages_id: u32, entries: &[(u64, u64, u32)]) -> Vec<u8> {
+        let mut out = PAGEMAP_MAGIC.to_le_bytes().to_vec();
+        let mut put = |b: Vec<u8>| {
+            out.extend_from_slice(&(b.len() as u32).to_le_bytes());
+            out.extend_from_slice(&b);
+        };
+        put(PagemapHead { pages_id }.encode_to_vec());
+        for &(vaddr, n, flags) in entries {
+            put(FullPagemapEntry {
+                vaddr,
+                compat_nr_pages: n as u32,
+                in_parent: None,
+                flags: Some(flags),
+                nr_pages: Some(n),
+            }
+            .encode_to_vec());
+        }
+        out
+    }
+
+    /// A lazy dump's pagemap becomes the full dump's: its runs say where each page comes
+    /// from, and the rewritten pagemap places them where the restore's plan finds them.
+    #[test]
+    fn a_lazy_dump_pagemap_becomes_a_full_one() {
+        let p = PAGE_SIZE;
+        let lazy = pagemap(
+            3,
+            &[
+                (0x1000, 2, PE_PRESENT),
+                (0x3000, 3, PE_LAZY),
+                (0x6000, 1, PE_LAZY),
+                (0x10000, 1, PE_PRESENT),
+                (0x20000, 4, 0),
+            ],
+        );
+        let done = parse_lazy_dump("pagemap-1.img", &lazy).unwrap();
+        assert_eq!(done.pages_file, "pages-3.img");
+        assert_eq!(
+            done.runs,
+            vec![
+                PageRun::Image { len: 2 * p },
+                PageRun::Memory { vaddr: 0x3000, len: 4 * p },
+                PageRun::Image { len: p }
+            ]
+        );
+        assert_eq!(done.memory_bytes(), 4 * p);
+        // Read back as a full dump: the lazy runs follow the two pages CRIU wrote.
+        let plan = parse_stored_pages("pagemap-1.img", &done.pagemap).unwrap();
+        assert_eq!(plan.pages_file, "pages-3.img");
+        assert_eq!(plan.lazy, vec![(0x3000, 4 * p, 2 * p)]);
+        assert_eq!(plan.eager, vec![(0, 2 * p), (6 * p, p)]);
+        assert_eq!(plan.offset_of(0x5000, p), Some(4 * p));
+        assert_eq!(plan.offset_of(0x6000, 2 * p), None, "past the run");
+        // A full dump's pagemap is its own completion: nothing left in memory.
+        assert_eq!(parse_lazy_dump("p", &done.pagemap).unwrap().memory_bytes(), 0);
+    }
+
+    #[test]
+    fn pagemaps_naming_a_parent_or_disordered_are_refused() {
+        for entries in [
+            &[(0x1000u64, 1u64, PE_PRESENT | PE_PARENT)][..],
+            &[(0x5000, 1, PE_PRESENT), (0x1000, 1, PE_PRESENT)][..],
+            &[(0x1001, 1, PE_PRESENT)][..],
+        ] {
+            let img = pagemap(1, entries);
+            assert!(parse_lazy_dump("p", &img).is_err(), "{entries:?}");
+            assert!(parse_stored_pages("p", &img).is_err(), "{entries:?}");
+        }
+    }
+
     /// Real images of CRIU 4.2.1 lazy dumps (the fuzz target's seeds): an 8 MiB memhog, a
     /// 4 GiB one with its pagemap cut after 64 entries (one per MiB), a 64 MiB one with two
     /// threads dumped with ferry's patch 0003 (one entry per run of lazy pages), and the

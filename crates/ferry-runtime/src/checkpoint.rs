@@ -176,8 +176,10 @@ pub fn checkpoint_with(
             let dumped = ctx.criu.dump(&opts, &mut finisher);
             // CRIU's page server should have served ferry's session; had another client got
             // in first, it found no pages there (they are left out of CRIU's pipes).
-            if let Err(e) = finisher.finish() {
-                tracing::warn!(error = %e, "CRIU's page server was not closed by ferry's own session");
+            if dumped.is_ok() {
+                if let Err(e) = finisher.finish() {
+                    tracing::warn!(error = %e, "CRIU's page server was not closed by ferry's own session");
+                }
             }
             (dumped, finisher.into_inner())
         }

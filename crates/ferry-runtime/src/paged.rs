@@ -185,6 +185,8 @@ impl PagePlan {
                         if !feeder.feed(pid, vaddr, &buf) {
                             break;
                         }
+                        // Tests: ferry dies while pages are still missing.
+                        ferry_sys::failpoint::check("restore-push");
                     }
                 });
             }

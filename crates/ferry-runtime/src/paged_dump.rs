@@ -144,6 +144,10 @@ fn write_pages(
                     sink.write(buf)?;
                     at += n;
                     from_memory += n;
+                    // Tests: ferry dies in the middle of sealing the frozen tree's pages.
+                    if from_memory >= 128 << 20 {
+                        ferry_sys::failpoint::check("checkpoint-pages");
+                    }
                 }
             }
         }

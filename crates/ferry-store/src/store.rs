@@ -1072,6 +1072,75 @@ mod tests {
         images(seed).into_iter().map(|(n, d)| (n.to_owned(), d)).collect()
     }
 
+    /// Any range of any file reads back as written, across chunk and zero extents, each chunk
+    /// checked; a damaged chunk fails its read and hands out nothing of it.
+    #[test]
+    fn image_reader_reads_any_range_and_checks_every_chunk() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().join("s")).unwrap();
+        let mut pages = random(8 * 4096, 5);
+        pages.extend(vec![0u8; 4096]);
+        pages.extend(random(3 * 4096, 6));
+        checkpoint(&store, "r", &[("pages-1.img", pages.clone()), ("core-1.img", random(900, 2))]);
+        let reader = store.get("r").unwrap().image_reader(&store).unwrap();
+        let file = reader.file("pages-1.img").unwrap();
+        assert_eq!(reader.size(file), pages.len() as u64);
+        assert_eq!(reader.file("nope.img"), None);
+        let mut cur = reader.cursor();
+        for (at, len) in
+            [(0usize, pages.len()), (100, 5000), (4096, 4096), (7 * 4096 + 17, 3 * 4096), (8 * 4096, 4096)]
+        {
+            let mut out = vec![0xAAu8; len];
+            cur.read(file, at as u64, &mut out).unwrap();
+            assert_eq!(out, pages[at..at + len], "range {at}+{len}");
+        }
+        let mut past = vec![0u8; 10];
+        assert!(cur.read(file, pages.len() as u64 - 5, &mut past).is_err(), "a read past the end");
+
+        // One byte of one sealed page flipped: its read fails, its neighbours still read.
+        let packs = store.packs().unwrap();
+        let (pack, entries) = packs.packs().next().map(|(p, e)| (*p, e.clone())).unwrap();
+        let path = packs.pack_path(&pack, "pack");
+        drop(packs);
+        let victim = entries.iter().max_by_key(|e| e.len).unwrap();
+        let at = victim.offset + u64::from(victim.len) / 2;
+        let file_bytes = fs::read(&path).unwrap();
+        let mut flipped = file_bytes.clone();
+        flipped[at as usize] ^= 0x55;
+        fs::write(&path, &flipped).unwrap();
+        let mut whole = vec![0u8; pages.len()];
+        let err = reader.cursor().read(file, 0, &mut whole).unwrap_err();
+        assert!(matches!(err, StoreError::Damaged { .. }), "{err}");
+        fs::write(&path, &file_bytes).unwrap();
+        reader.cursor().read(file, 0, &mut whole).unwrap();
+        assert_eq!(whole, pages);
+    }
+
+    /// A page image fed by the caller (no file in the images directory, or one it replaces)
+    /// is stored as if CRIU had written it.
+    #[test]
+    fn fed_page_images_are_stored_as_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().join("s")).unwrap();
+        let pending = store.begin("fed").unwrap();
+        fs::write(pending.images_dir().join("core-1.img"), random(900, 2)).unwrap();
+        // What CRIU's lazy dump left: replaced by the fed one of the same name.
+        fs::write(pending.images_dir().join("pages-1.img"), random(4096, 9)).unwrap();
+        let pipeline = pending.start_ingest_with(&store, None, false).unwrap();
+        let mut pages = random(300 * 1024, 7);
+        pages.extend(vec![0u8; 8192]);
+        let mut feed = pipeline.feed("pages-1.img").unwrap();
+        feed.write(&pages[..5000]).unwrap();
+        feed.write_owned(pages[5000..].to_vec()).unwrap();
+        assert_eq!(feed.finish().unwrap(), pages.len() as u64);
+        assert!(pipeline.feed("pages-1.img").is_err(), "a name fed twice");
+        let committed = pending.commit(&store, CheckpointInfo::default(), pipeline).unwrap();
+        assert_eq!(committed.stats.zero_bytes, 8192);
+        let got = materialized(&store, "fed");
+        assert_eq!(got["pages-1.img"], pages);
+        assert_eq!(got["core-1.img"], random(900, 2));
+    }
+
     /// A store written before frame format 2: its checkpoints verify and restore, a new
     /// checkpoint dedups against their chunks, migration ships them as they are, and an
     /// import seals them again in the new format.

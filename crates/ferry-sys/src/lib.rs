@@ -3,6 +3,7 @@
 //! Every other crate carries `#![forbid(unsafe_code)]`.
 #![allow(unsafe_code)]
 
+pub mod failpoint;
 mod mount;
 mod process;
 mod retry;

@@ -8,15 +8,12 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::thread::sleep;
-use std::time::{Duration, Instant};
 
-use ferry_sys::{kill, process_exists, Signal};
+use ferry_sys::process_exists;
 use ferry_testkit::{
-    assert_no_mounts_under, assert_not_stopped, children, comm, copy_tree, dir_names, files_containing,
-    files_under, flip_byte, mounts_under, packs_by_size, poll, replace_tree, require_privileged,
-    signal_by_name, swap_index_locations, swap_ranges, tree_size, Ferry, IndexEntry, Isolation, Outcome,
-    Sample, Workload, FRAME_HEADER, WAIT,
+    assert_no_mounts_under, assert_not_stopped, copy_tree, dir_names, files_containing, files_under,
+    flip_byte, mounts_under, packs_by_size, poll, replace_tree, require_privileged, swap_index_locations,
+    swap_ranges, tree_size, Ferry, IndexEntry, Isolation, Outcome, Sample, Workload, FRAME_HEADER, WAIT,
 };
 use serde_json::Value;
 
@@ -283,15 +280,6 @@ fn missing_chunks_are_refused() {
     assert_counter_restores(&ferry, &w, "gone");
 }
 
-/// SIGCONTs a process when dropped, so that a failing test never leaves CRIU stopped.
-struct Resume(i32);
-
-impl Drop for Resume {
-    fn drop(&mut self) {
-        let _ = signal_by_name(self.0, "CONT");
-    }
-}
-
 /// A pack file of the store that has no index yet: a writer is (or was) filling it.
 fn unindexed_pack(ferry: &Ferry) -> Option<PathBuf> {
     let names = dir_names(&ferry.packs_dir());
@@ -301,17 +289,6 @@ fn unindexed_pack(ferry: &Ferry) -> Option<PathBuf> {
         .filter(|stem| !names.contains(&format!("{stem}.idx")))
         .map(|stem| ferry.packs_dir().join(format!("{stem}.pack")))
         .find(|p| fs::metadata(p).is_ok_and(|m| m.len() > 0))
-}
-
-/// True once CRIU has written at least 4 MiB of memory into a checkpoint's private tmpfs.
-fn criu_writing_pages(ferry: &Ferry) -> bool {
-    dir_names(&ferry.tmp_dir()).iter().any(|entry| {
-        let images = ferry.tmp_dir().join(entry).join("images");
-        dir_names(&images)
-            .iter()
-            .filter(|f| f.starts_with("pages-"))
-            .any(|f| fs::metadata(images.join(f)).is_ok_and(|m| m.len() >= 4 << 20))
-    })
 }
 
 #[test]
@@ -326,29 +303,17 @@ fn killed_checkpoint_leaves_nothing_behind() {
     let w = Workload::start(Sample::MemHog { mib: 256 }, Isolation::PidNamespace).expect("start memhog");
     let hash = w.request_hash(w.pid());
     let target = format!("pid:{}", w.pid());
-    let running = ferry.spawn(&["checkpoint", &target, "--name", "half"]);
-
-    // The middle: CRIU is writing pages into the tmpfs while ferry seals them into a new pack.
-    // CRIU (ferry's child) is stopped there, so that ferry dies in the middle however fast the
-    // machine, and let go once ferry is dead: it then finds its caller gone.
-    let deadline = Instant::now() + WAIT;
-    let criu = loop {
-        let criu = children(running.pid()).into_iter().find(|p| comm(*p).as_deref() == Some("criu"));
-        if let Some(criu) = criu.filter(|_| criu_writing_pages(&ferry)) {
-            break criu;
-        }
-        assert!(Instant::now() < deadline, "CRIU never got to writing the workload's memory");
-        sleep(Duration::from_millis(2));
-    };
-    signal_by_name(criu, "STOP").expect("stop CRIU");
-    let resume = Resume(criu);
-    // ferry goes on sealing what CRIU wrote so far, into a pack that has no index yet.
-    poll(WAIT, "ferry to seal pages into a new pack", || unindexed_pack(&ferry));
-    kill(running.pid(), Signal::Kill).expect("SIGKILL ferry");
-    let outcome = running.finish(WAIT);
-    assert_eq!(outcome.signal, Some(9), "ferry must have died of SIGKILL\n{outcome}");
-    drop(resume);
-    poll(WAIT, "the orphaned CRIU to finish", || (!process_exists(criu)).then_some(()));
+    // The middle: ferry reads the frozen tree's pages into a new pack, CRIU waiting at
+    // post-dump, when ferry dies (a failpoint: as abrupt as SIGKILL, however fast the machine).
+    let mut cmd = ferry.command(&["checkpoint", &target, "--name", "half"]);
+    cmd.env("FERRY_FAILPOINTS", "checkpoint-pages=exit");
+    let outcome = cmd.output().expect("run ferry");
+    assert_eq!(outcome.status.code(), Some(137), "ferry must have died at the failpoint: {outcome:?}");
+    assert!(unindexed_pack(&ferry).is_some(), "ferry died before it sealed into a new pack");
+    // CRIU finds its caller gone and lets the tree go.
+    poll(WAIT, "the workload to run again", || {
+        ferry_sys::process_state(w.pid()).filter(|s| !matches!(s, 't' | 'T')).map(drop)
+    });
 
     // The workload was never checkpointed: CRIU let it go, running and whole.
     assert!(process_exists(w.pid()), "the workload died with the interrupted checkpoint");

@@ -1,7 +1,8 @@
 //! Failure injection for tests: `FERRY_FAILPOINTS=name=action[,name=action...]` in an agent's
-//! environment makes it fail at that point of a migration. Actions: `exit` (the agent dies on
-//! the spot, as if killed), `cut` (the connection to the peer drops), `corrupt` (one byte of
-//! the data sent there is flipped). Unset, every check is a lookup in an empty list.
+//! (or ferry's) environment makes it fail at that point of a migration (or a restore).
+//! Actions: `exit` (the process dies on the spot, as if killed), `cut` (the connection to the
+//! peer drops), `corrupt` (one byte of the data sent there is flipped). Unset, every check is
+//! a lookup in an empty list.
 
 use std::sync::OnceLock;
 
