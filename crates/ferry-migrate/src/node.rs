@@ -320,6 +320,25 @@ impl Node {
     }
 }
 
+/// As [`images_in_scratch`], for a restore through ferry's pager: every image but the pages
+/// (`ferry_runtime::write_images_for_pager`), and the pages' plan; without a plan (a container,
+/// or images that do not suit the pager) every image is written.
+pub(crate) fn images_for_pager(
+    store: &ferry_store::Store,
+    label: &str,
+    checkpoint: &ferry_store::Checkpoint,
+) -> Result<(ferry_sys::PrivateTmpfs, PathBuf, Option<ferry_runtime::PagePlan>), MigrateError> {
+    let scratch = store.scratch(label)?;
+    let images = scratch.path().join("images");
+    std::fs::create_dir(&images).map_err(|source| MigrateError::Io {
+        action: "create",
+        path: images.clone(),
+        source,
+    })?;
+    let plan = ferry_runtime::write_images_for_pager(checkpoint, store, &images)?;
+    Ok((scratch, images, plan))
+}
+
 /// A checkpoint's images, verified, in a private tmpfs of the store's (named after `label`):
 /// what a restore (`target`) and a restarted source serving pages (`recover`) read.
 pub(crate) fn images_in_scratch(

@@ -358,8 +358,14 @@ impl Arrival {
         } else {
             None
         };
-        let (scratch, images) =
-            crate::node::images_in_scratch(store, &format!("arrive-{name}"), &checkpoint)?;
+        // Stop-copy and pre-copy: the pages go from the store through ferry's pager, all of
+        // them before the copy runs (`docs/page-path.md`); post-copy's come from the source.
+        let (scratch, images, plan) = if lazy {
+            let (s, i) = crate::node::images_in_scratch(store, &format!("arrive-{name}"), &checkpoint)?;
+            (s, i, None)
+        } else {
+            crate::node::images_for_pager(store, &format!("arrive-{name}"), &checkpoint)?
+        };
         if let Some(record) = ContainerRecord::read_from(&images)? {
             return self.restore_container(node, ch, name, record, scratch, tcp_established, lazy);
         }
@@ -374,20 +380,43 @@ impl Arrival {
         let log_dir = store.logs_dir().join(format!("arrive-{name}-{}", unix_ms()));
         let log = LogTarget::new(&log_dir, "restore.log");
         let server = if lazy { Some(self.start_pager(node, &images, &log_dir)?) } else { None };
+        let mut paged = match &plan {
+            Some(p) => Some(p.start(&log_dir)?),
+            None => None,
+        };
         let t_daemon = t0.elapsed();
         let mut opts = RestoreOptions::new(&images, log)
             .tcp_established(tcp_established)
             .restore_sibling(true)
-            .lazy_pages(lazy);
+            .lazy_pages(lazy || paged.is_some());
         if let Some(fd) = netns {
             opts = opts.inherit_fd(NETNS_KEY, fd);
         }
         let mut switch = SwitchAtResume::new(node, ch, &self.entry, self.guard.clone());
         let outcome = match server {
             None => {
-                let outcome = node.ctx.criu.restore(&opts, &mut switch);
+                let outcome = match paged.as_mut() {
+                    Some(p) => {
+                        let outcome = node.ctx.criu.restore(&opts, &mut p.handler(&mut switch));
+                        // A chunk that failed its check explains CRIU's failure better.
+                        match (outcome, p.failure()) {
+                            (Err(_), Some(f)) => Err(MigrateError::from(f)),
+                            (o, _) => o.map_err(MigrateError::from),
+                        }
+                    }
+                    None => node.ctx.criu.restore(&opts, &mut switch).map_err(MigrateError::from),
+                };
                 drop(scratch);
-                outcome.map_err(MigrateError::from)
+                // Every page went in before the copy ran; a pager that failed even so fails
+                // the restore (the copy is killed and the switch taken back below).
+                match (paged.take(), outcome) {
+                    (Some(p), Ok(o)) => p.finish().map(|_| o).map_err(MigrateError::from),
+                    (Some(p), Err(e)) => {
+                        p.abort();
+                        Err(e)
+                    }
+                    (None, o) => o,
+                }
             }
             Some(server) => {
                 // The restore itself may fault on lazy pages: if they stop coming, it would wait

@@ -26,6 +26,7 @@ pub use context::{require_root, Context};
 pub use error::Error;
 pub use host::host_facts;
 pub use inspect::{inspect, ContainerChanges, Inspection};
+pub use paged::{write_images_for_pager, PagePlan, PagedRestore, PushFirst};
 pub use process::ProcessRuntime;
 pub use remove::{remove, RemoveReport};
 pub use restore::{restore, restore_container, ContainerRestore, RestoreReport, RestoreRequest};

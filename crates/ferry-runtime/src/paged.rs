@@ -40,14 +40,14 @@ pub(crate) const COMPLETE_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// The lazy pages of one checkpoint, where they are in its files.
 #[derive(Debug)]
-pub(crate) struct PagePlan {
+pub struct PagePlan {
     reader: Arc<ImageReader>,
     /// Per process (pid in the images): its pages image (file index) and where its pages are.
     procs: HashMap<u32, (usize, StoredPages)>,
     /// The pager's ranges per process.
     ranges: Vec<(u32, Vec<(u64, u64)>)>,
     /// Lazy bytes in all.
-    pub(crate) bytes: u64,
+    bytes: u64,
 }
 
 /// True for the files whose content a paged restore writes itself: the pages images.
@@ -316,25 +316,11 @@ impl NotifyHandler for PushAtRestore<'_> {
         match event {
             // Every task is restored and waits; none has run. An error here makes CRIU kill
             // the tree (one at pre-resume would not: CRIU 4.2 only logs it and resumes).
-            Notify::PostRestore if !self.lazy => {
-                if !self.feeder.wait_handed_over(&self.plan.pids()) {
-                    let why = "the pager ended before the restore handed it every process".to_owned();
-                    self.failure = Some(Error::Pager(why.clone()));
-                    return Err(why);
-                }
-                let t = Instant::now();
-                if let Err(e) = self.plan.push(&self.feeder, threads()) {
-                    let text = e.to_string();
-                    self.failure = Some(e.into());
-                    return Err(format!("{text}: the restored tree is not let run"));
-                }
-                tracing::info!(
-                    bytes = self.plan.bytes,
-                    seconds = t.elapsed().as_secs_f64(),
-                    "every page checked and copied in"
-                );
-                Ok(())
-            }
+            Notify::PostRestore if !self.lazy => push_before_run(self.plan, &self.feeder).map_err(|e| {
+                let text = format!("{e}: the restored tree is not let run");
+                self.failure = Some(e);
+                text
+            }),
             Notify::PreResume => {
                 self.feeder.allow();
                 self.resumed = Some(Instant::now());
@@ -343,6 +329,119 @@ impl NotifyHandler for PushAtRestore<'_> {
             _ => Ok(()),
         }
     }
+}
+
+/// Writes `checkpoint`'s images into `images` for a restore through ferry's pager: every image
+/// but the pages (which the pager copies in). `Ok(None)`: a container's checkpoint, or images
+/// that do not suit the pager; then every image is written whole, for CRIU (or the runtime) to
+/// read.
+pub fn write_images_for_pager(
+    checkpoint: &Checkpoint,
+    store: &Store,
+    images: &Path,
+) -> Result<Option<PagePlan>, Error> {
+    checkpoint.materialize_except(store, images, &is_pages_image)?;
+    let container = checkpoint.manifest.files.iter().any(|f| f.name == crate::container::record::RECORD_FILE);
+    let plan = if container { None } else { PagePlan::prepare(checkpoint, store, images)? };
+    if plan.is_none() {
+        write_pages_images(checkpoint, store, images)?;
+    }
+    Ok(plan)
+}
+
+/// A restore through ferry's pager driven by a caller that runs CRIU's restore itself (a
+/// migration's target), every page in before the tree runs: start the pager, run the restore
+/// with [`PagedRestore::handler`] around the caller's own handler (with lazy pages on), then
+/// [`finish`](Self::finish) or [`abort`](Self::abort).
+#[derive(Debug)]
+pub struct PagedRestore<'a> {
+    plan: &'a PagePlan,
+    pager: LazyPager,
+    feeder: PageFeeder,
+    failure: Option<Error>,
+}
+
+impl PagePlan {
+    /// Starts the pager for a restore whose work (log) directory is `work_dir`.
+    pub fn start(&self, work_dir: &Path) -> Result<PagedRestore<'_>, Error> {
+        let pager = self.start_pager(work_dir, None).map_err(|e| Error::Pager(e.to_string()))?;
+        let feeder = pager.feeder();
+        Ok(PagedRestore { plan: self, pager, feeder, failure: None })
+    }
+
+    /// Page bytes the pager fills.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+}
+
+impl<'a> PagedRestore<'a> {
+    /// `inner` with the pages pushed at `post-restore` first (an error there makes CRIU kill the
+    /// tree before it ran).
+    pub fn handler<'b>(&'b mut self, inner: &'b mut dyn NotifyHandler) -> PushFirst<'b, 'a> {
+        PushFirst { paged: self, inner }
+    }
+
+    /// Why the push failed, if it did: the error to report rather than CRIU's echo of it.
+    pub fn failure(&mut self) -> Option<Error> {
+        self.failure.take()
+    }
+
+    /// After a successful restore: waits until the pager is done (every page is in already).
+    pub fn finish(mut self) -> Result<ferry_lazy::LazyStats, Error> {
+        let r = self.pager.wait_done(COMPLETE_TIMEOUT).map_err(|e| Error::Pager(e.to_string()));
+        let stats = self.pager.stop();
+        r.map(|_| stats)
+    }
+
+    /// After a failed restore.
+    pub fn abort(self) {
+        self.pager.stop();
+    }
+}
+
+/// A caller's notification handler with the pages pushed at `post-restore` first.
+pub struct PushFirst<'a, 'b> {
+    paged: &'a mut PagedRestore<'b>,
+    inner: &'a mut dyn NotifyHandler,
+}
+
+impl std::fmt::Debug for PushFirst<'_, '_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PushFirst").field("paged", &self.paged).finish_non_exhaustive()
+    }
+}
+
+impl NotifyHandler for PushFirst<'_, '_> {
+    fn notify(&mut self, event: &Notify, pid: Option<i32>) -> Result<(), String> {
+        if *event == Notify::PostRestore {
+            let p = &mut *self.paged;
+            if let Err(e) = push_before_run(p.plan, &p.feeder) {
+                let text = format!("{e}: the restored tree is not let run");
+                p.failure = Some(e);
+                return Err(text);
+            }
+        }
+        if *event == Notify::PreResume {
+            self.paged.feeder.allow();
+        }
+        self.inner.notify(event, pid)
+    }
+}
+
+/// At CRIU's `post-restore` (every task restored, none run): every page checked and copied in.
+fn push_before_run(plan: &PagePlan, feeder: &PageFeeder) -> Result<(), Error> {
+    if !feeder.wait_handed_over(&plan.pids()) {
+        return Err(Error::Pager("the pager ended before the restore handed it every process".into()));
+    }
+    let t = Instant::now();
+    plan.push(feeder, threads())?;
+    tracing::info!(
+        bytes = plan.bytes,
+        seconds = t.elapsed().as_secs_f64(),
+        "every page checked and copied in"
+    );
+    Ok(())
 }
 
 /// Push threads: one per core, at least one.

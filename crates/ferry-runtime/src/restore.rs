@@ -161,7 +161,7 @@ fn restore_paged(
         .tcp_established(checkpoint.manifest.tcp_established)
         .restore_sibling(true)
         .lazy_pages(true);
-    tracing::info!(name = %req.name, lazy = req.lazy, bytes = plan.bytes, "restoring through the pager");
+    tracing::info!(name = %req.name, lazy = req.lazy, bytes = plan.bytes(), "restoring through the pager");
     let mut at_resume = PushAtRestore {
         plan,
         feeder: feeder.clone(),
