@@ -1,0 +1,236 @@
+//! `ferry check` on real processes built to hold one thing it judges, and the gate before
+//! `ferry checkpoint`: each verdict is set against what CRIU really does with the workload
+//! (a blocker's forced checkpoint fails and leaves the workload running; a ready or caveated
+//! workload checkpoints and restores, and its count goes on).
+
+use ferry_sys::process_exists;
+use ferry_testkit::{
+    assert_not_stopped, poll, require_privileged, Ferry, Isolation, Outcome, Sample, Workload, WAIT,
+};
+use serde_json::Value;
+
+/// `ferry check` exits 11 when the workload is not ready (and checkpoint refuses it so).
+const NOT_READY: i32 = 11;
+
+fn ferry() -> Ferry {
+    Ferry::new(env!("CARGO_BIN_EXE_ferry"))
+}
+
+fn check(ferry: &Ferry, pid: i32, extra: &[&str]) -> (Outcome, Value) {
+    let target = format!("pid:{pid}");
+    let mut args = vec!["check", target.as_str(), "--json"];
+    args.extend_from_slice(extra);
+    let outcome = ferry.run(&args);
+    let report = serde_json::from_str(&outcome.stdout)
+        .unwrap_or_else(|e| panic!("check --json printed no JSON ({e})\n{outcome}"));
+    (outcome, report)
+}
+
+/// The severity of reason `code` in `report`, if it has one.
+fn severity(report: &Value, code: &str) -> Option<String> {
+    report["reasons"]
+        .as_array()?
+        .iter()
+        .find(|r| r["code"] == code)
+        .and_then(|r| r["severity"].as_str().map(str::to_owned))
+}
+
+fn start(hazard: &'static str, isolation: Isolation) -> Workload {
+    let w = Workload::start(Sample::Hazard(hazard), isolation)
+        .unwrap_or_else(|e| panic!("start the {hazard} workload: {e}"));
+    w.wait_counts(w.pid(), 2);
+    w
+}
+
+/// The workload holds `code`, a blocker: check says not ready (exit 11), checkpoint refuses it
+/// before freezing anything, and with --force CRIU's dump really fails and lets it run on.
+fn blocker_agrees(hazard: &'static str, code: &str, isolation: Isolation) {
+    let ferry = ferry();
+    let w = start(hazard, isolation);
+    let (outcome, report) = check(&ferry, w.pid(), &[]);
+    assert_eq!(outcome.code, Some(NOT_READY), "{outcome}");
+    assert_eq!(report["verdict"], "not-ready", "{report:#}");
+    assert_eq!(severity(&report, code).as_deref(), Some("blocker"), "{report:#}");
+    assert!(report["score"].as_u64().is_some_and(|s| s <= 40), "{report:#}");
+
+    let refused = ferry.checkpoint(w.pid(), hazard, &[]);
+    refused.assert_error(NOT_READY).assert_stderr_mentions(code).assert_stderr_mentions("--force");
+    // Refused before CRIU ran: nothing was frozen.
+    assert!(refused.log_path().is_none(), "{refused}");
+    let before = w.counts(w.pid()).len();
+    w.wait_counts(w.pid(), before + 1);
+
+    let forced = ferry.checkpoint(w.pid(), hazard, &["--force"]);
+    assert!(forced.code.is_some_and(|c| c != 0 && c != NOT_READY), "CRIU should fail on {hazard}\n{forced}");
+    if hazard == "traced" {
+        // Its child is traced by design: only the root must not be left stopped.
+        assert!(!matches!(ferry_sys::process_state(w.pid()), Some('T' | 't')), "{hazard} left stopped");
+    } else {
+        assert_not_stopped(w.pid());
+    }
+    let before = w.counts(w.pid()).len();
+    w.wait_counts(w.pid(), before + 1);
+    assert!(ferry.list_names().is_empty(), "a failed checkpoint is not listed");
+}
+
+/// The workload holds `code`, a caveat: check says ready with caveats (exit 0), and the
+/// checkpoint (no --force) and the restore work; the restored copy counts on.
+fn caveat_agrees(hazard: &'static str, code: &str, isolation: Isolation) {
+    let ferry = ferry();
+    let mut w = start(hazard, isolation);
+    let (outcome, report) = check(&ferry, w.pid(), &[]);
+    outcome.assert_ok();
+    assert_eq!(report["verdict"], "ready-with-caveats", "{report:#}");
+    assert_eq!(severity(&report, code).as_deref(), Some("caveat"), "{report:#}");
+    checkpoint_and_restore(&ferry, &mut w, hazard, &[]);
+}
+
+fn checkpoint_and_restore(ferry: &Ferry, w: &mut Workload, name: &str, extra: &[&str]) {
+    ferry.checkpoint(w.pid(), name, extra).assert_ok();
+    // A host-isolated workload is its own launcher: reaped, so that its pid is free again.
+    assert!(w.reap_launcher(), "the checkpointed workload's launcher did not exit");
+    poll(WAIT, "the checkpointed workload to be stopped", || (!process_exists(w.pid())).then_some(()));
+    let last = *w.counts(w.pid()).last().expect("counts before the checkpoint");
+    // A copy restored under the same host pid (host isolation) starts a fresh count file.
+    std::fs::rename(w.path("counter", w.pid()), w.dir().join("counts-before")).expect("move counts aside");
+    let pid = ferry.restore_ok(name, w);
+    // The restored copy reports under its new host pid, from the count after the last one.
+    let after = w.wait_counts(pid, 2);
+    assert_eq!(after[0], last + 1, "counts after restore {after:?}, last before {last}");
+}
+
+#[test]
+fn a_plain_workload_is_ready_and_checkpoints() {
+    if !require_privileged() {
+        return;
+    }
+    let ferry = ferry();
+    let mut w = start("none", Isolation::PidNamespace);
+    let (outcome, report) = check(&ferry, w.pid(), &[]);
+    outcome.assert_ok();
+    assert_eq!(report["verdict"], "ready", "{report:#}");
+    assert_eq!(report["score"], 100);
+    assert_eq!(report["pid"], w.pid());
+    assert_eq!(report["processes"], 1);
+    assert!(severity(&report, "criu").is_some() && severity(&report, "kernel").is_some(), "{report:#}");
+    checkpoint_and_restore(&ferry, &mut w, "plain", &[]);
+}
+
+#[test]
+fn io_uring_blocks() {
+    if require_privileged() {
+        blocker_agrees("io_uring", "io-uring", Isolation::PidNamespace);
+    }
+}
+
+#[test]
+fn perf_event_blocks() {
+    if require_privileged() {
+        blocker_agrees("perf_event", "perf-event", Isolation::PidNamespace);
+    }
+}
+
+#[test]
+fn unix_socket_to_outside_blocks() {
+    // Host isolation: the peer process is reparented out of the tree, to the host's init.
+    if require_privileged() {
+        blocker_agrees("unix_external", "unix-external", Isolation::Host);
+    }
+}
+
+#[test]
+fn large_deleted_file_blocks() {
+    if require_privileged() {
+        blocker_agrees("deleted_large", "deleted-file-large", Isolation::PidNamespace);
+    }
+}
+
+#[test]
+fn file_lock_blocks() {
+    if require_privileged() {
+        blocker_agrees("flock", "file-locks", Isolation::PidNamespace);
+    }
+}
+
+#[test]
+fn traced_task_blocks() {
+    if require_privileged() {
+        blocker_agrees("traced", "traced", Isolation::PidNamespace);
+    }
+}
+
+#[test]
+fn deleted_cwd_is_a_caveat_and_checkpoints() {
+    // In the host's pid namespace CRIU recreates the directory as a ghost.
+    if require_privileged() {
+        caveat_agrees("deleted_cwd", "cwd-deleted", Isolation::Host);
+    }
+}
+
+#[test]
+fn deleted_cwd_in_a_pid_namespace_sharing_our_proc_blocks() {
+    // There CRIU's parasite must mount a proc in the working directory, and cannot.
+    if require_privileged() {
+        blocker_agrees("deleted_cwd", "cwd-deleted-pidns", Isolation::PidNamespace);
+    }
+}
+
+#[test]
+fn small_deleted_file_is_a_caveat_and_checkpoints() {
+    if require_privileged() {
+        caveat_agrees("deleted_small", "deleted-file", Isolation::PidNamespace);
+    }
+}
+
+#[test]
+fn sysv_shm_in_the_host_ipc_namespace_is_a_caveat() {
+    if !require_privileged() {
+        return;
+    }
+    let w = start("sysv_shm", Isolation::PidNamespace);
+    let (outcome, report) = check(&ferry(), w.pid(), &[]);
+    outcome.assert_ok();
+    assert_eq!(severity(&report, "sysv-ipc").as_deref(), Some("caveat"), "{report:#}");
+}
+
+#[test]
+fn established_tcp_needs_the_flag() {
+    if !require_privileged() {
+        return;
+    }
+    let ferry = ferry();
+    let mut w = start("tcp_self", Isolation::PidNamespace);
+    let (outcome, report) = check(&ferry, w.pid(), &[]);
+    outcome.assert_ok();
+    assert_eq!(severity(&report, "tcp-established").as_deref(), Some("caveat"), "{report:#}");
+    let (_, asked) = check(&ferry, w.pid(), &["--tcp-established"]);
+    assert_eq!(severity(&asked, "tcp-established").as_deref(), Some("caveat"), "{asked:#}");
+    // Without the flag CRIU would refuse the connection: so does the gate, before freezing.
+    ferry.checkpoint(w.pid(), "tcp", &[]).assert_error(NOT_READY).assert_stderr_mentions("tcp-established");
+    assert_not_stopped(w.pid());
+    checkpoint_and_restore(&ferry, &mut w, "tcp", &["--tcp-established"]);
+}
+
+#[test]
+fn human_output_names_the_fix() {
+    if !require_privileged() {
+        return;
+    }
+    let w = start("io_uring", Isolation::PidNamespace);
+    let out = ferry().run(&["check".to_owned(), format!("pid:{}", w.pid())]);
+    assert_eq!(out.code, Some(NOT_READY), "{out}");
+    assert!(out.stdout.contains("not ready (score"), "{out}");
+    assert!(out.stdout.contains("BLOCKER  io-uring") && out.stdout.contains("fix: "), "{out}");
+}
+
+#[test]
+fn a_missing_workload_is_not_found() {
+    // No privilege needed: nothing is read but /proc.
+    let out = ferry().run(&["check", "pid:2147483646"]);
+    assert_eq!(out.code, Some(3), "{out}");
+    assert!(
+        out.stdout.contains("not ready") && out.stdout.contains("no process with PID 2147483646"),
+        "{out}"
+    );
+    ferry().run(&["check", "bogus"]).assert_error(2);
+}
