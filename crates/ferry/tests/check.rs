@@ -3,6 +3,10 @@
 //! (a blocker's forced checkpoint fails and leaves the workload running; a ready or caveated
 //! workload checkpoints and restores, and its count goes on).
 
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use ferry_runtime::container::{self, ContainerRuntime, CreateSpec, Endpoints};
 use ferry_sys::process_exists;
 use ferry_testkit::{
     assert_not_stopped, poll, require_privileged, Ferry, Isolation, Outcome, Sample, Workload, WAIT,
@@ -233,4 +237,76 @@ fn a_missing_workload_is_not_found() {
         "{out}"
     );
     ferry().run(&["check", "bogus"]).assert_error(2);
+}
+
+/// A runc container of its own runc root, deleted on drop.
+struct RuncContainer {
+    rt: Box<dyn ContainerRuntime>,
+    root: PathBuf,
+    name: String,
+    _state: tempfile::TempDir,
+}
+
+impl RuncContainer {
+    fn start(args: &[&str]) -> RuncContainer {
+        let rootfs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/mkrootfs");
+        let image = "/var/cache/ferry/images/check-minimal";
+        let built = Command::new(rootfs).args([image, "--minimal"]).output().expect("run mkrootfs");
+        assert!(built.status.success(), "mkrootfs: {}", String::from_utf8_lossy(&built.stderr));
+        let state = tempfile::Builder::new().prefix("ferry-check-runc-").tempdir().expect("tempdir");
+        let root = PathBuf::from(format!("/run/fy-check-{}", std::process::id()));
+        let endpoints =
+            Endpoints::new(state.path()).with(&[format!("runc={}", root.display())]).expect("endpoints");
+        let rt = container::open("runc", &endpoints).expect("runc");
+        let name = format!("chk{}", std::process::id());
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let spec = CreateSpec { name: &name, image, args: &args, ..Default::default() };
+        rt.create(&spec).expect("create the runc container");
+        RuncContainer { rt, root, name, _state: state }
+    }
+
+    fn endpoint(&self) -> String {
+        format!("runc={}", self.root.display())
+    }
+}
+
+impl Drop for RuncContainer {
+    fn drop(&mut self) {
+        self.rt.discard(&self.name);
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+#[test]
+fn a_runc_container_is_found_through_its_runtime_and_checkpoints() {
+    if !require_privileged() {
+        return;
+    }
+    let c = RuncContainer::start(&["/bin/sleep", "1000"]);
+    let ferry = ferry();
+    let workload = format!("runc:{}", c.name);
+    let out = ferry.run(&["--runtime-endpoint", &c.endpoint(), "check", &workload, "--json"]);
+    out.assert_ok();
+    let report: Value = serde_json::from_str(&out.stdout).expect("JSON");
+    assert_eq!(severity(&report, "container").as_deref(), Some("info"), "{report:#}");
+    assert_ne!(report["verdict"], "not-ready", "{report:#}");
+    assert!(report["pid"].as_i64().is_some_and(|p| p > 1), "{report:#}");
+    // The verdict holds: the container's tree is dumped (left running, so the drop cleans up).
+    let name = "runc-check";
+    ferry
+        .run(&[
+            "--runtime-endpoint",
+            &c.endpoint(),
+            "checkpoint",
+            &workload,
+            "--name",
+            name,
+            "--leave-running",
+        ])
+        .assert_ok();
+
+    // A container its runtime does not have: not found, with the runtime's listing as the fix.
+    let missing = ferry.run(&["--runtime-endpoint", &c.endpoint(), "check", "runc:nosuch"]);
+    assert_eq!(missing.code, Some(3), "{missing}");
+    assert!(missing.stdout.contains("BLOCKER  container: runc:nosuch"), "{missing}");
 }
