@@ -310,3 +310,23 @@ fn a_runc_container_is_found_through_its_runtime_and_checkpoints() {
     assert_eq!(missing.code, Some(3), "{missing}");
     assert!(missing.stdout.contains("BLOCKER  container: runc:nosuch"), "{missing}");
 }
+
+#[test]
+fn migrate_refuses_a_not_ready_workload_before_asking_any_agent() {
+    if !require_privileged() {
+        return;
+    }
+    let ferry = ferry();
+    let w = start("io_uring", Isolation::PidNamespace);
+    let target = format!("pid:{}", w.pid());
+    // No agent listens on this socket: the refusal comes before it would be needed.
+    let socket = ferry.scratch().join("no-agent.sock");
+    let socket = socket.to_str().expect("utf-8 path");
+    let refused = ferry.run(&["--socket", socket, "migrate", &target, "--to", "node2"]);
+    refused.assert_error(NOT_READY).assert_stderr_mentions("io-uring");
+    assert_not_stopped(w.pid());
+    // --force skips the gate: the request then goes on to the (missing) agent.
+    let forced = ferry.run(&["--socket", socket, "migrate", &target, "--to", "node2", "--force"]);
+    assert!(forced.code.is_some_and(|c| c != 0 && c != NOT_READY), "{forced}");
+    assert!(!forced.stderr_mentions("io-uring"), "{forced}");
+}
