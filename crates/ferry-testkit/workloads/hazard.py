@@ -1,7 +1,8 @@
 """hazard DIR KIND: holds one thing `ferry check` judges, then counts like counter.py.
 
-KIND: none, io_uring, perf_event, unix_external, deleted_cwd, deleted_small, deleted_large,
-flock, tcp_self, sysv_shm, traced. Writes DIR/ready.<hostpid> once the hazard is in place,
+KIND: none, io_uring, perf_event, bpf_map, fanotify, device, unix_external, ctty_external,
+deleted_cwd, deleted_small, deleted_large, flock, tcp_self, tcp_half_closed, sysv_shm, traced,
+netns_shared. Writes DIR/ready.<hostpid> once the hazard is in place,
 or DIR/unsupported.<hostpid> (with the reason) and exits when this kernel refuses it.
 """
 import ctypes
@@ -21,12 +22,33 @@ held = []
 
 # x86-64 system call numbers (the kit's tests run there).
 SYS_PERF_EVENT_OPEN = 298
+SYS_FANOTIFY_INIT = 300
+SYS_BPF = 321
 SYS_IO_URING_SETUP = 425
+CLONE_NEWNET = 0x40000000
 
 
 def unsupported(why):
     write_atomic("%s/unsupported.%d" % (directory, host_pid()), why)
     sys.exit(0)
+
+
+def outside_holder(keep, close):
+    """Forks a grandchild, reparented out of the tree, that holds `keep` until its peer closes
+    (reading it returns nothing or fails); `close` are the descriptors it must not hold."""
+    if os.fork() == 0:
+        os.setsid()
+        if os.fork() != 0:
+            os._exit(0)
+        for fd in close:
+            os.close(fd)
+        try:
+            while os.read(keep, 1):
+                pass
+        except OSError:
+            pass
+        os._exit(0)
+    os.wait()
 
 
 def file_of(name, size):
@@ -51,19 +73,50 @@ elif kind == "perf_event":
     if fd < 0:
         unsupported("perf_event_open: errno %d" % ctypes.get_errno())
     held.append(fd)
+elif kind == "bpf_map":
+    # BPF_MAP_CREATE of an array map: map_type 2, key_size 4, value_size 4, max_entries 1.
+    attr = ctypes.create_string_buffer(b"".join(v.to_bytes(4, "little") for v in (2, 4, 4, 1)), 128)
+    fd = libc.syscall(SYS_BPF, 0, attr, 128)
+    if fd < 0:
+        unsupported("bpf(BPF_MAP_CREATE): errno %d" % ctypes.get_errno())
+    held.append(fd)
+elif kind == "fanotify":
+    fd = libc.syscall(SYS_FANOTIFY_INIT, 0, os.O_RDONLY)  # FAN_CLASS_NOTIF, no marks
+    if fd < 0:
+        unsupported("fanotify_init: errno %d" % ctypes.get_errno())
+    held.append(fd)
+elif kind == "device":
+    for dev in ("/dev/kvm", "/dev/fuse"):
+        try:
+            held.append(os.open(dev, os.O_RDWR))
+            break
+        except OSError:
+            pass
+    else:
+        unsupported("neither /dev/kvm nor /dev/fuse opens")
 elif kind == "unix_external":
     mine, theirs = socket.socketpair()
-    if os.fork() == 0:
-        # The grandchild, reparented out of the tree, holds the other end until ours closes.
-        os.setsid()
-        if os.fork() != 0:
-            os._exit(0)
-        mine.close()
-        theirs.recv(1)
-        os._exit(0)
-    os.wait()
+    outside_holder(theirs.fileno(), [mine.fileno()])
     theirs.close()
     held.append(mine)
+elif kind == "ctty_external":
+    # A terminal whose master only a process outside the tree holds becomes our controlling
+    # terminal (we lead our session and have none: opening it without O_NOCTTY takes it).
+    # Taken before the holder starts reading: with no slave open its read fails and it leaves.
+    master, slave = os.openpty()
+    tty = os.open(os.ttyname(slave), os.O_RDWR)
+    outside_holder(master, [slave, tty])
+    os.close(master)
+    os.close(slave)
+    held.append(tty)
+elif kind == "netns_shared":
+    # A network namespace of our own, which a process outside the tree shares.
+    if libc.unshare(CLONE_NEWNET) != 0:
+        unsupported("unshare(CLONE_NEWNET): errno %d" % ctypes.get_errno())
+    r, w = os.pipe()
+    outside_holder(r, [w])
+    os.close(r)
+    held.append(w)
 elif kind == "deleted_cwd":
     gone = "%s/cwd" % directory
     os.mkdir(gone)
@@ -83,6 +136,15 @@ elif kind == "tcp_self":
     listener.listen(1)
     client = socket.create_connection(listener.getsockname())
     server, _ = listener.accept()
+    held.extend([listener, client, server])
+elif kind == "tcp_half_closed":
+    # The client shuts its sending side: it waits in FIN_WAIT2, the server in CLOSE_WAIT.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    client = socket.create_connection(listener.getsockname())
+    server, _ = listener.accept()
+    client.shutdown(socket.SHUT_WR)
     held.extend([listener, client, server])
 elif kind == "sysv_shm":
     libc.shmat.restype = ctypes.c_void_p

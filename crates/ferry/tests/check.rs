@@ -80,13 +80,18 @@ fn blocker_agrees(hazard: &'static str, code: &str, isolation: Isolation) {
 /// The workload holds `code`, a caveat: check says ready with caveats (exit 0), and the
 /// checkpoint (no --force) and the restore work; the restored copy counts on.
 fn caveat_agrees(hazard: &'static str, code: &str, isolation: Isolation) {
+    caveat_agrees_with(hazard, code, isolation, &[]);
+}
+
+/// [`caveat_agrees`], checking and checkpointing with `flags`.
+fn caveat_agrees_with(hazard: &'static str, code: &str, isolation: Isolation, flags: &[&str]) {
     let ferry = ferry();
     let mut w = start(hazard, isolation);
-    let (outcome, report) = check(&ferry, w.pid(), &[]);
+    let (outcome, report) = check(&ferry, w.pid(), flags);
     outcome.assert_ok();
     assert_eq!(report["verdict"], "ready-with-caveats", "{report:#}");
     assert_eq!(severity(&report, code).as_deref(), Some("caveat"), "{report:#}");
-    checkpoint_and_restore(&ferry, &mut w, hazard, &[]);
+    checkpoint_and_restore(&ferry, &mut w, hazard, flags);
 }
 
 fn checkpoint_and_restore(ferry: &Ferry, w: &mut Workload, name: &str, extra: &[&str]) {
@@ -131,6 +136,57 @@ fn io_uring_blocks() {
 fn perf_event_blocks() {
     if require_privileged() {
         blocker_agrees("perf_event", "perf-event", Isolation::PidNamespace);
+    }
+}
+
+#[test]
+fn bpf_map_blocks() {
+    if require_privileged() {
+        blocker_agrees("bpf_map", "bpf", Isolation::PidNamespace);
+    }
+}
+
+#[test]
+fn device_blocks() {
+    // /dev/kvm (or /dev/fuse): a misc device CRIU does not dump.
+    if require_privileged() {
+        blocker_agrees("device", "device", Isolation::PidNamespace);
+    }
+}
+
+#[test]
+fn controlling_terminal_outside_blocks() {
+    // Host isolation: the terminal's master is held by a process reparented out of the tree.
+    if require_privileged() {
+        blocker_agrees("ctty_external", "terminal", Isolation::Host);
+    }
+}
+
+#[test]
+fn fanotify_is_a_caveat_and_checkpoints() {
+    if require_privileged() {
+        caveat_agrees("fanotify", "fanotify", Isolation::PidNamespace);
+    }
+}
+
+#[test]
+fn half_closed_tcp_is_a_caveat_and_checkpoints_with_the_flag() {
+    if !require_privileged() {
+        return;
+    }
+    // FIN_WAIT2 and CLOSE_WAIT: without the flag CRIU would refuse them, and so does the gate.
+    let ferry = ferry();
+    let w = start("tcp_half_closed", Isolation::PidNamespace);
+    ferry.checkpoint(w.pid(), "half", &[]).assert_error(NOT_READY).assert_stderr_mentions("tcp-transient");
+    drop(w);
+    caveat_agrees_with("tcp_half_closed", "tcp-transient", Isolation::PidNamespace, &["--tcp-established"]);
+}
+
+#[test]
+fn a_network_namespace_shared_outside_is_a_caveat_and_checkpoints() {
+    // CRIU dumps the namespace and restores a new one: the outside process no longer shares it.
+    if require_privileged() {
+        caveat_agrees("netns_shared", "shared-namespace", Isolation::Host);
     }
 }
 
