@@ -2,7 +2,7 @@
 
 KIND: none, io_uring, perf_event, bpf_map, fanotify, device, unix_external, ctty_external,
 deleted_cwd, deleted_small, deleted_large, flock, tcp_self, tcp_half_closed, sysv_shm, traced,
-netns_shared. Writes DIR/ready.<hostpid> once the hazard is in place,
+netns_shared, vfork (reports ready, then waits for ever in vfork: it never counts). Writes DIR/ready.<hostpid> once the hazard is in place,
 or DIR/unsupported.<hostpid> (with the reason) and exits when this kernel refuses it.
 """
 import ctypes
@@ -21,6 +21,7 @@ libc.syscall.restype = ctypes.c_long
 held = []
 
 # x86-64 system call numbers (the kit's tests run there).
+SYS_VFORK = 58
 SYS_PERF_EVENT_OPEN = 298
 SYS_FANOTIFY_INIT = 300
 SYS_BPF = 321
@@ -162,6 +163,13 @@ elif kind == "traced":
         while True:
             time.sleep(1)
     held.append(child)
+elif kind == "vfork":
+    write_atomic("%s/ready.%d" % (directory, host_pid()), "")
+    # The child shares our memory and never execs: it only waits, and we stay in vfork.
+    if libc.syscall(SYS_VFORK) == 0:
+        libc.pause()
+        os._exit(0)
+    os._exit(1)
 elif kind != "none":
     unsupported("unknown hazard %s" % kind)
 

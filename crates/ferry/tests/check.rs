@@ -191,6 +191,28 @@ fn a_network_namespace_shared_outside_is_a_caveat_and_checkpoints() {
 }
 
 #[test]
+fn a_vfork_parent_blocks() {
+    if !require_privileged() {
+        return;
+    }
+    let ferry = ferry();
+    // Its child never execs: the parent stays in vfork, uninterruptible, and never counts.
+    let w = Workload::start(Sample::Hazard("vfork"), Isolation::PidNamespace).expect("start vfork");
+    poll(WAIT, "the parent to wait in vfork", || {
+        (ferry_sys::process_state(w.pid()) == Some('D')).then_some(())
+    });
+    let (outcome, report) = check(&ferry, w.pid(), &[]);
+    assert_eq!(outcome.code, Some(NOT_READY), "{outcome}");
+    assert_eq!(severity(&report, "vfork").as_deref(), Some("blocker"), "{report:#}");
+    ferry.checkpoint(w.pid(), "vfork", &[]).assert_error(NOT_READY).assert_stderr_mentions("vfork");
+    // Forced, CRIU cannot seize it and gives up after its freeze timeout (10 s).
+    let forced = ferry.checkpoint(w.pid(), "vfork", &["--force"]);
+    assert!(forced.code.is_some_and(|c| c != 0 && c != NOT_READY), "CRIU should fail\n{forced}");
+    assert_eq!(ferry_sys::process_state(w.pid()), Some('D'), "still in its vfork, not left stopped");
+    assert!(ferry.list_names().is_empty());
+}
+
+#[test]
 fn unix_socket_to_outside_blocks() {
     // Host isolation: the peer process is reparented out of the tree, to the host's init.
     if require_privileged() {

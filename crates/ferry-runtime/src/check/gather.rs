@@ -66,6 +66,8 @@ pub struct TaskFacts {
     pub traced: Vec<(i32, i32)>,
     /// In a vfork: waiting for its child to exec or exit.
     pub vfork: bool,
+    /// A thread in uninterruptible sleep (state D) for another reason.
+    pub uninterruptible: bool,
     pub ns: BTreeMap<String, u64>,
     pub cwd: Option<PathState>,
     pub exe: Option<PathState>,
@@ -277,7 +279,12 @@ fn task(pid: i32) -> io::Result<TaskFacts> {
         if tstat.is_some_and(|s| s.state == 'D') {
             let sc = read_head(tid.path().join("syscall"), 512).unwrap_or_default();
             let wchan = read_head(tid.path().join("wchan"), 128).unwrap_or_default();
-            t.vfork |= parse::syscall_is_vfork(&sc) || wchan.contains("vfork");
+            // kernel_clone's only sleep is the vfork wait (wait_for_vfork_done is inlined
+            // there); the wait channel also catches clone3's vfork, which syscall cannot show.
+            let vfork =
+                parse::syscall_is_vfork(&sc) || wchan.contains("vfork") || wchan.trim() == "kernel_clone";
+            t.vfork |= vfork;
+            t.uninterruptible |= !vfork;
         }
     }
     t.cwd = Some(path_state(read_link(format!("{dir}/cwd")), Path::new(&format!("{dir}/cwd"))));

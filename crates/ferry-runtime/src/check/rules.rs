@@ -601,12 +601,16 @@ fn ipc_and_memory(f: &Facts) -> Vec<Reason> {
 
 fn tasks(f: &Facts) -> Vec<Reason> {
     let (mut traced, mut vfork, mut locks) = (Found::default(), Found::default(), Found::default());
+    let mut stuck = Found::default();
     for t in &f.tasks {
         for (tid, tracer) in &t.traced {
             traced.add(t.pid, format!("{} thread {tid} traced by {tracer}", who(t)));
         }
         if t.vfork {
             vfork.add(t.pid, format!("{} waits in vfork", who(t)));
+        }
+        if t.uninterruptible {
+            stuck.add(t.pid, who(t));
         }
         if f.lock_holders.contains(&t.pid) {
             locks.add(t.pid, who(t));
@@ -622,10 +626,17 @@ fn tasks(f: &Facts) -> Vec<Reason> {
     ));
     out.extend(vfork.into_reason(
         "vfork",
-        Severity::Caveat,
+        Severity::Blocker,
         "tasks in vfork (seen in /proc/PID/syscall or the wait channel)",
-        "a vfork parent sleeps until its child execs or exits; CRIU cannot stop it meanwhile, so the dump waits or times out",
-        "retry in a moment: the child normally execs at once",
+        "a vfork parent sleeps uninterruptibly (state D) until its child execs or exits; CRIU cannot seize it and gives up after 10 s (\"Unseizable non-zombie ... state D\"): the dump fails",
+        "retry once the child has exec'd (normally at once; a child that never execs keeps its parent stuck)",
+    ));
+    out.extend(stuck.into_reason(
+        "uninterruptible",
+        Severity::Caveat,
+        "tasks in uninterruptible sleep (state D)",
+        "CRIU cannot seize a task in state D; if it stays so for 10 s (slow storage, a hung NFS server) the dump fails",
+        "retry when the I/O it waits for completes",
     ));
     out.extend(locks.into_reason(
         "file-locks",
@@ -878,6 +889,7 @@ mod tests {
         ];
         t.traced = vec![(12, 999)];
         t.vfork = true;
+        t.uninterruptible = true;
         t.status.rss_kib = 3 << 20;
         let mut f = facts(vec![t]);
         f.hugetlbfs = vec!["/dev/hugepages".into()];
@@ -891,7 +903,8 @@ mod tests {
                 ("memory", Severity::Blocker),
                 ("sysv-ipc", Severity::Caveat),
                 ("traced", Severity::Blocker),
-                ("vfork", Severity::Caveat),
+                ("uninterruptible", Severity::Caveat),
+                ("vfork", Severity::Blocker),
             ]
         );
         // In its own IPC namespace the segment travels: information only.
