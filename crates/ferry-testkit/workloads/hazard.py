@@ -2,7 +2,7 @@
 
 KIND: none, io_uring, perf_event, bpf_map, fanotify, device, unix_external, ctty_external,
 deleted_cwd, deleted_small, deleted_large, flock, tcp_self, tcp_half_closed, sysv_shm, traced,
-netns_shared, vfork (reports ready, then waits for ever in vfork: it never counts). Writes DIR/ready.<hostpid> once the hazard is in place,
+netns_shared, child (a child in our session that counts too), vfork (reports ready, then waits for ever in vfork: it never counts). Writes DIR/ready.<hostpid> once the hazard is in place,
 or DIR/unsupported.<hostpid> (with the reason) and exits when this kernel refuses it.
 """
 import ctypes
@@ -163,6 +163,9 @@ elif kind == "traced":
         while True:
             time.sleep(1)
     held.append(child)
+elif kind == "child":
+    # Parent and child both go on to count, each into its own file.
+    os.fork()
 elif kind == "vfork":
     write_atomic("%s/ready.%d" % (directory, host_pid()), "")
     # The child shares our memory and never execs: it only waits, and we stay in vfork.

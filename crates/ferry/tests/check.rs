@@ -49,31 +49,36 @@ fn start(hazard: &'static str, isolation: Isolation) -> Workload {
 /// The workload holds `code`, a blocker: check says not ready (exit 11), checkpoint refuses it
 /// before freezing anything, and with --force CRIU's dump really fails and lets it run on.
 fn blocker_agrees(hazard: &'static str, code: &str, isolation: Isolation) {
-    let ferry = ferry();
     let w = start(hazard, isolation);
-    let (outcome, report) = check(&ferry, w.pid(), &[]);
+    blocker_agrees_at(&w, w.pid(), hazard, code);
+}
+
+/// [`blocker_agrees`] for the tree rooted at `pid`, a process of workload `w`.
+fn blocker_agrees_at(w: &Workload, pid: i32, hazard: &str, code: &str) {
+    let ferry = ferry();
+    let (outcome, report) = check(&ferry, pid, &[]);
     assert_eq!(outcome.code, Some(NOT_READY), "{outcome}");
     assert_eq!(report["verdict"], "not-ready", "{report:#}");
     assert_eq!(severity(&report, code).as_deref(), Some("blocker"), "{report:#}");
     assert!(report["score"].as_u64().is_some_and(|s| s <= 40), "{report:#}");
 
-    let refused = ferry.checkpoint(w.pid(), hazard, &[]);
+    let refused = ferry.checkpoint(pid, hazard, &[]);
     refused.assert_error(NOT_READY).assert_stderr_mentions(code).assert_stderr_mentions("--force");
     // Refused before CRIU ran: nothing was frozen.
     assert!(refused.log_path().is_none(), "{refused}");
-    let before = w.counts(w.pid()).len();
-    w.wait_counts(w.pid(), before + 1);
+    let before = w.counts(pid).len();
+    w.wait_counts(pid, before + 1);
 
-    let forced = ferry.checkpoint(w.pid(), hazard, &["--force"]);
+    let forced = ferry.checkpoint(pid, hazard, &["--force"]);
     assert!(forced.code.is_some_and(|c| c != 0 && c != NOT_READY), "CRIU should fail on {hazard}\n{forced}");
     if hazard == "traced" {
         // Its child is traced by design: only the root must not be left stopped.
-        assert!(!matches!(ferry_sys::process_state(w.pid()), Some('T' | 't')), "{hazard} left stopped");
+        assert!(!matches!(ferry_sys::process_state(pid), Some('T' | 't')), "{hazard} left stopped");
     } else {
-        assert_not_stopped(w.pid());
+        assert_not_stopped(pid);
     }
-    let before = w.counts(w.pid()).len();
-    w.wait_counts(w.pid(), before + 1);
+    let before = w.counts(pid).len();
+    w.wait_counts(pid, before + 1);
     assert!(ferry.list_names().is_empty(), "a failed checkpoint is not listed");
 }
 
@@ -210,6 +215,30 @@ fn a_vfork_parent_blocks() {
     assert!(forced.code.is_some_and(|c| c != 0 && c != NOT_READY), "CRIU should fail\n{forced}");
     assert_eq!(ferry_sys::process_state(w.pid()), Some('D'), "still in its vfork, not left stopped");
     assert!(ferry.list_names().is_empty());
+}
+
+#[test]
+fn a_session_led_from_outside_the_tree_blocks() {
+    // The child's tree is checkpointed alone: its session's leader (the root) is outside it.
+    if !require_privileged() {
+        return;
+    }
+    let w = start("child", Isolation::Host);
+    let child = poll(WAIT, "the child", || ferry_testkit::children(w.pid()).first().copied());
+    w.wait_counts(child, 2);
+    blocker_agrees_at(&w, child, "child", "session");
+}
+
+#[test]
+fn a_tree_below_its_pid_namespace_init_blocks() {
+    // The child is pid 2 of the workload's pid namespace: CRIU dumps a namespace from its init.
+    if !require_privileged() {
+        return;
+    }
+    let w = start("child", Isolation::PidNamespace);
+    let child = poll(WAIT, "the child", || ferry_testkit::children(w.pid()).first().copied());
+    w.wait_counts(child, 2);
+    blocker_agrees_at(&w, child, "child", "pid-namespace");
 }
 
 #[test]
