@@ -1,7 +1,7 @@
 """hazard DIR KIND: holds one thing `ferry check` judges, then counts like counter.py.
 
 KIND: none, io_uring, perf_event, bpf_map, fanotify, device, unix_external, ctty_external,
-deleted_cwd, deleted_small, deleted_large, flock, tcp_self, tcp_half_closed, sysv_shm, traced,
+deleted_cwd, deleted_small, deleted_large, flock, tcp_self, tcp_half_closed, tcp_queued, sysv_shm, traced,
 netns_shared, child (a child in our session that counts too), vfork (reports ready, then waits for ever in vfork: it never counts). Writes DIR/ready.<hostpid> once the hazard is in place,
 or DIR/unsupported.<hostpid> (with the reason) and exits when this kernel refuses it.
 """
@@ -147,6 +147,13 @@ elif kind == "tcp_half_closed":
     server, _ = listener.accept()
     client.shutdown(socket.SHUT_WR)
     held.extend([listener, client, server])
+elif kind == "tcp_queued":
+    # A connection the kernel accepted into the listener's queue, which we never accept.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    client = socket.create_connection(listener.getsockname())
+    held.extend([listener, client])
 elif kind == "sysv_shm":
     libc.shmat.restype = ctypes.c_void_p
     shmid = libc.shmget(0, 4096, 0o1600)  # IPC_PRIVATE, IPC_CREAT | 0600

@@ -50,26 +50,27 @@ fn start(hazard: &'static str, isolation: Isolation) -> Workload {
 /// before freezing anything, and with --force CRIU's dump really fails and lets it run on.
 fn blocker_agrees(hazard: &'static str, code: &str, isolation: Isolation) {
     let w = start(hazard, isolation);
-    blocker_agrees_at(&w, w.pid(), hazard, code);
+    blocker_agrees_at(&w, w.pid(), hazard, code, &[]);
 }
 
-/// [`blocker_agrees`] for the tree rooted at `pid`, a process of workload `w`.
-fn blocker_agrees_at(w: &Workload, pid: i32, hazard: &str, code: &str) {
+/// [`blocker_agrees`] for the tree rooted at `pid`, a process of workload `w`, checked and
+/// checkpointed with `flags`.
+fn blocker_agrees_at(w: &Workload, pid: i32, hazard: &str, code: &str, flags: &[&str]) {
     let ferry = ferry();
-    let (outcome, report) = check(&ferry, pid, &[]);
+    let (outcome, report) = check(&ferry, pid, flags);
     assert_eq!(outcome.code, Some(NOT_READY), "{outcome}");
     assert_eq!(report["verdict"], "not-ready", "{report:#}");
     assert_eq!(severity(&report, code).as_deref(), Some("blocker"), "{report:#}");
     assert!(report["score"].as_u64().is_some_and(|s| s <= 40), "{report:#}");
 
-    let refused = ferry.checkpoint(pid, hazard, &[]);
+    let refused = ferry.checkpoint(pid, hazard, flags);
     refused.assert_error(NOT_READY).assert_stderr_mentions(code).assert_stderr_mentions("--force");
     // Refused before CRIU ran: nothing was frozen.
     assert!(refused.log_path().is_none(), "{refused}");
     let before = w.counts(pid).len();
     w.wait_counts(pid, before + 1);
 
-    let forced = ferry.checkpoint(pid, hazard, &["--force"]);
+    let forced = ferry.checkpoint(pid, hazard, &[flags, &["--force"]].concat());
     assert!(forced.code.is_some_and(|c| c != 0 && c != NOT_READY), "CRIU should fail on {hazard}\n{forced}");
     if hazard == "traced" {
         // Its child is traced by design: only the root must not be left stopped.
@@ -226,7 +227,7 @@ fn a_session_led_from_outside_the_tree_blocks() {
     let w = start("child", Isolation::Host);
     let child = poll(WAIT, "the child", || ferry_testkit::children(w.pid()).first().copied());
     w.wait_counts(child, 2);
-    blocker_agrees_at(&w, child, "child", "session");
+    blocker_agrees_at(&w, child, "child", "session", &[]);
 }
 
 #[test]
@@ -238,7 +239,16 @@ fn a_tree_below_its_pid_namespace_init_blocks() {
     let w = start("child", Isolation::PidNamespace);
     let child = poll(WAIT, "the child", || ferry_testkit::children(w.pid()).first().copied());
     w.wait_counts(child, 2);
-    blocker_agrees_at(&w, child, "child", "pid-namespace");
+    blocker_agrees_at(&w, child, "child", "pid-namespace", &[]);
+}
+
+#[test]
+fn a_connection_waiting_in_the_accept_queue_blocks() {
+    // With --tcp-established the established client end is fine: the queued connection is not.
+    if require_privileged() {
+        let w = start("tcp_queued", Isolation::PidNamespace);
+        blocker_agrees_at(&w, w.pid(), "tcp_queued", "tcp-accept-queue", &["--tcp-established"]);
+    }
 }
 
 #[test]

@@ -402,10 +402,10 @@ fn tcp(f: &Facts, opts: CheckOptions) -> Vec<Reason> {
     ));
     out.extend(queued.into_reason(
         "tcp-accept-queue",
-        Severity::Caveat,
+        Severity::Blocker,
         "listening sockets with connections not yet accepted",
-        "CRIU refuses a listener whose accept queue holds connections (\"in-flight connection\"); the queue drains as the application accepts",
-        "retry when the application has accepted them (a queue that stays full is an application that does not accept)",
+        "CRIU refuses a listener whose accept queue holds connections (\"In-flight connection\") unless told to drop them (--tcp-skip-in-flight, which ferry does not pass): a dump now fails",
+        "retry in a moment: the queue drains as the application accepts (one that stays full is an application that does not accept)",
     ));
     out
 }
@@ -818,7 +818,7 @@ mod tests {
         assert_eq!(
             unknown,
             vec![
-                ("tcp-accept-queue", Severity::Caveat),
+                ("tcp-accept-queue", Severity::Blocker),
                 ("tcp-established", Severity::Caveat),
                 ("tcp-transient", Severity::Caveat)
             ]
