@@ -529,11 +529,11 @@ fn deleted(f: &Facts) -> Vec<Reason> {
 fn ipc_and_memory(f: &Facts) -> Vec<Reason> {
     let pids = f.pids();
     let mut out = Vec::new();
-    let (mut shm, mut huge) = (Found::default(), Found::default());
+    let (mut attached, mut related, mut huge) = (Found::default(), Found::default(), Found::default());
     for t in &f.tasks {
         for m in &t.maps {
             if m.path.starts_with("/SYSV") {
-                shm.add(t.pid, format!("{} attaches {}", who(t), m.path));
+                attached.add(t.pid, format!("{} attaches {}", who(t), m.path));
             } else if m.path == "/anon_hugepage"
                 || f.hugetlbfs.iter().any(|d| m.path.starts_with(&format!("{d}/")))
             {
@@ -541,30 +541,39 @@ fn ipc_and_memory(f: &Facts) -> Vec<Reason> {
             }
         }
     }
-    if let Some(segments) = &f.shm {
-        for s in segments.iter().filter(|s| pids.contains(&s.cpid) || pids.contains(&s.lpid)) {
-            let pid = if pids.contains(&s.cpid) { s.cpid } else { s.lpid };
-            shm.add(
-                pid,
-                format!("segment {} (key {}, {} bytes, {} attached)", s.shmid, s.key, s.size, s.nattch),
-            );
+    match &f.shm {
+        // The host's IPC namespace (ferry's), which CRIU does not dump.
+        Some(segments) => {
+            out.extend(attached.into_reason(
+                "sysv-shm-attached",
+                Severity::Blocker,
+                "SysV shared memory attached in the host's IPC namespace",
+                "CRIU dumps SysV segments only with an IPC namespace of the tree's own; it refuses a mapping of one that lives in the host's (\"doesn't live in IPC ns\"): the dump fails",
+                "run the workload in an IPC namespace of its own (a container, or unshare --ipc) so that its segments travel with it, or use POSIX shared memory (/dev/shm files)",
+            ));
+            for s in segments.iter().filter(|s| pids.contains(&s.cpid) || pids.contains(&s.lpid)) {
+                let pid = if pids.contains(&s.cpid) { s.cpid } else { s.lpid };
+                related.add(
+                    pid,
+                    format!("segment {} (key {}, {} bytes, {} attached)", s.shmid, s.key, s.size, s.nattch),
+                );
+            }
+            out.extend(related.into_reason(
+                "sysv-ipc",
+                Severity::Caveat,
+                "SysV shared memory segments the tree created or last used, in the host's IPC namespace",
+                "they are not part of the checkpoint: a restore elsewhere (or after they are removed) finds them missing",
+                "run the workload in an IPC namespace of its own so that they travel with it",
+            ));
         }
-        out.extend(shm.into_reason(
-            "sysv-ipc",
-            Severity::Caveat,
-            "SysV shared memory in the host's IPC namespace",
-            "CRIU dumps SysV IPC objects only with the IPC namespace they live in; in the host's it does not, and the restored tree attaches the segment by its id: only where that segment still exists (this host, not removed) does the restore work",
-            "run the workload in an IPC namespace of its own (a container, or unshare --ipc) so that its segments travel with it, or use POSIX shared memory (/dev/shm files)",
-        ));
-    } else {
         // Its own IPC namespace: CRIU dumps it whole, segments included.
-        out.extend(shm.into_reason(
+        None => out.extend(attached.into_reason(
             "sysv-ipc",
             Severity::Info,
             "SysV shared memory in the tree's own IPC namespace",
             "CRIU dumps the IPC namespace with its segments",
             "",
-        ));
+        )),
     }
     out.extend(huge.into_reason(
         "hugetlb",
@@ -901,7 +910,7 @@ mod tests {
                 ("file-locks", Severity::Blocker),
                 ("hugetlb", Severity::Caveat),
                 ("memory", Severity::Blocker),
-                ("sysv-ipc", Severity::Caveat),
+                ("sysv-shm-attached", Severity::Blocker),
                 ("traced", Severity::Blocker),
                 ("uninterruptible", Severity::Caveat),
                 ("vfork", Severity::Blocker),
@@ -909,7 +918,11 @@ mod tests {
         );
         // In its own IPC namespace the segment travels: information only.
         f.shm = None;
-        assert!(!codes(&f, CheckOptions::default()).contains(&("sysv-ipc", Severity::Caveat)));
+        assert!(!codes(&f, CheckOptions::default()).iter().any(|(c, _)| c.starts_with("sysv")));
+        // Segments it made but does not attach stay behind: a caveat.
+        f.tasks[0].maps.clear();
+        f.shm = Some(vec![parse::ShmSegment { key: 0, shmid: 3, size: 4096, cpid: 10, lpid: 10, nattch: 0 }]);
+        assert!(codes(&f, CheckOptions::default()).contains(&("sysv-ipc", Severity::Caveat)));
     }
 
     #[test]
