@@ -123,6 +123,7 @@ pub struct Mapping {
 /// paths left out), each path once.
 pub fn maps(text: &str) -> Vec<Mapping> {
     let mut out: Vec<Mapping> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
     for line in text.lines() {
         // range perms offset dev inode path (the path may hold spaces).
         let mut f = line.splitn(6, ' ');
@@ -139,7 +140,7 @@ pub fn maps(text: &str) -> Vec<Mapping> {
             Some(p) => (p, true),
             None => (path, false),
         };
-        if out.iter().any(|m| m.path == path) {
+        if !seen.insert(path) {
             continue;
         }
         out.push(Mapping { range: range.to_owned(), path: path.to_owned(), deleted });
@@ -160,8 +161,7 @@ pub fn hugetlbfs_mounts(mounts: &str) -> Vec<String> {
 }
 
 /// TCP states as `/proc/net/tcp` numbers them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TcpState {
     Established,
     SynSent,

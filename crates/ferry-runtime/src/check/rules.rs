@@ -358,11 +358,14 @@ fn unix_sockets(f: &Facts) -> Vec<Reason> {
 }
 
 fn tcp(f: &Facts, opts: CheckOptions) -> Vec<Reason> {
+    // By inode: a busy server holds thousands of connections.
+    let by_inode: std::collections::HashMap<u64, &super::parse::TcpSocket> =
+        f.tcp.iter().map(|s| (s.inode, s)).collect();
     let (mut established, mut transient, mut queued) = (Found::default(), Found::default(), Found::default());
     for t in &f.tasks {
         for fd in &t.fds {
             let FdKind::Socket(ino) = fd.kind else { continue };
-            let Some(s) = f.tcp.iter().find(|s| s.inode == ino) else { continue };
+            let Some(s) = by_inode.get(&ino) else { continue };
             let item = format!("{} fd {} {} {}", who(t), fd.fd, s.state.name(), s.endpoints);
             match s.state {
                 TcpState::Established => established.add(t.pid, item),
