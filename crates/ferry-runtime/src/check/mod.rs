@@ -15,7 +15,7 @@ use std::time::Instant;
 use ferry_criu::Criu;
 use serde::Serialize;
 
-pub use gather::{Facts, FdFacts, PathState, TaskFacts};
+pub use gather::{lock_holders, Facts, FdFacts, PathState, TaskFacts};
 
 use crate::container::Endpoints;
 use crate::WorkloadId;

@@ -86,8 +86,9 @@ fn request() -> Vec<u8> {
     m
 }
 
+/// Whether a dump's answer goes on after a datagram.
 #[derive(Debug, PartialEq, Eq)]
-enum Parsed {
+pub enum Parsed {
     More,
     Done,
 }
@@ -102,7 +103,7 @@ fn u32_at(b: &[u8], at: usize) -> Option<u32> {
 
 /// Parses one datagram of netlink messages into `out`; the kernel's lengths are checked
 /// against the datagram, never trusted.
-fn parse(datagram: &[u8], out: &mut HashMap<u64, UnixSocket>) -> io::Result<Parsed> {
+pub fn parse(datagram: &[u8], out: &mut HashMap<u64, UnixSocket>) -> io::Result<Parsed> {
     let bad = || io::Error::new(io::ErrorKind::InvalidData, "malformed sock_diag answer");
     let mut at = 0;
     while at + 16 <= datagram.len() {
