@@ -1,6 +1,6 @@
 """hazard DIR KIND: holds one thing `ferry check` judges, then counts like counter.py.
 
-KIND: none, io_uring, perf_event, bpf_map, fanotify, device, unix_external, ctty_external,
+KIND: none, io_uring, perf_event, bpf_map, fanotify, device, tun, unix_external, ctty_external,
 deleted_cwd, deleted_small, deleted_large, flock, tcp_self, tcp_half_closed, tcp_queued, sysv_shm, traced,
 netns_shared, child (a child in our session that counts too), vfork (reports ready, then waits for ever in vfork: it never counts). Writes DIR/ready.<hostpid> once the hazard is in place,
 or DIR/unsupported.<hostpid> (with the reason) and exits when this kernel refuses it.
@@ -95,6 +95,9 @@ elif kind == "device":
             pass
     else:
         unsupported("neither /dev/kvm nor /dev/fuse opens")
+elif kind == "tun":
+    # Opened only (no interface attached): nothing appears in the host's network.
+    held.append(os.open("/dev/net/tun", os.O_RDWR))
 elif kind == "unix_external":
     mine, theirs = socket.socketpair()
     outside_holder(theirs.fileno(), [mine.fileno()])

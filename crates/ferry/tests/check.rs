@@ -161,6 +161,14 @@ fn device_blocks() {
 }
 
 #[test]
+fn tun_in_the_host_network_namespace_blocks() {
+    // CRIU: "Net namespace is required to dump tun link", even for a tun with no interface.
+    if require_privileged() {
+        blocker_agrees("tun", "tun", Isolation::PidNamespace);
+    }
+}
+
+#[test]
 fn controlling_terminal_outside_blocks() {
     // Host isolation: the terminal's master is held by a process reparented out of the tree.
     if require_privileged() {

@@ -235,6 +235,7 @@ fn descriptors(f: &Facts) -> Vec<Reason> {
         Found::default(),
         Found::default(),
     );
+    let mut tun = Found::default();
     for t in &f.tasks {
         for fd in &t.fds {
             let at = |what: &str| match what {
@@ -255,6 +256,8 @@ fn descriptors(f: &Facts) -> Vec<Reason> {
                     if let Some((major, minor)) = fd.rdev {
                         if !device_supported(major, minor) {
                             devices.add(t.pid, at(&format!("{path} ({major}:{minor})")));
+                        } else if (major, minor) == (10, 200) && t.ns.get("net") == f.own_ns.get("net") {
+                            tun.add(t.pid, at(path));
                         }
                     }
                 }
@@ -305,6 +308,14 @@ fn descriptors(f: &Facts) -> Vec<Reason> {
         "character devices CRIU does not dump",
         "CRIU restores only memory devices (/dev/null, zero, random...), terminals and /dev/net/tun; a device's state (a GPU's memory, a VM's) is in the driver: the dump fails",
         "release the device before checkpointing (for GPUs: NVIDIA's cuda-checkpoint first, then CRIU with its plugin, which ferry does not drive)",
+    );
+    push(
+        tun,
+        "tun",
+        Severity::Blocker,
+        "/dev/net/tun descriptors in the host's network namespace",
+        "CRIU dumps a tun descriptor with its interface, and the interface only with a network namespace it dumps; in the host's (ferry's) it refuses (\"Net namespace is required to dump tun link\"): the dump fails",
+        "run the workload in a network namespace of its own (a container, or unshare --net), which CRIU dumps with its tun interfaces",
     );
     push(
         fanotify,
@@ -778,6 +789,7 @@ mod tests {
                 ("fanotify", Severity::Caveat),
                 ("io-uring", Severity::Blocker),
                 ("perf-event", Severity::Blocker),
+                ("tun", Severity::Blocker),
             ]
         );
         let r = evaluate(&facts(vec![task(10)]), CheckOptions::default());

@@ -22,12 +22,15 @@ pub fn run(cli: &Cli, workload: &str, tcp_established: bool, json: bool) -> Outc
     let id: WorkloadId = workload.parse().map_err(|e| (what(), e))?;
     let opts = CheckOptions { tcp_established: tcp_established.then_some(true) };
     let r = report(cli, &id, opts).map_err(|e| (what(), e))?;
-    if json {
-        let text = serde_json::to_string_pretty(&r).map_err(|e| (what(), Error::Internal(e.to_string())))?;
-        println!("{text}");
+    let text = if json {
+        let mut t = serde_json::to_string_pretty(&r).map_err(|e| (what(), Error::Internal(e.to_string())))?;
+        t.push('\n');
+        t
     } else {
-        print_report(&r);
-    }
+        render(&r)
+    };
+    // A reader that went away (`| head`) is no error of ours: the exit code still tells.
+    let _ = std::io::Write::write_all(&mut std::io::stdout(), text.as_bytes());
     // A workload not found is the usual "not found"; one found with a blocker, "not ready".
     let code = match (r.pid, r.verdict) {
         (None, _) => Exit::NotFound,
@@ -37,10 +40,13 @@ pub fn run(cli: &Cli, workload: &str, tcp_established: bool, json: bool) -> Outc
     Ok(code.into())
 }
 
-fn print_report(r: &Report) {
-    println!("{}: {} (score {}/100)", r.workload, r.verdict.as_str(), r.score);
+fn render(r: &Report) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(out, "{}: {} (score {}/100)", r.workload, r.verdict.as_str(), r.score);
     if let Some(pid) = r.pid {
-        println!("  tree: root pid {pid}, {} processes; checked in {:.3}s", r.processes, r.seconds);
+        let _ =
+            writeln!(out, "  tree: root pid {pid}, {} processes; checked in {:.3}s", r.processes, r.seconds);
     }
     for reason in &r.reasons {
         let tag = match reason.severity {
@@ -48,15 +54,15 @@ fn print_report(r: &Report) {
             Severity::Caveat => "caveat",
             Severity::Info => "info",
         };
-        println!();
-        println!("{tag:<8} {}: {}", reason.code, reason.what);
+        let _ = writeln!(out, "\n{tag:<8} {}: {}", reason.code, reason.what);
         if reason.severity != Severity::Info || !reason.fix.is_empty() {
-            println!("         why: {}", reason.why);
+            let _ = writeln!(out, "         why: {}", reason.why);
         }
         if !reason.fix.is_empty() {
-            println!("         fix: {}", reason.fix);
+            let _ = writeln!(out, "         fix: {}", reason.fix);
         }
     }
+    out
 }
 
 /// Runs the check before a checkpoint (`tcp_established`: whether it passes the flag) or a
