@@ -1,8 +1,9 @@
 """hazard DIR KIND: holds one thing `ferry check` judges, then counts like counter.py.
 
-KIND: none, io_uring, perf_event, bpf_map, fanotify, device, tun, unix_external, ctty_external,
-deleted_cwd, deleted_small, deleted_large, flock, tcp_self, tcp_half_closed, tcp_queued, sysv_shm, traced,
-netns_shared, child (a child in our session that counts too), vfork (reports ready, then waits for ever in vfork: it never counts). Writes DIR/ready.<hostpid> once the hazard is in place,
+KIND: none, io_uring, perf_event, bpf_map, fanotify, device, tun, unix_external,
+pipe_external, ctty_external, deleted_cwd, deleted_small, deleted_large, flock, tcp_self,
+tcp_half_closed, tcp_queued, sysv_shm, traced, netns_shared, child (a child in our session that
+counts too), vfork (reports ready, then waits for ever in vfork: it never counts). Writes DIR/ready.<hostpid> once the hazard is in place,
 or DIR/unsupported.<hostpid> (with the reason) and exits when this kernel refuses it.
 """
 import ctypes
@@ -15,6 +16,9 @@ import time
 from _kit import append_line, host_pid, write_atomic
 
 directory, kind = sys.argv[1], sys.argv[2]
+# Descriptors the test harness leaks to its children (cargo's jobserver pipe) are hazards of
+# their own (a pipe read outside the tree): only the one asked for may be held.
+os.closerange(3, 65536)
 libc = ctypes.CDLL(None, use_errno=True)
 libc.syscall.restype = ctypes.c_long
 # Kept referenced for the process's life: their descriptors are the hazard.
@@ -103,6 +107,12 @@ elif kind == "unix_external":
     outside_holder(theirs.fileno(), [mine.fileno()])
     theirs.close()
     held.append(mine)
+elif kind == "pipe_external":
+    # We hold only the write end of a pipe whose reader lives outside the tree.
+    r, w = os.pipe()
+    outside_holder(r, [w])
+    os.close(r)
+    held.append(w)
 elif kind == "ctty_external":
     # A terminal whose master only a process outside the tree holds becomes our controlling
     # terminal (we lead our session and have none: opening it without O_NOCTTY takes it).

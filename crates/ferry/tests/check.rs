@@ -305,6 +305,14 @@ fn deleted_cwd_in_a_pid_namespace_sharing_our_proc_blocks() {
 }
 
 #[test]
+fn a_pipe_read_outside_is_a_caveat_and_checkpoints() {
+    // The restored copy writes nothing to it here; one that did would get SIGPIPE.
+    if require_privileged() {
+        caveat_agrees("pipe_external", "pipe-external", Isolation::Host);
+    }
+}
+
+#[test]
 fn small_deleted_file_is_a_caveat_and_checkpoints() {
     if require_privileged() {
         caveat_agrees("deleted_small", "deleted-file", Isolation::PidNamespace);

@@ -53,6 +53,8 @@ pub struct FdFacts {
     pub deleted_bytes: Option<u64>,
     /// A `/dev/ptmx` master's pty index.
     pub ptmx_index: Option<u32>,
+    /// A pipe's inode and whether this is its write end.
+    pub pipe: Option<(u64, bool)>,
 }
 
 /// One process of the tree.
@@ -316,7 +318,12 @@ fn task(pid: i32) -> io::Result<TaskFacts> {
 
 fn fd_facts(dir: &str, fd: i32, link: &str) -> FdFacts {
     let kind = parse::fd_kind(link);
-    let mut f = FdFacts { fd, kind, rdev: None, deleted_bytes: None, ptmx_index: None };
+    let mut f = FdFacts { fd, kind, rdev: None, deleted_bytes: None, ptmx_index: None, pipe: None };
+    if let Some(inode) = parse::pipe_inode(link) {
+        // O_ACCMODE tells the ends apart: both have the same link.
+        let info = read_head(format!("{dir}/fdinfo/{fd}"), MAX_SMALL).unwrap_or_default();
+        f.pipe = parse::fdinfo_flags(&info).map(|flags| (inode, flags & 3 == 1));
+    }
     if let FdKind::Path { path, deleted } = &f.kind {
         let target = format!("{dir}/fd/{fd}");
         if *deleted {

@@ -106,6 +106,16 @@ pub fn fd_kind(link: &str) -> FdKind {
     FdKind::Other(link.to_owned())
 }
 
+/// The inode of a pipe descriptor's link (`pipe:[12345]`).
+pub fn pipe_inode(link: &str) -> Option<u64> {
+    link.strip_prefix("pipe:[")?.strip_suffix(']')?.parse().ok()
+}
+
+/// The open flags of an fdinfo (`flags:` in octal).
+pub fn fdinfo_flags(fdinfo: &str) -> Option<u32> {
+    fdinfo.lines().find_map(|l| l.strip_prefix("flags:")).and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+}
+
 /// The `tty-index:` line of a `/dev/ptmx` descriptor's fdinfo: the pty it is the master of.
 pub fn ptmx_index(fdinfo: &str) -> Option<u32> {
     fdinfo.lines().find_map(|l| l.strip_prefix("tty-index:")).and_then(|v| v.trim().parse().ok())
@@ -336,6 +346,9 @@ mod tests {
         assert_eq!(ns_inode("net:[4026531840]"), Some(4026531840));
         assert_eq!(ns_inode("net:[x]"), None);
         assert_eq!(ptmx_index("pos:\t0\nflags:\t02\ntty-index:\t3\n"), Some(3));
+        assert_eq!(fdinfo_flags("pos:\t0\nflags:\t02000001\n"), Some(0o2000001));
+        assert_eq!(pipe_inode("pipe:[77]"), Some(77));
+        assert_eq!(pipe_inode("socket:[77]"), None);
     }
 
     #[test]

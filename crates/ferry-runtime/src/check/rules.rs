@@ -184,6 +184,7 @@ pub fn evaluate(f: &Facts, opts: CheckOptions) -> Vec<Reason> {
     out.extend(reading(f));
     out.extend(descriptors(f));
     out.extend(unix_sockets(f));
+    out.extend(pipes(f));
     out.extend(tcp(f, opts));
     out.extend(terminal(f));
     out.extend(deleted(f));
@@ -363,6 +364,39 @@ fn unix_sockets(f: &Facts) -> Vec<Reason> {
             "unix sockets connected outside the tree",
             "CRIU dumps both ends of a unix connection or neither; ferry does not mark outside peers external (--ext-unix-sk), so the dump fails",
             "close the connection before checkpointing, or checkpoint the peer in the same tree (e.g. a syslog socket: log to a file or stdout instead)",
+        )
+        .into_iter()
+        .collect()
+}
+
+fn pipes(f: &Facts) -> Vec<Reason> {
+    // For each pipe the tree holds: whether it holds its read end, its write end.
+    let mut ends: std::collections::HashMap<u64, (bool, bool)> = std::collections::HashMap::new();
+    for (inode, write) in f.tasks.iter().flat_map(|t| &t.fds).filter_map(|fd| fd.pipe) {
+        let e = ends.entry(inode).or_default();
+        if write {
+            e.1 = true;
+        } else {
+            e.0 = true;
+        }
+    }
+    let mut one_end = Found::default();
+    for t in &f.tasks {
+        for fd in &t.fds {
+            let Some((inode, write)) = fd.pipe else { continue };
+            if ends.get(&inode).is_some_and(|(r, w)| r != w) {
+                let how = if write { "writes to" } else { "reads from" };
+                one_end.add(t.pid, format!("{} fd {} {how} pipe:[{inode}]", who(t), fd.fd));
+            }
+        }
+    }
+    one_end
+        .into_reason(
+            "pipe-external",
+            Severity::Caveat,
+            "pipes whose other end is outside the tree (or closed)",
+            "CRIU restores such a pipe as a new one with no process at its other end: writes to it then fail (SIGPIPE, which kills a process that does not handle it) and reads see end of file; a logger reading the workload's output no longer gets it",
+            "have the workload log to a file or a socket it reconnects, or checkpoint the reader in the same tree",
         )
         .into_iter()
         .collect()
@@ -739,7 +773,32 @@ mod tests {
     }
 
     fn fd(fd: i32, link: &str) -> FdFacts {
-        FdFacts { fd, kind: parse::fd_kind(link), rdev: None, deleted_bytes: None, ptmx_index: None }
+        FdFacts {
+            fd,
+            kind: parse::fd_kind(link),
+            rdev: None,
+            deleted_bytes: None,
+            ptmx_index: None,
+            pipe: None,
+        }
+    }
+
+    #[test]
+    fn pipes_with_one_end_in_the_tree() {
+        let mut t = task(10);
+        t.fds = vec![fd(1, "pipe:[5]"), fd(3, "pipe:[6]"), fd(4, "pipe:[6]")];
+        t.fds[0].pipe = Some((5, true));
+        t.fds[1].pipe = Some((6, false));
+        t.fds[2].pipe = Some((6, true));
+        let r = evaluate(&facts(vec![t]), CheckOptions::default());
+        let p: Vec<&Reason> = r.iter().filter(|r| r.code == "pipe-external").collect();
+        assert_eq!(p.len(), 1);
+        assert_eq!(p[0].severity, Severity::Caveat);
+        assert!(
+            p[0].what.contains("fd 1 writes to pipe:[5]") && !p[0].what.contains("pipe:[6]"),
+            "{}",
+            p[0].what
+        );
     }
 
     fn codes(f: &Facts, opts: CheckOptions) -> Vec<(&'static str, Severity)> {
