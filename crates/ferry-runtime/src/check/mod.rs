@@ -1,5 +1,5 @@
-//! `check`: will this workload survive a checkpoint? Read from `/proc`, `/sys` and the
-//! container runtime only: nothing is frozen, traced or signalled.
+//! `check`: will this workload survive a checkpoint? Read from `/proc`, the kernel's sock_diag
+//! interface and the container runtime only: nothing is frozen, traced or signalled.
 //!
 //! [`gather`] reads the facts of the workload's tree (its root and every descendant),
 //! [`rules::evaluate`] turns facts into reasons, each with what it is, why it matters and the fix,
