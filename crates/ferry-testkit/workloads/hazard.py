@@ -2,7 +2,8 @@
 
 KIND: none, io_uring, perf_event, bpf_map, fanotify, device, tun, unix_external,
 pipe_external, ctty_external, deleted_cwd, deleted_small, deleted_large, flock, tcp_self,
-tcp_half_closed, tcp_queued, sysv_shm, traced, netns_shared, child (a child in our session that
+tcp_half_closed, tcp_queued, sysv_shm, traced, netns_shared, memfd_exe (runs on from a copy
+of the interpreter in a memfd, as runc's cloned binary does), child (a child in our session that
 counts too), vfork (reports ready, then waits for ever in vfork: it never counts). Writes DIR/ready.<hostpid> once the hazard is in place,
 or DIR/unsupported.<hostpid> (with the reason) and exits when this kernel refuses it.
 """
@@ -183,6 +184,12 @@ elif kind == "traced":
         while True:
             time.sleep(1)
     held.append(child)
+elif kind == "memfd_exe":
+    # The interpreter (several MiB) copied into a memfd runs this script again, holding nothing.
+    fd = os.memfd_create("python", 0)
+    os.write(fd, open(os.path.realpath(sys.executable), "rb").read())
+    env = dict(os.environ, PYTHONHOME=sys.prefix)
+    os.execve("/proc/self/fd/%d" % fd, [sys.executable, "-B", sys.argv[0], directory, "none"], env)
 elif kind == "child":
     # Parent and child both go on to count, each into its own file.
     os.fork()

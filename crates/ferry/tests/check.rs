@@ -313,6 +313,30 @@ fn a_pipe_read_outside_is_a_caveat_and_checkpoints() {
 }
 
 #[test]
+fn a_memfd_executable_blocks_and_its_restore_fails() {
+    // Deleted and over 1 MiB, but a memfd: CRIU dumps it (no ghost limit), and then cannot
+    // restore it as the executable.
+    if !require_privileged() {
+        return;
+    }
+    let ferry = ferry();
+    let mut w = start("memfd_exe", Isolation::PidNamespace);
+    let exe = std::fs::read_link(format!("/proc/{}/exe", w.pid())).expect("exe");
+    assert!(exe.to_string_lossy().starts_with("/memfd:"), "{}", exe.display());
+    let (outcome, report) = check(&ferry, w.pid(), &[]);
+    assert_eq!(outcome.code, Some(NOT_READY), "{outcome}");
+    assert_eq!(severity(&report, "exe-memfd").as_deref(), Some("blocker"), "{report:#}");
+    assert_eq!(severity(&report, "deleted-file-large"), None, "{report:#}");
+    ferry.checkpoint(w.pid(), "memfd", &[]).assert_error(NOT_READY).assert_stderr_mentions("exe-memfd");
+    // Forced, the dump works and the restore is what fails.
+    ferry.checkpoint(w.pid(), "memfd", &["--force"]).assert_ok();
+    assert!(w.reap_launcher(), "the checkpointed workload's launcher did not exit");
+    let (restore, pid) = ferry.restore_detached("memfd", &w);
+    restore.assert_error(7).assert_stderr_mentions("reg-file");
+    assert_eq!(pid, None, "{restore}");
+}
+
+#[test]
 fn small_deleted_file_is_a_caveat_and_checkpoints() {
     if require_privileged() {
         caveat_agrees("deleted_small", "deleted-file", Isolation::PidNamespace);

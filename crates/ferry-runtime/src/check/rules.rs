@@ -497,6 +497,7 @@ fn terminal(f: &Facts) -> Vec<Reason> {
 fn deleted(f: &Facts) -> Vec<Reason> {
     let (mut small, mut large) = (Found::default(), Found::default());
     let (mut cwd_gone, mut cwd_gone_proc) = (Found::default(), Found::default());
+    let mut memfd_exe = Found::default();
     let mut sort = |pid: i32, what: String, bytes: u64| {
         if bytes > GHOST_LIMIT {
             large.add(pid, format!("{what} ({} KiB)", bytes / 1024));
@@ -517,7 +518,12 @@ fn deleted(f: &Facts) -> Vec<Reason> {
             _ => {}
         }
         if let Some(PathState::Deleted { path, bytes, .. }) = &t.exe {
-            sort(t.pid, format!("{} runs deleted {path}", who(t)), *bytes);
+            // A memfd is dumped as one, whatever its size; as an executable its restore fails.
+            if path.starts_with("/memfd:") {
+                memfd_exe.add(t.pid, format!("{} runs {path}", who(t)));
+            } else {
+                sort(t.pid, format!("{} runs deleted {path}", who(t)), *bytes);
+            }
         }
         for fd in &t.fds {
             if let FdKind::Path { path, deleted: true } = &fd.kind {
@@ -556,6 +562,13 @@ fn deleted(f: &Facts) -> Vec<Reason> {
         "working directories deleted, in a pid namespace that sees the host's /proc",
         "CRIU's parasite mounts a proc of the task's pid namespace at proc.crtools in its working directory; in a deleted one it cannot (\"Can't create a directory\"): the dump fails",
         "let the process change to a directory that exists, or give its pid namespace a mount namespace with its own /proc",
+    ));
+    out.extend(memfd_exe.into_reason(
+        "exe-memfd",
+        Severity::Blocker,
+        "tasks running an executable from a memfd",
+        "CRIU 4.2.1 dumps the memfd, but its restore looks the executable up among regular files and fails (\"No entry for reg-file-ID\")",
+        "run the program from a file on disk",
     ));
     out.extend(small.into_reason(
         "deleted-file",
@@ -952,6 +965,11 @@ mod tests {
         let mut f = facts(vec![p]);
         f.own_ns = task(1).ns;
         assert!(codes(&f, CheckOptions::default()).contains(&("cwd-deleted-pidns", Severity::Blocker)));
+        let mut m = task(10);
+        m.exe = Some(PathState::Deleted { path: "/memfd:runc_cloned".into(), bytes: 12 << 20, dir: false });
+        m.maps = vec![Mapping { range: "1-2".into(), path: "/memfd:runc_cloned".into(), deleted: true }];
+        // Not a ghost file (no size limit), but an executable CRIU cannot restore.
+        assert_eq!(codes(&facts(vec![m]), CheckOptions::default()), vec![("exe-memfd", Severity::Blocker)]);
         let mut u = task(10);
         u.exe = Some(PathState::Deleted { path: "/usr/bin/app".into(), bytes: 30 << 20, dir: false });
         u.maps = vec![Mapping { range: "1-2".into(), path: "/usr/bin/app".into(), deleted: true }];
