@@ -30,8 +30,9 @@ fn main() -> ExitCode {
         Some("migrate_msg") => ferry_store_fuzz::migrate_msg,
         Some("lazy_images") => ferry_store_fuzz::lazy_images,
         Some("container_record") => ferry_store_fuzz::container_record,
+        Some("proc_facts") => ferry_store_fuzz::proc_facts,
         _ => {
-            eprintln!("usage: replay manifest|chunk_frame|slots|archive|wire_frame|migrate_msg|lazy_images|container_record PATH...");
+            eprintln!("usage: replay manifest|chunk_frame|slots|archive|wire_frame|migrate_msg|lazy_images|container_record|proc_facts PATH...");
             return ExitCode::from(2);
         }
     };

@@ -342,3 +342,44 @@ fn container_dumps(data: &[u8]) {
     let a = image_annotations(&record, &made, &facts);
     assert_eq!(a.get("io.podman.annotations.checkpoint.runtime.name").map(String::as_str), Some("runc"));
 }
+
+/// `ferry check`'s readers of what `/proc` and the kernel say about a workload, all untrusted:
+/// mode byte, then for an even one a sock_diag answer (netlink datagram), else text given to
+/// every `/proc` parser. Nothing may panic; what comes out keeps the parsers' own bounds.
+pub fn proc_facts(data: &[u8]) {
+    use ferry_runtime::check::{lock_holders, parse, unix_diag};
+    let Some((&which, rest)) = data.split_first() else { return };
+    if which % 2 == 0 {
+        let mut out = std::collections::HashMap::new();
+        if unix_diag::parse(rest, &mut out).is_ok() {
+            for (inode, s) in &out {
+                assert_eq!(*inode, s.inode);
+                assert_ne!(s.peer, Some(0), "a zero peer means none");
+            }
+        }
+        return;
+    }
+    let text = String::from_utf8_lossy(rest);
+    let _ = parse::stat(&text);
+    assert!(parse::stat_comm(&text).chars().count() <= 64);
+    assert!(parse::status(&text).ns_pids.len() <= 64);
+    for line in text.lines() {
+        let _ = parse::fd_kind(line);
+        let _ = parse::ns_inode(line);
+        let _ = parse::syscall_is_vfork(line);
+    }
+    let _ = parse::ptmx_index(&text);
+    let maps = parse::maps(&text);
+    let mut paths: Vec<&str> = maps.iter().map(|m| m.path.as_str()).collect();
+    assert!(paths.iter().all(|p| p.starts_with('/')));
+    paths.sort_unstable();
+    let n = paths.len();
+    paths.dedup();
+    assert_eq!(n, paths.len(), "each mapped path once");
+    let _ = parse::tcp_table(&text);
+    let _ = parse::sysvipc_shm(&text);
+    let _ = parse::hugetlbfs_mounts(&text);
+    let _ = parse::mem_available_kib(&text);
+    let holders = lock_holders(&text);
+    assert!(holders.iter().all(|p| *p > 0) && holders.windows(2).all(|w| w[0] < w[1]));
+}

@@ -27,6 +27,8 @@ pub enum Error {
     BadContainerRecord(String),
     #[error("{workload} cannot be restored here: {}", reasons.join("; "))]
     ContainerRefused { workload: String, reasons: Vec<String> },
+    #[error("{workload} is not ready for a checkpoint: {}", reasons.join("; "))]
+    NotReady { workload: String, reasons: Vec<String> },
     #[error("{0}")]
     Usage(String),
     #[error("internal error: {0}")]
@@ -141,6 +143,9 @@ impl Error {
                  checkpoint"
                     .into(),
             ),
+            Error::NotReady { workload, .. } => Some(format!(
+                "nothing was frozen; `ferry check {workload}` explains each reason and its fix; --force tries anyway"
+            )),
             Error::Usage(_) => None,
             Error::Internal(_) => Some("this is a bug in ferry; please report it with the log".into()),
             Error::Store(StoreError::NotFound(_)) => Some("`ferry list` shows the checkpoints".into()),

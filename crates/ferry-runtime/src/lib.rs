@@ -1,9 +1,11 @@
 //! Workloads ferry can move, and the verbs that move them: one file per verb
 //! (`checkpoint.rs`, `restore.rs`), one module per kind of workload (`process.rs`; container
-//! runtimes follow), and `doctor.rs`, which says whether this host can do any of it.
+//! runtimes follow), `doctor.rs`, which says whether this host can do any of it, and `check/`,
+//! which says whether a given workload will survive a checkpoint.
 #![forbid(unsafe_code)]
 
 pub mod archive;
+pub mod check;
 mod checkpoint;
 pub mod container;
 mod context;

@@ -52,6 +52,11 @@ pub enum Sample {
     /// `fnv64:HASH guards:PRESENT/INSTALLED` (see [`Workload::request_hash`]). Where the kernel
     /// has no guard regions it exits at once, having written `unsupported.<pid>`.
     Guarded { mib: u32, threads: u8 },
+    /// Holds one thing `ferry check` judges (`workloads/hazard.py` lists them: `io_uring`,
+    /// `perf_event`, `unix_external`, `deleted_cwd`, `flock`, `tcp_self`...), then counts
+    /// like [`Sample::Counter`]. Where the kernel refuses the hazard it exits at once, having
+    /// written `unsupported.<pid>`.
+    Hazard(&'static str),
 }
 
 impl Sample {
@@ -75,6 +80,7 @@ impl Sample {
             Sample::Resources { .. } => "resources.py",
             Sample::TcpEcho { .. } => "tcp_echo.py",
             Sample::Marker => "marker.py",
+            Sample::Hazard(_) => "hazard.py",
         }
     }
 
@@ -85,6 +91,7 @@ impl Sample {
             Sample::ThreadedMemHog { mib, threads } => vec![mib.to_string(), threads.to_string()],
             Sample::Resources { port } | Sample::TcpEcho { port } => vec![port.to_string()],
             Sample::Guarded { mib, threads } => vec![mib.to_string(), threads.to_string()],
+            Sample::Hazard(kind) => vec![kind.to_owned()],
         }
     }
 
@@ -191,6 +198,13 @@ impl Workload {
 
     pub fn sample(&self) -> Sample {
         self.sample
+    }
+
+    /// Reaps the launcher once it has exited; false if it still runs after [`WAIT`]. An
+    /// [`Isolation::Host`] workload is its own launcher: once a checkpoint stopped it, its
+    /// zombie would hold the pid its restore needs back.
+    pub fn reap_launcher(&mut self) -> bool {
+        try_poll(WAIT, || self.launcher.try_wait().ok().flatten()).is_some()
     }
 
     /// `DIR/<what>.<pid>`: where process `pid` reports `what`.

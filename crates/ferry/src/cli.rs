@@ -49,6 +49,21 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Will a workload survive a checkpoint? A verdict (ready, ready with caveats, not ready),
+    /// a score and every reason with its fix, read from /proc and the runtime without freezing
+    /// or tracing it (docs/check.md). Exits 11 when not ready.
+    Check {
+        /// The workload, as `ferry checkpoint` takes it: pid:PID, runc:ID, podman:ID,
+        /// containerd:NAMESPACE/ID, docker:ID.
+        workload: String,
+        /// The checkpoint will pass --tcp-established (established connections are then no
+        /// blocker; without this flag they are a caveat).
+        #[arg(long)]
+        tcp_established: bool,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Checkpoint a running workload into the store (encrypted, signed, deduplicated).
     Checkpoint {
         /// The workload: pid:PID (the root of a process tree), or a container: runc:ID,
@@ -67,6 +82,9 @@ pub enum Command {
         /// Keep only the newest N checkpoints of this workload.
         #[arg(long, value_name = "N")]
         keep: Option<usize>,
+        /// Checkpoint even if `ferry check` finds the workload not ready.
+        #[arg(long)]
+        force: bool,
     },
     /// Restore a checkpoint; without --detach, wait for a process tree and exit with its
     /// status. A container is recreated under its runtime and runs there.
@@ -188,6 +206,9 @@ pub enum Command {
         /// Also write the report (phases, bytes, downtime) as JSON to FILE.
         #[arg(long, value_name = "FILE")]
         report_json: Option<PathBuf>,
+        /// Migrate even if `ferry check` finds the workload not ready.
+        #[arg(long)]
+        force: bool,
     },
     /// A `restore --lazy`'s guard (started by ferry itself): kills the restored tree if the
     /// restore dies before every page is in.

@@ -23,6 +23,9 @@ pub enum Exit {
     /// A migration failed after the switch: the workload was lost (or, asked for, runs again
     /// at the source from its state at the freeze).
     Lost = 10,
+    /// `ferry check` found a blocker: the workload would not survive a checkpoint; checkpoint
+    /// and migrate refuse such a workload (without --force) with the same code.
+    NotReady = 11,
 }
 
 impl From<Exit> for ExitCode {
@@ -44,6 +47,7 @@ pub fn classify(err: &Error) -> Exit {
         Error::Container(_) => Exit::Failure,
         Error::BadContainerRecord(_) => Exit::Damaged,
         Error::Internal(_) | Error::PostDump(_) | Error::Pager(_) => Exit::Failure,
+        Error::NotReady { .. } => Exit::NotReady,
         Error::Store(s) => match s {
             StoreError::NotFound(_) => Exit::NotFound,
             StoreError::Exists(_) | StoreError::Busy | StoreError::KeyShared { .. } => Exit::Conflict,

@@ -21,16 +21,22 @@ fn main() -> ExitCode {
     let outcome = match &cli.command {
         Command::Guard { name } => return ferry_lazy::guard::run(name),
         Command::Doctor { json } => cmd::doctor::run(&cli, *json),
-        Command::Checkpoint { workload, name, leave_running, tcp_established, keep } => cmd::checkpoint::run(
-            &cli,
-            cmd::checkpoint::Args {
-                workload: workload.clone(),
-                name: name.clone(),
-                leave_running: *leave_running,
-                tcp_established: *tcp_established,
-                keep: *keep,
-            },
-        ),
+        Command::Check { workload, tcp_established, json } => {
+            cmd::check::run(&cli, workload, *tcp_established, *json)
+        }
+        Command::Checkpoint { workload, name, leave_running, tcp_established, keep, force } => {
+            cmd::checkpoint::run(
+                &cli,
+                cmd::checkpoint::Args {
+                    workload: workload.clone(),
+                    name: name.clone(),
+                    leave_running: *leave_running,
+                    tcp_established: *tcp_established,
+                    keep: *keep,
+                    force: *force,
+                },
+            )
+        }
         Command::Restore { name, new_name, detach, pidfile, lazy } => {
             cmd::restore::run(&cli, name, new_name.as_deref(), *detach, pidfile.as_deref(), *lazy)
         }
@@ -52,7 +58,7 @@ fn main() -> ExitCode {
         Command::Import { file, name } => cmd::archive::import(&cli, file, name.as_deref()),
         Command::Keys { action } => cmd::keys::run(&cli, action),
         Command::Lab { action } => cmd::lab::run(&cli, action),
-        Command::Migrate { workload, to, strategy, recover_timeout, on_failure, report_json } => {
+        Command::Migrate { workload, to, strategy, recover_timeout, on_failure, report_json, force } => {
             let req = ferry_migrate::api::MigrateRequest {
                 workload: workload.clone(),
                 to: to.clone(),
@@ -60,7 +66,7 @@ fn main() -> ExitCode {
                 recover_timeout_s: *recover_timeout,
                 on_failure: *on_failure,
             };
-            return cmd::migrate::run(&cli, req, report_json.as_deref());
+            return cmd::migrate::run(&cli, req, report_json.as_deref(), *force);
         }
         Command::Node { action } => match action {
             cli::NodeAction::Status { json } => return cmd::migrate::status(&cli, *json),

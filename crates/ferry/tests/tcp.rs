@@ -51,7 +51,9 @@ fn established_connection_without_the_flag_fails_cleanly() {
     let _rules = FirewallGuard::new(&[port]);
     assert_eq!(client.round_trip("before").expect("echo before"), "1 before");
 
-    let outcome = ferry.checkpoint(w.pid(), "tcp", &[]);
+    // `ferry check`'s gate refuses it before anything is frozen (exit 11); forced, CRIU does (7).
+    ferry.checkpoint(w.pid(), "tcp", &[]).assert_error(11).assert_stderr_mentions("tcp-established");
+    let outcome = ferry.checkpoint(w.pid(), "tcp", &["--force"]);
     outcome.assert_error(7).assert_stderr_mentions("--tcp-established");
     let log =
         outcome.log_path().unwrap_or_else(|| panic!("CRIU was involved: a `log:` line is due\n{outcome}"));

@@ -10,12 +10,17 @@ pub struct Args {
     pub leave_running: bool,
     pub tcp_established: bool,
     pub keep: Option<usize>,
+    pub force: bool,
 }
 
 pub fn run(cli: &Cli, a: Args) -> Outcome {
     let what = || format!("checkpoint of {} failed", a.workload);
     let workload: WorkloadId = a.workload.parse().map_err(|e| (what(), e))?;
     let ctx = context(cli).map_err(|e| (what(), e))?;
+    if !a.force {
+        // Before anything is frozen: a blocker is refused with its reasons (exit 11).
+        super::check::refuse_not_ready(cli, &a.workload, Some(a.tcp_established)).map_err(|e| (what(), e))?;
+    }
     let req = CheckpointRequest {
         workload: workload.clone(),
         name: a.name,

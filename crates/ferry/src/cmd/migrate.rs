@@ -26,8 +26,15 @@ pub fn agent_socket(cli: &Cli) -> Result<PathBuf, MigrateError> {
     }
 }
 
-pub fn run(cli: &Cli, req: MigrateRequest, report_json: Option<&Path>) -> ExitCode {
+pub fn run(cli: &Cli, req: MigrateRequest, report_json: Option<&Path>, force: bool) -> ExitCode {
     let what = format!("migration of {} to {} failed", req.workload, req.to);
+    // Before the agent freezes anything: a blocker is refused with its reasons (exit 11).
+    if !force {
+        if let Err(e) = super::check::refuse_not_ready(cli, &req.workload, None) {
+            crate::exit::report(&what, &e);
+            return crate::exit::classify(&e).into();
+        }
+    }
     let socket = match agent_socket(cli) {
         Ok(s) => s,
         Err(e) => return fail(&what, &e.to_string(), e.hint()),

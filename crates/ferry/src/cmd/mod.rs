@@ -1,6 +1,7 @@
 //! One file per verb.
 
 pub mod archive;
+pub mod check;
 pub mod checkpoint;
 pub mod doctor;
 pub mod gc;

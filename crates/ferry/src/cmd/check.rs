@@ -1,0 +1,87 @@
+//! `ferry check`: will a workload survive a checkpoint? Also the gate `checkpoint` and
+//! `migrate` pass before anything is frozen.
+
+use ferry_criu::Criu;
+use ferry_runtime::check::{self, CheckEnv, CheckOptions, Report, Severity};
+use ferry_runtime::container::Endpoints;
+use ferry_runtime::{Error, WorkloadId};
+
+use crate::cli::Cli;
+use crate::exit::Exit;
+use crate::Outcome;
+
+fn report(cli: &Cli, workload: &WorkloadId, opts: CheckOptions) -> Result<Report, Error> {
+    let criu = Criu::locate(cli.criu.as_deref()).map_err(|e| e.to_string());
+    let endpoints = Endpoints::new(&cli.store).with(&cli.runtime_endpoints)?;
+    let env = CheckEnv { criu: criu.as_ref().map_err(String::as_str), endpoints: &endpoints };
+    Ok(check::check(workload, env, opts))
+}
+
+pub fn run(cli: &Cli, workload: &str, tcp_established: bool, json: bool) -> Outcome {
+    let what = || format!("check of {workload} failed");
+    let id: WorkloadId = workload.parse().map_err(|e| (what(), e))?;
+    let opts = CheckOptions { tcp_established: tcp_established.then_some(true) };
+    let r = report(cli, &id, opts).map_err(|e| (what(), e))?;
+    let text = if json {
+        let mut t = serde_json::to_string_pretty(&r).map_err(|e| (what(), Error::Internal(e.to_string())))?;
+        t.push('\n');
+        t
+    } else {
+        render(&r)
+    };
+    // A reader that went away (`| head`) is no error of ours: the exit code still tells.
+    let _ = std::io::Write::write_all(&mut std::io::stdout(), text.as_bytes());
+    // A workload not found is the usual "not found"; one found with a blocker, "not ready".
+    let code = match (r.pid, r.verdict) {
+        (None, _) => Exit::NotFound,
+        (_, check::Verdict::NotReady) => Exit::NotReady,
+        _ => Exit::Ok,
+    };
+    Ok(code.into())
+}
+
+fn render(r: &Report) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(out, "{}: {} (score {}/100)", r.workload, r.verdict.as_str(), r.score);
+    if let Some(pid) = r.pid {
+        let _ =
+            writeln!(out, "  tree: root pid {pid}, {} processes; checked in {:.3}s", r.processes, r.seconds);
+    }
+    for reason in &r.reasons {
+        let tag = match reason.severity {
+            Severity::Blocker => "BLOCKER",
+            Severity::Caveat => "caveat",
+            Severity::Info => "info",
+        };
+        let _ = writeln!(out, "\n{tag:<8} {}: {}", reason.code, reason.what);
+        if reason.severity != Severity::Info || !reason.fix.is_empty() {
+            let _ = writeln!(out, "         why: {}", reason.why);
+        }
+        if !reason.fix.is_empty() {
+            let _ = writeln!(out, "         fix: {}", reason.fix);
+        }
+    }
+    out
+}
+
+/// Runs the check before a checkpoint (`tcp_established`: whether it passes the flag) or a
+/// migration (`None`: it always moves connections): a blocker is an error naming the reasons.
+/// A migration's container is left to its agent, whose runtime endpoints this CLI may not know.
+pub fn refuse_not_ready(cli: &Cli, workload: &str, tcp_established: Option<bool>) -> Result<(), Error> {
+    let id: WorkloadId = workload.parse()?;
+    if tcp_established.is_none() && !matches!(id, WorkloadId::Pid(_)) {
+        return Ok(());
+    }
+    let opts = CheckOptions { tcp_established: Some(tcp_established.unwrap_or(true)) };
+    let r = report(cli, &id, opts)?;
+    if r.verdict != check::Verdict::NotReady {
+        return Ok(());
+    }
+    // A workload that cannot be found keeps the verb's own error (and exit code).
+    if r.pid.is_none() {
+        return Ok(());
+    }
+    let reasons = r.blockers().map(|b| format!("{}: {}", b.code, b.what)).collect();
+    Err(Error::NotReady { workload: r.workload, reasons })
+}
