@@ -55,9 +55,6 @@ struct PagemapEntry {
     vaddr: u64,
     #[prost(uint32, required, tag = "2")]
     compat_nr_pages: u32,
-    /// Before `PE_PARENT`: the pages are in the parent checkpoint's images.
-    #[prost(bool, optional, tag = "3")]
-    in_parent: Option<bool>,
     #[prost(uint32, optional, tag = "4")]
     flags: Option<u32>,
     #[prost(uint64, optional, tag = "5")]
@@ -319,33 +316,16 @@ pub fn stored_pages(dir: &Path, pid: u32) -> Result<Option<StoredPages>, LazyErr
 
 /// As [`stored_pages`], from a pagemap image's bytes.
 pub fn parse_stored_pages(name: &str, data: &[u8]) -> Result<StoredPages, LazyError> {
-    let bad = |detail: String| LazyError::Images { image: name.to_string(), detail };
-    let start = check_magic(name, data, PAGEMAP_MAGIC)?;
-    let raw = entries(data, start).map_err(|e| bad(e.to_string()))?;
-    let head = raw.first().ok_or_else(|| bad("no pagemap head".into()))?;
-    let head = PagemapHead::decode(*head).map_err(|e| bad(e.to_string()))?;
-    let mut out = StoredPages { pages_file: format!("pages-{}.img", head.pages_id), ..Default::default() };
-    let (mut offset, mut total, mut last_end) = (0u64, 0u64, 0u64);
-    for entry in raw.into_iter().skip(1) {
-        let pe = PagemapEntry::decode(entry).map_err(|e| bad(e.to_string()))?;
+    let (_, _, pages_id, list) = checked_pagemap(name, data)?;
+    let mut out = StoredPages { pages_file: format!("pages-{pages_id}.img"), ..Default::default() };
+    let mut offset = 0u64;
+    for (pe, len) in list {
         let flags = pe.flags.unwrap_or(0);
-        if pe.in_parent == Some(true) || flags & PE_PARENT != 0 {
-            return Err(bad(format!("entry {:#x} is in a parent checkpoint's images", pe.vaddr)));
-        }
-        let pages = pe.nr_pages.unwrap_or(u64::from(pe.compat_nr_pages));
-        total = total.saturating_add(pages);
-        if !pe.vaddr.is_multiple_of(PAGE_SIZE) || pages == 0 || total > MAX_PAGES {
-            return Err(bad(format!("odd entry {:#x} (+{pages} pages)", pe.vaddr)));
-        }
-        if pe.vaddr < last_end {
-            return Err(bad(format!("entry {:#x} out of order", pe.vaddr)));
-        }
-        let len = pages * PAGE_SIZE;
-        last_end = pe.vaddr.checked_add(len).ok_or_else(|| bad(format!("entry {:#x} wraps", pe.vaddr)))?;
         if flags & PE_PRESENT == 0 {
             // A zero or lazy-only entry: nothing of it in the pages image.
             if flags & PE_LAZY != 0 {
-                return Err(bad(format!("lazy entry {:#x} is not in the images", pe.vaddr)));
+                let detail = format!("lazy entry {:#x} is not in the images", pe.vaddr);
+                return Err(LazyError::Images { image: name.to_string(), detail });
             }
             continue;
         }
@@ -363,6 +343,38 @@ pub fn parse_stored_pages(name: &str, data: &[u8]) -> Result<StoredPages, LazyEr
         offset += len;
     }
     Ok(out)
+}
+
+/// A pagemap image's header length, its head entry (bytes) and pages id, and its entries,
+/// each checked (page aligned, not empty, in address order, within the caps, none in a parent
+/// checkpoint's images) and given with its length in bytes.
+#[allow(clippy::type_complexity)]
+fn checked_pagemap<'d>(
+    name: &str,
+    data: &'d [u8],
+) -> Result<(usize, &'d [u8], u32, Vec<(FullPagemapEntry, u64)>), LazyError> {
+    let bad = |detail: String| LazyError::Images { image: name.to_string(), detail };
+    let start = check_magic(name, data, PAGEMAP_MAGIC)?;
+    let raw = entries(data, start).map_err(|e| bad(e.to_string()))?;
+    let head = *raw.first().ok_or_else(|| bad("no pagemap head".into()))?;
+    let pages_id = PagemapHead::decode(head).map_err(|e| bad(e.to_string()))?.pages_id;
+    let (mut total, mut last_end) = (0u64, 0u64);
+    let mut out = Vec::with_capacity(raw.len().saturating_sub(1));
+    for entry in raw.into_iter().skip(1) {
+        let pe = FullPagemapEntry::decode(entry).map_err(|e| bad(e.to_string()))?;
+        if pe.in_parent == Some(true) || pe.flags.unwrap_or(0) & PE_PARENT != 0 {
+            return Err(bad(format!("entry {:#x} is in a parent checkpoint's images", pe.vaddr)));
+        }
+        let pages = pe.nr_pages.unwrap_or(u64::from(pe.compat_nr_pages));
+        total = total.saturating_add(pages);
+        if !pe.vaddr.is_multiple_of(PAGE_SIZE) || pages == 0 || total > MAX_PAGES || pe.vaddr < last_end {
+            return Err(bad(format!("odd entry {:#x} (+{pages} pages)", pe.vaddr)));
+        }
+        let len = pages * PAGE_SIZE;
+        last_end = pe.vaddr.checked_add(len).ok_or_else(|| bad(format!("entry {:#x} wraps", pe.vaddr)))?;
+        out.push((pe, len));
+    }
+    Ok((start, head, pages_id, out))
 }
 
 /// One run of a full dump's pages image, in pagemap order, made from a lazy dump: pages CRIU
@@ -400,6 +412,7 @@ struct FullPagemapEntry {
     vaddr: u64,
     #[prost(uint32, required, tag = "2")]
     compat_nr_pages: u32,
+    /// Before `PE_PARENT`: the pages are in the parent checkpoint's images.
     #[prost(bool, optional, tag = "3")]
     in_parent: Option<bool>,
     #[prost(uint32, optional, tag = "4")]
@@ -420,11 +433,7 @@ pub fn complete_lazy_dump(dir: &Path, pid: u32) -> Result<Option<LazyDumpPages>,
 
 /// As [`complete_lazy_dump`], from a pagemap image's bytes.
 pub fn parse_lazy_dump(name: &str, data: &[u8]) -> Result<LazyDumpPages, LazyError> {
-    let bad = |detail: String| LazyError::Images { image: name.to_string(), detail };
-    let start = check_magic(name, data, PAGEMAP_MAGIC)?;
-    let raw = entries(data, start).map_err(|e| bad(e.to_string()))?;
-    let head = raw.first().ok_or_else(|| bad("no pagemap head".into()))?;
-    let pages_id = PagemapHead::decode(*head).map_err(|e| bad(e.to_string()))?.pages_id;
+    let (start, head, pages_id, list) = checked_pagemap(name, data)?;
     let mut out = LazyDumpPages { pages_file: format!("pages-{pages_id}.img"), ..Default::default() };
     out.pagemap.extend_from_slice(&data[..start]);
     let put = |bytes: &[u8], out: &mut Vec<u8>| {
@@ -432,20 +441,8 @@ pub fn parse_lazy_dump(name: &str, data: &[u8]) -> Result<LazyDumpPages, LazyErr
         out.extend_from_slice(bytes);
     };
     put(head, &mut out.pagemap);
-    let (mut total, mut last_end) = (0u64, 0u64);
-    for entry in raw.into_iter().skip(1) {
-        let mut pe = FullPagemapEntry::decode(entry).map_err(|e| bad(e.to_string()))?;
+    for (mut pe, len) in list {
         let flags = pe.flags.unwrap_or(0);
-        if pe.in_parent == Some(true) || flags & PE_PARENT != 0 {
-            return Err(bad(format!("entry {:#x} is in a parent checkpoint's images", pe.vaddr)));
-        }
-        let pages = pe.nr_pages.unwrap_or(u64::from(pe.compat_nr_pages));
-        total = total.saturating_add(pages);
-        if !pe.vaddr.is_multiple_of(PAGE_SIZE) || pages == 0 || total > MAX_PAGES || pe.vaddr < last_end {
-            return Err(bad(format!("odd entry {:#x} (+{pages} pages)", pe.vaddr)));
-        }
-        let len = pages * PAGE_SIZE;
-        last_end = pe.vaddr.checked_add(len).ok_or_else(|| bad(format!("entry {:#x} wraps", pe.vaddr)))?;
         let run = if flags & PE_PRESENT != 0 {
             Some(PageRun::Image { len })
         } else if flags & PE_LAZY != 0 {

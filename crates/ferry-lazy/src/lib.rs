@@ -114,8 +114,8 @@ pub enum LazyError {
     Timeout(Duration),
 }
 
-/// An error and its sources, as one line.
-pub(crate) fn chain(e: &dyn std::error::Error) -> String {
+/// `e` and its sources, each once, joined by ": ".
+pub fn chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut src = e.source();
     while let Some(s) = src {

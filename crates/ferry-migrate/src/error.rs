@@ -85,16 +85,4 @@ fn lost_text(reason: &str, at: &str, resumed: bool) -> String {
 }
 
 /// `e` and its sources, each once, joined by ": " (what a peer or the CLI is told).
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        let t = s.to_string();
-        if !text.contains(&t) {
-            text.push_str(": ");
-            text.push_str(&t);
-        }
-        src = s.source();
-    }
-    text
-}
+pub use ferry_lazy::chain;

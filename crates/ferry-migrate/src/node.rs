@@ -328,13 +328,7 @@ pub(crate) fn images_for_pager(
     label: &str,
     checkpoint: &ferry_store::Checkpoint,
 ) -> Result<(ferry_sys::PrivateTmpfs, PathBuf, Option<ferry_runtime::PagePlan>), MigrateError> {
-    let scratch = store.scratch(label)?;
-    let images = scratch.path().join("images");
-    std::fs::create_dir(&images).map_err(|source| MigrateError::Io {
-        action: "create",
-        path: images.clone(),
-        source,
-    })?;
+    let (scratch, images) = scratch_images(store, label)?;
     let plan = ferry_runtime::write_images_for_pager(checkpoint, store, &images)?;
     Ok((scratch, images, plan))
 }
@@ -346,6 +340,16 @@ pub(crate) fn images_in_scratch(
     label: &str,
     checkpoint: &ferry_store::Checkpoint,
 ) -> Result<(ferry_sys::PrivateTmpfs, PathBuf), MigrateError> {
+    let (scratch, images) = scratch_images(store, label)?;
+    checkpoint.materialize(store, &images)?;
+    Ok((scratch, images))
+}
+
+/// A private tmpfs of the store's (named after `label`) with an empty `images` directory.
+fn scratch_images(
+    store: &ferry_store::Store,
+    label: &str,
+) -> Result<(ferry_sys::PrivateTmpfs, PathBuf), MigrateError> {
     let scratch = store.scratch(label)?;
     let images = scratch.path().join("images");
     std::fs::create_dir(&images).map_err(|source| MigrateError::Io {
@@ -353,6 +357,5 @@ pub(crate) fn images_in_scratch(
         path: images.clone(),
         source,
     })?;
-    checkpoint.materialize(store, &images)?;
     Ok((scratch, images))
 }

@@ -648,41 +648,9 @@ impl<'a> Opener<'a> {
     /// Order: header within caps, key known, tag (which binds header and id), bounded
     /// decompression, keyed hash equal to `id`.
     pub fn open(&mut self, id: &ChunkId, frame: &[u8]) -> Result<Vec<u8>, SealError> {
-        let (h, raw) = Header::parse(frame)?;
-        if frame.len() != HEADER_LEN + h.body_len as usize {
-            return Err(SealError::BadFrame("frame length does not match its header"));
-        }
-        let key = self.ring.get(&h.key_id).ok_or(SealError::UnknownKey(h.key_id))?;
-        let body = &frame[HEADER_LEN..];
-        let (ct, tag) = body.split_at(body.len() - TAG_LEN);
-        let aad = aad(&raw, id);
-        let mut t = [0u8; TAG_LEN];
-        t.copy_from_slice(tag);
-        let plain_len = h.plain_len as usize;
-        let mut plain = if h.flags & FLAG_ZSTD == 0 {
-            let mut p = ct.to_vec();
-            decrypt(&mut self.gcm, key, &h, &aad, &mut p, &t)?;
-            p
-        } else {
-            self.scratch.clear();
-            self.scratch.extend_from_slice(ct);
-            decrypt(&mut self.gcm, key, &h, &aad, &mut self.scratch, &t)?;
-            let zstd = self.zstd.as_mut().ok_or(SealError::Decompress)?;
-            // The output slice is the bound: zstd cannot write past plain_len.
-            let mut p = vec![0u8; plain_len];
-            match zstd.decompress_to_buffer(&self.scratch, p.as_mut_slice()) {
-                Ok(n) if n == plain_len => p,
-                _ => {
-                    p.zeroize();
-                    return Err(SealError::Decompress);
-                }
-            }
-        };
-        // blake3::Hash compares in constant time.
-        if blake3::keyed_hash(self.hash_key, &plain) != blake3::Hash::from_bytes(*id) {
-            plain.zeroize();
-            return Err(SealError::HashMismatch);
-        }
+        let (h, _) = Header::parse(frame)?;
+        let mut plain = vec![0u8; h.plain_len as usize];
+        self.open_into(id, frame, &mut plain)?;
         Ok(plain)
     }
 }
