@@ -31,8 +31,9 @@ fn main() -> ExitCode {
         Some("lazy_images") => ferry_store_fuzz::lazy_images,
         Some("container_record") => ferry_store_fuzz::container_record,
         Some("proc_facts") => ferry_store_fuzz::proc_facts,
+        Some("clones_file") => ferry_store_fuzz::clones_file,
         _ => {
-            eprintln!("usage: replay manifest|chunk_frame|slots|archive|wire_frame|migrate_msg|lazy_images|container_record|proc_facts PATH...");
+            eprintln!("usage: replay manifest|chunk_frame|slots|archive|wire_frame|migrate_msg|lazy_images|container_record|proc_facts|clones_file PATH...");
             return ExitCode::from(2);
         }
     };

@@ -383,3 +383,11 @@ pub fn proc_facts(data: &[u8]) {
     let holders = lock_holders(&text);
     assert!(holders.iter().all(|p| *p > 0) && holders.windows(2).all(|w| w[0] < w[1]));
 }
+
+/// `clones.json` as `ferry list` reads it (the store's record of running clones): nothing may
+/// panic, and what parses is within the caps.
+pub fn clones_file(data: &[u8]) {
+    if let Ok(clones) = ferry_runtime::clone::parse_clones(data) {
+        assert!(clones.len() <= 4096);
+    }
+}

@@ -194,6 +194,9 @@ impl Criu {
         if opts.lazy_pages {
             o.lazy_pages = Some(true);
         }
+        if opts.tcp_close {
+            o.tcp_close = Some(true);
+        }
         o.inherit_fd = opts
             .inherit_fds
             .iter()

@@ -134,6 +134,15 @@ pub enum InspectError {
     TooLarge { detail: String },
 }
 
+/// The root process's PID as the checkpoint recorded it (1: the root of a pid namespace of
+/// its own, which CRIU restores into a fresh one), from `pstree.img` alone.
+pub fn root_pid(images_dir: &Path) -> Result<i32, InspectError> {
+    let mut reader = Reader { dir: images_dir, budget: MAX_TOTAL_READ };
+    let tree: Vec<PstreeEntry> = reader.required("pstree.img", PSTREE_MAGIC)?;
+    let root = tree.first().ok_or_else(|| invalid("pstree.img", "no processes"))?;
+    to_pid(root.pid, "pid")
+}
+
 /// Reads the images in `images_dir` and says what the checkpoint holds.
 pub fn summarize(images_dir: &Path) -> Result<Summary, InspectError> {
     let mut reader = Reader { dir: images_dir, budget: MAX_TOTAL_READ };

@@ -208,6 +208,7 @@ pub struct RestoreOptions {
     pub(crate) restore_sibling: bool,
     pub(crate) lazy_pages: bool,
     pub(crate) inherit_fds: Vec<(String, Arc<OwnedFd>)>,
+    pub(crate) tcp_close: bool,
     pub(crate) shared: Shared,
 }
 
@@ -218,6 +219,7 @@ impl RestoreOptions {
             restore_sibling: true,
             lazy_pages: false,
             inherit_fds: Vec::new(),
+            tcp_close: false,
             shared: Shared::new(log),
         }
     }
@@ -233,6 +235,13 @@ impl RestoreOptions {
     /// `--inherit-fd fd[N]:KEY`), e.g. a network namespace declared external at dump time.
     pub fn inherit_fd(mut self, key: impl Into<String>, fd: Arc<OwnedFd>) -> Self {
         self.inherit_fds.push((key.into(), fd));
+        self
+    }
+
+    /// Restore established TCP connections closed (CRIU's `--tcp-close`): a copy that runs
+    /// beside its original must not answer the original's peers.
+    pub fn tcp_close(mut self, yes: bool) -> Self {
+        self.tcp_close = yes;
         self
     }
 

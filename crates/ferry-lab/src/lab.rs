@@ -445,7 +445,8 @@ fn start<S: AsRef<OsStr>>(
     // The outer `setsid` (our child, no group leader, so it calls setsid() and execs in place)
     // puts the launcher in a session of its own: no hangup from our terminal. `nsenter --net`
     // enters only the network namespace: `ip netns exec` would also make a private mount
-    // namespace that CRIU would have to dump. `unshare --pid --fork` without `--kill-child`:
+    // namespace that CRIU would have to dump. `unshare --pid --uts --fork` (a UTS namespace
+    // too, so that a clone can get a host name of its own) without `--kill-child`:
     // that sets a parent-death signal, which CRIU restores. The inner `setsid` runs as PID 1
     // of the new namespace, where it is no group leader, so it too execs in place: the
     // workload is PID 1 and leads its own session, as CRIU requires of a tree it dumps.
@@ -454,7 +455,7 @@ fn start<S: AsRef<OsStr>>(
         .arg(format!("--net={}", sys::netns_path(&w.netns).display()))
         .arg("--")
         .arg(tool("unshare")?)
-        .args(["--pid", "--fork", "--"])
+        .args(["--pid", "--uts", "--fork", "--"])
         .arg(&setsid)
         .arg("--")
         .args(argv)

@@ -22,17 +22,45 @@ pub fn prepare_arrival(
     node: &str,
     addr: std::net::Ipv4Addr,
 ) -> Result<Workload, LabError> {
+    prepare(config, node, Some(addr))
+}
+
+/// Prepares a namespace on `node` with the node's next address, its bridge port up, for a
+/// workload restored into it (a clone): the record has pid 0 until [`arrived`], and
+/// [`remove`](crate::remove_workload) takes it back if the restore fails.
+pub fn prepare_workload(config: &LabConfig, node: &str) -> Result<Workload, LabError> {
+    prepare(config, node, None)
+}
+
+/// A new workload namespace on `node`: at `addr` with its port down (a move, whose port comes
+/// up at the switch), or at the node's next address with its port up.
+fn prepare(config: &LabConfig, node: &str, addr: Option<std::net::Ipv4Addr>) -> Result<Workload, LabError> {
     sys::preflight()?;
     let _lock = StateLock::acquire(config)?;
     let mut state = load(config)?;
-    state.node(node)?;
+    let (k, n) = {
+        let node = state.node(node)?;
+        (node.index, node.workloads_started)
+    };
+    let ip = match addr {
+        Some(a) => a,
+        None => state.subnet.workload_ip(k, n).ok_or_else(|| LabError::AddressesExhausted {
+            node: node.into(),
+            max: state.subnet.max_workloads_per_node(),
+        })?,
+    };
+    if addr.is_none() {
+        if let Some(node) = state.nodes.iter_mut().find(|x| x.index == k) {
+            node.workloads_started += 1;
+        }
+    }
     let id = state.next_workload;
     let w = Workload {
         id,
         node: node.into(),
         pid: 0,
         start_time: 0,
-        ip: addr,
+        ip,
         netns: config.workload_netns(id),
         veth: config.workload_veth(id)?,
         command: vec!["(arriving)".into()],
@@ -43,7 +71,7 @@ pub fn prepare_arrival(
     state.workloads.push(w.clone());
     // Recorded before the namespace exists: a crash from here on leaves a record for `down`.
     state.save(config)?;
-    if let Err(e) = attach_with_port(&w.netns, &w.veth, addr, &state, false) {
+    if let Err(e) = attach_with_port(&w.netns, &w.veth, ip, &state, addr.is_none()) {
         remove_workload(&w);
         state.workloads.retain(|x| x.id != id);
         state.save(config)?;

@@ -15,8 +15,8 @@ use crate::phase::Phase;
 /// (AES-256-GCM), which a ferry of protocol 5 cannot open.
 pub const PROTOCOL: u32 = 6;
 /// Key under which a workload's network namespace is declared external to CRIU (it stays
-/// behind; the target provides one with the same address).
-pub(crate) const NETNS_KEY: &str = "ferry-net";
+/// behind; the target provides one with the same address). ferry-runtime's: clones use it too.
+pub(crate) use ferry_runtime::NETNS_KEY;
 /// Frame kinds.
 pub const KIND_MSG: u16 = 0x4d53;
 pub const KIND_CHUNKS: u16 = 0x4348;

@@ -29,6 +29,11 @@ pub enum Error {
     ContainerRefused { workload: String, reasons: Vec<String> },
     #[error("{workload} is not ready for a checkpoint: {}", reasons.join("; "))]
     NotReady { workload: String, reasons: Vec<String> },
+    /// Where copies were to go (a node, its addresses) could not take them.
+    #[error("{detail}")]
+    Placement { detail: String, hint: Option<String> },
+    #[error("{what} cannot be cloned: {why}")]
+    NotClonable { what: String, why: String },
     #[error("{0}")]
     Usage(String),
     #[error("internal error: {0}")]
@@ -146,6 +151,12 @@ impl Error {
             Error::NotReady { workload, .. } => Some(format!(
                 "nothing was frozen; `ferry check {workload}` explains each reason and its fix; --force tries anyway"
             )),
+            Error::Placement { hint, .. } => hint.clone(),
+            Error::NotClonable { .. } => Some(
+                "clone a workload that is PID 1 of its own pid and network namespaces (`ferry lab exec` starts one), \
+                 or a checkpoint `ferry clone` made of one"
+                    .into(),
+            ),
             Error::Usage(_) => None,
             Error::Internal(_) => Some("this is a bug in ferry; please report it with the log".into()),
             Error::Store(StoreError::NotFound(_)) => Some("`ferry list` shows the checkpoints".into()),

@@ -7,6 +7,7 @@
 pub mod archive;
 pub mod check;
 mod checkpoint;
+pub mod clone;
 pub mod container;
 mod context;
 pub mod doctor;
@@ -31,5 +32,5 @@ pub use inspect::{inspect, ContainerChanges, Inspection};
 pub use paged::{write_images_for_pager, PagePlan, PagedRestore, PushFirst};
 pub use process::ProcessRuntime;
 pub use remove::{remove, RemoveReport};
-pub use restore::{restore, restore_container, ContainerRestore, RestoreReport, RestoreRequest};
+pub use restore::{restore, restore_container, ContainerRestore, RestoreReport, RestoreRequest, NETNS_KEY};
 pub use workload::{Runtime, TreeRoot, WorkloadId};

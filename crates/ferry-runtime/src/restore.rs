@@ -5,7 +5,9 @@
 //! written into a private tmpfs; only then does CRIU read them. The tmpfs is gone when this
 //! returns, on every path.
 
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use std::path::Path;
@@ -27,7 +29,19 @@ pub struct RestoreRequest {
     /// this process dies before every page is in (`ferry guard`; the checkpoint's name is
     /// appended). Without one, such a death leaves the tree reading zeros for missing pages.
     pub guard: Option<Vec<String>>,
+    /// The network namespace for a tree whose own was declared external at the checkpoint
+    /// ([`NETNS_KEY`]): a clone's, each with its own address.
+    pub netns: Option<Arc<OwnedFd>>,
+    /// Tells apart the logs and scratch of restores of one checkpoint that run at once (clones).
+    pub instance: Option<String>,
+    /// Established connections come back closed (a copy beside its original must not answer
+    /// the original's peers).
+    pub tcp_close: bool,
 }
+
+/// The key under which a workload's network namespace is declared external to CRIU
+/// (`--external net[INODE]:KEY` at the checkpoint, `--inherit-fd fd[N]:KEY` at the restore).
+pub const NETNS_KEY: &str = "ferry-net";
 
 #[derive(Debug, Clone)]
 pub struct RestoreReport {
@@ -50,7 +64,11 @@ pub struct RestoreReport {
 pub fn restore(ctx: &Context, req: &RestoreRequest) -> Result<RestoreReport, Error> {
     let checkpoint = ctx.store.get(&req.name)?;
     let started = Instant::now();
-    let scratch = ctx.store.scratch(&format!("restore-{}", req.name))?;
+    let label = match &req.instance {
+        Some(i) => format!("{}-{i}", req.name),
+        None => req.name.clone(),
+    };
+    let scratch = ctx.store.scratch(&format!("restore-{label}"))?;
     let images = scratch.path().join("images");
     std::fs::create_dir(&images).map_err(|source| ferry_store::StoreError::Io {
         action: "cannot create",
@@ -63,7 +81,7 @@ pub fn restore(ctx: &Context, req: &RestoreRequest) -> Result<RestoreReport, Err
     if !container {
         checkpoint.materialize_except(&ctx.store, &images, &paged::is_pages_image)?;
         if let Some(plan) = PagePlan::prepare(&checkpoint, &ctx.store, &images)? {
-            return restore_paged(ctx, req, &checkpoint, &images, &plan, started, stamp);
+            return restore_paged(ctx, req, &label, &checkpoint, &images, &plan, started, stamp);
         }
         // Not suited after all: the pages images in full, then CRIU reads them.
         paged::write_pages_images(&checkpoint, &ctx.store, &images)?;
@@ -104,10 +122,14 @@ pub fn restore(ctx: &Context, req: &RestoreRequest) -> Result<RestoreReport, Err
             why: "--name renames containers; this checkpoint is of a process tree".into(),
         });
     }
-    let log = LogTarget::new(ctx.store.logs_dir(), format!("restore-{}-{stamp}.log", req.name));
-    let opts = RestoreOptions::new(&images, log.clone())
+    let log = LogTarget::new(ctx.store.logs_dir(), format!("restore-{label}-{stamp}.log"));
+    let mut opts = RestoreOptions::new(&images, log.clone())
         .tcp_established(checkpoint.manifest.tcp_established)
         .restore_sibling(true);
+    if let Some(fd) = &req.netns {
+        opts = opts.inherit_fd(NETNS_KEY, fd.clone());
+    }
+    opts = opts.tcp_close(req.tcp_close);
     tracing::info!(name = %req.name, "restoring");
     let outcome = ctx.criu.restore(&opts, &mut RecordingNotify::default())?;
     drop(scratch);
@@ -124,9 +146,11 @@ pub fn restore(ctx: &Context, req: &RestoreRequest) -> Result<RestoreReport, Err
 }
 
 /// A process tree's restore whose pages go from the store through ferry's pager (`paged`).
+#[allow(clippy::too_many_arguments)]
 fn restore_paged(
     ctx: &Context,
     req: &RestoreRequest,
+    label: &str,
     checkpoint: &ferry_store::Checkpoint,
     images: &Path,
     plan: &PagePlan,
@@ -140,7 +164,7 @@ fn restore_paged(
         });
     }
     let verify_seconds = started.elapsed().as_secs_f64();
-    let work_dir = paged::work_dir(&ctx.store.logs_dir(), &req.name, stamp);
+    let work_dir = paged::work_dir(&ctx.store.logs_dir(), label, stamp);
     std::fs::create_dir_all(&work_dir).map_err(|source| ferry_store::StoreError::Io {
         action: "cannot create",
         path: work_dir.clone(),
@@ -157,10 +181,14 @@ fn restore_paged(
     };
     let mut pager = plan.start_pager(&work_dir, guard.as_ref().map(|g| g.keeper())).map_err(with_log)?;
     let feeder = pager.feeder();
-    let opts = RestoreOptions::new(images, log.clone())
+    let mut opts = RestoreOptions::new(images, log.clone())
         .tcp_established(checkpoint.manifest.tcp_established)
         .restore_sibling(true)
         .lazy_pages(true);
+    if let Some(fd) = &req.netns {
+        opts = opts.inherit_fd(NETNS_KEY, fd.clone());
+    }
+    opts = opts.tcp_close(req.tcp_close);
     tracing::info!(name = %req.name, lazy = req.lazy, bytes = plan.bytes(), "restoring through the pager");
     let mut at_resume = PushAtRestore {
         plan,

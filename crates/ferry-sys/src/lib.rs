@@ -12,9 +12,9 @@ mod uffd;
 
 pub use mount::{punch_hole, unmount, PrivateTmpfs};
 pub use process::{
-    effective_uid, idle_priority_for_this_thread, inherit_fd_in_child, is_root, kill, private_umask,
-    process_exists, process_is, process_start_time, process_state, process_tree, wait_child, ChildExit,
-    Signal,
+    effective_uid, idle_priority_for_this_thread, inherit_fd_in_child, is_root, kill, kill_raw,
+    private_umask, process_exists, process_is, process_start_time, process_state, process_tree, wait_child,
+    ChildExit, Signal,
 };
 pub use seqpacket::SeqPacket;
 pub use uffd::{

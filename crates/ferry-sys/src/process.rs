@@ -30,6 +30,20 @@ impl Signal {
     }
 }
 
+/// Sends signal number `sig` (1-64, e.g. one the user named) to `pid`.
+pub fn kill_raw(pid: i32, sig: i32) -> io::Result<()> {
+    if pid <= 0 || !(1..=64).contains(&sig) {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "pid must be positive and the signal 1-64"));
+    }
+    // SAFETY: kill(2) takes plain integers; a positive pid addresses exactly one process.
+    let rc = unsafe { libc::kill(pid, sig) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// Sends `sig` to `pid`.
 pub fn kill(pid: i32, sig: Signal) -> io::Result<()> {
     if pid <= 0 {

@@ -106,7 +106,44 @@ pub enum Command {
         #[arg(long)]
         lazy: bool,
     },
-    /// List checkpoints.
+    /// N running copies of a checkpoint, or of a live workload (checkpointed first with
+    /// --leave-running), restored at once on lab nodes: each in its own pid, network and UTS
+    /// namespace, with its own address and host name (docs/clone.md).
+    Clone {
+        /// A checkpoint that `ferry clone` made, or a live workload: pid:PID, PID 1 of its own
+        /// pid and network namespaces (as `ferry lab exec` starts one).
+        source: String,
+        /// How many copies (1 to 64).
+        #[arg(long, value_parser = clap::value_parser!(u32).range(1..=64))]
+        replicas: u32,
+        /// A lab node to run copies on (repeatable: the copies go round the nodes in turn).
+        #[arg(long = "to", value_name = "NODE", required = true)]
+        to: Vec<String>,
+        /// The checkpoint's name when SOURCE is a live workload (default: KIND-ID-UNIXTIME).
+        #[arg(long)]
+        name: Option<String>,
+        /// Host names PREFIX-1 .. PREFIX-N (default: the checkpoint's name).
+        #[arg(long, value_name = "PREFIX")]
+        hostname_prefix: Option<String>,
+        /// Run CMD (`sh -c`) for each copy once it runs, with FERRY_CLONE_INDEX, _NAME, _PID,
+        /// _IP, _HOSTNAME, _NODE and _ORIGIN set: where the application is told to reseed
+        /// itself. A failure removes every copy.
+        #[arg(long, value_name = "CMD")]
+        on_clone: Option<String>,
+        /// Send this signal (HUP, USR1, USR2, ...) to each copy's root once it runs.
+        #[arg(long, value_name = "SIGNAL")]
+        signal: Option<String>,
+        /// Clone even if `ferry check` finds the live workload not ready.
+        #[arg(long)]
+        force: bool,
+        /// Print the copies as JSON.
+        #[arg(long)]
+        json: bool,
+        /// The lab whose nodes --to names (default: the default lab).
+        #[arg(long = "lab", env = "FERRY_LAB", value_name = "NAME")]
+        lab: Option<String>,
+    },
+    /// List checkpoints (and the clones made from them that run).
     List {
         /// Print as JSON.
         #[arg(long)]

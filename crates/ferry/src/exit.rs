@@ -48,6 +48,7 @@ pub fn classify(err: &Error) -> Exit {
         Error::BadContainerRecord(_) => Exit::Damaged,
         Error::Internal(_) | Error::PostDump(_) | Error::Pager(_) => Exit::Failure,
         Error::NotReady { .. } => Exit::NotReady,
+        Error::NotClonable { .. } | Error::Placement { .. } => Exit::Failure,
         Error::Store(s) => match s {
             StoreError::NotFound(_) => Exit::NotFound,
             StoreError::Exists(_) | StoreError::Busy | StoreError::KeyShared { .. } => Exit::Conflict,

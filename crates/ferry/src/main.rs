@@ -40,6 +40,32 @@ fn main() -> ExitCode {
         Command::Restore { name, new_name, detach, pidfile, lazy } => {
             cmd::restore::run(&cli, name, new_name.as_deref(), *detach, pidfile.as_deref(), *lazy)
         }
+        Command::Clone {
+            source,
+            replicas,
+            to,
+            name,
+            hostname_prefix,
+            on_clone,
+            signal,
+            force,
+            json,
+            lab,
+        } => cmd::clone::run(
+            &cli,
+            cmd::clone::Args {
+                source: source.clone(),
+                replicas: *replicas as usize,
+                to: to.clone(),
+                name: name.clone(),
+                hostname_prefix: hostname_prefix.clone(),
+                on_clone: on_clone.clone(),
+                signal: signal.clone(),
+                force: *force,
+                json: *json,
+                lab: lab.clone(),
+            },
+        ),
         Command::List { json } => cmd::list::run(&cli, *json),
         Command::Verify { names } => cmd::verify::run(&cli, names),
         Command::Inspect { name, json } => cmd::inspect::run(&cli, name, *json),

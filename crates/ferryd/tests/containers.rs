@@ -275,8 +275,13 @@ fn checkpoint_and_restore(kind: &'static str) {
     assert!(r.logical_bytes > 512 << 20, "{} bytes", r.logical_bytes);
     assert!(!f.exists("node1", "web"), "the runtime still lists the checkpointed container");
 
-    let req =
-        RestoreRequest { name: "web-ck".into(), new_name: Some("web2".into()), lazy: false, guard: None };
+    let req = RestoreRequest {
+        name: "web-ck".into(),
+        new_name: Some("web2".into()),
+        lazy: false,
+        guard: None,
+        ..Default::default()
+    };
     let restored = ferry_runtime::restore(&ctx, &req).expect("restore");
     assert_eq!(restored.container.as_deref(), Some(format!("{kind}:web2").as_str()));
     assert!(f.exists("node1", "web2"), "the runtime does not list the restored container");
@@ -291,7 +296,13 @@ fn checkpoint_and_restore(kind: &'static str) {
     // The same name is refused while it is taken.
     let again = ferry_runtime::restore(
         &ctx,
-        &RestoreRequest { name: "web-ck".into(), new_name: Some("web2".into()), lazy: false, guard: None },
+        &RestoreRequest {
+            name: "web-ck".into(),
+            new_name: Some("web2".into()),
+            lazy: false,
+            guard: None,
+            ..Default::default()
+        },
     );
     assert!(matches!(again, Err(ferry_runtime::Error::NameTaken { .. })), "{again:?}");
     assert_nothing_left(&f);
@@ -607,7 +618,13 @@ fn podman_export_imports_and_restores() {
     assert_eq!(imported.checkpoint.manifest.source, "podman:web");
     let restored = ferry_runtime::restore(
         &ctx,
-        &RestoreRequest { name: "web-imported".into(), new_name: None, lazy: false, guard: None },
+        &RestoreRequest {
+            name: "web-imported".into(),
+            new_name: None,
+            lazy: false,
+            guard: None,
+            ..Default::default()
+        },
     )
     .expect("ferry restore of Podman's archive");
     assert_eq!(restored.container.as_deref(), Some("podman:web"));
@@ -693,7 +710,13 @@ fn podman_restart_policy_and_remade_directory() {
 
     let restored = ferry_runtime::restore(
         &ctx,
-        &RestoreRequest { name: "web-ck".into(), new_name: None, lazy: false, guard: None },
+        &RestoreRequest {
+            name: "web-ck".into(),
+            new_name: None,
+            lazy: false,
+            guard: None,
+            ..Default::default()
+        },
     )
     .expect("restore");
     assert_eq!(restored.container.as_deref(), Some("podman:web"));

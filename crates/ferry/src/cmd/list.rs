@@ -10,6 +10,11 @@ pub fn run(cli: &Cli, json: bool) -> Outcome {
     let what = || "cannot list checkpoints".to_owned();
     let store = open_store(cli).map_err(|e| (what(), e))?;
     let (all, bad) = store.list().map_err(|e| (what(), e.into()))?;
+    // Clones are listed only where one runs; a damaged record hides none of the checkpoints.
+    let clones = ferry_runtime::clone::live_clones(store.root()).unwrap_or_else(|e| {
+        eprintln!("warning: the clones are not listed: {e}");
+        Vec::new()
+    });
     if json {
         let rows: Vec<_> = all
             .iter()
@@ -19,6 +24,7 @@ pub fn run(cli: &Cli, json: bool) -> Outcome {
                     "source": c.manifest.source,
                     "size_bytes": c.logical_size(),
                     "created": c.manifest.created,
+                    "clones": clones.iter().filter(|k| k.origin == c.manifest.name).collect::<Vec<_>>(),
                 })
             })
             .collect();
@@ -32,6 +38,21 @@ pub fn run(cli: &Cli, json: bool) -> Outcome {
                 c.manifest.source,
                 human_bytes(c.logical_size()),
                 utc(c.manifest.created)
+            );
+        }
+    }
+    if !json && !clones.is_empty() {
+        println!();
+        println!("{:<32} {:<16} {:>8}  {:<15} {:<8} HOSTNAME", "CLONE", "ORIGIN", "PID", "IP", "NODE");
+        for c in &clones {
+            println!(
+                "{:<32} {:<16} {:>8}  {:<15} {:<8} {}",
+                c.name,
+                c.origin,
+                c.pid,
+                c.ip,
+                c.node,
+                c.hostname.as_deref().unwrap_or("-")
             );
         }
     }

@@ -3,6 +3,7 @@
 pub mod archive;
 pub mod check;
 pub mod checkpoint;
+pub mod clone;
 pub mod doctor;
 pub mod gc;
 pub mod inspect;

@@ -21,7 +21,13 @@ pub fn run(
     let ctx = context(cli).map_err(|e| (what(), e))?;
     // A lazy restore's guard is this program, started again as `ferry guard NAME`.
     let guard = std::env::current_exe().ok().map(|exe| vec![exe.display().to_string(), "guard".to_owned()]);
-    let req = RestoreRequest { name: name.to_owned(), new_name: new_name.map(str::to_owned), lazy, guard };
+    let req = RestoreRequest {
+        name: name.to_owned(),
+        new_name: new_name.map(str::to_owned),
+        lazy,
+        guard,
+        ..Default::default()
+    };
     let report = ferry_runtime::restore(&ctx, &req).map_err(|e| (what(), e))?;
     if let Some(path) = pidfile {
         fs::write(path, format!("{}\n", report.pid)).map_err(|source| {
