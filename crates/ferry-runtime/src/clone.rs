@@ -157,7 +157,8 @@ pub struct Replica {
 }
 
 /// Restores one copy of `name` (checked by [`check_clonable`]) into `spec.netns`; a copy
-/// whose host name cannot be set is killed again, so that no two copies share one.
+/// whose host name cannot be set is killed again, so that no two copies share one. A copy
+/// that ended at once is returned as it is (`is_running` tells), for the caller to judge.
 pub fn restore_replica(ctx: &Context, name: &str, spec: &ReplicaSpec) -> Result<Replica, Error> {
     let fd = File::open(&spec.netns).map_err(|source| StoreError::Io {
         action: "cannot open the network namespace",
@@ -174,12 +175,16 @@ pub fn restore_replica(ctx: &Context, name: &str, spec: &ReplicaSpec) -> Result<
     let report = restore(ctx, &req)?;
     let pid = report.pid;
     let hostname = if own_namespace(pid, "uts").is_some() {
-        if let Err(e) = set_hostname(pid, &spec.hostname) {
-            crate::paged::kill_tree(pid);
-            let _ = ferry_sys::wait_child(pid);
-            return Err(e);
+        match set_hostname(pid, &spec.hostname) {
+            Ok(()) => Some(spec.hostname.clone()),
+            // It ended already (the caller finds out how): it shares no name with anyone.
+            Err(_) if !is_running(pid) => None,
+            Err(e) => {
+                crate::paged::kill_tree(pid);
+                let _ = ferry_sys::wait_child(pid);
+                return Err(e);
+            }
         }
-        Some(spec.hostname.clone())
     } else {
         None
     };
@@ -220,6 +225,11 @@ pub fn validate_hostname(name: &str) -> Result<(), Error> {
             "'{name}' is not a valid host name (letters, digits, hyphens; labels of at most 63)"
         )))
     }
+}
+
+/// Runs (an ended child of ours stays a zombie until it is waited for).
+pub fn is_running(pid: i32) -> bool {
+    matches!(ferry_sys::process_state(pid), Some(s) if s != 'Z' && s != 'X')
 }
 
 /// `NSpid` of /proc/PID/status: the PID in each pid namespace, outermost first.

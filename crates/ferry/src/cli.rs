@@ -63,6 +63,19 @@ pub enum Command {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+        /// Also a trial run: a real checkpoint (the workload runs on), restored into a sandbox
+        /// on this host (its own pid and network namespaces, nothing but loopback), watched,
+        /// probed and removed. Exits 11 unless the copy stayed alive and the probe passed.
+        #[arg(long)]
+        trial: bool,
+        /// With --trial: a health check run (`sh -c`) in the copy's network namespace, where
+        /// it reaches the copy at 127.0.0.1; exit 0 means healthy.
+        #[arg(long, value_name = "CMD", requires = "trial")]
+        probe: Option<String>,
+        /// With --trial: how long the copy must stay alive before the probe.
+        #[arg(long, value_name = "SECONDS", default_value_t = 3, requires = "trial",
+              value_parser = clap::value_parser!(u64).range(1..=600))]
+        trial_seconds: u64,
     },
     /// Checkpoint a running workload into the store (encrypted, signed, deduplicated).
     Checkpoint {

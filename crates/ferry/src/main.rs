@@ -21,7 +21,16 @@ fn main() -> ExitCode {
     let outcome = match &cli.command {
         Command::Guard { name } => return ferry_lazy::guard::run(name),
         Command::Doctor { json } => cmd::doctor::run(&cli, *json),
-        Command::Check { workload, tcp_established, json } => {
+        Command::Check { workload, json, trial: true, probe, trial_seconds, .. } => cmd::trial::run(
+            &cli,
+            cmd::trial::Args {
+                workload: workload.clone(),
+                json: *json,
+                probe: probe.clone(),
+                seconds: *trial_seconds,
+            },
+        ),
+        Command::Check { workload, tcp_established, json, .. } => {
             cmd::check::run(&cli, workload, *tcp_established, *json)
         }
         Command::Checkpoint { workload, name, leave_running, tcp_established, keep, force } => {

@@ -1,6 +1,8 @@
-//! `ferry clone`: N running copies of a live workload on lab nodes, each answering on its own
-//! address with its own identity while the original and its clients go on untouched; bad
-//! input refused before anything is made, and a failure that leaves nothing behind.
+//! Copies of a live workload beside it. `ferry clone`: N running copies on lab nodes, each
+//! answering on its own address with its own identity while the original and its clients go
+//! on untouched; bad input refused before anything is made, and a failure that leaves nothing
+//! behind. `ferry check --trial`: one copy in a sandbox with no way out, watched, probed and
+//! removed.
 //!
 //! Real CRIU, real processes, a lab of its own per test (`TestLab`).
 
@@ -344,4 +346,118 @@ fn bad_input_is_refused_and_a_failed_clone_leaves_nothing_behind() {
     let running: Vec<_> = lab_now.workloads().iter().filter(|x| x.is_running()).map(|x| x.pid).collect();
     assert_eq!(running, vec![w.pid], "only the original runs in the lab");
     assert_eq!(ask(w.ip, "inc").as_deref(), Some("1"), "the original still answers");
+}
+
+/// Lives as long as it can reach `GATEWAY` (a refused connection is an answer too): what a
+/// service does that exits when its database is gone. In the trial's sandbox it cannot.
+const NEEDS_ITS_NETWORK: &str = r#"
+import socket, sys, time
+while True:
+    try:
+        socket.create_connection((sys.argv[1], 9), timeout=1).close()
+    except ConnectionRefusedError:
+        pass
+    except OSError:
+        sys.exit(3)
+    time.sleep(0.1)
+"#;
+
+fn trial_json(out: &ferry_testkit::Outcome) -> serde_json::Value {
+    serde_json::from_str(out.stdout.trim()).unwrap_or_else(|e| panic!("trial --json: {e}\n{out}"))
+}
+
+/// The sandboxes of trials of `pid` and the checkpoints of `f`'s store that are still there
+/// (tests run at once: another test's trial may be under way).
+fn trial_leftovers(f: &Ferry, pid: i32) -> Vec<String> {
+    let out = Command::new("ip").args(["netns", "list"]).output().expect("ip netns");
+    let mut left: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with(&format!("ferry-trial-{pid}-")))
+        .map(|l| format!("netns {l}"))
+        .collect();
+    left.extend(f.list_names().into_iter().map(|n| format!("checkpoint {n}")));
+    left
+}
+
+#[test]
+fn trial_of_a_healthy_server_passes_its_probe_and_the_original_clients_see_nothing() {
+    if !require_privileged() {
+        return;
+    }
+    let mut lab = TestLab::up(1).expect("lab up");
+    let w = start(&mut lab, "node1", &[PYTHON.into(), "-c".into(), IDENTITY_SERVER.into()]);
+    let mut client = Conn::open(w.ip).expect("connect");
+    assert_eq!(client.ask("inc").as_deref(), Some("1"));
+    let f = ferry();
+    // The probe runs in the copy's namespace: 127.0.0.1 is the copy, and its answer is the
+    // state at the checkpoint (1) plus its own count.
+    let probe = format!(
+        "{PYTHON} -c 'import socket; s=socket.create_connection((\"127.0.0.1\", 7000)); s.sendall(b\"inc\\n\"); \
+         a=s.recv(100).strip(); print(a.decode()); raise SystemExit(0 if a == b\"2\" else 1)'"
+    );
+    let out = f.run(&[
+        "check",
+        &format!("pid:{}", w.pid),
+        "--trial",
+        "--probe",
+        &probe,
+        "--trial-seconds",
+        "2",
+        "--json",
+    ]);
+    out.assert_ok();
+    let r = trial_json(&out);
+    assert_eq!(r["healthy"], true, "{r}");
+    assert_eq!(r["stayed_alive"], true, "{r}");
+    assert_eq!(r["probe_exit"], 0, "{r}");
+    assert_eq!(r["probe_output"], "2", "{r}");
+    // The original's client: its connection and count go on as if nothing happened.
+    assert_eq!(client.ask("inc").as_deref(), Some("2"), "the copy's count is not the original's");
+    assert_eq!(trial_leftovers(&f, w.pid), Vec::<String>::new());
+
+    // The same copy, judged by a probe that fails: the trial fails (exit 11), nothing is left.
+    let bad = f.run(&[
+        "check",
+        &format!("pid:{}", w.pid),
+        "--trial",
+        "--probe",
+        "echo sick; exit 4",
+        "--trial-seconds",
+        "1",
+    ]);
+    assert_eq!(bad.code, Some(11), "{bad}");
+    assert!(bad.stdout.contains("trial FAILED") && bad.stdout.contains("exit 4: sick"), "{bad}");
+    assert_eq!(client.ask("inc").as_deref(), Some("3"));
+    assert_eq!(trial_leftovers(&f, w.pid), Vec::<String>::new());
+}
+
+#[test]
+fn trial_of_a_server_that_dies_without_its_network_fails_and_the_original_runs_on() {
+    if !require_privileged() {
+        return;
+    }
+    let mut lab = TestLab::up(1).expect("lab up");
+    let gateway = lab.lab().bridge().ip.to_string();
+    let w = lab
+        .lab_mut()
+        .exec(
+            "node1",
+            &[PYTHON.into(), "-c".into(), NEEDS_ITS_NETWORK.into(), gateway],
+            &ExecOptions::default(),
+        )
+        .expect("exec");
+    // It has had time to find its network (it would have exited by now otherwise).
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(ferry_sys::process_exists(w.pid), "it runs where its network is");
+    let f = ferry();
+    let out = f.run(&["check", &format!("pid:{}", w.pid), "--trial", "--trial-seconds", "5", "--json"]);
+    assert_eq!(out.code, Some(11), "{out}");
+    let r = trial_json(&out);
+    assert_eq!(r["restored"], true, "{r}");
+    assert_eq!(r["stayed_alive"], false, "{r}");
+    assert_eq!(r["ended"], "exit 3", "{r}");
+    assert_eq!(r["healthy"], false, "{r}");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(ferry_sys::process_exists(w.pid), "the original runs on");
+    assert_eq!(trial_leftovers(&f, w.pid), Vec::<String>::new());
 }

@@ -10,7 +10,7 @@ use crate::cli::Cli;
 use crate::exit::Exit;
 use crate::Outcome;
 
-fn report(cli: &Cli, workload: &WorkloadId, opts: CheckOptions) -> Result<Report, Error> {
+pub(crate) fn report(cli: &Cli, workload: &WorkloadId, opts: CheckOptions) -> Result<Report, Error> {
     let criu = Criu::locate(cli.criu.as_deref()).map_err(|e| e.to_string());
     let endpoints = Endpoints::new(&cli.store).with(&cli.runtime_endpoints)?;
     let env = CheckEnv { criu: criu.as_ref().map_err(String::as_str), endpoints: &endpoints };

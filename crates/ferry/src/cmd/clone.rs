@@ -147,6 +147,25 @@ pub fn run(cli: &Cli, a: Args) -> Outcome {
     let mut failures = Vec::new();
     for (p, r) in placed.iter_mut().zip(results) {
         match r {
+            Ok(replica) if !clone::is_running(replica.report.pid) => {
+                let pid = replica.report.pid;
+                let how = match ferry_sys::wait_child(pid) {
+                    Ok(exit) => format!("exit status {}", exit.shell_code()),
+                    Err(e) => e.to_string(),
+                };
+                failures.push(Error::Placement {
+                    detail: format!(
+                        "copy {} ended right after its restore ({how}; CRIU's log: {})",
+                        p.index,
+                        replica.report.log.display()
+                    ),
+                    hint: Some(
+                        "a copy may need what only the original has (its address, a peer); \
+                         `ferry check --trial` shows how one ends"
+                            .into(),
+                    ),
+                });
+            }
             Ok(replica) => p.replica = Some(replica),
             Err(e) => failures.push(e),
         }

@@ -14,6 +14,7 @@ pub mod migrate;
 pub mod node_ca;
 pub mod restore;
 pub mod rm;
+pub mod trial;
 pub mod verify;
 
 use std::time::Duration;
