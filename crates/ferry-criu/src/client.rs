@@ -140,6 +140,17 @@ impl Criu {
         self.call(Operation::CpuinfoDump, req, Some(log), &mut RecordingNotify::default(), &[], &[]).map(drop)
     }
 
+    /// Checks this CPU against the `cpuinfo.img` in `images_dir` (another host's): an error
+    /// (its log says which feature) means a tree dumped there cannot run here.
+    pub fn cpuinfo_check(&self, images_dir: &Path, log: &LogTarget) -> Result<(), CriuError> {
+        let images = open_dir("images directory", images_dir)?;
+        let (mut opts, _work_dir) = opts_with_log(log)?;
+        opts.images_dir_fd = images.as_raw_fd();
+        let req = Request { r#type: ReqType::CpuinfoCheck as i32, opts: Some(opts), ..Default::default() };
+        self.call(Operation::CpuinfoCheck, req, Some(log), &mut RecordingNotify::default(), &[], &[])
+            .map(drop)
+    }
+
     /// Which optional features this CRIU and kernel support.
     pub fn features(&self) -> Result<FeatureSet, CriuError> {
         let ask = rpc::Features { mem_track: Some(true), lazy_pages: Some(true), pidfd_store: Some(true) };

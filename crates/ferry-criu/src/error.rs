@@ -18,6 +18,7 @@ pub enum Operation {
     FeatureCheck,
     Version,
     CpuinfoDump,
+    CpuinfoCheck,
 }
 
 impl fmt::Display for Operation {
@@ -29,6 +30,7 @@ impl fmt::Display for Operation {
             Operation::FeatureCheck => "criu feature check",
             Operation::Version => "criu version query",
             Operation::CpuinfoDump => "criu cpuinfo dump",
+            Operation::CpuinfoCheck => "criu cpuinfo check",
         })
     }
 }

@@ -75,6 +75,30 @@ impl Agent {
         result
     }
 
+    /// What `node` says of itself as a target (`ferry check --to`): this agent itself, or a
+    /// peer asked over a connection of its own, the link to it measured on the way.
+    pub fn target_facts(
+        &self,
+        node: &str,
+        cpuinfo: Option<&[u8]>,
+    ) -> Result<ferry_runtime::check::target::TargetFacts, MigrateError> {
+        let n = &self.node;
+        if node == n.config.name {
+            return Ok(target_facts(n, cpuinfo));
+        }
+        let mut ch = n.connect(node)?;
+        let link = crate::source::probe_link(&mut ch)?;
+        ch.send(&crate::proto::Msg::FactsQuery { cpuinfo: cpuinfo.map(<[u8]>::to_vec) })?;
+        match ch.recv("target facts")? {
+            crate::proto::Msg::TargetFacts(mut facts) => {
+                facts.link_bytes_per_s = link as u64;
+                Ok(facts)
+            }
+            crate::proto::Msg::Error { message } => Err(MigrateError::Refused(message)),
+            other => Err(MigrateError::protocol(format!("{node} answered a facts query with {other:?}"))),
+        }
+    }
+
     /// Serves one connection from an authenticated peer (the target side, a page channel, or
     /// a question about a migration). `peer_key`: the Ed25519 key the connection's peer was
     /// authenticated by.
@@ -103,4 +127,9 @@ impl Agent {
         let node = self.node.clone();
         std::thread::spawn(move || crate::recover::settle(&node));
     }
+}
+
+/// This node's facts as a target; `cpuinfo` (capped) is the asking host's CPU, for CRIU here.
+pub(crate) fn target_facts(node: &Node, cpuinfo: Option<&[u8]>) -> ferry_runtime::check::target::TargetFacts {
+    ferry_runtime::check::target::target_facts(&node.config.name, Ok(&node.ctx.criu), cpuinfo)
 }

@@ -120,6 +120,12 @@ pub enum Request {
     /// The agent's name, address, peers and counters.
     Status,
     Migrate(MigrateRequest),
+    /// What node `node` (this agent's peer, or this agent itself) says of itself as a
+    /// target, with this host's `cpuinfo.img` for its CRIU to check; the link to it measured.
+    TargetFacts {
+        node: String,
+        cpuinfo: Option<Vec<u8>>,
+    },
 }
 
 /// Progress of a long phase.
@@ -203,6 +209,7 @@ pub enum Event {
     Phase(String),
     Report(Report),
     Status(NodeStatus),
+    TargetFacts(ferry_runtime::check::target::TargetFacts),
     /// The request failed; `hint` says what to do.
     Failed {
         message: String,

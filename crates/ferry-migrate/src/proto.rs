@@ -12,8 +12,9 @@ use crate::api::Strategy;
 use crate::phase::Phase;
 
 /// Version of this protocol (checked in `Hello`). 6: chunks may be sealed in frame format 2
-/// (AES-256-GCM), which a ferry of protocol 5 cannot open.
-pub const PROTOCOL: u32 = 6;
+/// (AES-256-GCM), which a ferry of protocol 5 cannot open. 7: `FactsQuery`/`TargetFacts`
+/// (`ferry check --to`).
+pub const PROTOCOL: u32 = 7;
 /// Key under which a workload's network namespace is declared external to CRIU (it stays
 /// behind; the target provides one with the same address). ferry-runtime's: clones use it too.
 pub(crate) use ferry_runtime::NETNS_KEY;
@@ -184,6 +185,13 @@ pub enum Msg {
     Error {
         message: String,
     },
+    /// What the target says of itself (`ferry check --to`), with the source's `cpuinfo.img`
+    /// (at most `check::target::MAX_CPUINFO` bytes) for its CRIU to check; answered by
+    /// `TargetFacts`.
+    FactsQuery {
+        cpuinfo: Option<Vec<u8>>,
+    },
+    TargetFacts(ferry_runtime::check::target::TargetFacts),
 }
 
 /// Chunks in a KIND_CHUNKS frame: `count u32 BE`, then `count` times (`position u32 BE`,

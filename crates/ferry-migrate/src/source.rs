@@ -861,7 +861,7 @@ pub(crate) fn tree_rss(root: i32) -> u64 {
 }
 
 /// Bytes per second to the target: 4 MiB echoed over the control channel.
-fn probe_link(ch: &mut Channel) -> Result<f64, MigrateError> {
+pub(crate) fn probe_link(ch: &mut Channel) -> Result<f64, MigrateError> {
     let data = vec![0x5au8; 4 << 20];
     let t = Instant::now();
     ferry_wire::frame::write_frame(&mut ch.conn, crate::proto::KIND_PROBE, &data)?;

@@ -60,6 +60,11 @@ pub enum Command {
         /// blocker; without this flag they are a caveat).
         #[arg(long)]
         tcp_established: bool,
+        /// Also judge the move to this node: its CRIU, its CPU (CRIU's cpuinfo check there), its
+        /// kernel and free memory, asked through the agents (`--node` picks the source's agent),
+        /// and an estimate per strategy over the measured link.
+        #[arg(long, value_name = "NODE", conflicts_with = "trial")]
+        to: Option<String>,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,

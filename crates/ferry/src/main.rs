@@ -30,8 +30,8 @@ fn main() -> ExitCode {
                 seconds: *trial_seconds,
             },
         ),
-        Command::Check { workload, tcp_established, json, .. } => {
-            cmd::check::run(&cli, workload, *tcp_established, *json)
+        Command::Check { workload, tcp_established, to, json, .. } => {
+            cmd::check::run(&cli, workload, *tcp_established, to.as_deref(), *json)
         }
         Command::Checkpoint { workload, name, leave_running, tcp_established, keep, force } => {
             cmd::checkpoint::run(

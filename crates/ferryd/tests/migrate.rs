@@ -575,6 +575,32 @@ fn auto_measures_and_says_why() {
     f.assert_one_copy_on(w.ip, "node2");
 }
 
+/// `ferry check --to`: the source's agent asks the target's, which has its CRIU check this
+/// host's CPU; the link is measured on the way. A CPU description that is not one fails that
+/// check; a node that is not a peer is an error.
+#[test]
+fn a_target_node_describes_itself_through_the_agents() {
+    let Some(f) = Fixture::new(2, &no_env) else { return };
+    let criu = ferry_criu::Criu::locate(None).expect("criu");
+    let cpuinfo = ferry_runtime::check::target::source_cpuinfo(&criu).expect("this host's cpuinfo.img");
+    let ask = |node: &str, cpuinfo: Option<Vec<u8>>| {
+        let req = Request::TargetFacts { node: node.into(), cpuinfo };
+        ferry_migrate::client::call(&f.socket("node1"), &req, &mut |_| {}).expect("call")
+    };
+    let Event::TargetFacts(facts) = ask("node2", Some(cpuinfo)) else { panic!("no facts") };
+    assert_eq!(facts.node, "node2");
+    assert!(facts.criu.as_deref().is_ok_and(|v| v.starts_with("4.")), "{:?}", facts.criu);
+    assert_eq!(facts.cpu_check, Some(Ok(())), "the same CPU passes CRIU's check");
+    assert!(facts.link_bytes_per_s > 0 && facts.mem_available > 0, "{facts:?}");
+    let here = ferry_runtime::check::target::SourceFacts::here(Some(&criu), 64 << 20);
+    let reasons = ferry_runtime::check::target::target_reasons(&here, &facts);
+    assert!(reasons.iter().all(|r| r.severity == ferry_runtime::check::Severity::Info), "{reasons:?}");
+
+    let Event::TargetFacts(bad) = ask("node2", Some(vec![0x5a; 128])) else { panic!("no facts") };
+    assert!(matches!(bad.cpu_check, Some(Err(_))), "garbage is no CPU: {:?}", bad.cpu_check);
+    assert!(matches!(ask("node9", None), Event::Failed { .. }), "node9 is not a peer");
+}
+
 /// A failed migration leaves the workload where it was, whole and reachable.
 fn assert_stays_on_node1(f: &Fixture, w: &Workload, result: Result<Report, String>, why: &str) {
     let err = result.expect_err("the migration must fail");

@@ -8,6 +8,7 @@
 mod gather;
 pub mod parse;
 pub mod rules;
+pub mod target;
 pub mod unix_diag;
 
 use std::time::Instant;

@@ -2,7 +2,8 @@
 //! `migrate` pass before anything is frozen.
 
 use ferry_criu::Criu;
-use ferry_runtime::check::{self, CheckEnv, CheckOptions, Report, Severity};
+use ferry_migrate::api::{Event, Request};
+use ferry_runtime::check::{self, target, CheckEnv, CheckOptions, Report, Severity};
 use ferry_runtime::container::Endpoints;
 use ferry_runtime::{Error, WorkloadId};
 
@@ -17,11 +18,14 @@ pub(crate) fn report(cli: &Cli, workload: &WorkloadId, opts: CheckOptions) -> Re
     Ok(check::check(workload, env, opts))
 }
 
-pub fn run(cli: &Cli, workload: &str, tcp_established: bool, json: bool) -> Outcome {
+pub fn run(cli: &Cli, workload: &str, tcp_established: bool, to: Option<&str>, json: bool) -> Outcome {
     let what = || format!("check of {workload} failed");
     let id: WorkloadId = workload.parse().map_err(|e| (what(), e))?;
     let opts = CheckOptions { tcp_established: tcp_established.then_some(true) };
-    let r = report(cli, &id, opts).map_err(|e| (what(), e))?;
+    let mut r = report(cli, &id, opts).map_err(|e| (what(), e))?;
+    if let (Some(node), Some(pid)) = (to, r.pid) {
+        r = with_target(cli, r, node, pid);
+    }
     let text = if json {
         let mut t = serde_json::to_string_pretty(&r).map_err(|e| (what(), Error::Internal(e.to_string())))?;
         t.push('\n');
@@ -38,6 +42,55 @@ pub fn run(cli: &Cli, workload: &str, tcp_established: bool, json: bool) -> Outc
         _ => Exit::Ok,
     };
     Ok(code.into())
+}
+
+/// `report` with what target `node` says of itself (asked through this host's agent, or
+/// `--node`'s), set against this host and the tree at `pid`.
+fn with_target(cli: &Cli, r: Report, node: &str, pid: i32) -> Report {
+    let started = std::time::Instant::now();
+    let criu = Criu::locate(cli.criu.as_deref()).ok();
+    // Without this host's cpuinfo.img the target compares CPU flags instead.
+    let cpuinfo = criu.as_ref().and_then(|c| target::source_cpuinfo(c).ok());
+    let memory = tree_rss(pid);
+    let asked = super::migrate::agent_socket(cli).map_err(|e| e.to_string()).and_then(|socket| {
+        let req = Request::TargetFacts { node: node.to_owned(), cpuinfo };
+        match ferry_migrate::client::call(&socket, &req, &mut |_| {}) {
+            Ok(Event::TargetFacts(f)) => Ok(f),
+            Ok(Event::Failed { message, .. }) => Err(message),
+            Ok(other) => Err(format!("unexpected answer {other:?}")),
+            Err(e) => Err(format!("{e} (socket {})", socket.display())),
+        }
+    });
+    let extra = match asked {
+        Ok(facts) => target::target_reasons(&target::SourceFacts::here(criu.as_ref(), memory), &facts),
+        Err(why) => vec![check::Reason {
+            code: "target-agent",
+            severity: Severity::Blocker,
+            what: format!("cannot ask {node} about itself: {why}"),
+            why: "a migration goes through the agents of both nodes".into(),
+            fix: "start ferryd on both nodes (`ferry lab up` starts them in a lab) and check that they trust each other"
+                .into(),
+            pids: Vec::new(),
+        }],
+    };
+    let seconds = r.seconds + started.elapsed().as_secs_f64();
+    let mut reasons = r.reasons;
+    reasons.extend(extra);
+    let mut out = Report::new(r.workload, r.pid, r.processes, reasons);
+    out.seconds = seconds;
+    out
+}
+
+/// Resident memory of the tree at `root`, in bytes.
+fn tree_rss(root: i32) -> u64 {
+    ferry_sys::process_tree(root)
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
+        .filter_map(|s| {
+            s.lines().find_map(|l| l.strip_prefix("VmRSS:"))?.split_whitespace().next()?.parse::<u64>().ok()
+        })
+        .sum::<u64>()
+        * 1024
 }
 
 fn render(r: &Report) -> String {

@@ -1,0 +1,422 @@
+//! `ferry check --to NODE`: what the target node says of itself, set against this host and the
+//! workload: CRIU there, its CPU against this one (CRIU's own `cpuinfo check`, run on the
+//! target with this host's `cpuinfo.img`), its kernel, its free memory; and an estimate of each
+//! strategy's freeze, total time and bytes from the workload's memory and the measured link.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use ferry_criu::{Criu, LogTarget, Version, MIN_VERSION};
+use serde::{Deserialize, Serialize};
+
+use super::{Reason, Severity};
+
+/// CRIU's `cpuinfo.img` is a few hundred bytes: anything near this is not one.
+pub const MAX_CPUINFO: usize = 64 << 10;
+
+/// Throughputs of ferry's page path on the development machine (`bench/README.md`, 1 GiB:
+/// checkpoint 0.94 s, restore 0.66 s), for the estimates.
+const DUMP_BYTES_PER_S: f64 = 1.07 * (1u64 << 30) as f64;
+const RESTORE_BYTES_PER_S: f64 = 1.5 * (1u64 << 30) as f64;
+/// Post-copy's freeze whatever the size (`bench/README.md`).
+const POST_COPY_FREEZE_S: f64 = 0.2;
+/// Without a measured link: 1 Gbit/s.
+const DEFAULT_LINK_BYTES_PER_S: f64 = 125e6;
+
+/// What a node says of itself as a migration's target.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TargetFacts {
+    pub node: String,
+    pub kernel: String,
+    /// Its CRIU's version, or why there is none that works.
+    pub criu: Result<String, String>,
+    /// CRIU's `cpuinfo check` there against this host's CPU: `None` when not run (no
+    /// `cpuinfo.img` was sent, or no CRIU there), else its verdict and, failed, its log's errors.
+    pub cpu_check: Option<Result<(), String>>,
+    pub cpu_flags: String,
+    pub mem_available: u64,
+    /// Bytes per second between the agents, measured by the one asked (0: not measured).
+    pub link_bytes_per_s: u64,
+}
+
+/// What this host and the workload bring to the comparison.
+#[derive(Debug, Clone, Default)]
+pub struct SourceFacts {
+    pub kernel: String,
+    pub criu: Option<Version>,
+    pub cpu_flags: String,
+    /// The tree's resident memory, what a checkpoint's pages amount to.
+    pub memory: u64,
+}
+
+impl SourceFacts {
+    /// This host's, for a tree of `memory` bytes.
+    pub fn here(criu: Option<&Criu>, memory: u64) -> SourceFacts {
+        SourceFacts {
+            kernel: read_trimmed("/proc/sys/kernel/osrelease"),
+            criu: criu.and_then(|c| c.version().ok()),
+            cpu_flags: cpu_flags(),
+            memory,
+        }
+    }
+}
+
+/// This host's facts as a target (run by the target's agent): `cpuinfo`, the source's
+/// `cpuinfo.img`, is checked against this CPU by CRIU.
+pub fn target_facts(node: &str, criu: Result<&Criu, &str>, cpuinfo: Option<&[u8]>) -> TargetFacts {
+    let criu_version = match criu {
+        Ok(c) => c.version().map(|v| v.to_string()).map_err(|e| e.to_string()),
+        Err(why) => Err(why.to_owned()),
+    };
+    let cpu_check = match (criu, cpuinfo) {
+        // The image comes from a peer: bounded before CRIU reads it.
+        (Ok(_), Some(img)) if img.len() > MAX_CPUINFO => {
+            Some(Err(format!("a cpuinfo image of {} bytes (at most {MAX_CPUINFO})", img.len())))
+        }
+        (Ok(c), Some(img)) => Some(cpuinfo_check(c, img)),
+        _ => None,
+    };
+    TargetFacts {
+        node: node.to_owned(),
+        kernel: read_trimmed("/proc/sys/kernel/osrelease"),
+        criu: criu_version,
+        cpu_check,
+        cpu_flags: cpu_flags(),
+        mem_available: mem_available(),
+        link_bytes_per_s: 0,
+    }
+}
+
+/// This host's `cpuinfo.img`, as CRIU writes it into a checkpoint.
+pub fn source_cpuinfo(criu: &Criu) -> Result<Vec<u8>, String> {
+    let dir = ScratchDir::new("cpuinfo-dump")?;
+    let log = LogTarget::new(dir.path(), "cpuinfo.log");
+    criu.cpuinfo_dump(dir.path(), &log).map_err(|e| e.to_string())?;
+    let img =
+        fs::read(dir.path().join("cpuinfo.img")).map_err(|e| format!("cannot read cpuinfo.img: {e}"))?;
+    if img.len() > MAX_CPUINFO {
+        return Err(format!("cpuinfo.img of {} bytes", img.len()));
+    }
+    Ok(img)
+}
+
+fn cpuinfo_check(criu: &Criu, img: &[u8]) -> Result<(), String> {
+    if img.len() > MAX_CPUINFO {
+        return Err(format!(
+            "the source's cpuinfo.img is {} bytes, over the cap of {MAX_CPUINFO}",
+            img.len()
+        ));
+    }
+    let dir = ScratchDir::new("cpuinfo-check")?;
+    fs::write(dir.path().join("cpuinfo.img"), img).map_err(|e| format!("cannot write cpuinfo.img: {e}"))?;
+    let log = LogTarget::new(dir.path(), "cpuinfo.log");
+    criu.cpuinfo_check(dir.path(), &log).map_err(|e| {
+        // CRIU's log names the features that differ; its own error only says it failed.
+        let errors: Vec<String> = fs::read_to_string(log.path())
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("Error") || l.contains("mismatch"))
+            .take(6)
+            .map(|l| l.trim().chars().take(200).collect())
+            .collect();
+        if errors.is_empty() {
+            e.to_string()
+        } else {
+            errors.join("; ")
+        }
+    })
+}
+
+/// The reasons `facts` of node `node` give for this workload.
+pub fn target_reasons(src: &SourceFacts, t: &TargetFacts) -> Vec<Reason> {
+    let node = &t.node;
+    let mut out = Vec::new();
+    match &t.criu {
+        Err(why) => out.push(reason(
+            "target-criu",
+            Severity::Blocker,
+            format!("{node} has no working CRIU: {why}"),
+            "the target restores with its own CRIU",
+            "run scripts/setup on the target",
+        )),
+        Ok(v) => match parse_version(v) {
+            Some(tv) if tv < MIN_VERSION => out.push(reason(
+                "target-criu",
+                Severity::Blocker,
+                format!("{node} has CRIU {v}, older than {MIN_VERSION}"),
+                "older releases fail on these kernels (docs/criu.md)",
+                "run scripts/setup on the target",
+            )),
+            Some(tv) if src.criu.is_some_and(|sv| sv != tv) => out.push(reason(
+                "target-criu",
+                Severity::Caveat,
+                format!("{node} has CRIU {v}, this host {}", src.criu.map(|s| s.to_string()).unwrap_or_default()),
+                "images are versioned and read across releases, but a feature one release dumps another may not restore",
+                "run the same CRIU on both (scripts/setup)",
+            )),
+            _ => out.push(reason(
+                "target-criu",
+                Severity::Info,
+                format!("{node} has CRIU {v}"),
+                "the target restores with its own CRIU",
+                "",
+            )),
+        },
+    }
+    match (&t.cpu_check, missing_flags(&src.cpu_flags, &t.cpu_flags)) {
+        (Some(Err(detail)), _) => out.push(reason(
+            "target-cpu",
+            Severity::Blocker,
+            format!("CRIU on {node} refuses this host's CPU: {detail}"),
+            "the restored code would use instructions or register state the target's CPU lacks",
+            "migrate to a node with the same CPU features, or start the workload with a lower target (e.g. -march) and fewer CPU features",
+        )),
+        (None, missing) if !missing.is_empty() => out.push(reason(
+            "target-cpu",
+            Severity::Caveat,
+            format!("{node}'s CPU lacks flags this host has: {}", shorten(&missing, 12)),
+            "code that picked an instruction set at start (glibc, crypto, JITs) may use one the target lacks",
+            "compare with `criu cpuinfo check` there, or migrate between nodes of one CPU model",
+        )),
+        (Some(Ok(())), _) => out.push(reason(
+            "target-cpu",
+            Severity::Info,
+            format!("CRIU on {node} accepts this host's CPU"),
+            "criu cpuinfo check compares the features a restored process may use",
+            "",
+        )),
+        _ => {}
+    }
+    if let (Some(s), Some(d)) = (kernel_version(&src.kernel), kernel_version(&t.kernel)) {
+        if d < s {
+            out.push(reason(
+                "target-kernel",
+                Severity::Caveat,
+                format!("{node} runs Linux {}, older than this host's {}", t.kernel, src.kernel),
+                "objects the source kernel let the workload create may not be restorable on an older one",
+                "migrate to a node with the same kernel or a newer one",
+            ));
+        }
+    }
+    // Room for the copy's memory, and a tenth more for what a restore needs besides.
+    let need = src.memory.saturating_add(src.memory / 10);
+    if need > t.mem_available {
+        out.push(reason(
+            "target-memory",
+            Severity::Blocker,
+            format!(
+                "{node} has {} available; the workload holds {}",
+                human(t.mem_available),
+                human(src.memory)
+            ),
+            "the restore allocates all of the workload's memory on the target",
+            "free memory there, or pick another node",
+        ));
+    }
+    out.push(estimate(src.memory, t));
+    out
+}
+
+/// Freeze, total and bytes of each strategy, for `memory` bytes over the measured link.
+fn estimate(memory: u64, t: &TargetFacts) -> Reason {
+    let m = memory as f64;
+    let (link, measured) = if t.link_bytes_per_s > 0 {
+        (t.link_bytes_per_s as f64, "measured")
+    } else {
+        (DEFAULT_LINK_BYTES_PER_S, "assumed")
+    };
+    let (dump, ship, restore) = (m / DUMP_BYTES_PER_S, m / link, m / RESTORE_BYTES_PER_S);
+    // Stop-copy: all of it while frozen. Pre-copy: the first copy runs beside the workload; the
+    // final dump reads and hashes all memory again but ships only what changed (idle: nothing).
+    // Post-copy: frozen for the non-page state; the pages follow.
+    let lines = [
+        format!("stop-copy frozen ~{:.1} s, total ~{:.1} s", dump + ship + restore, dump + ship + restore),
+        format!(
+            "pre-copy frozen ~{:.1} s (idle), total ~{:.1} s",
+            dump + restore,
+            2.0 * dump + ship + restore
+        ),
+        format!("post-copy frozen ~{POST_COPY_FREEZE_S:.1} s, total ~{:.1} s", POST_COPY_FREEZE_S + ship),
+    ];
+    reason(
+        "estimate",
+        Severity::Info,
+        format!(
+            "{} to {}: {}; about {} sent, over a link of {}/s ({measured})",
+            human(memory),
+            t.node,
+            lines.join("; "),
+            human(memory),
+            human(link as u64)
+        ),
+        "from the workload's resident memory and ferry's measured page path; the dirty rate is not measured \
+         (the check must not slow the workload): a busy workload's pre-copy freezes longer",
+        "",
+    )
+}
+
+fn reason(code: &'static str, severity: Severity, what: String, why: &str, fix: &str) -> Reason {
+    Reason { code, severity, what, why: why.to_owned(), fix: fix.to_owned(), pids: Vec::new() }
+}
+
+fn missing_flags(src: &str, target: &str) -> Vec<String> {
+    if target.trim().is_empty() {
+        return Vec::new();
+    }
+    let have: std::collections::BTreeSet<&str> = target.split_whitespace().collect();
+    src.split_whitespace().filter(|f| !have.contains(f)).map(str::to_owned).collect()
+}
+
+fn shorten(items: &[String], n: usize) -> String {
+    let mut s = items.iter().take(n).cloned().collect::<Vec<_>>().join(" ");
+    if items.len() > n {
+        s.push_str(&format!(" and {} more", items.len() - n));
+    }
+    s
+}
+
+fn parse_version(v: &str) -> Option<Version> {
+    let mut it = v.trim().split('.').map(|p| p.parse::<u32>().ok());
+    Some(Version {
+        major: it.next()??,
+        minor: it.next().flatten().unwrap_or(0),
+        sublevel: it.next().flatten().unwrap_or(0),
+    })
+}
+
+/// `6.18.44-fc-v1300` as (6, 18, 44).
+fn kernel_version(release: &str) -> Option<(u32, u32, u32)> {
+    let head = release.split(|c: char| !c.is_ascii_digit() && c != '.').next()?;
+    let mut it = head.split('.').map(|p| p.parse::<u32>().ok());
+    Some((it.next()??, it.next().flatten().unwrap_or(0), it.next().flatten().unwrap_or(0)))
+}
+
+fn human(bytes: u64) -> String {
+    let gib = bytes as f64 / (1u64 << 30) as f64;
+    if gib >= 1.0 {
+        format!("{gib:.1} GiB")
+    } else {
+        format!("{:.0} MiB", bytes as f64 / (1u64 << 20) as f64)
+    }
+}
+
+fn read_trimmed(path: &str) -> String {
+    fs::read_to_string(path).map(|s| s.trim().chars().take(256).collect()).unwrap_or_default()
+}
+
+fn cpu_flags() -> String {
+    fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("flags").and_then(|r| r.split_once(':')).map(|(_, f)| f.trim().to_owned())
+        })
+        .unwrap_or_default()
+}
+
+fn mem_available() -> u64 {
+    fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .map_or(0, |kib| kib * 1024)
+}
+
+/// A private directory under the system's temporary directory, removed on drop.
+struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    fn new(label: &str) -> Result<ScratchDir, String> {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let path = std::env::temp_dir().join(format!("ferry-{label}-{}-{nanos}", std::process::id()));
+        fs::create_dir(&path).map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+        Ok(ScratchDir(path))
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target() -> TargetFacts {
+        TargetFacts {
+            node: "node2".into(),
+            kernel: "6.18.44-fc".into(),
+            criu: Ok("4.2.1".into()),
+            cpu_check: Some(Ok(())),
+            cpu_flags: "fpu sse avx".into(),
+            mem_available: 8 << 30,
+            link_bytes_per_s: 500_000_000,
+        }
+    }
+
+    fn source() -> SourceFacts {
+        SourceFacts {
+            kernel: "6.18.44-fc".into(),
+            criu: Some(Version { major: 4, minor: 2, sublevel: 1 }),
+            cpu_flags: "fpu sse avx".into(),
+            memory: 1 << 30,
+        }
+    }
+
+    fn severity(reasons: &[Reason], code: &str) -> Option<Severity> {
+        reasons.iter().find(|r| r.code == code).map(|r| r.severity)
+    }
+
+    #[test]
+    fn a_matching_target_gives_only_information_and_an_estimate() {
+        let r = target_reasons(&source(), &target());
+        assert!(r.iter().all(|x| x.severity == Severity::Info), "{r:?}");
+        let est = r.iter().find(|x| x.code == "estimate").expect("an estimate");
+        assert!(est.what.contains("stop-copy frozen ~") && est.what.contains("(measured)"), "{}", est.what);
+    }
+
+    #[test]
+    fn what_the_target_lacks_is_named() {
+        let mut t = target();
+        t.criu = Err("not found".into());
+        t.mem_available = 512 << 20;
+        t.kernel = "6.1.0".into();
+        t.cpu_check = Some(Err("cpu: xsave feature mismatch".into()));
+        let r = target_reasons(&source(), &t);
+        assert_eq!(severity(&r, "target-criu"), Some(Severity::Blocker));
+        assert_eq!(severity(&r, "target-memory"), Some(Severity::Blocker));
+        assert_eq!(severity(&r, "target-kernel"), Some(Severity::Caveat));
+        assert_eq!(severity(&r, "target-cpu"), Some(Severity::Blocker));
+
+        // No CRIU check ran: the flags are compared instead.
+        let mut t = target();
+        t.cpu_check = None;
+        t.cpu_flags = "fpu sse".into();
+        t.criu = Ok("4.1".into());
+        let r = target_reasons(&source(), &t);
+        let cpu = r.iter().find(|x| x.code == "target-cpu").expect("target-cpu");
+        assert_eq!(cpu.severity, Severity::Caveat);
+        assert!(cpu.what.contains("avx"));
+        assert_eq!(severity(&r, "target-criu"), Some(Severity::Blocker));
+    }
+
+    #[test]
+    fn versions_parse() {
+        assert_eq!(kernel_version("6.18.44-fc-v1300"), Some((6, 18, 44)));
+        assert_eq!(kernel_version("6.1"), Some((6, 1, 0)));
+        assert_eq!(kernel_version("x"), None);
+        assert_eq!(parse_version("4.2.1"), Some(Version { major: 4, minor: 2, sublevel: 1 }));
+        assert_eq!(parse_version("4.2"), Some(Version { major: 4, minor: 2, sublevel: 0 }));
+        assert_eq!(parse_version(""), None);
+        assert!(shorten(&(0..20).map(|i| i.to_string()).collect::<Vec<_>>(), 12).ends_with("and 8 more"));
+    }
+}
