@@ -149,7 +149,8 @@ pub fn checkpoint_with(
     let started = Instant::now();
     // Until post-dump CRIU works alone: how far it is, only its log says.
     ctx.progress.stage("dump", None);
-    let pipeline = pending.start_ingest_with(&ctx.store, hook.tap(), paged_port.is_none())?;
+    let pipeline =
+        pending.start_ingest_with(&ctx.store, hook.tap(), paged_port.is_none(), ctx.progress.clone())?;
     subject.hold()?;
     let mut commit = CommitAtPostDump {
         ctx,

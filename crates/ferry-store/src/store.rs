@@ -569,16 +569,18 @@ impl Pending {
         store: &Store,
         tap: Option<crate::pipeline::Tap>,
     ) -> Result<Pipeline, StoreError> {
-        self.start_ingest_with(store, tap, true)
+        self.start_ingest_with(store, tap, true, crate::progress::silent())
     }
 
     /// Like [`Pending::start_ingest_tapped`]; without `follow` the page images are not tailed
-    /// while CRIU writes them: the caller gives them with [`Pipeline::feed`].
+    /// while CRIU writes them: the caller gives them with [`Pipeline::feed`]. With it, the
+    /// bytes tailed are reported to `progress` (CRIU's own writing: no total is known).
     pub fn start_ingest_with(
         &self,
         store: &Store,
         tap: Option<crate::pipeline::Tap>,
         follow: bool,
+        progress: crate::progress::SharedProgress,
     ) -> Result<Pipeline, StoreError> {
         let usable = store.usable_keys()?;
         let packs = store.packs()?;
@@ -591,6 +593,7 @@ impl Pending {
             threads(),
             tap,
             follow,
+            progress,
         )
     }
 
@@ -1165,7 +1168,7 @@ mod tests {
         fs::write(pending.images_dir().join("core-1.img"), random(900, 2)).unwrap();
         // What CRIU's lazy dump left: replaced by the fed one of the same name.
         fs::write(pending.images_dir().join("pages-1.img"), random(4096, 9)).unwrap();
-        let pipeline = pending.start_ingest_with(&store, None, false).unwrap();
+        let pipeline = pending.start_ingest_with(&store, None, false, crate::progress::silent()).unwrap();
         let mut pages = random(300 * 1024, 7);
         pages.extend(vec![0u8; 8192]);
         let mut feed = pipeline.feed("pages-1.img").unwrap();
@@ -1178,6 +1181,24 @@ mod tests {
         let got = materialized(&store, "fed");
         assert_eq!(got["pages-1.img"], pages);
         assert_eq!(got["core-1.img"], random(900, 2));
+    }
+
+    /// The page images the pipeline tails while CRIU writes them are reported as read (a
+    /// container's checkpoint: no total is known), the other images not.
+    #[test]
+    fn tailed_page_images_are_reported_as_they_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().join("s")).unwrap();
+        let pending = store.begin("tailed").unwrap();
+        let tally = std::sync::Arc::new(crate::progress::Tally::default());
+        tally.stage("dump", None);
+        let pipeline = pending.start_ingest_with(&store, None, true, tally.clone()).unwrap();
+        let pages = random(300 * 4096, 4);
+        fs::write(pending.images_dir().join("pages-1.img"), &pages).unwrap();
+        fs::write(pending.images_dir().join("core-1.img"), random(900, 2)).unwrap();
+        pending.commit(&store, CheckpointInfo::default(), pipeline).unwrap();
+        assert_eq!(tally.stages(), vec![("dump".to_owned(), None, pages.len() as u64)]);
+        assert_eq!(materialized(&store, "tailed")["pages-1.img"], pages);
     }
 
     /// A store written before frame format 2: its checkpoints verify and restore, a new

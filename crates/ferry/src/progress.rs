@@ -27,6 +27,8 @@ pub struct Bar {
     bar: ProgressBar,
     /// The current stage's label (a migration's events repeat it with every update).
     stage: Mutex<String>,
+    /// A stage without a total has counted bytes (its spinner shows them from then on).
+    counting: AtomicBool,
 }
 
 impl std::fmt::Debug for Bar {
@@ -54,7 +56,7 @@ impl Bar {
         bar.set_prefix(verb.to_owned());
         // Until the operation names its first stage (checks, opening the store).
         bar.set_message("starting");
-        Arc::new(Bar { bar, stage: Mutex::new(String::new()) })
+        Arc::new(Bar { bar, stage: Mutex::new(String::new()), counting: AtomicBool::new(false) })
     }
 
     /// Where a stage stands when told in absolute figures (a migration's events): a stage
@@ -89,12 +91,17 @@ impl Progress for Bar {
                 self.bar.unset_length();
             }
         }
+        self.counting.store(false, Ordering::Relaxed);
         self.bar.set_position(0);
         self.bar.reset_eta();
         self.bar.set_message(label.to_owned());
     }
 
     fn advance(&self, bytes: u64) {
+        // Bytes without a total (CRIU writing a container's images): their count and rate.
+        if self.bar.length().is_none() && !self.counting.swap(true, Ordering::Relaxed) {
+            self.bar.set_style(counting_style());
+        }
         self.bar.inc(bytes);
     }
 }
@@ -111,6 +118,13 @@ fn bytes_style() -> ProgressStyle {
     )
     .unwrap_or_else(|_| ProgressStyle::default_bar())
     .progress_chars("=> ")
+}
+
+fn counting_style() -> ProgressStyle {
+    ProgressStyle::with_template(
+        "{spinner} {prefix} {msg}: {binary_bytes}, {binary_bytes_per_sec} ({elapsed})",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_spinner())
 }
 
 fn spinner_style() -> ProgressStyle {
@@ -148,6 +162,13 @@ mod tests {
         b.stage("dump", None);
         assert_eq!(b.bar.length(), None);
         assert_eq!(b.bar.position(), 0);
+        // Bytes of a stage without a total are counted all the same.
+        b.advance(7);
+        b.advance(8);
+        assert_eq!((b.bar.length(), b.bar.position()), (None, 15));
+        assert!(b.counting.load(Ordering::Relaxed));
+        b.stage("commit", None);
+        assert!(!b.counting.load(Ordering::Relaxed));
     }
 
     #[test]
