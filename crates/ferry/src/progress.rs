@@ -93,7 +93,9 @@ impl Progress for Bar {
         }
         self.counting.store(false, Ordering::Relaxed);
         self.bar.set_position(0);
+        // Rate, ETA and the time shown are the stage's own.
         self.bar.reset_eta();
+        self.bar.reset_elapsed();
         self.bar.set_message(label.to_owned());
     }
 
