@@ -18,6 +18,11 @@ pub trait Progress: Send + Sync + std::fmt::Debug {
     fn stage(&self, label: &str, total: Option<u64>);
     /// `bytes` more of the current stage are done.
     fn advance(&self, bytes: u64);
+    /// The current stage moves `total` bytes after all (a [`Joint`] learns its total as its
+    /// parts announce theirs); what was done stays counted.
+    fn set_total(&self, total: u64) {
+        let _ = total;
+    }
 }
 
 /// Reports to no one.
@@ -35,6 +40,45 @@ pub type SharedProgress = Arc<dyn Progress>;
 /// The shared reporter that reports to no one.
 pub fn silent() -> SharedProgress {
     Arc::new(Silent)
+}
+
+/// Several operations at once (a clone's replicas, restored side by side) on one display:
+/// each reports to its own [`Joint::part`], and the display sees one stage, `label`, whose
+/// total is the sum of the totals the parts announced so far (it grows as they reach their
+/// later stages) and whose count is all their bytes.
+#[derive(Debug)]
+pub struct Joint {
+    inner: SharedProgress,
+    total: AtomicU64,
+}
+
+impl Joint {
+    /// Starts stage `label` on `inner`.
+    pub fn new(inner: SharedProgress, label: &str) -> Arc<Joint> {
+        inner.stage(label, Some(0));
+        Arc::new(Joint { inner, total: AtomicU64::new(0) })
+    }
+
+    /// The reporter of one of the operations.
+    pub fn part(self: &Arc<Self>) -> SharedProgress {
+        Arc::new(JointPart(self.clone()))
+    }
+}
+
+#[derive(Debug)]
+struct JointPart(Arc<Joint>);
+
+impl Progress for JointPart {
+    fn stage(&self, _label: &str, total: Option<u64>) {
+        if let Some(t) = total {
+            let all = self.0.total.fetch_add(t, Ordering::Relaxed) + t;
+            self.0.inner.set_total(all);
+        }
+    }
+
+    fn advance(&self, bytes: u64) {
+        self.0.inner.advance(bytes);
+    }
 }
 
 /// A reader that reports the bytes read through it.
@@ -93,6 +137,12 @@ impl Progress for Tally {
     fn advance(&self, bytes: u64) {
         self.done.fetch_add(bytes, Ordering::Relaxed);
     }
+
+    fn set_total(&self, total: u64) {
+        if let Some(last) = self.stages.lock().ok().as_mut().and_then(|s| s.last_mut()) {
+            last.1 = Some(total);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -109,6 +159,27 @@ mod tests {
         Counted::new(&data[..], &tally).read_to_end(&mut out).unwrap();
         assert_eq!(out, data);
         assert_eq!(tally.stages(), vec![("copy".to_owned(), Some(10_000), 10_000)]);
+    }
+
+    #[test]
+    fn a_joint_sums_its_parts_totals_and_bytes_into_one_stage() {
+        let tally = Arc::new(Tally::default());
+        let joint = Joint::new(tally.clone(), "replicas");
+        let parts: Vec<SharedProgress> = (0..3).map(|_| joint.part()).collect();
+        std::thread::scope(|s| {
+            for p in &parts {
+                s.spawn(move || {
+                    p.stage("verify", Some(100));
+                    p.advance(100);
+                    p.stage("restore", None);
+                    p.stage("pages", Some(1000));
+                    for _ in 0..10 {
+                        p.advance(100);
+                    }
+                });
+            }
+        });
+        assert_eq!(tally.stages(), vec![("replicas".to_owned(), Some(3300), 3300)]);
     }
 
     #[test]

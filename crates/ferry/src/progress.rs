@@ -4,7 +4,10 @@
 //!
 //! A command plugs in with two lines: `let bar = Bar::new("checkpoint");` and either
 //! `context(cli)?.with_progress(bar.clone())` (verbs that take a `Context`) or `&*bar` where a
-//! call takes a `&dyn Progress`; then `bar.finish()` before printing its summary.
+//! call takes a `&dyn Progress`; then `bar.finish()` before printing its summary. Operations
+//! run side by side (a clone's replicas) share one bar through `ferry_runtime::Joint`:
+//! `with_progress(Joint::new(bar.clone(), "replicas").part())` on the `Context` they share (or a
+//! `part()` each): the bar then counts all their bytes against the sum of their totals.
 
 use std::io::IsTerminal;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -97,6 +100,10 @@ impl Progress for Bar {
         self.bar.reset_eta();
         self.bar.reset_elapsed();
         self.bar.set_message(label.to_owned());
+    }
+
+    fn set_total(&self, total: u64) {
+        self.bar.set_length(total);
     }
 
     fn advance(&self, bytes: u64) {
