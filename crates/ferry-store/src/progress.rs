@@ -53,9 +53,9 @@ pub struct Joint {
 }
 
 impl Joint {
-    /// Starts stage `label` on `inner`.
+    /// Starts stage `label` on `inner` (its total comes with the parts').
     pub fn new(inner: SharedProgress, label: &str) -> Arc<Joint> {
-        inner.stage(label, Some(0));
+        inner.stage(label, None);
         Arc::new(Joint { inner, total: AtomicU64::new(0) })
     }
 

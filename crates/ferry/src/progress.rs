@@ -73,6 +73,11 @@ impl Bar {
         self.bar.set_position(done);
     }
 
+    /// Runs `f` (which prints) with the bar out of the way; it is drawn again after.
+    pub fn suspend<R>(&self, f: impl FnOnce() -> R) -> R {
+        self.bar.suspend(f)
+    }
+
     /// Removes the bar (before the command prints its summary, or its error).
     pub fn finish(&self) {
         self.bar.finish_and_clear();
@@ -84,6 +89,7 @@ impl Progress for Bar {
         if let Ok(mut s) = self.stage.lock() {
             label.clone_into(&mut s);
         }
+        self.bar.set_message(label.to_owned());
         match total {
             Some(t) => {
                 self.bar.set_style(bytes_style());
@@ -99,10 +105,12 @@ impl Progress for Bar {
         // Rate, ETA and the time shown are the stage's own.
         self.bar.reset_eta();
         self.bar.reset_elapsed();
-        self.bar.set_message(label.to_owned());
     }
 
     fn set_total(&self, total: u64) {
+        if self.bar.length().is_none() {
+            self.bar.set_style(bytes_style());
+        }
         self.bar.set_length(total);
     }
 
@@ -123,7 +131,8 @@ impl Drop for Bar {
 
 fn bytes_style() -> ProgressStyle {
     ProgressStyle::with_template(
-        "{spinner} {prefix} {msg}: [{bar:30}] {binary_bytes}/{binary_total_bytes} {binary_bytes_per_sec}, ETA {eta}",
+        // The bar takes what the figures leave of the terminal's width.
+        "{spinner} {prefix} {msg} [{wide_bar}] {binary_bytes}/{binary_total_bytes}, {binary_bytes_per_sec}, ETA {eta}",
     )
     .unwrap_or_else(|_| ProgressStyle::default_bar())
     .progress_chars("=> ")
@@ -131,7 +140,7 @@ fn bytes_style() -> ProgressStyle {
 
 fn counting_style() -> ProgressStyle {
     ProgressStyle::with_template(
-        "{spinner} {prefix} {msg}: {binary_bytes}, {binary_bytes_per_sec} ({elapsed})",
+        "{spinner} {prefix} {msg} {binary_bytes}, {binary_bytes_per_sec} ({elapsed})",
     )
     .unwrap_or_else(|_| ProgressStyle::default_spinner())
 }
@@ -178,6 +187,22 @@ mod tests {
         assert!(b.counting.load(Ordering::Relaxed));
         b.stage("commit", None);
         assert!(!b.counting.load(Ordering::Relaxed));
+    }
+
+    #[test]
+    fn a_joint_of_operations_grows_the_total_of_one_stage() {
+        let b = hidden();
+        let joint = ferry_runtime::Joint::new(b.clone(), "copies");
+        let (one, two) = (joint.part(), joint.part());
+        assert_eq!(b.bar.length(), None, "a spinner until a total is known");
+        one.stage("verify", Some(10));
+        one.advance(10);
+        two.stage("verify", Some(10));
+        one.stage("restore", None);
+        one.stage("pages", Some(100));
+        one.advance(50);
+        assert_eq!((b.bar.position(), b.bar.length()), (60, Some(120)));
+        assert_eq!(b.bar.message(), "copies");
     }
 
     #[test]
