@@ -43,7 +43,9 @@ impl std::fmt::Debug for Bar {
 impl Bar {
     /// A bar for `verb`, drawn on stderr if it is a terminal.
     pub fn new(verb: &str) -> Arc<Bar> {
-        let drawn = std::io::stderr().is_terminal() && !LOGGING.load(Ordering::Relaxed);
+        // A dumb terminal cannot redraw a line in place: it gets nothing, as a pipe does.
+        let dumb = std::env::var_os("TERM").is_some_and(|t| t == "dumb");
+        let drawn = std::io::stderr().is_terminal() && !dumb && !LOGGING.load(Ordering::Relaxed);
         let target = if drawn { ProgressDrawTarget::stderr() } else { ProgressDrawTarget::hidden() };
         let bar = Bar::with_target(verb, target);
         if drawn {
