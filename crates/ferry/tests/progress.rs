@@ -16,6 +16,8 @@ fn ferry() -> Ferry {
 /// and that neither holds anything a terminal would interpret.
 fn piped<S: AsRef<OsStr>>(ferry: &Ferry, args: &[S]) -> (String, String) {
     let mut cmd = ferry.command(args);
+    // Its stderr is to be empty: no log lines either.
+    cmd.env_remove("FERRY_LOG");
     let Output { status, stdout, stderr } =
         cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).output().expect("run ferry");
     let (out, err) =
