@@ -3,13 +3,12 @@
 //! channel, `pages`), and recovery at start (`recover`). The state they share is a
 //! [`Node`](crate::node::Node); nothing below this module refers back to it.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use ferry_runtime::Context;
 
 use crate::api::{Event, MigrateRequest, NodeStatus, Report};
-use crate::node::{load, AgentConfig, Metrics, Node};
+use crate::node::{AgentConfig, Metrics, Node};
 use crate::peer::{Channel, Conn, Dialer};
 use crate::MigrateError;
 
@@ -44,10 +43,10 @@ impl Agent {
             listen: n.config.listen.clone(),
             peers: n.config.peers.keys().cloned().collect(),
             public_key: n.ctx.store.keys().public().to_text(),
-            migrations_ok: load(&n.metrics.migrations_ok),
-            migrations_failed: load(&n.metrics.migrations_failed),
-            migrations_lost: load(&n.metrics.migrations_lost),
-            arrivals_lost: load(&n.metrics.arrivals_lost),
+            migrations_ok: n.metrics.migrations_ok.get(),
+            migrations_failed: n.metrics.migrations_failed.get(),
+            migrations_lost: n.metrics.migrations_lost.get(),
+            arrivals_lost: n.metrics.arrivals_lost.get(),
         }
     }
 
@@ -62,13 +61,13 @@ impl Agent {
         let result = crate::source::migrate(n, req, events);
         match &result {
             Ok(r) => {
-                n.metrics.migrations_ok.fetch_add(1, Ordering::Relaxed);
+                n.metrics.migrations_ok.inc();
                 n.metrics.record(r);
             }
             Err(e) => {
-                n.metrics.migrations_failed.fetch_add(1, Ordering::Relaxed);
+                n.metrics.migrations_failed.inc();
                 if matches!(e, MigrateError::WorkloadLost { .. }) {
-                    n.metrics.migrations_lost.fetch_add(1, Ordering::Relaxed);
+                    n.metrics.migrations_lost.inc();
                 }
             }
         }

@@ -4,14 +4,21 @@
 //! `source`, `target`, `pages` and `recover` work on a [`Node`]; the public entry points are
 //! in `agent`.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 
 use ferry_lab::LabConfig;
 use ferry_runtime::Context;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::{Registry, Unit};
 
 use crate::api::Report;
 use crate::journal::Journal;
@@ -42,100 +49,117 @@ pub struct AgentConfig {
     pub peer_timeout: std::time::Duration,
 }
 
-/// Counters for the metrics endpoint.
-#[derive(Debug, Default)]
+/// Label of the phase histogram: the phase's name as the report gives it.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PhaseLabel {
+    phase: String,
+}
+
+/// From 1 ms to about 9 min, doubling: a phase ranges from a commit's milliseconds to the
+/// transfer of many GiB.
+fn phase_buckets() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 20))
+}
+
+/// What the metrics endpoint exposes, as the Prometheus client's types (shared atomics inside:
+/// a registry made at each scrape holds handles to them).
+#[derive(Debug)]
 pub struct Metrics {
-    pub migrations_ok: AtomicU64,
-    pub migrations_failed: AtomicU64,
+    pub migrations_ok: Counter,
+    pub migrations_failed: Counter,
     /// Migrations this node sent whose workload was lost after the switch.
-    pub migrations_lost: AtomicU64,
-    pub arrivals_ok: AtomicU64,
-    pub arrivals_failed: AtomicU64,
+    pub migrations_lost: Counter,
+    pub arrivals_ok: Counter,
+    pub arrivals_failed: Counter,
     /// Arrivals killed after the switch (the workload lost).
-    pub arrivals_lost: AtomicU64,
-    pub bytes_sent: AtomicU64,
-    pub bytes_received: AtomicU64,
-    /// Sum of seconds per phase name, and the last downtime.
-    pub phases: Mutex<BTreeMap<String, (f64, u64)>>,
-    pub last_downtime_s: Mutex<f64>,
+    pub arrivals_lost: Counter,
+    pub bytes_sent: Counter,
+    pub bytes_received: Counter,
+    /// Seconds per phase of the migrations this node sent.
+    phases: Family<PhaseLabel, Histogram, fn() -> Histogram>,
+    /// Downtime of the migrations this node sent.
+    downtime: Histogram,
+    last_downtime_s: Gauge<f64, AtomicU64>,
+}
+
+impl Default for Metrics {
+    fn default() -> Metrics {
+        Metrics {
+            migrations_ok: Counter::default(),
+            migrations_failed: Counter::default(),
+            migrations_lost: Counter::default(),
+            arrivals_ok: Counter::default(),
+            arrivals_failed: Counter::default(),
+            arrivals_lost: Counter::default(),
+            bytes_sent: Counter::default(),
+            bytes_received: Counter::default(),
+            phases: Family::new_with_constructor(phase_buckets),
+            // From 1 ms to about 65 s, doubling: downtime targets are sub-second.
+            downtime: Histogram::new(exponential_buckets(0.001, 2.0, 17)),
+            last_downtime_s: Gauge::default(),
+        }
+    }
 }
 
 impl Metrics {
     pub(crate) fn record(&self, report: &Report) {
         for p in &report.phases {
-            if let Ok(mut m) = self.phases.lock() {
-                let e = m.entry(p.name.clone()).or_insert((0.0, 0));
-                e.0 += p.seconds;
-                e.1 += 1;
-            }
+            self.phases.get_or_create(&PhaseLabel { phase: p.name.clone() }).observe(p.seconds);
         }
-        if let Ok(mut d) = self.last_downtime_s.lock() {
-            *d = report.downtime_s;
-        }
-        self.bytes_sent.fetch_add(report.bytes_sent, Ordering::Relaxed);
+        self.downtime.observe(report.downtime_s);
+        self.last_downtime_s.set(report.downtime_s);
+        self.bytes_sent.inc_by(report.bytes_sent);
     }
 
-    /// The Prometheus text exposition of the counters.
+    /// The OpenMetrics text exposition (which Prometheus reads), every sample labelled with
+    /// `node`. Counter names get their `_total` from the encoder.
     pub fn render(&self, node: &str) -> String {
-        let mut out = String::new();
-        let c = |out: &mut String, name: &str, help: &str, v: u64| {
-            out.push_str(&format!(
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name}{{node=\"{node}\"}} {v}\n"
-            ));
-        };
-        c(
-            &mut out,
-            "ferry_migrations_total",
-            "Migrations this node sent that completed.",
-            load(&self.migrations_ok),
-        );
-        c(
-            &mut out,
-            "ferry_migration_failures_total",
-            "Migrations this node sent that failed.",
-            load(&self.migrations_failed),
-        );
-        c(
-            &mut out,
-            "ferry_migrations_lost_total",
-            "Migrations this node sent whose workload was lost after the switch.",
-            load(&self.migrations_lost),
-        );
-        c(&mut out, "ferry_arrivals_total", "Workloads this node received.", load(&self.arrivals_ok));
-        c(&mut out, "ferry_arrival_failures_total", "Arrivals undone.", load(&self.arrivals_failed));
-        c(
-            &mut out,
-            "ferry_arrivals_lost_total",
-            "Arrivals killed after the switch (the workload lost).",
-            load(&self.arrivals_lost),
-        );
-        c(&mut out, "ferry_sent_bytes_total", "Bytes sent to other nodes.", load(&self.bytes_sent));
-        c(
-            &mut out,
-            "ferry_received_bytes_total",
-            "Bytes received from other nodes.",
-            load(&self.bytes_received),
-        );
-        out.push_str("# HELP ferry_phase_seconds_total Time spent per migration phase.\n# TYPE ferry_phase_seconds_total counter\n");
-        out.push_str("# HELP ferry_phase_count_total Phases run.\n# TYPE ferry_phase_count_total counter\n");
-        if let Ok(m) = self.phases.lock() {
-            for (phase, (secs, n)) in m.iter() {
-                out.push_str(&format!(
-                    "ferry_phase_seconds_total{{node=\"{node}\",phase=\"{phase}\"}} {secs}\n"
-                ));
-                out.push_str(&format!("ferry_phase_count_total{{node=\"{node}\",phase=\"{phase}\"}} {n}\n"));
-            }
+        let mut r =
+            Registry::with_labels(std::iter::once((Cow::Borrowed("node"), Cow::Owned(node.to_owned()))));
+        let counters: [(&str, &str, &Counter); 8] = [
+            ("ferry_migrations", "Migrations this node sent that completed", &self.migrations_ok),
+            ("ferry_migration_failures", "Migrations this node sent that failed", &self.migrations_failed),
+            (
+                "ferry_migrations_lost",
+                "Migrations this node sent whose workload was lost after the switch",
+                &self.migrations_lost,
+            ),
+            ("ferry_arrivals", "Workloads this node received", &self.arrivals_ok),
+            ("ferry_arrival_failures", "Arrivals undone", &self.arrivals_failed),
+            (
+                "ferry_arrivals_lost",
+                "Arrivals killed after the switch (the workload lost)",
+                &self.arrivals_lost,
+            ),
+            ("ferry_sent_bytes", "Bytes sent to other nodes", &self.bytes_sent),
+            ("ferry_received_bytes", "Bytes received from other nodes", &self.bytes_received),
+        ];
+        for (name, help, value) in counters {
+            r.register(name, help, value.clone());
         }
-        let d = self.last_downtime_s.lock().map(|d| *d).unwrap_or(0.0);
-        out.push_str(&format!(
-            "# HELP ferry_last_downtime_seconds Downtime of the last migration sent.\n# TYPE ferry_last_downtime_seconds gauge\nferry_last_downtime_seconds{{node=\"{node}\"}} {d}\n"
-        ));
+        r.register_with_unit(
+            "ferry_phase_duration",
+            "Time spent per phase of the migrations this node sent",
+            Unit::Seconds,
+            self.phases.clone(),
+        );
+        r.register_with_unit(
+            "ferry_downtime",
+            "Downtime of the migrations this node sent (freeze to running on the target)",
+            Unit::Seconds,
+            self.downtime.clone(),
+        );
+        r.register_with_unit(
+            "ferry_last_downtime",
+            "Downtime of the last migration this node sent",
+            Unit::Seconds,
+            self.last_downtime_s.clone(),
+        );
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &r);
         out
     }
-}
-
-pub(crate) fn load(a: &AtomicU64) -> u64 {
-    a.load(Ordering::Relaxed)
 }
 
 /// One agent's state, shared by the threads serving its migrations.
@@ -358,4 +382,64 @@ fn scratch_images(
         source,
     })?;
     Ok((scratch, images))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // a failing test should stop right there
+mod tests {
+    use super::*;
+    use crate::api::{PhaseTime, Strategy};
+    use ferry_testkit::{metric, parse_metrics};
+
+    fn report(downtime_s: f64, transfer_s: f64) -> Report {
+        Report {
+            migration: "m".into(),
+            workload: "pid:1".into(),
+            from: "a".into(),
+            to: "b".into(),
+            strategy: Strategy::StopCopy,
+            reason: String::new(),
+            phases: vec![
+                PhaseTime { name: "dump".into(), seconds: 0.25 },
+                PhaseTime { name: "transfer".into(), seconds: transfer_s },
+            ],
+            bytes_sent: 1000,
+            logical_bytes: 2000,
+            downtime_s,
+            total_s: 3.0,
+            new_workload: "pid:2".into(),
+            ip: None,
+        }
+    }
+
+    #[test]
+    fn the_exposition_has_counters_and_histograms_of_phases_and_downtime() {
+        let m = Metrics::default();
+        m.migrations_ok.inc();
+        m.bytes_received.inc_by(7);
+        m.record(&report(0.003, 1.5));
+        m.record(&report(0.5, 3.0));
+        let text = m.render("n1");
+        assert!(text.ends_with("# EOF\n"), "{text}");
+        assert!(text.contains("# TYPE ferry_phase_duration_seconds histogram"), "{text}");
+        assert!(text.contains("# TYPE ferry_downtime_seconds histogram"), "{text}");
+        let s = parse_metrics(&text).unwrap();
+        assert!(s.iter().all(|s| s.labels.get("node").map(String::as_str) == Some("n1")), "{text}");
+        let get = |name: &str, labels: &[(&str, &str)]| metric(&s, name, labels);
+        assert_eq!(get("ferry_migrations_total", &[]), Some(1.0), "{text}");
+        assert_eq!(get("ferry_migration_failures_total", &[]), Some(0.0));
+        assert_eq!(get("ferry_sent_bytes_total", &[]), Some(2000.0));
+        assert_eq!(get("ferry_received_bytes_total", &[]), Some(7.0));
+        let transfer = [("phase", "transfer")];
+        assert_eq!(get("ferry_phase_duration_seconds_count", &transfer), Some(2.0));
+        assert_eq!(get("ferry_phase_duration_seconds_sum", &transfer), Some(4.5));
+        // Buckets are cumulative: 1.5 s is in le=2.048, not in le=1.024; both in +Inf.
+        let bucket =
+            |le: &str| get("ferry_phase_duration_seconds_bucket", &[("phase", "transfer"), ("le", le)]);
+        assert_eq!((bucket("1.024"), bucket("2.048"), bucket("+Inf")), (Some(0.0), Some(1.0), Some(2.0)));
+        assert_eq!(get("ferry_phase_duration_seconds_count", &[("phase", "dump")]), Some(2.0));
+        assert_eq!(get("ferry_downtime_seconds_count", &[]), Some(2.0));
+        assert_eq!(get("ferry_downtime_seconds_bucket", &[("le", "0.004")]), Some(1.0));
+        assert_eq!(get("ferry_last_downtime_seconds", &[]), Some(0.5));
+    }
 }

@@ -129,7 +129,7 @@ pub(crate) fn receive_stream(agent: &Node, ch: &mut Channel, migration: &str) ->
     }
     let bytes = rx.bytes();
     let chunks = rx.finish_loose()?;
-    agent.metrics.bytes_received.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+    agent.metrics.bytes_received.inc_by(bytes);
     tracing::info!(%migration, chunks, bytes, "stored the chunks streamed during the dump");
     ch.send(&Msg::Streamed { chunks, bytes })
 }

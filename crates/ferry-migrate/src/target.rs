@@ -329,7 +329,7 @@ impl Arrival {
         let received = ship::receive(&node.ctx.store, ch, name, manifest_len, slots, total, &mut packs);
         self.entry.packs.extend(packs);
         let bytes = received?;
-        node.metrics.bytes_received.fetch_add(bytes, Ordering::Relaxed);
+        node.metrics.bytes_received.inc_by(bytes);
         Ok(())
     }
 
@@ -740,7 +740,7 @@ impl Arrival {
                         seconds = started.elapsed().as_secs_f64(),
                         "every page is in"
                     );
-                    node.metrics.bytes_received.fetch_add(stats.bytes, Ordering::Relaxed);
+                    node.metrics.bytes_received.inc_by(stats.bytes);
                     self.entry.phase = Phase::Done;
                     if let Err(e) = node.journal.write(&self.entry) {
                         tracing::error!(error = %e, "could not journal the end of the pages phase");
@@ -801,7 +801,7 @@ impl Arrival {
             tracing::error!(error = %e, "could not journal the loss");
         }
         node.cleanup(&self.entry);
-        node.metrics.arrivals_lost.fetch_add(1, Ordering::Relaxed);
+        node.metrics.arrivals_lost.inc();
         let told = ch.as_deref_mut().is_some_and(|c| c.send(&Msg::PagesLost { at, reason }).is_ok());
         if told {
             self.await_forget(node, ch);
@@ -874,7 +874,7 @@ impl Arrival {
         if let Some(g) = self.guard.take() {
             g.release();
         }
-        node.metrics.arrivals_ok.fetch_add(1, Ordering::Relaxed);
+        node.metrics.arrivals_ok.inc();
         tracing::info!(migration = %self.entry.migration, pid = self.entry.pid, "arrived");
     }
 
@@ -907,7 +907,7 @@ impl Arrival {
             }
         }
         self.forget(node);
-        node.metrics.arrivals_failed.fetch_add(1, Ordering::Relaxed);
+        node.metrics.arrivals_failed.inc();
         tracing::warn!(migration = %self.entry.migration, "arrival undone");
     }
 

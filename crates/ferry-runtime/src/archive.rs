@@ -23,7 +23,7 @@ use ferry_store::archive::{
     MAX_METADATA_FILE,
 };
 use ferry_store::manifest::ManifestBody;
-use ferry_store::{Committed, Store, StoreError};
+use ferry_store::{Committed, Progress, Store, StoreError};
 
 use crate::container::formats::{self, ImageFacts, CONFIG_DUMP, NETWORK_STATUS, SPEC_DUMP};
 use crate::container::record::{DELETED_FILES_FILE, RECORD_FILE, ROOTFS_DIFF_FILE};
@@ -39,6 +39,8 @@ pub struct ExportRequest<'a> {
     /// For a container whose record names no image Podman has (runc's), the Podman image
     /// holding its root file system, for `config.dump`.
     pub rootfs_image: Option<&'a str>,
+    /// Where the bytes written are reported.
+    pub progress: &'a dyn Progress,
 }
 
 /// Writes checkpoint `req.name` as an archive (or OCI image); a container's in the layout
@@ -54,16 +56,22 @@ pub fn export(store: &Store, req: &ExportRequest<'_>) -> Result<ExportReport, Er
         }
     }
     let layout = ContainerLayout { rootfs_image: req.rootfs_image, failure: RefCell::new(None) };
-    let result = archive::export_with(store, req.name, req.out, req.mode.clone(), &layout);
+    let result = archive::export_with(store, req.name, req.out, req.mode.clone(), &layout, req.progress);
     match (result, layout.failure.into_inner()) {
         (Err(_), Some(e)) => Err(e),
         (r, _) => Ok(r?),
     }
 }
 
-/// Imports a ferry archive, or a container checkpoint archive of Podman or the kubelet.
-pub fn import(store: &Store, file: &Path, name: Option<&str>) -> Result<Committed, Error> {
-    Ok(archive::import_with(store, file, name, &ContainerImport { now: unix_now() })?)
+/// Imports a ferry archive, or a container checkpoint archive of Podman or the kubelet; the
+/// bytes read of it are reported to `progress`.
+pub fn import(
+    store: &Store,
+    file: &Path,
+    name: Option<&str>,
+    progress: &dyn Progress,
+) -> Result<Committed, Error> {
+    Ok(archive::import_with(store, file, name, &ContainerImport { now: unix_now() }, progress)?)
 }
 
 /// The default name of `podman container checkpoint --create-image`'s counterpart: the

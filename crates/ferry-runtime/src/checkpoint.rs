@@ -147,7 +147,10 @@ pub fn checkpoint_with(
     let was_stopped = is_stopped(pid);
     tracing::info!(pid, %name, workload = %req.workload, "checkpointing");
     let started = Instant::now();
-    let pipeline = pending.start_ingest_with(&ctx.store, hook.tap(), paged_port.is_none())?;
+    // Until post-dump CRIU works alone: how far it is, only its log says.
+    ctx.progress.stage("dump", None);
+    let pipeline =
+        pending.start_ingest_with(&ctx.store, hook.tap(), paged_port.is_none(), ctx.progress.clone())?;
     subject.hold()?;
     let mut commit = CommitAtPostDump {
         ctx,
@@ -370,10 +373,15 @@ impl CommitAtPostDump<'_> {
             self.work.take().ok_or_else(|| Error::Internal("the checkpoint was committed twice".into()))?;
         let dump_seconds = self.started.elapsed().as_secs_f64();
         if let Some(copy) = self.copy.take() {
-            crate::paged_dump::feed_copy(copy, &pipeline)?;
+            crate::paged_dump::feed_copy(copy, &pipeline, &*self.ctx.progress)?;
         } else if let Some(root) = self.paged {
             let t = Instant::now();
-            let bytes = crate::paged_dump::feed_from_frozen(&pending.images_dir(), root, &pipeline)?;
+            let bytes = crate::paged_dump::feed_from_frozen(
+                &pending.images_dir(),
+                root,
+                &pipeline,
+                &*self.ctx.progress,
+            )?;
             tracing::info!(bytes, seconds = t.elapsed().as_secs_f64(), "pages read from the frozen tree");
         }
         if !self.leave_running {
@@ -386,6 +394,7 @@ impl CommitAtPostDump<'_> {
         if !self.leave_running {
             info.network_lock_tables = netlock::tables_of_dump(&pending.images_dir());
         }
+        self.ctx.progress.stage("commit", None);
         Ok((pending.commit(&self.ctx.store, info, pipeline)?, dump_seconds))
     }
 
@@ -419,7 +428,7 @@ impl NotifyHandler for CommitAtPostDump<'_> {
         // paged checkpoint's pages are copied first; the copy is sealed once it runs again).
         if self.leave_running {
             if let (Some(root), Some((pending, _))) = (self.paged, &self.work) {
-                match crate::paged_dump::copy_from_frozen(&pending.images_dir(), root) {
+                match crate::paged_dump::copy_from_frozen(&pending.images_dir(), root, &*self.ctx.progress) {
                     Ok(copy) => self.copy = Some(copy),
                     Err(e) => {
                         let answer = e.to_string();

@@ -1,5 +1,5 @@
 use ferry_criu::{Criu, Version};
-use ferry_store::Store;
+use ferry_store::{SharedProgress, Store};
 
 use crate::container::Endpoints;
 use crate::Error;
@@ -12,6 +12,8 @@ pub struct Context {
     pub store: Store,
     /// Where the container runtimes are reached.
     pub endpoints: Endpoints,
+    /// Where checkpoint and restore report how far they are (default: no one).
+    pub progress: SharedProgress,
 }
 
 impl Context {
@@ -20,7 +22,13 @@ impl Context {
         require_root()?;
         let criu_version = criu.require_supported().map_err(Error::from)?;
         let endpoints = Endpoints::new(store.root());
-        Ok(Context { criu, criu_version, store, endpoints })
+        Ok(Context { criu, criu_version, store, endpoints, progress: ferry_store::progress::silent() })
+    }
+
+    /// Reports how far checkpoints and restores are to `progress`.
+    pub fn with_progress(mut self, progress: SharedProgress) -> Context {
+        self.progress = progress;
+        self
     }
 
     /// Reaches container runtimes at `endpoints` (`KIND=PATH` pairs) instead of their defaults.

@@ -27,6 +27,7 @@ pub use checkpoint::{
 };
 pub use context::{require_root, Context};
 pub use error::Error;
+pub use ferry_store::progress::{Joint, Progress, SharedProgress, Silent};
 pub use host::host_facts;
 pub use inspect::{inspect, ContainerChanges, Inspection};
 pub use paged::{write_images_for_pager, PagePlan, PagedRestore, PushFirst};

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use ferry_criu::{Notify, NotifyHandler};
 use ferry_lazy::guard::Guard;
 use ferry_lazy::{Keeper, LazyError, LazyPager, PageFeeder, PageFetcher, StoredPages, PAGE_SIZE};
-use ferry_store::{Checkpoint, ImageReader, Store, StoreError};
+use ferry_store::{Checkpoint, ImageReader, Progress, Silent, Store, StoreError};
 
 use crate::Error;
 
@@ -158,7 +158,12 @@ impl PagePlan {
     /// Opens every lazy page and copies it in through `feeder`, on `threads` threads. Stops at
     /// the first chunk that fails its check (nothing of it is copied) and returns its error.
     /// The caller has waited until the pager may take them.
-    pub(crate) fn push(&self, feeder: &PageFeeder, threads: usize) -> Result<(), StoreError> {
+    pub(crate) fn push(
+        &self,
+        feeder: &PageFeeder,
+        threads: usize,
+        progress: &dyn Progress,
+    ) -> Result<(), StoreError> {
         let pieces = self.pieces();
         let next = AtomicUsize::new(0);
         let failed: Mutex<Option<StoreError>> = Mutex::new(None);
@@ -185,6 +190,7 @@ impl PagePlan {
                         if !feeder.feed(pid, vaddr, &buf) {
                             break;
                         }
+                        progress.advance(len);
                         // Tests: ferry dies while pages are still missing.
                         ferry_sys::failpoint::check("restore-push");
                     }
@@ -301,6 +307,7 @@ pub(crate) struct PushAtRestore<'a> {
     pub(crate) failure: Option<Error>,
     /// When the tree was let run.
     pub(crate) resumed: Option<Instant>,
+    pub(crate) progress: &'a dyn Progress,
 }
 
 impl NotifyHandler for PushAtRestore<'_> {
@@ -316,11 +323,12 @@ impl NotifyHandler for PushAtRestore<'_> {
         match event {
             // Every task is restored and waits; none has run. An error here makes CRIU kill
             // the tree (one at pre-resume would not: CRIU 4.2 only logs it and resumes).
-            Notify::PostRestore if !self.lazy => push_before_run(self.plan, &self.feeder).map_err(|e| {
-                let text = format!("{e}: the restored tree is not let run");
-                self.failure = Some(e);
-                text
-            }),
+            Notify::PostRestore if !self.lazy => push_before_run(self.plan, &self.feeder, self.progress)
+                .map_err(|e| {
+                    let text = format!("{e}: the restored tree is not let run");
+                    self.failure = Some(e);
+                    text
+                }),
             Notify::PreResume => {
                 self.feeder.allow();
                 self.resumed = Some(Instant::now());
@@ -416,7 +424,8 @@ impl NotifyHandler for PushFirst<'_, '_> {
     fn notify(&mut self, event: &Notify, pid: Option<i32>) -> Result<(), String> {
         if *event == Notify::PostRestore {
             let p = &mut *self.paged;
-            if let Err(e) = push_before_run(p.plan, &p.feeder) {
+            // A migration's target: its progress is the source's to report.
+            if let Err(e) = push_before_run(p.plan, &p.feeder, &Silent) {
                 let text = format!("{e}: the restored tree is not let run");
                 p.failure = Some(e);
                 return Err(text);
@@ -430,12 +439,13 @@ impl NotifyHandler for PushFirst<'_, '_> {
 }
 
 /// At CRIU's `post-restore` (every task restored, none run): every page checked and copied in.
-fn push_before_run(plan: &PagePlan, feeder: &PageFeeder) -> Result<(), Error> {
+fn push_before_run(plan: &PagePlan, feeder: &PageFeeder, progress: &dyn Progress) -> Result<(), Error> {
     if !feeder.wait_handed_over(&plan.pids()) {
         return Err(Error::Pager("the pager ended before the restore handed it every process".into()));
     }
     let t = Instant::now();
-    plan.push(feeder, threads())?;
+    progress.stage("pages", Some(plan.bytes));
+    plan.push(feeder, threads(), progress)?;
     tracing::info!(
         bytes = plan.bytes,
         seconds = t.elapsed().as_secs_f64(),

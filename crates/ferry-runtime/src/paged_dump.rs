@@ -19,7 +19,7 @@ use std::path::Path;
 
 use ferry_lazy::{PageRun, PageSource, PAGE_SIZE};
 use ferry_store::pipeline::Pipeline;
-use ferry_store::StoreError;
+use ferry_store::{Progress, StoreError};
 
 use crate::Error;
 
@@ -58,16 +58,41 @@ fn pager_error(e: ferry_lazy::LazyError) -> Error {
     Error::PostDump(format!("reading the frozen tree's pages: {e}"))
 }
 
+/// Every process's plan, in the tree's order (each process that has pages).
+fn plans(images: &Path) -> Result<Vec<(u32, ferry_lazy::LazyDumpPages)>, Error> {
+    let mut out = Vec::new();
+    for pid in ferry_lazy::tree_pids(images).map_err(pager_error)? {
+        if let Some(plan) = ferry_lazy::complete_lazy_dump(images, pid).map_err(pager_error)? {
+            out.push((pid, plan));
+        }
+    }
+    Ok(out)
+}
+
+/// The bytes of every pages image the plans make: what a progress bar of them counts to.
+fn total_bytes(plans: &[(u32, ferry_lazy::LazyDumpPages)]) -> u64 {
+    let run = |r: &PageRun| match *r {
+        PageRun::Image { len } | PageRun::Memory { len, .. } => len,
+    };
+    plans.iter().flat_map(|(_, p)| p.runs.iter()).map(run).sum()
+}
+
 /// Feeds every process's full pages image to `pipeline`, reading the lazy pages from the tree
 /// rooted at host pid `root` (frozen by CRIU at post-dump), and rewrites the pagemaps in
 /// `images`. Returns the bytes read from memory.
-pub(crate) fn feed_from_frozen(images: &Path, root: i32, pipeline: &Pipeline) -> Result<u64, Error> {
+pub(crate) fn feed_from_frozen(
+    images: &Path,
+    root: i32,
+    pipeline: &Pipeline,
+    progress: &dyn Progress,
+) -> Result<u64, Error> {
     let source = PageSource::open(images, root).map_err(pager_error)?;
+    let plans = plans(images)?;
+    progress.stage("pages", Some(total_bytes(&plans)));
     let mut bytes = 0;
-    for pid in ferry_lazy::tree_pids(images).map_err(pager_error)? {
-        let Some(plan) = ferry_lazy::complete_lazy_dump(images, pid).map_err(pager_error)? else { continue };
+    for (pid, plan) in plans {
         let mut sink = FeedSink(pipeline.feed(&plan.pages_file)?);
-        bytes += write_pages(images, pid, &plan, &source, &mut sink)?;
+        bytes += write_pages(images, pid, &plan, &source, &mut sink, progress)?;
         sink.0.finish()?;
         rewrite_pagemap(images, pid, &plan.pagemap)?;
     }
@@ -75,13 +100,18 @@ pub(crate) fn feed_from_frozen(images: &Path, root: i32, pipeline: &Pipeline) ->
 }
 
 /// As [`feed_from_frozen`], into memory: the tree may run again once this returns.
-pub(crate) fn copy_from_frozen(images: &Path, root: i32) -> Result<MemoryCopy, Error> {
+pub(crate) fn copy_from_frozen(
+    images: &Path,
+    root: i32,
+    progress: &dyn Progress,
+) -> Result<MemoryCopy, Error> {
     let source = PageSource::open(images, root).map_err(pager_error)?;
+    let plans = plans(images)?;
+    progress.stage("copy", Some(total_bytes(&plans)));
     let mut copy = MemoryCopy::default();
-    for pid in ferry_lazy::tree_pids(images).map_err(pager_error)? {
-        let Some(plan) = ferry_lazy::complete_lazy_dump(images, pid).map_err(pager_error)? else { continue };
+    for (pid, plan) in plans {
         let mut pieces: Vec<Vec<u8>> = Vec::new();
-        copy.bytes += write_pages(images, pid, &plan, &source, &mut pieces)?;
+        copy.bytes += write_pages(images, pid, &plan, &source, &mut pieces, progress)?;
         copy.files.push((plan.pages_file.clone(), pieces));
         rewrite_pagemap(images, pid, &plan.pagemap)?;
     }
@@ -89,11 +119,15 @@ pub(crate) fn copy_from_frozen(images: &Path, root: i32) -> Result<MemoryCopy, E
 }
 
 /// Feeds a copy made by [`copy_from_frozen`] to `pipeline`, freeing it as it goes.
-pub(crate) fn feed_copy(copy: MemoryCopy, pipeline: &Pipeline) -> Result<(), Error> {
+pub(crate) fn feed_copy(copy: MemoryCopy, pipeline: &Pipeline, progress: &dyn Progress) -> Result<(), Error> {
+    let total = copy.files.iter().flat_map(|(_, p)| p.iter()).map(|p| p.len() as u64).sum();
+    progress.stage("pages", Some(total));
     for (name, pieces) in copy.files {
         let mut feed = pipeline.feed(&name)?;
         for p in pieces {
+            let n = p.len() as u64;
             feed.write_owned(p)?;
+            progress.advance(n);
         }
         feed.finish()?;
     }
@@ -108,6 +142,7 @@ fn write_pages(
     plan: &ferry_lazy::LazyDumpPages,
     source: &PageSource,
     sink: &mut dyn Sink,
+    progress: &dyn Progress,
 ) -> Result<u64, Error> {
     let path = images.join(&plan.pages_file);
     let io = |action: &'static str| {
@@ -132,6 +167,7 @@ fn write_pages(
                     let mut buf = vec![0u8; n];
                     file.read_exact(&mut buf).map_err(io("cannot read"))?;
                     sink.write(buf)?;
+                    progress.advance(n as u64);
                     left -= n as u64;
                 }
             }
@@ -142,6 +178,7 @@ fn write_pages(
                     let mut buf = Vec::with_capacity(n as usize);
                     source.read(pid, at, (n / PAGE_SIZE) as u32, &mut buf).map_err(pager_error)?;
                     sink.write(buf)?;
+                    progress.advance(n);
                     at += n;
                     from_memory += n;
                     // Tests: ferry dies in the middle of sealing the frozen tree's pages.

@@ -79,19 +79,20 @@ pub fn restore(ctx: &Context, req: &RestoreRequest) -> Result<RestoreReport, Err
     // A process tree's pages go through ferry's pager; a container's runtime reads images.
     let container = checkpoint.manifest.files.iter().any(|f| f.name == crate::container::record::RECORD_FILE);
     if !container {
-        checkpoint.materialize_except(&ctx.store, &images, &paged::is_pages_image)?;
+        checkpoint.materialize_reporting(&ctx.store, &images, &paged::is_pages_image, &*ctx.progress)?;
         if let Some(plan) = PagePlan::prepare(&checkpoint, &ctx.store, &images)? {
             return restore_paged(ctx, req, &label, &checkpoint, &images, &plan, started, stamp);
         }
         // Not suited after all: the pages images in full, then CRIU reads them.
         paged::write_pages_images(&checkpoint, &ctx.store, &images)?;
     } else {
-        checkpoint.materialize(&ctx.store, &images)?;
+        checkpoint.materialize_reporting(&ctx.store, &images, &|_| false, &*ctx.progress)?;
     }
     let verify_seconds = started.elapsed().as_secs_f64();
 
     if let Some(record) = ContainerRecord::read_from(&images)? {
         let work_dir = ctx.store.logs_dir().join(format!("restore-{}-{stamp}", req.name));
+        ctx.progress.stage("restore", None);
         let restored = restore_container(
             ctx,
             &ContainerRestore {
@@ -131,6 +132,7 @@ pub fn restore(ctx: &Context, req: &RestoreRequest) -> Result<RestoreReport, Err
     }
     opts = opts.tcp_close(req.tcp_close);
     tracing::info!(name = %req.name, "restoring");
+    ctx.progress.stage("restore", None);
     let outcome = ctx.criu.restore(&opts, &mut RecordingNotify::default())?;
     drop(scratch);
     let seconds = started.elapsed().as_secs_f64();
@@ -198,7 +200,10 @@ fn restore_paged(
         guard: guard.clone(),
         failure: None,
         resumed: None,
+        progress: &*ctx.progress,
     };
+    // CRIU restores the tree; the pages follow at post-restore (or, lazy, once it runs).
+    ctx.progress.stage("restore", None);
     let restored = ctx.criu.restore(&opts, &mut at_resume);
     let (failure, resumed) = (at_resume.failure.take(), at_resume.resumed);
     let outcome = match (restored, failure) {
@@ -217,8 +222,14 @@ fn restore_paged(
     if req.lazy {
         // The tree runs: the pages it touches come first, the rest in address order.
         let pushed = std::thread::scope(|s| {
-            let push =
-                s.spawn(|| if feeder.wait_allowed() { plan.push(&feeder, paged::threads()) } else { Ok(()) });
+            let push = s.spawn(|| {
+                if !feeder.wait_allowed() {
+                    return Ok(());
+                }
+                // The pages the tree faults in meanwhile come through the pager, uncounted.
+                ctx.progress.stage("pages", Some(plan.bytes()));
+                plan.push(&feeder, paged::threads(), &*ctx.progress)
+            });
             let done = pager.wait_done(paged::COMPLETE_TIMEOUT);
             (push.join(), done)
         });

@@ -61,6 +61,7 @@ use crate::fsutil::{create_private, sync_dir};
 use crate::keys::{hex, ChunkId};
 use crate::manifest::{decode_verified, Extent, ManifestBody, MAX_FILES, MAX_MANIFEST_FILE};
 use crate::packs::{decode_idx, KeyId, Location, PackReader, MAX_FRAME};
+use crate::progress::{Counted, Progress, Silent};
 use crate::seal::{KeyRing, Opener, SealError, Slots, MAX_SLOTS_FILE};
 use crate::store::{Checkpoint, CheckpointInfo, Committed, Pending, Store};
 use crate::StoreError;
@@ -221,21 +222,23 @@ pub struct ExportReport {
 /// same directory that is renamed into place; the file is 0600. Every image goes under
 /// `checkpoint/`; [`export_with`] lets a layout place the rest.
 pub fn export(store: &Store, name: &str, out: &Path, mode: ExportMode) -> Result<ExportReport, StoreError> {
-    export_with(store, name, out, mode, &PlainImages)
+    export_with(store, name, out, mode, &PlainImages, &Silent)
 }
 
-/// [`export`], with `layout` deciding where a plaintext export puts what is not a CRIU image.
+/// [`export`], with `layout` deciding where a plaintext export puts what is not a CRIU image,
+/// and the bytes written reported to `progress`.
 pub fn export_with(
     store: &Store,
     name: &str,
     out: &Path,
     mode: ExportMode,
     layout: &dyn ExportLayout,
+    progress: &dyn Progress,
 ) -> Result<ExportReport, StoreError> {
     let c = store.get(name)?;
     let manifest = signed_manifest(store, &c)?;
     if let ExportMode::OciImage { reference, directory } = &mode {
-        let plain = PlainSource::prepare(store, &c, manifest, layout)?;
+        let plain = PlainSource::prepare(store, &c, manifest, layout, progress)?;
         let (bytes, image_id) = crate::oci::write(&plain, reference, out, *directory)?;
         let files = c.manifest.files.len();
         return Ok(ExportReport { bytes, files, mode: "OCI image", image_id: Some(image_id) });
@@ -247,12 +250,12 @@ pub fn export_with(
         ExportMode::Encrypted { recipients } => {
             let mut tar = Builder::new(BufWriter::with_capacity(COPY_BUF, file));
             put_ferry_header(&mut tar, &c, &manifest).map_err(werr)?;
-            write_sealed(&mut tar, store, &c, &recipients, &tmp.path)?;
+            write_sealed(&mut tar, store, &c, &recipients, &tmp.path, progress)?;
             finish_tar(tar).map_err(werr)?;
             "encrypted"
         }
         ExportMode::Plaintext => {
-            let plain = PlainSource::prepare(store, &c, manifest, layout)?;
+            let plain = PlainSource::prepare(store, &c, manifest, layout, progress)?;
             let buffered = plain.write(BufWriter::with_capacity(COPY_BUF, file), &tmp.path)?;
             let file = buffered.into_inner().map_err(|e| werr(e.into_error()))?;
             file.sync_all().map_err(werr)?;
@@ -286,17 +289,19 @@ fn finish_tar(tar: Builder<BufWriter<File>>) -> io::Result<()> {
 /// and signed by this node. An archive with a container's root file system changes needs
 /// [`import_with`] and a hook that checks them.
 pub fn import(store: &Store, archive: &Path, name: Option<&str>) -> Result<Committed, StoreError> {
-    import_inner(store, archive, name, None)
+    import_inner(store, archive, name, None, &Silent)
 }
 
-/// [`import`], with `hook` checking (and completing) what a container's archive holds.
+/// [`import`], with `hook` checking (and completing) what a container's archive holds, and
+/// each pass over the archive reported to `progress`.
 pub fn import_with(
     store: &Store,
     archive: &Path,
     name: Option<&str>,
     hook: &dyn ImportHook,
+    progress: &dyn Progress,
 ) -> Result<Committed, StoreError> {
-    import_inner(store, archive, name, Some(hook))
+    import_inner(store, archive, name, Some(hook), progress)
 }
 
 /// What the container metadata of an archive means: ferry-runtime's business. Both calls
@@ -341,6 +346,7 @@ fn import_inner(
     archive: &Path,
     name: Option<&str>,
     hook: Option<&dyn ImportHook>,
+    progress: &dyn Progress,
 ) -> Result<Committed, StoreError> {
     let label = archive.display().to_string();
     // Non-blocking, so that a FIFO given as the archive is refused rather than waited on.
@@ -354,11 +360,13 @@ fn import_inner(
         return Err(refused(&label, "", "not a regular file"));
     }
     let rules = Rules { rootfs: hook.is_some() };
+    // Two passes over the file: one checks it all, the other imports what was checked.
+    progress.stage("check", Some(md.len()));
     let scan = {
-        let mut tar = TarIn::new(open_stream(&file, &label, archive)?, &label);
+        let mut tar = TarIn::new(open_stream(&file, &label, archive, progress)?, &label);
         scan(&mut tar, rules)?
     };
-    let src = Source { file: &file, label: &label, path: archive, scan: &scan, rules };
+    let src = Source { file: &file, label: &label, path: archive, scan: &scan, rules, progress };
     if scan.encrypted() {
         import_sealed(store, &src, name)
     } else {
@@ -388,6 +396,7 @@ fn write_sealed<W: Write>(
     c: &Checkpoint,
     recipients: &[[u8; 32]],
     tmp: &Path,
+    progress: &dyn Progress,
 ) -> Result<(), StoreError> {
     let name = &c.manifest.name;
     let ring = c.key_ring(store)?;
@@ -431,7 +440,9 @@ fn write_sealed<W: Write>(
         pos: 0,
         error: None,
     };
-    let written = put(tar, "ferry/chunks.pack", EntryType::Regular, offset, mtime, &mut frames);
+    progress.stage("export", Some(offset));
+    let written =
+        put(tar, "ferry/chunks.pack", EntryType::Regular, offset, mtime, Counted::new(&mut frames, progress));
     if let Some(e) = frames.error.take() {
         return Err(e);
     }
@@ -492,6 +503,7 @@ pub(crate) struct PlainSource<'a> {
     manifest: Vec<u8>,
     scratch: PrivateTmpfs,
     pub(crate) layout: Layout,
+    progress: &'a dyn Progress,
 }
 
 impl<'a> PlainSource<'a> {
@@ -500,6 +512,7 @@ impl<'a> PlainSource<'a> {
         c: &'a Checkpoint,
         manifest: Vec<u8>,
         layout: &dyn ExportLayout,
+        progress: &'a dyn Progress,
     ) -> Result<PlainSource<'a>, StoreError> {
         let scratch = store.scratch(&format!("export-{}", c.manifest.name))?;
         c.materialize(store, scratch.path())?;
@@ -516,7 +529,7 @@ impl<'a> PlainSource<'a> {
         }
         let layout = layout.layout(scratch.path(), &c.manifest)?;
         layout.check(&c.manifest)?;
-        Ok(PlainSource { c, manifest, scratch, layout })
+        Ok(PlainSource { c, manifest, scratch, layout, progress })
     }
 
     pub(crate) fn manifest(&self) -> &ManifestBody {
@@ -531,6 +544,9 @@ impl<'a> PlainSource<'a> {
         let mut tar = Builder::new(w);
         let m = &self.c.manifest;
         let mtime = m.created;
+        // The images are the bulk: what `put_image` reports (an OCI image writes them twice,
+        // once to hash them).
+        self.progress.stage("export", Some(m.files.iter().map(|f| f.size).sum()));
         put_ferry_header(&mut tar, self.c, &self.manifest).map_err(werr)?;
         for name in &self.layout.own {
             self.put_image(&mut tar, name, &format!("ferry/{name}")).map_err(werr)?;
@@ -560,7 +576,7 @@ impl<'a> PlainSource<'a> {
         let size = self.c.manifest.files.iter().find(|f| f.name == name).map_or(0, |f| f.size);
         let path = self.scratch.path().join(name);
         let file = File::open(&path)?;
-        let data = BufReader::with_capacity(COPY_BUF, file).take(size);
+        let data = Counted::new(BufReader::with_capacity(COPY_BUF, file).take(size), self.progress);
         put(tar, at, EntryType::Regular, size, self.c.manifest.created, data)
     }
 }
@@ -955,7 +971,13 @@ fn no_key(name: &str, detail: String) -> StoreError {
 }
 
 /// The archive, decompressed if it is zstd, from its start.
-fn open_stream<'f>(file: &'f File, label: &str, path: &Path) -> Result<Box<dyn Read + 'f>, StoreError> {
+/// The archive's members' bytes, decompressed; the file's bytes read are reported to `progress`.
+fn open_stream<'f>(
+    file: &'f File,
+    label: &str,
+    path: &Path,
+    progress: &'f dyn Progress,
+) -> Result<Box<dyn Read + 'f>, StoreError> {
     let mut magic = [0u8; 4];
     let n = file.read_at(&mut magic, 0).map_err(io_err("cannot read", path))?;
     let mut f = file;
@@ -967,6 +989,7 @@ fn open_stream<'f>(file: &'f File, label: &str, path: &Path) -> Result<Box<dyn R
             "gzip-compressed archives are not supported: gunzip it first (zstd and none are)",
         ));
     }
+    let f = Counted::new(f, progress);
     if n == 4 && magic == [0x28, 0xb5, 0x2f, 0xfd] {
         let d = zstd::stream::read::Decoder::new(f).map_err(io_err("cannot decompress", path))?;
         return Ok(Box::new(d));
@@ -1174,6 +1197,7 @@ struct Source<'a> {
     path: &'a Path,
     scan: &'a Scan,
     rules: Rules,
+    progress: &'a dyn Progress,
 }
 
 impl Source<'_> {
@@ -1183,7 +1207,9 @@ impl Source<'_> {
         &self,
         mut each: impl FnMut(&mut TarIn<'_, Box<dyn Read + '_>>, &Member, &Place) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
-        let mut tar = TarIn::new(open_stream(self.file, self.label, self.path)?, self.label);
+        let size = self.file.metadata().map_err(io_err("cannot stat", self.path))?.len();
+        self.progress.stage("import", Some(size));
+        let mut tar = TarIn::new(open_stream(self.file, self.label, self.path, self.progress)?, self.label);
         let mut i = 0;
         while let Some(m) = tar.next()? {
             if self.scan.members.get(i) != Some(&(m.path.clone(), m.size)) {
@@ -1606,6 +1632,49 @@ mod tests {
     }
 
     #[test]
+    fn export_and_import_report_every_byte_against_the_total_they_announce() {
+        use crate::progress::Tally;
+        let f = Fixture::new();
+        checkpoint(&f.store, "web", &images());
+        let b = Fixture::peer_of(&f.store);
+        let peer = b.store.keys().public().x25519;
+        for (mode, file) in [
+            (ExportMode::Encrypted { recipients: vec![peer] }, "web.tar"),
+            (ExportMode::Plaintext, "plain.tar"),
+        ] {
+            let out = f.path(file);
+            let tally = Tally::default();
+            export_with(&f.store, "web", &out, mode, &PlainImages, &tally).unwrap();
+            let stages = tally.stages();
+            assert_eq!(stages.len(), 1, "{stages:?}");
+            let (label, total, done) = &stages[0];
+            assert_eq!(label, "export");
+            assert_eq!(Some(*done), *total, "{file}: the bar ends full");
+            assert!(*done > 0);
+
+            // Import reads the file twice (check, then import): each pass counts it whole.
+            let tally = Tally::default();
+            import_with(&b.store, &out, Some(&format!("in-{file}")), &NoHook, &tally).unwrap();
+            let size = fs::metadata(&out).unwrap().len();
+            let want = vec![("check".to_owned(), Some(size), size), ("import".to_owned(), Some(size), size)];
+            assert_eq!(tally.stages(), want, "{file}");
+        }
+    }
+
+    /// Accepts an archive as it is.
+    struct NoHook;
+
+    impl ImportHook for NoHook {
+        fn default_name(&self, _meta: &ArchiveMeta) -> Option<String> {
+            None
+        }
+
+        fn finish(&self, _: &Path, _: &ArchiveMeta, _: bool) -> Result<Option<Origin>, HookError> {
+            Ok(None)
+        }
+    }
+
+    #[test]
     fn encrypted_round_trip_in_one_store() {
         let f = Fixture::new();
         let c = checkpoint(&f.store, "web", &images());
@@ -1836,7 +1905,7 @@ mod tests {
         let f = Fixture::new();
         checkpoint(&f.store, "ctr", &container_images());
         let out = f.path("ctr.tar");
-        let r = export_with(&f.store, "ctr", &out, ExportMode::Plaintext, &TestLayout).unwrap();
+        let r = export_with(&f.store, "ctr", &out, ExportMode::Plaintext, &TestLayout, &Silent).unwrap();
         assert_eq!(r.mode, "plaintext");
         let names: Vec<String> = listing(&out).into_iter().map(|(p, _, _, _)| p).collect();
         assert_eq!(
@@ -1863,7 +1932,7 @@ mod tests {
 
         // With one: the verified manifest's images, every one back in place.
         let hook = TestHook::default();
-        let got = import_with(&b.store, &out, None, &hook).unwrap();
+        let got = import_with(&b.store, &out, None, &hook, &Silent).unwrap();
         assert_eq!(got.checkpoint.manifest.name, "ctr");
         assert_eq!(got.checkpoint.manifest.source, "pid:4242", "a verified manifest's source stays");
         let want: BTreeMap<String, Vec<u8>> =
@@ -1904,7 +1973,7 @@ mod tests {
         let out = f.path("web.tar.zst");
         fs::write(&out, zstd::encode_all(&podman_export()[..], 3).unwrap()).unwrap();
         let hook = TestHook::default();
-        let got = import_with(&f.store, &out, None, &hook).unwrap();
+        let got = import_with(&f.store, &out, None, &hook, &Silent).unwrap();
         let m = &got.checkpoint.manifest;
         assert_eq!((m.name.as_str(), m.source.as_str()), ("from-config", "podman:web"));
         let files = materialized(&f.store, "from-config");
@@ -1920,7 +1989,7 @@ mod tests {
         // A hook's refusal leaves nothing.
         let g = Fixture::new();
         let refusing = TestHook { refuse: true, ..TestHook::default() };
-        let err = import_with(&g.store, &out, Some("x"), &refusing).unwrap_err();
+        let err = import_with(&g.store, &out, Some("x"), &refusing, &Silent).unwrap_err();
         assert!(
             matches!(&err, StoreError::Tampered { file, detail } if file.contains("rootfs-diff.tar") && detail.contains("leaves")),
             "{err}"
@@ -1952,7 +2021,7 @@ mod tests {
         for (label, bytes, why) in cases {
             let p = f.path("hostile.tar");
             fs::write(&p, &bytes).unwrap();
-            let err = import_with(&f.store, &p, Some("victim"), &hook).expect_err(label);
+            let err = import_with(&f.store, &p, Some("victim"), &hook, &Silent).expect_err(label);
             assert!(err.to_string().contains(why), "{label}: {err}");
             f.assert_untouched(0);
         }
@@ -2006,12 +2075,12 @@ mod tests {
         let f = Fixture::new();
         checkpoint(&f.store, "ctr", &container_images());
         let plain = f.path("ctr.tar");
-        export_with(&f.store, "ctr", &plain, ExportMode::Plaintext, &TestLayout).unwrap();
+        export_with(&f.store, "ctr", &plain, ExportMode::Plaintext, &TestLayout, &Silent).unwrap();
         let want_layer = fs::read(&plain).unwrap();
 
         let out = f.path("ctr.oci.tar");
         let mode = ExportMode::OciImage { reference: "localhost/ferry/ctr:latest".into(), directory: false };
-        let r = export_with(&f.store, "ctr", &out, mode, &TestLayout).unwrap();
+        let r = export_with(&f.store, "ctr", &out, mode, &TestLayout, &Silent).unwrap();
         assert_eq!((r.mode, r.bytes), ("OCI image", fs::metadata(&out).unwrap().len()));
         let all = members(&fs::read(&out).unwrap());
         assert_eq!(all["oci-layout"], br#"{"imageLayoutVersion":"1.0.0"}"#);
@@ -2028,7 +2097,7 @@ mod tests {
         // As a directory.
         let dir = f.path("ctr-layout");
         let mode = ExportMode::OciImage { reference: "localhost/ferry/ctr:latest".into(), directory: true };
-        export_with(&f.store, "ctr", &dir, mode.clone(), &TestLayout).unwrap();
+        export_with(&f.store, "ctr", &dir, mode.clone(), &TestLayout, &Silent).unwrap();
         let blobs: BTreeMap<String, Vec<u8>> = fs::read_dir(dir.join("blobs/sha256"))
             .unwrap()
             .map(|e| {
@@ -2041,12 +2110,12 @@ mod tests {
         assert_eq!(layer, want_layer);
         assert_eq!(fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);
         // Never into an existing directory; nothing left behind by the refusal.
-        assert!(export_with(&f.store, "ctr", &dir, mode, &TestLayout).is_err());
+        assert!(export_with(&f.store, "ctr", &dir, mode, &TestLayout, &Silent).is_err());
         assert_eq!(count(f.dir.path()), 4, "store, ctr.tar, ctr.oci.tar, ctr-layout: no temporary left");
         // A bad image name is refused before anything is written.
         let bad = ExportMode::OciImage { reference: "Not Valid".into(), directory: false };
         assert!(matches!(
-            export_with(&f.store, "ctr", &f.path("bad.tar"), bad, &TestLayout),
+            export_with(&f.store, "ctr", &f.path("bad.tar"), bad, &TestLayout, &Silent),
             Err(StoreError::InvalidName { .. })
         ));
         assert!(!f.path("bad.tar").exists());

@@ -10,6 +10,7 @@
 //! - `store`: the whole, as the rest of ferry uses it.
 //! - `replica`: a checkpoint copied to another node's store (migration), missing chunks only.
 //! - `archive` (`oci`): a checkpoint as one file, to take elsewhere (`ferry export`, `import`).
+//! - `progress`: how long operations (here and above) report how far they are.
 #![forbid(unsafe_code)]
 
 pub mod archive;
@@ -22,6 +23,7 @@ mod name;
 mod oci;
 pub mod packs;
 pub mod pipeline;
+pub mod progress;
 mod reader;
 pub mod replica;
 pub mod seal;
@@ -33,6 +35,7 @@ pub use error::StoreError;
 pub use manifest::HostInfo;
 pub use name::validate_name;
 pub use pipeline::IngestStats;
+pub use progress::{Progress, SharedProgress, Silent};
 pub use reader::{Cursor, ImageReader};
 pub use store::{
     rotate_keys, Checkpoint, CheckpointInfo, Committed, Footprint, GcReport, Pending, Store, VerifyReport,

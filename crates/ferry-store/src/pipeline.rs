@@ -25,6 +25,7 @@ use crate::error::io_err;
 use crate::keys::{ChunkId, NodeKeys};
 use crate::manifest::{Extent, FileRecord};
 use crate::packs::{FinishedPack, KeyId, Known, PackSet, PackWriter, PACK_TARGET};
+use crate::progress::{Progress, SharedProgress};
 use crate::seal::{DataKey, Sealer};
 use crate::StoreError;
 
@@ -224,6 +225,7 @@ impl Pipeline {
         workers: usize,
         tap: Option<Tap>,
         follow: bool,
+        progress: SharedProgress,
     ) -> Result<Pipeline, StoreError> {
         let stop = Arc::new(AtomicBool::new(false));
         let (seg_tx, seg_rx) = sync_channel::<Segment>(QUEUE);
@@ -253,7 +255,7 @@ impl Pipeline {
             if !follow {
                 return Ok(Vec::new());
             }
-            self::follow(&follower_dir, &follower_stop, &follower_tx, &follower_names)
+            self::follow(&follower_dir, &follower_stop, &follower_tx, &follower_names, &*progress)
         })?;
         Ok(Pipeline {
             dir,
@@ -368,6 +370,7 @@ fn follow(
     stop: &AtomicBool,
     tx: &SyncSender<Segment>,
     names: &Mutex<Vec<String>>,
+    progress: &dyn Progress,
 ) -> Result<Vec<(String, u64)>, StoreError> {
     struct Tail {
         name: String,
@@ -410,6 +413,7 @@ fn follow(
                 }
                 progressed = true;
                 t.pos += n as u64;
+                progress.advance(n as u64);
                 if t.pending.len() == SEGMENT {
                     let data = std::mem::replace(&mut t.pending, Vec::with_capacity(SEGMENT));
                     send(tx, Segment { file: t.idx, seq: t.seq, data, chunk: PAGE })?;

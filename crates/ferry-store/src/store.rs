@@ -33,6 +33,7 @@ use crate::manifest::{
 };
 use crate::packs::{hex, Entry, KeyId, Location, PackReader, PackSet, PackWriter};
 use crate::pipeline::{IngestStats, Pipeline};
+use crate::progress::{Progress, Silent};
 use crate::reader::ImageReader;
 use crate::seal::{unwrap_key, wrap_key, DataKey, KeyRing, Opener, Slots, MAX_SLOTS_FILE};
 use crate::{validate_name, StoreError};
@@ -568,16 +569,18 @@ impl Pending {
         store: &Store,
         tap: Option<crate::pipeline::Tap>,
     ) -> Result<Pipeline, StoreError> {
-        self.start_ingest_with(store, tap, true)
+        self.start_ingest_with(store, tap, true, crate::progress::silent())
     }
 
     /// Like [`Pending::start_ingest_tapped`]; without `follow` the page images are not tailed
-    /// while CRIU writes them: the caller gives them with [`Pipeline::feed`].
+    /// while CRIU writes them: the caller gives them with [`Pipeline::feed`]. With it, the
+    /// bytes tailed are reported to `progress` (CRIU's own writing: no total is known).
     pub fn start_ingest_with(
         &self,
         store: &Store,
         tap: Option<crate::pipeline::Tap>,
         follow: bool,
+        progress: crate::progress::SharedProgress,
     ) -> Result<Pipeline, StoreError> {
         let usable = store.usable_keys()?;
         let packs = store.packs()?;
@@ -590,6 +593,7 @@ impl Pending {
             threads(),
             tap,
             follow,
+            progress,
         )
     }
 
@@ -750,13 +754,13 @@ impl Checkpoint {
 
     /// Opens and checks every chunk without writing anything.
     pub fn verify(&self, store: &Store) -> Result<VerifyReport, StoreError> {
-        self.for_each_chunk(store, None, &|_| false)
+        self.for_each_chunk(store, None, &|_| false, &Silent)
     }
 
     /// Writes the images into `dir`, checking every chunk on the way. On error `dir` holds a
     /// partial copy that the caller must discard (it is a tmpfs that is dropped).
     pub fn materialize(&self, store: &Store, dir: &Path) -> Result<VerifyReport, StoreError> {
-        self.for_each_chunk(store, Some(dir), &|_| false)
+        self.for_each_chunk(store, Some(dir), &|_| false, &Silent)
     }
 
     /// As [`materialize`](Self::materialize), except that the files `skip` names are created
@@ -768,7 +772,19 @@ impl Checkpoint {
         dir: &Path,
         skip: &dyn Fn(&str) -> bool,
     ) -> Result<VerifyReport, StoreError> {
-        self.for_each_chunk(store, Some(dir), skip)
+        self.for_each_chunk(store, Some(dir), skip, &Silent)
+    }
+
+    /// As [`materialize_except`](Self::materialize_except), with the bytes checked and
+    /// written reported to `progress` (stage "verify").
+    pub fn materialize_reporting(
+        &self,
+        store: &Store,
+        dir: &Path,
+        skip: &dyn Fn(&str) -> bool,
+        progress: &dyn Progress,
+    ) -> Result<VerifyReport, StoreError> {
+        self.for_each_chunk(store, Some(dir), skip, progress)
     }
 
     /// Random access to the checkpoint's files, every chunk checked as it is read.
@@ -786,6 +802,7 @@ impl Checkpoint {
         store: &Store,
         out: Option<&Path>,
         skip: &dyn Fn(&str) -> bool,
+        progress: &dyn Progress,
     ) -> Result<VerifyReport, StoreError> {
         let ring = self.key_ring(store)?;
         let (known, dir) = {
@@ -809,6 +826,7 @@ impl Checkpoint {
         let mut work = work_list(&self.manifest.files);
         work.retain(|w| !skip(&self.manifest.files[w.file].name));
         let total_bytes: u64 = work.iter().map(|w| u64::from(w.len)).sum();
+        progress.stage("verify", Some(total_bytes));
         let parts = split_work(&work, threads());
         let hash_key = store.keys.hash_key();
         let name = &self.manifest.name;
@@ -833,6 +851,7 @@ impl Checkpoint {
                             span: Vec::new(),
                             pending: Vec::new(),
                             pending_at: None,
+                            progress,
                         };
                         job.run(part)
                     })
@@ -894,6 +913,7 @@ struct Materializer<'a> {
     pending: Vec<u8>,
     /// (file index, offset) where `pending` goes.
     pending_at: Option<(usize, u64)>,
+    progress: &'a dyn Progress,
 }
 
 impl Materializer<'_> {
@@ -954,6 +974,7 @@ impl Materializer<'_> {
                 self.write(w, &plain)?;
             }
             self.span = span;
+            self.progress.advance(part[i..i + locs.len()].iter().map(|w| u64::from(w.len)).sum());
             i += locs.len();
         }
         self.flush()
@@ -1072,6 +1093,27 @@ mod tests {
         images(seed).into_iter().map(|(n, d)| (n.to_owned(), d)).collect()
     }
 
+    /// A restore's verify stage counts to the bytes it announced: every chunk it wrote, and
+    /// nothing of the files it skips.
+    #[test]
+    fn materializing_reports_each_written_chunk_against_its_total() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().join("s")).unwrap();
+        checkpoint(&store, "m", &images(0));
+        let c = store.get("m").unwrap();
+        for (skip_pages, out) in [(false, "all"), (true, "no-pages")] {
+            let tally = crate::progress::Tally::default();
+            let target = dir.path().join(out);
+            fs::create_dir(&target).unwrap();
+            let skip = move |n: &str| skip_pages && n.starts_with("pages-");
+            let report = c.materialize_reporting(&store, &target, &skip, &tally).unwrap();
+            let stages = tally.stages();
+            assert_eq!(stages, vec![("verify".to_owned(), Some(report.bytes), report.bytes)]);
+            // Without the pages: the core file alone.
+            assert!(if skip_pages { report.bytes == 900 } else { report.bytes > 900 }, "{out}: {report:?}");
+        }
+    }
+
     /// Any range of any file reads back as written, across chunk and zero extents, each chunk
     /// checked; a damaged chunk fails its read and hands out nothing of it.
     #[test]
@@ -1126,7 +1168,7 @@ mod tests {
         fs::write(pending.images_dir().join("core-1.img"), random(900, 2)).unwrap();
         // What CRIU's lazy dump left: replaced by the fed one of the same name.
         fs::write(pending.images_dir().join("pages-1.img"), random(4096, 9)).unwrap();
-        let pipeline = pending.start_ingest_with(&store, None, false).unwrap();
+        let pipeline = pending.start_ingest_with(&store, None, false, crate::progress::silent()).unwrap();
         let mut pages = random(300 * 1024, 7);
         pages.extend(vec![0u8; 8192]);
         let mut feed = pipeline.feed("pages-1.img").unwrap();
@@ -1139,6 +1181,24 @@ mod tests {
         let got = materialized(&store, "fed");
         assert_eq!(got["pages-1.img"], pages);
         assert_eq!(got["core-1.img"], random(900, 2));
+    }
+
+    /// The page images the pipeline tails while CRIU writes them are reported as read (a
+    /// container's checkpoint: no total is known), the other images not.
+    #[test]
+    fn tailed_page_images_are_reported_as_they_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path().join("s")).unwrap();
+        let pending = store.begin("tailed").unwrap();
+        let tally = std::sync::Arc::new(crate::progress::Tally::default());
+        tally.stage("dump", None);
+        let pipeline = pending.start_ingest_with(&store, None, true, tally.clone()).unwrap();
+        let pages = random(300 * 4096, 4);
+        fs::write(pending.images_dir().join("pages-1.img"), &pages).unwrap();
+        fs::write(pending.images_dir().join("core-1.img"), random(900, 2)).unwrap();
+        pending.commit(&store, CheckpointInfo::default(), pipeline).unwrap();
+        assert_eq!(tally.stages(), vec![("dump".to_owned(), None, pages.len() as u64)]);
+        assert_eq!(materialized(&store, "tailed")["pages-1.img"], pages);
     }
 
     /// A store written before frame format 2: its checkpoints verify and restore, a new

@@ -1,11 +1,12 @@
 //! Test kit of ferry: sample workloads to checkpoint, a runner for the `ferry` binary, the
 //! root-and-CRIU check privileged tests start with, and assertions that a failure left nothing
-//! behind (stopped tasks, CRIU firewall rules, mounts).
+//! behind (stopped tasks, CRIU firewall rules, mounts), and a reader of the agent's metrics.
 //!
 //! Everything a test starts through the kit is killed when its handle drops, panics included.
 #![forbid(unsafe_code)]
 
 mod clean;
+mod metrics;
 mod net;
 mod poll;
 mod privileged;
@@ -20,6 +21,7 @@ pub use clean::{
     rules_for_port, FirewallGuard,
 };
 pub use ferry_sys::Signal;
+pub use metrics::{metric, parse_metrics, Sample as MetricSample};
 pub use net::{fetch_greeting, free_port, LineClient, Probe};
 pub use poll::{poll, try_poll, WAIT};
 pub use privileged::{

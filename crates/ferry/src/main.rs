@@ -4,6 +4,7 @@
 mod cli;
 mod cmd;
 mod exit;
+mod progress;
 
 use std::process::ExitCode;
 
@@ -130,6 +131,9 @@ fn init_logging(verbose: u8) {
         1 => "info",
         _ => "debug",
     };
+    if verbose > 0 || std::env::var_os("FERRY_LOG").is_some() {
+        progress::logs_on_stderr();
+    }
     let filter = EnvFilter::try_from_env("FERRY_LOG").unwrap_or_else(|_| EnvFilter::new(default));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
 }

@@ -245,25 +245,24 @@ fn copies_of_a_tcp_server_reseed_on_the_signal_and_answer_as_themselves() {
     let w = start(&mut lab, "node1", &[PYTHON.into(), "-c".into(), IDENTITY_SERVER.into()]);
     let original = ask(w.ip, "id").expect("id");
     let f = ferry();
-    let out = f
-        .run(&[
-            "clone",
-            &format!("pid:{}", w.pid),
-            "--replicas",
-            "4",
-            "--to",
-            "node2",
-            "--lab",
-            &lab_name(&lab),
-            "--hostname-prefix",
-            "web",
-            "--signal",
-            "USR1",
-            "--json",
-        ])
-        .assert_ok()
-        .stdout
-        .clone();
+    let done = f.run(&[
+        "clone",
+        &format!("pid:{}", w.pid),
+        "--replicas",
+        "4",
+        "--to",
+        "node2",
+        "--lab",
+        &lab_name(&lab),
+        "--hostname-prefix",
+        "web",
+        "--signal",
+        "USR1",
+        "--json",
+    ]);
+    let out = done.assert_ok().stdout.clone();
+    // Not on a terminal: no progress bar, not one control character.
+    assert!(!format!("{}{}", done.stdout, done.stderr).contains(['\x1b', '\r']), "{done}");
     let clones = clones_of(&serde_json::from_str(out.trim()).expect("json"));
     assert_eq!(clones.len(), 4);
     let mut ids = BTreeSet::from([original.clone()]);

@@ -435,7 +435,8 @@ fn serve_local(mut conn: UnixStream, agent: &Agent) {
     }
 }
 
-/// A minimal HTTP responder for Prometheus: any GET gets the counters.
+/// A minimal HTTP responder for Prometheus: any GET gets the metrics, in the OpenMetrics text
+/// format the Prometheus client library writes.
 fn serve_metrics(l: TcpListener, agent: &Agent) {
     for conn in l.incoming().flatten() {
         let mut conn = conn;
@@ -445,7 +446,7 @@ fn serve_metrics(l: TcpListener, agent: &Agent) {
         let body = agent.metrics().render(agent.name());
         let _ = write!(
             conn,
-            "HTTP/1.0 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n{body}",
+            "HTTP/1.0 200 OK\r\nContent-Type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
         );
     }

@@ -614,7 +614,8 @@ fn podman_export_imports_and_restores() {
 
     let ctx = f.ctx("node2");
     let imported =
-        ferry_runtime::archive::import(&ctx.store, &archive, Some("web-imported")).expect("ferry import");
+        ferry_runtime::archive::import(&ctx.store, &archive, Some("web-imported"), &ferry_runtime::Silent)
+            .expect("ferry import");
     assert_eq!(imported.checkpoint.manifest.source, "podman:web");
     let restored = ferry_runtime::restore(
         &ctx,

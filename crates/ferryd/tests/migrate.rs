@@ -414,14 +414,41 @@ fn stop_copy_moves_memory_address_and_record_and_counts_it() {
         let emptied = ferry_testkit::try_poll(Duration::from_secs(10), || left().is_empty().then_some(()));
         assert!(emptied.is_some(), "{node} keeps {:?}", left());
     }
-    // The source's metrics count it.
+    // The source's metrics count it, with its phases and downtime in histograms.
     let node1 = f.lab.lab().node("node1").unwrap().ip;
     let mut m = TcpStream::connect((node1, METRICS_PORT)).unwrap();
     m.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
     let mut text = String::new();
     m.read_to_string(&mut text).unwrap();
-    assert!(text.contains("ferry_migrations_total{node=\"node1\"} 1"), "{text}");
-    assert!(text.contains("ferry_phase_seconds_total{node=\"node1\",phase=\"transfer\"}"), "{text}");
+    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP answer");
+    assert!(head.starts_with("HTTP/1.0 200") && head.contains("application/openmetrics-text"), "{head}");
+    let samples = ferry_testkit::parse_metrics(body).unwrap_or_else(|e| panic!("{e}\n{body}"));
+    let get = |name: &str, labels: &[(&str, &str)]| {
+        let mut all = vec![("node", "node1")];
+        all.extend_from_slice(labels);
+        ferry_testkit::metric(&samples, name, &all)
+    };
+    assert_eq!(get("ferry_migrations_total", &[]), Some(1.0), "{body}");
+    for phase in ["dump", "transfer", "restore", "commit"] {
+        let count = get("ferry_phase_duration_seconds_count", &[("phase", phase)]);
+        assert_eq!(count, Some(1.0), "{phase}: {body}");
+        let all = get("ferry_phase_duration_seconds_bucket", &[("phase", phase), ("le", "+Inf")]);
+        assert_eq!(all, Some(1.0), "{phase}: {body}");
+    }
+    let secs = r.phases.iter().find(|p| p.name == "transfer").map(|p| p.seconds);
+    let sum = get("ferry_phase_duration_seconds_sum", &[("phase", "transfer")]);
+    assert!(sum.zip(secs).is_some_and(|(a, b)| (a - b).abs() < 1e-9), "{sum:?} against {secs:?}");
+    assert_eq!(get("ferry_downtime_seconds_count", &[]), Some(1.0), "{body}");
+    // The downtime falls in the first bucket at or above it, and in none below.
+    let buckets: Vec<(f64, f64)> = samples
+        .iter()
+        .filter(|s| s.name == "ferry_downtime_seconds_bucket")
+        .map(|s| (s.labels["le"].parse::<f64>().unwrap_or(f64::INFINITY), s.value))
+        .collect();
+    assert!(buckets.len() > 5, "{body}");
+    for (le, n) in buckets {
+        assert_eq!(n, if r.downtime_s <= le { 1.0 } else { 0.0 }, "le={le}, downtime {}", r.downtime_s);
+    }
     // And it moves back.
     let back = f.migrate("node2", r.new_workload[4..].parse().unwrap(), "node1", Strategy::StopCopy);
     back.expect("migrate back");

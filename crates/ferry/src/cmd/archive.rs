@@ -8,6 +8,7 @@ use ferry_store::{keys, StoreError};
 
 use super::{human_bytes, open_store};
 use crate::cli::Cli;
+use crate::progress::Bar;
 use crate::Outcome;
 
 /// What `ferry export` was asked for.
@@ -73,8 +74,10 @@ pub fn export(cli: &Cli, name: &str, out: &Path, how: &How<'_>) -> Outcome {
         ExportMode::OciImage { reference, .. } => Some(reference.clone()),
         _ => None,
     };
-    let req = ExportRequest { name, out, mode, rootfs_image: how.rootfs_image };
+    let bar = Bar::new("export");
+    let req = ExportRequest { name, out, mode, rootfs_image: how.rootfs_image, progress: &*bar };
     let r = ferry_runtime::archive::export(&store, &req).map_err(|e| (what(), e))?;
+    bar.finish();
     if how.plaintext {
         // After the fact, so that a refused export's stderr starts with its error.
         eprintln!(
@@ -113,7 +116,9 @@ pub fn import(cli: &Cli, file: &Path, name: Option<&str>) -> Outcome {
     let what = || format!("import of {} failed", file.display());
     ferry_runtime::require_root().map_err(|e| (what(), e))?;
     let store = open_store(cli).map_err(|e| (what(), e))?;
-    let c = ferry_runtime::archive::import(&store, file, name).map_err(|e| (what(), e))?;
+    let bar = Bar::new("import");
+    let c = ferry_runtime::archive::import(&store, file, name, &*bar).map_err(|e| (what(), e))?;
+    bar.finish();
     let m = &c.checkpoint.manifest;
     println!(
         "imported {} as {} ({}: {} of images, {} new on disk)",

@@ -2,6 +2,7 @@ use ferry_runtime::{CheckpointRequest, WorkloadId};
 
 use super::{context, human_bytes};
 use crate::cli::Cli;
+use crate::progress::Bar;
 use crate::Outcome;
 
 pub struct Args {
@@ -16,7 +17,8 @@ pub struct Args {
 pub fn run(cli: &Cli, a: Args) -> Outcome {
     let what = || format!("checkpoint of {} failed", a.workload);
     let workload: WorkloadId = a.workload.parse().map_err(|e| (what(), e))?;
-    let ctx = context(cli).map_err(|e| (what(), e))?;
+    let bar = Bar::new("checkpoint");
+    let ctx = context(cli).map_err(|e| (what(), e))?.with_progress(bar.clone());
     if !a.force {
         // Before anything is frozen: a blocker is refused with its reasons (exit 11).
         super::check::refuse_not_ready(cli, &a.workload, Some(a.tcp_established)).map_err(|e| (what(), e))?;
@@ -32,6 +34,7 @@ pub fn run(cli: &Cli, a: Args) -> Outcome {
         log_level: None,
     };
     let r = ferry_runtime::checkpoint(&ctx, &req).map_err(|e| (what(), e))?;
+    bar.finish();
     let state = match (a.leave_running, r.frozen_seconds) {
         (true, Some(f)) => format!("frozen for {f:.2}s, left running"),
         (true, None) => "left running".to_owned(),

@@ -9,11 +9,12 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use ferry_lab::{Lab, LabConfig, LabError, Workload};
 use ferry_runtime::clone::{self, CloneRecord, Replica, ReplicaSpec};
-use ferry_runtime::{Context, Error, WorkloadId};
+use ferry_runtime::{Context, Error, Joint, WorkloadId};
 use serde_json::json;
 
 use super::context;
 use crate::cli::Cli;
+use crate::progress::Bar;
 use crate::Outcome;
 
 pub struct Args {
@@ -53,7 +54,8 @@ pub fn run(cli: &Cli, a: Args) -> Outcome {
             return Err((what(), lab_error(&LabError::UnknownNode { node: node.clone(), known })));
         }
     }
-    let ctx = context(cli).map_err(|e| (what(), e))?;
+    let bar = Bar::new("clone");
+    let mut ctx = context(cli).map_err(|e| (what(), e))?.with_progress(bar.clone());
 
     // The checkpoint: the one named, or one of the live workload (it keeps running).
     let (name, made, origin_lab) = match a.source.parse::<WorkloadId>() {
@@ -71,12 +73,14 @@ pub fn run(cli: &Cli, a: Args) -> Outcome {
             let r = clone::checkpoint_for_clone(&ctx, &workload, a.name.clone(), true)
                 .map_err(|e| (what(), e))?;
             if !a.json {
-                println!(
-                    "checkpointed {workload} as {} in {:.2}s (frozen for {:.2}s, left running)",
-                    r.name,
-                    r.seconds,
-                    r.frozen_seconds.unwrap_or(r.dump_seconds)
-                );
+                bar.suspend(|| {
+                    println!(
+                        "checkpointed {workload} as {} in {:.2}s (frozen for {:.2}s, left running)",
+                        r.name,
+                        r.seconds,
+                        r.frozen_seconds.unwrap_or(r.dump_seconds)
+                    )
+                });
             }
             let origin = ferry_lab::workload_by_pid(&config, pid).ok().flatten();
             (r.name, true, origin)
@@ -124,6 +128,8 @@ pub fn run(cli: &Cli, a: Args) -> Outcome {
         }
     }
     let t_restore = Instant::now();
+    // One bar for all the copies: their bytes against the sum of their totals.
+    ctx.progress = Joint::new(bar.clone(), "copies").part();
     // All restores at once, each with its own CRIU and pager.
     let results: Vec<Result<Replica, Error>> = std::thread::scope(|s| {
         let handles: Vec<_> = placed
@@ -144,6 +150,7 @@ pub fn run(cli: &Cli, a: Args) -> Outcome {
             .collect()
     });
     let restore_seconds = t_restore.elapsed().as_secs_f64();
+    bar.finish();
     let mut failures = Vec::new();
     for (p, r) in placed.iter_mut().zip(results) {
         match r {

@@ -1,10 +1,8 @@
 //! `ferry migrate` and `ferry node status`: requests to a node's agent over its local socket,
-//! with a progress line while it works and a report at the end.
+//! with a progress bar while it works (the agent's events) and a report at the end.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Instant;
 
 use ferry_migrate::api::{Event, MigrateRequest, Request};
 use ferry_migrate::MigrateError;
@@ -12,6 +10,8 @@ use ferry_migrate::MigrateError;
 use crate::cli::Cli;
 use crate::cmd::human_bytes;
 use crate::exit::Exit;
+use crate::progress::Bar;
+use ferry_runtime::Progress;
 
 /// The agent's socket: `--socket`, or the lab node's agent for `--node`.
 pub fn agent_socket(cli: &Cli) -> Result<PathBuf, MigrateError> {
@@ -41,17 +41,20 @@ pub fn run(cli: &Cli, req: MigrateRequest, report_json: Option<&Path>, force: bo
     };
     let to = req.to.clone();
     let req = Request::Migrate(req);
-    let started = Instant::now();
-    let mut bar = Bar::new();
+    let bar = Bar::new("migrate");
     // The last phase the agent reported: where the migration was if the agent goes away.
     let mut phase = String::new();
     let last = ferry_migrate::client::call(&socket, &req, &mut |ev| {
         if let Event::Phase(p) = ev {
             phase = p.clone();
         }
-        bar.show(ev, started)
+        match ev {
+            Event::Phase(p) => bar.stage(p, None),
+            Event::Progress(p) => bar.show(&p.phase, p.done, p.total),
+            _ => {}
+        }
     });
-    bar.clear();
+    bar.finish();
     match last {
         Ok(Event::Report(r)) => {
             println!(
@@ -138,52 +141,4 @@ fn fail(what: &str, cause: &str, hint: Option<String>) -> ExitCode {
         eprintln!("  hint: {h}");
     }
     Exit::Failure.into()
-}
-
-/// One status line on stderr: phase, bytes, rate, ETA.
-struct Bar {
-    phase: String,
-    phase_started: Instant,
-    drawn: bool,
-}
-
-impl Bar {
-    fn new() -> Bar {
-        Bar { phase: String::new(), phase_started: Instant::now(), drawn: false }
-    }
-
-    fn show(&mut self, ev: &Event, started: Instant) {
-        let line = match ev {
-            Event::Phase(p) => {
-                self.phase = p.clone();
-                self.phase_started = Instant::now();
-                format!("[{:>6.1}s] {p}", started.elapsed().as_secs_f64())
-            }
-            Event::Progress(p) => {
-                let secs = self.phase_started.elapsed().as_secs_f64().max(1e-3);
-                let rate = p.done as f64 / secs;
-                let eta = if rate > 0.0 && p.total > p.done { (p.total - p.done) as f64 / rate } else { 0.0 };
-                let pct = if p.total > 0 { 100.0 * p.done as f64 / p.total as f64 } else { 100.0 };
-                format!(
-                    "[{:>6.1}s] {}: {} / {} ({pct:.0}%), {}/s, ETA {eta:.1}s",
-                    started.elapsed().as_secs_f64(),
-                    p.phase,
-                    human_bytes(p.done),
-                    human_bytes(p.total),
-                    human_bytes(rate as u64),
-                )
-            }
-            _ => return,
-        };
-        let mut err = std::io::stderr();
-        let _ = write!(err, "\r\x1b[2K{line}");
-        let _ = err.flush();
-        self.drawn = true;
-    }
-
-    fn clear(&mut self) {
-        if self.drawn {
-            let _ = write!(std::io::stderr(), "\r\x1b[2K");
-        }
-    }
 }

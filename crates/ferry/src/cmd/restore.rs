@@ -7,6 +7,7 @@ use ferry_store::StoreError;
 
 use super::context;
 use crate::cli::Cli;
+use crate::progress::Bar;
 use crate::Outcome;
 
 pub fn run(
@@ -18,7 +19,8 @@ pub fn run(
     lazy: bool,
 ) -> Outcome {
     let what = || format!("restore of {name} failed");
-    let ctx = context(cli).map_err(|e| (what(), e))?;
+    let bar = Bar::new("restore");
+    let ctx = context(cli).map_err(|e| (what(), e))?.with_progress(bar.clone());
     // A lazy restore's guard is this program, started again as `ferry guard NAME`.
     let guard = std::env::current_exe().ok().map(|exe| vec![exe.display().to_string(), "guard".to_owned()]);
     let req = RestoreRequest {
@@ -29,6 +31,7 @@ pub fn run(
         ..Default::default()
     };
     let report = ferry_runtime::restore(&ctx, &req).map_err(|e| (what(), e))?;
+    bar.finish();
     if let Some(path) = pidfile {
         fs::write(path, format!("{}\n", report.pid)).map_err(|source| {
             let err =
