@@ -797,11 +797,12 @@ impl Arrival {
         }
         self.entry.phase = Phase::Lost;
         self.entry.lost = Some(format!("{at}: {reason}"));
+        // Counted before it is journaled: whoever reads `Lost` in the journal sees it counted.
+        node.metrics.arrivals_lost.inc();
         if let Err(e) = node.journal.write(&self.entry) {
             tracing::error!(error = %e, "could not journal the loss");
         }
         node.cleanup(&self.entry);
-        node.metrics.arrivals_lost.inc();
         let told = ch.as_deref_mut().is_some_and(|c| c.send(&Msg::PagesLost { at, reason }).is_ok());
         if told {
             self.await_forget(node, ch);
