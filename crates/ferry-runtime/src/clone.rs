@@ -15,7 +15,7 @@ use std::sync::Arc;
 use ferry_store::{Checkpoint, StoreError};
 
 use crate::checkpoint::{checkpoint, CheckpointReport, CheckpointRequest};
-use crate::restore::{restore, RestoreReport, RestoreRequest, NETNS_KEY};
+use crate::restore::{restore_then, RestoreReport, RestoreRequest, NETNS_KEY};
 use crate::workload::WorkloadId;
 use crate::{Context, Error};
 
@@ -144,8 +144,13 @@ pub struct ReplicaSpec {
     pub index: usize,
     /// The network namespace it runs in (a bind-mounted namespace file).
     pub netns: PathBuf,
-    /// Its host name, set in its own UTS namespace before this returns.
+    /// Its host name, set in its own UTS namespace before it runs.
     pub hostname: String,
+    /// Let it run before its memory is complete (post-copy from the store, ferry's pager).
+    pub lazy: bool,
+    /// With `lazy`: the guard program that kills the copy should this process die before its
+    /// memory is complete (as `RestoreRequest::guard`).
+    pub guard: Option<Vec<String>>,
 }
 
 /// A copy that runs.
@@ -156,10 +161,18 @@ pub struct Replica {
     pub hostname: Option<String>,
 }
 
-/// Restores one copy of `name` (checked by [`check_clonable`]) into `spec.netns`; a copy
-/// whose host name cannot be set is killed again, so that no two copies share one. A copy
-/// that ended at once is returned as it is (`is_running` tells), for the caller to judge.
-pub fn restore_replica(ctx: &Context, name: &str, spec: &ReplicaSpec) -> Result<Replica, Error> {
+/// Restores one copy of `name` (checked by [`check_clonable`]) into `spec.netns`, under its
+/// own host name from before it runs; `running` is called with its pid and host name (`None`:
+/// the host's) as soon as it runs
+/// (with `spec.lazy`, before its memory is complete). A copy that ended at once is returned
+/// as it is (`is_running` tells), for the caller to judge.
+pub fn restore_replica(
+    ctx: &Context,
+    name: &str,
+    spec: &ReplicaSpec,
+    running: &mut dyn FnMut(i32, Option<&str>) -> Result<(), Error>,
+) -> Result<Replica, Error> {
+    validate_hostname(&spec.hostname)?;
     let fd = File::open(&spec.netns).map_err(|source| StoreError::Io {
         action: "cannot open the network namespace",
         path: spec.netns.clone(),
@@ -170,25 +183,27 @@ pub fn restore_replica(ctx: &Context, name: &str, spec: &ReplicaSpec) -> Result<
         netns: Some(Arc::new(OwnedFd::from(fd))),
         instance: Some(format!("clone{}", spec.index)),
         tcp_close: true,
+        hostname: Some(spec.hostname.clone()),
+        lazy: spec.lazy,
+        guard: spec.guard.clone(),
         ..Default::default()
     };
-    let report = restore(ctx, &req)?;
-    let pid = report.pid;
-    let hostname = if own_namespace(pid, "uts").is_some() {
-        match set_hostname(pid, &spec.hostname) {
-            Ok(()) => Some(spec.hostname.clone()),
-            // It ended already (the caller finds out how): it shares no name with anyone.
-            Err(_) if !is_running(pid) => None,
-            Err(e) => {
-                crate::paged::kill_tree(pid);
-                let _ = ferry_sys::wait_child(pid);
-                return Err(e);
-            }
-        }
-    } else {
-        None
-    };
+    let mut hostname = None;
+    let report = restore_then(ctx, &req, &mut |pid| {
+        // Set at post-restore when the tree has a UTS namespace of its own.
+        hostname = own_namespace(pid, "uts").map(|_| spec.hostname.clone());
+        running(pid, hostname.as_deref())
+    })?;
     Ok(Replica { report, hostname })
+}
+
+/// Names a restored tree that has a UTS namespace of its own (one in this host's is left
+/// alone: renaming it would rename the host).
+pub(crate) fn name_tree(pid: i32, name: &str) -> Result<(), Error> {
+    match own_namespace(pid, "uts") {
+        Some(_) => set_hostname(pid, name),
+        None => Ok(()),
+    }
 }
 
 /// Sets the host name inside `pid`'s UTS namespace (`nsenter` + `hostname`, util-linux and

@@ -33,5 +33,7 @@ pub use inspect::{inspect, ContainerChanges, Inspection};
 pub use paged::{write_images_for_pager, PagePlan, PagedRestore, PushFirst};
 pub use process::ProcessRuntime;
 pub use remove::{remove, RemoveReport};
-pub use restore::{restore, restore_container, ContainerRestore, RestoreReport, RestoreRequest, NETNS_KEY};
+pub use restore::{
+    restore, restore_container, restore_then, ContainerRestore, RestoreReport, RestoreRequest, NETNS_KEY,
+};
 pub use workload::{Runtime, TreeRoot, WorkloadId};

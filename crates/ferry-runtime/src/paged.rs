@@ -308,6 +308,8 @@ pub(crate) struct PushAtRestore<'a> {
     /// When the tree was let run.
     pub(crate) resumed: Option<Instant>,
     pub(crate) progress: &'a dyn Progress,
+    /// The copy's host name, set before it runs.
+    pub(crate) named: crate::restore::NameBeforeRun<'a>,
 }
 
 impl NotifyHandler for PushAtRestore<'_> {
@@ -320,6 +322,7 @@ impl NotifyHandler for PushAtRestore<'_> {
                 }
             }
         }
+        self.named.at(event, pid)?;
         match event {
             // Every task is restored and waits; none has run. An error here makes CRIU kill
             // the tree (one at pre-resume would not: CRIU 4.2 only logs it and resumes).

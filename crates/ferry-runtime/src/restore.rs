@@ -12,7 +12,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use std::path::Path;
 
-use ferry_criu::{LogTarget, RecordingNotify, RestoreOptions, SharedOptions};
+use ferry_criu::{LogTarget, Notify, NotifyHandler, RestoreOptions, SharedOptions};
 
 use crate::container::{ContainerRecord, CriuConfig, RestoreSpec, Restored};
 use crate::paged::{self, PagePlan, PushAtRestore};
@@ -37,6 +37,9 @@ pub struct RestoreRequest {
     /// Established connections come back closed (a copy beside its original must not answer
     /// the original's peers).
     pub tcp_close: bool,
+    /// Sets the host name of the tree's own UTS namespace before any task runs (at CRIU's
+    /// `post-restore`); a tree in this host's UTS namespace is left alone.
+    pub hostname: Option<String>,
 }
 
 /// The key under which a workload's network namespace is declared external to CRIU
@@ -62,6 +65,17 @@ pub struct RestoreReport {
 }
 
 pub fn restore(ctx: &Context, req: &RestoreRequest) -> Result<RestoreReport, Error> {
+    restore_then(ctx, req, &mut |_| Ok(()))
+}
+
+/// [`restore`], calling `running` with the root's pid as soon as the tree runs: for a lazy
+/// restore, before its memory is complete. An error from `running` kills the tree and is the
+/// restore's.
+pub fn restore_then(
+    ctx: &Context,
+    req: &RestoreRequest,
+    running: &mut dyn FnMut(i32) -> Result<(), Error>,
+) -> Result<RestoreReport, Error> {
     let checkpoint = ctx.store.get(&req.name)?;
     let started = Instant::now();
     let label = match &req.instance {
@@ -81,7 +95,8 @@ pub fn restore(ctx: &Context, req: &RestoreRequest) -> Result<RestoreReport, Err
     if !container {
         checkpoint.materialize_reporting(&ctx.store, &images, &paged::is_pages_image, &*ctx.progress)?;
         if let Some(plan) = PagePlan::prepare(&checkpoint, &ctx.store, &images)? {
-            return restore_paged(ctx, req, &label, &checkpoint, &images, &plan, started, stamp);
+            let paged = PagedArgs { label: &label, checkpoint: &checkpoint, images: &images, plan: &plan };
+            return restore_paged(ctx, req, &paged, started, stamp, running);
         }
         // Not suited after all: the pages images in full, then CRIU reads them.
         paged::write_pages_images(&checkpoint, &ctx.store, &images)?;
@@ -133,9 +148,15 @@ pub fn restore(ctx: &Context, req: &RestoreRequest) -> Result<RestoreReport, Err
     opts = opts.tcp_close(req.tcp_close);
     tracing::info!(name = %req.name, "restoring");
     ctx.progress.stage("restore", None);
-    let outcome = ctx.criu.restore(&opts, &mut RecordingNotify::default())?;
+    let mut named = NameBeforeRun { hostname: req.hostname.as_deref(), root: None };
+    let outcome = ctx.criu.restore(&opts, &mut named)?;
     drop(scratch);
     let seconds = started.elapsed().as_secs_f64();
+    if let Err(e) = running(outcome.pid) {
+        paged::kill_tree(outcome.pid);
+        let _ = ferry_sys::wait_child(outcome.pid);
+        return Err(e);
+    }
     Ok(RestoreReport {
         pid: outcome.pid,
         container: None,
@@ -147,18 +168,51 @@ pub fn restore(ctx: &Context, req: &RestoreRequest) -> Result<RestoreReport, Err
     })
 }
 
+/// Sets a restored tree's host name at `post-restore`, before any of its tasks runs.
+pub(crate) struct NameBeforeRun<'a> {
+    pub(crate) hostname: Option<&'a str>,
+    pub(crate) root: Option<i32>,
+}
+
+impl NameBeforeRun<'_> {
+    /// An error here makes CRIU kill the tree: no copy runs under its original's name.
+    pub(crate) fn at(&mut self, event: &Notify, pid: Option<i32>) -> Result<(), String> {
+        if let (Notify::SetupNamespaces | Notify::PostRestore, Some(pid), None) = (event, pid, self.root) {
+            self.root = Some(pid);
+        }
+        match (event, self.hostname, self.root) {
+            (Notify::PostRestore, Some(name), Some(root)) => {
+                crate::clone::name_tree(root, name).map_err(|e| e.to_string())
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+impl NotifyHandler for NameBeforeRun<'_> {
+    fn notify(&mut self, event: &Notify, pid: Option<i32>) -> Result<(), String> {
+        self.at(event, pid)
+    }
+}
+
+/// What a restore through the pager restores from.
+struct PagedArgs<'a> {
+    label: &'a str,
+    checkpoint: &'a ferry_store::Checkpoint,
+    images: &'a Path,
+    plan: &'a PagePlan,
+}
+
 /// A process tree's restore whose pages go from the store through ferry's pager (`paged`).
-#[allow(clippy::too_many_arguments)]
 fn restore_paged(
     ctx: &Context,
     req: &RestoreRequest,
-    label: &str,
-    checkpoint: &ferry_store::Checkpoint,
-    images: &Path,
-    plan: &PagePlan,
+    args: &PagedArgs<'_>,
     started: Instant,
     stamp: u128,
+    running: &mut dyn FnMut(i32) -> Result<(), Error>,
 ) -> Result<RestoreReport, Error> {
+    let PagedArgs { label, checkpoint, images, plan } = *args;
     if req.new_name.is_some() {
         return Err(Error::InvalidWorkload {
             input: req.name.clone(),
@@ -201,6 +255,7 @@ fn restore_paged(
         failure: None,
         resumed: None,
         progress: &*ctx.progress,
+        named: NameBeforeRun { hostname: req.hostname.as_deref(), root: None },
     };
     // CRIU restores the tree; the pages follow at post-restore (or, lazy, once it runs).
     ctx.progress.stage("restore", None);
@@ -219,6 +274,12 @@ fn restore_paged(
         }
     };
     let seconds = resumed.map_or(started.elapsed(), |r| r - started).as_secs_f64();
+    if let Err(e) = running(outcome.pid) {
+        paged::kill_tree(outcome.pid);
+        let _ = ferry_sys::wait_child(outcome.pid);
+        pager.stop();
+        return Err(e);
+    }
     if req.lazy {
         // The tree runs: the pages it touches come first, the rest in address order.
         let pushed = std::thread::scope(|s| {

@@ -154,6 +154,10 @@ pub enum Command {
         /// Clone even if `ferry check` finds the live workload not ready.
         #[arg(long)]
         force: bool,
+        /// Let each copy run before its memory is complete: the pages it touches first come
+        /// first through ferry's pager, the rest follow (the command returns once all are in).
+        #[arg(long)]
+        lazy: bool,
         /// Print the copies as JSON.
         #[arg(long)]
         json: bool,

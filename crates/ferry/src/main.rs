@@ -59,6 +59,7 @@ fn main() -> ExitCode {
             on_clone,
             signal,
             force,
+            lazy,
             json,
             lab,
         } => cmd::clone::run(
@@ -72,6 +73,7 @@ fn main() -> ExitCode {
                 on_clone: on_clone.clone(),
                 signal: signal.clone(),
                 force: *force,
+                lazy: *lazy,
                 json: *json,
                 lab: lab.clone(),
             },

@@ -225,15 +225,30 @@ fn four_copies_of_a_counter_each_on_its_own_address_while_the_original_and_its_c
         ck["clones"].as_array().expect("clones").iter().filter_map(|c| c["pid"].as_i64()).collect();
     assert_eq!(listed, clones.iter().map(|c| i64::from(c.pid)).collect());
 
-    // A second batch from the stored checkpoint goes on numbering.
+    // A second batch from the stored checkpoint goes on numbering; lazy, its memory comes
+    // through the pager while it runs, and all of it is the original's.
     let again = f
-        .run(&["clone", "counter-ck", "--replicas", "1", "--to", "node2", "--lab", &lab_name(&lab), "--json"])
+        .run(&[
+            "clone",
+            "counter-ck",
+            "--replicas",
+            "1",
+            "--to",
+            "node2",
+            "--lab",
+            &lab_name(&lab),
+            "--lazy",
+            "--json",
+        ])
         .assert_ok()
         .stdout
         .clone();
     let more = clones_of(&serde_json::from_str(again.trim()).expect("json"));
     assert_eq!(more[0].name, "counter-ck-5");
     assert_eq!(ask(more[0].ip, "get").as_deref(), Some("3"));
+    let sum: serde_json::Value = serde_json::from_str(&ask(more[0].ip, "!sum").expect("!sum")).expect("JSON");
+    assert_eq!(sum["ok"], true, "the lazy copy's memory is the original's: {sum}");
+    assert_eq!(hostname_of(more[0].pid), "counter-ck-5");
 }
 
 #[test]
@@ -258,6 +273,8 @@ fn copies_of_a_tcp_server_reseed_on_the_signal_and_answer_as_themselves() {
         "web",
         "--signal",
         "USR1",
+        // Lazy: named before it runs and signalled once it runs, before its memory is in.
+        "--lazy",
         "--json",
     ]);
     let out = done.assert_ok().stdout.clone();

@@ -26,6 +26,7 @@ pub struct Args {
     pub on_clone: Option<String>,
     pub signal: Option<String>,
     pub force: bool,
+    pub lazy: bool,
     pub json: bool,
     pub lab: Option<String>,
 }
@@ -128,6 +129,12 @@ pub fn run(cli: &Cli, a: Args) -> Outcome {
         }
     }
     let t_restore = Instant::now();
+    let created = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    // A lazy copy's guard is this program, started again as `ferry guard NAME` (as restore's).
+    let guard = a
+        .lazy
+        .then(|| std::env::current_exe().ok().map(|exe| vec![exe.display().to_string(), "guard".to_owned()]))
+        .flatten();
     // One bar for all the copies: their bytes against the sum of their totals.
     ctx.progress = Joint::new(bar.clone(), "copies").part();
     // All restores at once, each with its own CRIU and pager.
@@ -139,9 +146,15 @@ pub fn run(cli: &Cli, a: Args) -> Outcome {
                     index: p.index,
                     netns: p.workload.netns_path(),
                     hostname: format!("{prefix}-{}", p.index),
+                    lazy: a.lazy,
+                    guard: guard.clone(),
                 };
-                let (ctx, name) = (&ctx, &name);
-                s.spawn(move || clone::restore_replica(ctx, name, &spec))
+                let (ctx, name, on_clone) = (&ctx, &name, a.on_clone.as_deref());
+                // Told it is a copy as soon as it runs (with --lazy, before its memory is in).
+                let mut tell = move |pid: i32, hostname: Option<&str>| {
+                    tell_copy(&record_of(name, p, pid, hostname, created), signal, on_clone)
+                };
+                s.spawn(move || clone::restore_replica(ctx, name, &spec, &mut tell))
             })
             .collect();
         handles
@@ -185,32 +198,15 @@ pub fn run(cli: &Cli, a: Args) -> Outcome {
         return Err((what(), first));
     }
 
-    // Each copy is recorded as a workload of its node, then told it is a copy.
-    let created = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    // Each copy is recorded as a workload of its node.
     let mut records = Vec::with_capacity(placed.len());
     for p in &placed {
-        let r = p.replica.as_ref().map(|r| &r.report).expect("every copy restored");
+        let r = p.replica.as_ref().expect("every copy restored");
         let from = origin_lab.as_ref().map(|w| w.id);
-        if let Err(e) = ferry_lab::arrived(&config, p.workload.id, r.pid, from, None) {
+        if let Err(e) = ferry_lab::arrived(&config, p.workload.id, r.report.pid, from, None) {
             tracing::warn!(error = %e, "could not record a copy in the lab");
         }
-        records.push(CloneRecord {
-            name: format!("{name}-{}", p.index),
-            origin: name.clone(),
-            node: p.workload.node.clone(),
-            ip: p.workload.ip.to_string(),
-            pid: r.pid,
-            start_time: ferry_sys::process_start_time(r.pid).unwrap_or(0),
-            hostname: p.replica.as_ref().and_then(|r| r.hostname.clone()),
-            created,
-        });
-    }
-    for rec in &records {
-        if let Err(e) = tell_copy(rec, signal, a.on_clone.as_deref()) {
-            undo(&config, &placed);
-            forget_made(&ctx);
-            return Err((what(), e));
-        }
+        records.push(record_of(&name, p, r.report.pid, r.hostname.as_deref(), created));
     }
     if let Err(e) = clone::record_clones(ctx.store.root(), &records) {
         eprintln!("warning: the copies run, but `ferry list` will not show them: {e}");
@@ -249,6 +245,20 @@ pub fn run(cli: &Cli, a: Args) -> Outcome {
         );
     }
     crate::ok()
+}
+
+/// How `ferry list` and `--on-clone` know copy `p`.
+fn record_of(origin: &str, p: &Placed, pid: i32, hostname: Option<&str>, created: u64) -> CloneRecord {
+    CloneRecord {
+        name: format!("{origin}-{}", p.index),
+        origin: origin.to_owned(),
+        node: p.workload.node.clone(),
+        ip: p.workload.ip.to_string(),
+        pid,
+        start_time: ferry_sys::process_start_time(pid).unwrap_or(0),
+        hostname: hostname.map(str::to_owned),
+        created,
+    }
 }
 
 /// Takes back every placed copy: kills what was restored, removes its namespace and record.

@@ -95,8 +95,14 @@ pub fn run(cli: &Cli, a: Args) -> Outcome {
             return Err((what(), e));
         }
     };
-    let spec = ReplicaSpec { index: 1, netns: sandbox.path(), hostname: "ferry-trial".into() };
-    match clone::restore_replica(&ctx, &name, &spec) {
+    let spec = ReplicaSpec {
+        index: 1,
+        netns: sandbox.path(),
+        hostname: "ferry-trial".into(),
+        lazy: false,
+        guard: None,
+    };
+    match clone::restore_replica(&ctx, &name, &spec, &mut |_, _| Ok(())) {
         Ok(replica) => {
             report.restored = true;
             report.log = Some(replica.report.log.clone());
