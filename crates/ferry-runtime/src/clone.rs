@@ -153,6 +153,9 @@ pub struct ReplicaSpec {
     pub guard: Option<Vec<String>>,
 }
 
+/// Called with a copy's pid and host name (`None`: the host's) as soon as it runs.
+pub type OnRunning<'a> = dyn FnMut(i32, Option<&str>) -> Result<(), Error> + 'a;
+
 /// A copy that runs.
 #[derive(Debug, Clone)]
 pub struct Replica {
@@ -170,7 +173,7 @@ pub fn restore_replica(
     ctx: &Context,
     name: &str,
     spec: &ReplicaSpec,
-    running: &mut dyn FnMut(i32, Option<&str>) -> Result<(), Error>,
+    running: &mut OnRunning<'_>,
 ) -> Result<Replica, Error> {
     validate_hostname(&spec.hostname)?;
     let fd = File::open(&spec.netns).map_err(|source| StoreError::Io {
