@@ -20,6 +20,9 @@ const DUMP_BYTES_PER_S: f64 = 1.07 * (1u64 << 30) as f64;
 const RESTORE_BYTES_PER_S: f64 = 1.5 * (1u64 << 30) as f64;
 /// Post-copy's freeze whatever the size (`bench/README.md`).
 const POST_COPY_FREEZE_S: f64 = 0.2;
+/// Stop-copy's and pre-copy's freeze besides the pages: a 16 MiB lab process's dump, transfer,
+/// restore and commit took 0.14 + 0.05 + 0.16 + 0.01 s (`make demo-process`).
+const FIXED_FREEZE_S: f64 = 0.35;
 /// Without a measured link: 1 Gbit/s.
 const DEFAULT_LINK_BYTES_PER_S: f64 = 125e6;
 
@@ -226,6 +229,7 @@ fn estimate(memory: u64, t: &TargetFacts) -> Reason {
         (DEFAULT_LINK_BYTES_PER_S, "assumed")
     };
     let (dump, ship, restore) = (m / DUMP_BYTES_PER_S, m / link, m / RESTORE_BYTES_PER_S);
+    let (dump, restore) = (dump + FIXED_FREEZE_S / 2.0, restore + FIXED_FREEZE_S / 2.0);
     // Stop-copy: all of it while frozen. Pre-copy: the first copy runs beside the workload; the
     // final dump reads and hashes all memory again but ships only what changed (idle: nothing).
     // Post-copy: frozen for the non-page state; the pages follow.

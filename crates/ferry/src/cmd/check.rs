@@ -48,22 +48,8 @@ pub fn run(cli: &Cli, workload: &str, tcp_established: bool, to: Option<&str>, j
 /// `--node`'s), set against this host and the tree at `pid`.
 fn with_target(cli: &Cli, r: Report, node: &str, pid: i32) -> Report {
     let started = std::time::Instant::now();
-    let criu = Criu::locate(cli.criu.as_deref()).ok();
-    // Without this host's cpuinfo.img the target compares CPU flags instead.
-    let cpuinfo = criu.as_ref().and_then(|c| target::source_cpuinfo(c).ok());
-    let memory = tree_rss(pid);
-    let asked = super::migrate::agent_socket(cli).map_err(|e| e.to_string()).and_then(|socket| {
-        let req = Request::TargetFacts { node: node.to_owned(), cpuinfo };
-        match ferry_migrate::client::call(&socket, &req, &mut |_| {}) {
-            Ok(Event::TargetFacts(f)) => Ok(f),
-            Ok(Event::Failed { message, .. }) => Err(message),
-            Ok(other) => Err(format!("unexpected answer {other:?}")),
-            Err(e) => Err(format!("{e} (socket {})", socket.display())),
-        }
-    });
-    let extra = match asked {
-        Ok(facts) => target::target_reasons(&target::SourceFacts::here(criu.as_ref(), memory), &facts),
-        Err(why) => vec![check::Reason {
+    let extra = target_reasons(cli, node, pid).unwrap_or_else(|why| {
+        vec![check::Reason {
             code: "target-agent",
             severity: Severity::Blocker,
             what: format!("cannot ask {node} about itself: {why}"),
@@ -71,14 +57,36 @@ fn with_target(cli: &Cli, r: Report, node: &str, pid: i32) -> Report {
             fix: "start ferryd on both nodes (`ferry lab up` starts them in a lab) and check that they trust each other"
                 .into(),
             pids: Vec::new(),
-        }],
-    };
-    let seconds = r.seconds + started.elapsed().as_secs_f64();
+        }]
+    });
+    add_reasons(r, extra, started.elapsed().as_secs_f64())
+}
+
+fn add_reasons(r: Report, extra: Vec<check::Reason>, seconds: f64) -> Report {
+    let seconds = r.seconds + seconds;
     let mut reasons = r.reasons;
     reasons.extend(extra);
     let mut out = Report::new(r.workload, r.pid, r.processes, reasons);
     out.seconds = seconds;
     out
+}
+
+/// What target `node`'s agent answers, as reasons for the tree at `pid`; `Err`: the agents
+/// could not be asked.
+fn target_reasons(cli: &Cli, node: &str, pid: i32) -> Result<Vec<check::Reason>, String> {
+    let criu = Criu::locate(cli.criu.as_deref()).ok();
+    // Without this host's cpuinfo.img the target compares CPU flags instead.
+    let cpuinfo = criu.as_ref().and_then(|c| target::source_cpuinfo(c).ok());
+    let memory = tree_rss(pid);
+    let socket = super::migrate::agent_socket(cli).map_err(|e| e.to_string())?;
+    let req = Request::TargetFacts { node: node.to_owned(), cpuinfo };
+    let facts = match ferry_migrate::client::call(&socket, &req, &mut |_| {}) {
+        Ok(Event::TargetFacts(f)) => f,
+        Ok(Event::Failed { message, .. }) => return Err(message),
+        Ok(other) => return Err(format!("unexpected answer {other:?}")),
+        Err(e) => return Err(format!("{e} (socket {})", socket.display())),
+    };
+    Ok(target::target_reasons(&target::SourceFacts::here(criu.as_ref(), memory), &facts))
 }
 
 /// Resident memory of the tree at `root`, in bytes.
@@ -119,15 +127,27 @@ fn render(r: &Report) -> String {
 }
 
 /// Runs the check before a checkpoint (`tcp_established`: whether it passes the flag) or a
-/// migration (`None`: it always moves connections): a blocker is an error naming the reasons.
+/// migration to `to` (`tcp_established` `None`: it always moves connections; the target's
+/// agent is asked as by `--to`): a blocker is an error naming the reasons.
 /// A migration's container is left to its agent, whose runtime endpoints this CLI may not know.
-pub fn refuse_not_ready(cli: &Cli, workload: &str, tcp_established: Option<bool>) -> Result<(), Error> {
+pub fn refuse_not_ready(
+    cli: &Cli,
+    workload: &str,
+    tcp_established: Option<bool>,
+    to: Option<&str>,
+) -> Result<(), Error> {
     let id: WorkloadId = workload.parse()?;
     if tcp_established.is_none() && !matches!(id, WorkloadId::Pid(_)) {
         return Ok(());
     }
     let opts = CheckOptions { tcp_established: Some(tcp_established.unwrap_or(true)) };
-    let r = report(cli, &id, opts)?;
+    let mut r = report(cli, &id, opts)?;
+    if let (Some(node), Some(pid)) = (to, r.pid) {
+        // An agent that cannot be asked is the migration's own error to report, not a reason.
+        if let Ok(extra) = target_reasons(cli, node, pid) {
+            r = add_reasons(r, extra, 0.0);
+        }
+    }
     if r.verdict != check::Verdict::NotReady {
         return Ok(());
     }

@@ -21,7 +21,8 @@ pub fn run(cli: &Cli, a: Args) -> Outcome {
     let ctx = context(cli).map_err(|e| (what(), e))?.with_progress(bar.clone());
     if !a.force {
         // Before anything is frozen: a blocker is refused with its reasons (exit 11).
-        super::check::refuse_not_ready(cli, &a.workload, Some(a.tcp_established)).map_err(|e| (what(), e))?;
+        super::check::refuse_not_ready(cli, &a.workload, Some(a.tcp_established), None)
+            .map_err(|e| (what(), e))?;
     }
     let req = CheckpointRequest {
         workload: workload.clone(),

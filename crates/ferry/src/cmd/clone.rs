@@ -62,7 +62,7 @@ pub fn run(cli: &Cli, a: Args) -> Outcome {
     let (name, made, origin_lab) = match a.source.parse::<WorkloadId>() {
         Ok(workload) => {
             if !a.force {
-                super::check::refuse_not_ready(cli, &a.source, Some(true)).map_err(|e| (what(), e))?;
+                super::check::refuse_not_ready(cli, &a.source, Some(true), None).map_err(|e| (what(), e))?;
             }
             let WorkloadId::Pid(pid) = workload else {
                 let e = Error::NotClonable {

@@ -30,7 +30,7 @@ pub fn run(cli: &Cli, req: MigrateRequest, report_json: Option<&Path>, force: bo
     let what = format!("migration of {} to {} failed", req.workload, req.to);
     // Before the agent freezes anything: a blocker is refused with its reasons (exit 11).
     if !force {
-        if let Err(e) = super::check::refuse_not_ready(cli, &req.workload, None) {
+        if let Err(e) = super::check::refuse_not_ready(cli, &req.workload, None, Some(&req.to)) {
             crate::exit::report(&what, &e);
             return crate::exit::classify(&e).into();
         }
