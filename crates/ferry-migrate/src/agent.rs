@@ -80,14 +80,18 @@ impl Agent {
         &self,
         node: &str,
         cpuinfo: Option<&[u8]>,
+        container: Option<&[u8]>,
     ) -> Result<ferry_runtime::check::target::TargetFacts, MigrateError> {
         let n = &self.node;
         if node == n.config.name {
-            return Ok(target_facts(n, cpuinfo));
+            return Ok(target_facts(n, cpuinfo, container));
         }
         let mut ch = n.connect(node)?;
         let link = crate::source::probe_link(&mut ch)?;
-        ch.send(&crate::proto::Msg::FactsQuery { cpuinfo: cpuinfo.map(<[u8]>::to_vec) })?;
+        ch.send(&crate::proto::Msg::FactsQuery {
+            cpuinfo: cpuinfo.map(<[u8]>::to_vec),
+            container: container.map(<[u8]>::to_vec),
+        })?;
         match ch.recv("target facts")? {
             crate::proto::Msg::TargetFacts(mut facts) => {
                 facts.link_bytes_per_s = link as u64;
@@ -129,6 +133,28 @@ impl Agent {
 }
 
 /// This node's facts as a target; `cpuinfo` (capped) is the asking host's CPU, for CRIU here.
-pub(crate) fn target_facts(node: &Node, cpuinfo: Option<&[u8]>) -> ferry_runtime::check::target::TargetFacts {
-    ferry_runtime::check::target::target_facts(&node.config.name, Ok(&node.ctx.criu), cpuinfo)
+pub(crate) fn target_facts(
+    node: &Node,
+    cpuinfo: Option<&[u8]>,
+    container: Option<&[u8]>,
+) -> ferry_runtime::check::target::TargetFacts {
+    let mut facts =
+        ferry_runtime::check::target::target_facts(&node.config.name, Ok(&node.ctx.criu), cpuinfo);
+    facts.container = container.map(|record| container_problems(node, record));
+    facts
+}
+
+/// What would keep a container of `record` from being recreated here: the preflight a
+/// migration's `Prepare` runs (the record comes from a peer: parsed with its caps).
+fn container_problems(node: &Node, record: &[u8]) -> Vec<String> {
+    use ferry_runtime::container::{self, ContainerRecord};
+    let record = match ContainerRecord::parse(record) {
+        Ok(r) => r,
+        Err(e) => return vec![e.to_string()],
+    };
+    match container::preflight(&node.ctx.endpoints, &record, &record.name) {
+        Ok(()) => Vec::new(),
+        Err(ferry_runtime::Error::ContainerRefused { reasons, .. }) => reasons,
+        Err(e) => vec![e.to_string()],
+    }
 }

@@ -125,6 +125,9 @@ pub enum Request {
     TargetFacts {
         node: String,
         cpuinfo: Option<Vec<u8>>,
+        /// A container's record, for the target's runtime to judge (`None`: a process tree).
+        #[serde(default)]
+        container: Option<Vec<u8>>,
     },
 }
 

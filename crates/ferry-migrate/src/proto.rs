@@ -190,6 +190,8 @@ pub enum Msg {
     /// `TargetFacts`.
     FactsQuery {
         cpuinfo: Option<Vec<u8>>,
+        /// A container's record (`ferry-container.json`), for the target's runtime to judge.
+        container: Option<Vec<u8>>,
     },
     TargetFacts(ferry_runtime::check::target::TargetFacts),
 }

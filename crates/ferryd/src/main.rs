@@ -418,10 +418,12 @@ fn serve_local(mut conn: UnixStream, agent: &Agent) {
     };
     match req {
         Request::Status => send(&Event::Status(agent.status())),
-        Request::TargetFacts { node, cpuinfo } => match agent.target_facts(&node, cpuinfo.as_deref()) {
-            Ok(facts) => send(&Event::TargetFacts(facts)),
-            Err(e) => send(&Event::Failed { message: ferry_migrate::chain(&e), hint: e.hint() }),
-        },
+        Request::TargetFacts { node, cpuinfo, container } => {
+            match agent.target_facts(&node, cpuinfo.as_deref(), container.as_deref()) {
+                Ok(facts) => send(&Event::TargetFacts(facts)),
+                Err(e) => send(&Event::Failed { message: ferry_migrate::chain(&e), hint: e.hint() }),
+            }
+        }
         Request::Migrate(m) => {
             let result = agent.migrate(&m, &mut |ev| send(&ev));
             match result {

@@ -18,6 +18,8 @@ use std::time::Duration;
 use ferry_lab::{TestLab, Workload};
 use ferry_migrate::api::{Event, MigrateRequest, Report, Request, Strategy};
 use ferry_migrate::lab_agents::{self, agent_socket, node_dir};
+use ferry_runtime::check::target::TargetFacts;
+use ferry_runtime::check::{CheckEnv, CheckOptions};
 use ferry_runtime::container::{self, ContainerRuntime, CreateSpec, Endpoints};
 use ferry_runtime::{CheckpointRequest, Context, RestoreRequest, WorkloadId};
 use ferry_testkit::{poll, require_privileged, try_poll, Probe};
@@ -164,6 +166,26 @@ impl Fixture {
 
     fn exists(&self, node: &str, name: &str) -> bool {
         self.runtime(node).exists(name).unwrap()
+    }
+
+    /// What `to` says, through the agents, of container `name` on `from` (`ferry check --to`).
+    fn target_facts(&self, from: &str, name: &str, to: &str) -> TargetFacts {
+        let criu = ferry_criu::Criu::locate(None).unwrap();
+        let id: WorkloadId = format!("{}:{name}", self.kind).parse().unwrap();
+        let endpoints = self.endpoints(from);
+        let env = CheckEnv { criu: Ok(&criu), endpoints: &endpoints };
+        let r = ferry_runtime::check::check(&id, env, CheckOptions::default());
+        let record =
+            serde_json::to_vec(r.container_record.as_deref().expect("a container's record")).unwrap();
+        let req = Request::TargetFacts { node: to.into(), cpuinfo: None, container: Some(record) };
+        match ferry_migrate::client::call(
+            &agent_socket(self.lab.config().state_dir(), from),
+            &req,
+            &mut |_| {},
+        ) {
+            Ok(Event::TargetFacts(facts)) => facts,
+            other => panic!("target facts: {other:?}"),
+        }
     }
 }
 
@@ -339,8 +361,13 @@ fn refuses_missing_bind_source(kind: &'static str) {
     let src = shared.path().join("data");
     std::fs::create_dir(&src).unwrap();
     let w = f.start_with("node1", "web", 16, None, vec![(src.display().to_string(), "/data".into())]);
+    // `ferry check --to`: the target's runtime has nothing against it yet...
+    assert_eq!(f.target_facts("node1", "web", "node2").container, Some(Vec::new()));
     let moved = shared.path().join("moved");
     std::fs::rename(&src, &moved).unwrap();
+    // ... and names the missing bind source once it is gone, before anything is frozen.
+    let problems = f.target_facts("node1", "web", "node2").container.expect("the container judged");
+    assert!(problems.iter().any(|p| p.contains(&src.display().to_string())), "{problems:?}");
     let ticks = ask(w.ip, "!stats").unwrap()["ticks"].as_u64().unwrap();
     let err = f.migrate("node1", "web", "node2", Strategy::StopCopy).expect_err("refused");
     assert!(err.contains("/data") && err.contains(&src.display().to_string()), "{err}");

@@ -611,7 +611,7 @@ fn a_target_node_describes_itself_through_the_agents() {
     let criu = ferry_criu::Criu::locate(None).expect("criu");
     let cpuinfo = ferry_runtime::check::target::source_cpuinfo(&criu).expect("this host's cpuinfo.img");
     let ask = |node: &str, cpuinfo: Option<Vec<u8>>| {
-        let req = Request::TargetFacts { node: node.into(), cpuinfo };
+        let req = Request::TargetFacts { node: node.into(), cpuinfo, container: None };
         ferry_migrate::client::call(&f.socket("node1"), &req, &mut |_| {}).expect("call")
     };
     let Event::TargetFacts(facts) = ask("node2", Some(cpuinfo)) else { panic!("no facts") };

@@ -91,6 +91,9 @@ pub struct Report {
     pub reasons: Vec<Reason>,
     /// How long the check took.
     pub seconds: f64,
+    /// A container's record as its runtime gives it (what a target's runtime is asked about).
+    #[serde(skip)]
+    pub container_record: Option<Box<crate::container::ContainerRecord>>,
 }
 
 impl Report {
@@ -99,7 +102,7 @@ impl Report {
     pub fn new(workload: String, pid: Option<i32>, processes: usize, mut reasons: Vec<Reason>) -> Report {
         reasons.sort_by(|a, b| b.severity.cmp(&a.severity).then(a.code.cmp(b.code)));
         let (verdict, score) = score(&reasons);
-        Report { workload, pid, processes, verdict, score, reasons, seconds: 0.0 }
+        Report { workload, pid, processes, verdict, score, reasons, seconds: 0.0, container_record: None }
     }
 
     pub fn blockers(&self) -> impl Iterator<Item = &Reason> {
@@ -143,6 +146,7 @@ pub fn check(workload: &WorkloadId, env: CheckEnv<'_>, opts: CheckOptions) -> Re
     let started = Instant::now();
     let mut reasons = Vec::new();
     let mut external_ns = Vec::new();
+    let mut record = None;
     let root = match workload {
         WorkloadId::Pid(pid) => {
             if ferry_sys::process_exists(*pid) {
@@ -153,8 +157,9 @@ pub fn check(workload: &WorkloadId, env: CheckEnv<'_>, opts: CheckOptions) -> Re
             }
         }
         WorkloadId::Container { kind, id } => match rules::container(kind, id, env.endpoints, &mut reasons) {
-            Some((pid, external)) => {
+            Some((pid, external, rec)) => {
                 external_ns = external;
+                record = Some(Box::new(rec));
                 Some(pid)
             }
             None => None,
@@ -169,6 +174,7 @@ pub fn check(workload: &WorkloadId, env: CheckEnv<'_>, opts: CheckOptions) -> Re
     }
     let mut report = Report::new(workload.to_string(), root, processes, reasons);
     report.seconds = started.elapsed().as_secs_f64();
+    report.container_record = record;
     report
 }
 

@@ -80,13 +80,13 @@ pub fn workload_missing(detail: &str) -> Reason {
 }
 
 /// The container through its runtime: reachable, existing, running, and restorable here.
-/// Returns its init's host PID and the namespaces the runtime declares external.
+/// Returns its init's host PID, the namespaces the runtime declares external and its record.
 pub fn container(
     kind: &str,
     id: &str,
     endpoints: &Endpoints,
     reasons: &mut Vec<Reason>,
-) -> Option<(i32, Vec<(String, u64)>)> {
+) -> Option<(i32, Vec<(String, u64)>, crate::container::ContainerRecord)> {
     let rt = match crate::container::open(kind, endpoints) {
         Ok(rt) => rt,
         Err(e) => {
@@ -133,7 +133,7 @@ pub fn container(
         ));
     }
     let external = c.plan.external.iter().filter_map(|e| external_ns(e)).collect();
-    Some((c.plan.init_pid, external))
+    Some((c.plan.init_pid, external, c.record))
 }
 
 /// `net[4026532000]:extRootNetNS` as (`net`, 4026532000).

@@ -40,6 +40,10 @@ pub struct TargetFacts {
     pub mem_available: u64,
     /// Bytes per second between the agents, measured by the one asked (0: not measured).
     pub link_bytes_per_s: u64,
+    /// For a container: what the target's runtime says would keep it from being recreated
+    /// there (empty: nothing); `None` when no container was asked about.
+    #[serde(default)]
+    pub container: Option<Vec<String>>,
 }
 
 /// What this host and the workload bring to the comparison.
@@ -87,6 +91,7 @@ pub fn target_facts(node: &str, criu: Result<&Criu, &str>, cpuinfo: Option<&[u8]
         cpu_flags: cpu_flags(),
         mem_available: mem_available(),
         link_bytes_per_s: 0,
+        container: None,
     }
 }
 
@@ -214,6 +219,15 @@ pub fn target_reasons(src: &SourceFacts, t: &TargetFacts) -> Vec<Reason> {
             ),
             "the restore allocates all of the workload's memory on the target",
             "free memory there, or pick another node",
+        ));
+    }
+    for problem in t.container.iter().flatten() {
+        out.push(reason(
+            "target-container",
+            Severity::Blocker,
+            format!("{node}: {problem}"),
+            "the target's runtime recreates the container from its record: it could not",
+            "see the sentence before (bind sources and devices must exist on the target; ferry does not copy them)",
         ));
     }
     out.push(estimate(src.memory, t));
@@ -364,6 +378,7 @@ mod tests {
             cpu_flags: "fpu sse avx".into(),
             mem_available: 8 << 30,
             link_bytes_per_s: 500_000_000,
+            container: None,
         }
     }
 
@@ -400,6 +415,17 @@ mod tests {
         assert_eq!(severity(&r, "target-memory"), Some(Severity::Blocker));
         assert_eq!(severity(&r, "target-kernel"), Some(Severity::Caveat));
         assert_eq!(severity(&r, "target-cpu"), Some(Severity::Blocker));
+
+        // A container the target's runtime could not recreate: a blocker per problem.
+        let mut t = target();
+        t.container =
+            Some(vec!["bind source /srv/data is missing".into(), "image busybox is missing".into()]);
+        let r = target_reasons(&source(), &t);
+        let c: Vec<_> = r.iter().filter(|x| x.code == "target-container").collect();
+        assert_eq!(c.len(), 2, "{r:?}");
+        assert!(c.iter().all(|x| x.severity == Severity::Blocker && x.what.starts_with("node2: ")), "{c:?}");
+        t.container = Some(Vec::new());
+        assert_eq!(severity(&target_reasons(&source(), &t), "target-container"), None);
 
         // No CRIU check ran: the flags are compared instead.
         let mut t = target();

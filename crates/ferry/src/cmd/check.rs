@@ -48,7 +48,7 @@ pub fn run(cli: &Cli, workload: &str, tcp_established: bool, to: Option<&str>, j
 /// `--node`'s), set against this host and the tree at `pid`.
 fn with_target(cli: &Cli, r: Report, node: &str, pid: i32) -> Report {
     let started = std::time::Instant::now();
-    let extra = target_reasons(cli, node, pid).unwrap_or_else(|why| {
+    let extra = target_reasons(cli, &r, node, pid).unwrap_or_else(|why| {
         vec![check::Reason {
             code: "target-agent",
             severity: Severity::Blocker,
@@ -68,18 +68,20 @@ fn add_reasons(r: Report, extra: Vec<check::Reason>, seconds: f64) -> Report {
     reasons.extend(extra);
     let mut out = Report::new(r.workload, r.pid, r.processes, reasons);
     out.seconds = seconds;
+    out.container_record = r.container_record;
     out
 }
 
 /// What target `node`'s agent answers, as reasons for the tree at `pid`; `Err`: the agents
 /// could not be asked.
-fn target_reasons(cli: &Cli, node: &str, pid: i32) -> Result<Vec<check::Reason>, String> {
+fn target_reasons(cli: &Cli, r: &Report, node: &str, pid: i32) -> Result<Vec<check::Reason>, String> {
     let criu = Criu::locate(cli.criu.as_deref()).ok();
     // Without this host's cpuinfo.img the target compares CPU flags instead.
     let cpuinfo = criu.as_ref().and_then(|c| target::source_cpuinfo(c).ok());
     let memory = tree_rss(pid);
     let socket = super::migrate::agent_socket(cli).map_err(|e| e.to_string())?;
-    let req = Request::TargetFacts { node: node.to_owned(), cpuinfo };
+    let container = r.container_record.as_ref().and_then(|rec| serde_json::to_vec(rec).ok());
+    let req = Request::TargetFacts { node: node.to_owned(), cpuinfo, container };
     let facts = match ferry_migrate::client::call(&socket, &req, &mut |_| {}) {
         Ok(Event::TargetFacts(f)) => f,
         Ok(Event::Failed { message, .. }) => return Err(message),
@@ -144,7 +146,7 @@ pub fn refuse_not_ready(
     let mut r = report(cli, &id, opts)?;
     if let (Some(node), Some(pid)) = (to, r.pid) {
         // An agent that cannot be asked is the migration's own error to report, not a reason.
-        if let Ok(extra) = target_reasons(cli, node, pid) {
+        if let Ok(extra) = target_reasons(cli, &r, node, pid) {
             r = add_reasons(r, extra, 0.0);
         }
     }
