@@ -157,10 +157,10 @@ pub fn check(workload: &WorkloadId, env: CheckEnv<'_>, opts: CheckOptions) -> Re
             }
         }
         WorkloadId::Container { kind, id } => match rules::container(kind, id, env.endpoints, &mut reasons) {
-            Some((pid, external, rec)) => {
-                external_ns = external;
-                record = Some(Box::new(rec));
-                Some(pid)
+            Some(found) => {
+                external_ns = found.external;
+                record = Some(Box::new(found.record));
+                Some(found.init_pid)
             }
             None => None,
         },

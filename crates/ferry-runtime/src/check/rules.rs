@@ -80,13 +80,22 @@ pub fn workload_missing(detail: &str) -> Reason {
 }
 
 /// The container through its runtime: reachable, existing, running, and restorable here.
+/// A container found running under its runtime.
+#[derive(Debug)]
+pub struct FoundContainer {
+    pub init_pid: i32,
+    /// The namespaces the runtime declares external (kind, inode).
+    pub external: Vec<(String, u64)>,
+    pub record: crate::container::ContainerRecord,
+}
+
 /// Returns its init's host PID, the namespaces the runtime declares external and its record.
 pub fn container(
     kind: &str,
     id: &str,
     endpoints: &Endpoints,
     reasons: &mut Vec<Reason>,
-) -> Option<(i32, Vec<(String, u64)>, crate::container::ContainerRecord)> {
+) -> Option<FoundContainer> {
     let rt = match crate::container::open(kind, endpoints) {
         Ok(rt) => rt,
         Err(e) => {
@@ -133,7 +142,7 @@ pub fn container(
         ));
     }
     let external = c.plan.external.iter().filter_map(|e| external_ns(e)).collect();
-    Some((c.plan.init_pid, external, c.record))
+    Some(FoundContainer { init_pid: c.plan.init_pid, external, record: c.record })
 }
 
 /// `net[4026532000]:extRootNetNS` as (`net`, 4026532000).
