@@ -100,6 +100,10 @@ pub struct MigrateRequest {
     pub recover_timeout_s: u32,
     /// What a post-copy migration that cannot finish does.
     pub on_failure: OnFailure,
+    /// Migrate a container even if `ferry check` finds it not ready (the agent checks a
+    /// container before freezing it; the CLI checks a process tree itself).
+    #[serde(default)]
+    pub force: bool,
 }
 
 impl Default for MigrateRequest {
@@ -110,6 +114,7 @@ impl Default for MigrateRequest {
             strategy: Strategy::Auto,
             recover_timeout_s: DEFAULT_RECOVER_TIMEOUT_S,
             on_failure: OnFailure::Lost,
+            force: false,
         }
     }
 }

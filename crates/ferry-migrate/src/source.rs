@@ -82,6 +82,22 @@ enum Ended {
     Held { reason: String, at: String },
 }
 
+/// `ferry check` of a container with this agent's runtime instance, before anything is frozen
+/// (the CLI, which may not reach that instance, checks process trees itself): a blocker
+/// refuses the migration, naming the reasons.
+fn refuse_not_ready(node: &Node, workload: &WorkloadId) -> Result<(), MigrateError> {
+    use ferry_runtime::check::{self, CheckEnv, CheckOptions, Verdict};
+    let env = CheckEnv { criu: Ok(&node.ctx.criu), endpoints: &node.ctx.endpoints };
+    // A migration always moves established connections.
+    let r = check::check(workload, env, CheckOptions { tcp_established: Some(true) });
+    // A container that cannot be found keeps the runtime's own error, below.
+    if r.verdict != Verdict::NotReady || r.pid.is_none() {
+        return Ok(());
+    }
+    let reasons = r.blockers().map(|b| format!("{}: {}", b.code, b.what)).collect();
+    Err(ferry_runtime::Error::NotReady { workload: r.workload, reasons }.into())
+}
+
 /// The Prepare phase: resolves the workload, connects, chooses the strategy, and has the
 /// target make room for it.
 fn prepare<'a>(
@@ -95,6 +111,9 @@ fn prepare<'a>(
     let (pid, container, record) = match &workload {
         WorkloadId::Pid(pid) => (*pid, None, None),
         WorkloadId::Container { kind, id } => {
+            if !req.force {
+                refuse_not_ready(node, &workload)?;
+            }
             let c = ferry_runtime::container::open(kind, &node.ctx.endpoints)?.inspect(id)?;
             let record = serde_json::to_vec(&c.record).map_err(|e| MigrateError::protocol(e.to_string()))?;
             (c.plan.init_pid, Some(c.record.workload()), Some(record))

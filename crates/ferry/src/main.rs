@@ -103,6 +103,7 @@ fn main() -> ExitCode {
                 strategy: *strategy,
                 recover_timeout_s: *recover_timeout,
                 on_failure: *on_failure,
+                force: *force,
             };
             return cmd::migrate::run(&cli, req, report_json.as_deref(), *force);
         }

@@ -378,6 +378,45 @@ fn refuses_missing_bind_source(kind: &'static str) {
     std::fs::rename(&moved, &src).unwrap();
 }
 
+/// A container `ferry check` finds not ready (its process holds an io_uring, which CRIU cannot
+/// dump) is refused by the source's agent before anything is frozen, naming the reason.
+fn refuses_not_ready(kind: &'static str) {
+    let Some(mut f) = Fixture::new(kind) else { return };
+    let ring = "import ctypes, time\n\
+                libc = ctypes.CDLL(None, use_errno=True)\n\
+                params = (ctypes.c_char * 120)()\n\
+                fd = libc.syscall(425, 4, params)\n\
+                assert fd >= 0, ctypes.get_errno()\n\
+                time.sleep(1000)\n";
+    let args: Vec<String> = vec!["/usr/bin/python3".into(), "-c".into(), ring.into()];
+    let rt = f.runtime("node1");
+    let image = f.image();
+    let w = f
+        .lab
+        .lab_mut()
+        .exec_container("node1", &format!("{kind}:ring"), args.clone(), &mut |netns| {
+            let spec =
+                CreateSpec { name: "ring", image, args: &args, netns: Some(netns), ..Default::default() };
+            rt.create(&spec).map(|r| r.pid).map_err(|e| e.to_string())
+        })
+        .expect("start the container");
+    let holds_ring = || {
+        ferry_sys::process_tree(w.pid).iter().any(|p| {
+            std::fs::read_dir(format!("/proc/{p}/fd")).is_ok_and(|d| {
+                d.flatten().any(|e| {
+                    std::fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy().contains("io_uring"))
+                })
+            })
+        })
+    };
+    poll(Duration::from_secs(30), "the container to hold its io_uring", || holds_ring().then_some(()));
+    let err = f.migrate("node1", "ring", "node2", Strategy::StopCopy).expect_err("refused");
+    assert!(err.contains("not ready") && err.contains("io-uring"), "{err}");
+    assert_ne!(ferry_sys::process_state(w.pid), Some('T'), "never frozen");
+    assert!(ferry_sys::process_exists(w.pid));
+    assert!(f.exists("node1", "ring") && !f.exists("node2", "ring"));
+}
+
 /// A missing container and a stopped one get clear errors, and nothing is left behind.
 fn clear_errors(kind: &'static str) {
     let Some(mut f) = Fixture::new(kind) else { return };
@@ -443,6 +482,11 @@ runtime_tests! {
         #[test]
         fn fifty_clients_through_stop_copy() {
             migrate_under_clients("runc", Strategy::StopCopy);
+        }
+
+        #[test]
+        fn a_container_not_ready_is_refused_before_freezing() {
+            refuses_not_ready("runc");
         }
     }
     containerd: {

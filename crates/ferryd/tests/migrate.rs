@@ -557,6 +557,7 @@ fn post_copy_whose_pages_never_come_is_lost_or_resumed_as_asked() {
             strategy: Strategy::PostCopy,
             recover_timeout_s: 3,
             on_failure: OnFailure::ResumeSource,
+            ..Default::default()
         };
         match f.migrate_with("node1", req, &mut |_| {}) {
             // Past the switch: the target gave up after 3 s and killed its copy; the source's
@@ -848,6 +849,7 @@ fn post_copy_under_clients(
         strategy: Strategy::PostCopy,
         recover_timeout_s,
         on_failure,
+        ..Default::default()
     };
     let mut fired = false;
     let r = f.migrate_with("node1", req, &mut |ev| {
@@ -999,6 +1001,7 @@ fn post_copy_with_the_target_agent_killed_in_the_pages_phase_resumes_the_source_
         strategy: Strategy::PostCopy,
         recover_timeout_s: 30,
         on_failure: OnFailure::ResumeSource,
+        ..Default::default()
     };
     let r = f.migrate_with("node1", req, &mut |ev| {
         if let Event::Phase(p) = ev {
