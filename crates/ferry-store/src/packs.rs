@@ -144,25 +144,34 @@ pub fn any_key(_: &KeyId) -> bool {
 pub struct PackSet {
     dir: PathBuf,
     index: Arc<Index>,
-    packs: HashMap<PackId, Vec<Entry>>,
+    /// Which chunks each pack holds is read again from its index when asked (gc): keeping
+    /// it here doubled the memory, and the time, of every store's open.
+    packs: std::collections::HashSet<PackId>,
 }
 
 impl PackSet {
     /// Loads every index under `dir`.
     pub fn open(dir: &Path) -> Result<PackSet, StoreError> {
-        let mut set = PackSet { dir: dir.to_path_buf(), index: Arc::default(), packs: HashMap::new() };
+        let mut set = PackSet { dir: dir.to_path_buf(), index: Arc::default(), packs: Default::default() };
+        let mut found = Vec::new();
         for entry in fs::read_dir(dir).map_err(io_err("cannot read", dir))? {
             let entry = entry.map_err(io_err("cannot read", dir))?;
             let name = entry.file_name().to_string_lossy().into_owned();
             let Some(pack) = name.strip_suffix(".idx").and_then(parse_pack_id) else {
                 continue;
             };
-            let bytes = read_capped(&entry.path(), (IDX_HEADER + MAX_IDX_ENTRIES * IDX_ENTRY) as u64)?;
-            let entries = decode_idx(&bytes).map_err(|detail| StoreError::Damaged {
-                name: String::new(),
-                file: format!("packs/{name}"),
-                detail,
-            })?;
+            let len = entry.metadata().map(|m| m.len()).unwrap_or(0);
+            found.push((pack, name, len));
+        }
+        // One allocation for the whole index, sized from the files' lengths: growing it pack
+        // by pack rehashed it each time (a store's open is part of every restore's time).
+        let total: u64 =
+            found.iter().map(|(_, _, len)| len.saturating_sub(IDX_HEADER as u64) / IDX_ENTRY as u64).sum();
+        Arc::make_mut(&mut set.index)
+            .primary
+            .reserve(usize::try_from(total).unwrap_or(0).min(MAX_IDX_ENTRIES));
+        for (pack, name, _) in found {
+            let entries = read_idx(&dir.join(&name), &name)?;
             set.add(pack, entries);
         }
         Ok(set)
@@ -174,7 +183,7 @@ impl PackSet {
         for e in &entries {
             index.insert(e.id, Location { pack, key: e.key, offset: e.offset, len: e.len });
         }
-        self.packs.entry(pack).or_default().extend(entries);
+        self.packs.insert(pack);
     }
 
     pub fn contains(&self, id: &Id) -> bool {
@@ -205,9 +214,14 @@ impl PackSet {
         self.index.primary.len()
     }
 
-    /// Pack ids and the chunks each holds.
-    pub fn packs(&self) -> impl Iterator<Item = (&PackId, &Vec<Entry>)> {
+    /// The indexed packs.
+    pub fn packs(&self) -> impl Iterator<Item = &PackId> {
         self.packs.iter()
+    }
+
+    /// The chunks `pack` holds, from its index file.
+    pub fn entries(&self, pack: &PackId) -> Result<Vec<Entry>, StoreError> {
+        read_idx(&self.pack_path(pack, "idx"), &format!("{}.idx", hex(pack)))
     }
 
     /// Starts a new pack of chunks sealed under `key`.
@@ -231,11 +245,12 @@ impl PackSet {
 
     /// Deletes a pack and its index (index first: a pack without index is ignored).
     pub fn delete(&mut self, pack: &PackId) -> Result<(), StoreError> {
+        let entries = if self.packs.contains(pack) { self.entries(pack)? } else { Vec::new() };
         let idx = self.pack_path(pack, "idx");
         fs::remove_file(&idx).or_else(ignore_missing).map_err(io_err("cannot remove", &idx))?;
         let data = self.pack_path(pack, "pack");
         fs::remove_file(&data).or_else(ignore_missing).map_err(io_err("cannot remove", &data))?;
-        if let Some(entries) = self.packs.remove(pack) {
+        if self.packs.remove(pack) {
             let index = Arc::make_mut(&mut self.index);
             for e in entries {
                 index.forget(&e.id, pack);
@@ -251,7 +266,7 @@ impl PackSet {
             let entry = entry.map_err(io_err("cannot read", &self.dir))?;
             let name = entry.file_name().to_string_lossy().into_owned();
             if let Some(pack) = name.strip_suffix(".pack").and_then(parse_pack_id) {
-                if !self.packs.contains_key(&pack) {
+                if !self.packs.contains(&pack) {
                     out.push(entry.path());
                 }
             } else if name.ends_with(".idx.tmp") {
@@ -544,6 +559,16 @@ pub fn decode_idx(b: &[u8]) -> Result<Vec<Entry>, String> {
         out.push(Entry { id, key, offset, len });
     }
     Ok(out)
+}
+
+/// A pack's index file `name` at `path`, read with its cap and checked.
+fn read_idx(path: &Path, name: &str) -> Result<Vec<Entry>, StoreError> {
+    let bytes = read_capped(path, (IDX_HEADER + MAX_IDX_ENTRIES * IDX_ENTRY) as u64)?;
+    decode_idx(&bytes).map_err(|detail| StoreError::Damaged {
+        name: String::new(),
+        file: format!("packs/{name}"),
+        detail,
+    })
 }
 
 fn read_capped(path: &Path, cap: u64) -> Result<Vec<u8>, StoreError> {

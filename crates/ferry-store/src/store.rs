@@ -393,8 +393,9 @@ impl Store {
         }
         let mut report = GcReport::default();
         let mut packs = self.packs()?;
-        let plan: Vec<_> = packs.packs().map(|(p, entries)| (*p, entries.clone())).collect();
-        for (pack, ids) in plan {
+        let plan: Vec<crate::packs::PackId> = packs.packs().copied().collect();
+        for pack in plan {
+            let ids = packs.entries(&pack)?;
             // A copy is live if some manifest names the chunk and holds the key that sealed it.
             let live_here: Vec<Entry> =
                 ids.iter().filter(|e| live.contains(&e.id) && live_keys.contains(&e.key)).copied().collect();
@@ -479,9 +480,10 @@ impl Store {
         let mut set = self.packs()?;
         let mut freed = 0;
         for pack in packs {
-            let Some(entries) = set.packs().find(|(p, _)| *p == pack).map(|(_, e)| e.clone()) else {
+            if !set.packs().any(|p| p == pack) {
                 continue;
-            };
+            }
+            let entries = set.entries(pack)?;
             if entries.iter().any(|e| live.contains(&e.id)) {
                 continue;
             }
@@ -1141,7 +1143,8 @@ mod tests {
 
         // One byte of one sealed page flipped: its read fails, its neighbours still read.
         let packs = store.packs().unwrap();
-        let (pack, entries) = packs.packs().next().map(|(p, e)| (*p, e.clone())).unwrap();
+        let pack = *packs.packs().next().unwrap();
+        let entries = packs.entries(&pack).unwrap();
         let path = packs.pack_path(&pack, "pack");
         drop(packs);
         let victim = entries.iter().max_by_key(|e| e.len).unwrap();
