@@ -157,11 +157,14 @@ impl PagePlan {
 
     /// Opens every lazy page and copies it in through `feeder`, on `threads` threads. Stops at
     /// the first chunk that fails its check (nothing of it is copied) and returns its error.
-    /// The caller has waited until the pager may take them.
+    /// The caller has waited until the pager may take them. `behind_the_workload`: the tree
+    /// runs meanwhile, so the threads take only CPU time it and the pager (serving its faults)
+    /// leave.
     pub(crate) fn push(
         &self,
         feeder: &PageFeeder,
         threads: usize,
+        behind_the_workload: bool,
         progress: &dyn Progress,
     ) -> Result<(), StoreError> {
         let pieces = self.pieces();
@@ -170,6 +173,11 @@ impl PagePlan {
         std::thread::scope(|s| {
             for _ in 0..threads.max(1) {
                 s.spawn(|| {
+                    if behind_the_workload {
+                        if let Err(e) = ferry_sys::idle_priority_for_this_thread() {
+                            tracing::debug!(error = %e, "the push runs at normal priority");
+                        }
+                    }
                     let mut cur = self.reader.cursor();
                     let mut buf = Vec::new();
                     loop {
@@ -448,7 +456,7 @@ fn push_before_run(plan: &PagePlan, feeder: &PageFeeder, progress: &dyn Progress
     }
     let t = Instant::now();
     progress.stage("pages", Some(plan.bytes));
-    plan.push(feeder, threads(), progress)?;
+    plan.push(feeder, threads(), false, progress)?;
     tracing::info!(
         bytes = plan.bytes,
         seconds = t.elapsed().as_secs_f64(),

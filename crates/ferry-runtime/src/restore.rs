@@ -289,7 +289,7 @@ fn restore_paged(
                 }
                 // The pages the tree faults in meanwhile come through the pager, uncounted.
                 ctx.progress.stage("pages", Some(plan.bytes()));
-                plan.push(&feeder, paged::threads(), &*ctx.progress)
+                plan.push(&feeder, paged::threads(), true, &*ctx.progress)
             });
             let done = pager.wait_done(paged::COMPLETE_TIMEOUT);
             (push.join(), done)
