@@ -996,14 +996,41 @@ class Suite:
         mig.reap_all()
 
     def time_clone(self, cmd, svc):
-        """`ferry clone ... --json` from t0 until every copy it lists answers correctly."""
+        """`ferry clone ... --json` from t0 until every copy answers correctly. Each copy's
+        address comes from --on-clone as soon as the copy runs (it appends $FERRY_CLONE_IP to a
+        file this polls), so a copy is asked while the command still runs (with --lazy the
+        command returns only once every copy's memory is in); the command's JSON lists them all
+        at the end (checked against the addresses seen)."""
+        ips_file = os.path.join(self.work, "clone-ips")
+        if os.path.exists(ips_file):
+            os.unlink(ips_file)
+        cmd = cmd + ["--on-clone", f'echo "$FERRY_CLONE_IP" >> {ips_file}']
+        out_path, err_path = os.path.join(self.work, "clone.out"), os.path.join(self.work, "clone.err")
         t0 = time.monotonic()
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, stdin=subprocess.DEVNULL,
-                           env=self.lab.env)
-        cmd_s = time.monotonic() - t0
-        if r.returncode != 0:
-            raise BenchError(f"ferry clone: exit status {r.returncode}: {tail_text(r.stderr + r.stdout)}")
-        doc = json.loads(r.stdout)
+        with open(out_path, "wb") as out, open(err_path, "wb") as err:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=self.lab.env)
+        self.procs.append(proc)
+        waiting, answered, cmd_s = {}, {}, None
+        while True:
+            for ip in (file_text(ips_file) or "").split():
+                if ip not in waiting and ip not in answered:
+                    waiting[ip] = RedisClient(svc["keys"], svc["value_bytes"], host=ip, port=6379)
+            for ip, c in list(waiting.items()):
+                if c.answer():
+                    answered[ip] = round(time.monotonic() - t0, 4)
+                    c.close()
+                    del waiting[ip]
+            if cmd_s is None and proc.poll() is not None:
+                cmd_s = time.monotonic() - t0
+                if proc.returncode != 0:
+                    raise BenchError(f"ferry clone: exit status {proc.returncode}: "
+                                     f"{tail_text(file_text(err_path) + file_text(out_path))}")
+            if cmd_s is not None and not waiting:
+                break
+            if time.monotonic() - t0 > 600:
+                raise BenchError(f"copies at {', '.join(waiting) or '?'} never answered correctly")
+            time.sleep(POLL_S)
+        doc = json.loads(file_text(out_path))
         copies = doc["clones"]
         res = {"command_s": round(cmd_s, 4), "_pids": [int(x["pid"]) for x in copies],
                "ferry_seconds": doc.get("seconds"), "ferry_restore_seconds": doc.get("restore_seconds"),
@@ -1011,17 +1038,8 @@ class Suite:
                "listed": [{k: x.get(k) for k in ("name", "node", "ip", "pid", "running_after_s", "complete_after_s")}
                           for x in copies]}
         self.pids.update(res["_pids"])
-        waiting = {x["ip"]: RedisClient(svc["keys"], svc["value_bytes"], host=x["ip"], port=6379) for x in copies}
-        answered = {}
-        while waiting:
-            for ip, c in list(waiting.items()):
-                if c.answer():
-                    answered[ip] = round(time.monotonic() - t0, 4)
-                    c.close()
-                    del waiting[ip]
-            if time.monotonic() - t0 > 600:
-                raise BenchError(f"copies at {', '.join(waiting)} never answered correctly")
-            time.sleep(POLL_S)
+        if sorted(x["ip"] for x in copies) != sorted(answered):
+            raise BenchError(f"ferry clone listed {[x['ip'] for x in copies]}, --on-clone named {sorted(answered)}")
         res["answered_s"] = answered
         res["all_answering_s"] = max(answered.values())
         res["first_replica_answering_s"] = min(answered.values())
@@ -1444,8 +1462,8 @@ def main(argv):
                      "--replicas 1 --name redis-lab makes the clone checkpoint; then per measurement a fresh lab "
                      "and ferry clone redis-lab --replicas N --to node1 --to node2 --json [--lazy], timed from the "
                      "command's start until every copy answers correctly (the 8 sentinel GETs) on its own address; "
-                     "the copies are polled once the command has printed them (so the figure is at least the "
-                     "command's time); every copy killed and the lab taken down after each measurement. Target "
+                     "each copy is polled from the moment --on-clone (echo $FERRY_CLONE_IP to a file) names it, "
+                     "while the command may still run; every copy killed and the lab taken down after each measurement. Target "
                      "yardstick: the median first correct answer of the local `ferry restore` of the same Redis",
             "clone_reps": args.clone_reps,
         },
