@@ -1092,7 +1092,7 @@ def ratios_and_targets(results, clone):
             out = {}
             for k in ("first_answer_s", "full_speed_s"):
                 a, b = med(cold, k), med(e, k)
-                out[k.replace("_s", "")] = round(a / b, 2) if a and b else None
+                out[k[:-2]] = round(a / b, 2) if a and b else None
             # The cold start's time to full speed against the restore's first answer: for a JIT
             # service "cold start" means start and warm up again.
             a, b = med(cold, "full_speed_s"), med(e, "first_answer_s")
@@ -1207,8 +1207,8 @@ def plot(doc, path):
         if s == "redis":
             for n, e in sorted((clone.get("replicas") or {}).items(), key=lambda kv: (kv[1]["variant"], kv[1]["replicas"])):
                 if e.get("ok"):
-                    lz = " --lazy" if e["variant"] == "clone-lazy" else ""
-                    extra.append((f"clone{lz} x{e['replicas']}\n(all answering)", e["all_answering_s"]["median"]))
+                    lz = "\n--lazy" if e["variant"] == "clone-lazy" else ""
+                    extra.append((f"clone{lz}\nx{e['replicas']}", e["all_answering_s"]["median"]))
         labels, ys = [], []
         for i, metric in enumerate(("first_answer_s", "full_speed_s")):
             for j, v in enumerate(variants):
@@ -1229,13 +1229,16 @@ def plot(doc, path):
             ax.annotate(f"{val:.2f}", (x, val), textcoords="offset points", xytext=(0, 3), ha="center", fontsize=7)
             xt.append(x)
             labels.append(lab)
+        if extra:
+            ax.text(0.99, 0.98, "clone: until all copies answer", transform=ax.transAxes, ha="right", va="top", fontsize=7,
+                    color="#c44e52")
         if s == "redis" and not extra:
             why = (doc.get("targets", {}).get("clone") or {}).get("why")
             if why:
                 ax.text(0.02, 0.97, "ferry clone: not measured", transform=ax.transAxes, va="top", fontsize=7,
                         color="gray")
         ax.set_xticks(xt)
-        ax.set_xticklabels(labels, fontsize=8)
+        ax.set_xticklabels(labels, fontsize=7)
         ax.set_yscale("log")
         ax.set_ylabel("seconds from the command's start (median, min-max)")
         r = (doc["ratios_cold_over_warm"].get(s) or {}).get("restore") or {}
@@ -1245,7 +1248,8 @@ def plot(doc, path):
                f"cold/restore: first answer {r.get('first_answer') or '-'}x, full speed {r.get('full_speed') or '-'}x")
         ax.set_title(f"{titles[s]}\n{sub}", fontsize=9)
         ax.grid(axis="y", alpha=0.3, which="both")
-        ax.legend(fontsize=8, loc="upper right")
+        ax.legend(fontsize=7, loc="upper left")
+        ax.set_ylim(top=ax.get_ylim()[1] * 1.6)
     fig.suptitle(f"ferry restore against cold start ({doc['machine'].get('git', '?')}, {doc['finished'][:16]} UTC, "
                  f"{doc['machine']['cores']} cores), median of {doc['method']['reps']} reps", fontsize=9)
     fig.tight_layout()
