@@ -52,6 +52,11 @@ start until every copy answers correctly on its own address; the copies killed a
 taken down after each. Missing from the ferry binary, it is recorded as not measured ("ferry
 clone not available in this build"), never as a figure.
 
+Profile: after the timed runs, one run of each restore variant per service with ferry at
+FERRY_LOG=debug (not in the figures): ferry's log lines place CRIU's start and exit, CRIU's
+restore log splits its part (the tree, the pages pushed at the post-restore hook, the resume),
+the rest is the service until its first correct answer (`profile` in the JSON; --no-profile).
+
 Targets: first correct answer after `ferry restore` at least 10x sooner than the cold start, for
 each service, where the cold start is (issue 13's words) Redis "start and load its RDB" and
 Python "start, import, load the model" until their first correct answer, and the JVM "start
