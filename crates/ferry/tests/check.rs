@@ -197,6 +197,35 @@ fn half_closed_tcp_is_a_caveat_and_checkpoints_with_the_flag() {
 }
 
 #[test]
+fn a_closed_connection_blocks_without_the_flag_and_restores_with_it() {
+    if !require_privileged() {
+        return;
+    }
+    // Closed on both sides, sockets still open: CRIU dumps them whatever the flags and, without
+    // --tcp-established, its restore refuses them (found by the zdtm sweep, docs/check.md).
+    let ferry = ferry();
+    let mut w = start("tcp_closed", Isolation::PidNamespace);
+    let (outcome, report) = check(&ferry, w.pid(), &["--tcp-established=false"]);
+    assert_eq!(outcome.code, Some(NOT_READY), "{outcome}");
+    assert_eq!(severity(&report, "tcp-closed").as_deref(), Some("blocker"), "{report:#}");
+    let (outcome, report) = check(&ferry, w.pid(), &[]);
+    outcome.assert_ok();
+    assert_eq!(severity(&report, "tcp-closed").as_deref(), Some("caveat"), "{report:#}");
+    let (_, asked) = check(&ferry, w.pid(), &["--tcp-established"]);
+    assert_eq!(asked["verdict"], "ready", "{asked:#}");
+    ferry.checkpoint(w.pid(), "closed", &[]).assert_error(NOT_READY).assert_stderr_mentions("tcp-closed");
+    // With the flag it checkpoints and restores.
+    checkpoint_and_restore(&ferry, &mut w, "closed", &["--tcp-established"]);
+    // Forced without it, the dump works and the restore is what fails.
+    let w = start("tcp_closed", Isolation::PidNamespace);
+    ferry.checkpoint(w.pid(), "forced", &["--force"]).assert_ok();
+    assert!(w.reap_launcher(), "the checkpointed workload's launcher did not exit");
+    let (restore, pid) = ferry.restore_detached("forced", &w);
+    restore.assert_error(7).assert_stderr_mentions("--tcp-established");
+    assert_eq!(pid, None, "{restore}");
+}
+
+#[test]
 fn a_network_namespace_shared_outside_is_a_caveat_and_checkpoints() {
     // CRIU dumps the namespace and restores a new one: the outside process no longer shares it.
     if require_privileged() {
@@ -271,6 +300,14 @@ fn unix_socket_to_outside_blocks() {
 fn large_deleted_file_blocks() {
     if require_privileged() {
         blocker_agrees("deleted_large", "deleted-file-large", Isolation::PidNamespace);
+    }
+}
+
+#[test]
+fn a_removed_name_still_linked_elsewhere_blocks() {
+    // Small, but not a ghost file: CRIU needs --link-remap for it (found by the zdtm sweep).
+    if require_privileged() {
+        blocker_agrees("deleted_linked", "deleted-file-linked", Isolation::PidNamespace);
     }
 }
 
