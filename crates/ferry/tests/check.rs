@@ -217,7 +217,7 @@ fn a_closed_connection_blocks_without_the_flag_and_restores_with_it() {
     // With the flag it checkpoints and restores.
     checkpoint_and_restore(&ferry, &mut w, "closed", &["--tcp-established"]);
     // Forced without it, the dump works and the restore is what fails.
-    let w = start("tcp_closed", Isolation::PidNamespace);
+    let mut w = start("tcp_closed", Isolation::PidNamespace);
     ferry.checkpoint(w.pid(), "forced", &["--force"]).assert_ok();
     assert!(w.reap_launcher(), "the checkpointed workload's launcher did not exit");
     let (restore, pid) = ferry.restore_detached("forced", &w);
