@@ -326,11 +326,18 @@ fn task(pid: i32) -> io::Result<TaskFacts> {
         // map_files needs CAP_SYS_ADMIN; without it the size stays unknown (0).
         let md = fs::metadata(format!("{dir}/map_files/{}", m.range));
         t.deleted_map_bytes.insert(m.path.clone(), md.as_ref().map(|md| md.blocks() * 512).unwrap_or(0));
-        if md.is_ok_and(|md| md.nlink() > 0) {
+        if md.is_ok_and(|md| still_linked(&md)) {
             t.deleted_map_linked.insert(m.path.clone());
         }
     }
     Ok(t)
+}
+
+/// A deleted regular file that has a link left under another name. Pseudo files that read
+/// as deleted (the aio ring `/[aio]`, anonymous inodes) have a link count of 1 and no file type
+/// (mode 0600): they are no file CRIU links or copies.
+fn still_linked(m: &fs::Metadata) -> bool {
+    m.file_type().is_file() && m.nlink() > 0
 }
 
 fn fd_facts(dir: &str, fd: i32, link: &str) -> FdFacts {
@@ -354,7 +361,7 @@ fn fd_facts(dir: &str, fd: i32, link: &str) -> FdFacts {
         if *deleted {
             let m = fs::metadata(&target).ok();
             f.deleted_bytes = m.as_ref().map(|m| m.blocks() * 512);
-            f.deleted_linked = m.is_some_and(|m| m.nlink() > 0);
+            f.deleted_linked = m.is_some_and(|m| still_linked(&m));
         } else if path.starts_with("/dev/") {
             if let Ok(m) = fs::metadata(&target) {
                 use std::os::unix::fs::FileTypeExt;
@@ -481,5 +488,26 @@ garbage";
         assert!(!t.fds.is_empty() && !t.maps.is_empty());
         assert_eq!(t.ns, f.own_ns);
         assert!(matches!(t.cwd, Some(PathState::Present(_))));
+    }
+
+    #[test]
+    fn a_removed_name_is_still_linked_only_while_another_link_is_left() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (first, second, only) = (dir.path().join("a"), dir.path().join("b"), dir.path().join("c"));
+        fs::write(&first, b"x").expect("write");
+        fs::write(&only, b"y").expect("write");
+        let linked = fs::File::open(&first).expect("open");
+        let ghost = fs::File::open(&only).expect("open");
+        fs::hard_link(&first, &second).expect("link");
+        fs::remove_file(&first).expect("unlink");
+        fs::remove_file(&only).expect("unlink");
+        let f = tree(std::process::id() as i32, &[]);
+        let fact = |file: &fs::File| {
+            use std::os::fd::AsRawFd;
+            let fd = f.tasks[0].fds.iter().find(|d| d.fd == file.as_raw_fd()).expect("fd");
+            (matches!(fd.kind, FdKind::Path { deleted: true, .. }), fd.deleted_linked)
+        };
+        assert_eq!(fact(&linked), (true, true));
+        assert_eq!(fact(&ghost), (true, false));
     }
 }

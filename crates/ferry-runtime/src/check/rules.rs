@@ -605,7 +605,9 @@ fn deleted(f: &Facts) -> Vec<Reason> {
             let special = m.path.starts_with("/memfd:")
                 || m.path.starts_with("/SYSV")
                 || m.path == "/anon_hugepage"
-                || m.path == "/dev/zero";
+                || m.path == "/dev/zero"
+                // io_setup's ring: CRIU dumps and remaps it as an aio ring (zdtm's aio00).
+                || m.path == "/[aio]";
             let exe = matches!(&t.exe, Some(PathState::Deleted { path, .. }) if *path == m.path);
             if !special && !exe {
                 sort(
@@ -1169,6 +1171,15 @@ mod tests {
         let linked = r.iter().find(|r| r.code == "deleted-file-linked").expect("reason");
         assert!(linked.what.contains("fd 3 /srv/data") && linked.what.contains("maps /srv/lib.so"));
         assert!(!linked.what.contains("gone"));
+    }
+
+    #[test]
+    fn the_aio_ring_is_no_deleted_file() {
+        // zdtm's aio00: io_setup maps `/[aio] (deleted)`, which CRIU dumps as an aio ring.
+        let mut t = task(10);
+        t.maps = vec![Mapping { range: "1-2".into(), path: "/[aio]".into(), deleted: true }];
+        t.deleted_map_linked.insert("/[aio]".into());
+        assert_eq!(codes(&facts(vec![t]), CheckOptions::default()), vec![]);
     }
 
     #[test]
