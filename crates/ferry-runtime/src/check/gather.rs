@@ -315,7 +315,7 @@ fn task(pid: i32) -> io::Result<TaskFacts> {
                 }
                 let Some(fd) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
                 let Ok(link) = read_link(e.path()) else { continue };
-                t.fds.push(fd_facts(&dir, fd, &link));
+                t.fds.push(fd_facts(&dir, fd, &link, t.stat.tty_nr != 0));
             }
         }
         Err(e) if e.kind() == io::ErrorKind::PermissionDenied => return Err(e),
@@ -340,7 +340,10 @@ fn still_linked(m: &fs::Metadata) -> bool {
     m.file_type().is_file() && m.nlink() > 0
 }
 
-fn fd_facts(dir: &str, fd: i32, link: &str) -> FdFacts {
+/// `has_ctty`: the task has a controlling terminal, which may be a device node anywhere (a
+/// virtual terminal made with mknod, zdtm's `vt`): its device paths outside `/dev` are read too,
+/// to find whether the tree holds the terminal.
+fn fd_facts(dir: &str, fd: i32, link: &str, has_ctty: bool) -> FdFacts {
     let kind = parse::fd_kind(link);
     let mut f = FdFacts {
         fd,
@@ -362,7 +365,7 @@ fn fd_facts(dir: &str, fd: i32, link: &str) -> FdFacts {
             let m = fs::metadata(&target).ok();
             f.deleted_bytes = m.as_ref().map(|m| m.blocks() * 512);
             f.deleted_linked = m.is_some_and(|m| still_linked(&m));
-        } else if path.starts_with("/dev/") {
+        } else if path.starts_with("/dev/") || has_ctty {
             if let Ok(m) = fs::metadata(&target) {
                 use std::os::unix::fs::FileTypeExt;
                 if m.file_type().is_char_device() {

@@ -521,12 +521,19 @@ fn tcp(f: &Facts, opts: CheckOptions) -> Vec<Reason> {
 fn terminal(f: &Facts) -> Vec<Reason> {
     let pids = f.pids();
     let masters: BTreeSet<u32> = f.tasks.iter().flat_map(|t| &t.fds).filter_map(|fd| fd.ptmx_index).collect();
+    let devices: BTreeSet<(u32, u32)> =
+        f.tasks.iter().flat_map(|t| &t.fds).filter_map(|fd| fd.rdev).collect();
     let (mut tty, mut session) = (Found::default(), Found::default());
     for t in &f.tasks {
         if t.stat.tty_nr != 0 {
             let (major, minor) = super::parse::dev_major_minor(u64::from(t.stat.tty_nr));
             // A pty whose master the tree holds travels with the tree.
-            let inside = (136..=143).contains(&major) && masters.contains(&((major - 136) * 256 + minor));
+            let pty_inside = (136..=143).contains(&major) && masters.contains(&((major - 136) * 256 + minor));
+            // A virtual terminal or serial line (major 4) or the console (5:1) that the tree
+            // holds open: CRIU dumps it as a terminal of its own and its session leader sets it
+            // again at restore (tty.c: the vt, serial and console drivers; zdtm's vt).
+            let device_inside = (major == 4 || (major, minor) == (5, 1)) && devices.contains(&(major, minor));
+            let inside = pty_inside || device_inside;
             if !inside {
                 tty.add(t.pid, format!("{} on tty {major}:{minor}", who(t)));
             }
@@ -576,8 +583,11 @@ fn deleted(f: &Facts) -> Vec<Reason> {
         // In a pid namespace of its own that still sees our /proc (its mount namespace is
         // ours), CRIU's parasite mounts a proc of its namespace at `proc.crtools` in the task's
         // working directory (parasite.c: parasite_get_proc_fd): a deleted one fails the dump.
-        let mounts_proc_in_cwd =
-            t.ns.get("pid") != f.own_ns.get("pid") && t.ns.get("mnt") == f.own_ns.get("mnt");
+        // Only in the tree's root task (cr-dump.c: `root_item == item`; zdtm's cwd01, whose
+        // deleted working directory is a child's, passes).
+        let mounts_proc_in_cwd = t.pid == f.root
+            && t.ns.get("pid") != f.own_ns.get("pid")
+            && t.ns.get("mnt") == f.own_ns.get("mnt");
         let gone = if mounts_proc_in_cwd { &mut cwd_gone_proc } else { &mut cwd_gone };
         match &t.cwd {
             Some(PathState::Deleted { path, .. }) => gone.add(t.pid, format!("{} in {path}", who(t))),
@@ -1057,7 +1067,21 @@ mod tests {
         t.stat.session = 10;
         t.fds = vec![fd(3, "/dev/ptmx")];
         t.fds[0].ptmx_index = Some(5);
-        assert_eq!(codes(&facts(vec![t]), CheckOptions::default()), vec![]);
+        assert_eq!(codes(&facts(vec![t.clone()]), CheckOptions::default()), vec![]);
+        // A virtual terminal (4:5) the tree holds open, made with mknod anywhere (zdtm's vt):
+        // CRIU dumps it and the session leader sets it again.
+        t.stat.tty_nr = (4 << 8) | 5;
+        t.fds = vec![fd(3, "/srv/vt5")];
+        assert_eq!(
+            codes(&facts(vec![t.clone()]), CheckOptions::default()),
+            vec![("terminal", Severity::Blocker)]
+        );
+        t.fds[0].rdev = Some((4, 5));
+        assert_eq!(codes(&facts(vec![t.clone()]), CheckOptions::default()), vec![]);
+        // A pty slave held without its master is still outside.
+        t.stat.tty_nr = 34816 + 5;
+        t.fds[0].rdev = Some((136, 5));
+        assert_eq!(codes(&facts(vec![t]), CheckOptions::default()), vec![("terminal", Severity::Blocker)]);
     }
 
     #[test]
@@ -1082,6 +1106,16 @@ mod tests {
         let mut f = facts(vec![p]);
         f.own_ns = task(1).ns;
         assert!(codes(&f, CheckOptions::default()).contains(&("cwd-deleted-pidns", Severity::Blocker)));
+        // CRIU mounts that proc in the root task's directory only: a child's is a caveat
+        // (zdtm's cwd01).
+        let mut root = task(9);
+        root.ns.insert("pid".into(), 99);
+        f.tasks.insert(0, root);
+        f.root = 9;
+        let c = codes(&f, CheckOptions::default());
+        assert!(
+            c.contains(&("cwd-deleted", Severity::Caveat)) && !c.iter().any(|c| c.0 == "cwd-deleted-pidns")
+        );
         let mut m = task(10);
         m.exe = Some(PathState::Deleted { path: "/memfd:runc_cloned".into(), bytes: 12 << 20, dir: false });
         m.maps = vec![Mapping { range: "1-2".into(), path: "/memfd:runc_cloned".into(), deleted: true }];
