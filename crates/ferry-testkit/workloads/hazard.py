@@ -1,11 +1,12 @@
 """hazard DIR KIND: holds one thing `ferry check` judges, then counts like counter.py.
 
-KIND: none, io_uring, perf_event, bpf_map, fanotify, device, tun, unix_external, pipe_external,
-ctty_external, deleted_cwd, deleted_small, deleted_large, deleted_linked, flock, tcp_self,
-tcp_half_closed, tcp_closed, tcp_queued, sysv_shm, traced, netns_shared, memfd_exe (runs on from
-a copy of the interpreter in a memfd, as runc's cloned binary does), child (a child in our
-session that counts too), vfork (reports ready, then waits for ever in vfork: it never counts).
-Writes DIR/ready.<hostpid> once the hazard is in place, or DIR/unsupported.<hostpid> (with the
+KIND: none, aio (an io_setup ring, mapped as `/[aio] (deleted)`), io_uring, perf_event, bpf_map,
+fanotify, device, tun, unix_external, pipe_external, ctty_external, deleted_cwd, deleted_small,
+deleted_large, deleted_linked, flock, tcp_self, tcp_half_closed, tcp_closed, tcp_queued,
+sysv_shm, traced, netns_shared, memfd_exe (runs on from a copy of the interpreter in a memfd, as
+runc's cloned binary does), child (a child in our session that counts too), vfork (reports
+ready, then waits for ever in vfork: it never counts). Writes DIR/ready.<hostpid> once the
+hazard is in place, or DIR/unsupported.<hostpid> (with the
 reason) and exits when this kernel refuses it.
 """
 import ctypes
@@ -27,6 +28,7 @@ libc.syscall.restype = ctypes.c_long
 held = []
 
 # x86-64 system call numbers (the kit's tests run there).
+SYS_IO_SETUP = 206
 SYS_VFORK = 58
 SYS_PERF_EVENT_OPEN = 298
 SYS_FANOTIFY_INIT = 300
@@ -72,6 +74,11 @@ if kind == "io_uring":
     if fd < 0:
         unsupported("io_uring_setup: errno %d" % ctypes.get_errno())
     held.append(fd)
+elif kind == "aio":
+    ctx = ctypes.c_ulong(0)
+    if libc.syscall(SYS_IO_SETUP, 16, ctypes.byref(ctx)) != 0:
+        unsupported("io_setup: errno %d" % ctypes.get_errno())
+    held.append(ctx)
 elif kind == "perf_event":
     attr = ctypes.create_string_buffer(128)
     # type PERF_TYPE_SOFTWARE (1), size 128, config PERF_COUNT_SW_TASK_CLOCK (1).

@@ -132,6 +132,20 @@ fn a_plain_workload_is_ready_and_checkpoints() {
 }
 
 #[test]
+fn an_aio_ring_is_ready_and_checkpoints() {
+    // `/[aio] (deleted)` in the maps is no deleted file (zdtm's aio00 was "not ready" and passed).
+    if !require_privileged() {
+        return;
+    }
+    let ferry = ferry();
+    let mut w = start("aio", Isolation::PidNamespace);
+    let (outcome, report) = check(&ferry, w.pid(), &[]);
+    outcome.assert_ok();
+    assert_eq!(report["verdict"], "ready", "{report:#}");
+    checkpoint_and_restore(&ferry, &mut w, "aio", &[]);
+}
+
+#[test]
 fn io_uring_blocks() {
     if require_privileged() {
         blocker_agrees("io_uring", "io-uring", Isolation::PidNamespace);
