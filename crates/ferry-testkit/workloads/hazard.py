@@ -6,8 +6,8 @@ deleted_large, deleted_linked, flock, tcp_self, tcp_half_closed, tcp_closed, tcp
 sysv_shm, traced, netns_shared, memfd_exe (runs on from a copy of the interpreter in a memfd, as
 runc's cloned binary does), child (a child in our session that counts too), vfork (reports
 ready, then waits for ever in vfork: it never counts). Writes DIR/ready.<hostpid> once the
-hazard is in place, or DIR/unsupported.<hostpid> (with the
-reason) and exits when this kernel refuses it.
+hazard is in place, or DIR/unsupported.<hostpid> (with the reason) and exits when this kernel
+refuses it.
 """
 import ctypes
 import fcntl
