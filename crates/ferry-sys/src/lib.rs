@@ -8,6 +8,7 @@ mod mount;
 mod process;
 mod retry;
 mod seqpacket;
+mod socket_probe;
 mod uffd;
 
 pub use mount::{punch_hole, unmount, PrivateTmpfs};
@@ -17,6 +18,7 @@ pub use process::{
     ChildExit, Signal,
 };
 pub use seqpacket::SeqPacket;
+pub use socket_probe::{probe_tcp_socket, TcpProbe};
 pub use uffd::{
     poll_readable, recv_with_fd, send_with_fd, AnonMapping, Fill, Uffd, UffdEvent, UFFD_FEATURE_EVENT_FORK,
     UFFD_FEATURE_EVENT_REMAP, UFFD_FEATURE_EVENT_REMOVE, UFFD_FEATURE_EVENT_UNMAP,

@@ -1,11 +1,13 @@
 """hazard DIR KIND: holds one thing `ferry check` judges, then counts like counter.py.
 
-KIND: none, io_uring, perf_event, bpf_map, fanotify, device, tun, unix_external,
-pipe_external, ctty_external, deleted_cwd, deleted_small, deleted_large, flock, tcp_self,
-tcp_half_closed, tcp_queued, sysv_shm, traced, netns_shared, memfd_exe (runs on from a copy
-of the interpreter in a memfd, as runc's cloned binary does), child (a child in our session that
-counts too), vfork (reports ready, then waits for ever in vfork: it never counts). Writes DIR/ready.<hostpid> once the hazard is in place,
-or DIR/unsupported.<hostpid> (with the reason) and exits when this kernel refuses it.
+KIND: none, aio (an io_setup ring, mapped as `/[aio] (deleted)`), io_uring, perf_event, bpf_map,
+fanotify, device, tun, unix_external, pipe_external, ctty_external, deleted_cwd, deleted_small,
+deleted_large, deleted_linked, flock, tcp_self, tcp_half_closed, tcp_closed, tcp_queued,
+sysv_shm, traced, netns_shared, memfd_exe (runs on from a copy of the interpreter in a memfd, as
+runc's cloned binary does), child (a child in our session that counts too), vfork (reports
+ready, then waits for ever in vfork: it never counts). Writes DIR/ready.<hostpid> once the
+hazard is in place, or DIR/unsupported.<hostpid> (with the reason) and exits when this kernel
+refuses it.
 """
 import ctypes
 import fcntl
@@ -26,6 +28,7 @@ libc.syscall.restype = ctypes.c_long
 held = []
 
 # x86-64 system call numbers (the kit's tests run there).
+SYS_IO_SETUP = 206
 SYS_VFORK = 58
 SYS_PERF_EVENT_OPEN = 298
 SYS_FANOTIFY_INIT = 300
@@ -71,6 +74,11 @@ if kind == "io_uring":
     if fd < 0:
         unsupported("io_uring_setup: errno %d" % ctypes.get_errno())
     held.append(fd)
+elif kind == "aio":
+    ctx = ctypes.c_ulong(0)
+    if libc.syscall(SYS_IO_SETUP, 16, ctypes.byref(ctx)) != 0:
+        unsupported("io_setup: errno %d" % ctypes.get_errno())
+    held.append(ctx)
 elif kind == "perf_event":
     attr = ctypes.create_string_buffer(128)
     # type PERF_TYPE_SOFTWARE (1), size 128, config PERF_COUNT_SW_TASK_CLOCK (1).
@@ -141,6 +149,12 @@ elif kind in ("deleted_small", "deleted_large"):
     path = file_of(kind, 4096 if kind == "deleted_small" else 4 << 20)
     held.append(open(path, "rb"))
     os.unlink(path)
+elif kind == "deleted_linked":
+    # Open, linked under a second name, the first removed (zdtm's unlink_fstat03).
+    path = file_of(kind, 4096)
+    held.append(open(path, "rb"))
+    os.link(path, path + ".link")
+    os.unlink(path)
 elif kind == "flock":
     f = open(file_of("locked", 16), "rb")
     fcntl.flock(f, fcntl.LOCK_EX)
@@ -161,6 +175,18 @@ elif kind == "tcp_half_closed":
     server, _ = listener.accept()
     client.shutdown(socket.SHUT_WR)
     held.extend([listener, client, server])
+elif kind == "tcp_closed":
+    # Both ends shut their sending side (zdtm's socket-tcp-close2): the FINs cross and both
+    # sockets end closed, held open, in no TCP table, still naming their peer.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    client = socket.create_connection(listener.getsockname())
+    server, _ = listener.accept()
+    listener.close()
+    client.shutdown(socket.SHUT_WR)
+    server.shutdown(socket.SHUT_WR)
+    held.extend([client, server])
 elif kind == "tcp_queued":
     # A connection the kernel accepted into the listener's queue, which we never accept.
     listener = socket.socket()

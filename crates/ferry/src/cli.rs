@@ -57,9 +57,10 @@ pub enum Command {
         /// containerd:NAMESPACE/ID, docker:ID.
         workload: String,
         /// The checkpoint will pass --tcp-established (established connections are then no
-        /// blocker; without this flag they are a caveat).
-        #[arg(long)]
-        tcp_established: bool,
+        /// blocker; without this flag they are a caveat). `--tcp-established=false`: it will
+        /// not, so they are a blocker, as `ferry checkpoint` without the flag judges them.
+        #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true")]
+        tcp_established: Option<bool>,
         /// Also judge the move to this node: its CRIU, its CPU (CRIU's cpuinfo check there), its
         /// kernel and free memory, asked through the agents (`--node` picks the source's agent),
         /// and an estimate per strategy over the measured link.

@@ -132,6 +132,20 @@ fn a_plain_workload_is_ready_and_checkpoints() {
 }
 
 #[test]
+fn an_aio_ring_is_ready_and_checkpoints() {
+    // `/[aio] (deleted)` in the maps is no deleted file (zdtm's aio00 was "not ready" and passed).
+    if !require_privileged() {
+        return;
+    }
+    let ferry = ferry();
+    let mut w = start("aio", Isolation::PidNamespace);
+    let (outcome, report) = check(&ferry, w.pid(), &[]);
+    outcome.assert_ok();
+    assert_eq!(report["verdict"], "ready", "{report:#}");
+    checkpoint_and_restore(&ferry, &mut w, "aio", &[]);
+}
+
+#[test]
 fn io_uring_blocks() {
     if require_privileged() {
         blocker_agrees("io_uring", "io-uring", Isolation::PidNamespace);
@@ -194,6 +208,35 @@ fn half_closed_tcp_is_a_caveat_and_checkpoints_with_the_flag() {
     ferry.checkpoint(w.pid(), "half", &[]).assert_error(NOT_READY).assert_stderr_mentions("tcp-transient");
     drop(w);
     caveat_agrees_with("tcp_half_closed", "tcp-transient", Isolation::PidNamespace, &["--tcp-established"]);
+}
+
+#[test]
+fn a_closed_connection_blocks_without_the_flag_and_restores_with_it() {
+    if !require_privileged() {
+        return;
+    }
+    // Closed on both sides, sockets still open: CRIU dumps them whatever the flags and, without
+    // --tcp-established, its restore refuses them (found by the zdtm sweep, docs/check.md).
+    let ferry = ferry();
+    let mut w = start("tcp_closed", Isolation::PidNamespace);
+    let (outcome, report) = check(&ferry, w.pid(), &["--tcp-established=false"]);
+    assert_eq!(outcome.code, Some(NOT_READY), "{outcome}");
+    assert_eq!(severity(&report, "tcp-closed").as_deref(), Some("blocker"), "{report:#}");
+    let (outcome, report) = check(&ferry, w.pid(), &[]);
+    outcome.assert_ok();
+    assert_eq!(severity(&report, "tcp-closed").as_deref(), Some("caveat"), "{report:#}");
+    let (_, asked) = check(&ferry, w.pid(), &["--tcp-established"]);
+    assert_eq!(asked["verdict"], "ready", "{asked:#}");
+    ferry.checkpoint(w.pid(), "closed", &[]).assert_error(NOT_READY).assert_stderr_mentions("tcp-closed");
+    // With the flag it checkpoints and restores.
+    checkpoint_and_restore(&ferry, &mut w, "closed", &["--tcp-established"]);
+    // Forced without it, the dump works and the restore is what fails.
+    let mut w = start("tcp_closed", Isolation::PidNamespace);
+    ferry.checkpoint(w.pid(), "forced", &["--force"]).assert_ok();
+    assert!(w.reap_launcher(), "the checkpointed workload's launcher did not exit");
+    let (restore, pid) = ferry.restore_detached("forced", &w);
+    restore.assert_error(7).assert_stderr_mentions("--tcp-established");
+    assert_eq!(pid, None, "{restore}");
 }
 
 #[test]
@@ -271,6 +314,14 @@ fn unix_socket_to_outside_blocks() {
 fn large_deleted_file_blocks() {
     if require_privileged() {
         blocker_agrees("deleted_large", "deleted-file-large", Isolation::PidNamespace);
+    }
+}
+
+#[test]
+fn a_removed_name_still_linked_elsewhere_blocks() {
+    // Small, but not a ghost file: CRIU needs --link-remap for it (found by the zdtm sweep).
+    if require_privileged() {
+        blocker_agrees("deleted_linked", "deleted-file-linked", Isolation::PidNamespace);
     }
 }
 

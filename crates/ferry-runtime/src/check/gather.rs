@@ -1,4 +1,5 @@
-//! Reads the facts the rules judge from `/proc`: reads only, no ptrace, no signal. Every file
+//! Reads the facts the rules judge from `/proc` (and the options of sockets no table lists,
+//! through a copy of their descriptor): reads only, no ptrace, no signal. Every file
 //! is read with a cap, and the tree, its threads and its descriptors are counted with caps
 //! too, so a hostile or huge tree costs a bounded time.
 
@@ -10,7 +11,7 @@ use std::path::Path;
 
 use ferry_criu::{Criu, Version};
 
-use super::parse::{self, FdKind, Mapping, ShmSegment, Stat, Status, TcpSocket};
+use super::parse::{self, FdKind, Mapping, ShmSegment, Stat, Status, TcpSocket, TcpState};
 use super::unix_diag::{self, UnixSocket};
 
 /// At most this many processes of a tree are read (a reason says when there were more).
@@ -25,6 +26,8 @@ const MAX_TABLE: u64 = 16 << 20;
 const MAX_SMALL: u64 = 64 << 10;
 /// Processes of the host scanned for namespace sharing.
 const MAX_HOST_PROCESSES: usize = 1 << 17;
+/// Sockets in no table probed through `pidfd_getfd` (each costs a handful of syscalls).
+const MAX_SOCKET_PROBES: usize = 1024;
 
 /// The namespaces CRIU knows, by their name under `/proc/PID/ns`.
 pub const NAMESPACES: [&str; 8] = ["pid", "net", "ipc", "uts", "mnt", "user", "cgroup", "time"];
@@ -51,6 +54,9 @@ pub struct FdFacts {
     pub rdev: Option<(u32, u32)>,
     /// A deleted file's allocated bytes.
     pub deleted_bytes: Option<u64>,
+    /// A deleted file that still has links (`st_nlink` > 0): unlinked from the path the task
+    /// opened, linked under another name.
+    pub deleted_linked: bool,
     /// A `/dev/ptmx` master's pty index.
     pub ptmx_index: Option<u32>,
     /// A pipe's inode and whether this is its write end.
@@ -78,6 +84,8 @@ pub struct TaskFacts {
     pub maps: Vec<Mapping>,
     /// Allocated bytes of each deleted mapped file, by path.
     pub deleted_map_bytes: BTreeMap<String, u64>,
+    /// Deleted mapped files that still have links elsewhere, by path.
+    pub deleted_map_linked: BTreeSet<String>,
 }
 
 /// Facts of the host, not of the workload.
@@ -98,12 +106,18 @@ pub struct Facts {
     pub unreadable: Vec<String>,
     /// The namespaces of ferry itself (those CRIU runs in, which it does not dump).
     pub own_ns: BTreeMap<String, u64>,
+    /// Ferry's own ids and capabilities (CRIU runs with them), from `/proc/self/status`.
+    pub own_status: Status,
     /// Namespaces the runtime declares external to CRIU (`net[INODE]`): not dumped.
     pub external_ns: Vec<(String, u64)>,
     /// For each namespace kind of the tree that is not ferry's: processes outside the tree in it.
     pub ns_shared_with: BTreeMap<String, Vec<i32>>,
     /// TCP sockets of the tree's network namespaces.
     pub tcp: Vec<TcpSocket>,
+    /// Inodes of the tree's TCP sockets in the close state that still name a peer: connections
+    /// closed on both sides whose descriptor is still open. No table lists them (the kernel
+    /// unhashes a closed socket); a probe of the descriptor finds them.
+    pub tcp_closed: BTreeSet<u64>,
     /// Unix sockets of the tree's network namespaces.
     pub unix: HashMap<u64, UnixSocket>,
     /// Why they could not all be listed.
@@ -193,6 +207,7 @@ pub fn tree(root: i32, external_ns: &[(String, u64)]) -> Facts {
     let (pids, truncated) = tree_pids(root, &mut f.unreadable);
     f.truncated = truncated;
     f.own_ns = namespaces("self");
+    f.own_status = parse::status(&read_head("/proc/self/status", MAX_SMALL).unwrap_or_default());
     let hugetlbfs = read_head(format!("/proc/{root}/mounts"), MAX_TABLE).unwrap_or_default();
     f.hugetlbfs = parse::hugetlbfs_mounts(&hugetlbfs);
     for pid in pids {
@@ -300,7 +315,7 @@ fn task(pid: i32) -> io::Result<TaskFacts> {
                 }
                 let Some(fd) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
                 let Ok(link) = read_link(e.path()) else { continue };
-                t.fds.push(fd_facts(&dir, fd, &link));
+                t.fds.push(fd_facts(&dir, fd, &link, t.stat.tty_nr != 0));
             }
         }
         Err(e) if e.kind() == io::ErrorKind::PermissionDenied => return Err(e),
@@ -309,16 +324,36 @@ fn task(pid: i32) -> io::Result<TaskFacts> {
     t.maps = parse::maps(&read_head(format!("{dir}/maps"), MAX_TABLE).unwrap_or_default());
     for m in t.maps.iter().filter(|m| m.deleted) {
         // map_files needs CAP_SYS_ADMIN; without it the size stays unknown (0).
-        let bytes =
-            fs::metadata(format!("{dir}/map_files/{}", m.range)).map(|md| md.blocks() * 512).unwrap_or(0);
-        t.deleted_map_bytes.insert(m.path.clone(), bytes);
+        let md = fs::metadata(format!("{dir}/map_files/{}", m.range));
+        t.deleted_map_bytes.insert(m.path.clone(), md.as_ref().map(|md| md.blocks() * 512).unwrap_or(0));
+        if md.is_ok_and(|md| still_linked(&md)) {
+            t.deleted_map_linked.insert(m.path.clone());
+        }
     }
     Ok(t)
 }
 
-fn fd_facts(dir: &str, fd: i32, link: &str) -> FdFacts {
+/// A deleted regular file that has a link left under another name. Pseudo files that read
+/// as deleted (the aio ring `/[aio]`, anonymous inodes) have a link count of 1 and no file type
+/// (mode 0600): they are no file CRIU links or copies.
+fn still_linked(m: &fs::Metadata) -> bool {
+    m.file_type().is_file() && m.nlink() > 0
+}
+
+/// `has_ctty`: the task has a controlling terminal, which may be a device node anywhere (a
+/// virtual terminal made with mknod, zdtm's `vt`): its device paths outside `/dev` are read too,
+/// to find whether the tree holds the terminal.
+fn fd_facts(dir: &str, fd: i32, link: &str, has_ctty: bool) -> FdFacts {
     let kind = parse::fd_kind(link);
-    let mut f = FdFacts { fd, kind, rdev: None, deleted_bytes: None, ptmx_index: None, pipe: None };
+    let mut f = FdFacts {
+        fd,
+        kind,
+        rdev: None,
+        deleted_bytes: None,
+        deleted_linked: false,
+        ptmx_index: None,
+        pipe: None,
+    };
     if let Some(inode) = parse::pipe_inode(link) {
         // O_ACCMODE tells the ends apart: both have the same link.
         let info = read_head(format!("{dir}/fdinfo/{fd}"), MAX_SMALL).unwrap_or_default();
@@ -327,8 +362,10 @@ fn fd_facts(dir: &str, fd: i32, link: &str) -> FdFacts {
     if let FdKind::Path { path, deleted } = &f.kind {
         let target = format!("{dir}/fd/{fd}");
         if *deleted {
-            f.deleted_bytes = fs::metadata(&target).ok().map(|m| m.blocks() * 512);
-        } else if path.starts_with("/dev/") {
+            let m = fs::metadata(&target).ok();
+            f.deleted_bytes = m.as_ref().map(|m| m.blocks() * 512);
+            f.deleted_linked = m.is_some_and(|m| still_linked(&m));
+        } else if path.starts_with("/dev/") || has_ctty {
             if let Ok(m) = fs::metadata(&target) {
                 use std::os::unix::fs::FileTypeExt;
                 if m.file_type().is_char_device() {
@@ -401,6 +438,33 @@ fn sockets(f: &mut Facts) {
             }
         }
     }
+    closed_tcp(f);
+}
+
+/// Finds the tree's closed TCP connections (see [`Facts::tcp_closed`]): each socket in neither
+/// table is probed through a copy of its descriptor (`pidfd_getfd`: the task is not stopped,
+/// traced or signalled). A probe that fails (no permission, the descriptor just closed) finds
+/// nothing: a fresh or bound socket is what such a socket usually is.
+fn closed_tcp(f: &mut Facts) {
+    let known: BTreeSet<u64> = f.tcp.iter().map(|s| s.inode).chain(f.unix.keys().copied()).collect();
+    let mut probes = 0;
+    for t in &f.tasks {
+        for fd in &t.fds {
+            let FdKind::Socket(ino) = fd.kind else { continue };
+            if known.contains(&ino) || f.tcp_closed.contains(&ino) {
+                continue;
+            }
+            if probes == MAX_SOCKET_PROBES {
+                return;
+            }
+            probes += 1;
+            if let Ok(Some(p)) = ferry_sys::probe_tcp_socket(t.pid, fd.fd) {
+                if TcpState::from_number(p.state) == TcpState::Close && p.has_peer {
+                    f.tcp_closed.insert(ino);
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -427,5 +491,26 @@ garbage";
         assert!(!t.fds.is_empty() && !t.maps.is_empty());
         assert_eq!(t.ns, f.own_ns);
         assert!(matches!(t.cwd, Some(PathState::Present(_))));
+    }
+
+    #[test]
+    fn a_removed_name_is_still_linked_only_while_another_link_is_left() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (first, second, only) = (dir.path().join("a"), dir.path().join("b"), dir.path().join("c"));
+        fs::write(&first, b"x").expect("write");
+        fs::write(&only, b"y").expect("write");
+        let linked = fs::File::open(&first).expect("open");
+        let ghost = fs::File::open(&only).expect("open");
+        fs::hard_link(&first, &second).expect("link");
+        fs::remove_file(&first).expect("unlink");
+        fs::remove_file(&only).expect("unlink");
+        let f = tree(std::process::id() as i32, &[]);
+        let fact = |file: &fs::File| {
+            use std::os::fd::AsRawFd;
+            let fd = f.tasks[0].fds.iter().find(|d| d.fd == file.as_raw_fd()).expect("fd");
+            (matches!(fd.kind, FdKind::Path { deleted: true, .. }), fd.deleted_linked)
+        };
+        assert_eq!(fact(&linked), (true, true));
+        assert_eq!(fact(&ghost), (true, false));
     }
 }

@@ -47,6 +47,24 @@ pub struct Status {
     pub rss_kib: u64,
     /// The pid in each pid namespace, outermost first.
     pub ns_pids: Vec<i32>,
+    /// Real, effective and saved user ids (`Uid:`; the file system one is left out).
+    pub uids: [u32; 3],
+    /// Real, effective and saved group ids.
+    pub gids: [u32; 3],
+    /// Effective capabilities (`CapEff`, a bit per capability).
+    pub cap_eff: u64,
+}
+
+/// Capability bit of CAP_SYS_RESOURCE (`linux/capability.h`).
+pub const CAP_SYS_RESOURCE: u64 = 1 << 24;
+
+/// The first three ids of a `Uid:` or `Gid:` line.
+fn ids(value: &str) -> [u32; 3] {
+    let mut out = [0; 3];
+    for (slot, v) in out.iter_mut().zip(value.split_whitespace()) {
+        *slot = v.parse().unwrap_or(0);
+    }
+    out
 }
 
 pub fn status(text: &str) -> Status {
@@ -58,6 +76,9 @@ pub fn status(text: &str) -> Status {
             "TracerPid" => s.tracer_pid = value.parse().unwrap_or(0),
             "VmRSS" => s.rss_kib = value.split_whitespace().next().and_then(|v| v.parse().ok()).unwrap_or(0),
             "NSpid" => s.ns_pids = value.split_whitespace().take(64).filter_map(|p| p.parse().ok()).collect(),
+            "Uid" => s.uids = ids(value),
+            "Gid" => s.gids = ids(value),
+            "CapEff" => s.cap_eff = u64::from_str_radix(value, 16).unwrap_or(0),
             _ => {}
         }
     }
@@ -189,7 +210,12 @@ pub enum TcpState {
 
 impl TcpState {
     fn from_hex(s: &str) -> TcpState {
-        match u8::from_str_radix(s, 16).unwrap_or(0) {
+        TcpState::from_number(u8::from_str_radix(s, 16).unwrap_or(0))
+    }
+
+    /// The kernel's number of a state (`include/net/tcp_states.h`, `TCP_INFO`'s `tcpi_state`).
+    pub fn from_number(n: u8) -> TcpState {
+        match n {
             1 => TcpState::Established,
             2 => TcpState::SynSent,
             3 => TcpState::SynRecv,
@@ -330,8 +356,23 @@ mod tests {
 
     #[test]
     fn status_fields() {
-        let s = status("Name:\tx\nTracerPid:\t77\nVmRSS:\t  2048 kB\nNSpid:\t900\t1\nbogus\n");
-        assert_eq!(s, Status { tracer_pid: 77, rss_kib: 2048, ns_pids: vec![900, 1] });
+        let s = status(
+            "Name:\tx\nTracerPid:\t77\nUid:\t1\t2\t3\t2\nGid:\t5\t6\t7\t8\nVmRSS:\t  2048 kB\n\
+             NSpid:\t900\t1\nCapEff:\t000001fffeffffff\nbogus\n",
+        );
+        assert_eq!(
+            s,
+            Status {
+                tracer_pid: 77,
+                rss_kib: 2048,
+                ns_pids: vec![900, 1],
+                uids: [1, 2, 3],
+                gids: [5, 6, 7],
+                cap_eff: 0x1fffeffffff
+            }
+        );
+        // This VM's root: every capability but CAP_SYS_RESOURCE.
+        assert_eq!(s.cap_eff & CAP_SYS_RESOURCE, 0);
         assert_eq!(status(""), Status::default());
     }
 

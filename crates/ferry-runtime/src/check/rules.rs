@@ -245,8 +245,14 @@ fn descriptors(f: &Facts) -> Vec<Reason> {
         Found::default(),
         Found::default(),
     );
-    let mut tun = Found::default();
+    let (mut tun, mut proc_pid) = (Found::default(), Found::default());
+    let pids = f.pids();
     for t in &f.tasks {
+        // A task in a pid namespace of its own that sees our /proc names its tree's processes
+        // there by their host pids, which the restore changes (CRIU restores the namespace's
+        // own pids): a file open under /proc/PID of one of them is then missing.
+        let host_proc_in_pidns =
+            t.ns.get("pid") != f.own_ns.get("pid") && t.ns.get("mnt") == f.own_ns.get("mnt");
         for fd in &t.fds {
             let at = |what: &str| match what {
                 "" => format!("{} fd {}", who(t), fd.fd),
@@ -263,6 +269,13 @@ fn descriptors(f: &Facts) -> Vec<Reason> {
                     n => other_anon.add(t.pid, at(&format!("anon_inode:{n}"))),
                 },
                 FdKind::Path { path, deleted: false } => {
+                    let proc_pid_of = path
+                        .strip_prefix("/proc/")
+                        .and_then(|rest| rest.split('/').next())
+                        .and_then(|n| n.parse::<i32>().ok());
+                    if host_proc_in_pidns && proc_pid_of.is_some_and(|p| pids.contains(&p)) {
+                        proc_pid.add(t.pid, at(path));
+                    }
                     if let Some((major, minor)) = fd.rdev {
                         if !device_supported(major, minor) {
                             devices.add(t.pid, at(&format!("{path} ({major}:{minor})")));
@@ -326,6 +339,14 @@ fn descriptors(f: &Facts) -> Vec<Reason> {
         "/dev/net/tun descriptors in the host's network namespace",
         "CRIU dumps a tun descriptor with its interface, and the interface only with a network namespace it dumps; in the host's (ferry's) it refuses (\"Net namespace is required to dump tun link\"): the dump fails",
         "run the workload in a network namespace of its own (a container, or unshare --net), which CRIU dumps with its tun interfaces",
+    );
+    push(
+        proc_pid,
+        "proc-pid-file",
+        Severity::Blocker,
+        "files open under /proc/PID of the tree's own tasks, by host pids, from a pid namespace of its own",
+        "the tree sees the host's /proc (its mount namespace is ferry's), so these paths carry host pids; CRIU restores the pid namespace's own pids, under new host pids, and reopens the same path: the file is missing and the restore fails (\"Can't open file proc/PID/... on restore\")",
+        "open /proc/self/... (or close the file) before checkpointing, or give the pid namespace a mount namespace with its own /proc",
     );
     push(
         fanotify,
@@ -416,9 +437,14 @@ fn tcp(f: &Facts, opts: CheckOptions) -> Vec<Reason> {
     let by_inode: std::collections::HashMap<u64, &super::parse::TcpSocket> =
         f.tcp.iter().map(|s| (s.inode, s)).collect();
     let (mut established, mut transient, mut queued) = (Found::default(), Found::default(), Found::default());
+    let mut closed = Found::default();
     for t in &f.tasks {
         for fd in &t.fds {
             let FdKind::Socket(ino) = fd.kind else { continue };
+            if f.tcp_closed.contains(&ino) {
+                closed.add(t.pid, format!("{} fd {} (socket:[{ino}])", who(t), fd.fd));
+                continue;
+            }
             let Some(s) = by_inode.get(&ino) else { continue };
             let item = format!("{} fd {} {} {}", who(t), fd.fd, s.state.name(), s.endpoints);
             match s.state {
@@ -457,6 +483,31 @@ fn tcp(f: &Facts, opts: CheckOptions) -> Vec<Reason> {
         "CRIU 4.2 dumps SYN_SENT, FIN_WAIT, CLOSE_WAIT, LAST_ACK and CLOSING sockets as it dumps established ones (only with --tcp-established); their state may change while the tree freezes, and a closing one's peer may be gone at restore",
         "checkpoint with --tcp-established, preferably when no connection is being set up or torn down",
     ));
+    // CRIU dumps a closed connection's socket whatever the flags (can_dump_inet_sk lets
+    // TCP_CLOSE through) but its restore refuses a socket with a peer address without
+    // --tcp-established ("Connected TCP socket in image", sk-inet.c): the checkpoint succeeds
+    // and cannot be restored. With the flag it restores (zdtm's socket-tcp-close2).
+    let (sev, why) = match opts.tcp_established {
+        Some(true) => (
+            Severity::Info,
+            "CRIU dumps them and, with --tcp-established, restores them closed as they were",
+        ),
+        Some(false) => (
+            Severity::Blocker,
+            "CRIU dumps them, but its restore refuses a TCP socket that names a peer without --tcp-established (\"Connected TCP socket in image\"): the checkpoint succeeds and cannot be restored",
+        ),
+        None => (
+            Severity::Caveat,
+            "the checkpoint needs --tcp-established: without it CRIU dumps them but its restore refuses them (\"Connected TCP socket in image\")",
+        ),
+    };
+    out.extend(closed.into_reason(
+        "tcp-closed",
+        sev,
+        "TCP connections closed on both sides whose sockets are still open",
+        why,
+        "checkpoint with --tcp-established, or let the application close the sockets",
+    ));
     out.extend(queued.into_reason(
         "tcp-accept-queue",
         Severity::Blocker,
@@ -470,12 +521,19 @@ fn tcp(f: &Facts, opts: CheckOptions) -> Vec<Reason> {
 fn terminal(f: &Facts) -> Vec<Reason> {
     let pids = f.pids();
     let masters: BTreeSet<u32> = f.tasks.iter().flat_map(|t| &t.fds).filter_map(|fd| fd.ptmx_index).collect();
+    let devices: BTreeSet<(u32, u32)> =
+        f.tasks.iter().flat_map(|t| &t.fds).filter_map(|fd| fd.rdev).collect();
     let (mut tty, mut session) = (Found::default(), Found::default());
     for t in &f.tasks {
         if t.stat.tty_nr != 0 {
             let (major, minor) = super::parse::dev_major_minor(u64::from(t.stat.tty_nr));
             // A pty whose master the tree holds travels with the tree.
-            let inside = (136..=143).contains(&major) && masters.contains(&((major - 136) * 256 + minor));
+            let pty_inside = (136..=143).contains(&major) && masters.contains(&((major - 136) * 256 + minor));
+            // A virtual terminal or serial line (major 4) or the console (5:1) that the tree
+            // holds open: CRIU dumps it as a terminal of its own and its session leader sets it
+            // again at restore (tty.c: the vt, serial and console drivers; zdtm's vt).
+            let device_inside = (major == 4 || (major, minor) == (5, 1)) && devices.contains(&(major, minor));
+            let inside = pty_inside || device_inside;
             if !inside {
                 tty.add(t.pid, format!("{} on tty {major}:{minor}", who(t)));
             }
@@ -506,20 +564,30 @@ fn terminal(f: &Facts) -> Vec<Reason> {
 fn deleted(f: &Facts) -> Vec<Reason> {
     let (mut small, mut large) = (Found::default(), Found::default());
     let (mut cwd_gone, mut cwd_gone_proc) = (Found::default(), Found::default());
-    let mut memfd_exe = Found::default();
-    let mut sort = |pid: i32, what: String, bytes: u64| {
-        if bytes > GHOST_LIMIT {
+    let (mut memfd_exe, mut linked) = (Found::default(), Found::default());
+    let mut sort = |pid: i32, what: String, bytes: u64, still_linked: bool| {
+        if still_linked {
+            linked.add(pid, what);
+        } else if bytes > GHOST_LIMIT {
             large.add(pid, format!("{what} ({} KiB)", bytes / 1024));
         } else {
             small.add(pid, what);
         }
     };
     for t in &f.tasks {
+        // A zombie has no working directory, executable or descriptors left (its links do not
+        // read): CRIU dumps it as a zombie, nothing to judge (zdtm's zombie00).
+        if t.stat.state == 'Z' {
+            continue;
+        }
         // In a pid namespace of its own that still sees our /proc (its mount namespace is
         // ours), CRIU's parasite mounts a proc of its namespace at `proc.crtools` in the task's
         // working directory (parasite.c: parasite_get_proc_fd): a deleted one fails the dump.
-        let mounts_proc_in_cwd =
-            t.ns.get("pid") != f.own_ns.get("pid") && t.ns.get("mnt") == f.own_ns.get("mnt");
+        // Only in the tree's root task (cr-dump.c: `root_item == item`; zdtm's cwd01, whose
+        // deleted working directory is a child's, passes).
+        let mounts_proc_in_cwd = t.pid == f.root
+            && t.ns.get("pid") != f.own_ns.get("pid")
+            && t.ns.get("mnt") == f.own_ns.get("mnt");
         let gone = if mounts_proc_in_cwd { &mut cwd_gone_proc } else { &mut cwd_gone };
         match &t.cwd {
             Some(PathState::Deleted { path, .. }) => gone.add(t.pid, format!("{} in {path}", who(t))),
@@ -531,14 +599,15 @@ fn deleted(f: &Facts) -> Vec<Reason> {
             if path.starts_with("/memfd:") {
                 memfd_exe.add(t.pid, format!("{} runs {path}", who(t)));
             } else {
-                sort(t.pid, format!("{} runs deleted {path}", who(t)), *bytes);
+                sort(t.pid, format!("{} runs deleted {path}", who(t)), *bytes, false);
             }
         }
         for fd in &t.fds {
             if let FdKind::Path { path, deleted: true } = &fd.kind {
                 // memfd and SysV shm are never on a file system: CRIU dumps them otherwise.
                 if !path.starts_with("/memfd:") && !path.starts_with("/SYSV") {
-                    sort(t.pid, format!("{} fd {} {path}", who(t), fd.fd), fd.deleted_bytes.unwrap_or(0));
+                    let what = format!("{} fd {} {path}", who(t), fd.fd);
+                    sort(t.pid, what, fd.deleted_bytes.unwrap_or(0), fd.deleted_linked);
                 }
             }
         }
@@ -546,13 +615,16 @@ fn deleted(f: &Facts) -> Vec<Reason> {
             let special = m.path.starts_with("/memfd:")
                 || m.path.starts_with("/SYSV")
                 || m.path == "/anon_hugepage"
-                || m.path == "/dev/zero";
+                || m.path == "/dev/zero"
+                // io_setup's ring: CRIU dumps and remaps it as an aio ring (zdtm's aio00).
+                || m.path == "/[aio]";
             let exe = matches!(&t.exe, Some(PathState::Deleted { path, .. }) if *path == m.path);
             if !special && !exe {
                 sort(
                     t.pid,
                     format!("{} maps {path}", who(t), path = m.path),
                     t.deleted_map_bytes.get(&m.path).copied().unwrap_or(0),
+                    t.deleted_map_linked.contains(&m.path),
                 );
             }
         }
@@ -578,6 +650,13 @@ fn deleted(f: &Facts) -> Vec<Reason> {
         "tasks running an executable from a memfd",
         "CRIU 4.2.1 dumps the memfd, but its restore looks the executable up among regular files and fails (\"No entry for reg-file-ID\")",
         "run the program from a file on disk",
+    ));
+    out.extend(linked.into_reason(
+        "deleted-file-linked",
+        Severity::Blocker,
+        "files open or mapped under a name since removed, still linked under another",
+        "CRIU copies only files with no link left (ghost files); one still linked elsewhere it dumps by linking it under a new name (\"link remap\"), only with --link-remap, which ferry does not pass: the dump fails (\"Can't create link remap ... Use link-remap option\")",
+        "reopen the file under the name it has now (or close it) before checkpointing",
     ));
     out.extend(small.into_reason(
         "deleted-file",
@@ -680,8 +759,19 @@ fn ipc_and_memory(f: &Facts) -> Vec<Reason> {
 
 fn tasks(f: &Facts) -> Vec<Reason> {
     let (mut traced, mut vfork, mut locks) = (Found::default(), Found::default(), Found::default());
-    let mut stuck = Found::default();
+    let (mut stuck, mut foreign) = (Found::default(), Found::default());
+    // CRIU reads each task's rlimits with prlimit(2), which the kernel allows on a process
+    // whose real, effective and saved uids and gids are not all the caller's only with
+    // CAP_SYS_RESOURCE over its user namespace (kernel/sys.c: check_prlimit_permission).
+    let own = &f.own_status;
+    let may_prlimit_others = own.cap_eff & super::parse::CAP_SYS_RESOURCE != 0;
     for t in &f.tasks {
+        let ours = t.status.uids == [own.uids[0]; 3] && t.status.gids == [own.gids[0]; 3];
+        // Zombies' limits are not read (CRIU dumps little of them).
+        let zombie = t.stat.state == 'Z';
+        if !may_prlimit_others && !ours && !zombie && t.ns.get("user") == f.own_ns.get("user") {
+            foreign.add(t.pid, format!("{} runs as uid {:?} gid {:?}", who(t), t.status.uids, t.status.gids));
+        }
         for (tid, tracer) in &t.traced {
             traced.add(t.pid, format!("{} thread {tid} traced by {tracer}", who(t)));
         }
@@ -716,6 +806,13 @@ fn tasks(f: &Facts) -> Vec<Reason> {
         "tasks in uninterruptible sleep (state D)",
         "CRIU cannot seize a task in state D; if it stays so for 10 s (slow storage, a hung NFS server) the dump fails",
         "retry when the I/O it waits for completes",
+    ));
+    out.extend(foreign.into_reason(
+        "credentials",
+        Severity::Blocker,
+        "tasks whose user or group ids are not CRIU's, which lacks CAP_SYS_RESOURCE",
+        "CRIU reads every task's resource limits (prlimit), which the kernel refuses on another user's process without CAP_SYS_RESOURCE, withheld here even from root: the dump fails (\"Can't get rlimit 0: Operation not permitted\")",
+        "run the workload with ferry's user and group ids, or run ferry with CAP_SYS_RESOURCE",
     ));
     out.extend(locks.into_reason(
         "file-locks",
@@ -800,6 +897,7 @@ mod tests {
             kind: parse::fd_kind(link),
             rdev: None,
             deleted_bytes: None,
+            deleted_linked: false,
             ptmx_index: None,
             pipe: None,
         }
@@ -936,6 +1034,26 @@ mod tests {
     }
 
     #[test]
+    fn closed_connections_fail_the_restore_without_the_flag() {
+        // zdtm's socket-tcp-close2: both ends shut down, both sockets still open, in no table.
+        let mut t = task(10);
+        t.fds = vec![fd(5, "socket:[7]"), fd(6, "socket:[8]"), fd(7, "socket:[9]")];
+        let mut f = facts(vec![t]);
+        f.tcp_closed = BTreeSet::from([7, 8]);
+        let by = |tcp_established| codes(&f, CheckOptions { tcp_established });
+        assert_eq!(by(Some(false)), vec![("tcp-closed", Severity::Blocker)]);
+        assert_eq!(by(None), vec![("tcp-closed", Severity::Caveat)]);
+        // With the flag CRIU restores them: worth knowing only.
+        assert_eq!(by(Some(true)), vec![]);
+        let r = evaluate(&f, CheckOptions { tcp_established: Some(true) });
+        let closed = r.iter().find(|r| r.code == "tcp-closed").expect("reason");
+        assert_eq!(closed.severity, Severity::Info);
+        assert!(
+            closed.what.contains("fd 5") && closed.what.contains("fd 6") && !closed.what.contains("fd 7")
+        );
+    }
+
+    #[test]
     fn terminals_and_sessions() {
         let mut t = task(10);
         t.stat.tty_nr = 34816 + 5; // /dev/pts/5
@@ -949,7 +1067,21 @@ mod tests {
         t.stat.session = 10;
         t.fds = vec![fd(3, "/dev/ptmx")];
         t.fds[0].ptmx_index = Some(5);
-        assert_eq!(codes(&facts(vec![t]), CheckOptions::default()), vec![]);
+        assert_eq!(codes(&facts(vec![t.clone()]), CheckOptions::default()), vec![]);
+        // A virtual terminal (4:5) the tree holds open, made with mknod anywhere (zdtm's vt):
+        // CRIU dumps it and the session leader sets it again.
+        t.stat.tty_nr = (4 << 8) | 5;
+        t.fds = vec![fd(3, "/srv/vt5")];
+        assert_eq!(
+            codes(&facts(vec![t.clone()]), CheckOptions::default()),
+            vec![("terminal", Severity::Blocker)]
+        );
+        t.fds[0].rdev = Some((4, 5));
+        assert_eq!(codes(&facts(vec![t.clone()]), CheckOptions::default()), vec![]);
+        // A pty slave held without its master is still outside.
+        t.stat.tty_nr = 34816 + 5;
+        t.fds[0].rdev = Some((136, 5));
+        assert_eq!(codes(&facts(vec![t]), CheckOptions::default()), vec![("terminal", Severity::Blocker)]);
     }
 
     #[test]
@@ -974,6 +1106,16 @@ mod tests {
         let mut f = facts(vec![p]);
         f.own_ns = task(1).ns;
         assert!(codes(&f, CheckOptions::default()).contains(&("cwd-deleted-pidns", Severity::Blocker)));
+        // CRIU mounts that proc in the root task's directory only: a child's is a caveat
+        // (zdtm's cwd01).
+        let mut root = task(9);
+        root.ns.insert("pid".into(), 99);
+        f.tasks.insert(0, root);
+        f.root = 9;
+        let c = codes(&f, CheckOptions::default());
+        assert!(
+            c.contains(&("cwd-deleted", Severity::Caveat)) && !c.iter().any(|c| c.0 == "cwd-deleted-pidns")
+        );
         let mut m = task(10);
         m.exe = Some(PathState::Deleted { path: "/memfd:runc_cloned".into(), bytes: 12 << 20, dir: false });
         m.maps = vec![Mapping { range: "1-2".into(), path: "/memfd:runc_cloned".into(), deleted: true }];
@@ -987,6 +1129,91 @@ mod tests {
         // The executable's own mapping is not counted twice.
         assert_eq!(large.len(), 1);
         assert!(large[0].what.contains("runs deleted /usr/bin/app") && !large[0].what.contains("maps"));
+    }
+
+    #[test]
+    fn proc_files_of_the_tree_by_host_pid_in_a_pid_namespace() {
+        // zdtm's fanotify00 in the sweep: it keeps /proc/self/fdinfo/4 open, which reads as
+        // its host pid when the namespace shares our /proc.
+        let mut t = task(10);
+        t.ns.insert("pid".into(), 99);
+        t.ns.insert("mnt".into(), 5);
+        t.fds = vec![fd(3, "/proc/10/fdinfo/4"), fd(4, "/proc/1/status"), fd(5, "/proc/meminfo")];
+        let mut f = facts(vec![t]);
+        f.own_ns.insert("pid".into(), 1);
+        assert_eq!(codes(&f, CheckOptions::default()), vec![("proc-pid-file", Severity::Blocker)]);
+        let r = evaluate(&f, CheckOptions::default());
+        let p = r.iter().find(|r| r.code == "proc-pid-file").expect("reason");
+        assert!(p.what.contains("/proc/10/fdinfo/4") && !p.what.contains("/proc/1/status"));
+        // In our pid namespace CRIU restores the same pids: the path stays right.
+        f.own_ns.insert("pid".into(), 99);
+        assert_eq!(codes(&f, CheckOptions::default()), vec![]);
+        // With a mount namespace (and /proc) of its own, the path holds the namespace's pid.
+        f.own_ns.insert("pid".into(), 1);
+        f.own_ns.insert("mnt".into(), 6);
+        assert_eq!(codes(&f, CheckOptions::default()), vec![]);
+    }
+
+    #[test]
+    fn zombies_have_nothing_to_judge() {
+        let mut z = task(11);
+        z.stat.state = 'Z';
+        z.cwd = Some(PathState::Unreadable("No such file or directory".into()));
+        z.exe = Some(PathState::Unreadable("No such file or directory".into()));
+        assert_eq!(codes(&facts(vec![task(10), z]), CheckOptions::default()), vec![]);
+    }
+
+    #[test]
+    fn other_users_tasks_block_without_cap_sys_resource() {
+        // zdtm's pid00: a child with uids 1, 2, 3. CRIU's prlimit on it fails here.
+        let mut child = task(11);
+        child.status.uids = [1, 2, 3];
+        let mut f = facts(vec![task(10), child]);
+        assert_eq!(codes(&f, CheckOptions::default()), vec![("credentials", Severity::Blocker)]);
+        let r = evaluate(&f, CheckOptions::default());
+        let c = r.iter().find(|r| r.code == "credentials").expect("reason");
+        assert_eq!(c.pids, vec![11]);
+        // Only the gids differing is as bad.
+        f.tasks[1].status.uids = [0; 3];
+        f.tasks[1].status.gids = [0, 6, 0];
+        assert_eq!(codes(&f, CheckOptions::default()), vec![("credentials", Severity::Blocker)]);
+        // With CAP_SYS_RESOURCE, or in a user namespace of its own, the kernel lets CRIU.
+        f.own_status.cap_eff = parse::CAP_SYS_RESOURCE;
+        assert_eq!(codes(&f, CheckOptions::default()), vec![]);
+        f.own_status.cap_eff = 0;
+        f.tasks[1].ns.insert("user".into(), 77);
+        assert!(!codes(&f, CheckOptions::default()).contains(&("credentials", Severity::Blocker)));
+    }
+
+    #[test]
+    fn a_removed_name_still_linked_elsewhere_needs_link_remap() {
+        // zdtm's unlink_fstat03: open, link under a second name, unlink the first. Small, but
+        // no ghost file: CRIU wants --link-remap.
+        let mut t = task(10);
+        t.fds = vec![fd(3, "/srv/data (deleted)"), fd(4, "/srv/gone (deleted)")];
+        t.fds[0].deleted_bytes = Some(4096);
+        t.fds[0].deleted_linked = true;
+        t.fds[1].deleted_bytes = Some(4096);
+        t.maps = vec![Mapping { range: "1-2".into(), path: "/srv/lib.so".into(), deleted: true }];
+        t.deleted_map_linked.insert("/srv/lib.so".into());
+        let f = facts(vec![t]);
+        assert_eq!(
+            codes(&f, CheckOptions::default()),
+            vec![("deleted-file", Severity::Caveat), ("deleted-file-linked", Severity::Blocker)]
+        );
+        let r = evaluate(&f, CheckOptions::default());
+        let linked = r.iter().find(|r| r.code == "deleted-file-linked").expect("reason");
+        assert!(linked.what.contains("fd 3 /srv/data") && linked.what.contains("maps /srv/lib.so"));
+        assert!(!linked.what.contains("gone"));
+    }
+
+    #[test]
+    fn the_aio_ring_is_no_deleted_file() {
+        // zdtm's aio00: io_setup maps `/[aio] (deleted)`, which CRIU dumps as an aio ring.
+        let mut t = task(10);
+        t.maps = vec![Mapping { range: "1-2".into(), path: "/[aio]".into(), deleted: true }];
+        t.deleted_map_linked.insert("/[aio]".into());
+        assert_eq!(codes(&facts(vec![t]), CheckOptions::default()), vec![]);
     }
 
     #[test]

@@ -18,10 +18,16 @@ pub(crate) fn report(cli: &Cli, workload: &WorkloadId, opts: CheckOptions) -> Re
     Ok(check::check(workload, env, opts))
 }
 
-pub fn run(cli: &Cli, workload: &str, tcp_established: bool, to: Option<&str>, json: bool) -> Outcome {
+pub fn run(
+    cli: &Cli,
+    workload: &str,
+    tcp_established: Option<bool>,
+    to: Option<&str>,
+    json: bool,
+) -> Outcome {
     let what = || format!("check of {workload} failed");
     let id: WorkloadId = workload.parse().map_err(|e| (what(), e))?;
-    let opts = CheckOptions { tcp_established: tcp_established.then_some(true) };
+    let opts = CheckOptions { tcp_established };
     let mut r = report(cli, &id, opts).map_err(|e| (what(), e))?;
     if let (Some(node), Some(pid)) = (to, r.pid) {
         r = with_target(cli, r, node, pid);
