@@ -626,6 +626,19 @@ fn migrate_namespaced(kind: &'static str, name: &str) {
     assert!(!f.exists("node2", bare), "restored into another namespace");
     let after = poll(Duration::from_secs(30), "the migrated copy to answer", || ask(w.ip, "!sum"));
     assert_eq!(after["sha256"], before["sha256"]);
+    // Checked where it now runs, its own name is no clash (the agent's gate runs this check).
+    let criu = ferry_criu::Criu::locate(None).unwrap();
+    let endpoints = f.endpoints("node2");
+    let id: WorkloadId = format!("{kind}:{name}").parse().unwrap();
+    let r = ferry_runtime::check::check(
+        &id,
+        CheckEnv { criu: Ok(&criu), endpoints: &endpoints },
+        CheckOptions::default(),
+    );
+    assert!(r.blockers().next().is_none(), "{:?}", r.reasons);
+    // The target side still sees the name as taken in that namespace.
+    let problems = f.target_facts("node2", name, "node2").container.expect("judged");
+    assert!(problems.iter().any(|p| p.contains("already")), "{problems:?}");
     assert_nothing_left(&f);
 }
 

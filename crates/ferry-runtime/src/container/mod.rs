@@ -62,8 +62,15 @@ pub trait ContainerRuntime: fmt::Debug + Send + Sync {
     /// True if the runtime has a container named `name` (running or not).
     fn exists(&self, name: &str) -> Result<bool, Error>;
 
+    /// True if restoring `record` here as `name` would clash with a container the runtime
+    /// has (containerd: in the record's namespace).
+    fn name_taken(&self, _record: &ContainerRecord, name: &str) -> Result<bool, Error> {
+        self.exists(name)
+    }
+
     /// What would keep `record` from being restored here (each reason a sentence with its
-    /// fix): the image missing, a bind mount's source missing.
+    /// fix): the image missing, a bind mount's source missing. Not the name: a container
+    /// checked where it runs has its own name ([`ContainerRuntime::name_taken`]).
     fn preflight(&self, record: &ContainerRecord, name: &str) -> Vec<String>;
 
     /// Sources of the bind mounts the runtime makes anew for every container it creates
@@ -272,7 +279,7 @@ pub fn netns_address(path: &Path) -> (Option<std::net::Ipv4Addr>, Option<String>
 pub fn preflight(endpoints: &Endpoints, record: &ContainerRecord, name: &str) -> Result<(), Error> {
     let rt = open(&record.kind, endpoints)?;
     let workload = format!("{}:{name}", record.kind);
-    if rt.exists(name)? {
+    if rt.name_taken(record, name)? {
         return Err(Error::NameTaken { workload });
     }
     let mut reasons = rt.preflight(record, name);

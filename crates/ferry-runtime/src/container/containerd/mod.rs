@@ -527,7 +527,20 @@ impl ContainerRuntime for Containerd {
         Ok(api.container(&ns, &id).map_err(|s| api.error("containers.Get", &s))?.is_some())
     }
 
-    fn preflight(&self, record: &ContainerRecord, name: &str) -> Vec<String> {
+    fn name_taken(&self, record: &ContainerRecord, name: &str) -> Result<bool, Error> {
+        let rec = Recorded::from_record(record)?;
+        // A name given without a namespace is restored into the record's.
+        let (ns, id) = match name.split_once('/') {
+            Some(_) => split_name(name)?,
+            None => (rec.namespace.clone(), name.to_owned()),
+        };
+        validate_identifier("namespace", &ns)?;
+        validate_identifier("id", &id)?;
+        let api = self.connect()?;
+        Ok(api.container(&ns, &id).map_err(|s| api.error("containers.Get", &s))?.is_some())
+    }
+
+    fn preflight(&self, record: &ContainerRecord, _name: &str) -> Vec<String> {
         let rec = match Recorded::from_record(record) {
             Ok(r) => r,
             Err(e) => return vec![e.to_string()],
@@ -542,16 +555,6 @@ impl ContainerRuntime for Containerd {
         };
         let mut reasons = Vec::new();
         let ns = rec.namespace.as_str();
-        if ns != DEFAULT_NAMESPACE {
-            // (The default namespace's names are checked by `exists`.)
-            match api.container(ns, name) {
-                Ok(Some(_)) => reasons.push(format!(
-                    "containerd:{ns}/{name} already exists here: restore it under another name (--name), or remove that one"
-                )),
-                Ok(None) => {}
-                Err(s) => reasons.push(api.error("containers.Get", &s).to_string()),
-            }
-        }
         if !rec.snapshot_parent.is_empty() {
             let image = record.image.as_deref().unwrap_or("(unnamed)");
             match api.snapshot_parent(ns, &rec.snapshotter, &rec.snapshot_parent) {
