@@ -4,6 +4,7 @@
 #![allow(unsafe_code)]
 
 pub mod failpoint;
+mod memory;
 mod mount;
 mod process;
 mod retry;
@@ -11,6 +12,7 @@ mod seqpacket;
 mod socket_probe;
 mod uffd;
 
+pub use memory::prefer_huge_pages;
 pub use mount::{punch_hole, unmount, PrivateTmpfs};
 pub use process::{
     effective_uid, idle_priority_for_this_thread, inherit_fd_in_child, is_root, kill, kill_raw,
