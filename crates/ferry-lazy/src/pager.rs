@@ -45,6 +45,8 @@ const LAZY_SOCKET: &str = "lazy-pages.socket";
 const RESTORE_FINISHED: i32 = 0x5253_5446;
 /// Pages per background request (1 MiB): short enough that a fault waits little behind one.
 const SWEEP_PAGES: usize = 256;
+/// Pages fetched for one fault: the missing ones of its aligned 64 KiB block.
+const FAULT_AROUND: usize = 16;
 /// How often the loop looks at its stop flag while nothing happens.
 const TICK_MS: i32 = 50;
 /// How long `stop` waits for a loop that is busy in its fetcher.
@@ -441,9 +443,21 @@ fn handle_events(st: &mut State, ti: usize, events: Vec<UffdEvent>, actions: &mu
                     None => actions.push(FaultAction::Zero(t.uffd.clone(), page)),
                     Some(pos) => match t.ranges[pos.0].pages[pos.1] {
                         Page::Missing => {
-                            t.set(pos, Page::Requested);
-                            let img = t.ranges[pos.0].img + (pos.1 * PAGE) as u64;
-                            actions.push(FaultAction::Fetch { pid: t.pid, img });
+                            // The missing pages of the aligned block around it come along
+                            // (the kernel's own fault-around for files): a workload reading
+                            // a buffer or a model's weights faults once a block, not a page.
+                            let r = &mut t.ranges[pos.0];
+                            let from = pos.1 - pos.1 % FAULT_AROUND;
+                            let to = (from + FAULT_AROUND).min(r.pages.len());
+                            for i in from..to {
+                                if r.pages[i] == Page::Missing {
+                                    r.pages[i] = Page::Requested;
+                                    actions.push(FaultAction::Fetch {
+                                        pid: t.pid,
+                                        img: r.img + (i * PAGE) as u64,
+                                    });
+                                }
+                            }
                         }
                         // Its copy is under way and wakes it.
                         Page::Requested | Page::Copying => {}
@@ -1084,7 +1098,7 @@ mod tests {
         ferry_sys::send_with_fd(&restore, &[0], uffd.as_fd()).unwrap();
         drop(uffd);
 
-        // A fault before the restore finished is served at once.
+        // A fault before the restore finished is served at once, with its 64 KiB block.
         let mut b = [0u8; 2];
         map.read((10 * P) as usize, &mut b);
         assert_eq!(b, [73, 73]);
@@ -1110,18 +1124,18 @@ mod tests {
             assert_eq!(page, pattern_page(i), "page {i}");
         }
         let asked = asked.lock().unwrap().clone();
-        // Page 10 was asked for by its fault, before the push; the push skipped it; the
-        // sweep asked for the rest, nothing the push brought.
-        assert_eq!(asked[0], (map.addr() + 10 * P, 1));
+        // Page 10 was asked for by its fault, with the rest of pages 0-15, before the push;
+        // the push skipped those; the sweep asked for the rest, nothing the push brought.
+        assert_eq!(asked[0], (map.addr(), FAULT_AROUND as u32));
         assert!(
             !asked[1..]
                 .iter()
                 .any(|&(v, n)| v < map.addr() + 24 * P && v + u64::from(n) * P > map.addr() + 8 * P),
             "pushed pages were asked for again: {asked:?}"
         );
-        assert_eq!(asked.iter().map(|r| u64::from(r.1)).sum::<u64>(), pages - 8 - 16 + 1);
+        assert_eq!(asked.iter().map(|r| u64::from(r.1)).sum::<u64>(), 16 + (pages - 8 - 24));
         assert_eq!(stats.bytes, (pages - 8) * P);
-        assert_eq!(stats.pushed, 15 * P, "page 10 was in already");
+        assert_eq!(stats.pushed, 8 * P, "pages 8-15 were in already, with page 10's block");
         assert!(stats.faults >= 2);
         assert!(!feeder.feed(1, map.addr(), &pattern_page(0)), "ended: the push is turned away");
         drop(pager);
