@@ -81,16 +81,18 @@ impl Agent {
         node: &str,
         cpuinfo: Option<&[u8]>,
         container: Option<&[u8]>,
+        tree: Option<&ferry_runtime::check::target::TreeNeeds>,
     ) -> Result<ferry_runtime::check::target::TargetFacts, MigrateError> {
         let n = &self.node;
         if node == n.config.name {
-            return Ok(target_facts(n, cpuinfo, container));
+            return Ok(target_facts(n, cpuinfo, container, tree));
         }
         let mut ch = n.connect(node)?;
         let link = crate::source::probe_link(&mut ch)?;
         ch.send(&crate::proto::Msg::FactsQuery {
             cpuinfo: cpuinfo.map(<[u8]>::to_vec),
             container: container.map(<[u8]>::to_vec),
+            tree: tree.cloned(),
         })?;
         match ch.recv("target facts")? {
             crate::proto::Msg::TargetFacts(mut facts) => {
@@ -137,10 +139,12 @@ pub(crate) fn target_facts(
     node: &Node,
     cpuinfo: Option<&[u8]>,
     container: Option<&[u8]>,
+    tree: Option<&ferry_runtime::check::target::TreeNeeds>,
 ) -> ferry_runtime::check::target::TargetFacts {
     let mut facts =
         ferry_runtime::check::target::target_facts(&node.config.name, Ok(&node.ctx.criu), cpuinfo);
     facts.container = container.map(|record| container_problems(node, record));
+    facts.tree = tree.map(ferry_runtime::check::target::tree_problems);
     facts
 }
 

@@ -133,6 +133,9 @@ pub enum Request {
         /// A container's record, for the target's runtime to judge (`None`: a process tree).
         #[serde(default)]
         container: Option<Vec<u8>>,
+        /// A process tree's paths and listeners, for the target to look for.
+        #[serde(default)]
+        tree: Option<ferry_runtime::check::target::TreeNeeds>,
     },
 }
 

@@ -13,8 +13,9 @@ use crate::phase::Phase;
 
 /// Version of this protocol (checked in `Hello`). 6: chunks may be sealed in frame format 2
 /// (AES-256-GCM), which a ferry of protocol 5 cannot open. 7: `FactsQuery`/`TargetFacts`
-/// (`ferry check --to`).
-pub const PROTOCOL: u32 = 7;
+/// (`ferry check --to`). 8: `FactsQuery.tree`, `TargetFacts.tree` (a process tree's paths
+/// and listeners).
+pub const PROTOCOL: u32 = 8;
 /// Key under which a workload's network namespace is declared external to CRIU (it stays
 /// behind; the target provides one with the same address). ferry-runtime's: clones use it too.
 pub(crate) use ferry_runtime::NETNS_KEY;
@@ -192,6 +193,8 @@ pub enum Msg {
         cpuinfo: Option<Vec<u8>>,
         /// A container's record (`ferry-container.json`), for the target's runtime to judge.
         container: Option<Vec<u8>>,
+        /// A process tree's paths and listeners, for the target to look for.
+        tree: Option<ferry_runtime::check::target::TreeNeeds>,
     },
     TargetFacts(ferry_runtime::check::target::TargetFacts),
 }

@@ -65,8 +65,9 @@ pub(crate) fn serve(node: &Node, mut ch: Channel) -> Result<(), MigrateError> {
             }
         };
         match msg {
-            Msg::FactsQuery { cpuinfo, container } if arrival.is_none() => {
-                let facts = crate::agent::target_facts(node, cpuinfo.as_deref(), container.as_deref());
+            Msg::FactsQuery { cpuinfo, container, tree } if arrival.is_none() => {
+                let facts =
+                    crate::agent::target_facts(node, cpuinfo.as_deref(), container.as_deref(), tree.as_ref());
                 return ch.send(&Msg::TargetFacts(facts));
             }
             Msg::Prepare {

@@ -418,8 +418,8 @@ fn serve_local(mut conn: UnixStream, agent: &Agent) {
     };
     match req {
         Request::Status => send(&Event::Status(agent.status())),
-        Request::TargetFacts { node, cpuinfo, container } => {
-            match agent.target_facts(&node, cpuinfo.as_deref(), container.as_deref()) {
+        Request::TargetFacts { node, cpuinfo, container, tree } => {
+            match agent.target_facts(&node, cpuinfo.as_deref(), container.as_deref(), tree.as_ref()) {
                 Ok(facts) => send(&Event::TargetFacts(facts)),
                 Err(e) => send(&Event::Failed { message: ferry_migrate::chain(&e), hint: e.hint() }),
             }

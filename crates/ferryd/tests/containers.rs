@@ -177,7 +177,8 @@ impl Fixture {
         let r = ferry_runtime::check::check(&id, env, CheckOptions::default());
         let record =
             serde_json::to_vec(r.container_record.as_deref().expect("a container's record")).unwrap();
-        let req = Request::TargetFacts { node: to.into(), cpuinfo: None, container: Some(record) };
+        let req =
+            Request::TargetFacts { node: to.into(), cpuinfo: None, container: Some(record), tree: None };
         match ferry_migrate::client::call(
             &agent_socket(self.lab.config().state_dir(), from),
             &req,

@@ -616,7 +616,7 @@ fn a_target_node_describes_itself_through_the_agents() {
     let criu = ferry_criu::Criu::locate(None).expect("criu");
     let cpuinfo = ferry_runtime::check::target::source_cpuinfo(&criu).expect("this host's cpuinfo.img");
     let ask = |node: &str, cpuinfo: Option<Vec<u8>>| {
-        let req = Request::TargetFacts { node: node.into(), cpuinfo, container: None };
+        let req = Request::TargetFacts { node: node.into(), cpuinfo, container: None, tree: None };
         ferry_migrate::client::call(&f.socket("node1"), &req, &mut |_| {}).expect("call")
     };
     let Event::TargetFacts(facts) = ask("node2", Some(cpuinfo)) else { panic!("no facts") };
@@ -631,6 +631,31 @@ fn a_target_node_describes_itself_through_the_agents() {
     let Event::TargetFacts(bad) = ask("node2", Some(vec![0x5a; 128])) else { panic!("no facts") };
     assert!(matches!(bad.cpu_check, Some(Err(_))), "garbage is no CPU: {:?}", bad.cpu_check);
     assert!(matches!(ask("node9", None), Event::Failed { .. }), "node9 is not a peer");
+
+    // A process tree's paths and listeners, looked for by the target's agent in its own mount
+    // and network namespace: the port its peers reach it on is taken there, a path is missing.
+    use ferry_runtime::check::target::{Listen, PathNeed, TreeNeeds};
+    let peer_port = ferry_migrate::lab_agents::PEER_PORT;
+    let tree = TreeNeeds {
+        paths: vec![
+            PathNeed { path: "/bin/sh".into(), dir: false, size: None, mapped: true },
+            PathNeed { path: "/nonexistent/ferry-lib.so".into(), dir: false, size: None, mapped: true },
+        ],
+        listens: vec![
+            Listen { addr: "00000000".into(), port: peer_port },
+            Listen { addr: "00000000".into(), port: 1 },
+        ],
+    };
+    let req = Request::TargetFacts { node: "node2".into(), cpuinfo: None, container: None, tree: Some(tree) };
+    let Ok(Event::TargetFacts(judged)) = ferry_migrate::client::call(&f.socket("node1"), &req, &mut |_| {})
+    else {
+        panic!("no facts")
+    };
+    let problems = judged.tree.expect("the tree judged");
+    let kinds: Vec<&str> = problems.iter().map(|p| p.kind.as_str()).collect();
+    assert_eq!(kinds, ["path", "port"], "{problems:?}");
+    assert!(problems[0].what.contains("/nonexistent/ferry-lib.so"), "{problems:?}");
+    assert!(problems[1].what.contains(&format!("port {peer_port} ")), "{problems:?}");
 }
 
 /// A failed migration leaves the workload where it was, whole and reachable.

@@ -94,6 +94,9 @@ pub struct Report {
     /// A container's record as its runtime gives it (what a target's runtime is asked about).
     #[serde(skip)]
     pub container_record: Option<Box<crate::container::ContainerRecord>>,
+    /// A process tree's paths and listeners, for a target to check (`--to`).
+    #[serde(skip)]
+    pub tree_needs: Option<target::TreeNeeds>,
 }
 
 impl Report {
@@ -102,7 +105,17 @@ impl Report {
     pub fn new(workload: String, pid: Option<i32>, processes: usize, mut reasons: Vec<Reason>) -> Report {
         reasons.sort_by(|a, b| b.severity.cmp(&a.severity).then(a.code.cmp(b.code)));
         let (verdict, score) = score(&reasons);
-        Report { workload, pid, processes, verdict, score, reasons, seconds: 0.0, container_record: None }
+        Report {
+            workload,
+            pid,
+            processes,
+            verdict,
+            score,
+            reasons,
+            seconds: 0.0,
+            container_record: None,
+            tree_needs: None,
+        }
     }
 
     pub fn blockers(&self) -> impl Iterator<Item = &Reason> {
@@ -167,14 +180,20 @@ pub fn check(workload: &WorkloadId, env: CheckEnv<'_>, opts: CheckOptions) -> Re
     };
     reasons.extend(rules::host(&gather::host(env.criu)));
     let mut processes = 0;
+    let mut tree_needs = None;
     if let Some(root) = root {
         let facts = gather::tree(root, &external_ns);
         processes = facts.tasks.len();
         reasons.extend(rules::evaluate(&facts, opts));
+        // A container's files come with its record, its ports with its namespace.
+        if record.is_none() {
+            tree_needs = Some(target::TreeNeeds::of(&facts));
+        }
     }
     let mut report = Report::new(workload.to_string(), root, processes, reasons);
     report.seconds = started.elapsed().as_secs_f64();
     report.container_record = record;
+    report.tree_needs = tree_needs;
     report
 }
 

@@ -44,6 +44,195 @@ pub struct TargetFacts {
     /// there (empty: nothing); `None` when no container was asked about.
     #[serde(default)]
     pub container: Option<Vec<String>>,
+    /// For a process tree: what of its [`TreeNeeds`] the target lacks (empty: nothing);
+    /// `None` when not asked.
+    pub tree: Option<Vec<NeedProblem>>,
+}
+
+/// Paths and TCP ports a process tree's restore takes from the target: CRIU opens its
+/// executables, mapped files, open files and working directories again by path there (and
+/// refuses a file whose size changed), and binds its listeners' addresses again. ferry copies
+/// none of these (a container's come with its record).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TreeNeeds {
+    pub paths: Vec<PathNeed>,
+    /// Listening sockets, for a tree in this host's network namespace (one of its own moves
+    /// with it, addresses and all).
+    pub listens: Vec<Listen>,
+}
+
+/// At most this many paths and listeners are sent and checked; a longer path is not one.
+pub const MAX_NEEDS: usize = 4096;
+const MAX_NEED_PATH: usize = 4096;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PathNeed {
+    pub path: String,
+    pub dir: bool,
+    /// The size CRIU records and checks (executables, mappings and open files).
+    pub size: Option<u64>,
+    /// Mapped or executed: a size that differs is a refused restore, not a guess.
+    pub mapped: bool,
+}
+
+/// A listener's local address as `/proc/net/tcp` writes it (hex, all zeros: any) and its port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Listen {
+    pub addr: String,
+    pub port: u16,
+}
+
+/// What the target lacks of a [`TreeNeeds`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NeedProblem {
+    /// `path`, `size` or `port`.
+    pub kind: String,
+    pub what: String,
+    pub blocker: bool,
+}
+
+impl TreeNeeds {
+    /// From the facts gathered of a tree: every path its tasks hold (but pseudo-files, which
+    /// CRIU handles itself, and deleted files, which it carries), and its listeners when the
+    /// tree shares this process's network namespace.
+    pub fn of(facts: &super::Facts) -> TreeNeeds {
+        let mut needs = TreeNeeds::default();
+        let mut seen = std::collections::BTreeSet::new();
+        let root = format!("/proc/{}/root", facts.root);
+        let mut add = |path: &str, mapped: bool| {
+            let pseudo =
+                ["/proc", "/sys", "/dev"].iter().any(|p| path == *p || path.starts_with(&format!("{p}/")));
+            if pseudo || path.len() > MAX_NEED_PATH || !path.starts_with('/') || !seen.insert(path.to_owned())
+            {
+                return;
+            }
+            // Seen from the tree's root, which may not be this process's.
+            let Ok(md) = fs::metadata(format!("{root}{path}")) else { return };
+            let size = md.is_file().then_some(md.len());
+            needs.paths.push(PathNeed { path: path.to_owned(), dir: md.is_dir(), size, mapped });
+        };
+        for t in &facts.tasks {
+            if let Some(super::PathState::Present(path)) = &t.exe {
+                add(path, true);
+            }
+            if let Some(super::PathState::Present(path)) = &t.cwd {
+                add(path, false);
+            }
+            for m in t.maps.iter().filter(|m| !m.deleted) {
+                add(&m.path, true);
+            }
+            for f in &t.fds {
+                if let super::parse::FdKind::Path { path, deleted: false } = &f.kind {
+                    add(path, false);
+                }
+            }
+        }
+        let shares_our_net = facts
+            .tasks
+            .first()
+            .and_then(|t| t.ns.get("net"))
+            .is_some_and(|n| facts.own_ns.get("net") == Some(n));
+        if shares_our_net {
+            for sock in facts.tcp.iter().filter(|s| s.state == super::parse::TcpState::Listen) {
+                if let Some(l) = listen_of(&sock.endpoints) {
+                    if !needs.listens.contains(&l) {
+                        needs.listens.push(l);
+                    }
+                }
+            }
+        }
+        needs.paths.truncate(MAX_NEEDS);
+        needs.listens.truncate(MAX_NEEDS);
+        needs
+    }
+}
+
+/// `ADDR:PORT -> ...` (the check's form of a `/proc/net/tcp` line) as a [`Listen`].
+fn listen_of(endpoints: &str) -> Option<Listen> {
+    let local = endpoints.split(" -> ").next()?;
+    let (addr, port) = local.rsplit_once(':')?;
+    Some(Listen { addr: addr.to_owned(), port: port.parse().ok()? })
+}
+
+/// A `/proc/net/tcp{,6}` address (32-bit words in host order, here little-endian) as text.
+fn addr_text(hex: &str) -> String {
+    let words: Option<Vec<[u8; 4]>> = (0..hex.len() / 8)
+        .map(|i| {
+            hex.get(8 * i..8 * i + 8).and_then(|w| u32::from_str_radix(w, 16).ok()).map(u32::to_le_bytes)
+        })
+        .collect();
+    match words.as_deref() {
+        Some([v4]) => std::net::Ipv4Addr::from(*v4).to_string(),
+        Some(w) if w.len() == 4 => {
+            let bytes: Vec<u8> = w.iter().flatten().copied().collect();
+            let octets: [u8; 16] = bytes.try_into().unwrap_or([0; 16]);
+            format!("[{}]", std::net::Ipv6Addr::from(octets))
+        }
+        _ => hex.to_owned(),
+    }
+}
+
+fn is_any(hex: &str) -> bool {
+    hex.bytes().all(|b| b == b'0')
+}
+
+/// What this host (the target) lacks of `needs`: paths missing, of another kind or size, and
+/// listeners' ports taken here. Read-only: nothing is bound or opened for writing.
+pub fn tree_problems(needs: &TreeNeeds) -> Vec<NeedProblem> {
+    let mut out = Vec::new();
+    let problem = |kind: &str, what: String, blocker: bool| NeedProblem { kind: kind.into(), what, blocker };
+    for need in needs.paths.iter().take(MAX_NEEDS) {
+        // From a peer: a path is only looked at, and only if it is one.
+        if need.path.len() > MAX_NEED_PATH || !need.path.starts_with('/') || need.path.contains('\0') {
+            continue;
+        }
+        match fs::metadata(&need.path) {
+            Err(e) => out.push(problem("path", format!("{} is missing here ({e})", need.path), true)),
+            Ok(md) if md.is_dir() != need.dir => out.push(problem(
+                "path",
+                format!(
+                    "{} is a {} here, a {} on the source",
+                    need.path,
+                    kind_of(md.is_dir()),
+                    kind_of(need.dir)
+                ),
+                true,
+            )),
+            Ok(md) => match need.size {
+                Some(size) if md.is_file() && md.len() != size => out.push(problem(
+                    "size",
+                    format!("{} has {} bytes here, {size} on the source", need.path, md.len()),
+                    need.mapped,
+                )),
+                _ => {}
+            },
+        }
+    }
+    let here: Vec<Listen> = ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|p| fs::read_to_string(p).ok())
+        .flat_map(|text| super::parse::tcp_table(&text))
+        .filter(|s| s.state == super::parse::TcpState::Listen)
+        .filter_map(|s| listen_of(&s.endpoints))
+        .collect();
+    for want in needs.listens.iter().take(MAX_NEEDS) {
+        let taken = here
+            .iter()
+            .find(|h| h.port == want.port && (h.addr == want.addr || is_any(&h.addr) || is_any(&want.addr)));
+        if let Some(h) = taken {
+            let at = format!("{}:{}", addr_text(&h.addr), h.port);
+            out.push(problem("port", format!("TCP port {} is listened on here ({at})", want.port), true));
+        }
+    }
+    out
+}
+
+fn kind_of(dir: bool) -> &'static str {
+    if dir {
+        "directory"
+    } else {
+        "file"
+    }
 }
 
 /// What this host and the workload bring to the comparison.
@@ -92,6 +281,7 @@ pub fn target_facts(node: &str, criu: Result<&Criu, &str>, cpuinfo: Option<&[u8]
         mem_available: mem_available(),
         link_bytes_per_s: 0,
         container: None,
+        tree: None,
     }
 }
 
@@ -229,6 +419,22 @@ pub fn target_reasons(src: &SourceFacts, t: &TargetFacts) -> Vec<Reason> {
             "the target's runtime recreates the container from its record: it could not",
             "see the sentence before (bind sources and devices must exist on the target; ferry does not copy them)",
         ));
+    }
+    for p in t.tree.iter().flatten() {
+        let (code, why, fix) = match p.kind.as_str() {
+            "port" => (
+                "target-port",
+                "CRIU binds the tree's listeners again on the target: a port taken there fails the restore",
+                "stop what listens on that port on the target, or move the workload into a network namespace of its own (`ferry lab exec` does), whose address moves with it",
+            ),
+            _ => (
+                "target-paths",
+                "CRIU opens the tree's executables, mapped and open files and working directories again by path on the target, and refuses a file whose size changed; ferry does not copy them",
+                "install the same files on the target (same packages, same versions), or share them (the same image or network storage)",
+            ),
+        };
+        let severity = if p.blocker { Severity::Blocker } else { Severity::Caveat };
+        out.push(reason(code, severity, format!("{node}: {}", p.what), why, fix));
     }
     out.push(estimate(src.memory, t));
     out
@@ -379,6 +585,7 @@ mod tests {
             mem_available: 8 << 30,
             link_bytes_per_s: 500_000_000,
             container: None,
+            tree: None,
         }
     }
 
@@ -440,6 +647,14 @@ mod tests {
     }
 
     #[test]
+    fn addresses_read_as_the_kernel_writes_them() {
+        assert_eq!(addr_text("0100007F"), "127.0.0.1");
+        assert_eq!(addr_text("210013C6"), "198.19.0.33");
+        assert_eq!(addr_text("00000000000000000000000001000000"), "[::1]");
+        assert_eq!(addr_text("xyz"), "xyz");
+    }
+
+    #[test]
     fn versions_parse() {
         assert_eq!(kernel_version("6.18.44-fc-v1300"), Some((6, 18, 44)));
         assert_eq!(kernel_version("6.1"), Some((6, 1, 0)));
@@ -448,5 +663,62 @@ mod tests {
         assert_eq!(parse_version("4.2"), Some(Version { major: 4, minor: 2, sublevel: 0 }));
         assert_eq!(parse_version(""), None);
         assert!(shorten(&(0..20).map(|i| i.to_string()).collect::<Vec<_>>(), 12).ends_with("and 8 more"));
+    }
+
+    /// This test process as the tree: its executable, mappings and working directory are
+    /// found here, a listener of its own is a port taken here; a path missing, of another
+    /// kind or size is a problem of its own kind.
+    #[test]
+    fn a_tree_needs_its_paths_and_ports_on_the_target() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listen");
+        let port = listener.local_addr().expect("addr").port();
+        let held = tempfile::NamedTempFile::new().expect("temp file");
+        fs::write(held.path(), b"twelve bytes").expect("write");
+        let facts = super::super::gather::tree(std::process::id() as i32, &[]);
+        let needs = TreeNeeds::of(&facts);
+        let exe = std::env::current_exe().expect("exe").display().to_string();
+        assert!(needs.paths.iter().any(|p| p.path == exe && p.mapped && p.size.is_some()), "{needs:?}");
+        let held_path = held.path().display().to_string();
+        let held_need = needs.paths.iter().find(|p| p.path == held_path).expect("the open file");
+        assert_eq!((held_need.size, held_need.mapped, held_need.dir), (Some(12), false, false));
+        assert!(!needs.paths.iter().any(|p| p.path.starts_with("/proc/") || p.path.starts_with("/dev/")));
+        assert!(needs.listens.iter().any(|l| l.port == port), "{needs:?}");
+
+        // Here is also "the target": the paths are found, and the listener's port is taken.
+        // (Only this test's own: other tests' files come and go meanwhile.)
+        let mine = TreeNeeds {
+            paths: needs.paths.iter().filter(|p| p.path == exe || p.path == held_path).cloned().collect(),
+            listens: needs.listens.iter().filter(|l| l.port == port).cloned().collect(),
+        };
+        let problems = tree_problems(&mine);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].kind == "port" && problems[0].what.contains(&format!("port {port} ")),
+            "{problems:?}"
+        );
+
+        let odd = TreeNeeds {
+            paths: vec![
+                PathNeed { path: "/nonexistent/ferry-check".into(), dir: false, size: None, mapped: false },
+                PathNeed { path: held_path.clone(), dir: true, size: None, mapped: false },
+                PathNeed { path: held_path.clone(), dir: false, size: Some(13), mapped: false },
+                PathNeed { path: exe.clone(), dir: false, size: Some(1), mapped: true },
+                PathNeed { path: "relative/path".into(), dir: false, size: None, mapped: false },
+            ],
+            listens: vec![Listen { addr: "00000000".into(), port: 1 }],
+        };
+        let p = tree_problems(&odd);
+        let kinds: Vec<(&str, bool)> = p.iter().map(|p| (p.kind.as_str(), p.blocker)).collect();
+        assert_eq!(kinds, [("path", true), ("path", true), ("size", false), ("size", true)], "{p:?}");
+
+        // As reasons: blockers for missing paths and taken ports, a caveat for an open file's size.
+        let mut t = target();
+        t.tree = Some(p);
+        let r = target_reasons(&source(), &t);
+        assert_eq!(severity(&r, "target-paths"), Some(Severity::Blocker));
+        assert!(r.iter().any(|x| x.code == "target-paths" && x.severity == Severity::Caveat));
+        t.tree = Some(problems);
+        assert_eq!(severity(&target_reasons(&source(), &t), "target-port"), Some(Severity::Blocker));
+        drop(listener);
     }
 }

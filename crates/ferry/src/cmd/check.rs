@@ -75,6 +75,7 @@ fn add_reasons(r: Report, extra: Vec<check::Reason>, seconds: f64) -> Report {
     let mut out = Report::new(r.workload, r.pid, r.processes, reasons);
     out.seconds = seconds;
     out.container_record = r.container_record;
+    out.tree_needs = r.tree_needs;
     out
 }
 
@@ -87,7 +88,7 @@ fn target_reasons(cli: &Cli, r: &Report, node: &str, pid: i32) -> Result<Vec<che
     let memory = tree_rss(pid);
     let socket = super::migrate::agent_socket(cli).map_err(|e| e.to_string())?;
     let container = r.container_record.as_ref().and_then(|rec| serde_json::to_vec(rec).ok());
-    let req = Request::TargetFacts { node: node.to_owned(), cpuinfo, container };
+    let req = Request::TargetFacts { node: node.to_owned(), cpuinfo, container, tree: r.tree_needs.clone() };
     let facts = match ferry_migrate::client::call(&socket, &req, &mut |_| {}) {
         Ok(Event::TargetFacts(f)) => f,
         Ok(Event::Failed { message, .. }) => return Err(message),
