@@ -47,6 +47,8 @@ const RESTORE_FINISHED: i32 = 0x5253_5446;
 const SWEEP_PAGES: usize = 256;
 /// Pages fetched for one fault: the missing ones of its aligned 64 KiB block.
 const FAULT_AROUND: usize = 16;
+/// Pages fetched for one fault of a sequential reader at most (1 MiB).
+const MAX_AHEAD: usize = 256;
 /// How often the loop looks at its stop flag while nothing happens.
 const TICK_MS: i32 = 50;
 /// How long `stop` waits for a loop that is busy in its fetcher.
@@ -111,6 +113,9 @@ struct Task {
     /// Pages not present yet.
     left: usize,
     gone: bool,
+    /// Where the last fault's fetch ended (image address) and how many pages it took: a fault
+    /// there is a sequential reader, whose next fetch doubles (readahead).
+    ahead: Option<(u64, usize)>,
 }
 
 impl Task {
@@ -124,7 +129,7 @@ impl Task {
             })
             .collect();
         let left = ranges.iter().map(|r| r.pages.len()).sum();
-        Task { pid, uffd: Arc::new(uffd), ranges, left, gone: false }
+        Task { pid, uffd: Arc::new(uffd), ranges, left, gone: false, ahead: None }
     }
 
     /// The range and page index at address `addr` (now).
@@ -446,9 +451,17 @@ fn handle_events(st: &mut State, ti: usize, events: Vec<UffdEvent>, actions: &mu
                             // The missing pages of the aligned block around it come along
                             // (the kernel's own fault-around for files): a workload reading
                             // a buffer or a model's weights faults once a block, not a page.
+                            // A fault where the last fetch ended is a sequential reader: its
+                            // fetch doubles, up to MAX_AHEAD (the kernel's readahead).
                             let r = &mut t.ranges[pos.0];
                             let from = pos.1 - pos.1 % FAULT_AROUND;
-                            let to = (from + FAULT_AROUND).min(r.pages.len());
+                            let from_img = r.img + (from * PAGE) as u64;
+                            let window = match t.ahead {
+                                Some((next, n)) if next == from_img => (2 * n).min(MAX_AHEAD),
+                                _ => FAULT_AROUND,
+                            };
+                            let to = (from + window).min(r.pages.len());
+                            t.ahead = Some((r.img + (to * PAGE) as u64, window));
                             for i in from..to {
                                 if r.pages[i] == Page::Missing {
                                     r.pages[i] = Page::Requested;
@@ -482,7 +495,7 @@ fn handle_events(st: &mut State, ti: usize, events: Vec<UffdEvent>, actions: &mu
                     })
                     .collect();
                 let left = ranges.iter().map(Range::not_present).sum();
-                let child = Task { pid: t.pid, uffd: Arc::new(uffd), ranges, left, gone: false };
+                let child = Task { pid: t.pid, uffd: Arc::new(uffd), ranges, left, gone: false, ahead: None };
                 tracing::debug!(pid = t.pid, left, "a restored process forked");
                 if let Some(k) = &st.keeper {
                     k.keep(child.uffd.as_fd());
@@ -1169,6 +1182,35 @@ mod tests {
         std::io::Write::write_all(&mut &restore, &1i32.to_ne_bytes()).unwrap();
         ferry_sys::send_with_fd(&restore, &[0], uffd.as_fd()).unwrap();
         std::io::Write::write_all(&mut &restore, &RESTORE_FINISHED.to_ne_bytes()).unwrap();
+    }
+
+    /// A reader going through memory in order faults where the last fetch ended: each fetch
+    /// doubles, up to 1 MiB; a jump elsewhere starts again at one 64 KiB block.
+    #[test]
+    fn a_sequential_reader_gets_readahead() {
+        if !ferry_testkit::require_privileged() {
+            return;
+        }
+        let pages = 1024u64;
+        let map = ferry_sys::AnonMapping::new((pages * P) as usize).unwrap();
+        let (uffd, dir, asked, mut pager) = pager_over(&map, pages);
+        let feeder = pager.feeder(); // no push, no sweep until the end: only faults fetch
+        hand_over(dir.path(), &uffd);
+        drop(uffd);
+        let mut page = vec![0u8; PAGE];
+        let mut at = 0u64;
+        for _ in 0..6 {
+            map.read((at * P) as usize, &mut page);
+            assert_eq!(page, pattern_page(at), "page {at}");
+            at += u64::from(asked.lock().unwrap().last().unwrap().1);
+        }
+        map.read(900 * PAGE, &mut page);
+        assert_eq!(page, pattern_page(900));
+        let sizes: Vec<u32> = asked.lock().unwrap().iter().map(|r| r.1).collect();
+        assert_eq!(sizes, [16, 32, 64, 128, 256, 256, 16]);
+        assert_eq!(asked.lock().unwrap()[6].0, map.addr() + 896 * P, "the aligned block of page 900");
+        feeder.end();
+        pager.wait_done(Duration::from_secs(20)).unwrap();
     }
 
     /// The kernel's own remap and remove events, as a process causes them: pages moved by
