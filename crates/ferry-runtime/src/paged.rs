@@ -74,6 +74,9 @@ impl PagePlan {
         let mut ranges = Vec::new();
         let mut bytes = 0u64;
         let mut own_pages = Vec::new();
+        // The pages CRIU reads itself (not lazy: file mappings' private copies, shared memory):
+        // written before it starts, on every core.
+        let mut eager = Vec::new();
         for pid in pids {
             let plan = match ferry_lazy::stored_pages(images, pid) {
                 Ok(Some(p)) => p,
@@ -107,7 +110,7 @@ impl PagePlan {
                 .into());
             }
             bytes += iovs.iter().map(|(s, e)| e - s).sum::<u64>();
-            write_runs(&reader, images, file, &plan.pages_file, &plan.eager)?;
+            eager.push((file, plan.pages_file.clone(), plan.eager.clone()));
             own_pages.push(plan.pages_file.clone());
             ranges.push((pid, iovs));
             procs.insert(pid, (file, plan));
@@ -117,10 +120,11 @@ impl PagePlan {
             let name = name.file_name().to_string_lossy().into_owned();
             if is_pages_image(&name) && !own_pages.contains(&name) {
                 if let Some(file) = reader.file(&name) {
-                    write_runs(&reader, images, file, &name, &[(0, reader.size(file))])?;
+                    eager.push((file, name, vec![(0, reader.size(file))]));
                 }
             }
         }
+        write_runs(&reader, images, &eager)?;
         Ok(Some(PagePlan { reader, procs, ranges, bytes }))
     }
 
@@ -216,12 +220,13 @@ impl PagePlan {
 /// Writes every pages image of `images` whole (a restore that does not go through the pager).
 pub(crate) fn write_pages_images(checkpoint: &Checkpoint, store: &Store, images: &Path) -> Result<(), Error> {
     let reader = checkpoint.image_reader(store)?;
+    let mut jobs = Vec::new();
     for f in &checkpoint.manifest.files {
         if let (true, Some(file)) = (is_pages_image(&f.name), reader.file(&f.name)) {
-            write_runs(&reader, images, file, &f.name, &[(0, f.size)])?;
+            jobs.push((file, f.name.clone(), vec![(0, f.size)]));
         }
     }
-    Ok(())
+    write_runs(&reader, images, &jobs)
 }
 
 fn not_suited(e: &LazyError) -> Option<PagePlan> {
@@ -233,32 +238,63 @@ fn io_error(path: &Path) -> impl Fn(std::io::Error) -> Error + '_ {
     move |source| StoreError::Io { action: "cannot write", path: path.to_path_buf(), source }.into()
 }
 
-/// Writes runs `(offset, bytes)` of file `file` into its hole in `images`.
-fn write_runs(
-    reader: &ImageReader,
-    images: &Path,
-    file: usize,
-    name: &str,
-    runs: &[(u64, u64)],
-) -> Result<(), Error> {
-    if runs.is_empty() {
-        return Ok(());
-    }
-    let path = images.join(name);
-    let out = OpenOptions::new().write(true).open(&path).map_err(io_error(&path))?;
-    let mut cur = reader.cursor();
-    let mut buf = Vec::new();
-    for &(off, len) in runs {
-        let mut at = off;
-        while at < off + len {
-            let n = (off + len - at).min(4 << 20);
-            buf.resize(n as usize, 0);
-            cur.read(file, at, &mut buf)?;
-            out.write_all_at(&buf, at).map_err(io_error(&path))?;
-            at += n;
+/// An image (the reader's file number and its name) and the runs `(offset, bytes)` of it to write.
+type ImageRuns = (usize, String, Vec<(u64, u64)>);
+
+/// Writes runs `(offset, bytes)` of each image (reader's file, its name) into its hole in
+/// `images`, in pieces of at most 4 MiB spread over [`threads`] threads (each chunk is checked
+/// and decrypted on the way: a restore's time before CRIU starts).
+fn write_runs(reader: &ImageReader, images: &Path, jobs: &[ImageRuns]) -> Result<(), Error> {
+    const PIECE_BYTES: u64 = 4 << 20;
+    let mut outs = Vec::with_capacity(jobs.len());
+    let mut pieces = Vec::new();
+    for (j, (file, name, runs)) in jobs.iter().enumerate() {
+        if runs.is_empty() {
+            outs.push(None);
+            continue;
+        }
+        let path = images.join(name);
+        outs.push(Some((OpenOptions::new().write(true).open(&path).map_err(io_error(&path))?, path)));
+        for &(off, len) in runs {
+            let mut at = off;
+            while at < off + len {
+                let n = (off + len - at).min(PIECE_BYTES);
+                pieces.push((j, *file, at, n));
+                at += n;
+            }
         }
     }
-    Ok(())
+    let next = AtomicUsize::new(0);
+    let failed: Mutex<Option<Error>> = Mutex::new(None);
+    std::thread::scope(|s| {
+        for _ in 0..threads().min(pieces.len()) {
+            s.spawn(|| {
+                let mut cur = reader.cursor();
+                let mut buf = Vec::new();
+                while let Some(&(j, file, at, n)) = pieces.get(next.fetch_add(1, Ordering::Relaxed)) {
+                    buf.resize(n as usize, 0);
+                    let Some((out, path)) = &outs[j] else { continue };
+                    let written = cur
+                        .read(file, at, &mut buf)
+                        .map_err(Error::from)
+                        .and_then(|()| out.write_all_at(&buf, at).map_err(io_error(path)));
+                    if let Err(e) = written {
+                        if let Ok(mut f) = failed.lock() {
+                            f.get_or_insert(e);
+                        }
+                        break;
+                    }
+                    if failed.lock().map(|f| f.is_some()).unwrap_or(true) {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    match failed.into_inner() {
+        Ok(Some(e)) => Err(e),
+        _ => Ok(()),
+    }
 }
 
 /// The pager's way to pages it is asked for: read from the store, each chunk checked.

@@ -318,6 +318,16 @@ fn restore_paged(
         return Err(Error::Pager(format!("{e} (CRIU's log: {})", log.path().display())));
     }
     let stats = pager.stop();
+    // Where a lazy restore's first requests waited: faults, and the pager's fetches for them.
+    tracing::debug!(
+        faults = stats.faults,
+        requests = stats.requests,
+        pushed = stats.pushed,
+        bytes = stats.bytes,
+        fetching_s = stats.fetching.as_secs_f64(),
+        copying_s = stats.copying.as_secs_f64(),
+        "pager done"
+    );
     if let Some(g) = guard {
         g.release();
     }
