@@ -1191,13 +1191,8 @@ def print_table(results, ratios, targets, clone, services):
 
 
 def plot(doc, path):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log("bench: no matplotlib: no plot")
+    plt = mig.pyplot()
+    if plt is None:
         return False
     results = doc["results"]
     services = [s for s in SERVICES if s in results]

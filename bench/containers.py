@@ -398,12 +398,8 @@ def print_table(rows, rat):
 
 
 def plot(doc, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log("bench: no matplotlib: no plot")
+    plt = mig.pyplot()
+    if plt is None:
         return
     rows = [r for r in doc["results"] if r["part"] == "migrate" and "downtime_s" in r]
     cks = [r for r in doc["results"] if r["part"] == "checkpoint" and "total_s" in r]

@@ -592,7 +592,8 @@ def print_table(results, rat):
     print("\n".join(lines), flush=True)
 
 
-def plot(doc, path):
+def pyplot():
+    """matplotlib's pyplot on the Agg backend, or None (the suites then write no plot)."""
     try:
         import matplotlib
 
@@ -600,6 +601,13 @@ def plot(doc, path):
         import matplotlib.pyplot as plt
     except ImportError:
         log("bench: no matplotlib: no plot")
+        return None
+    return plt
+
+
+def plot(doc, path):
+    plt = pyplot()
+    if plt is None:
         return False
     results = doc["results"]
     modes = [m for m in MODES if m in results]
