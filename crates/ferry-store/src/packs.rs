@@ -120,9 +120,15 @@ impl Sorted {
     /// Ids counted once however many copies (a copy is in its id's bucket).
     fn distinct(&self) -> usize {
         let mut n = 0;
+        let mut ids: Vec<&Id> = Vec::new();
         for b in 0..self.fanout.len().saturating_sub(1) {
-            let run = &self.entries[self.fanout[b] as usize..self.fanout[b + 1] as usize];
-            n += run.iter().enumerate().filter(|(i, e)| !run[..*i].iter().any(|x| x.0 == e.0)).count();
+            ids.clear();
+            ids.extend(
+                self.entries[self.fanout[b] as usize..self.fanout[b + 1] as usize].iter().map(|e| &e.0),
+            );
+            ids.sort_unstable();
+            ids.dedup();
+            n += ids.len();
         }
         n
     }
