@@ -148,6 +148,9 @@ pub struct ReplicaSpec {
     pub hostname: String,
     /// Let it run before its memory is complete (post-copy from the store, ferry's pager).
     pub lazy: bool,
+    /// The checkpoint's pages checked and decrypted once for every copy ([`crate::verify_pages`]);
+    /// with `lazy`, the copy runs at once and its pages come from there.
+    pub verified: Option<Arc<crate::VerifiedPages>>,
     /// With `lazy`: the guard program that kills the copy should this process die before its
     /// memory is complete (as `RestoreRequest::guard`).
     pub guard: Option<Vec<String>>,
@@ -189,6 +192,7 @@ pub fn restore_replica(
         hostname: Some(spec.hostname.clone()),
         lazy: spec.lazy,
         guard: spec.guard.clone(),
+        verified: spec.verified.clone(),
         ..Default::default()
     };
     let mut hostname = None;

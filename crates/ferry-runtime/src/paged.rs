@@ -48,6 +48,52 @@ pub struct PagePlan {
     ranges: Vec<(u32, Vec<(u64, u64)>)>,
     /// Lazy bytes in all.
     bytes: u64,
+    /// Every lazy page already checked and decrypted (shared by the restores of a clone): the
+    /// pager and the push copy from it instead of the store.
+    verified: Option<Arc<VerifiedPages>>,
+}
+
+/// Every lazy page of a checkpoint, checked and decrypted once and held in memory, so that
+/// several restores of it at once (a clone's copies) are served without each opening every
+/// chunk again, and may run at once: nothing they can be given has failed its check.
+pub struct VerifiedPages {
+    /// `(pid, address, bytes)`, sorted; `data[i]` holds the pages of `pieces[i]`.
+    pieces: Vec<(u32, u64, u64)>,
+    data: Vec<Vec<u8>>,
+}
+
+impl std::fmt::Debug for VerifiedPages {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VerifiedPages")
+            .field("pieces", &self.pieces.len())
+            .field("bytes", &self.bytes())
+            .finish()
+    }
+}
+
+impl VerifiedPages {
+    /// Page bytes held.
+    pub fn bytes(&self) -> u64 {
+        self.pieces.iter().map(|p| p.2).sum()
+    }
+
+    /// Copies `len` bytes at `vaddr` of `pid` into `out`; `None` if some of them are not held.
+    fn copy(&self, pid: u32, vaddr: u64, out: &mut [u8]) -> Option<()> {
+        let mut a = vaddr;
+        let end = vaddr + out.len() as u64;
+        while a < end {
+            let i = self.pieces.partition_point(|&(p, s, _)| (p, s) <= (pid, a)).checked_sub(1)?;
+            let (p, s, n) = self.pieces[i];
+            if p != pid || a >= s + n {
+                return None;
+            }
+            let hi = (s + n).min(end);
+            let from = &self.data[i][(a - s) as usize..(hi - s) as usize];
+            out[(a - vaddr) as usize..(hi - vaddr) as usize].copy_from_slice(from);
+            a = hi;
+        }
+        Some(())
+    }
 }
 
 /// True for the files whose content a paged restore writes itself: the pages images.
@@ -125,7 +171,7 @@ impl PagePlan {
             }
         }
         write_runs(&reader, images, &eager)?;
-        Ok(Some(PagePlan { reader, procs, ranges, bytes }))
+        Ok(Some(PagePlan { reader, procs, ranges, bytes, verified: None }))
     }
 
     /// The pager for this plan, serving the restore whose work directory is `work_dir`.
@@ -134,8 +180,77 @@ impl PagePlan {
         work_dir: &Path,
         keeper: Option<Keeper>,
     ) -> Result<LazyPager, LazyError> {
-        let fetcher = StoreFetcher { reader: self.reader.clone(), procs: self.procs.clone() };
-        LazyPager::start_ranges(self.ranges.clone(), work_dir, Box::new(fetcher), keeper)
+        let fetcher: Box<dyn PageFetcher + Send> = match &self.verified {
+            Some(v) => Box::new(VerifiedFetcher(v.clone())),
+            None => Box::new(StoreFetcher { reader: self.reader.clone(), procs: self.procs.clone() }),
+        };
+        LazyPager::start_ranges(self.ranges.clone(), work_dir, fetcher, keeper)
+    }
+
+    /// Opens, checks and decrypts every lazy page into memory, on `threads` threads: for
+    /// several restores of this checkpoint to share ([`serve_from`](Self::serve_from)). Fails
+    /// at the first chunk whose check fails.
+    pub fn verify_all(&self, threads: usize, progress: &dyn Progress) -> Result<VerifiedPages, StoreError> {
+        let mut pieces = self.pieces();
+        pieces.sort_unstable();
+        let next = AtomicUsize::new(0);
+        let failed: Mutex<Option<StoreError>> = Mutex::new(None);
+        progress.stage("verify", Some(self.bytes));
+        let parts: Vec<Vec<(usize, Vec<u8>)>> = std::thread::scope(|s| {
+            let workers: Vec<_> = (0..threads.max(1))
+                .map(|_| {
+                    s.spawn(|| {
+                        let mut cur = self.reader.cursor();
+                        let mut mine = Vec::new();
+                        loop {
+                            let i = next.fetch_add(1, Ordering::Relaxed);
+                            let Some(&(pid, vaddr, len)) = pieces.get(i) else { break };
+                            if failed.lock().map(|f| f.is_some()).unwrap_or(true) {
+                                break;
+                            }
+                            let Some((file, plan)) = self.procs.get(&pid) else { continue };
+                            let mut buf = vec![0; len as usize];
+                            match read_lazy(&mut cur, *file, plan, vaddr, &mut buf) {
+                                Ok(true) => {}
+                                // Not all lazy (none should be): left out, as the push does.
+                                Ok(false) => continue,
+                                Err(e) => {
+                                    if let Ok(mut f) = failed.lock() {
+                                        f.get_or_insert(e);
+                                    }
+                                    break;
+                                }
+                            }
+                            progress.advance(len);
+                            mine.push((i, buf));
+                        }
+                        mine
+                    })
+                })
+                .collect();
+            workers.into_iter().map(|w| w.join().unwrap_or_default()).collect()
+        });
+        if let Ok(Some(e)) = failed.into_inner() {
+            return Err(e);
+        }
+        let mut data = vec![Vec::new(); pieces.len()];
+        for (i, buf) in parts.into_iter().flatten() {
+            data[i] = buf;
+        }
+        // A piece no process plan covers (none should be) stays empty: drop it from the index.
+        let (pieces, data) = pieces.into_iter().zip(data).filter(|(p, d)| d.len() as u64 == p.2).unzip();
+        Ok(VerifiedPages { pieces, data })
+    }
+
+    /// Serves this restore's pages from `verified` (the same checkpoint's, checked already).
+    pub fn serve_from(&mut self, verified: Arc<VerifiedPages>) -> Result<(), Error> {
+        let mut mine = self.pieces();
+        mine.sort_unstable();
+        if mine != verified.pieces {
+            return Err(Error::Internal("the verified pages are not this checkpoint's".into()));
+        }
+        self.verified = Some(verified);
+        Ok(())
     }
 
     /// Every lazy page in pieces, in address order per process: (pid, address, bytes).
@@ -171,6 +286,10 @@ impl PagePlan {
         behind_the_workload: bool,
         progress: &dyn Progress,
     ) -> Result<(), StoreError> {
+        if let Some(v) = &self.verified {
+            push_verified(v, feeder, threads, behind_the_workload, progress);
+            return Ok(());
+        }
         let pieces = self.pieces();
         let next = AtomicUsize::new(0);
         let failed: Mutex<Option<StoreError>> = Mutex::new(None);
@@ -215,6 +334,63 @@ impl PagePlan {
             _ => Ok(()),
         }
     }
+}
+
+/// Checks and decrypts every lazy page of `checkpoint` into memory once, for several restores
+/// of it to share (`RestoreRequest::verified`). `Ok(None)`: its images do not suit the pager,
+/// and each restore reads the images whole.
+pub fn verify_pages(
+    checkpoint: &Checkpoint,
+    store: &Store,
+    progress: &dyn Progress,
+) -> Result<Option<Arc<VerifiedPages>>, Error> {
+    let scratch = store.scratch(&format!("verify-{}", checkpoint.name()))?;
+    let images = scratch.path().join("images");
+    std::fs::create_dir(&images).map_err(io_error(&images))?;
+    checkpoint.materialize_except(store, &images, &is_pages_image)?;
+    let Some(plan) = PagePlan::prepare(checkpoint, store, &images)? else { return Ok(None) };
+    let t = Instant::now();
+    let verified = plan.verify_all(threads(), progress)?;
+    tracing::info!(
+        bytes = verified.bytes(),
+        seconds = t.elapsed().as_secs_f64(),
+        "every page checked and decrypted into memory"
+    );
+    Ok(Some(Arc::new(verified)))
+}
+
+/// [`PagePlan::push`] from pages checked already: copies only.
+fn push_verified(
+    v: &VerifiedPages,
+    feeder: &PageFeeder,
+    threads: usize,
+    behind_the_workload: bool,
+    progress: &dyn Progress,
+) {
+    let next = AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..threads.max(1) {
+            s.spawn(|| {
+                if behind_the_workload {
+                    if let Err(e) = ferry_sys::idle_priority_for_this_thread() {
+                        tracing::debug!(error = %e, "the push runs at normal priority");
+                    }
+                }
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let (Some(&(pid, vaddr, len)), Some(data)) = (v.pieces.get(i), v.data.get(i)) else {
+                        break;
+                    };
+                    if !feeder.feed(pid, vaddr, data) {
+                        break;
+                    }
+                    progress.advance(len);
+                    ferry_sys::failpoint::check("restore-push");
+                }
+            });
+        }
+    });
+    feeder.end();
 }
 
 /// Writes every pages image of `images` whole (a restore that does not go through the pager).
@@ -316,24 +492,56 @@ impl PageFetcher for StoreFetcher {
             let refused = |why: &str| LazyError::Refused { pid, vaddr, nr_pages: n, why: why.into() };
             let (file, plan) =
                 self.procs.get(&pid).ok_or_else(|| refused("no such process in the images"))?;
-            // A request may span runs that are adjacent in memory but not in the image.
             let start = out.len();
             out.resize(start + len as usize, 0);
-            let mut a = vaddr;
-            while a < vaddr + len {
-                let i = plan.lazy.partition_point(|&(s, _, _)| s <= a).checked_sub(1);
-                let (s, l, o) = i.map(|i| plan.lazy[i]).ok_or_else(|| refused("not a lazy page"))?;
-                if a >= s + l {
-                    return Err(refused("not a lazy page"));
-                }
-                let hi = (s + l).min(vaddr + len);
-                let at = start + (a - vaddr) as usize;
-                cur.read(*file, o + (a - s), &mut out[at..at + (hi - a) as usize])
-                    .map_err(|e| LazyError::Fetch(e.to_string()))?;
-                a = hi;
+            match read_lazy(&mut cur, *file, plan, vaddr, &mut out[start..]) {
+                Ok(true) => {}
+                Ok(false) => return Err(refused("not a lazy page")),
+                Err(e) => return Err(LazyError::Fetch(e.to_string())),
             }
         }
         Ok(())
+    }
+}
+
+/// Reads the lazy pages at `vaddr` of one process (`file`: its pages image) into `out`, each
+/// chunk checked. `Ok(false)`: some of them are not lazy pages.
+fn read_lazy(
+    cur: &mut ferry_store::Cursor<'_>,
+    file: usize,
+    plan: &StoredPages,
+    vaddr: u64,
+    out: &mut [u8],
+) -> Result<bool, StoreError> {
+    // A request may span runs that are adjacent in memory but not in the image.
+    let end = vaddr + out.len() as u64;
+    let mut a = vaddr;
+    while a < end {
+        let Some(i) = plan.lazy.partition_point(|&(s, _, _)| s <= a).checked_sub(1) else { return Ok(false) };
+        let (s, l, o) = plan.lazy[i];
+        if a >= s + l {
+            return Ok(false);
+        }
+        let hi = (s + l).min(end);
+        cur.read(file, o + (a - s), &mut out[(a - vaddr) as usize..(hi - vaddr) as usize])?;
+        a = hi;
+    }
+    Ok(true)
+}
+
+/// The pager's way to pages when they were checked and decrypted already ([`VerifiedPages`]).
+struct VerifiedFetcher(Arc<VerifiedPages>);
+
+impl PageFetcher for VerifiedFetcher {
+    fn fetch(&mut self, pid: u32, vaddr: u64, nr_pages: u32, out: &mut Vec<u8>) -> Result<(), LazyError> {
+        out.clear();
+        out.resize(u64::from(nr_pages) as usize * PAGE_SIZE as usize, 0);
+        self.0.copy(pid, vaddr, out).ok_or_else(|| LazyError::Refused {
+            pid,
+            vaddr,
+            nr_pages,
+            why: "not a lazy page".into(),
+        })
     }
 }
 

@@ -40,6 +40,10 @@ pub struct RestoreRequest {
     /// Sets the host name of the tree's own UTS namespace before any task runs (at CRIU's
     /// `post-restore`); a tree in this host's UTS namespace is left alone.
     pub hostname: Option<String>,
+    /// The checkpoint's pages, checked and decrypted already ([`paged::verify_pages`]): served
+    /// from memory (a clone's copies share one such copy). With it, a `lazy` restore runs a
+    /// tree none of whose pages can still fail a check.
+    pub verified: Option<Arc<paged::VerifiedPages>>,
 }
 
 /// The key under which a workload's network namespace is declared external to CRIU
@@ -94,7 +98,10 @@ pub fn restore_then(
     let container = checkpoint.manifest.files.iter().any(|f| f.name == crate::container::record::RECORD_FILE);
     if !container {
         checkpoint.materialize_reporting(&ctx.store, &images, &paged::is_pages_image, &*ctx.progress)?;
-        if let Some(plan) = PagePlan::prepare(&checkpoint, &ctx.store, &images)? {
+        if let Some(mut plan) = PagePlan::prepare(&checkpoint, &ctx.store, &images)? {
+            if let Some(v) = &req.verified {
+                plan.serve_from(v.clone())?;
+            }
             let paged = PagedArgs { label: &label, checkpoint: &checkpoint, images: &images, plan: &plan };
             return restore_paged(ctx, req, &paged, started, stamp, running);
         }

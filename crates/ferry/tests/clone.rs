@@ -14,7 +14,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use ferry_lab::{ExecOptions, TestLab, Workload};
-use ferry_testkit::{poll, require_privileged, Ferry, PYTHON, WAIT};
+use ferry_testkit::{flip_byte, packs_by_size, poll, require_privileged, Ferry, FRAME_HEADER, PYTHON, WAIT};
 
 const PORT: u16 = 7000;
 
@@ -292,6 +292,67 @@ fn copies_of_a_tcp_server_reseed_on_the_signal_and_answer_as_themselves() {
         assert!(ids.insert(id.clone()), "{} shares an identity: {id}", c.name);
     }
     assert_eq!(ask(w.ip, "id").as_deref(), Some(original.as_str()), "the original is untouched");
+}
+
+#[test]
+fn copies_share_one_check_of_the_pages_and_a_tampered_chunk_runs_none() {
+    if !require_privileged() {
+        return;
+    }
+    let mut lab = TestLab::up(1).expect("lab up");
+    let argv: Vec<String> =
+        vec![PYTHON.into(), tools().join("counterd.py").display().to_string(), "--mib".into(), "32".into()];
+    let w = lab.lab_mut().exec("node1", &argv, &ExecOptions::default()).expect("exec counterd");
+    poll(Duration::from_secs(60), "counterd to answer", || ask(w.ip, "inc"));
+    let name = lab_name(&lab);
+    let f = ferry();
+    // One copy: a plain restore; it makes the checkpoint the next calls clone.
+    let first = f.run(&[
+        "clone",
+        &format!("pid:{}", w.pid),
+        "--replicas",
+        "1",
+        "--to",
+        "node1",
+        "--lab",
+        &name,
+        "--name",
+        "ck",
+        "--json",
+    ]);
+    let first: serde_json::Value = serde_json::from_str(first.assert_ok().stdout.trim()).expect("json");
+    assert!(first["verify_seconds"].is_null(), "one copy checks its pages as a restore does: {first}");
+    let netns_before = lab_netns(&lab);
+    let running_before = running_in(&lab);
+
+    // A byte of a page chunk flipped: the shared check fails before any copy is made.
+    let packs = packs_by_size(f.store());
+    let chunk = packs[0].entries[packs[0].entries.len() / 2];
+    assert!(u64::from(chunk.len) > FRAME_HEADER + 1000, "not a page frame: {chunk:?}");
+    let at = chunk.offset + FRAME_HEADER + (u64::from(chunk.len) - FRAME_HEADER) / 2;
+    flip_byte(&packs[0].pack, at);
+    let refused = f.run(&["clone", "ck", "--replicas", "3", "--to", "node1", "--lab", &name]);
+    assert_eq!(refused.code, Some(6), "{refused}");
+    assert!(refused.stderr.contains("failed authentication"), "{refused}");
+    assert_eq!(lab_netns(&lab), netns_before, "no copy's namespace is left");
+    assert_eq!(running_in(&lab), running_before, "no copy ran");
+    assert!(f.list_names().contains(&"ck".to_owned()), "a checkpoint this call did not make stays");
+
+    // Mended: three copies from one check, each with the original's memory.
+    flip_byte(&packs[0].pack, at);
+    let out = f.run(&["clone", "ck", "--replicas", "3", "--to", "node1", "--lab", &name, "--json"]);
+    let json: serde_json::Value = serde_json::from_str(out.assert_ok().stdout.trim()).expect("json");
+    assert!(json["verify_seconds"].as_f64().is_some(), "the copies shared one check: {json}");
+    for c in clones_of(&json) {
+        let sum: serde_json::Value = serde_json::from_str(&ask(c.ip, "!sum").expect("!sum")).expect("JSON");
+        assert_eq!(sum["ok"], true, "{}'s memory is the original's: {sum}", c.name);
+    }
+}
+
+/// The pids of the lab's running workloads.
+fn running_in(lab: &TestLab) -> BTreeSet<i32> {
+    let now = ferry_lab::Lab::load(lab.config()).expect("lab");
+    now.workloads().iter().filter(|x| x.is_running()).map(|x| x.pid).collect()
 }
 
 #[test]

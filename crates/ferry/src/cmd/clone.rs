@@ -100,10 +100,26 @@ pub fn run(cli: &Cli, a: Args) -> Outcome {
             return Err((what(), e));
         }
     };
-    if let Err(e) = enough_memory(&checkpoint, a.replicas) {
+    // Several copies share one check of every chunk: the pages are checked and decrypted into
+    // memory once, before any copy runs, and every copy runs as soon as CRIU has restored it,
+    // its pages copied in from there (faults first). One copy is a plain restore.
+    let share = !a.lazy && a.replicas > 1;
+    if let Err(e) = enough_memory(&checkpoint, a.replicas + usize::from(share)) {
         forget_made(&ctx);
         return Err((what(), e));
     }
+    let t_verify = Instant::now();
+    let verified = match share.then(|| ferry_runtime::verify_pages(&checkpoint, &ctx.store, &*ctx.progress)) {
+        None => None,
+        Some(Ok(v)) => v,
+        Some(Err(e)) => {
+            forget_made(&ctx);
+            return Err((what(), e));
+        }
+    };
+    let verify_seconds = verified.as_ref().map(|_| t_verify.elapsed().as_secs_f64());
+    // Running before their memory is complete: with --lazy, or served from the checked pages.
+    let run_at_once = a.lazy || verified.is_some();
 
     // Places first: a namespace with its own address on each copy's node.
     let prefix = a.hostname_prefix.clone().unwrap_or_else(|| hostname_label(&name));
@@ -131,8 +147,7 @@ pub fn run(cli: &Cli, a: Args) -> Outcome {
     let t_restore = Instant::now();
     let created = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     // A lazy copy's guard is this program, started again as `ferry guard NAME` (as restore's).
-    let guard = a
-        .lazy
+    let guard = run_at_once
         .then(|| std::env::current_exe().ok().map(|exe| vec![exe.display().to_string(), "guard".to_owned()]))
         .flatten();
     // One bar for all the copies: their bytes against the sum of their totals.
@@ -146,8 +161,9 @@ pub fn run(cli: &Cli, a: Args) -> Outcome {
                     index: p.index,
                     netns: p.workload.netns_path(),
                     hostname: format!("{prefix}-{}", p.index),
-                    lazy: a.lazy,
+                    lazy: run_at_once,
                     guard: guard.clone(),
+                    verified: verified.clone(),
                 };
                 let (ctx, name, on_clone) = (&ctx, &name, a.on_clone.as_deref());
                 // Told it is a copy as soon as it runs (with --lazy, before its memory is in).
@@ -163,6 +179,8 @@ pub fn run(cli: &Cli, a: Args) -> Outcome {
             .collect()
     });
     let restore_seconds = t_restore.elapsed().as_secs_f64();
+    // Every copy's memory is complete: the shared pages are no longer needed.
+    drop(verified);
     bar.finish();
     let mut failures = Vec::new();
     for (p, r) in placed.iter_mut().zip(results) {
@@ -225,8 +243,8 @@ pub fn run(cli: &Cli, a: Args) -> Outcome {
                 })
             })
             .collect();
-        let out =
-            json!({"checkpoint": name, "restore_seconds": restore_seconds, "seconds": total, "clones": rows});
+        let out = json!({"checkpoint": name, "verify_seconds": verify_seconds, "restore_seconds": restore_seconds,
+                   "seconds": total, "clones": rows});
         println!("{out}");
     } else {
         for r in &records {
@@ -238,6 +256,9 @@ pub fn run(cli: &Cli, a: Args) -> Outcome {
                 r.node,
                 r.hostname.as_deref().unwrap_or("shared with this host")
             );
+        }
+        if let Some(v) = verify_seconds {
+            println!("every page of {name} checked once for all copies in {v:.2}s");
         }
         println!(
             "{} copies of {name} running after {restore_seconds:.2}s of restores ({total:.2}s in all)",

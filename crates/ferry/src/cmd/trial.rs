@@ -101,6 +101,7 @@ pub fn run(cli: &Cli, a: Args) -> Outcome {
         hostname: "ferry-trial".into(),
         lazy: false,
         guard: None,
+        verified: None,
     };
     match clone::restore_replica(&ctx, &name, &spec, &mut |_, _| Ok(())) {
         Ok(replica) => {
