@@ -29,7 +29,11 @@ measures its steady rate with the suite's client loop (the reference), and check
 `ferry checkpoint pid:PID` (the original stops). Then, per repetition, interleaved:
   cold          the service started from scratch (from the RDB, the package, the class files)
   restore       `ferry restore NAME --detach --pidfile F` of that checkpoint
-  restore-lazy  the same with --lazy (the tree runs before its memory is complete)
+  restore-lazy  the same with --lazy (the tree runs before its memory is complete); from its
+                second run on, a lazy restore copies in first the pages the last one faulted on
+                (the checkpoint's working set, STORE/hints/ID.ws)
+  restore-lazy-first  the same with the working set removed before each run: a checkpoint's
+                first lazy restore
 Each is measured from the moment its command is started, by a client polling every 2 ms, as:
   first_answer_s  until the first correct answer;
   full_speed_s    until the client loop's rate is back within 90 % of the reference, in 3 windows
@@ -101,7 +105,7 @@ tail_text = mig.tail_text
 file_text = mig.file_text
 
 SERVICES = ["redis", "python", "jvm"]
-VARIANTS = ["cold", "restore", "restore-lazy"]
+VARIANTS = ["cold", "restore", "restore-lazy", "restore-lazy-first"]
 PORTS = {"redis": 16379, "python": 16380, "jvm": 16381}
 TMPFS_SOURCE = "ferry-bench-coldstart"
 DEFAULT_VENV = "/var/tmp/ferry-bench-coldstart-venv"
@@ -746,7 +750,7 @@ class Suite:
                 holder["launcher"] = p
                 return p
             cmd = self.ferry_cmd("restore", name, "--detach", "--pidfile", pidfile)
-            if variant == "restore-lazy":
+            if variant.startswith("restore-lazy"):
                 cmd.append("--lazy")
             env = dict(os.environ, FERRY_LOG="debug", NO_COLOR="1") if profile else None
             holder["wall0"] = time.time()
@@ -759,6 +763,9 @@ class Suite:
         try:
             if os.path.exists(pidfile):
                 os.unlink(pidfile)
+            if variant == "restore-lazy-first":
+                # No working set recorded: the checkpoint's first lazy restore.
+                shutil.rmtree(os.path.join(self.store, "hints"), ignore_errors=True)
             others0 = mig.cpu_ticks()
             w0 = time.monotonic()
             r = measure(client, start, svc["reference_rate"], command_ends=variant != "cold")
@@ -1103,12 +1110,14 @@ def ratios_and_targets(results, clone):
             a, b = med(cold, "full_speed_s"), med(e, "first_answer_s")
             out["cold_full_speed_over_first_answer"] = round(a / b, 2) if a and b else None
             ratios.setdefault(s, {})[v] = out
-        for v in ("restore", "restore-lazy"):
+        for v in ("restore", "restore-lazy", "restore-lazy-first"):
             cm = COLD_METRIC[s]
             a, b = med(cold, cm), med(by_v.get(v), "first_answer_s")
             if a and b:
                 ratio = round(a / b, 2)
-                targets["first_answer" if v == "restore" else "first_answer_lazy"][s] = {
+                key = {"restore": "first_answer", "restore-lazy": "first_answer_lazy",
+                       "restore-lazy-first": "first_answer_lazy_first"}[v]
+                targets.setdefault(key, {})[s] = {
                     "cold_s": a, "cold_metric": cm, "restore_first_answer_s": b, "ratio": ratio,
                     "target": TARGET_FIRST_ANSWER, "met": ratio >= TARGET_FIRST_ANSWER,
                     "restore_first_answer_needed_s": round(a / TARGET_FIRST_ANSWER, 4)}
@@ -1197,7 +1206,7 @@ def plot(doc, path):
     results = doc["results"]
     services = [s for s in SERVICES if s in results]
     fig, axes = plt.subplots(1, len(services), figsize=(5.2 * len(services), 4.6), squeeze=False)
-    colors = {"cold": "#4c72b0", "restore": "#dd8452", "restore-lazy": "#55a868"}
+    colors = {"cold": "#4c72b0", "restore": "#dd8452", "restore-lazy": "#55a868", "restore-lazy-first": "#8172b3"}
     titles = {"redis": f"Redis, {doc['method']['redis_mib']} MiB", "python": "Python: MiniLM embeddings (PyTorch)",
               "jvm": "JVM: HTTP service after JIT warm-up"}
     for ax, s in zip(axes[0], services):
@@ -1284,7 +1293,7 @@ def parse_args(argv):
                                  description="ferry restore (and clone) against cold start, on Redis, a Python "
                                              "inference service and a JVM service.")
     ap.add_argument("--services", default=",".join(SERVICES), help="comma-separated, from redis,python,jvm")
-    ap.add_argument("--variants", default=",".join(VARIANTS), help="cold,restore,restore-lazy (cold always runs)")
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="cold,restore,restore-lazy,restore-lazy-first (cold always runs)")
     ap.add_argument("--reps", type=int, help="repetitions per service and variant (default 5, --quick 3)")
     ap.add_argument("--quick", action="store_true", help="3 repetitions, Redis with 256 MiB")
     ap.add_argument("--redis-mib", type=int, help="MiB of values in Redis (default 1024, --quick 256)")
@@ -1320,7 +1329,7 @@ def parse_args(argv):
         args.service_list = ["redis"]
     args.variant_list = ["cold"] + [v.strip() for v in args.variants.split(",") if v.strip() and v.strip() != "cold"]
     if any(v not in VARIANTS for v in args.variant_list):
-        ap.error("--variants takes cold, restore, restore-lazy")
+        ap.error("--variants takes cold, restore, restore-lazy, restore-lazy-first")
     args.reps = args.reps or (3 if args.quick else 5)
     if args.reps < 1:
         ap.error("--reps must be >= 1")
@@ -1443,7 +1452,8 @@ def main(argv):
                 "cold": "the service started from scratch: redis-server on its RDB; Python, import, load the model; "
                         "java on the class files and jars",
                 "restore": "ferry --store STORE --criu CRIU restore NAME --detach --pidfile F",
-                "restore-lazy": "the same with --lazy",
+                "restore-lazy": "the same with --lazy (its working set recorded by the run before, copied in first)",
+                "restore-lazy-first": "the same with --lazy, STORE/hints removed before each run (a first lazy restore)",
             },
             "cold_start_for_targets": {s: ("until full speed (start and warm up again)" if m == "full_speed_s"
                                            else "until the first correct answer") for s, m in COLD_METRIC.items()},

@@ -32,8 +32,9 @@ fn main() -> ExitCode {
         Some("container_record") => ferry_store_fuzz::container_record,
         Some("proc_facts") => ferry_store_fuzz::proc_facts,
         Some("clones_file") => ferry_store_fuzz::clones_file,
+        Some("working_set") => ferry_store_fuzz::working_set,
         _ => {
-            eprintln!("usage: replay manifest|chunk_frame|slots|archive|wire_frame|migrate_msg|lazy_images|container_record|proc_facts|clones_file PATH...");
+            eprintln!("usage: replay manifest|chunk_frame|slots|archive|wire_frame|migrate_msg|lazy_images|container_record|proc_facts|clones_file|working_set PATH...");
             return ExitCode::from(2);
         }
     };

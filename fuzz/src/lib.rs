@@ -391,3 +391,17 @@ pub fn clones_file(data: &[u8]) {
         assert!(clones.len() <= 4096);
     }
 }
+
+/// A working-set hint (`STORE/hints/ID.ws`): the id it is read for is the one it names, so
+/// that the fuzzer reaches the runs; what decodes encodes back to the same bytes.
+pub fn working_set(data: &[u8]) {
+    use ferry_store::working_set::{decode, encode, MAX_RUNS};
+    let mut id = [0u8; 16];
+    if let Some(named) = data.get(16..32) {
+        id.copy_from_slice(named);
+    }
+    if let Ok(runs) = decode(data, &id) {
+        assert!(runs.len() <= MAX_RUNS);
+        assert_eq!(encode(&id, &runs), data);
+    }
+}

@@ -251,7 +251,13 @@ struct State {
     /// The loop ended (done, failed or stopped): nothing more is copied.
     closed: bool,
     stats: LazyStats,
+    /// The requests faults made, in order (the first [`MAX_DEMAND_RECORDED`]): the restored
+    /// tree's working set, for the next restore to prefetch.
+    demand: Vec<(u32, u64, u32)>,
 }
+
+/// At most this many fault requests are remembered ([`LazyPager::take_demand`]).
+pub const MAX_DEMAND_RECORDED: usize = 32 * 1024;
 
 impl State {
     fn complete(&self) -> bool {
@@ -681,6 +687,7 @@ impl LazyPager {
                 push_allowed: false,
                 closed: false,
                 stats: LazyStats::default(),
+                demand: Vec::new(),
             }),
             changed: Condvar::new(),
             stop: AtomicBool::new(false),
@@ -735,6 +742,12 @@ impl LazyPager {
     /// What was done so far.
     pub fn stats(&self) -> LazyStats {
         self.shared.lock().stats.clone()
+    }
+
+    /// The pages faults asked for so far, `(pid, image address, pages)` in the order asked
+    /// (what the pager fetched for them: a fault's block and readahead included).
+    pub fn take_demand(&self) -> Vec<(u32, u64, u32)> {
+        std::mem::take(&mut self.shared.lock().demand)
     }
 
     /// Waits until every page is in (every process has all it had, or is gone), or until
@@ -967,6 +980,11 @@ impl Loop {
                 }
                 _ => reqs.push((pid, img, 1)),
             }
+        }
+        {
+            let mut st = self.shared.lock();
+            let room = MAX_DEMAND_RECORDED.saturating_sub(st.demand.len());
+            st.demand.extend(reqs.iter().take(room));
         }
         self.fetch_and_fill(&reqs)
     }
@@ -1209,6 +1227,10 @@ mod tests {
         let sizes: Vec<u32> = asked.lock().unwrap().iter().map(|r| r.1).collect();
         assert_eq!(sizes, [16, 32, 64, 128, 256, 256, 16]);
         assert_eq!(asked.lock().unwrap()[6].0, map.addr() + 896 * P, "the aligned block of page 900");
+        // Every fault's request is remembered, in order: the working set to prefetch next time.
+        let demand: Vec<(u64, u32)> = pager.take_demand().iter().map(|d| (d.1, d.2)).collect();
+        let expected: Vec<(u64, u32)> = asked.lock().unwrap().iter().map(|r| (r.0, r.1)).collect();
+        assert_eq!(demand, expected);
         feeder.end();
         pager.wait_done(Duration::from_secs(20)).unwrap();
     }
@@ -1342,6 +1364,7 @@ mod tests {
             push_allowed: false,
             closed: false,
             stats: LazyStats::default(),
+            demand: Vec::new(),
         };
         t.set((0, 0), Page::Present);
         st.tasks.push(t);

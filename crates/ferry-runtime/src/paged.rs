@@ -51,15 +51,25 @@ pub struct PagePlan {
     /// Every lazy page already checked and decrypted (shared by the restores of a clone): the
     /// pager and the push copy from it instead of the store.
     verified: Option<Arc<VerifiedPages>>,
+    /// Pages to copy in before a lazy restore's tree runs (its recorded working set), in
+    /// pieces `(pid, address, bytes)`.
+    prefetch: Vec<(u32, u64, u64)>,
 }
+
+/// A working set larger than this is prefetched only up to it: past it, waiting for the copy
+/// before the tree runs costs more than the faults it spares.
+const MAX_PREFETCH: u64 = 256 << 20;
 
 /// Every lazy page of a checkpoint, checked and decrypted once and held in memory, so that
 /// several restores of it at once (a clone's copies) are served without each opening every
 /// chunk again, and may run at once: nothing they can be given has failed its check.
 pub struct VerifiedPages {
-    /// `(pid, address, bytes)`, sorted; `data[i]` holds the pages of `pieces[i]`.
+    /// `(pid, address, bytes)`, sorted; piece `i` is `data[starts[i]..starts[i + 1]]`.
     pieces: Vec<(u32, u64, u64)>,
-    data: Vec<Vec<u8>>,
+    starts: Vec<usize>,
+    /// False for a piece that is not all lazy pages (none should be): never served.
+    held: Vec<bool>,
+    data: Vec<u8>,
 }
 
 impl std::fmt::Debug for VerifiedPages {
@@ -74,7 +84,13 @@ impl std::fmt::Debug for VerifiedPages {
 impl VerifiedPages {
     /// Page bytes held.
     pub fn bytes(&self) -> u64 {
-        self.pieces.iter().map(|p| p.2).sum()
+        self.data.len() as u64
+    }
+
+    /// Piece `i`'s pages, if held.
+    fn piece(&self, i: usize) -> Option<&[u8]> {
+        self.held.get(i).filter(|&&h| h)?;
+        self.data.get(self.starts[i]..self.starts[i + 1])
     }
 
     /// Copies `len` bytes at `vaddr` of `pid` into `out`; `None` if some of them are not held.
@@ -88,7 +104,7 @@ impl VerifiedPages {
                 return None;
             }
             let hi = (s + n).min(end);
-            let from = &self.data[i][(a - s) as usize..(hi - s) as usize];
+            let from = &self.piece(i)?[(a - s) as usize..(hi - s) as usize];
             out[(a - vaddr) as usize..(hi - vaddr) as usize].copy_from_slice(from);
             a = hi;
         }
@@ -171,7 +187,7 @@ impl PagePlan {
             }
         }
         write_runs(&reader, images, &eager)?;
-        Ok(Some(PagePlan { reader, procs, ranges, bytes, verified: None }))
+        Ok(Some(PagePlan { reader, procs, ranges, bytes, verified: None, prefetch: Vec::new() }))
     }
 
     /// The pager for this plan, serving the restore whose work directory is `work_dir`.
@@ -193,53 +209,179 @@ impl PagePlan {
     pub fn verify_all(&self, threads: usize, progress: &dyn Progress) -> Result<VerifiedPages, StoreError> {
         let mut pieces = self.pieces();
         pieces.sort_unstable();
-        let next = AtomicUsize::new(0);
+        let mut starts = Vec::with_capacity(pieces.len() + 1);
+        let mut total = 0usize;
+        for &(_, _, len) in &pieces {
+            starts.push(total);
+            total += len as usize;
+        }
+        starts.push(total);
+        // One allocation, in huge pages where the kernel gives them: a GiB of 4 KiB first-touch
+        // faults would cost more than the decryption.
+        let mut data = vec![0u8; total];
+        ferry_sys::prefer_huge_pages(&mut data);
+        let mut slots = Vec::with_capacity(pieces.len());
+        let mut rest = &mut data[..];
+        for (i, &(_, _, len)) in pieces.iter().enumerate() {
+            let (this, after) = rest.split_at_mut(len as usize);
+            slots.push((i, this));
+            rest = after;
+        }
+        let queue = Mutex::new(slots.into_iter());
         let failed: Mutex<Option<StoreError>> = Mutex::new(None);
+        // Pieces some process plan does not cover as lazy pages (none should be).
+        let skipped = Mutex::new(Vec::new());
         progress.stage("verify", Some(self.bytes));
-        let parts: Vec<Vec<(usize, Vec<u8>)>> = std::thread::scope(|s| {
-            let workers: Vec<_> = (0..threads.max(1))
-                .map(|_| {
-                    s.spawn(|| {
-                        let mut cur = self.reader.cursor();
-                        let mut mine = Vec::new();
-                        loop {
-                            let i = next.fetch_add(1, Ordering::Relaxed);
-                            let Some(&(pid, vaddr, len)) = pieces.get(i) else { break };
-                            if failed.lock().map(|f| f.is_some()).unwrap_or(true) {
-                                break;
-                            }
-                            let Some((file, plan)) = self.procs.get(&pid) else { continue };
-                            let mut buf = vec![0; len as usize];
-                            match read_lazy(&mut cur, *file, plan, vaddr, &mut buf) {
-                                Ok(true) => {}
-                                // Not all lazy (none should be): left out, as the push does.
-                                Ok(false) => continue,
-                                Err(e) => {
-                                    if let Ok(mut f) = failed.lock() {
-                                        f.get_or_insert(e);
-                                    }
-                                    break;
+        std::thread::scope(|s| {
+            for _ in 0..threads.max(1) {
+                s.spawn(|| {
+                    let mut cur = self.reader.cursor();
+                    // The queue's lock is let go before the piece is read.
+                    let take = || queue.lock().ok().and_then(|mut q| q.next());
+                    while let Some((i, buf)) = take() {
+                        if failed.lock().map(|f| f.is_some()).unwrap_or(true) {
+                            break;
+                        }
+                        let (pid, vaddr, len) = pieces[i];
+                        let read = match self.procs.get(&pid) {
+                            Some((file, plan)) => read_lazy(&mut cur, *file, plan, vaddr, buf),
+                            None => Ok(false),
+                        };
+                        match read {
+                            Ok(true) => progress.advance(len),
+                            Ok(false) => {
+                                if let Ok(mut v) = skipped.lock() {
+                                    v.push(i);
                                 }
                             }
-                            progress.advance(len);
-                            mine.push((i, buf));
+                            Err(e) => {
+                                if let Ok(mut f) = failed.lock() {
+                                    f.get_or_insert(e);
+                                }
+                                break;
+                            }
                         }
-                        mine
-                    })
-                })
-                .collect();
-            workers.into_iter().map(|w| w.join().unwrap_or_default()).collect()
+                    }
+                });
+            }
         });
         if let Ok(Some(e)) = failed.into_inner() {
             return Err(e);
         }
-        let mut data = vec![Vec::new(); pieces.len()];
-        for (i, buf) in parts.into_iter().flatten() {
-            data[i] = buf;
+        let mut held = vec![true; pieces.len()];
+        for i in skipped.into_inner().unwrap_or_default() {
+            held[i] = false;
         }
-        // A piece no process plan covers (none should be) stays empty: drop it from the index.
-        let (pieces, data) = pieces.into_iter().zip(data).filter(|(p, d)| d.len() as u64 == p.2).unzip();
-        Ok(VerifiedPages { pieces, data })
+        Ok(VerifiedPages { pieces, starts, held, data })
+    }
+
+    /// Copies `hint`'s pages (a lazy restore's recorded working set) in before the tree runs;
+    /// what is no lazy page of this plan is left out, and the rest up to [`MAX_PREFETCH`].
+    pub(crate) fn set_prefetch(&mut self, hint: &[ferry_store::working_set::Run]) {
+        let mut runs: Vec<(u32, u64, u64)> = Vec::new();
+        for r in hint {
+            let Some((_, iovs)) = self.ranges.iter().find(|(p, _)| *p == r.pid) else { continue };
+            let (s, e) = (r.vaddr, r.vaddr + u64::from(r.pages) * PAGE_SIZE);
+            // Only what lies within the lazy ranges.
+            for &(a, b) in iovs {
+                let (lo, hi) = (s.max(a), e.min(b));
+                if lo < hi {
+                    runs.push((r.pid, lo, hi));
+                }
+            }
+        }
+        runs.sort_unstable();
+        let mut merged: Vec<(u32, u64, u64)> = Vec::new();
+        for (pid, lo, hi) in runs {
+            match merged.last_mut() {
+                Some((p, _, end)) if *p == pid && lo <= *end => *end = (*end).max(hi),
+                _ => merged.push((pid, lo, hi)),
+            }
+        }
+        let mut budget = MAX_PREFETCH;
+        self.prefetch.clear();
+        for (pid, lo, hi) in merged {
+            let mut a = lo;
+            while a < hi && budget > 0 {
+                let n = PIECE.min(hi - a).min(budget);
+                self.prefetch.push((pid, a, n));
+                budget -= n;
+                a += n;
+            }
+        }
+    }
+
+    /// The pages [`set_prefetch`](Self::set_prefetch) named as runs, for recording again.
+    pub(crate) fn prefetch_runs(&self) -> Vec<ferry_store::working_set::Run> {
+        let max = u64::from(ferry_store::working_set::MAX_RUN_PAGES) * PAGE_SIZE;
+        let mut out = Vec::new();
+        for &(pid, vaddr, len) in &self.prefetch {
+            let mut a = vaddr;
+            while a < vaddr + len {
+                let n = max.min(vaddr + len - a);
+                out.push(ferry_store::working_set::Run { pid, vaddr: a, pages: (n / PAGE_SIZE) as u32 });
+                a += n;
+            }
+        }
+        out
+    }
+
+    /// Reads `buf.len()` bytes of lazy pages at `vaddr` of `pid`, each chunk checked (or from
+    /// the verified pages). `Ok(false)`: not all of them are lazy pages.
+    fn read_pages(
+        &self,
+        cur: &mut ferry_store::Cursor<'_>,
+        pid: u32,
+        vaddr: u64,
+        buf: &mut [u8],
+    ) -> Result<bool, StoreError> {
+        if let Some(v) = &self.verified {
+            return Ok(v.copy(pid, vaddr, buf).is_some());
+        }
+        let Some((file, plan)) = self.procs.get(&pid) else { return Ok(false) };
+        read_lazy(cur, *file, plan, vaddr, buf)
+    }
+
+    /// Copies the prefetch pieces in through `feeder` on every core (the tree has not run yet):
+    /// the bytes copied. A chunk that fails its check fails it.
+    fn push_prefetch(&self, feeder: &PageFeeder) -> Result<u64, Error> {
+        if !feeder.wait_handed_over(&self.pids()) {
+            return Err(Error::Pager("the pager ended before the restore handed it every process".into()));
+        }
+        let next = AtomicUsize::new(0);
+        let failed: Mutex<Option<StoreError>> = Mutex::new(None);
+        let done = std::sync::atomic::AtomicU64::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..threads().min(self.prefetch.len()) {
+                s.spawn(|| {
+                    let mut cur = self.reader.cursor();
+                    let mut buf = Vec::new();
+                    while let Some(&(pid, vaddr, len)) =
+                        self.prefetch.get(next.fetch_add(1, Ordering::Relaxed))
+                    {
+                        buf.resize(len as usize, 0);
+                        match self.read_pages(&mut cur, pid, vaddr, &mut buf) {
+                            Ok(true) => {}
+                            Ok(false) => continue,
+                            Err(e) => {
+                                if let Ok(mut f) = failed.lock() {
+                                    f.get_or_insert(e);
+                                }
+                                break;
+                            }
+                        }
+                        if !feeder.feed(pid, vaddr, &buf) {
+                            break;
+                        }
+                        done.fetch_add(len, Ordering::Relaxed);
+                    }
+                });
+            }
+        });
+        match failed.into_inner() {
+            Ok(Some(e)) => Err(e.into()),
+            _ => Ok(done.into_inner()),
+        }
     }
 
     /// Serves this restore's pages from `verified` (the same checkpoint's, checked already).
@@ -378,9 +520,8 @@ fn push_verified(
                 }
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
-                    let (Some(&(pid, vaddr, len)), Some(data)) = (v.pieces.get(i), v.data.get(i)) else {
-                        break;
-                    };
+                    let Some(&(pid, vaddr, len)) = v.pieces.get(i) else { break };
+                    let Some(data) = v.piece(i) else { continue };
                     if !feeder.feed(pid, vaddr, data) {
                         break;
                     }
@@ -584,6 +725,21 @@ impl NotifyHandler for PushAtRestore<'_> {
                     self.failure = Some(e);
                     text
                 }),
+            // Lazy: its recorded working set first, so that its first requests find it in.
+            Notify::PostRestore if !self.plan.prefetch.is_empty() => {
+                let t = Instant::now();
+                match self.plan.push_prefetch(&self.feeder) {
+                    Ok(bytes) => {
+                        tracing::info!(bytes, seconds = t.elapsed().as_secs_f64(), "working set prefetched");
+                        Ok(())
+                    }
+                    Err(e) => {
+                        let text = format!("{e}: the restored tree is not let run");
+                        self.failure = Some(e);
+                        Err(text)
+                    }
+                }
+            }
             Notify::PreResume => {
                 self.feeder.allow();
                 self.resumed = Some(Instant::now());

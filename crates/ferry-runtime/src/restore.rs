@@ -102,6 +102,9 @@ pub fn restore_then(
             if let Some(v) = &req.verified {
                 plan.serve_from(v.clone())?;
             }
+            if req.lazy {
+                plan.set_prefetch(&ctx.store.working_set(&checkpoint));
+            }
             let paged = PagedArgs { label: &label, checkpoint: &checkpoint, images: &images, plan: &plan };
             return restore_paged(ctx, req, &paged, started, stamp, running);
         }
@@ -324,7 +327,11 @@ fn restore_paged(
         pager.stop();
         return Err(Error::Pager(format!("{e} (CRIU's log: {})", log.path().display())));
     }
+    let demand = pager.take_demand();
     let stats = pager.stop();
+    if req.lazy && req.instance.is_none() && !demand.is_empty() {
+        record_working_set(ctx, checkpoint, plan, &demand);
+    }
     // Where a lazy restore's first requests waited: faults, and the pager's fetches for them.
     tracing::debug!(
         faults = stats.faults,
@@ -347,6 +354,26 @@ fn restore_paged(
         paged_bytes: stats.bytes,
         log: log.path(),
     })
+}
+
+/// Records what a lazy restore faulted on, added to what it prefetched, as the checkpoint's
+/// working set for its next lazy restore. Only a hint: a failure is logged, not the restore's.
+fn record_working_set(
+    ctx: &Context,
+    checkpoint: &ferry_store::Checkpoint,
+    plan: &PagePlan,
+    demand: &[(u32, u64, u32)],
+) {
+    let mut runs = plan.prefetch_runs();
+    runs.extend(demand.iter().map(|&(pid, vaddr, pages)| ferry_store::working_set::Run {
+        pid,
+        vaddr,
+        pages,
+    }));
+    match ctx.store.record_working_set(checkpoint, &runs) {
+        Ok(()) => tracing::debug!(runs = runs.len(), "working set recorded"),
+        Err(e) => tracing::warn!(error = %e, "the working set of this restore is not recorded"),
+    }
 }
 
 /// A container's restore under its runtime, from verified images.

@@ -11,6 +11,7 @@
 //! - `replica`: a checkpoint copied to another node's store (migration), missing chunks only.
 //! - `archive` (`oci`): a checkpoint as one file, to take elsewhere (`ferry export`, `import`).
 //! - `progress`: how long operations (here and above) report how far they are.
+//! - `working_set`: the pages a lazy restore faulted on, prefetched by the next (a hint).
 #![forbid(unsafe_code)]
 
 pub mod archive;
@@ -30,6 +31,7 @@ pub mod seal;
 mod store;
 #[cfg(test)]
 mod testutil;
+pub mod working_set;
 
 pub use error::StoreError;
 pub use manifest::HostInfo;

@@ -6,6 +6,7 @@
 //! packs/                sealed chunk frames and their indexes (packs.rs)
 //! manifests/NAME.fmf    signed manifests (manifest.rs)
 //! slots/ID.slots        the data keys of manifest ID, wrapped for each recipient (seal.rs)
+//! hints/ID.ws           pages a lazy restore of manifest ID faulted on (working_set.rs)
 //! catalog               signed name -> (manifest, generation) map (catalog.rs)
 //! logs/                 CRIU logs
 //! tmp/NAME.PID.N/       private tmpfs mounts holding plaintext images while they are used
@@ -211,6 +212,40 @@ impl Store {
         self.root.join("manifests").join(format!("{name}.fmf"))
     }
 
+    fn working_set_path(&self, manifest_id: &[u8; 16]) -> PathBuf {
+        self.root.join("hints").join(format!("{}.ws", hex(manifest_id)))
+    }
+
+    /// The working set a lazy restore of `c` recorded (`working_set`): empty when there is
+    /// none, or when the file is not one this ferry takes (logged; it is only a hint).
+    pub fn working_set(&self, c: &Checkpoint) -> Vec<crate::working_set::Run> {
+        let path = self.working_set_path(&c.manifest.id);
+        if !path.exists() {
+            return Vec::new();
+        }
+        let read = crate::catalog::read_capped(&path, crate::working_set::MAX_WS_BYTES)
+            .map_err(|e| e.to_string())
+            .and_then(|data| crate::working_set::decode(&data, &c.manifest.id));
+        read.unwrap_or_else(|e| {
+            tracing::warn!(path = %path.display(), error = %e, "a working-set hint that is not taken");
+            Vec::new()
+        })
+    }
+
+    /// Records `runs` as the working set of `c` (replacing what was), atomically.
+    pub fn record_working_set(
+        &self,
+        c: &Checkpoint,
+        runs: &[crate::working_set::Run],
+    ) -> Result<(), StoreError> {
+        let dir = self.root.join("hints");
+        private_dir(&dir)?;
+        write_atomic(
+            &self.working_set_path(&c.manifest.id),
+            &crate::working_set::encode(&c.manifest.id, runs),
+        )
+    }
+
     pub(crate) fn slots_path(&self, manifest_id: &[u8; 16]) -> PathBuf {
         self.root.join("slots").join(format!("{}.slots", hex(manifest_id)))
     }
@@ -361,6 +396,10 @@ impl Store {
         // A tampered manifest can still be removed; its slots are then found by its id if readable.
         let own = self.get(name).ok();
         if let Some(c) = &own {
+            let hint = self.working_set_path(&c.manifest.id);
+            if hint.exists() {
+                fs::remove_file(&hint).map_err(io_err("cannot remove", &hint))?;
+            }
             let slots = self.slots_path(&c.manifest.id);
             if shred_key {
                 let own_key = c.manifest.key_ids.first().copied();
@@ -457,6 +496,15 @@ impl Store {
             let id = file.strip_suffix(".slots").unwrap_or(&file);
             if !live_manifests.contains(id) {
                 shred(&entry.path())?;
+                report.leftovers_removed += 1;
+            }
+        }
+        // Working-set hints of checkpoints that are gone.
+        let hints_dir = self.root.join("hints");
+        for entry in fs::read_dir(&hints_dir).into_iter().flatten().flatten() {
+            let file = entry.file_name().to_string_lossy().into_owned();
+            if !live_manifests.contains(file.strip_suffix(".ws").unwrap_or(&file)) {
+                fs::remove_file(entry.path()).map_err(io_err("cannot remove", &entry.path()))?;
                 report.leftovers_removed += 1;
             }
         }

@@ -1,12 +1,11 @@
 //! Hints about this process's own memory.
 
-use std::mem::MaybeUninit;
-
 /// Asks for transparent huge pages behind `buf` (where the system gives them only on request,
 /// `madvise` mode), before it is first written: a table of tens of MiB written at random then
 /// takes a few 2 MiB faults instead of thousands of 4 KiB ones. Only advice: nothing changes
-/// if the kernel declines, and `buf`'s contents are not touched.
-pub fn prefer_huge_pages<T>(buf: &mut [MaybeUninit<T>]) {
+/// if the kernel declines, and `buf`'s contents are not touched (so it may hold values or, as
+/// a `Vec`'s spare capacity, none yet).
+pub fn prefer_huge_pages<T>(buf: &mut [T]) {
     const HUGE: usize = 2 << 20;
     let start = buf.as_mut_ptr() as usize;
     let end = start + std::mem::size_of_val(buf);
@@ -25,6 +24,7 @@ pub fn prefer_huge_pages<T>(buf: &mut [MaybeUninit<T>]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::mem::MaybeUninit;
 
     #[test]
     fn advice_keeps_what_the_buffer_holds() {

@@ -261,3 +261,99 @@ fn leave_running_checkpoint_of_a_busy_writer_is_one_state() {
         poll(WAIT, "the copy to be gone", || (!process_exists(copy)).then_some(()));
     }
 }
+
+/// The largest private anonymous mapping of `pid` (a memhog's buffer): `(start, end)`.
+fn largest_anonymous_mapping(pid: i32) -> (u64, u64) {
+    let maps = fs::read_to_string(format!("/proc/{pid}/maps")).expect("maps");
+    maps.lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (range, perms) = (f.next()?, f.next()?);
+            let path = f.nth(3);
+            if !perms.starts_with("rw") || path.is_some() {
+                return None;
+            }
+            let (a, b) = range.split_once('-')?;
+            Some((u64::from_str_radix(a, 16).ok()?, u64::from_str_radix(b, 16).ok()?))
+        })
+        .max_by_key(|(a, b)| b - a)
+        .expect("an anonymous mapping")
+}
+
+#[test]
+fn a_recorded_working_set_goes_in_before_a_lazy_restore_runs_and_is_checked_like_the_rest() {
+    if !require_privileged() {
+        return;
+    }
+    let ferry = ferry();
+    let w = Workload::start(Sample::MemHog { mib: 32 }, Isolation::PidNamespace).expect("start memhog");
+    let hash = w.request_hash(w.pid());
+    ferry.checkpoint(w.pid(), "ws", &["--leave-running"]).assert_ok();
+    // The working set a restore would have recorded: the buffer, named by its addresses (the
+    // images keep the original's, and its pid in its own namespace).
+    let (start, end) = largest_anonymous_mapping(w.pid());
+    let status = fs::read_to_string(format!("/proc/{}/status", w.pid())).expect("status");
+    let ns_pid: u32 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("NSpid:"))
+        .and_then(|v| v.split_whitespace().last()?.parse().ok())
+        .expect("NSpid");
+    let store = ferry_store::Store::open(ferry.store()).expect("store");
+    let ck = store.get("ws").expect("checkpoint");
+    let runs: Vec<ferry_store::working_set::Run> = (start..end)
+        .step_by(4 << 20)
+        .map(|a| ferry_store::working_set::Run {
+            pid: ns_pid,
+            vaddr: a,
+            pages: (((end - a).min(4 << 20)) / 4096) as u32,
+        })
+        .collect();
+    store.record_working_set(&ck, &runs).expect("record");
+    drop(store);
+    let hint_files = || dir_names(&ferry.store().join("hints"));
+    assert_eq!(hint_files().len(), 1);
+
+    let lazy_restore = |ferry: &Ferry| {
+        let pidfile = ferry.fresh_path("restored.pid");
+        let mut cmd = ferry.command(&[
+            "restore",
+            "ws",
+            "--lazy",
+            "--detach",
+            "--pidfile",
+            pidfile.to_str().expect("utf-8"),
+        ]);
+        cmd.env("FERRY_LOG", "info");
+        let out = cmd.output().expect("run ferry");
+        let pid = ferry_testkit::read_pid(&pidfile);
+        if let Some(pid) = pid {
+            w.adopt(pid);
+        }
+        (out, pid)
+    };
+    let (out, pid) = lazy_restore(&ferry);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("working set prefetched"), "{stderr}");
+    let copy = pid.expect("a pid");
+    assert_eq!(w.request_hash(copy), hash, "the restored memory differs");
+    let _ = kill(copy, Signal::Kill);
+
+    // A tampered chunk inside the working set: the tree is refused before it runs.
+    let before = w.instances();
+    let (pack, at) = flip_a_page_chunk(&ferry);
+    let (out, pid) = lazy_restore(&ferry);
+    assert!(!out.status.success(), "a tampered working set restored");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(stderr.contains("failed authentication"), "{stderr}");
+    // It failed in the prefetch, which ends before the tree may run.
+    assert!(!stderr.contains("working set prefetched"), "{stderr}");
+    assert_eq!(pid, None);
+    poll(WAIT, "no copy of the memhog left", || (w.instances() == before).then_some(()));
+    assert_nothing_left(&ferry, "ws");
+    flip_byte(&pack, at);
+
+    // The hint goes with its checkpoint.
+    ferry.run(&["rm", "ws"]).assert_ok();
+    assert!(hint_files().is_empty(), "the working set outlived its checkpoint: {:?}", hint_files());
+}
