@@ -89,7 +89,7 @@ fn refuse_not_ready(node: &Node, workload: &WorkloadId) -> Result<(), MigrateErr
     use ferry_runtime::check::{self, CheckEnv, CheckOptions, Verdict};
     let env = CheckEnv { criu: Ok(&node.ctx.criu), endpoints: &node.ctx.endpoints };
     // A migration always moves established connections.
-    let r = check::check(workload, env, CheckOptions { tcp_established: Some(true) });
+    let r = check::check(workload, env, CheckOptions { tcp_established: Some(true), tree_needs: false });
     // A container that cannot be found keeps the runtime's own error, below.
     if r.verdict != Verdict::NotReady || r.pid.is_none() {
         return Ok(());

@@ -96,3 +96,25 @@ fn on_a_terminal_a_checkpoint_draws_its_bar_on_stderr() {
     let summary = text.lines().find(|l| l.contains("checkpointed ")).expect("the summary");
     assert!(summary.trim_end_matches('\r').ends_with(")"), "{summary:?}");
 }
+
+/// A reader that went away before ferry printed (`ferry checkpoint ... | true`): the work is
+/// done and the exit code tells so, with no panic over the closed pipe.
+#[test]
+fn a_closed_stdout_is_no_failure() {
+    if !require_privileged() {
+        return;
+    }
+    let ferry = ferry();
+    let w = Workload::start(Sample::MemHog { mib: 8 }, Isolation::PidNamespace).expect("start memhog");
+    let target = format!("pid:{}", w.pid());
+    for args in [&["checkpoint", target.as_str(), "--name", "gone-reader"][..], &["list"][..]] {
+        let mut child =
+            ferry.command(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("spawn");
+        drop(child.stdout.take());
+        let out = child.wait_with_output().expect("wait");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{args:?}: {}\n{err}", out.status);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+    assert_eq!(ferry.list_names(), vec!["gone-reader".to_owned()]);
+}

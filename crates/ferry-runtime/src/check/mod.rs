@@ -76,6 +76,10 @@ pub struct CheckOptions {
     /// Whether the checkpoint will pass `--tcp-established`: `None` when unknown (`ferry
     /// check` without the flag): established connections are then a caveat, not a blocker.
     pub tcp_established: Option<bool>,
+    /// Gather what a target must have for the tree (its paths and listening ports, for
+    /// [`Report::tree_needs`]): only when a target will be asked (`--to`, a migration). It
+    /// stats every path the tree holds, which a check without a target has no use for.
+    pub tree_needs: bool,
 }
 
 /// The verdict, its score and every reason, worst first.
@@ -186,7 +190,7 @@ pub fn check(workload: &WorkloadId, env: CheckEnv<'_>, opts: CheckOptions) -> Re
         processes = facts.tasks.len();
         reasons.extend(rules::evaluate(&facts, opts));
         // A container's files come with its record, its ports with its namespace.
-        if record.is_none() {
+        if record.is_none() && opts.tree_needs {
             tree_needs = Some(target::TreeNeeds::of(&facts));
         }
     }

@@ -1017,7 +1017,7 @@ mod tests {
             s(4, TcpState::Listen, 3),
             s(99, TcpState::Established, 0),
         ];
-        let unknown = codes(&f, CheckOptions { tcp_established: None });
+        let unknown = codes(&f, CheckOptions { tcp_established: None, tree_needs: false });
         assert_eq!(
             unknown,
             vec![
@@ -1026,10 +1026,10 @@ mod tests {
                 ("tcp-transient", Severity::Caveat)
             ]
         );
-        let refused = codes(&f, CheckOptions { tcp_established: Some(false) });
+        let refused = codes(&f, CheckOptions { tcp_established: Some(false), tree_needs: false });
         assert!(refused.contains(&("tcp-established", Severity::Blocker)));
         assert!(refused.contains(&("tcp-transient", Severity::Blocker)));
-        let asked = codes(&f, CheckOptions { tcp_established: Some(true) });
+        let asked = codes(&f, CheckOptions { tcp_established: Some(true), tree_needs: false });
         assert!(asked.contains(&("tcp-established", Severity::Caveat)));
     }
 
@@ -1040,12 +1040,12 @@ mod tests {
         t.fds = vec![fd(5, "socket:[7]"), fd(6, "socket:[8]"), fd(7, "socket:[9]")];
         let mut f = facts(vec![t]);
         f.tcp_closed = BTreeSet::from([7, 8]);
-        let by = |tcp_established| codes(&f, CheckOptions { tcp_established });
+        let by = |tcp_established| codes(&f, CheckOptions { tcp_established, tree_needs: false });
         assert_eq!(by(Some(false)), vec![("tcp-closed", Severity::Blocker)]);
         assert_eq!(by(None), vec![("tcp-closed", Severity::Caveat)]);
         // With the flag CRIU restores them: worth knowing only.
         assert_eq!(by(Some(true)), vec![]);
-        let r = evaluate(&f, CheckOptions { tcp_established: Some(true) });
+        let r = evaluate(&f, CheckOptions { tcp_established: Some(true), tree_needs: false });
         let closed = r.iter().find(|r| r.code == "tcp-closed").expect("reason");
         assert_eq!(closed.severity, Severity::Info);
         assert!(

@@ -1,3 +1,4 @@
+use crate::output::outln;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
@@ -86,7 +87,7 @@ pub fn export(cli: &Cli, name: &str, out: &Path, how: &How<'_>) -> Outcome {
             out.display()
         );
     }
-    println!(
+    outln!(
         "exported {name} to {} ({}, {} image files, {})",
         out.display(),
         r.mode,
@@ -97,13 +98,13 @@ pub fn export(cli: &Cli, name: &str, out: &Path, how: &How<'_>) -> Outcome {
         let short = &id[..id.len().min(12)];
         if out.as_os_str().as_bytes().ends_with(b"/") {
             let dir = out.to_string_lossy();
-            println!(
+            outln!(
                 "image {short} (as {reference}): `podman pull oci:{}` (Podman 4 names it after the \
                  directory, whose path must then be lowercase), then `podman container restore {short}`",
                 dir.trim_end_matches('/')
             );
         } else {
-            println!(
+            outln!(
                 "image {short} ({reference}): `podman load -i {}`, then `podman container restore {reference}`",
                 out.display()
             );
@@ -120,7 +121,7 @@ pub fn import(cli: &Cli, file: &Path, name: Option<&str>) -> Outcome {
     let c = ferry_runtime::archive::import(&store, file, name, &*bar).map_err(|e| (what(), e))?;
     bar.finish();
     let m = &c.checkpoint.manifest;
-    println!(
+    outln!(
         "imported {} as {} ({}: {} of images, {} new on disk)",
         file.display(),
         m.name,

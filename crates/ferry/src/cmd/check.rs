@@ -27,7 +27,7 @@ pub fn run(
 ) -> Outcome {
     let what = || format!("check of {workload} failed");
     let id: WorkloadId = workload.parse().map_err(|e| (what(), e))?;
-    let opts = CheckOptions { tcp_established };
+    let opts = CheckOptions { tcp_established, tree_needs: to.is_some() };
     let mut r = report(cli, &id, opts).map_err(|e| (what(), e))?;
     if let (Some(node), Some(pid)) = (to, r.pid) {
         r = with_target(cli, r, node, pid);
@@ -149,7 +149,8 @@ pub fn refuse_not_ready(
     if tcp_established.is_none() && !matches!(id, WorkloadId::Pid(_)) {
         return Ok(());
     }
-    let opts = CheckOptions { tcp_established: Some(tcp_established.unwrap_or(true)) };
+    let opts =
+        CheckOptions { tcp_established: Some(tcp_established.unwrap_or(true)), tree_needs: to.is_some() };
     let mut r = report(cli, &id, opts)?;
     if let (Some(node), Some(pid)) = (to, r.pid) {
         // An agent that cannot be asked is the migration's own error to report, not a reason.

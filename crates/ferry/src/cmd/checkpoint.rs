@@ -1,3 +1,4 @@
+use crate::output::outln;
 use ferry_runtime::{CheckpointRequest, WorkloadId};
 
 use super::{context, human_bytes};
@@ -41,12 +42,14 @@ pub fn run(cli: &Cli, a: Args) -> Outcome {
         (true, None) => "left running".to_owned(),
         (false, _) => "stopped".to_owned(),
     };
-    println!(
+    outln!(
         "checkpointed {workload} as {} in {:.2}s (dump {:.2}s, workload {state})",
-        r.name, r.seconds, r.dump_seconds
+        r.name,
+        r.seconds,
+        r.dump_seconds
     );
     let s = r.stats;
-    println!(
+    outln!(
         "  {} of images: {} zero pages, {} already stored, {} new in {} chunks ({} on disk)",
         human_bytes(r.logical_bytes),
         human_bytes(s.zero_bytes),
@@ -56,7 +59,7 @@ pub fn run(cli: &Cli, a: Args) -> Outcome {
         human_bytes(s.stored_bytes)
     );
     for old in &r.pruned {
-        println!("  removed older checkpoint {old} (--keep)");
+        outln!("  removed older checkpoint {old} (--keep)");
     }
     crate::ok()
 }

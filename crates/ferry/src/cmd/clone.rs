@@ -4,6 +4,7 @@
 //! then all restores run in parallel; if any fails, every copy, namespace and the checkpoint
 //! this call made are removed again.
 
+use crate::output::outln;
 use std::process::Command;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -75,7 +76,7 @@ pub fn run(cli: &Cli, a: Args) -> Outcome {
                 .map_err(|e| (what(), e))?;
             if !a.json {
                 bar.suspend(|| {
-                    println!(
+                    outln!(
                         "checkpointed {workload} as {} in {:.2}s (frozen for {:.2}s, left running)",
                         r.name,
                         r.seconds,
@@ -245,10 +246,10 @@ pub fn run(cli: &Cli, a: Args) -> Outcome {
             .collect();
         let out = json!({"checkpoint": name, "verify_seconds": verify_seconds, "restore_seconds": restore_seconds,
                    "seconds": total, "clones": rows});
-        println!("{out}");
+        outln!("{out}");
     } else {
         for r in &records {
-            println!(
+            outln!(
                 "clone {}: pid:{} {} {} (host name {})",
                 r.name,
                 r.pid,
@@ -258,9 +259,9 @@ pub fn run(cli: &Cli, a: Args) -> Outcome {
             );
         }
         if let Some(v) = verify_seconds {
-            println!("every page of {name} checked once for all copies in {v:.2}s");
+            outln!("every page of {name} checked once for all copies in {v:.2}s");
         }
-        println!(
+        outln!(
             "{} copies of {name} running after {restore_seconds:.2}s of restores ({total:.2}s in all)",
             records.len()
         );

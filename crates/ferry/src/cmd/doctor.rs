@@ -1,3 +1,4 @@
+use crate::output::outln;
 use ferry_criu::Criu;
 use ferry_runtime::doctor::{self, Status};
 
@@ -15,9 +16,9 @@ pub fn run(cli: &Cli, json: bool) -> Outcome {
     let ready = doctor::can_checkpoint(&findings);
     if json {
         let doc = serde_json::json!({ "ready": ready, "findings": findings });
-        println!("{doc}");
+        outln!("{doc}");
     } else {
-        println!("{:<20} {:<6} DETAIL", "CHECK", "STATUS");
+        outln!("{:<20} {:<6} DETAIL", "CHECK", "STATUS");
         for f in &findings {
             let status = match f.status {
                 Status::Ok => "ok",
@@ -25,13 +26,13 @@ pub fn run(cli: &Cli, json: bool) -> Outcome {
                 Status::Fail => "FAIL",
                 Status::Info => "-",
             };
-            println!("{:<20} {:<6} {}", f.check, status, f.detail);
+            outln!("{:<20} {:<6} {}", f.check, status, f.detail);
         }
-        println!();
+        outln!();
         if ready {
-            println!("ready: this host can checkpoint and restore");
+            outln!("ready: this host can checkpoint and restore");
         } else {
-            println!("not ready: fix the FAIL lines above");
+            outln!("not ready: fix the FAIL lines above");
         }
     }
     Ok(if ready { Exit::Ok } else { Exit::Environment }.into())

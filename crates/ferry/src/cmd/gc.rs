@@ -1,3 +1,4 @@
+use crate::output::outln;
 use ferry_store::Store;
 
 use super::human_bytes;
@@ -9,7 +10,7 @@ pub fn run(cli: &Cli) -> Outcome {
     ferry_runtime::require_root().map_err(|e| (what(), e))?;
     let store = Store::open_exclusive(&cli.store).map_err(|e| (what(), e.into()))?;
     let r = store.gc().map_err(|e| (what(), e.into()))?;
-    println!(
+    outln!(
         "gc: removed {} chunks ({} packs deleted, {} rewritten, {} leftovers), freed {}",
         r.chunks_removed,
         r.packs_deleted,

@@ -1,3 +1,4 @@
+use crate::output::outln;
 use ferry_store::packs::hex;
 
 use super::{context, human_bytes};
@@ -30,16 +31,19 @@ pub fn run(cli: &Cli, name: &str, json: bool) -> Outcome {
                 "rootfs_diff_bytes": c.rootfs_diff_bytes, "deleted": c.deleted,
                 "spec": c.record.spec })),
         });
-        println!("{doc}");
+        outln!("{doc}");
         return crate::ok();
     }
-    println!("checkpoint   {} (generation {}), taken {}", m.name, m.generation, utc(m.created));
-    println!(
+    outln!("checkpoint   {} (generation {}), taken {}", m.name, m.generation, utc(m.created));
+    outln!(
         "source       {} on {} (Linux {}, CRIU {})",
-        m.source, m.host.hostname, m.host.kernel, m.host.criu_version
+        m.source,
+        m.host.hostname,
+        m.host.kernel,
+        m.host.criu_version
     );
-    println!("signed by    {}", hex(&i.checkpoint.signer[..8]));
-    println!(
+    outln!("signed by    {}", hex(&i.checkpoint.signer[..8]));
+    outln!(
         "size         {} logical, {} zero pages, {} stored in {} chunks ({} shared with other checkpoints)",
         human_bytes(fp.logical),
         human_bytes(fp.zero),
@@ -47,11 +51,11 @@ pub fn run(cli: &Cli, name: &str, json: bool) -> Outcome {
         fp.chunks,
         human_bytes(fp.shared)
     );
-    println!("dedup+compression ratio {dedup_ratio:.2}x of non-zero data");
-    println!("memory       {}", human_bytes(i.summary.memory_bytes));
+    outln!("dedup+compression ratio {dedup_ratio:.2}x of non-zero data");
+    outln!("memory       {}", human_bytes(i.summary.memory_bytes));
     if let Some(c) = &i.container {
         let r = &c.record;
-        println!(
+        outln!(
             "container    {}:{} (id {}), image {}",
             r.kind,
             r.name,
@@ -61,15 +65,15 @@ pub fn run(cli: &Cli, name: &str, json: bool) -> Outcome {
         if let Some(n) = &r.network {
             let ip = n.ip.map(|i| i.to_string()).unwrap_or_else(|| "no address".into());
             let own = if n.external { "its own namespace, left behind" } else { "dumped with it" };
-            println!("network      {ip} {} ({own})", n.mac.as_deref().unwrap_or(""));
+            outln!("network      {ip} {} ({own})", n.mac.as_deref().unwrap_or(""));
         }
-        println!(
+        outln!(
             "root fs      {} of added or changed files, {} deleted",
             human_bytes(c.rootfs_diff_bytes),
             c.deleted.len()
         );
     }
-    println!();
-    print!("{}", i.summary);
+    outln!();
+    crate::output::write_out(format_args!("{}", i.summary));
     crate::ok()
 }

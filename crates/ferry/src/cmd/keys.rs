@@ -1,3 +1,4 @@
+use crate::output::outln;
 use ferry_runtime::Error;
 use ferry_store::keys::{self, NodeKeys, NodePublic};
 use ferry_store::StoreError;
@@ -16,25 +17,25 @@ pub fn run(cli: &Cli, action: &KeysAction) -> Outcome {
     match action {
         KeysAction::Init => {
             let k = NodeKeys::init(&dir).map_err(fail)?;
-            println!("created the keys of this node in {}", dir.display());
-            println!("{}", k.public().to_text());
+            outln!("created the keys of this node in {}", dir.display());
+            outln!("{}", k.public().to_text());
         }
         KeysAction::Show => {
             let k = NodeKeys::load_or_init(&dir).map_err(fail)?;
-            println!("{}", k.public().to_text());
+            outln!("{}", k.public().to_text());
             for (name, r) in keys::recipients(&dir).map_err(fail)? {
-                println!("recipient {name}: {}", r.to_text());
+                outln!("recipient {name}: {}", r.to_text());
             }
         }
         KeysAction::AddRecipient { name, public_key } => {
             let public = NodePublic::from_text(public_key).map_err(fail)?;
             keys::add_recipient(&dir, name, &public).map_err(fail)?;
-            println!("checkpoints from now on are also encrypted for {name}, and its signatures are trusted");
+            outln!("checkpoints from now on are also encrypted for {name}, and its signatures are trusted");
         }
         KeysAction::Rotate => {
             let public = ferry_store::rotate_keys(&cli.store).map_err(|e| (what(), e.into()))?;
-            println!("rotated; every checkpoint was re-wrapped for the new key. New public key:");
-            println!("{}", public.to_text());
+            outln!("rotated; every checkpoint was re-wrapped for the new key. New public key:");
+            outln!("{}", public.to_text());
         }
     }
     crate::ok()

@@ -1,6 +1,7 @@
 //! `ferry lab`: several nodes on this machine (network namespaces on a bridge), and workloads
 //! started on them like pods.
 
+use crate::output::outln;
 use std::ffi::OsString;
 use std::path::Path;
 
@@ -54,7 +55,7 @@ fn up(name: Option<&str>, nodes: usize, subnet: Option<&str>) -> Result<(), LabE
     }
     let lab = Lab::up(&config, nodes)?;
     let bridge = lab.bridge();
-    println!(
+    outln!(
         "{} is up: {} node{} on bridge {} ({}/{}); state in {}",
         title(&config),
         lab.nodes().len(),
@@ -65,7 +66,7 @@ fn up(name: Option<&str>, nodes: usize, subnet: Option<&str>) -> Result<(), LabE
         config.state_file().display()
     );
     for node in lab.nodes() {
-        println!("{}  {}  netns {}", node.name, node.ip, node.netns);
+        outln!("{}  {}  netns {}", node.name, node.ip, node.netns);
     }
     Ok(())
 }
@@ -81,7 +82,7 @@ fn start_agents(cli: &Cli, name: Option<&str>) -> Result<(), ferry_migrate::Migr
         .unwrap_or_else(|| "ferryd".into());
     let sockets = ferry_migrate::lab_agents::start_agents(&lab, &ferryd, cli.criu.as_deref())?;
     for (node, socket) in lab.nodes().iter().zip(&sockets) {
-        println!(
+        outln!(
             "{}  agent ferryd on {}:{}  socket {}",
             node.name,
             node.ip,
@@ -98,7 +99,7 @@ fn exec(name: Option<&str>, node: &str, log: Option<&Path>, command: &[OsString]
     // Relative to where ferry was started, not to wherever the workload changes to.
     let log = log.map(|l| std::path::absolute(l).unwrap_or_else(|_| l.to_path_buf()));
     let w = lab.exec(node, command, &ExecOptions { log })?;
-    println!("{} {}", w.workload_id(), w.ip);
+    outln!("{} {}", w.workload_id(), w.ip);
     Ok(())
 }
 
@@ -136,7 +137,7 @@ fn exec_container(name: Option<&str>, node: &str, c: &ContainerArgs<'_>, command
     let args: Vec<String> = command.iter().map(|a| a.to_string_lossy().into_owned()).collect();
     match start_container(&mut lab, node, c, &args) {
         Ok(w) => {
-            println!("{} {}", w.workload_id(), w.ip);
+            outln!("{} {}", w.workload_id(), w.ip);
             crate::ok()
         }
         Err(e) => fail(e),
@@ -219,9 +220,9 @@ fn down(name: Option<&str>) -> Result<(), LabError> {
     }
     let r = Lab::down(&config)?;
     if r.nothing_found() {
-        println!("{} was not up: nothing to remove", title(&config));
+        outln!("{} was not up: nothing to remove", title(&config));
     } else {
-        println!(
+        outln!(
             "{} is down: killed {} processes, removed {} network namespaces and {} links{}",
             title(&config),
             r.processes_killed.len(),
@@ -273,11 +274,11 @@ fn status(name: Option<&str>, json: bool) -> Result<(), LabError> {
             "nodes": nodes,
             "workloads": workloads,
         });
-        println!("{doc:#}");
+        outln!("{doc:#}");
         return Ok(());
     }
     let bridge = lab.bridge();
-    println!(
+    outln!(
         "{}: bridge {} ({}/{}); state in {}",
         title(&config),
         bridge.name,
@@ -286,11 +287,11 @@ fn status(name: Option<&str>, json: bool) -> Result<(), LabError> {
         config.state_file().display()
     );
     for node in lab.nodes() {
-        println!("{}  {}  netns {}", node.name, node.ip, node.netns);
+        outln!("{}  {}  netns {}", node.name, node.ip, node.netns);
     }
     for w in lab.workloads() {
         let state = if w.is_running() { "running" } else { "gone" };
-        println!(
+        outln!(
             "{}  {}  on {}  netns {}  {state}  {}",
             w.workload_id(),
             w.ip,

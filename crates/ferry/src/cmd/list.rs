@@ -1,3 +1,4 @@
+use crate::output::outln;
 use std::time::{Duration, UNIX_EPOCH};
 
 use serde_json::json;
@@ -28,11 +29,11 @@ pub fn run(cli: &Cli, json: bool) -> Outcome {
                 })
             })
             .collect();
-        println!("{}", serde_json::Value::Array(rows));
+        outln!("{}", serde_json::Value::Array(rows));
     } else {
-        println!("{:<32} {:<16} {:>10}  CREATED", "NAME", "SOURCE", "SIZE");
+        outln!("{:<32} {:<16} {:>10}  CREATED", "NAME", "SOURCE", "SIZE");
         for c in &all {
-            println!(
+            outln!(
                 "{:<32} {:<16} {:>10}  {}",
                 c.manifest.name,
                 c.manifest.source,
@@ -42,10 +43,10 @@ pub fn run(cli: &Cli, json: bool) -> Outcome {
         }
     }
     if !json && !clones.is_empty() {
-        println!();
-        println!("{:<32} {:<16} {:>8}  {:<15} {:<8} HOSTNAME", "CLONE", "ORIGIN", "PID", "IP", "NODE");
+        outln!();
+        outln!("{:<32} {:<16} {:>8}  {:<15} {:<8} HOSTNAME", "CLONE", "ORIGIN", "PID", "IP", "NODE");
         for c in &clones {
-            println!(
+            outln!(
                 "{:<32} {:<16} {:>8}  {:<15} {:<8} {}",
                 c.name,
                 c.origin,

@@ -1,6 +1,7 @@
 //! `ferry migrate` and `ferry node status`: requests to a node's agent over its local socket,
 //! with a progress bar while it works (the agent's events) and a report at the end.
 
+use crate::output::outln;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -57,20 +58,24 @@ pub fn run(cli: &Cli, req: MigrateRequest, report_json: Option<&Path>, force: bo
     bar.finish();
     match last {
         Ok(Event::Report(r)) => {
-            println!(
+            outln!(
                 "migrated {} to {} as {} ({}; {})",
-                r.workload, r.to, r.new_workload, r.strategy, r.reason
+                r.workload,
+                r.to,
+                r.new_workload,
+                r.strategy,
+                r.reason
             );
             for p in &r.phases {
-                println!("  {:<10} {:>8.3} s", p.name, p.seconds);
+                outln!("  {:<10} {:>8.3} s", p.name, p.seconds);
             }
-            println!(
+            outln!(
                 "  sent       {:>12}  (checkpoint {})",
                 human_bytes(r.bytes_sent),
                 human_bytes(r.logical_bytes)
             );
-            println!("  downtime   {:>8.3} s", r.downtime_s);
-            println!("  total      {:>8.3} s", r.total_s);
+            outln!("  downtime   {:>8.3} s", r.downtime_s);
+            outln!("  total      {:>8.3} s", r.total_s);
             if let Some(path) = report_json {
                 let text = format!("{:#}\n", r.to_json());
                 if let Err(e) = std::fs::write(path, text) {
@@ -109,21 +114,22 @@ pub fn status(cli: &Cli, json: bool) -> ExitCode {
     match ferry_migrate::client::call(&socket, &Request::Status, &mut |_| {}) {
         Ok(Event::Status(s)) => {
             if json {
-                println!(
+                outln!(
                     "{:#}",
                     serde_json::json!({"name": s.name, "listen": s.listen, "peers": s.peers, "public_key": s.public_key,
                         "migrations_ok": s.migrations_ok, "migrations_failed": s.migrations_failed,
                         "migrations_lost": s.migrations_lost, "arrivals_lost": s.arrivals_lost})
                 );
             } else {
-                println!("node {} listening on {}", s.name, s.listen);
-                println!("  key        {}", s.public_key);
-                println!("  peers      {}", s.peers.join(", "));
-                println!("  migrations {} done, {} failed", s.migrations_ok, s.migrations_failed);
+                outln!("node {} listening on {}", s.name, s.listen);
+                outln!("  key        {}", s.public_key);
+                outln!("  peers      {}", s.peers.join(", "));
+                outln!("  migrations {} done, {} failed", s.migrations_ok, s.migrations_failed);
                 if s.migrations_lost + s.arrivals_lost > 0 {
-                    println!(
+                    outln!(
                         "  LOST after the switch: {} workloads sent, {} arriving",
-                        s.migrations_lost, s.arrivals_lost
+                        s.migrations_lost,
+                        s.arrivals_lost
                     );
                 }
             }

@@ -11,6 +11,7 @@
 //! ferryd uses `node-cert.pem` as its TLS certificate and trusts `cluster-ca.pem` when they
 //! exist (restart it after issuing).
 
+use crate::output::outln;
 use std::fs::{self, DirBuilder, OpenOptions};
 use std::io::{self, Write as _};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
@@ -57,9 +58,9 @@ fn init(dir: &Path, name: &str) -> Outcome {
         .map_err(|e| (what(), io_error("cannot restrict", dir, e)))?;
     write_new(&dir.join(CA_FILE), ca.to_pem().as_bytes(), 0o600).map_err(|e| (what(), e))?;
     write_new(&dir.join(CA_CERT_FILE), ca.cert_pem().as_bytes(), 0o600).map_err(|e| (what(), e))?;
-    println!("created cluster CA {name:?} in {}", dir.display());
-    println!("  {}: certificate and private key: keep it on this machine only", dir.join(CA_FILE).display());
-    println!("issue a certificate on each node with `ferry node ca issue --ca {}`", dir.display());
+    outln!("created cluster CA {name:?} in {}", dir.display());
+    outln!("  {}: certificate and private key: keep it on this machine only", dir.join(CA_FILE).display());
+    outln!("issue a certificate on each node with `ferry node ca issue --ca {}`", dir.display());
     crate::ok()
 }
 
@@ -83,9 +84,9 @@ fn issue(cli: &Cli, ca_dir: &Path, name: Option<&str>) -> Outcome {
     write_replace(&cert, identity.cert_pem().as_bytes(), 0o600).map_err(|e| (what(), e))?;
     let trusted = keys_dir.join(CLUSTER_CA_FILE);
     write_replace(&trusted, ca.cert_pem().as_bytes(), 0o644).map_err(|e| (what(), e))?;
-    println!("issued a certificate for {name:?} by cluster CA {:?}: {}", ca.name(), cert.display());
-    println!("this node now trusts nodes with a certificate from that CA: {}", trusted.display());
-    println!("restart ferryd for it to use them");
+    outln!("issued a certificate for {name:?} by cluster CA {:?}: {}", ca.name(), cert.display());
+    outln!("this node now trusts nodes with a certificate from that CA: {}", trusted.display());
+    outln!("restart ferryd for it to use them");
     crate::ok()
 }
 
@@ -93,7 +94,7 @@ fn issue(cli: &Cli, ca_dir: &Path, name: Option<&str>) -> Outcome {
 pub fn show(cli: &Cli) {
     let keys_dir = cli.store.join("keys");
     for line in cert_lines(&keys_dir) {
-        println!("{line}");
+        outln!("{line}");
     }
 }
 

@@ -1,3 +1,4 @@
+use crate::output::outln;
 use std::fs;
 use std::path::Path;
 use std::process::ExitCode;
@@ -41,11 +42,11 @@ pub fn run(
     }
     if let Some(container) = &report.container {
         // Its runtime runs it now: nothing to wait for.
-        println!("restored {name} as {container} (pid {}) in {:.2}s", report.pid, report.seconds);
+        outln!("restored {name} as {container} (pid {}) in {:.2}s", report.pid, report.seconds);
         return crate::ok();
     }
     if report.paged_bytes > 0 {
-        println!(
+        outln!(
             "restored {name} as pid {}: running after {:.2}s, memory complete after {:.2}s ({:.1} MiB through ferry's pager)",
             report.pid,
             report.seconds,
@@ -53,7 +54,7 @@ pub fn run(
             report.paged_bytes as f64 / f64::from(1u32 << 20)
         );
     } else {
-        println!("restored {name} as pid {} in {:.2}s", report.pid, report.seconds);
+        outln!("restored {name} as pid {} in {:.2}s", report.pid, report.seconds);
     }
     if detach {
         return crate::ok();

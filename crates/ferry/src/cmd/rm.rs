@@ -1,5 +1,6 @@
 use super::open_store;
 use crate::cli::Cli;
+use crate::output::outln;
 use crate::Outcome;
 
 pub fn run(cli: &Cli, names: &[String], shred: bool) -> Outcome {
@@ -15,9 +16,9 @@ pub fn run(cli: &Cli, names: &[String], shred: bool) -> Outcome {
             notes.push("released the network lock holding its TCP connections");
         }
         if notes.is_empty() {
-            println!("removed {name}");
+            outln!("removed {name}");
         } else {
-            println!("removed {name} ({})", notes.join("; "));
+            outln!("removed {name} ({})", notes.join("; "));
         }
     }
     crate::ok()

@@ -3,6 +3,7 @@
 //! namespace with nothing but loopback, so the copy cannot answer the workload's clients or
 //! write to its peers; it has its own pid namespace (CRIU makes one) and its own host name.
 
+use crate::output::outln;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -59,7 +60,7 @@ pub fn run(cli: &Cli, a: Args) -> Outcome {
         return Err((what(), Error::NotClonable { what: a.workload.clone(), why }));
     };
     // The static check first: a blocker is the answer, nothing is frozen for it.
-    let r = super::check::report(cli, &id, CheckOptions { tcp_established: Some(true) })
+    let r = super::check::report(cli, &id, CheckOptions { tcp_established: Some(true), tree_needs: false })
         .map_err(|e| (what(), e))?;
     if r.pid.is_none() {
         return Err((what(), Error::ProcessNotFound { pid }));
@@ -122,7 +123,7 @@ pub fn run(cli: &Cli, a: Args) -> Outcome {
     if a.json {
         let text =
             serde_json::to_string_pretty(&report).map_err(|e| (what(), Error::Internal(e.to_string())))?;
-        println!("{text}");
+        outln!("{text}");
     } else {
         print_report(&report);
     }
@@ -200,16 +201,16 @@ fn run_probe(pid: i32, cmd: &str, report: &mut TrialReport) {
 }
 
 fn print_report(r: &TrialReport) {
-    println!("{}: trial {} (check: {})", r.workload, if r.healthy { "passed" } else { "FAILED" }, r.verdict);
+    outln!("{}: trial {} (check: {})", r.workload, if r.healthy { "passed" } else { "FAILED" }, r.verdict);
     if let Some(f) = r.frozen_seconds {
-        println!("  the original was frozen for {f:.2}s and runs on");
+        outln!("  the original was frozen for {f:.2}s and runs on");
     }
     if !r.restored {
-        println!("  the copy did not restore: {}", r.error.as_deref().unwrap_or("unknown"));
+        outln!("  the copy did not restore: {}", r.error.as_deref().unwrap_or("unknown"));
     } else if r.stayed_alive {
-        println!("  the copy ran for {:.1}s in the sandbox (no network but loopback)", r.watched_seconds);
+        outln!("  the copy ran for {:.1}s in the sandbox (no network but loopback)", r.watched_seconds);
     } else {
-        println!(
+        outln!(
             "  the copy ended after {:.1}s in the sandbox: {}",
             r.watched_seconds,
             r.ended.as_deref().unwrap_or("unknown")
@@ -217,18 +218,18 @@ fn print_report(r: &TrialReport) {
     }
     match (r.probe_exit, &r.probe_output) {
         (Some(code), out) => {
-            println!(
+            outln!(
                 "  probe: exit {code}{}",
                 out.as_deref().filter(|o| !o.is_empty()).map(|o| format!(": {o}")).unwrap_or_default()
             )
         }
-        (None, Some(out)) => println!("  probe: {out}"),
+        (None, Some(out)) => outln!("  probe: {out}"),
         (None, None) => {}
     }
     if let Some(log) = &r.log {
-        println!("  CRIU's log: {}", log.display());
+        outln!("  CRIU's log: {}", log.display());
     }
-    println!("  the copy, its sandbox and the trial's checkpoint were removed");
+    outln!("  the copy, its sandbox and the trial's checkpoint were removed");
 }
 
 fn chain(e: &dyn std::error::Error) -> String {

@@ -1,6 +1,7 @@
 use super::{human_bytes, open_store};
 use crate::cli::Cli;
 use crate::exit::Exit;
+use crate::output::outln;
 use crate::Outcome;
 
 pub fn run(cli: &Cli, names: &[String]) -> Outcome {
@@ -18,7 +19,7 @@ pub fn run(cli: &Cli, names: &[String]) -> Outcome {
         let what = || format!("verification of {name} failed");
         let c = store.get(name).map_err(|e| (what(), e.into()))?;
         let r = c.verify(&store).map_err(|e| (what(), e.into()))?;
-        println!("{name}: ok ({} files, {} chunks, {} checked)", r.files, r.chunks, human_bytes(r.bytes));
+        outln!("{name}: ok ({} files, {} chunks, {} checked)", r.files, r.chunks, human_bytes(r.bytes));
     }
     Ok(Exit::Ok.into())
 }
