@@ -56,9 +56,9 @@ pub struct PagePlan {
     prefetch: Vec<(u32, u64, u64)>,
 }
 
-/// A working set larger than this is prefetched only up to it: past it, waiting for the copy
-/// before the tree runs costs more than the faults it spares.
-const MAX_PREFETCH: u64 = 256 << 20;
+/// A working set is recorded and prefetched up to this much: the first requests' pages, not
+/// everything a long run touched (the address-order push brings the rest anyway).
+pub(crate) const MAX_PREFETCH: u64 = 128 << 20;
 
 /// Every lazy page of a checkpoint, checked and decrypted once and held in memory, so that
 /// several restores of it at once (a clone's copies) are served without each opening every
@@ -216,10 +216,10 @@ impl PagePlan {
             total += len as usize;
         }
         starts.push(total);
-        // One allocation, in huge pages where the kernel gives them: a GiB of 4 KiB first-touch
-        // faults would cost more than the decryption.
+        // One allocation, left to the kernel's default pages: asking for huge pages here
+        // (MADV_HUGEPAGE) made the copies answer later, not sooner, on a host whose memory was
+        // mostly page cache (direct compaction on every 2 MiB first touch).
         let mut data = vec![0u8; total];
-        ferry_sys::prefer_huge_pages(&mut data);
         let mut slots = Vec::with_capacity(pieces.len());
         let mut rest = &mut data[..];
         for (i, &(_, _, len)) in pieces.iter().enumerate() {
@@ -275,40 +275,36 @@ impl PagePlan {
         Ok(VerifiedPages { pieces, starts, held, data })
     }
 
-    /// Copies `hint`'s pages (a lazy restore's recorded working set) in before the tree runs;
-    /// what is no lazy page of this plan is left out, and the rest up to [`MAX_PREFETCH`].
+    /// Pushes `hint`'s pages (a lazy restore's recorded working set) first once the tree runs,
+    /// in the order it was recorded (what the last tree faulted on first comes first); what is
+    /// no lazy page of this plan, or already named, is left out, and the rest up to
+    /// [`MAX_PREFETCH`].
     pub(crate) fn set_prefetch(&mut self, hint: &[ferry_store::working_set::Run]) {
-        let mut runs: Vec<(u32, u64, u64)> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        let mut budget = MAX_PREFETCH;
+        self.prefetch.clear();
         for r in hint {
             let Some((_, iovs)) = self.ranges.iter().find(|(p, _)| *p == r.pid) else { continue };
-            let (s, e) = (r.vaddr, r.vaddr + u64::from(r.pages) * PAGE_SIZE);
-            // Only what lies within the lazy ranges.
+            let (s, e) = (r.vaddr, r.vaddr.saturating_add(u64::from(r.pages) * PAGE_SIZE));
+            // Only what lies within the lazy ranges, in pieces of at most PIECE.
             for &(a, b) in iovs {
                 let (lo, hi) = (s.max(a), e.min(b));
-                if lo < hi {
-                    runs.push((r.pid, lo, hi));
+                let mut at = lo;
+                while at < hi && budget > 0 {
+                    let n = PIECE.min(hi - at).min(budget);
+                    if seen.insert((r.pid, at)) {
+                        self.prefetch.push((r.pid, at, n));
+                        budget -= n;
+                    }
+                    at += n;
                 }
             }
         }
-        runs.sort_unstable();
-        let mut merged: Vec<(u32, u64, u64)> = Vec::new();
-        for (pid, lo, hi) in runs {
-            match merged.last_mut() {
-                Some((p, _, end)) if *p == pid && lo <= *end => *end = (*end).max(hi),
-                _ => merged.push((pid, lo, hi)),
-            }
-        }
-        let mut budget = MAX_PREFETCH;
-        self.prefetch.clear();
-        for (pid, lo, hi) in merged {
-            let mut a = lo;
-            while a < hi && budget > 0 {
-                let n = PIECE.min(hi - a).min(budget);
-                self.prefetch.push((pid, a, n));
-                budget -= n;
-                a += n;
-            }
-        }
+    }
+
+    /// Whether a working set is to be pushed first.
+    pub(crate) fn has_prefetch(&self) -> bool {
+        !self.prefetch.is_empty()
     }
 
     /// The pages [`set_prefetch`](Self::set_prefetch) named as runs, for recording again.
@@ -342,9 +338,10 @@ impl PagePlan {
         read_lazy(cur, *file, plan, vaddr, buf)
     }
 
-    /// Copies the prefetch pieces in through `feeder` on every core (the tree has not run yet):
-    /// the bytes copied. A chunk that fails its check fails it.
-    fn push_prefetch(&self, feeder: &PageFeeder) -> Result<u64, Error> {
+    /// Copies the prefetch pieces in through `feeder`, roughly in their order, on every core
+    /// at normal priority (the tree runs and will fault on them soon): the bytes copied. A
+    /// chunk that fails its check fails it.
+    pub(crate) fn push_prefetch(&self, feeder: &PageFeeder) -> Result<u64, Error> {
         if !feeder.wait_handed_over(&self.pids()) {
             return Err(Error::Pager("the pager ended before the restore handed it every process".into()));
         }
@@ -379,7 +376,11 @@ impl PagePlan {
             }
         });
         match failed.into_inner() {
-            Ok(Some(e)) => Err(e.into()),
+            Ok(Some(e)) => {
+                // No push follows: the pager is told, or it would wait for one.
+                feeder.end();
+                Err(e.into())
+            }
             _ => Ok(done.into_inner()),
         }
     }
@@ -725,21 +726,6 @@ impl NotifyHandler for PushAtRestore<'_> {
                     self.failure = Some(e);
                     text
                 }),
-            // Lazy: its recorded working set first, so that its first requests find it in.
-            Notify::PostRestore if !self.plan.prefetch.is_empty() => {
-                let t = Instant::now();
-                match self.plan.push_prefetch(&self.feeder) {
-                    Ok(bytes) => {
-                        tracing::info!(bytes, seconds = t.elapsed().as_secs_f64(), "working set prefetched");
-                        Ok(())
-                    }
-                    Err(e) => {
-                        let text = format!("{e}: the restored tree is not let run");
-                        self.failure = Some(e);
-                        Err(text)
-                    }
-                }
-            }
             Notify::PreResume => {
                 self.feeder.allow();
                 self.resumed = Some(Instant::now());

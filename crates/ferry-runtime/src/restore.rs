@@ -297,16 +297,23 @@ fn restore_paged(
                 if !feeder.wait_allowed() {
                     return Ok(());
                 }
-                // The pages the tree faults in meanwhile come through the pager, uncounted.
+                // The pages the last lazy restore faulted on first, then the rest in address
+                // order behind the workload; what the tree faults in meanwhile comes through
+                // the pager, uncounted.
+                if plan.has_prefetch() {
+                    let t = Instant::now();
+                    let bytes = plan.push_prefetch(&feeder)?;
+                    tracing::info!(bytes, seconds = t.elapsed().as_secs_f64(), "working set prefetched");
+                }
                 ctx.progress.stage("pages", Some(plan.bytes()));
-                plan.push(&feeder, paged::threads(), true, &*ctx.progress)
+                plan.push(&feeder, paged::threads(), true, &*ctx.progress).map_err(Error::from)
             });
             let done = pager.wait_done(paged::COMPLETE_TIMEOUT);
             (push.join(), done)
         });
         let failed = match pushed {
             (Ok(Ok(())), Ok(_)) => None,
-            (Ok(Err(e)), _) => Some(Error::from(e)),
+            (Ok(Err(e)), _) => Some(e),
             (_, Err(e)) => Some(Error::Pager(format!("{e} (CRIU's log: {})", log.path().display()))),
             (Err(_), _) => Some(Error::Pager("the push thread panicked".into())),
         };
@@ -365,11 +372,14 @@ fn record_working_set(
     demand: &[(u32, u64, u32)],
 ) {
     let mut runs = plan.prefetch_runs();
-    runs.extend(demand.iter().map(|&(pid, vaddr, pages)| ferry_store::working_set::Run {
-        pid,
-        vaddr,
-        pages,
-    }));
+    let mut bytes: u64 = runs.iter().map(|r| u64::from(r.pages) * 4096).sum();
+    for &(pid, vaddr, pages) in demand {
+        if bytes >= paged::MAX_PREFETCH {
+            break;
+        }
+        bytes += u64::from(pages) * 4096;
+        runs.push(ferry_store::working_set::Run { pid, vaddr, pages });
+    }
     match ctx.store.record_working_set(checkpoint, &runs) {
         Ok(()) => tracing::debug!(runs = runs.len(), "working set recorded"),
         Err(e) => tracing::warn!(error = %e, "the working set of this restore is not recorded"),

@@ -1,6 +1,6 @@
 //! A checkpoint's working set: the pages a lazy restore of it had to fetch on demand, in the
 //! order the restored tree faulted on them (`STORE/hints/ID.ws`, ID the manifest's id). The
-//! next lazy restore of the same checkpoint copies these in before the tree runs, so that its
+//! next lazy restore of the same checkpoint pushes these first, in that order, so that its
 //! first requests do not wait on one fault after another (REAP's record-and-prefetch).
 //!
 //! It is a hint, not data: it names addresses only, is neither sealed nor signed, and a wrong

@@ -281,7 +281,7 @@ fn largest_anonymous_mapping(pid: i32) -> (u64, u64) {
 }
 
 #[test]
-fn a_recorded_working_set_goes_in_before_a_lazy_restore_runs_and_is_checked_like_the_rest() {
+fn a_recorded_working_set_goes_in_first_and_is_checked_like_the_rest() {
     if !require_privileged() {
         return;
     }
@@ -338,15 +338,17 @@ fn a_recorded_working_set_goes_in_before_a_lazy_restore_runs_and_is_checked_like
     let copy = pid.expect("a pid");
     assert_eq!(w.request_hash(copy), hash, "the restored memory differs");
     let _ = kill(copy, Signal::Kill);
+    poll(WAIT, "the first copy to be gone", || (!w.instances().contains(&copy)).then_some(()));
 
-    // A tampered chunk inside the working set: the tree is refused before it runs.
+    // A tampered chunk inside the working set: never copied in; the tree is killed and the
+    // restore fails, as for any page of a lazy restore.
     let before = w.instances();
     let (pack, at) = flip_a_page_chunk(&ferry);
     let (out, pid) = lazy_restore(&ferry);
     assert!(!out.status.success(), "a tampered working set restored");
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(stderr.contains("failed authentication"), "{stderr}");
-    // It failed in the prefetch, which ends before the tree may run.
+    // It failed in the prefetch, the first thing pushed.
     assert!(!stderr.contains("working set prefetched"), "{stderr}");
     assert_eq!(pid, None);
     poll(WAIT, "no copy of the memhog left", || (w.instances() == before).then_some(()));
