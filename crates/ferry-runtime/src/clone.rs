@@ -150,7 +150,7 @@ pub struct ReplicaSpec {
     pub lazy: bool,
     /// The checkpoint's pages checked and decrypted once for every copy ([`crate::verify_pages`]);
     /// with `lazy`, the copy runs at once and its pages come from there.
-    pub verified: Option<Arc<crate::VerifiedPages>>,
+    pub verified: Option<Arc<crate::SharedPages>>,
     /// With `lazy`: the guard program that kills the copy should this process die before its
     /// memory is complete (as `RestoreRequest::guard`).
     pub guard: Option<Vec<String>>,

@@ -30,7 +30,9 @@ pub use error::Error;
 pub use ferry_store::progress::{Joint, Progress, SharedProgress, Silent};
 pub use host::host_facts;
 pub use inspect::{inspect, ContainerChanges, Inspection};
-pub use paged::{verify_pages, write_images_for_pager, PagePlan, PagedRestore, PushFirst, VerifiedPages};
+pub use paged::{
+    verify_pages, write_images_for_pager, PagePlan, PagedRestore, PushFirst, SharedPages, VerifiedPages,
+};
 pub use process::ProcessRuntime;
 pub use remove::{remove, RemoveReport};
 pub use restore::{

@@ -50,7 +50,7 @@ pub struct PagePlan {
     bytes: u64,
     /// Every lazy page already checked and decrypted (shared by the restores of a clone): the
     /// pager and the push copy from it instead of the store.
-    verified: Option<Arc<VerifiedPages>>,
+    verified: Option<Arc<SharedPages>>,
     /// Pages to copy in before a lazy restore's tree runs (its recorded working set), in
     /// pieces `(pid, address, bytes)`.
     prefetch: Vec<(u32, u64, u64)>,
@@ -70,6 +70,64 @@ pub struct VerifiedPages {
     /// False for a piece that is not all lazy pages (none should be): never served.
     held: Vec<bool>,
     data: Vec<u8>,
+}
+
+/// [`VerifiedPages`] made by one thread while several restores of the checkpoint run CRIU
+/// (a clone's copies): each copy's pager serves from them, and each copy waits for them at
+/// CRIU's `post-restore` (every task restored, none run), so that none runs before every
+/// chunk passed its check, and none at all if one failed (CRIU kills a tree whose
+/// `post-restore` fails).
+#[derive(Debug, Default)]
+pub struct SharedPages {
+    state: Mutex<Option<Result<Arc<VerifiedPages>, String>>>,
+    ready: std::sync::Condvar,
+}
+
+impl SharedPages {
+    pub fn new() -> Arc<SharedPages> {
+        Arc::default()
+    }
+
+    /// Checks and decrypts every lazy page of `checkpoint` ([`verify_pages`]); the restores
+    /// waiting are let go, or refused with the reason. The error, for the caller to report.
+    pub fn fill(&self, checkpoint: &Checkpoint, store: &Store) -> Result<(), Error> {
+        // Should this thread die on the way, the restores waiting are refused, not left waiting.
+        let _answered = Unanswered(self);
+        let made = verify_pages(checkpoint, store, &Silent);
+        let (state, out) = match made {
+            Ok(Some(v)) => (Ok(v), Ok(())),
+            Ok(None) => (Err("its images do not suit ferry's pager".to_owned()), Ok(())),
+            Err(e) => (Err(format!("a chunk failed its check: {e}")), Err(e)),
+        };
+        if let Ok(mut st) = self.state.lock() {
+            *st = Some(state);
+        }
+        self.ready.notify_all();
+        out
+    }
+
+    /// Waits until [`fill`](Self::fill) is done.
+    pub fn wait(&self) -> Result<Arc<VerifiedPages>, String> {
+        let mut st = self.state.lock().map_err(|_| "the page check panicked".to_owned())?;
+        loop {
+            if let Some(r) = st.as_ref() {
+                return r.clone();
+            }
+            st = self.ready.wait(st).map_err(|_| "the page check panicked".to_owned())?;
+        }
+    }
+}
+
+/// Refuses the restores waiting on a [`SharedPages`] that was never filled.
+struct Unanswered<'a>(&'a SharedPages);
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut st) = self.0.state.lock() {
+            st.get_or_insert_with(|| Err("the page check ended without an answer".into()));
+        }
+        self.0.ready.notify_all();
+    }
 }
 
 impl std::fmt::Debug for VerifiedPages {
@@ -197,7 +255,7 @@ impl PagePlan {
         keeper: Option<Keeper>,
     ) -> Result<LazyPager, LazyError> {
         let fetcher: Box<dyn PageFetcher + Send> = match &self.verified {
-            Some(v) => Box::new(VerifiedFetcher(v.clone())),
+            Some(shared) => Box::new(VerifiedFetcher(shared.clone())),
             None => Box::new(StoreFetcher { reader: self.reader.clone(), procs: self.procs.clone() }),
         };
         LazyPager::start_ranges(self.ranges.clone(), work_dir, fetcher, keeper)
@@ -331,8 +389,9 @@ impl PagePlan {
         vaddr: u64,
         buf: &mut [u8],
     ) -> Result<bool, StoreError> {
-        if let Some(v) = &self.verified {
-            return Ok(v.copy(pid, vaddr, buf).is_some());
+        if let Some(shared) = &self.verified {
+            // Ready: the tree passed wait_verified before it ran.
+            return Ok(shared.wait().ok().and_then(|v| v.copy(pid, vaddr, buf)).is_some());
         }
         let Some((file, plan)) = self.procs.get(&pid) else { return Ok(false) };
         read_lazy(cur, *file, plan, vaddr, buf)
@@ -385,14 +444,21 @@ impl PagePlan {
         }
     }
 
-    /// Serves this restore's pages from `verified` (the same checkpoint's, checked already).
-    pub fn serve_from(&mut self, verified: Arc<VerifiedPages>) -> Result<(), Error> {
+    /// Serves this restore's pages from `shared` (the same checkpoint's, being checked).
+    pub fn serve_from(&mut self, shared: Arc<SharedPages>) {
+        self.verified = Some(shared);
+    }
+
+    /// With [`serve_from`](Self::serve_from): waits until the shared pages are checked, and
+    /// makes sure they are this plan's. An error here must keep the tree from running.
+    fn wait_verified(&self) -> Result<(), Error> {
+        let Some(shared) = &self.verified else { return Ok(()) };
+        let v = shared.wait().map_err(|why| Error::Pager(format!("the checkpoint's pages: {why}")))?;
         let mut mine = self.pieces();
         mine.sort_unstable();
-        if mine != verified.pieces {
+        if mine != v.pieces {
             return Err(Error::Internal("the verified pages are not this checkpoint's".into()));
         }
-        self.verified = Some(verified);
         Ok(())
     }
 
@@ -429,8 +495,13 @@ impl PagePlan {
         behind_the_workload: bool,
         progress: &dyn Progress,
     ) -> Result<(), StoreError> {
-        if let Some(v) = &self.verified {
-            push_verified(v, feeder, threads, behind_the_workload, progress);
+        if let Some(shared) = &self.verified {
+            // Ready: the tree passed wait_verified before it ran.
+            if let Ok(v) = shared.wait() {
+                push_verified(&v, feeder, threads, behind_the_workload, progress);
+            } else {
+                feeder.end();
+            }
             return Ok(());
         }
         let pieces = self.pieces();
@@ -480,7 +551,7 @@ impl PagePlan {
 }
 
 /// Checks and decrypts every lazy page of `checkpoint` into memory once, for several restores
-/// of it to share (`RestoreRequest::verified`). `Ok(None)`: its images do not suit the pager,
+/// of it to share ([`SharedPages`]). `Ok(None)`: its images do not suit the pager,
 /// and each restore reads the images whole.
 pub fn verify_pages(
     checkpoint: &Checkpoint,
@@ -671,14 +742,21 @@ fn read_lazy(
     Ok(true)
 }
 
-/// The pager's way to pages when they were checked and decrypted already ([`VerifiedPages`]).
-struct VerifiedFetcher(Arc<VerifiedPages>);
+/// The pager's way to pages when they were checked and decrypted already ([`SharedPages`]).
+struct VerifiedFetcher(Arc<SharedPages>);
 
 impl PageFetcher for VerifiedFetcher {
     fn fetch(&mut self, pid: u32, vaddr: u64, nr_pages: u32, out: &mut Vec<u8>) -> Result<(), LazyError> {
         out.clear();
         out.resize(u64::from(nr_pages) as usize * PAGE_SIZE as usize, 0);
-        self.0.copy(pid, vaddr, out).ok_or_else(|| LazyError::Refused {
+        let Ok(v) = self.0.wait() else {
+            // The check failed, so this tree is refused at `post-restore`, before any of it
+            // runs: until then CRIU's restorer (its rseq area, its stack) gets zeros, never
+            // a page of the checkpoint. Failing here instead would leave it waiting forever.
+            out.fill(0);
+            return Ok(());
+        };
+        v.copy(pid, vaddr, out).ok_or_else(|| LazyError::Refused {
             pid,
             vaddr,
             nr_pages,
@@ -726,6 +804,12 @@ impl NotifyHandler for PushAtRestore<'_> {
                     self.failure = Some(e);
                     text
                 }),
+            // A clone's copy: none runs before the shared check of every chunk is done.
+            Notify::PostRestore => self.plan.wait_verified().map_err(|e| {
+                let text = format!("{e}: the restored tree is not let run");
+                self.failure = Some(e);
+                text
+            }),
             Notify::PreResume => {
                 self.feeder.allow();
                 self.resumed = Some(Instant::now());

@@ -40,10 +40,11 @@ pub struct RestoreRequest {
     /// Sets the host name of the tree's own UTS namespace before any task runs (at CRIU's
     /// `post-restore`); a tree in this host's UTS namespace is left alone.
     pub hostname: Option<String>,
-    /// The checkpoint's pages, checked and decrypted already ([`paged::verify_pages`]): served
-    /// from memory (a clone's copies share one such copy). With it, a `lazy` restore runs a
-    /// tree none of whose pages can still fail a check.
-    pub verified: Option<Arc<paged::VerifiedPages>>,
+    /// The checkpoint's pages, checked and decrypted once for several restores (a clone's
+    /// copies), possibly still being checked: the tree waits for them before it runs, then its
+    /// pages come from memory. With it, a `lazy` restore runs a tree none of whose pages can
+    /// still fail a check.
+    pub verified: Option<Arc<paged::SharedPages>>,
 }
 
 /// The key under which a workload's network namespace is declared external to CRIU
@@ -100,7 +101,7 @@ pub fn restore_then(
         checkpoint.materialize_reporting(&ctx.store, &images, &paged::is_pages_image, &*ctx.progress)?;
         if let Some(mut plan) = PagePlan::prepare(&checkpoint, &ctx.store, &images)? {
             if let Some(v) = &req.verified {
-                plan.serve_from(v.clone())?;
+                plan.serve_from(v.clone());
             }
             if req.lazy {
                 plan.set_prefetch(&ctx.store.working_set(&checkpoint));

@@ -102,25 +102,17 @@ pub fn run(cli: &Cli, a: Args) -> Outcome {
         }
     };
     // Several copies share one check of every chunk: the pages are checked and decrypted into
-    // memory once, before any copy runs, and every copy runs as soon as CRIU has restored it,
-    // its pages copied in from there (faults first). One copy is a plain restore.
+    // memory once, while CRIU restores the copies; each copy waits for that check before it
+    // runs, then runs at once, its pages copied in from there (faults first). One copy is a
+    // plain restore.
     let share = !a.lazy && a.replicas > 1;
     if let Err(e) = enough_memory(&checkpoint, a.replicas + usize::from(share)) {
         forget_made(&ctx);
         return Err((what(), e));
     }
-    let t_verify = Instant::now();
-    let verified = match share.then(|| ferry_runtime::verify_pages(&checkpoint, &ctx.store, &*ctx.progress)) {
-        None => None,
-        Some(Ok(v)) => v,
-        Some(Err(e)) => {
-            forget_made(&ctx);
-            return Err((what(), e));
-        }
-    };
-    let verify_seconds = verified.as_ref().map(|_| t_verify.elapsed().as_secs_f64());
+    let shared = share.then(ferry_runtime::SharedPages::new);
     // Running before their memory is complete: with --lazy, or served from the checked pages.
-    let run_at_once = a.lazy || verified.is_some();
+    let run_at_once = a.lazy || shared.is_some();
 
     // Places first: a namespace with its own address on each copy's node.
     let prefix = a.hostname_prefix.clone().unwrap_or_else(|| hostname_label(&name));
@@ -153,8 +145,15 @@ pub fn run(cli: &Cli, a: Args) -> Outcome {
         .flatten();
     // One bar for all the copies: their bytes against the sum of their totals.
     ctx.progress = Joint::new(bar.clone(), "copies").part();
-    // All restores at once, each with its own CRIU and pager.
-    let results: Vec<Result<Replica, Error>> = std::thread::scope(|s| {
+    // All restores at once, each with its own CRIU and pager (and the shared check beside them).
+    let (results, checked) = std::thread::scope(|s| {
+        let checker = shared.as_ref().map(|sh| {
+            let (checkpoint, store) = (&checkpoint, &ctx.store);
+            s.spawn(move || {
+                let t = Instant::now();
+                (sh.fill(checkpoint, store), t.elapsed().as_secs_f64())
+            })
+        });
         let handles: Vec<_> = placed
             .iter()
             .map(|p| {
@@ -164,7 +163,7 @@ pub fn run(cli: &Cli, a: Args) -> Outcome {
                     hostname: format!("{prefix}-{}", p.index),
                     lazy: run_at_once,
                     guard: guard.clone(),
-                    verified: verified.clone(),
+                    verified: shared.clone(),
                 };
                 let (ctx, name, on_clone) = (&ctx, &name, a.on_clone.as_deref());
                 // Told it is a copy as soon as it runs (with --lazy, before its memory is in).
@@ -174,16 +173,29 @@ pub fn run(cli: &Cli, a: Args) -> Outcome {
                 s.spawn(move || clone::restore_replica(ctx, name, &spec, &mut tell))
             })
             .collect();
-        handles
+        let results: Vec<Result<Replica, Error>> = handles
             .into_iter()
             .map(|h| h.join().unwrap_or_else(|_| Err(Error::Internal("a restore thread panicked".into()))))
-            .collect()
+            .collect();
+        let checked = checker.map(|h| {
+            h.join().unwrap_or_else(|_| (Err(Error::Internal("the page check panicked".into())), 0.0))
+        });
+        (results, checked)
     });
     let restore_seconds = t_restore.elapsed().as_secs_f64();
     // Every copy's memory is complete: the shared pages are no longer needed.
-    drop(verified);
+    drop(shared);
     bar.finish();
     let mut failures = Vec::new();
+    // A chunk that failed the shared check is why every copy was refused: that is the error.
+    let verify_seconds = match checked {
+        Some((Err(e), _)) => {
+            failures.push(e);
+            None
+        }
+        Some((Ok(()), seconds)) => Some(seconds),
+        None => None,
+    };
     for (p, r) in placed.iter_mut().zip(results) {
         match r {
             Ok(replica) if !clone::is_running(replica.report.pid) => {
