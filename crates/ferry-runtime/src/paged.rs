@@ -54,6 +54,17 @@ pub struct PagePlan {
     /// Pages to copy in before a lazy restore's tree runs (its recorded working set), in
     /// pieces `(pid, address, bytes)`.
     prefetch: Vec<(u32, u64, u64)>,
+    before_run: Arc<BeforeRun>,
+}
+
+/// Fetches that failed before the tree ran. CRIU's restorer faults on lazy pages while it
+/// restores (a task's rseq area, its stack): a fetch that fails then is answered with zeros
+/// and recorded, and the tree is refused at `post-restore`, before any of it runs. Failing
+/// the fetch instead would leave the restorer, and the restore, waiting forever.
+#[derive(Debug, Default)]
+struct BeforeRun {
+    running: std::sync::atomic::AtomicBool,
+    failed: Mutex<Option<String>>,
 }
 
 /// A working set is recorded and prefetched up to this much: the first requests' pages, not
@@ -245,7 +256,15 @@ impl PagePlan {
             }
         }
         write_runs(&reader, images, &eager)?;
-        Ok(Some(PagePlan { reader, procs, ranges, bytes, verified: None, prefetch: Vec::new() }))
+        Ok(Some(PagePlan {
+            reader,
+            procs,
+            ranges,
+            bytes,
+            verified: None,
+            prefetch: Vec::new(),
+            before_run: Arc::default(),
+        }))
     }
 
     /// The pager for this plan, serving the restore whose work directory is `work_dir`.
@@ -256,7 +275,11 @@ impl PagePlan {
     ) -> Result<LazyPager, LazyError> {
         let fetcher: Box<dyn PageFetcher + Send> = match &self.verified {
             Some(shared) => Box::new(VerifiedFetcher(shared.clone())),
-            None => Box::new(StoreFetcher { reader: self.reader.clone(), procs: self.procs.clone() }),
+            None => Box::new(StoreFetcher {
+                reader: self.reader.clone(),
+                procs: self.procs.clone(),
+                before_run: self.before_run.clone(),
+            }),
         };
         LazyPager::start_ranges(self.ranges.clone(), work_dir, fetcher, keeper)
     }
@@ -357,6 +380,19 @@ impl PagePlan {
                     at += n;
                 }
             }
+        }
+    }
+
+    /// The tree is let run: a fetch that fails from now on fails the restore.
+    pub(crate) fn mark_running(&self) {
+        self.before_run.running.store(true, Ordering::SeqCst);
+    }
+
+    /// At `post-restore`: an error if a page CRIU's restorer faulted on failed its check.
+    fn refuse_if_fetch_failed(&self) -> Result<(), Error> {
+        match self.before_run.failed.lock().ok().and_then(|f| f.clone()) {
+            Some(why) => Err(Error::Pager(format!("a page the restore touched before the tree ran: {why}"))),
+            None => Ok(()),
         }
     }
 
@@ -690,6 +726,7 @@ fn write_runs(reader: &ImageReader, images: &Path, jobs: &[ImageRuns]) -> Result
 struct StoreFetcher {
     reader: Arc<ImageReader>,
     procs: HashMap<u32, (usize, StoredPages)>,
+    before_run: Arc<BeforeRun>,
 }
 
 impl PageFetcher for StoreFetcher {
@@ -707,10 +744,26 @@ impl PageFetcher for StoreFetcher {
                 self.procs.get(&pid).ok_or_else(|| refused("no such process in the images"))?;
             let start = out.len();
             out.resize(start + len as usize, 0);
-            match read_lazy(&mut cur, *file, plan, vaddr, &mut out[start..]) {
+            // Tests: a chunk that fails its check, wherever the fault comes from.
+            let injected =
+                ferry_sys::failpoint::check("restore-fetch") == Some(ferry_sys::failpoint::Action::Corrupt);
+            let read = if injected {
+                Err("chunk failed authentication (failpoint restore-fetch)".to_owned())
+            } else {
+                read_lazy(&mut cur, *file, plan, vaddr, &mut out[start..]).map_err(|e| e.to_string())
+            };
+            match read {
                 Ok(true) => {}
                 Ok(false) => return Err(refused("not a lazy page")),
-                Err(e) => return Err(LazyError::Fetch(e.to_string())),
+                Err(why) if !self.before_run.running.load(Ordering::SeqCst) => {
+                    // See BeforeRun: zeros for CRIU's restorer, and the tree refused.
+                    tracing::warn!(pid, vaddr, error = %why, "a page the restore touched failed its check");
+                    out[start..].fill(0);
+                    if let Ok(mut f) = self.before_run.failed.lock() {
+                        f.get_or_insert(why);
+                    }
+                }
+                Err(why) => return Err(LazyError::Fetch(why)),
             }
         }
         Ok(())
@@ -805,12 +858,15 @@ impl NotifyHandler for PushAtRestore<'_> {
                     text
                 }),
             // A clone's copy: none runs before the shared check of every chunk is done.
-            Notify::PostRestore => self.plan.wait_verified().map_err(|e| {
-                let text = format!("{e}: the restored tree is not let run");
-                self.failure = Some(e);
-                text
-            }),
+            Notify::PostRestore => {
+                self.plan.wait_verified().and_then(|()| self.plan.refuse_if_fetch_failed()).map_err(|e| {
+                    let text = format!("{e}: the restored tree is not let run");
+                    self.failure = Some(e);
+                    text
+                })
+            }
             Notify::PreResume => {
+                self.plan.mark_running();
                 self.feeder.allow();
                 self.resumed = Some(Instant::now());
                 Ok(())
@@ -913,6 +969,7 @@ impl NotifyHandler for PushFirst<'_, '_> {
             }
         }
         if *event == Notify::PreResume {
+            self.paged.plan.mark_running();
             self.paged.feeder.allow();
         }
         self.inner.notify(event, pid)
@@ -921,6 +978,7 @@ impl NotifyHandler for PushFirst<'_, '_> {
 
 /// At CRIU's `post-restore` (every task restored, none run): every page checked and copied in.
 fn push_before_run(plan: &PagePlan, feeder: &PageFeeder, progress: &dyn Progress) -> Result<(), Error> {
+    plan.refuse_if_fetch_failed()?;
     if !feeder.wait_handed_over(&plan.pids()) {
         return Err(Error::Pager("the pager ended before the restore handed it every process".into()));
     }

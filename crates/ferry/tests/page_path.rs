@@ -359,3 +359,38 @@ fn a_recorded_working_set_goes_in_first_and_is_checked_like_the_rest() {
     ferry.run(&["rm", "ws"]).assert_ok();
     assert!(hint_files().is_empty(), "the working set outlived its checkpoint: {:?}", hint_files());
 }
+
+/// Every fetch fails its check (failpoint `restore-fetch=corrupt`), including those of the
+/// pages CRIU's restorer touches before the tree runs: the restore fails, nothing hangs, no
+/// copy is left, and the checkpoint restores afterwards.
+#[test]
+fn a_page_failing_its_check_while_criu_restores_fails_the_restore_and_nothing_hangs() {
+    if !require_privileged() {
+        return;
+    }
+    let ferry = ferry();
+    let w = Workload::start(Sample::MemHog { mib: 16 }, Isolation::PidNamespace).expect("start memhog");
+    let hash = w.request_hash(w.pid());
+    ferry.checkpoint(w.pid(), "f", &["--leave-running"]).assert_ok();
+    let before = w.instances();
+    let pidfile = ferry.fresh_path("restored.pid");
+    let mut cmd =
+        ferry.command(&["restore", "f", "--lazy", "--detach", "--pidfile", pidfile.to_str().expect("utf-8")]);
+    cmd.env("FERRY_FAILPOINTS", "restore-fetch=corrupt").stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("run ferry");
+    let status =
+        poll(Duration::from_secs(60), "the failing restore to end", || child.try_wait().ok().flatten());
+    let out = child.wait_with_output().expect("output");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!status.success(), "a restore whose pages fail their check succeeded: {stderr}");
+    assert!(stderr.contains("failed authentication"), "{stderr}");
+    // CRIU's restorer itself faults on lazy pages (the first fetch): refused before it runs.
+    assert!(stderr.contains("before the tree ran"), "{stderr}");
+    assert_eq!(ferry_testkit::read_pid(&pidfile), None);
+    poll(WAIT, "no copy of the memhog left", || (w.instances() == before).then_some(()));
+    assert_nothing_left(&ferry, "f");
+
+    let (outcome, pid) = restore(&ferry, &w, "f", &["--lazy"]);
+    outcome.assert_ok();
+    assert_eq!(w.request_hash(pid.expect("a pid")), hash);
+}
