@@ -546,11 +546,7 @@ impl PagePlan {
         std::thread::scope(|s| {
             for _ in 0..threads.max(1) {
                 s.spawn(|| {
-                    if behind_the_workload {
-                        if let Err(e) = ferry_sys::idle_priority_for_this_thread() {
-                            tracing::debug!(error = %e, "the push runs at normal priority");
-                        }
-                    }
+                    push_thread_priority(behind_the_workload);
                     let mut cur = self.reader.cursor();
                     let mut buf = Vec::new();
                     loop {
@@ -609,6 +605,15 @@ pub fn verify_pages(
     Ok(Some(Arc::new(verified)))
 }
 
+/// A push thread behind a running workload takes only the CPU time it leaves.
+fn push_thread_priority(behind_the_workload: bool) {
+    if behind_the_workload {
+        if let Err(e) = ferry_sys::idle_priority_for_this_thread() {
+            tracing::debug!(error = %e, "the push runs at normal priority");
+        }
+    }
+}
+
 /// [`PagePlan::push`] from pages checked already: copies only.
 fn push_verified(
     v: &VerifiedPages,
@@ -621,11 +626,7 @@ fn push_verified(
     std::thread::scope(|s| {
         for _ in 0..threads.max(1) {
             s.spawn(|| {
-                if behind_the_workload {
-                    if let Err(e) = ferry_sys::idle_priority_for_this_thread() {
-                        tracing::debug!(error = %e, "the push runs at normal priority");
-                    }
-                }
+                push_thread_priority(behind_the_workload);
                 loop {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(&(pid, vaddr, len)) = v.pieces.get(i) else { break };
