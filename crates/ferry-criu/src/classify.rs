@@ -41,6 +41,10 @@ pub enum Cause {
     DamagedImage { file: Option<String> },
     /// The iptables/nftables rules that freeze the network could not be set.
     NetworkLock,
+    /// Dump: CRIU's parasite could not create `proc.crtools` (where it mounts the task's proc)
+    /// in the working directory of a root task in a child pid namespace: something by that name
+    /// is there (`exists`), or the directory is read-only or deleted.
+    ProcMountDir { exists: bool },
     /// None of the above; the first meaningful "Error (" line of the log.
     Unknown { first_error: Option<String> },
 }
@@ -92,6 +96,16 @@ impl Cause {
                 "the checkpoint images are missing, truncated or corrupted".to_owned()
             }
             Cause::NetworkLock => "CRIU could not lock the network with iptables/nftables".to_owned(),
+            Cause::ProcMountDir { exists: true } => {
+                "CRIU could not create proc.crtools in the working directory of the tree's root task: \
+                 something by that name is already there"
+                    .to_owned()
+            }
+            Cause::ProcMountDir { exists: false } => {
+                "CRIU could not create proc.crtools in the working directory of the tree's root task \
+                 (it is read-only or deleted)"
+                    .to_owned()
+            }
             Cause::Unknown { first_error: Some(line) } => format!("CRIU failed: {}", error_message(line)),
             Cause::Unknown { first_error: None } => "CRIU failed without logging an error".to_owned(),
         }
@@ -161,6 +175,16 @@ impl Cause {
                 "check that `iptables` (or nftables) is installed and works as root; if the checkpoint \
                  was taken with `--tcp-established`, restore it with `ferry restore NAME` to remove \
                  the leftover rules"
+                    .to_owned()
+            }
+            Cause::ProcMountDir { exists: true } => {
+                "remove `proc.crtools` from the task's working directory (`ls -ld /proc/PID/cwd/proc.crtools`; \
+                 a CRIU killed during a dump leaves it), then try again"
+                    .to_owned()
+            }
+            Cause::ProcMountDir { exists: false } => {
+                "let the task's root process work in a writable directory that exists, or give its pid \
+                 namespace a mount namespace with its own /proc"
                     .to_owned()
             }
             Cause::Unknown { .. } => "read CRIU's log (path above) for details".to_owned(),
@@ -297,6 +321,10 @@ fn match_line(line: &str, missing_image: Option<&str>) -> Option<(Rank, Cause)> 
     }
     if msg.contains("Address already in use") {
         return Some((SPECIFIC, Cause::AddressInUse));
+    }
+    if let Some(rest) = after(msg, "Can't create a directory (") {
+        // parasite.c: mkdir("proc.crtools") in the root task's cwd; -17 is EEXIST.
+        return Some((SPECIFIC, Cause::ProcMountDir { exists: rest.starts_with("-17)") }));
     }
     if msg.contains("Can't get rlimit") {
         // prlimit() on a process of another user needs CAP_SYS_RESOURCE, which this VM withholds.
@@ -537,6 +565,15 @@ mod tests {
     fn tcp_established_on_dump_and_restore() {
         fixture(Cause::TcpEstablished, include_str!("../tests/fixtures/tcp_established_dump.log"));
         fixture(Cause::TcpEstablished, include_str!("../tests/fixtures/tcp_established_restore.log"));
+    }
+
+    #[test]
+    fn proc_dir_exists() {
+        fixture(Cause::ProcMountDir { exists: true }, include_str!("../tests/fixtures/proc_dir_exists.log"));
+        assert_eq!(
+            classify_log("pie: 1: Error (criu/pie/parasite.c:634): Can't create a directory (-30)"),
+            Cause::ProcMountDir { exists: false }
+        );
     }
 
     #[test]

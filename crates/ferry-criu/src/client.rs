@@ -15,6 +15,7 @@ use ferry_sys::SeqPacket;
 use prost::Message;
 
 use crate::classify::{classify_log, Cause};
+use crate::cwd_lock::CwdLocks;
 use crate::error::{CriuError, Operation};
 use crate::notify::{Notify, NotifyHandler, RecordingNotify};
 use crate::options::{ContainerDump, DumpOptions, LogTarget, NetworkLock, RestoreOptions, Shared};
@@ -185,7 +186,9 @@ impl Criu {
         let mut recorder = Forwarding { inner: notify, events: Vec::new() };
         let env: &[(&str, &str)] =
             if opts.lazy_pages.is_some() && opts.lazy_undrained { &[(LAZY_UNDRAINED, "1")] } else { &[] };
+        let cwd_locks = CwdLocks::take(opts.pid);
         self.call(Operation::Dump, req, Some(&opts.shared.log), &mut recorder, &[], env)?;
+        drop(cwd_locks);
         drop(images);
         Ok(DumpOutcome { events: recorder.events })
     }

@@ -5,6 +5,7 @@
 
 pub mod classify;
 mod client;
+pub mod cwd_lock;
 mod error;
 pub mod image;
 pub mod inspect;

@@ -409,8 +409,18 @@ impl Running {
         Ok(Running { command, child, stdout, stderr })
     }
 
+    /// Starts `cmd` in the background, as [`Ferry::spawn`] does with ferry's arguments.
+    pub fn start(cmd: Command) -> Running {
+        Running::spawn(cmd)
+    }
+
     pub fn pid(&self) -> i32 {
         self.child.id() as i32
+    }
+
+    /// What the command wrote to stderr so far.
+    pub fn stderr_so_far(&mut self) -> String {
+        read_all(&mut self.stderr)
     }
 
     /// The outcome once the command has ended, if it has.

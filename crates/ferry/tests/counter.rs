@@ -80,3 +80,46 @@ fn restore_without_detach_waits_and_exits_with_the_workload_code() {
     assert_eq!(outcome.code, Some(42), "ferry must exit with the workload's code\n{outcome}");
     assert!(!outcome.stderr.contains("panicked at"), "{outcome}");
 }
+
+/// CRIU's parasite mounts a proc at `proc.crtools` in the working directory of a task of a
+/// child pid namespace that sees the host's /proc; two dumps at once of tasks sharing that
+/// directory collided there ("Can't create a directory (-17)"). Here the test plays the other
+/// dump: it holds that directory's dump lock with `proc.crtools` in place, and the checkpoint
+/// must wait for it instead of failing.
+#[test]
+fn a_checkpoint_waits_for_another_dump_in_the_same_working_directory() {
+    use std::collections::BTreeSet;
+    use std::os::unix::fs::MetadataExt;
+    use std::path::Path;
+
+    use ferry_criu::cwd_lock::{CwdLocks, LOCK_DIR};
+    use ferry_testkit::Running;
+
+    if !require_privileged() {
+        return;
+    }
+    let ferry = ferry();
+    let w = Workload::start(Sample::Counter, Isolation::PidNamespace).expect("start counter");
+    w.wait_counts(w.pid(), 3);
+    let cwd = fs::metadata(w.dir()).expect("cwd");
+    let other = CwdLocks::take_dirs(Path::new(LOCK_DIR), &BTreeSet::from([(cwd.dev(), cwd.ino())]));
+    assert_eq!(other.len(), 1, "the test holds the lock");
+    let window = w.dir().join("proc.crtools");
+    fs::create_dir(&window).expect("the other dump's proc.crtools");
+
+    let mut cmd =
+        ferry.command(&["checkpoint", &format!("pid:{}", w.pid()), "--name", "waits", "--leave-running"]);
+    cmd.env("FERRY_LOG", "info");
+    let mut running = Running::start(cmd);
+    poll(WAIT, "the checkpoint to wait for the other dump", || {
+        if let Some(done) = running.try_finish() {
+            panic!("the checkpoint ended while the other dump held the directory\n{done}");
+        }
+        running.stderr_so_far().contains("waiting for another checkpoint").then_some(())
+    });
+    fs::remove_dir(&window).expect("the other dump ends");
+    drop(other);
+    running.finish(WAIT).assert_ok();
+    assert!(!window.exists(), "CRIU removes its proc.crtools");
+    w.wait_counts(w.pid(), w.counts(w.pid()).len() + 1);
+}
