@@ -13,14 +13,17 @@ use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-/// Where the lock files live; they are empty and stay (removing a lock file another dump waits
-/// on would let a third take a new one beside it).
+/// Where the lock files live. Each is removed by the dump that held it, while it still holds it;
+/// a dump that got the lock of a file removed meanwhile takes a fresh one.
 pub const LOCK_DIR: &str = "/run/ferry/dump-locks";
 
-/// Locks held for one dump; dropping it releases them.
+/// The most times a lock is retried after its file was replaced under it.
+const MAX_RETRIES: usize = 64;
+
+/// Locks held for one dump; dropping it removes their files and releases them.
 #[derive(Debug, Default)]
 pub struct CwdLocks {
-    held: Vec<File>,
+    held: Vec<(PathBuf, File)>,
 }
 
 impl CwdLocks {
@@ -45,25 +48,10 @@ impl CwdLocks {
         }
         for (dev, ino) in dirs {
             let path = lock_dir.join(format!("{dev:x}-{ino:x}"));
-            let file =
-                match OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).open(&path) {
-                    Ok(f) => f,
-                    Err(e) => {
-                        tracing::debug!(path = %path.display(), error = %e, "cannot open a dump lock");
-                        continue;
-                    }
-                };
-            if file.try_lock().is_err() {
-                tracing::info!(
-                    lock = %path.display(),
-                    "waiting for another checkpoint of a task with the same working directory"
-                );
-                if let Err(e) = file.lock() {
-                    tracing::debug!(path = %path.display(), error = %e, "cannot take a dump lock");
-                    continue;
-                }
+            match lock_one(&path) {
+                Ok(file) => held.push((path, file)),
+                Err(e) => tracing::debug!(path = %path.display(), error = %e, "cannot take a dump lock"),
             }
-            held.push(file);
         }
         CwdLocks { held }
     }
@@ -76,6 +64,41 @@ impl CwdLocks {
     pub fn is_empty(&self) -> bool {
         self.held.is_empty()
     }
+}
+
+impl Drop for CwdLocks {
+    fn drop(&mut self) {
+        // Removed while still locked: a waiter then finds its file gone and takes a fresh one.
+        for (path, file) in self.held.drain(..) {
+            let _ = fs::remove_file(&path);
+            drop(file);
+        }
+    }
+}
+
+/// Opens (creating) and locks `path`, waiting for its holder; retried when the file was
+/// removed or replaced between the open and the lock.
+fn lock_one(path: &Path) -> std::io::Result<File> {
+    let mut said = false;
+    for _ in 0..MAX_RETRIES {
+        let file = OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).open(path)?;
+        if file.try_lock().is_err() {
+            if !said {
+                tracing::info!(
+                    lock = %path.display(),
+                    "waiting for another checkpoint of a task with the same working directory"
+                );
+                said = true;
+            }
+            file.lock()?;
+        }
+        let ours = file.metadata()?;
+        match fs::metadata(path) {
+            Ok(now) if now.dev() == ours.dev() && now.ino() == ours.ino() => return Ok(file),
+            _ => continue,
+        }
+    }
+    Err(std::io::Error::other("the lock file kept being replaced"))
 }
 
 /// The working directory (device, inode) of the tree's root task, if that task is in another
@@ -114,6 +137,11 @@ mod tests {
         drop(first);
         assert_eq!(rx.recv().expect("the second dump goes on"), 1);
         waiter.join().expect("waiter");
+        assert_eq!(
+            fs::read_dir(dir.path()).expect("lock dir").count(),
+            0,
+            "each dump removes its lock files"
+        );
     }
 
     #[test]
