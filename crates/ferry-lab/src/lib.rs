@@ -39,7 +39,7 @@ pub use guard::{TestLab, CLAIMS_DIR};
 pub use lab::{mac_of, DownReport, ExecOptions, Lab};
 pub use moves::{
     arrived, guard_resets, neighbours, prepare_arrival, prepare_workload, remove as remove_workload,
-    rename_container, set_neighbours, set_port, workload_by_pid,
+    rename_container, set_neighbours, set_port, workload_at, workload_by_pid,
 };
 pub use state::{Bridge, Node, Workload};
 pub use subnet::{Subnet, LAB_RANGE};

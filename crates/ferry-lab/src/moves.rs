@@ -15,6 +15,17 @@ pub fn workload_by_pid(config: &LabConfig, pid: i32) -> Result<Option<Workload>,
     Ok(state.workloads.into_iter().find(|w| w.pid == pid && w.is_running()))
 }
 
+/// The workload recorded on `node` at `ip`, whether running, arriving or exited: its namespace
+/// holds the address on the node's segment.
+pub fn workload_at(
+    config: &LabConfig,
+    node: &str,
+    ip: std::net::Ipv4Addr,
+) -> Result<Option<Workload>, LabError> {
+    let state = load(config)?;
+    Ok(state.workloads.into_iter().find(|w| w.node == node && w.ip == ip))
+}
+
 /// Prepares `node` to receive a workload at `ip`: a new namespace with that address (and its
 /// MAC), its bridge port down. Returns the new workload record (pid 0 until [`arrived`]).
 pub fn prepare_arrival(

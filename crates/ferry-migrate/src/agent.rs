@@ -144,8 +144,40 @@ pub(crate) fn target_facts(
     let mut facts =
         ferry_runtime::check::target::target_facts(&node.config.name, Ok(&node.ctx.criu), cpuinfo);
     facts.container = container.map(|record| container_problems(node, record));
-    facts.tree = tree.map(ferry_runtime::check::target::tree_problems);
+    facts.tree = tree.map(|needs| {
+        let mut problems = ferry_runtime::check::target::tree_problems(needs);
+        problems.extend(address_problems(node, &needs.addresses));
+        problems
+    });
     facts
+}
+
+/// Whether this node can give a tree's own network namespace back its `addresses`: only a lab
+/// node recreates one (target.rs), and only where no workload of this node holds the address.
+fn address_problems(
+    node: &Node,
+    addresses: &[std::net::Ipv4Addr],
+) -> Vec<ferry_runtime::check::target::NeedProblem> {
+    use ferry_runtime::check::target::NeedProblem;
+    let problem = |what: String| NeedProblem { kind: "address".into(), what, blocker: true };
+    let Some(first) = addresses.first() else { return Vec::new() };
+    let Some(lab) = &node.config.lab else {
+        return vec![problem(format!(
+            "the tree has a network namespace of its own ({first}), which this node can recreate only as a lab node"
+        ))];
+    };
+    let mut out = Vec::new();
+    for addr in addresses.iter().take(ferry_runtime::check::target::MAX_NEEDS) {
+        match ferry_lab::workload_at(lab, &node.config.name, *addr) {
+            Ok(Some(w)) => {
+                let who = if w.pid == 0 { "arriving".to_owned() } else { format!("pid {}", w.pid) };
+                out.push(problem(format!("{addr} is held by lab workload {} ({who})", w.id)));
+            }
+            Ok(None) => {}
+            Err(e) => out.push(problem(format!("cannot read the lab's record of {addr}: {e}"))),
+        }
+    }
+    out
 }
 
 /// What would keep a container of `record` from being recreated here: the preflight a

@@ -14,8 +14,8 @@ use crate::phase::Phase;
 /// Version of this protocol (checked in `Hello`). 6: chunks may be sealed in frame format 2
 /// (AES-256-GCM), which a ferry of protocol 5 cannot open. 7: `FactsQuery`/`TargetFacts`
 /// (`ferry check --to`). 8: `FactsQuery.tree`, `TargetFacts.tree` (a process tree's paths
-/// and listeners).
-pub const PROTOCOL: u32 = 8;
+/// and listeners). 9: `TreeNeeds.addresses` (its own network namespace's addresses).
+pub const PROTOCOL: u32 = 9;
 /// Key under which a workload's network namespace is declared external to CRIU (it stays
 /// behind; the target provides one with the same address). ferry-runtime's: clones use it too.
 pub(crate) use ferry_runtime::NETNS_KEY;

@@ -612,7 +612,7 @@ fn auto_measures_and_says_why() {
 /// check; a node that is not a peer is an error.
 #[test]
 fn a_target_node_describes_itself_through_the_agents() {
-    let Some(f) = Fixture::new(2, &no_env) else { return };
+    let Some(mut f) = Fixture::new(2, &no_env) else { return };
     let criu = ferry_criu::Criu::locate(None).expect("criu");
     let cpuinfo = ferry_runtime::check::target::source_cpuinfo(&criu).expect("this host's cpuinfo.img");
     let ask = |node: &str, cpuinfo: Option<Vec<u8>>| {
@@ -645,6 +645,7 @@ fn a_target_node_describes_itself_through_the_agents() {
             Listen { addr: "00000000".into(), port: peer_port },
             Listen { addr: "00000000".into(), port: 1 },
         ],
+        addresses: Vec::new(),
     };
     let req = Request::TargetFacts { node: "node2".into(), cpuinfo: None, container: None, tree: Some(tree) };
     let Ok(Event::TargetFacts(judged)) = ferry_migrate::client::call(&f.socket("node1"), &req, &mut |_| {})
@@ -656,6 +657,37 @@ fn a_target_node_describes_itself_through_the_agents() {
     assert_eq!(kinds, ["path", "port"], "{problems:?}");
     assert!(problems[0].what.contains("/nonexistent/ferry-lib.so"), "{problems:?}");
     assert!(problems[1].what.contains(&format!("port {peer_port} ")), "{problems:?}");
+
+    // A tree's own network namespace gets its addresses back on the target: taken there by the
+    // node itself, or by a workload of that node (here one arriving, as a migration leaves it
+    // while it runs), they are blockers; a free one is none.
+    // The check finds a lab workload's address in its namespace.
+    let w = f.memload("node1", 16, None);
+    let endpoints = ferry_runtime::container::Endpoints::new(f.lab.config().state_dir());
+    let env = ferry_runtime::check::CheckEnv { criu: Ok(&criu), endpoints: &endpoints };
+    let opts = ferry_runtime::check::CheckOptions { tcp_established: Some(true), tree_needs: true };
+    let report = ferry_runtime::check::check(&format!("pid:{}", w.pid).parse().expect("id"), env, opts);
+    let needs = report.tree_needs.expect("the tree's needs");
+    assert_eq!(needs.addresses, [w.ip], "{needs:?}");
+    assert!(needs.listens.is_empty(), "its listener moves with its namespace: {needs:?}");
+    let node2 = f.lab.lab().node("node2").expect("node2").ip;
+    let taken = std::net::Ipv4Addr::new(node2.octets()[0], node2.octets()[1], node2.octets()[2], 200);
+    let arriving = ferry_lab::prepare_arrival(f.lab.config(), "node2", taken).expect("an arrival on node2");
+    let tree = TreeNeeds { paths: Vec::new(), listens: Vec::new(), addresses: vec![node2, w.ip, taken] };
+    let req = Request::TargetFacts { node: "node2".into(), cpuinfo: None, container: None, tree: Some(tree) };
+    let answer = ferry_migrate::client::call(&f.socket("node1"), &req, &mut |_| {});
+    ferry_lab::remove_workload(f.lab.config(), arriving.id).expect("remove the arrival");
+    let Ok(Event::TargetFacts(judged)) = answer else { panic!("no facts: {answer:?}") };
+    let problems = judged.tree.clone().expect("the tree judged");
+    let whats: Vec<&str> = problems.iter().map(|p| p.what.as_str()).collect();
+    assert!(problems.iter().all(|p| p.kind == "address" && p.blocker), "{problems:?}");
+    assert_eq!(problems.len(), 2, "{problems:?}");
+    assert!(whats[0].starts_with(&format!("{node2} is an address of this host")), "{whats:?}");
+    assert!(whats[1].contains(&format!("{taken} is held by lab workload {}", arriving.id)), "{whats:?}");
+    let reasons = ferry_runtime::check::target::target_reasons(&here, &judged);
+    assert!(reasons
+        .iter()
+        .any(|r| r.code == "target-address" && r.severity == ferry_runtime::check::Severity::Blocker));
 }
 
 /// A failed migration leaves the workload where it was, whole and reachable.

@@ -315,6 +315,29 @@ pub fn sysvipc_shm(text: &str) -> Vec<ShmSegment> {
         .collect()
 }
 
+/// The IPv4 addresses a network namespace holds (its `/proc/PID/net/fib_trie`'s "/32 host
+/// LOCAL" leaves), but loopback's; sorted, each once, at most 256.
+pub fn local_ipv4(fib_trie: &str) -> Vec<std::net::Ipv4Addr> {
+    let mut out = std::collections::BTreeSet::new();
+    let mut leaf: Option<std::net::Ipv4Addr> = None;
+    for line in fib_trie.lines() {
+        let t = line.trim();
+        if let Some(addr) = t.strip_prefix("|-- ") {
+            leaf = addr.parse().ok();
+        } else if t == "/32 host LOCAL" {
+            if let Some(a) = leaf.filter(|a| !a.is_loopback()) {
+                out.insert(a);
+            }
+        } else if !t.starts_with('/') {
+            leaf = None;
+        }
+        if out.len() >= 256 {
+            break;
+        }
+    }
+    out.into_iter().collect()
+}
+
 /// `MemAvailable:` of `/proc/meminfo`, in KiB.
 pub fn mem_available_kib(meminfo: &str) -> Option<u64> {
     meminfo
@@ -340,6 +363,20 @@ pub fn syscall_is_vfork(text: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn local_addresses_of_a_fib_trie() {
+        let text = "Main:\n  +-- 0.0.0.0/0 3 0 5\n     |-- 0.0.0.0\n        /0 universe UNICAST\n\
+                    \x20          |-- 127.0.0.1\n              /32 host LOCAL\n\
+                    \x20          |-- 198.18.1.0\n              /24 link UNICAST\n\
+                    \x20          |-- 198.18.1.7\n              /32 host LOCAL\n\
+                    \x20       |-- 198.18.1.255\n           /32 link BROADCAST\n\
+                    Local:\n           |-- 198.18.1.7\n              /32 host LOCAL\n\
+                    \x20    +-- 198.19.0.0/16 2 0 2\n              /32 host LOCAL\n";
+        let addrs: Vec<String> = super::local_ipv4(text).iter().map(|a| a.to_string()).collect();
+        assert_eq!(addrs, ["198.18.1.7"]);
+        assert!(super::local_ipv4("|-- 999.1.1.1\n/32 host LOCAL\n|-- \n").is_empty());
+    }
+
     use super::*;
 
     #[test]

@@ -59,6 +59,9 @@ pub struct TreeNeeds {
     /// Listening sockets, for a tree in this host's network namespace (one of its own moves
     /// with it, addresses and all).
     pub listens: Vec<Listen>,
+    /// The addresses of the tree's own network namespace (none when it shares this host's):
+    /// the target gives the namespace it recreates the same ones, so none may be taken there.
+    pub addresses: Vec<std::net::Ipv4Addr>,
 }
 
 /// At most this many paths and listeners are sent and checked; a longer path is not one.
@@ -132,6 +135,11 @@ impl TreeNeeds {
             .first()
             .and_then(|t| t.ns.get("net"))
             .is_some_and(|n| facts.own_ns.get("net") == Some(n));
+        if !shares_our_net {
+            needs.addresses = fs::read_to_string(format!("/proc/{}/net/fib_trie", facts.root))
+                .map(|t| super::parse::local_ipv4(&t))
+                .unwrap_or_default();
+        }
         if shares_our_net {
             for sock in facts.tcp.iter().filter(|s| s.state == super::parse::TcpState::Listen) {
                 if let Some(l) = listen_of(&sock.endpoints) {
@@ -143,6 +151,7 @@ impl TreeNeeds {
         }
         needs.paths.truncate(MAX_NEEDS);
         needs.listens.truncate(MAX_NEEDS);
+        needs.addresses.truncate(MAX_NEEDS);
         needs
     }
 }
@@ -215,6 +224,11 @@ pub fn tree_problems(needs: &TreeNeeds) -> Vec<NeedProblem> {
         .filter(|s| s.state == super::parse::TcpState::Listen)
         .filter_map(|s| listen_of(&s.endpoints))
         .collect();
+    let ours =
+        fs::read_to_string("/proc/net/fib_trie").map(|t| super::parse::local_ipv4(&t)).unwrap_or_default();
+    for addr in needs.addresses.iter().take(MAX_NEEDS).filter(|a| ours.contains(a)) {
+        out.push(problem("address", format!("{addr} is an address of this host"), true));
+    }
     for want in needs.listens.iter().take(MAX_NEEDS) {
         let taken = here
             .iter()
@@ -422,6 +436,11 @@ pub fn target_reasons(src: &SourceFacts, t: &TargetFacts) -> Vec<Reason> {
     }
     for p in t.tree.iter().flatten() {
         let (code, why, fix) = match p.kind.as_str() {
+            "address" => (
+                "target-address",
+                "the target recreates the tree's network namespace with the same addresses: one taken there would answer beside the workload, or the restore could not take it",
+                "free that address on the target (stop or move what holds it), or migrate to another node",
+            ),
             "port" => (
                 "target-port",
                 "CRIU binds the tree's listeners again on the target: a port taken there fails the restore",
@@ -683,12 +702,14 @@ mod tests {
         assert_eq!((held_need.size, held_need.mapped, held_need.dir), (Some(12), false, false));
         assert!(!needs.paths.iter().any(|p| p.path.starts_with("/proc/") || p.path.starts_with("/dev/")));
         assert!(needs.listens.iter().any(|l| l.port == port), "{needs:?}");
+        assert!(needs.addresses.is_empty(), "this host's network namespace stays: {needs:?}");
 
         // Here is also "the target": the paths are found, and the listener's port is taken.
         // (Only this test's own: other tests' files come and go meanwhile.)
         let mine = TreeNeeds {
             paths: needs.paths.iter().filter(|p| p.path == exe || p.path == held_path).cloned().collect(),
             listens: needs.listens.iter().filter(|l| l.port == port).cloned().collect(),
+            addresses: Vec::new(),
         };
         let problems = tree_problems(&mine);
         assert_eq!(problems.len(), 1, "{problems:?}");
@@ -706,6 +727,7 @@ mod tests {
                 PathNeed { path: "relative/path".into(), dir: false, size: None, mapped: false },
             ],
             listens: vec![Listen { addr: "00000000".into(), port: 1 }],
+            addresses: vec![std::net::Ipv4Addr::new(198, 18, 255, 254)],
         };
         let p = tree_problems(&odd);
         let kinds: Vec<(&str, bool)> = p.iter().map(|p| (p.kind.as_str(), p.blocker)).collect();
