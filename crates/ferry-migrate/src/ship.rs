@@ -96,7 +96,8 @@ pub(crate) fn receive_stream(agent: &Node, ch: &mut Channel, migration: &str) ->
         return Err(e);
     }
     let store = &agent.ctx.store;
-    let mut rx = store.receiver()?;
+    // Not synced: the arrival's chunks are removed once it ends, and no recovery reads them.
+    let mut rx = store.receiver_with(false)?;
     if let Some(pack) = rx.pack() {
         if let Ok(mut streamed) = agent.streamed.lock() {
             streamed.entry(migration.to_owned()).or_default().push(pack);
@@ -324,7 +325,7 @@ pub(crate) fn receive(
     for (i, part) in parts.iter().enumerate() {
         ch.send(&Msg::Lacking { positions: part.to_vec(), last: i + 1 == parts.len() })?;
     }
-    let mut rx = store.receiver()?;
+    let mut rx = store.receiver_with(false)?;
     packs.extend(rx.pack());
     crate::failpoint::check("target-receive");
     if let Err(e) = take_chunks(ch, &mut rx, &chunks, &wanted, phase) {

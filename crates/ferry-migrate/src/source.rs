@@ -264,6 +264,7 @@ impl Run<'_> {
             external: self.external(),
             lazy_pages: None,
             log_level: Some(ferry_criu::LogLevel::Info),
+            volatile: true,
         };
         let report = ferry_runtime::checkpoint(&self.node.ctx, &req)?;
         self.entry.packs.extend(report.packs);
@@ -307,6 +308,8 @@ impl Run<'_> {
             lazy_pages: port,
             // The workload is frozen while CRIU writes its log: no line per page-pipe entry.
             log_level: Some(ferry_criu::LogLevel::Info),
+            // Its packs' fsync (0.3-0.5 s per GiB here) would be downtime that buys nothing.
+            volatile: true,
         };
         // Stop-copy and pre-copy: what the dump seals goes to the target at once, on a
         // connection of its own. Post-copy dumps hardly any pages: nothing worth streaming.

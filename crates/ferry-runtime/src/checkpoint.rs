@@ -36,6 +36,10 @@ pub struct CheckpointRequest {
     /// page-pipe entry, about 0.1 s per 4 GiB: a migration, which dumps while the workload is
     /// frozen, asks for `Info`.
     pub log_level: Option<ferry_criu::LogLevel>,
+    /// Packs written without syncing their bytes to disk ([`ferry_store::Pending::volatile`]):
+    /// for a migration's checkpoint, which no recovery reads from disk (a failure returns to
+    /// the frozen tree) and which is removed when the migration ends.
+    pub volatile: bool,
 }
 
 /// What a caller does while CRIU waits at post-dump (the tree frozen, its images written):
@@ -111,6 +115,7 @@ pub fn checkpoint_with(
         .clone()
         .unwrap_or_else(|| format!("{}-{created}", req.workload.to_string().replace([':', '/'], "-")));
     let pending = ctx.store.begin(&name)?;
+    let pending = if req.volatile { pending.volatile() } else { pending };
     let mut log = LogTarget::new(ctx.store.logs_dir(), format!("checkpoint-{name}-{created}.log"));
     if let Some(level) = req.log_level {
         log.level = level;

@@ -133,6 +133,7 @@ pub fn checkpoint_for_clone(
         external: vec![format!("net[{netns}]:{NETNS_KEY}")],
         lazy_pages: None,
         log_level: None,
+        volatile: false,
     };
     checkpoint(ctx, &req)
 }

@@ -503,9 +503,11 @@ pub struct PackWriter {
     key: KeyId,
     entries: Vec<Entry>,
     finished: bool,
+    /// Whether `finish` syncs the pack's bytes (its index is synced either way).
+    durable: bool,
 }
 
-/// A durable pack and its entries.
+/// A finished pack (durable unless written [`volatile`](PackWriter::volatile)) and its entries.
 #[derive(Debug)]
 pub struct FinishedPack {
     pub pack: PackId,
@@ -534,7 +536,18 @@ impl PackWriter {
             key,
             entries: Vec::new(),
             finished: false,
+            durable: true,
         })
+    }
+
+    /// A pack whose bytes `finish` leaves to the page cache: for a migration's chunks, which
+    /// no crash recovery reads (the frozen tree or the running copy is what a failure returns
+    /// to, and the checkpoint is removed when the migration ends). The index is still synced,
+    /// so that a store opened after a crash finds a whole index; a chunk the crash lost then
+    /// fails its tag when read, as damage does, and the migration's recovery releases the pack.
+    pub fn volatile(mut self) -> PackWriter {
+        self.durable = false;
+        self
     }
 
     pub fn id(&self) -> PackId {
@@ -615,7 +628,9 @@ impl PackWriter {
             let _ = fs::remove_file(&pack_path);
             return Ok(FinishedPack { pack: self.pack, entries: Vec::new() });
         }
-        self.file.sync_all().map_err(io_err("cannot sync", &pack_path))?;
+        if self.durable {
+            self.file.sync_all().map_err(io_err("cannot sync", &pack_path))?;
+        }
         let idx = encode_idx(&self.entries);
         let tmp = self.dir.join(format!("{}.idx.tmp", hex(&self.pack)));
         let mut f = OpenOptions::new()
@@ -760,21 +775,25 @@ mod tests {
 
     #[test]
     fn write_finish_reopen_read() {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let mut set = PackSet::open(tmp.path()).expect("open");
-        let mut w = set.writer([5; 16]).expect("writer");
-        w.append(&id(1), b"frame-one").expect("append");
-        w.append(&id(2), b"frame-two!").expect("append");
-        set.absorb(w.finish().expect("finish"));
-        assert!(set.contains(&id(2)));
+        // A volatile pack (a migration's) differs only in when its bytes reach the disk.
+        for durable in [true, false] {
+            let tmp = tempfile::tempdir().expect("tempdir");
+            let mut set = PackSet::open(tmp.path()).expect("open");
+            let w = set.writer([5; 16]).expect("writer");
+            let mut w = if durable { w } else { w.volatile() };
+            w.append(&id(1), b"frame-one").expect("append");
+            w.append(&id(2), b"frame-two!").expect("append");
+            set.absorb(w.finish().expect("finish"));
+            assert!(set.contains(&id(2)));
 
-        let set = PackSet::open(tmp.path()).expect("reopen");
-        assert_eq!(set.chunk_count(), 2);
-        let mut r = set.reader();
-        let mut buf = Vec::new();
-        r.read(&id(2), &any_key, &mut buf).expect("read").expect("present");
-        assert_eq!(buf, b"frame-two!");
-        assert!(r.read(&id(9), &any_key, &mut buf).expect("read").is_none());
+            let set = PackSet::open(tmp.path()).expect("reopen");
+            assert_eq!(set.chunk_count(), 2);
+            let mut r = set.reader();
+            let mut buf = Vec::new();
+            r.read(&id(2), &any_key, &mut buf).expect("read").expect("present");
+            assert_eq!(buf, b"frame-two!");
+            assert!(r.read(&id(9), &any_key, &mut buf).expect("read").is_none());
+        }
     }
 
     #[test]

@@ -225,6 +225,7 @@ impl Pipeline {
         workers: usize,
         tap: Option<Tap>,
         follow: bool,
+        durable: bool,
         progress: SharedProgress,
     ) -> Result<Pipeline, StoreError> {
         let stop = Arc::new(AtomicBool::new(false));
@@ -236,7 +237,7 @@ impl Pipeline {
 
         let packs_dir = packs.dir().to_path_buf();
         let key_id = data_key.id();
-        let writer = spawn("ferry-pack-writer", move || write_frames(frame_rx, &packs_dir, key_id, tap))?;
+        let writer = spawn("ferry-pack-writer", move || write_frames(frame_rx, &packs_dir, key_id, tap, durable))?;
         let mut handles = Vec::new();
         for n in 0..workers.max(1) {
             let rx = seg_rx.clone();
@@ -550,9 +551,11 @@ fn write_frames(
     dir: &Path,
     key: KeyId,
     mut tap: Option<Tap>,
+    durable: bool,
 ) -> Result<Written, StoreError> {
+    let create = || PackWriter::create(dir, key).map(|w| if durable { w } else { w.volatile() });
     let mut finished = Vec::new();
-    let mut writer = PackWriter::create(dir, key)?;
+    let mut writer = create()?;
     let (mut chunks, mut bytes) = (0u64, 0u64);
     for batch in rx {
         writer.append_batch(&batch.bytes, &batch.chunks)?;
@@ -565,7 +568,7 @@ fn write_frames(
             }
         }
         if writer.size() >= PACK_TARGET {
-            let full = std::mem::replace(&mut writer, PackWriter::create(dir, key)?);
+            let full = std::mem::replace(&mut writer, create()?);
             finished.push(full.finish()?);
         }
     }

@@ -99,9 +99,16 @@ impl Store {
 
     /// Starts taking in chunks; nothing is visible until [`Receiver::finish`].
     pub fn receiver(&self) -> Result<Receiver<'_>, StoreError> {
+        self.receiver_with(true)
+    }
+
+    /// Like [`receiver`](Store::receiver); without `durable` the pack's bytes are not synced
+    /// ([`PackWriter::volatile`]): for a migration's arrival.
+    pub fn receiver_with(&self, durable: bool) -> Result<Receiver<'_>, StoreError> {
         let dir = self.packs()?.dir().to_path_buf();
         // The writer's own key is unused: every frame is appended under the key it was sealed by.
         let writer = PackWriter::create(&dir, [0u8; 16])?;
+        let writer = if durable { writer } else { writer.volatile() };
         Ok(Receiver { store: self, writer: Some(writer), received: HashSet::new() })
     }
 }

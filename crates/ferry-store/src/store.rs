@@ -111,6 +111,8 @@ pub struct Pending {
     name: String,
     tmpfs: PrivateTmpfs,
     data_key: Arc<DataKey>,
+    /// Whether the packs are synced before the commit (see [`Pending::volatile`]).
+    durable: bool,
 }
 
 /// A verified manifest (signature and catalog checked).
@@ -314,7 +316,7 @@ impl Store {
         let tmpfs = PrivateTmpfs::mount(&dir, tmpfs_size())
             .map_err(io_err("cannot mount a private tmpfs at", &dir))?;
         private_dir(&tmpfs.path().join("images"))?;
-        Ok(Pending { name: name.to_owned(), tmpfs, data_key: Arc::new(DataKey::generate()) })
+        Ok(Pending { name: name.to_owned(), tmpfs, data_key: Arc::new(DataKey::generate()), durable: true })
     }
 
     /// The checkpoint named `name`, its signature and place in the catalog verified.
@@ -635,6 +637,13 @@ impl Pending {
         &self.name
     }
 
+    /// The checkpoint's packs are not synced to disk ([`PackWriter::volatile`]); its manifest,
+    /// slots and the packs' indexes still are. For a migration's checkpoint only.
+    pub fn volatile(mut self) -> Pending {
+        self.durable = false;
+        self
+    }
+
     /// Where CRIU writes the images (inside the private tmpfs).
     pub fn images_dir(&self) -> PathBuf {
         self.tmpfs.path().join("images")
@@ -675,6 +684,7 @@ impl Pending {
             threads(),
             tap,
             follow,
+            self.durable,
             progress,
         )
     }

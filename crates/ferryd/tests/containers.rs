@@ -234,6 +234,7 @@ fn checkpoint(
         external: Vec::new(),
         lazy_pages: None,
         log_level: None,
+        volatile: false,
     };
     ferry_runtime::checkpoint(ctx, &req)
 }

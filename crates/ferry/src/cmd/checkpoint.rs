@@ -34,6 +34,7 @@ pub fn run(cli: &Cli, a: Args) -> Outcome {
         external: Vec::new(),
         lazy_pages: None,
         log_level: None,
+        volatile: false,
     };
     let r = ferry_runtime::checkpoint(&ctx, &req).map_err(|e| (what(), e))?;
     bar.finish();
