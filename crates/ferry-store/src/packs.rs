@@ -362,7 +362,10 @@ impl PackSet {
 
     /// Makes the chunks of a finished pack visible.
     pub fn absorb(&mut self, finished: FinishedPack) {
-        self.add(finished.pack, finished.entries);
+        // An empty pack was removed by `finish`: listed, it would have no index to read.
+        if !finished.entries.is_empty() {
+            self.add(finished.pack, finished.entries);
+        }
     }
 
     /// A reader with its own open files (one per thread).
@@ -805,6 +808,13 @@ mod tests {
         let pack = w.id();
         drop(w);
         assert!(!set.pack_path(&pack, "pack").exists());
+        // A pack finished empty is removed, and not listed.
+        let mut set = set;
+        let empty = set.writer([5; 16]).expect("writer");
+        let empty_id = empty.id();
+        set.absorb(empty.finish().expect("finish"));
+        assert!(!set.packs().any(|p| *p == empty_id), "an empty pack is not listed");
+        assert!(!set.pack_path(&empty_id, "pack").exists());
         // A crash leaves a pack without its index.
         fs::write(tmp.path().join(format!("{}.pack", hex(&[7u8; 16]))), b"junk").expect("write");
         assert_eq!(PackSet::open(tmp.path()).expect("open").orphans().expect("orphans").len(), 1);
