@@ -188,7 +188,9 @@ pub(crate) fn send(
     phase: &str,
     events: &mut dyn FnMut(Event),
 ) -> Result<Shipped, MigrateError> {
+    let t0 = std::time::Instant::now();
     let s = store.shipment(name, recipient)?;
+    tracing::debug!(seconds = t0.elapsed().as_secs_f64(), "offer: shipment read");
     ch.send(&Msg::Offer {
         name: s.name.clone(),
         manifest_len: s.manifest.len() as u64,
@@ -201,6 +203,7 @@ pub(crate) fn send(
     for part in s.chunks.chunks(REFS_PER_FRAME) {
         ch.send(&Msg::ChunkList(part.to_vec()))?;
     }
+    tracing::debug!(seconds = t0.elapsed().as_secs_f64(), "offer: sent");
     let mut lacking = Vec::new();
     loop {
         match ch.recv(phase)? {
@@ -213,6 +216,7 @@ pub(crate) fn send(
             other => return Err(unexpected(phase, &other)),
         }
     }
+    tracing::debug!(seconds = t0.elapsed().as_secs_f64(), "offer: answered");
     let total: u64 = lacking.iter().filter_map(|&i| s.chunks.get(i as usize)).map(|c| u64::from(c.len)).sum();
     let sent =
         send_chunks(store, ch, &s, &lacking, total, phase, events).map_err(|e| why_it_failed(ch, e))?;
@@ -316,7 +320,9 @@ pub(crate) fn receive(
             other => return Err(unexpected(phase, &other)),
         }
     }
+    let t0 = std::time::Instant::now();
     let lacking = store.lacking(&chunks)?;
+    tracing::debug!(seconds = t0.elapsed().as_secs_f64(), "offer taken: lacking found");
     let wanted: HashSet<u32> = lacking.iter().copied().collect();
     let parts: Vec<&[u32]> = lacking.chunks(REFS_PER_FRAME * 4).collect();
     if parts.is_empty() {
@@ -340,7 +346,9 @@ pub(crate) fn receive(
         return Err(e);
     }
     let bytes = rx.bytes();
+    tracing::debug!(seconds = t0.elapsed().as_secs_f64(), "offer taken: chunks in");
     rx.finish(&Shipment { name, manifest, slots, chunks })?;
+    tracing::debug!(seconds = t0.elapsed().as_secs_f64(), "offer taken: recorded");
     ch.send(&Msg::Stored { bytes })?;
     Ok(bytes)
 }

@@ -214,7 +214,7 @@ impl Index {
 /// bytes mixed with a seed of this process are a good hash, and SipHash over all 32 bytes was
 /// most of the time it takes to open a store (262 144 ids per GiB of memory).
 #[derive(Debug, Clone, Copy)]
-struct IdHashing(u64);
+pub(crate) struct IdHashing(u64);
 
 impl Default for IdHashing {
     fn default() -> Self {
@@ -231,7 +231,7 @@ impl std::hash::BuildHasher for IdHashing {
 }
 
 #[derive(Debug)]
-struct IdHasher(u64);
+pub(crate) struct IdHasher(u64);
 
 impl std::hash::Hasher for IdHasher {
     fn write(&mut self, bytes: &[u8]) {
@@ -248,6 +248,9 @@ impl std::hash::Hasher for IdHasher {
         self.0
     }
 }
+
+/// A set of chunk ids hashed by their own bits ([`IdHashing`]).
+pub(crate) type IdSet = std::collections::HashSet<Id, IdHashing>;
 
 /// Any key will do.
 pub fn any_key(_: &KeyId) -> bool {

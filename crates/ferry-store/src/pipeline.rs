@@ -190,7 +190,7 @@ struct SegmentDone {
 /// What the workers share: the key material and which chunks exist or are being written.
 struct Shared {
     keys: Arc<NodeKeys>,
-    known: Mutex<HashSet<ChunkId>>,
+    known: Mutex<crate::packs::IdSet>,
     /// Data keys some checkpoint still holds: a stored chunk sealed under any other key (its
     /// checkpoint removed, not yet collected) cannot be reused and is sealed again.
     usable: HashSet<KeyId>,
@@ -232,12 +232,13 @@ impl Pipeline {
         let (seg_tx, seg_rx) = sync_channel::<Segment>(QUEUE);
         let (frame_tx, frame_rx) = sync_channel::<Frames>(QUEUE);
         let seg_rx = Arc::new(Mutex::new(seg_rx));
-        let shared = Arc::new(Shared { keys, known: Mutex::new(HashSet::new()), usable });
+        let shared = Arc::new(Shared { keys, known: Mutex::new(crate::packs::IdSet::default()), usable });
         let names = Arc::new(Mutex::new(Vec::new()));
 
         let packs_dir = packs.dir().to_path_buf();
         let key_id = data_key.id();
-        let writer = spawn("ferry-pack-writer", move || write_frames(frame_rx, &packs_dir, key_id, tap, durable))?;
+        let writer =
+            spawn("ferry-pack-writer", move || write_frames(frame_rx, &packs_dir, key_id, tap, durable))?;
         let mut handles = Vec::new();
         for n in 0..workers.max(1) {
             let rx = seg_rx.clone();

@@ -5,7 +5,7 @@
 //! signers, writes and syncs the chunks before slots, manifest and catalog entry, and opens
 //! every chunk before anything is restored from it (`Checkpoint::materialize`).
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::HashSet;
 
 use serde::{Deserialize, Serialize};
 
@@ -284,7 +284,6 @@ impl Receiver<'_> {
         {
             let mut packs = store.packs()?;
             packs.absorb(finished);
-            let announced: BTreeSet<_> = shipment.chunks.iter().map(|c| (c.id, c.key)).collect();
             for f in &manifest.files {
                 for e in &f.extents {
                     if let Extent::Chunk { id, .. } = e {
@@ -296,7 +295,7 @@ impl Receiver<'_> {
                                 detail: format!(
                                     "chunk {} was neither sent nor held{}",
                                     hex(&id[..8]),
-                                    if announced.iter().any(|(i, _)| i == id) {
+                                    if shipment.chunks.iter().any(|c| c.id == *id) {
                                         ""
                                     } else {
                                         " (not announced)"

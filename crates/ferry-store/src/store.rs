@@ -517,7 +517,7 @@ impl Store {
     /// where this store holds a copy sealed under one of the checkpoint's keys.
     pub(crate) fn chunk_locations(&self, c: &Checkpoint) -> Result<Vec<(ChunkId, Location)>, StoreError> {
         let packs = self.packs()?;
-        let mut seen = std::collections::HashSet::new();
+        let mut seen = crate::packs::IdSet::default();
         let mut out = Vec::new();
         for f in &c.manifest.files {
             for e in &f.extents {
