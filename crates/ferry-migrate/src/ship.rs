@@ -179,17 +179,19 @@ fn take_chunks(
     }
 }
 
-/// Sends checkpoint `name` to the target over `ch`; returns once the target stored it.
+/// Sends `checkpoint` (verified by the caller) to the target over `ch`; returns once the
+/// target stored it.
 pub(crate) fn send(
     store: &Store,
     ch: &mut Channel,
-    name: &str,
+    checkpoint: &ferry_store::Checkpoint,
     recipient: &[u8; 32],
     phase: &str,
     events: &mut dyn FnMut(Event),
 ) -> Result<Shipped, MigrateError> {
     let t0 = std::time::Instant::now();
-    let s = store.shipment(name, recipient)?;
+    let name = checkpoint.name();
+    let s = store.shipment_of(checkpoint, recipient)?;
     tracing::debug!(seconds = t0.elapsed().as_secs_f64(), "offer: shipment read");
     ch.send(&Msg::Offer {
         name: s.name.clone(),

@@ -269,8 +269,15 @@ impl Run<'_> {
         let report = ferry_runtime::checkpoint(&self.node.ctx, &req)?;
         self.entry.packs.extend(report.packs);
         (self.events)(Event::Phase("pre-copy: transfer".into()));
-        let shipped =
-            ship::send(&self.node.ctx.store, &mut self.ch, &name, &self.recipient, "pre-copy", self.events)?;
+        let checkpoint = self.node.ctx.store.get(&name)?;
+        let shipped = ship::send(
+            &self.node.ctx.store,
+            &mut self.ch,
+            &checkpoint,
+            &self.recipient,
+            "pre-copy",
+            self.events,
+        )?;
         self.bytes += shipped.bytes;
         self.phases.push(PhaseTime { name: "pre-copy".into(), seconds: t.elapsed().as_secs_f64() });
         Ok(())
@@ -447,9 +454,14 @@ impl Run<'_> {
         }
         let t = Instant::now();
         (self.events)(Event::Phase("transfer".into()));
-        let name = committed.checkpoint.name().to_owned();
-        let shipped =
-            ship::send(&self.node.ctx.store, &mut self.ch, &name, &self.recipient, "transfer", self.events)?;
+        let shipped = ship::send(
+            &self.node.ctx.store,
+            &mut self.ch,
+            &committed.checkpoint,
+            &self.recipient,
+            "transfer",
+            self.events,
+        )?;
         self.bytes += shipped.bytes;
         self.phases.push(PhaseTime { name: "transfer".into(), seconds: t.elapsed().as_secs_f64() });
         Ok(())
