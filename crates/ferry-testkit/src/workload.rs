@@ -117,6 +117,10 @@ pub enum Isolation {
     /// As PID 1 of a new pid namespace (`unshare --pid --fork`), so that restored copies do not
     /// collide with the original's pid. The net and mount namespaces stay the host's.
     PidNamespace,
+    /// As PID 1 of a new pid namespace in a new network namespace (`unshare --pid --net
+    /// --fork`), as the lab starts workloads: the launcher waiting for it is outside the tree
+    /// but in its network namespace.
+    PidAndNetNamespace,
     /// Plainly in the host's pid namespace: a restore needs the original's pid free.
     Host,
 }
@@ -150,6 +154,11 @@ impl Workload {
                 c.args(["--pid", "--fork", "setsid"]);
                 c
             }
+            Isolation::PidAndNetNamespace => {
+                let mut c = Command::new("unshare");
+                c.args(["--pid", "--net", "--fork", "setsid"]);
+                c
+            }
             Isolation::Host => Command::new("setsid"),
         };
         // setsid: CRIU cannot dump a task whose session leader lies outside the dumped tree.
@@ -166,7 +175,9 @@ impl Workload {
         let launcher_pid = launcher.id() as i32;
         let root_pid = match isolation {
             Isolation::Host => Some(launcher_pid),
-            Isolation::PidNamespace => try_poll(WAIT, || children(launcher_pid).first().copied()),
+            Isolation::PidNamespace | Isolation::PidAndNetNamespace => {
+                try_poll(WAIT, || children(launcher_pid).first().copied())
+            }
         };
         let Some(root_pid) = root_pid else {
             let _ = launcher.kill();

@@ -131,6 +131,24 @@ fn a_plain_workload_is_ready_and_checkpoints() {
     checkpoint_and_restore(&ferry, &mut w, "plain", &[]);
 }
 
+/// Started as the lab starts workloads (`unshare --pid --net --fork`): the launcher waiting for
+/// the namespace's init shares its network namespace from outside the tree. That is no caveat
+/// (the checkpoint and restore go as for any workload), only an info line naming the launcher.
+#[test]
+fn a_launcher_sharing_the_network_namespace_is_no_caveat() {
+    if !require_privileged() {
+        return;
+    }
+    let ferry = ferry();
+    let mut w = start("none", Isolation::PidAndNetNamespace);
+    let (outcome, report) = check(&ferry, w.pid(), &[]);
+    outcome.assert_ok();
+    assert_eq!(report["verdict"], "ready", "{report:#}");
+    assert_eq!(severity(&report, "shared-namespace"), None, "{report:#}");
+    assert_eq!(severity(&report, "namespace-launcher").as_deref(), Some("info"), "{report:#}");
+    checkpoint_and_restore(&ferry, &mut w, "launched", &[]);
+}
+
 #[test]
 fn an_aio_ring_is_ready_and_checkpoints() {
     // `/[aio] (deleted)` in the maps is no deleted file (zdtm's aio00 was "not ready" and passed).

@@ -844,7 +844,20 @@ fn namespaces(f: &Facts) -> Vec<Reason> {
             out.push(r);
         }
     }
+    // The root's parent, when the root is the init of a pid namespace that parent made (`unshare
+    // --pid --fork`, the lab's launcher): it only waits for the tree, and what CRIU does to the
+    // namespaces it shares takes nothing from it that the tree used.
+    let launcher = f
+        .tasks
+        .first()
+        .filter(|root| root.ns.get("pid") != f.own_ns.get("pid") && root.status.ns_pids.last() == Some(&1))
+        .map(|root| root.stat.ppid);
+    let mut launcher_kinds = Vec::new();
     for (kind, others) in &f.ns_shared_with {
+        let others: Vec<i32> = others.iter().copied().filter(|p| Some(*p) != launcher).collect();
+        if others.len() < f.ns_shared_with[kind].len() {
+            launcher_kinds.push(kind.as_str());
+        }
         if others.is_empty() {
             continue;
         }
@@ -855,6 +868,15 @@ fn namespaces(f: &Facts) -> Vec<Reason> {
             format!("the tree's {kind} namespace is shared with processes outside it (pids {})", pids.join(", ")),
             "CRIU dumps the namespace with the tree and restores a new one: the restored tree no longer shares it with them (and with the original still running, both hold the same addresses or names)",
             "checkpoint the whole group (the pod, or the processes that share it), or run the workload in namespaces of its own",
+        ));
+    }
+    if let (Some(pid), false) = (launcher, launcher_kinds.is_empty()) {
+        out.push(reason(
+            "namespace-launcher",
+            Severity::Info,
+            format!("the tree's {} namespace is also its launcher's (pid {pid}, the parent of its pid namespace's init)", launcher_kinds.join(", ")),
+            "a launcher that made the tree's pid namespace and waits for it is left behind; the restored tree gets new namespaces of its own",
+            "",
         ));
     }
     out
@@ -1265,7 +1287,28 @@ mod tests {
             codes(&f, CheckOptions::default()),
             vec![("pid-namespace", Severity::Blocker), ("shared-namespace", Severity::Caveat)]
         );
+        // The init's parent (its launcher) sharing the net namespace is no caveat; another
+        // process still is.
         f.tasks[0].status.ns_pids = vec![10, 1];
+        f.tasks[0].stat.ppid = 5;
+        let launcher = |f: &Facts| {
+            evaluate(f, CheckOptions::default())
+                .into_iter()
+                .find(|r| r.code == "namespace-launcher")
+                .map(|r| (r.severity, r.what))
+        };
+        assert_eq!(codes(&f, CheckOptions::default()), vec![("shared-namespace", Severity::Caveat)]);
+        assert!(launcher(&f).is_some_and(|(s, w)| s == Severity::Info && w.contains("net namespace")));
+        f.ns_shared_with = BTreeMap::from([("net".to_owned(), vec![5]), ("uts".to_owned(), vec![5])]);
+        assert_eq!(codes(&f, CheckOptions::default()), vec![]);
+        assert!(launcher(&f).is_some_and(|(_, w)| w.contains("net, uts namespace") && w.contains("pid 5")));
+        // A root in ferry's own pid namespace has no launcher: its parent is any other process.
+        f.tasks[0].ns.insert("pid".into(), 1);
+        assert_eq!(
+            codes(&f, CheckOptions::default()),
+            vec![("shared-namespace", Severity::Caveat), ("shared-namespace", Severity::Caveat)]
+        );
+        assert_eq!(launcher(&f), None);
         f.ns_shared_with.clear();
         assert_eq!(codes(&f, CheckOptions::default()), vec![]);
     }
