@@ -708,21 +708,33 @@ impl Pending {
                 packs.absorb(p);
             }
             let mut seen: BTreeSet<KeyId> = BTreeSet::from([own]);
+            let mut reused: BTreeSet<crate::packs::PackId> = BTreeSet::new();
             for f in &ingested.files {
                 for e in &f.extents {
                     if let Extent::Chunk { id, .. } = e {
-                        let key = packs
-                            .find(id, &|k| *k == own || usable.contains(k))
-                            .map(|l| l.key)
-                            .ok_or_else(|| StoreError::Damaged {
+                        let loc = packs.find(id, &|k| *k == own || usable.contains(k)).ok_or_else(|| {
+                            StoreError::Damaged {
                                 name: self.name.clone(),
                                 file: f.name.clone(),
                                 detail: "a chunk vanished while the checkpoint was written".into(),
-                            })?;
-                        if seen.insert(key) {
-                            key_ids.push(key);
+                            }
+                        })?;
+                        if seen.insert(loc.key) {
+                            key_ids.push(loc.key);
+                        }
+                        if !written.contains(&loc.pack) {
+                            reused.insert(loc.pack);
                         }
                     }
+                }
+            }
+            // A chunk found in another checkpoint's pack may sit in a migration's, whose bytes
+            // were not synced (`Pending::volatile`): a durable checkpoint syncs every pack it
+            // uses (a few milliseconds each when there is nothing left to write).
+            if self.durable {
+                for pack in &reused {
+                    let path = packs.pack_path(pack, "pack");
+                    File::open(&path).and_then(|f| f.sync_data()).map_err(io_err("cannot sync", &path))?;
                 }
             }
         }
