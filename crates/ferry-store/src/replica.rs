@@ -6,10 +6,12 @@
 //! every chunk before anything is restored from it (`Checkpoint::materialize`).
 
 use std::collections::HashSet;
+use std::fs::File;
 
 use serde::{Deserialize, Serialize};
 
 use crate::catalog::{read_capped, CatalogEntry};
+use crate::error::io_err;
 use crate::fsutil::write_atomic;
 use crate::manifest::{decode_verified, Extent, MAX_MANIFEST_FILE};
 use crate::packs::{hex, PackReader, PackWriter};
@@ -117,7 +119,7 @@ impl Store {
         // The writer's own key is unused: every frame is appended under the key it was sealed by.
         let writer = PackWriter::create(&dir, [0u8; 16])?;
         let writer = if durable { writer } else { writer.volatile() };
-        Ok(Receiver { store: self, writer: Some(writer), received: HashSet::new() })
+        Ok(Receiver { store: self, writer: Some(writer), received: HashSet::new(), durable })
     }
 }
 
@@ -190,6 +192,7 @@ pub struct Receiver<'a> {
     store: &'a Store,
     writer: Option<PackWriter>,
     received: HashSet<ChunkRef>,
+    durable: bool,
 }
 
 impl Receiver<'_> {
@@ -292,11 +295,11 @@ impl Receiver<'_> {
         {
             let mut packs = store.packs()?;
             packs.absorb(finished);
+            let mut used = std::collections::BTreeSet::new();
             for f in &manifest.files {
                 for e in &f.extents {
                     if let Extent::Chunk { id, .. } = e {
-                        let held = packs.find(id, &|k| manifest.key_ids.contains(k)).is_some();
-                        if !held {
+                        let Some(loc) = packs.find(id, &|k| manifest.key_ids.contains(k)) else {
                             return Err(StoreError::Damaged {
                                 name: name.clone(),
                                 file: f.name.clone(),
@@ -310,8 +313,17 @@ impl Receiver<'_> {
                                     }
                                 ),
                             });
-                        }
+                        };
+                        used.insert(loc.pack);
                     }
+                }
+            }
+            // Chunks held already may sit in a pack not synced (a migration's): see
+            // `Pending::commit`.
+            if self.durable {
+                for pack in &used {
+                    let path = packs.pack_path(pack, "pack");
+                    File::open(&path).and_then(|f| f.sync_data()).map_err(io_err("cannot sync", &path))?;
                 }
             }
         }
