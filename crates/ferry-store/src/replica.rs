@@ -6,12 +6,10 @@
 //! every chunk before anything is restored from it (`Checkpoint::materialize`).
 
 use std::collections::HashSet;
-use std::fs::File;
 
 use serde::{Deserialize, Serialize};
 
 use crate::catalog::{read_capped, CatalogEntry};
-use crate::error::io_err;
 use crate::fsutil::write_atomic;
 use crate::manifest::{decode_verified, Extent, MAX_MANIFEST_FILE};
 use crate::packs::{hex, PackReader, PackWriter};
@@ -318,13 +316,8 @@ impl Receiver<'_> {
                     }
                 }
             }
-            // Chunks held already may sit in a pack not synced (a migration's): see
-            // `Pending::commit`.
             if self.durable {
-                for pack in &used {
-                    let path = packs.pack_path(pack, "pack");
-                    File::open(&path).and_then(|f| f.sync_data()).map_err(io_err("cannot sync", &path))?;
-                }
+                packs.sync(&used)?;
             }
         }
         write_atomic(&store.slots_path(&manifest.id), &shipment.slots)?;

@@ -728,14 +728,8 @@ impl Pending {
                     }
                 }
             }
-            // A chunk found in another checkpoint's pack may sit in a migration's, whose bytes
-            // were not synced (`Pending::volatile`): a durable checkpoint syncs every pack it
-            // uses (a few milliseconds each when there is nothing left to write).
             if self.durable {
-                for pack in &reused {
-                    let path = packs.pack_path(pack, "pack");
-                    File::open(&path).and_then(|f| f.sync_data()).map_err(io_err("cannot sync", &path))?;
-                }
+                packs.sync(&reused)?;
             }
         }
         let mut ring: HashMap<KeyId, Arc<DataKey>> = HashMap::from([(own, self.data_key.clone())]);
